@@ -1,0 +1,1 @@
+"""The `finemoe` command line: thin click commands over the library."""

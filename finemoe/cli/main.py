@@ -1,0 +1,56 @@
+"""The `finemoe` click group. Commands live one module each in this folder and are found by name."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import click
+
+from finemoe import __version__
+from finemoe.errors import FinemoeError
+
+
+class FinemoeGroup(click.Group):
+    """A group that turns library errors into one sentence and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FinemoeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=FinemoeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="finemoe")
+def cli() -> None:
+    """Which MoE experts should live in GPU memory, and what latency does a memory budget buy?
+
+    \b
+    Record router decisions:   finemoe collect / finemoe import
+    Inspect a trace:           finemoe trace info TRACE
+    Explore policies/budgets:  finemoe simulate TRACE --gpu-mem 24G --policy lru,finemoe
+    Check against reality:     finemoe calibrate / finemoe replay TRACE --compare
+    Look at the results:       finemoe plot RESULTS -o figs / finemoe report RESULTS
+    Everything at once:        finemoe demo
+    """
+
+
+def _register_commands() -> None:
+    """Each module in finemoe/cli/ exposing `COMMANDS` (a list of click commands) is added."""
+    import finemoe.cli as pkg
+
+    for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if mod.name in ("main", "options"):
+            continue
+        module = importlib.import_module(f"finemoe.cli.{mod.name}")
+        for command in getattr(module, "COMMANDS", []):
+            cli.add_command(command)
+
+
+_register_commands()

@@ -1,0 +1,1 @@
+"""Figures and reports from result files (and traces) only."""

@@ -1,0 +1,189 @@
+"""The results schema shared by the simulator, the replayer and the plots.
+
+One result file per configuration: a Parquet table with one row per measured request, and in its
+schema metadata (JSON) the full configuration, the run summary, per-layer hit rates and a bounded
+timeline of engine events. Files are written atomically so an interrupted sweep never leaves a
+half-written result; `result_exists` is how sweeps resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from finemoe.errors import FinemoeError
+
+RESULTS_SCHEMA_VERSION = 1
+_META_KEY = b"finemoe_result"
+
+REQUEST_COLUMNS = (
+    "request_id",
+    "arrival_s",
+    "first_token_s",
+    "finish_s",
+    "prompt_tokens",
+    "generated_tokens",
+    "ttft_s",  # first_token_s - arrival_s
+    "tpot_s",  # (finish_s - first_token_s) / (generated_tokens - 1); NaN for one token
+    "e2e_s",  # finish_s - arrival_s
+)
+
+# Timeline event fields: lane ("compute", "copy0", "copy1", ...), kind ("dense", "expert",
+# "demand", "prefetch"), step, layer, expert (-1 for dense), start_s, end_s, miss (bool).
+TIMELINE_FIELDS = ("lane", "kind", "step", "layer", "expert", "start_s", "end_s", "miss")
+
+
+class ResultError(FinemoeError):
+    """A result file is missing, corrupt or not a finemoe result."""
+
+
+@dataclass
+class RunResult:
+    """Everything one configuration's run produced.
+
+    config: the full configuration (engine, trace path and hash, policy and params, hardware,
+      memory, workload and split, seed) as nested JSON-able dicts.
+    summary: flat metrics, e.g. hit_rate, hits, misses, ondemand_loads, stall_s, bytes_h2d,
+      prefetch_issued, prefetch_in_time, prefetch_late, prefetch_unused_evicted,
+      ttft_p50_s/p90/p99, tpot_p50_s/p90/p99, e2e_p50_s/p90/p99, layer_steps, wall_s.
+    """
+
+    config: dict
+    summary: dict
+    requests: pd.DataFrame
+    per_layer_hit_rate: list[float] = field(default_factory=list)
+    timeline: list[dict] = field(default_factory=list)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_result(self, path)
+
+
+def latency_summary(requests: pd.DataFrame) -> dict[str, float]:
+    """p50/p90/p99 and mean of ttft, tpot and e2e over the measured requests (NaNs ignored)."""
+    out: dict[str, float] = {}
+    for metric in ("ttft", "tpot", "e2e"):
+        values = requests[f"{metric}_s"].to_numpy(dtype=float)
+        values = values[~np.isnan(values)]
+        for q in (50, 90, 99):
+            out[f"{metric}_p{q}_s"] = float(np.percentile(values, q)) if values.size else float("nan")
+        out[f"{metric}_mean_s"] = float(values.mean()) if values.size else float("nan")
+    return out
+
+
+def requests_frame(rows: list[dict]) -> pd.DataFrame:
+    """Per-request table from raw timestamps, deriving ttft/tpot/e2e."""
+    df = pd.DataFrame(rows, columns=list(REQUEST_COLUMNS[:6]))
+    df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
+    decode = (df["generated_tokens"] - 1).where(df["generated_tokens"] > 1)
+    df["tpot_s"] = (df["finish_s"] - df["first_token_s"]) / decode
+    df["e2e_s"] = df["finish_s"] - df["arrival_s"]
+    return df[list(REQUEST_COLUMNS)]
+
+
+def write_result(result: RunResult, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    meta = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "config": result.config,
+        "summary": result.summary,
+        "per_layer_hit_rate": list(result.per_layer_hit_rate),
+        "timeline": list(result.timeline),
+    }
+    table = pa.Table.from_pandas(result.requests, preserve_index=False)
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(meta, default=_json_default).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_result(path: str | os.PathLike) -> RunResult:
+    path = Path(path)
+    if not path.exists():
+        raise ResultError(f"{path}: no such result file")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ResultError(f"{path}: not a readable Parquet result file ({str(exc).splitlines()[0]})") from None
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ResultError(f"{path}: not a finemoe result file (no result metadata)")
+    meta = json.loads(raw)
+    if meta.get("schema_version", 0) > RESULTS_SCHEMA_VERSION:
+        raise ResultError(f"{path}: written by a newer finemoe (results schema v{meta['schema_version']})")
+    return RunResult(
+        config=meta["config"],
+        summary=meta["summary"],
+        requests=table.to_pandas(),
+        per_layer_hit_rate=meta.get("per_layer_hit_rate", []),
+        timeline=meta.get("timeline", []),
+    )
+
+
+def result_exists(path: str | os.PathLike) -> bool:
+    """True if `path` holds a complete, readable result (how sweeps decide what to skip)."""
+    try:
+        read_result(path)
+    except ResultError:
+        return False
+    return True
+
+
+def collect_result_paths(paths) -> list[Path]:
+    """Result files named directly or found (recursively, *.parquet) under directories."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(p.rglob("*.parquet")))
+        else:
+            out.append(p)
+    return out
+
+
+def summary_frame(paths) -> pd.DataFrame:
+    """One row per result file: its summary and the main configuration fields, flattened."""
+    rows = []
+    for p in collect_result_paths(paths):
+        r = read_result(p)
+        row = {"path": str(p)}
+        row.update(_flatten(r.config))
+        row.update(r.summary)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v, default=_json_default)
+        else:
+            out[key] = v
+    return out
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,52 @@
+"""One simulation (or replay) configuration: everything that determines a run, recorded with its result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from finemoe.sim.hardware import HardwareSpec
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """GPU memory: either a budget split into dense weights, KV cache, reserve and expert slots,
+    or an explicit number of expert slots (`expert_cache_slots`)."""
+
+    gpu_mem_bytes: int | None = None  # None: the hardware's memory
+    expert_cache_slots: int | None = None  # set directly, overriding the budget arithmetic
+    reserve_bytes: int = 512 * 1024**2  # activations, allocator slack, CUDA context
+    kv_tokens: int | None = None  # KV cache sized for this many tokens; None: batch x longest request
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    arrival: str = "all"  # "all" (all at time 0), "poisson", or "file"
+    rate_rps: float | None = None  # requests per second, for poisson
+    timestamps_path: str | None = None  # one arrival time (s) per line, for file
+    max_batch: int = 1  # sequences decoded together (continuous batching)
+    history_fraction: float = 0.7  # share of requests for history (policies' fit), by request
+    online: bool = False  # start with empty history; policies learn as requests finish
+    max_requests: int | None = None  # cap on measured requests (for quick runs)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    trace_path: str
+    policy: str
+    hardware: HardwareSpec
+    policy_params: dict = field(default_factory=dict)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    model_profile: str | None = None  # project the trace onto this profile's geometry
+    seed: int = 0
+    timeline_steps: int = 8  # engine steps whose events are kept for the timeline plot
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def key(self) -> str:
+        """Stable id of this configuration: names its result file, so sweeps can resume."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,45 @@
+"""Shared fixtures: the ../shared data (skipped with a reason when absent) and synthetic traces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("FINEMOE_SHARED", REPO_ROOT.parent / "shared"))
+MIXTRAL_LOGS = SHARED / "traces" / "mixtral-8x7b-instruct"
+LMSYS_PROMPTS = SHARED / "prompts" / "lmsys-chat-1m-64.json"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared is absent ({SHARED}); real-data tests need it")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def mixtral_logs(shared_dir) -> Path:
+    if not MIXTRAL_LOGS.is_dir():
+        pytest.skip(f"real Mixtral routing logs not found at {MIXTRAL_LOGS}")
+    return MIXTRAL_LOGS
+
+
+@pytest.fixture(scope="session")
+def lmsys_prompts(shared_dir) -> Path:
+    if not LMSYS_PROMPTS.is_file():
+        pytest.skip(f"LMSYS prompts not found at {LMSYS_PROMPTS}")
+    return LMSYS_PROMPTS
+
+
+@pytest.fixture
+def small_trace():
+    from finemoe.traces.synthetic import synthetic_trace
+
+    return synthetic_trace(seed=0)
