@@ -1,0 +1,385 @@
+"""Measure a machine and fit the simulator's hardware profile to it.
+
+Every figure is measured here, on this machine, with the replayer's own code paths: host-to-device
+copies go through the same copier (CUDA streams, or a copy worker thread on CPU), expert compute
+through the same SwiGLU function. The profile's numbers are *fits* to those measurements: the link's
+latency and bandwidth are the intercept and inverse slope of a least-squares line of copy time
+against bytes, the compute and memory efficiencies are what expert GEMMs achieve relative to the
+best GEMM and the best memory stream measured, and `kernel_launch_s` is the time of an expert FFN
+too small to do any work. The raw tables travel with the profile so the fit can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finemoe.replay.compute import ExpertShape, expert_ffn
+from finemoe.replay.copier import CopyJob, make_copier
+from finemoe.replay.device import (
+    check_device,
+    device_memory_bytes,
+    device_name,
+    synchronize,
+    torch_dtype,
+)
+from finemoe.sim.hardware import HardwareSpec
+
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """How much to measure: `quick` takes seconds, `thorough` tens of seconds."""
+
+    copy_sizes: tuple[int, ...]
+    copy_repeats: int
+    overlap_size: int
+    max_copy_engines: int
+    token_counts: tuple[int, ...]
+    gemm_repeats: int
+    stream_bytes: int  # memory-bandwidth buffer; also the minimum working set (defeats CPU caches)
+    square_gemm: int
+
+    @classmethod
+    def quick(cls, device: str) -> CalibrationPlan:
+        cuda = device.startswith("cuda")
+        return cls(
+            copy_sizes=(64 * 1024, 256 * 1024, 1 * MiB, 4 * MiB, 16 * MiB),
+            copy_repeats=7,
+            overlap_size=4 * MiB,
+            max_copy_engines=4 if cuda else 2,
+            token_counts=(1, 4, 16, 64, 256),
+            gemm_repeats=7,
+            stream_bytes=(512 if cuda else 64) * MiB,
+            square_gemm=4096 if cuda else 1024,
+        )
+
+    @classmethod
+    def thorough(cls, device: str) -> CalibrationPlan:
+        cuda = device.startswith("cuda")
+        return cls(
+            copy_sizes=(16 * 1024, 64 * 1024, 256 * 1024, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB),
+            copy_repeats=21,
+            overlap_size=16 * MiB,
+            max_copy_engines=4,
+            token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            gemm_repeats=21,
+            stream_bytes=(2048 if cuda else 256) * MiB,
+            square_gemm=8192 if cuda else 2048,
+        )
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope of y against x."""
+    A = np.vstack([np.ones(len(x)), np.asarray(x, dtype=float)]).T
+    (intercept, slope), *_ = np.linalg.lstsq(A, np.asarray(y, dtype=float), rcond=None)
+    return float(intercept), float(slope)
+
+
+def fit_link(rows: list[dict]) -> tuple[float, float]:
+    """(latency_s, bytes_per_s) of `time_s = latency_s + bytes / bytes_per_s` over copy rows.
+
+    Weighted by 1/time so that small, latency-bound copies count as much as large ones (each row's
+    relative error matters, not its absolute error); the latency is clamped at zero.
+    """
+    x = np.asarray([r["bytes"] for r in rows], dtype=float)
+    y = np.asarray([r["time_s"] for r in rows], dtype=float)
+    w = 1.0 / y
+    A = np.vstack([np.ones_like(x), x]).T * w[:, None]
+    (intercept, slope), *_ = np.linalg.lstsq(A, y * w, rcond=None)
+    if slope <= 0:  # degenerate (noise): fall back to the largest copy's plain rate
+        slope = y[-1] / x[-1]
+    return max(float(intercept), 0.0), float(1.0 / slope)
+
+
+# --- copies ------------------------------------------------------------------------------------
+
+
+def measure_copies(device: str, sizes: tuple[int, ...], pinned: bool, repeats: int, pool_bytes: int) -> list[dict]:
+    """Median time of one host-to-device copy per size, through the replayer's copier (1 engine).
+
+    Sources and destinations rotate through buffers of at least `pool_bytes` so that on CPU a copy
+    reads memory, not a cache that a real expert copy would never find warm.
+    """
+    import torch
+
+    copier = make_copier(device, 1)
+    rows = []
+    try:
+        for size in sizes:
+            n = max(pool_bytes, 2 * size)
+            src = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
+            src.fill_(1)
+            dst = torch.empty(max(n // 2, size), dtype=torch.uint8, device=device)
+            nsrc, ndst = n // size, max(dst.numel() // size, 1)
+            state = {"i": 0}
+
+            def one(src=src, dst=dst, size=size, nsrc=nsrc, ndst=ndst, state=state):
+                i = state["i"]
+                state["i"] += 1
+                s = (i % nsrc) * size
+                d = (i % ndst) * size
+                job = copier.submit(CopyJob(src[s : s + size], dst[d : d + size]))
+                copier.wait(job)
+
+            t = _median_time(one, repeats)
+            rows.append({"bytes": size, "time_s": t, "gbps": size / t / 1e9})
+            del src, dst
+    finally:
+        copier.close()
+    return rows
+
+
+def measure_overlap(device: str, size: int, max_engines: int, pinned: bool, repeats: int) -> list[dict]:
+    """Aggregate bandwidth with 1..max_engines copies on the wire at once (one per engine)."""
+    import torch
+
+    rows = []
+    for engines in range(1, max_engines + 1):
+        copier = make_copier(device, engines)
+        try:
+            srcs = [torch.empty(size, dtype=torch.uint8, pin_memory=pinned).fill_(1) for _ in range(engines)]
+            dsts = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(engines)]
+
+            def batch(copier=copier, srcs=srcs, dsts=dsts):
+                jobs = [copier.submit(CopyJob(s, d), engine=e) for e, (s, d) in enumerate(zip(srcs, dsts, strict=True))]
+                for j in jobs:
+                    copier.wait(j)
+                copier.poll()
+
+            t = _median_time(batch, repeats)
+        finally:
+            copier.close()
+        rows.append({"engines": engines, "bytes_each": size, "time_s": t, "aggregate_gbps": engines * size / t / 1e9})
+    return rows
+
+
+def pick_copy_engines(rows: list[dict], tolerance: float = 0.05) -> int:
+    """The fewest engines within `tolerance` of the best aggregate bandwidth."""
+    best = max(r["aggregate_gbps"] for r in rows)
+    for r in rows:
+        if r["aggregate_gbps"] >= (1 - tolerance) * best:
+            return int(r["engines"])
+    return 1
+
+
+# --- compute and memory ------------------------------------------------------------------------
+
+
+def measure_expert(device: str, dtype: str, shape: ExpertShape, token_counts: tuple[int, ...], repeats: int,
+                   working_set_bytes: int) -> list[dict]:
+    """Median time of one SwiGLU expert FFN per token count, cycling through cache-cold experts."""
+    import torch
+
+    tdt = torch_dtype(dtype)
+    elem = torch.empty((), dtype=tdt).element_size()
+    bytes_per_expert = shape.numel * elem
+    copies = max(2, -(-working_set_bytes // bytes_per_expert)) if not device.startswith("cuda") else 2
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    pool = (torch.randn(copies, shape.numel, generator=gen) * 0.02).to(dtype=tdt, device=device)
+    rows = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, shape.hidden_size, generator=gen).to(dtype=tdt, device=device)
+        state = {"i": 0}
+
+        def one(x=x, state=state):
+            state["i"] += 1
+            expert_ffn(x, pool[state["i"] % copies], shape)
+            synchronize(device)
+
+        t = _median_time(one, repeats)
+        flops = 2.0 * 3 * shape.hidden_size * shape.intermediate_size * tokens
+        rows.append({"tokens": tokens, "time_s": t, "tflops": flops / t / 1e12,
+                     "weight_gbps": bytes_per_expert / t / 1e9})
+    return rows
+
+
+def measure_launch(device: str, dtype: str, repeats: int) -> float:
+    """Time of an expert FFN with 16x16 matrices: the fixed cost each expert pays (dispatch, launch)."""
+    rows = measure_expert(device, dtype, ExpertShape(16, 16), (1,), max(repeats, 21), 0)
+    return rows[0]["time_s"]
+
+
+def measure_memory_bandwidth(device: str, nbytes: int, repeats: int) -> float:
+    """Device memory bandwidth in GB/s from a buffer-to-buffer copy (bytes read + bytes written)."""
+    import torch
+
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    b = torch.empty_like(a)
+
+    def one():
+        b.copy_(a)
+        synchronize(device)
+
+    t = _median_time(one, repeats)
+    return 2 * nbytes / t / 1e9
+
+
+def measure_peak_flops(device: str, dtype: str, n: int, repeats: int) -> float:
+    """FLOP/s of a square n x n x n GEMM, the best this machine's matmul does."""
+    import torch
+
+    tdt = torch_dtype(dtype)
+    a = torch.randn(n, n).to(dtype=tdt, device=device)
+    b = torch.randn(n, n).to(dtype=tdt, device=device)
+
+    def one():
+        a @ b
+        synchronize(device)
+
+    t = _median_time(one, max(3, repeats // 2))
+    return 2.0 * n**3 / t
+
+
+# --- the fit -----------------------------------------------------------------------------------
+
+
+def predict_expert_s(hw: HardwareSpec, shape: ExpertShape, dtype_bytes: float, tokens: int) -> float:
+    """The simulator's roofline for one expert: fixed cost + max(compute time, weight-read time)."""
+    flops = 2.0 * 3 * shape.hidden_size * shape.intermediate_size * tokens
+    nbytes = shape.numel * dtype_bytes
+    return hw.kernel_launch_s + max(flops / hw.compute_flops_per_s, nbytes / hw.hbm_bytes_per_s)
+
+
+def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dict], overlap_rows: list[dict],
+                 expert_rows: list[dict], shape: ExpertShape, dtype_bytes: float, launch_s: float,
+                 stream_gbps: float, peak_flops: float) -> tuple[HardwareSpec, dict]:
+    """A HardwareSpec whose cost model reproduces the measurements, and the fit's residuals."""
+    latency_s, link_bps = fit_link(link_rows)
+    engines = pick_copy_engines(overlap_rows)
+    if engines > 1:  # the simulator's copy engines share one link: its bandwidth is the aggregate
+        agg = max(r["aggregate_gbps"] for r in overlap_rows if r["engines"] == engines) * 1e9
+        link_bps = max(link_bps, agg)
+    nbytes = shape.numel * dtype_bytes
+    # Memory-bound end: one token reads the whole expert.
+    small = min(expert_rows, key=lambda r: r["tokens"])
+    weight_bps = nbytes / max(small["time_s"] - launch_s, 1e-9)
+    hbm_bps = max(stream_gbps * 1e9, weight_bps)
+    memory_eff = weight_bps / hbm_bps
+    # Compute-bound end: the largest token count.
+    big = max(expert_rows, key=lambda r: r["tokens"])
+    big_flops = 2.0 * 3 * shape.hidden_size * shape.intermediate_size * big["tokens"]
+    expert_fps = big_flops / max(big["time_s"] - launch_s, 1e-9)
+    flops = max(peak_flops, expert_fps)
+    hw = HardwareSpec(
+        name=name,
+        gpu_mem_bytes=int(gpu_mem_bytes),
+        flops=float(flops),
+        hbm_gbps=float(hbm_bps / 1e9),
+        pcie_gbps=float(link_bps / 1e9),
+        transfer_latency_s=float(latency_s),
+        copy_engines=int(engines),
+        compute_efficiency=float(expert_fps / flops),
+        memory_efficiency=float(memory_eff),
+        pcie_efficiency=1.0,  # pcie_gbps is the achieved bandwidth, not a datasheet peak
+        kernel_launch_s=float(launch_s),
+        source=f"finemoe calibrate on {device} ({time.strftime('%Y-%m-%d %H:%M:%S')})",
+    )
+    residuals = []
+    for r in expert_rows:
+        pred = predict_expert_s(hw, shape, dtype_bytes, r["tokens"])
+        residuals.append({"tokens": r["tokens"], "measured_s": r["time_s"], "model_s": pred,
+                          "rel_error": pred / r["time_s"] - 1})
+    for r in link_rows:
+        pred = hw.transfer_latency_s + r["bytes"] / hw.link_bytes_per_s
+        residuals.append({"copy_bytes": r["bytes"], "measured_s": r["time_s"], "model_s": pred,
+                          "rel_error": pred / r["time_s"] - 1})
+    return hw, {"residuals": residuals}
+
+
+def calibrate(device: str = "cpu", *, dtype: str | None = None, thorough: bool = False,
+              shape: ExpertShape | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure `device` and return the profile: {"hardware": HardwareSpec fields, "measurements": ...}.
+
+    `shape` is the expert GEMM to measure (default 1024 x 2048, or the replayed model's own); the
+    dtype defaults to bfloat16 on CUDA and float32 on CPU (what each does fastest).
+    """
+    import torch
+
+    device = check_device(device)
+    cuda = device.startswith("cuda")
+    dtype = dtype or ("bfloat16" if cuda else "float32")
+    tdt = torch_dtype(dtype)
+    dtype_bytes = torch.empty((), dtype=tdt).element_size()
+    shape = shape or ExpertShape(1024, 2048)
+    plan = CalibrationPlan.thorough(device) if thorough else CalibrationPlan.quick(device)
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    pool = plan.stream_bytes // 2
+
+    say("host-to-device copies (pageable)")
+    copies = {"pageable": measure_copies(device, plan.copy_sizes, False, plan.copy_repeats, pool)}
+    if cuda:
+        say("host-to-device copies (pinned)")
+        copies["pinned"] = measure_copies(device, plan.copy_sizes, True, plan.copy_repeats, pool)
+    link_kind = "pinned" if cuda else "pageable"
+    say("overlapping copies")
+    overlap = measure_overlap(device, plan.overlap_size, plan.max_copy_engines, cuda, plan.copy_repeats)
+    say("expert GEMMs")
+    launch_s = measure_launch(device, dtype, plan.gemm_repeats)
+    experts = measure_expert(device, dtype, shape, plan.token_counts, plan.gemm_repeats, plan.stream_bytes)
+    say("memory bandwidth and peak GEMM")
+    stream_gbps = measure_memory_bandwidth(device, plan.stream_bytes, plan.gemm_repeats)
+    peak = measure_peak_flops(device, dtype, plan.square_gemm, plan.gemm_repeats)
+
+    name = ("cuda-" if cuda else "cpu-") + device_name(device).split(" (")[0].replace(" ", "-").lower()
+    hw, fit = fit_hardware(name, device, device_memory_bytes(device), copies[link_kind], overlap, experts,
+                           shape, dtype_bytes, launch_s, stream_gbps, peak)
+    measurements = {
+        "device": device,
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "dtype": dtype,
+        "plan": "thorough" if thorough else "quick",
+        "copy": copies,
+        "link_fit_from": link_kind,
+        "overlap": overlap,
+        "expert_shape": {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size},
+        "expert_gemm": experts,
+        "expert_fixed_cost_s": launch_s,
+        "memory_stream_gbps": stream_gbps,
+        "square_gemm": {"n": plan.square_gemm, "flops": peak},
+        "fit": fit,
+        "duration_s": time.perf_counter() - t0,
+    }
+    return {"hardware": hw.to_dict(), "measurements": measurements}
+
+
+def write_profile(profile: dict, path: str | os.PathLike) -> Path:
+    """Write a profile JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(profile, fh, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def profile_hardware(profile: dict) -> HardwareSpec:
+    return HardwareSpec(**profile["hardware"])

@@ -1,0 +1,95 @@
+"""Which device, which dtype, how much memory: the few facts about the machine the replayer needs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+from finemoe.errors import ConfigError
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_device(device: str) -> str:
+    """`device` normalised ("cpu", "cuda", "cuda:1"); a ConfigError when CUDA is asked for but absent."""
+    import torch
+
+    d = device.strip().lower()
+    if d == "cpu":
+        return d
+    if d == "cuda" or d.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} asked for a CUDA GPU, but torch sees none; use --device cpu")
+        index = int(d.split(":", 1)[1]) if ":" in d else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return f"cuda:{index}"
+    raise ConfigError(f"unknown device {device!r}; use cpu or cuda")
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in TORCH_DTYPES:
+        raise ConfigError(
+            f"the replayer computes in {', '.join(TORCH_DTYPES)}, not {name}; pass --dtype bfloat16 "
+            "to replay this geometry with 2-byte weights"
+        )
+    return getattr(torch, name)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def now_s(device: str) -> float:
+    """Monotonic wall time once all queued device work has finished."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); falls back to total physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_total_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of the device (CPU: physical RAM, the "device" buffers live there)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return host_total_bytes()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cpus)"
