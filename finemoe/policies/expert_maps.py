@@ -1,0 +1,183 @@
+"""FineMoE's expert map store and selection rules, as pure numpy (no engine, no timing).
+
+An expert map is the L x J stack of one token's router probability rows. The store keeps at most
+C maps, each with a semantic key (embedding output) and the map itself as its trajectory key. The
+functions here are what the unit tests pin: the delta rule, redundancy replacement, the trajectory
+cosine over the first rows, and the prefetch priority.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_EPS = 1e-12
+
+
+def select_by_delta(row: np.ndarray, similarity: float, top_k: int) -> np.ndarray:
+    """Expert ids to prefetch from one predicted probability row, likeliest first.
+
+    delta = clamp(1 - similarity, 0, 1); the SMALLEST prefix of experts in descending probability
+    whose summed probability reaches delta, but never fewer than `top_k` (and never more than J).
+    A confident match (similarity 1) gives exactly top_k; a poor one hedges with more.
+    """
+    row = np.asarray(row, dtype=np.float64)
+    order = np.argsort(-row, kind="stable")
+    delta = min(max(1.0 - float(similarity), 0.0), 1.0)
+    reached = np.flatnonzero(np.cumsum(row[order]) >= delta)
+    n = int(reached[0]) + 1 if reached.size else row.size  # unreachable delta (rounding): take all
+    return order[: max(n, top_k)]
+
+
+def prefetch_priority(prob: float, target_layer: int, current_layer: int) -> float:
+    """p / (l - l_now): likelier and nearer first. `current_layer` is -1 before layer 0 runs."""
+    distance = target_layer - current_layer
+    if distance <= 0:
+        raise ValueError(f"target layer {target_layer} is not ahead of layer {current_layer}")
+    return float(prob) / distance
+
+
+def cosine_rows(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Cosine of each row of `matrix` with `vector` (0 where either is all zero)."""
+    num = matrix @ vector
+    den = np.linalg.norm(matrix, axis=1) * np.linalg.norm(vector)
+    return np.where(den > _EPS, num / np.maximum(den, _EPS), 0.0)
+
+
+def topk_map(experts: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
+    """The degraded expert map of traces without full router probabilities.
+
+    Each row puts the recorded (renormalised) top-k gate weights on the routed experts and zero
+    elsewhere. Missing records (expert id -1) give an all-zero row. experts/weights: [..., L, K].
+    """
+    experts = np.asarray(experts)
+    out = np.zeros(experts.shape[:-1] + (num_experts,), dtype=np.float32)
+    valid = experts >= 0
+    idx = np.where(valid, experts, 0).astype(np.int64)
+    w = np.where(valid, np.asarray(weights, dtype=np.float32), 0.0)
+    # Ids within one top-k record are distinct, so no write overwrites another.
+    np.put_along_axis(out, idx, w, axis=-1)
+    return out
+
+
+@dataclass
+class Match:
+    """The best stored map for a query and how similar it was (cosine)."""
+
+    index: int
+    similarity: float
+
+
+class ExpertMapStore:
+    """At most `capacity` expert maps with semantic keys; full store replaces the most redundant map.
+
+    redundancy(new, stored) = (d/L) * cos(semantic keys) + (1 - d/L) * cos(full maps). Without
+    semantic keys (traces that lack them) the semantic term is dropped and only the map term counts.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, capacity: int, distance: int, semantic_dim: int | None):
+        if capacity < 1:
+            raise ValueError(f"map store capacity must be at least 1, got {capacity}")
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.capacity, self.distance = capacity, distance
+        self.maps = np.zeros((capacity, num_layers, num_experts), dtype=np.float32)
+        self._unit_maps = np.zeros((capacity, num_layers * num_experts), dtype=np.float32)
+        self._cum_norm2 = np.zeros((capacity, num_layers), dtype=np.float32)  # sum of squares, rows 0..l
+        self.semantic_dim = semantic_dim
+        self.keys = None if semantic_dim is None else np.zeros((capacity, semantic_dim), dtype=np.float32)
+        self._unit_keys = None if semantic_dim is None else np.zeros((capacity, semantic_dim), dtype=np.float32)
+        self.size = 0
+        self.inserted = 0  # maps ever offered (a full store replaces instead of growing)
+        self.replaced = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.maps, self._unit_maps, self._cum_norm2, self.keys, self._unit_keys]
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+    def redundancy(self, expert_map: np.ndarray, key: np.ndarray | None) -> np.ndarray:
+        """Redundancy of the new map with each stored map (length `size`)."""
+        n = self.size
+        flat = np.asarray(expert_map, dtype=np.float32).reshape(-1)
+        map_cos = self._unit_maps[:n] @ _unit(flat)
+        if self._unit_keys is None or key is None:
+            return map_cos
+        w = self.distance / self.num_layers
+        return w * (self._unit_keys[:n] @ _unit(np.asarray(key, dtype=np.float32))) + (1.0 - w) * map_cos
+
+    def add(self, expert_map: np.ndarray, key: np.ndarray | None = None) -> int:
+        """Store a map; returns its slot. A full store overwrites the stored map most redundant with it."""
+        expert_map = np.asarray(expert_map, dtype=np.float32)
+        if expert_map.shape != (self.num_layers, self.num_experts):
+            raise ValueError(f"expert map shape {expert_map.shape} != {(self.num_layers, self.num_experts)}")
+        if self.size < self.capacity:
+            slot = self.size
+            self.size += 1
+        else:
+            slot = int(np.argmax(self.redundancy(expert_map, key)))
+            self.replaced += 1
+        self.inserted += 1
+        self.maps[slot] = expert_map
+        self._unit_maps[slot] = _unit(expert_map.reshape(-1))
+        self._cum_norm2[slot] = np.cumsum((expert_map.astype(np.float64) ** 2).sum(axis=1))
+        if self.keys is not None:
+            k = np.zeros(self.semantic_dim, np.float32) if key is None else np.asarray(key, np.float32)
+            self.keys[slot] = k
+            self._unit_keys[slot] = _unit(k)
+        return slot
+
+    def match_semantic(self, key: np.ndarray) -> Match | None:
+        """The stored map whose semantic key is most similar (cosine) to `key`."""
+        if self.size == 0 or self._unit_keys is None or key is None:
+            return None
+        sims = self._unit_keys[: self.size] @ _unit(np.asarray(key, dtype=np.float32))
+        i = int(np.argmax(sims))
+        return Match(i, float(sims[i]))
+
+    def trajectory(self, num_tokens: int) -> TrajectoryQuery:
+        """An incremental trajectory match for `num_tokens` tokens, fed one layer at a time."""
+        return TrajectoryQuery(self, num_tokens)
+
+
+class TrajectoryQuery:
+    """Cosine of each token's observed rows 0..l (flattened) with every stored map's rows 0..l.
+
+    Accumulates dot products layer by layer, so matching at layer l costs O(tokens x C x J), not
+    O(tokens x C x l x J). The store must not change while a query is alive (the policy applies new
+    maps between engine steps).
+    """
+
+    def __init__(self, store: ExpertMapStore, num_tokens: int):
+        self.store = store
+        self.size = store.size
+        self.dot = np.zeros((num_tokens, self.size), dtype=np.float64)
+        self.q_norm2 = np.zeros(num_tokens, dtype=np.float64)
+        self.last_layer = -1
+
+    def observe(self, layer: int, rows: np.ndarray) -> np.ndarray:
+        """Add layer `layer`'s observed rows [tokens, J]; returns the cosines [tokens, size]."""
+        if layer != self.last_layer + 1:
+            raise ValueError(f"trajectory layers must arrive in order: got {layer} after {self.last_layer}")
+        self.last_layer = layer
+        rows = np.asarray(rows, dtype=np.float64)
+        s = self.size
+        self.dot += rows @ self.store.maps[:s, layer].T.astype(np.float64)
+        self.q_norm2 += (rows**2).sum(axis=1)
+        den = np.sqrt(self.q_norm2)[:, None] * np.sqrt(self.store._cum_norm2[:s, layer].astype(np.float64))[None, :]
+        return np.where(den > _EPS, self.dot / np.maximum(den, _EPS), 0.0)
+
+    def best(self, cos: np.ndarray) -> list[Match]:
+        """Per token, the best stored map and its similarity."""
+        if self.size == 0:
+            return []
+        idx = np.argmax(cos, axis=1)
+        return [Match(int(i), float(cos[t, i])) for t, i in enumerate(idx)]
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return (v / n).astype(np.float32) if n > _EPS else np.zeros_like(v, dtype=np.float32)

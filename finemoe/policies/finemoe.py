@@ -1,0 +1,306 @@
+"""FineMoE (EuroSys '26) as its paper describes it: expert maps, similarity-aware prefetch, p x freq cache.
+
+Semantic phase at step start (layers 0..d-1 from the stored map whose semantic key is nearest),
+trajectory phase at every layer l (layer l + d from the stored map whose first l+1 rows are nearest
+to the rows observed so far), delta rule for how many experts to take, priority p / (l - l_now),
+eviction of the lowest p x freq with the current window's predicted experts protected.
+
+Per token, not per step: each token of a sequence (a prefill has many) is matched on its own and
+the predictions of all tokens and all sequences of a batch are united (max priority), never
+replacing one another (a mistake of the released code, see FINEMOE.md). The store holds one map
+per token of the history (a decode iteration is one token; a prefill adds one per prompt token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch, StepInfo
+from finemoe.policies.expert_maps import (
+    ExpertMapStore,
+    Match,
+    TrajectoryQuery,
+    prefetch_priority,
+    select_by_delta,
+    topk_map,
+)
+from finemoe.policies.registry import register
+
+# Modelled wall time of one map search (one token, one layer: trajectory cosine against C=1000 maps
+# plus argmax and the delta selection) on our implementation. Measured 2026-11-29 with
+# `python3 benchmarks/bench_map_search.py` on the development machine (2 shared x86 cores, numpy
+# OpenBLAS), Mixtral geometry (32 layers x 8 experts), C=1000: median per-layer search time of a
+# one-token decode step. See docs/policies.md for how it is charged.
+SEARCH_S_DEFAULT = 40e-6
+
+CACHES = ("finemoe", "lru", "lfu")
+
+
+@register
+class FineMoE(Policy):
+    name = "finemoe"
+    needs = ("router_probs", "semantic_key")
+    uses_history = True
+    maps_from = "probs"  # "probs": full router rows; "topk": degraded maps from top-k gate weights
+
+    def __init__(
+        self,
+        distance: int = 3,
+        capacity: int = 1000,
+        semantic: bool = True,
+        trajectory: bool = True,
+        delta: bool = True,
+        cache: str = "finemoe",
+        search_s: float = SEARCH_S_DEFAULT,
+        learn_online: bool = True,
+    ) -> None:
+        super().__init__()
+        if int(distance) < 1:
+            raise TypeError(f"distance must be at least 1 layer, got {distance}")
+        if int(capacity) < 1:
+            raise TypeError(f"capacity must be at least 1 map, got {capacity}")
+        if cache not in CACHES:
+            raise TypeError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
+        if not (semantic or trajectory):
+            raise TypeError("at least one of semantic and trajectory must be enabled")
+        if float(search_s) < 0:
+            raise TypeError(f"search_s must not be negative, got {search_s}")
+        self.distance, self.capacity = int(distance), int(capacity)
+        self.semantic, self.trajectory, self.delta = bool(semantic), bool(trajectory), bool(delta)
+        self.cache, self.search_s, self.learn_online = cache, float(search_s), bool(learn_online)
+        self.params = dict(
+            distance=self.distance, capacity=self.capacity, semantic=self.semantic,
+            trajectory=self.trajectory, delta=self.delta, cache=self.cache, search_s=self.search_s,
+            learn_online=self.learn_online, maps_from=self.maps_from,
+        )
+        self.store: ExpertMapStore | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.fit_maps = 0
+        self.searches = 0  # (token, layer) map searches made: each costs search_s of modelled time
+
+    # --- life cycle ----------------------------------------------------------------------------
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        g = ctx.geometry
+        self.L, self.J, self.K = g.num_layers, g.num_experts, g.top_k
+        self._p = np.zeros((self.L, self.J))  # latest predicted probability per expert
+        self._p_step = np.full(self.L, -1)  # engine step whose predictions _p[layer] holds
+        self._freq = np.zeros((self.L, self.J))
+        self._last = np.zeros((self.L, self.J))  # use counter, for LRU and tie-breaks
+        self._clock = 0
+        self._res = np.zeros((self.L, self.J), dtype=bool)  # resident, as the engine reports it
+        self._prot_step = np.full((self.L, self.J), -1)  # step in which the expert was last predicted
+        self._step: StepInfo | None = None
+        self._layer = -1
+        self._queries: list[TrajectoryQuery | None] = []
+        self._sem: list[Match | None] = []
+
+    def fit(self, history) -> None:
+        for expert_map, key in self._maps_of(history, range(history.num_tokens)):
+            self._store_for(key).add(expert_map, key)
+            self.fit_maps += 1
+
+    def on_request_finished(self, request_id: int, trace) -> None:
+        if not self.learn_online:
+            return
+        rows = np.flatnonzero(trace.request_id == request_id)
+        # Applied at the next step start: a trajectory query must see a store that does not change.
+        self._pending.extend(self._maps_of(trace, rows))
+
+    def _maps_of(self, trace, rows) -> Iterable[tuple[np.ndarray, np.ndarray | None]]:
+        rows = np.asarray(list(rows), dtype=np.int64)
+        if rows.size == 0:
+            return []
+        if self.maps_from == "probs":
+            maps = np.nan_to_num(trace.router_probs[rows].astype(np.float32))
+        else:
+            maps = topk_map(trace.experts[rows], trace.weights[rows], trace.geometry.num_experts)
+        keys = None
+        if trace.semantic_key is not None:  # kept even when the phase is off: same store, fair ablation
+            keys = trace.semantic_key[rows].astype(np.float32)
+        return [(maps[i], None if keys is None else keys[i]) for i in range(rows.size)]
+
+    def _store_for(self, key: np.ndarray | None) -> ExpertMapStore:
+        if self.store is None:
+            dim = None if key is None else int(key.shape[0])
+            self.store = ExpertMapStore(self.L, self.J, self.capacity, self.distance, dim)
+        return self.store
+
+    # --- prediction ------------------------------------------------------------------------------
+    def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
+        for expert_map, key in self._pending:
+            self._store_for(key).add(expert_map, key)
+        self._pending.clear()
+        self._step, self._layer = step, -1
+        n = len(step.sequences)
+        store = self.store
+        ready = store is not None and store.size > 0
+        self._queries = [
+            store.trajectory(s.num_tokens) if ready and self.trajectory else None for s in step.sequences
+        ]
+        self._sem = [None] * n
+        if not ready or not self.semantic:
+            return []
+        out: dict[ExpertKey, Prefetch] = {}
+        for i in range(n):
+            key = step.semantic_key(i)
+            match = store.match_semantic(key) if key is not None else None
+            self._sem[i] = match
+            if match is None:
+                continue
+            self.searches += 1
+            # Semantic phase: layers 0..d-1. Semantic-only mode also serves later layers (below).
+            for target in range(min(self.distance, self.L)):
+                self._predict(out, step.step, target, -1, store.maps[match.index, target], match.similarity)
+        return sorted(out.values(), reverse=True)
+
+    def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
+        layer = routing.layer
+        self._layer = layer
+        target = layer + self.distance
+        step = self._step
+        if step is None or self.store is None or self.store.size == 0 or target >= self.L:
+            return []
+        out: dict[ExpertKey, Prefetch] = {}
+        for i in range(len(step.sequences)):
+            query = self._queries[i] if i < len(self._queries) else None
+            if query is not None:
+                cos = query.observe(layer, self._observed_rows(routing, i))
+                for match in query.best(cos):
+                    self.searches += 1
+                    row = self.store.maps[match.index, target]
+                    self._predict(out, step.step, target, layer, row, match.similarity)
+            elif not self.trajectory and self._sem[i] is not None:
+                match = self._sem[i]
+                self._predict(out, step.step, target, layer, self.store.maps[match.index, target], match.similarity)
+        return sorted(out.values(), reverse=True)
+
+    def _observed_rows(self, routing: LayerRouting, i: int) -> np.ndarray:
+        if self.maps_from == "probs":
+            return np.nan_to_num(routing.router_probs(i).astype(np.float32))
+        return topk_map(routing.experts(i), routing.weights(i), self.J)
+
+    def _predict(self, out: dict, step: int, target: int, current: int, row: np.ndarray, similarity: float) -> None:
+        """Select experts of one predicted row, record p for eviction, add prefetches (max priority)."""
+        row = np.asarray(row, dtype=np.float64)
+        if self._p_step[target] != step:
+            self._p[target] = row
+            self._p_step[target] = step
+        else:
+            np.maximum(self._p[target], row, out=self._p[target])
+        chosen = select_by_delta(row, similarity if self.delta else 1.0, self.K)
+        for e in chosen.tolist():
+            prio = prefetch_priority(row[e], target, current)
+            key = (target, e)
+            self._prot_step[key] = step
+            old = out.get(key)
+            if old is None or old.priority < prio:
+                out[key] = Prefetch(prio, step, target, e)
+
+    # --- caching ----------------------------------------------------------------------------------
+    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
+        self._layer = max(self._layer, layer)
+        self._freq[layer, expert] += 1
+        self._clock += 1
+        self._last[layer, expert] = self._clock
+
+    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
+        self._res[key] = True
+        self._clock += 1
+        self._last[key] = self._clock
+
+    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
+        self._res[key] = False
+
+    def protected_mask(self) -> np.ndarray:
+        """bool [L, J]: experts predicted in this step for a layer not yet passed (FineMoE's cache only)."""
+        if self.cache != "finemoe" or self._step is None:
+            return np.zeros((self.L, self.J), dtype=bool)
+        ahead = np.arange(self.L)[:, None] >= self._layer
+        return (self._prot_step == self._step.step) & ahead
+
+    def eviction_keys(self) -> np.ndarray:
+        """float [L, J] sort key, lowest evicted first; non-resident experts are +inf.
+
+        FineMoE: protected experts after all others, then p x freq, then least recently used.
+        LRU: last use. LFU: use count, then last use.
+        """
+        lru = self._last / (self._clock + 1.0)  # in [0, 1)
+        if self.cache == "lru":
+            key = lru.copy()
+        elif self.cache == "lfu":
+            key = self._freq + lru
+        else:
+            score = self._p * self._freq
+            # Rank scores so that ties (e.g. p = 0) fall back to recency without mixing units.
+            ranks = np.unique(score, return_inverse=True)[1].reshape(score.shape)
+            key = ranks + lru + self.L * self.J * self.protected_mask()
+        key[~self._res] = np.inf
+        return key
+
+    def eviction_order(self) -> list[ExpertKey]:
+        """Resident experts, first to evict first."""
+        key = self.eviction_keys()
+        flat = np.argsort(key, axis=None, kind="stable")
+        n = int(self._res.sum())
+        return [divmod(int(i), self.J) for i in flat[:n]]
+
+    def choose_victim(
+        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
+    ) -> ExpertKey | None:
+        if not self._res.any():
+            return None
+        protected = self.protected_mask() if for_prefetch is not None else None
+        key = self.eviction_keys()
+        first = divmod(int(np.argmin(key)), self.J)
+        candidates = [first] if evictable(first) else self.eviction_order()
+        for victim in candidates:
+            if protected is not None and protected[victim]:
+                return None  # only protected experts left: a prefetch may not displace them
+            if evictable(victim):
+                return victim
+        return None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["stats"] = {
+            "fit_maps": self.fit_maps,
+            "store_size": 0 if self.store is None else self.store.size,
+            "store_replaced": 0 if self.store is None else self.store.replaced,
+            "store_bytes": 0 if self.store is None else self.store.nbytes,
+            "searches": self.searches,
+            "semantic_phase_ran": bool(self.store is not None and self.store.keys is not None and self.semantic),
+        }
+        return d
+
+
+def _variant(name: str, doc: str, needs: tuple[str, ...] | None = None, maps_from: str = "probs", **defaults):
+    """A registered FineMoE variant: same class, other defaults (so sweeps can name ablations)."""
+
+    def __init__(self, **params):
+        FineMoE.__init__(self, **{**defaults, **params})
+
+    attrs = {"name": name, "__doc__": doc, "__init__": __init__, "maps_from": maps_from}
+    if needs is not None:
+        attrs["needs"] = needs
+    cls = type(f"FineMoE_{name.replace('-', '_')}", (FineMoE,), attrs)
+    return register(cls)
+
+
+_variant("finemoe-semantic", "Ablation: semantic matching only (the step's semantic match serves every layer).",
+         needs=("router_probs", "semantic_key"), trajectory=False)
+_variant("finemoe-trajectory", "Ablation: trajectory matching only (no semantic phase: layers 0..d-1 unpredicted).",
+         needs=("router_probs",), semantic=False)
+_variant("finemoe-no-delta", "Ablation: exactly top-k experts per predicted layer, whatever the similarity.",
+         delta=False)
+_variant("finemoe-lru", "Ablation: FineMoE's prefetching with an LRU cache instead of p x freq.", cache="lru")
+_variant("finemoe-lfu", "Ablation: FineMoE's prefetching with an LFU cache instead of p x freq.", cache="lfu")
+_variant(
+    "finemoe-topk",
+    "Degraded FineMoE for traces without full router probabilities (e.g. imported vLLM logs): maps "
+    "hold the top-k gate weights and zero elsewhere, so the delta rule cannot hedge; the semantic "
+    "phase runs only if the trace has semantic keys.",
+    needs=(), maps_from="topk",
+)
