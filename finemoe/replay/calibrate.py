@@ -27,10 +27,12 @@ from finemoe.replay.compute import ExpertShape, expert_ffn
 from finemoe.replay.copier import CopyJob, make_copier
 from finemoe.replay.device import (
     check_device,
+    cpu_threads,
     device_memory_bytes,
     device_name,
     synchronize,
     torch_dtype,
+    torch_threads,
 )
 from finemoe.sim.hardware import HardwareSpec
 
@@ -58,8 +60,8 @@ class CalibrationPlan:
             copy_repeats=7,
             overlap_size=4 * MiB,
             max_copy_engines=4 if cuda else 2,
-            token_counts=(1, 4, 16, 64, 256),
-            gemm_repeats=7,
+            token_counts=(1, 2, 4, 16, 64, 256),
+            gemm_repeats=9,
             stream_bytes=(512 if cuda else 64) * MiB,
             square_gemm=4096 if cuda else 1024,
         )
@@ -79,7 +81,7 @@ class CalibrationPlan:
         )
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -272,9 +274,10 @@ def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dic
         agg = max(r["aggregate_gbps"] for r in overlap_rows if r["engines"] == engines) * 1e9
         link_bps = max(link_bps, agg)
     nbytes = shape.numel * dtype_bytes
-    # Memory-bound end: one token reads the whole expert.
-    small = min(expert_rows, key=lambda r: r["tokens"])
-    weight_bps = nbytes / max(small["time_s"] - launch_s, 1e-9)
+    # Memory-bound end: a few tokens read the whole expert and do little arithmetic; the median
+    # over those rows resists the odd slow sample of a shared machine.
+    small = [r for r in expert_rows if r["tokens"] <= 4] or [min(expert_rows, key=lambda r: r["tokens"])]
+    weight_bps = float(np.median([nbytes / max(r["time_s"] - launch_s, 1e-9) for r in small]))
     hbm_bps = max(stream_gbps * 1e9, weight_bps)
     memory_eff = weight_bps / hbm_bps
     # Compute-bound end: the largest token count.
@@ -308,18 +311,26 @@ def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dic
     return hw, {"residuals": residuals}
 
 
-def calibrate(device: str = "cpu", *, dtype: str | None = None, thorough: bool = False,
-              shape: ExpertShape | None = None, progress: Callable[[str], None] | None = None) -> dict:
+def calibrate(device: str = "cpu", *, dtype: str = "bfloat16", thorough: bool = False,
+              shape: ExpertShape | None = None, threads: int | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
     """Measure `device` and return the profile: {"hardware": HardwareSpec fields, "measurements": ...}.
 
-    `shape` is the expert GEMM to measure (default 1024 x 2048, or the replayed model's own); the
-    dtype defaults to bfloat16 on CUDA and float32 on CPU (what each does fastest).
+    `shape` is the expert GEMM to measure (default 1024 x 2048, or the replayed model's own).
+    `threads` sets torch's CPU threads for the measurement (default: `cpu_threads(device)`), which
+    must match the replay's: on a shared CPU, more threads than free cores is many times slower.
     """
-    import torch
 
     device = check_device(device)
+    with torch_threads(cpu_threads(device) if threads is None else threads) as nthreads:
+        return _calibrate(device, dtype, thorough, shape, nthreads, progress)
+
+
+def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | None, threads: int,
+               progress: Callable[[str], None] | None) -> dict:
+    import torch
+
     cuda = device.startswith("cuda")
-    dtype = dtype or ("bfloat16" if cuda else "float32")
     tdt = torch_dtype(dtype)
     dtype_bytes = torch.empty((), dtype=tdt).element_size()
     shape = shape or ExpertShape(1024, 2048)
@@ -351,6 +362,7 @@ def calibrate(device: str = "cpu", *, dtype: str | None = None, thorough: bool =
         "device_name": device_name(device),
         "torch_version": torch.__version__,
         "dtype": dtype,
+        "cpu_threads": threads,
         "plan": "thorough" if thorough else "quick",
         "copy": copies,
         "link_fit_from": link_kind,

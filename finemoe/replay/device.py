@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from finemoe.errors import ConfigError
@@ -93,3 +95,28 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return f"{cpu} ({os.cpu_count()} cpus)"
+
+
+def cpu_threads(device: str) -> int:
+    """torch's intra-op threads for a run: on CPU one fewer than the cores (the copy worker needs
+    one), at least 1; with CUDA torch's default. Oversubscribed cores make CPU GEMMs ~10x slower."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[int]:
+    """Run a block with `n` torch intra-op threads, restoring the previous setting after."""
+    import torch
+
+    if n < 1:
+        raise ConfigError(f"--threads must be at least 1, got {n}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)

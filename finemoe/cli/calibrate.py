@@ -1,0 +1,66 @@
+"""`finemoe calibrate`: measure this machine and write a hardware profile that simulate accepts."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("calibrate")
+@click.option("--device", default="cpu", show_default=True,
+              help="cuda (a GPU, pinned host memory, copy streams) or cpu (device memory is another host buffer).")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), required=True,
+              help="Profile JSON to write; pass it to `finemoe simulate --hardware` or `replay --hardware`.")
+@click.option("--quick/--thorough", default=True, show_default=True,
+              help="Quick takes seconds; thorough measures more sizes and repeats (tens of seconds).")
+@click.option("--dtype", default="bfloat16", show_default=True, help="GEMM dtype: bfloat16, float16 or float32.")
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads [default: cores - 1 on cpu]; use the same for replay.")
+@click.option("--hidden-size", type=int, default=1024, show_default=True, help="Expert GEMM shape to measure.")
+@click.option("--intermediate-size", type=int, default=2048, show_default=True, help="Expert GEMM shape to measure.")
+def calibrate_cmd(device: str, output: str, quick: bool, dtype: str, threads: int | None, hidden_size: int,
+                  intermediate_size: int) -> None:
+    """Measure copy bandwidth/latency, copy overlap, expert GEMMs and memory bandwidth.
+
+    \b
+    The profile holds the fitted HardwareSpec ("hardware") and the raw tables ("measurements"):
+      finemoe calibrate --device cpu -o cpu.json
+      finemoe simulate TRACE --hardware cpu.json --policy lru --gpu-mem 2G
+    """
+    from finemoe.errors import ConfigError
+    from finemoe.replay.calibrate import calibrate, write_profile
+    from finemoe.replay.compute import ExpertShape
+
+    if hidden_size <= 0 or intermediate_size <= 0:
+        raise ConfigError("--hidden-size and --intermediate-size must be positive")
+    profile = calibrate(device, dtype=dtype, thorough=not quick, shape=ExpertShape(hidden_size, intermediate_size), threads=threads,
+                        progress=lambda msg: click.echo(f"measuring {msg} ...", err=True))
+    write_profile(profile, output)
+    click.echo(format_profile(profile))
+    click.echo(f"wrote {output}")
+
+
+def format_profile(profile: dict) -> str:
+    """A short human summary of a profile: the fitted numbers and the fit's worst residual."""
+    hw, m = profile["hardware"], profile["measurements"]
+    copies = m["copy"].get("pinned") or m["copy"]["pageable"]
+    peak = max(r["gbps"] for r in copies)
+    lines = [
+        f"device            {m['device_name']} ({m['device']}, {m['dtype']}, {m['cpu_threads']} threads, {m['plan']}, {m['duration_s']:.1f} s)",
+        f"host->device      {hw['pcie_gbps']:.2f} GB/s fitted ({m['link_fit_from']}), best single copy {peak:.2f} GB/s, "
+        f"latency {hw['transfer_latency_s'] * 1e6:.1f} us, copy engines {hw['copy_engines']}",
+    ]
+    if "pinned" in m["copy"]:
+        pageable = max(r["gbps"] for r in m["copy"]["pageable"])
+        lines.append(f"pageable copies   best {pageable:.2f} GB/s")
+    lines += [
+        f"memory            {hw['hbm_gbps']:.1f} GB/s peak stream, expert GEMV reaches {hw['memory_efficiency']:.0%}",
+        f"compute           {hw['flops'] / 1e12:.3f} TFLOP/s best GEMM, expert GEMMs reach {hw['compute_efficiency']:.0%}",
+        f"fixed cost        {hw['kernel_launch_s'] * 1e6:.1f} us per expert call",
+    ]
+    worst = max(m["fit"]["residuals"], key=lambda r: abs(r["rel_error"]))
+    what = f"{worst['tokens']} tokens" if "tokens" in worst else f"{worst['copy_bytes']} byte copy"
+    lines.append(f"fit               worst residual {worst['rel_error']:+.0%} ({what})")
+    return "\n".join(lines)
+
+
+COMMANDS = [calibrate_cmd]
