@@ -43,27 +43,17 @@ class PredictionReport:
         }
 
 
-def split_request_ids(trace: Trace, history_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split by request into (history, measure), the evaluation protocol's 70/30 by default.
+def split_request_ids(
+    trace: Trace, history_fraction: float, seed: int, *, online: bool = False, max_requests: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(history, measure) request ids: the simulator's own split, so `predict` and `simulate` measure
+    the same requests for the same seed, fraction and trace."""
+    from finemoe.sim.config import WorkloadConfig
+    from finemoe.sim.workload import split_requests
 
-    Uses the simulator's own split (finemoe.sim.workload) when it provides one, so `predict` and
-    `simulate` measure the same requests for the same seed and fraction.
-    """
-    try:
-        from finemoe.sim.workload import split_requests  # the engine's split, when present
-    except ImportError:
-        split_requests = None
-    if split_requests is not None:
-        hist, meas = split_requests(trace, history_fraction, seed)
-        return [int(r) for r in hist], [int(r) for r in meas]
-    if not 0.0 <= history_fraction < 1.0:
-        raise ConfigError(f"history fraction must be in [0, 1), got {history_fraction}")
-    ids = np.array(sorted(r.request_id for r in trace.requests))
-    order = np.random.default_rng(seed).permutation(ids.size)
-    n_hist = int(round(history_fraction * ids.size))
-    if ids.size > 1:
-        n_hist = min(n_hist, ids.size - 1)  # always measure at least one request
-    return sorted(ids[order[:n_hist]].tolist()), sorted(ids[order[n_hist:]].tolist())
+    workload = WorkloadConfig(history_fraction=history_fraction, online=online, max_requests=max_requests)
+    split = split_requests(trace, workload, seed)
+    return list(split.history), list(split.measure)
 
 
 def _missing_fields(trace: Trace, needs) -> list[str]:
@@ -91,12 +81,9 @@ def evaluate_predictions(
         )
     g = trace.geometry
     L, J = g.num_layers, g.num_experts
-    hist_ids, meas_ids = split_request_ids(trace, 0.0 if online else history_fraction, seed)
-    if online:
-        meas_ids = sorted(set(hist_ids) | set(meas_ids))
-        hist_ids = []
-    if max_requests is not None:
-        meas_ids = meas_ids[:max_requests]
+    hist_ids, meas_ids = split_request_ids(
+        trace, history_fraction, seed, online=online, max_requests=max_requests
+    )
     policy.bind(
         PolicyContext(
             geometry=g,
@@ -178,7 +165,7 @@ def evaluate_predictions(
         "trace_hash": trace.content_hash(),
         "model": g.model_name,
         "policy": policy.describe(),
-        "history_fraction": 0.0 if online else history_fraction,
+        "history_fraction": history_fraction,
         "online": online,
         "seed": seed,
         "history_requests": hist_ids,

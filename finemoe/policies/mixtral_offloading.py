@@ -1,0 +1,59 @@
+"""Mixtral-Offloading-style (Eliseev & Mazur, 2023): LRU expert cache plus speculative next-layer prefetch.
+
+While layer l runs, layer l+1's router is applied to layer l's input (the trace's `spec_experts`,
+recorded by the collector) and the experts it picks are prefetched for layer l+1. Layer 0 of a step
+is never predicted. The original keeps k experts per layer in its LRU; we run one LRU over the whole
+budget so every policy gets the same slots (noted in docs/policies.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch
+from finemoe.policies.registry import register
+from finemoe.policies.usage import UsageTracker
+
+
+@register
+class MixtralOffloading(Policy):
+    name = "mixtral-offloading"
+    needs = ("spec_experts",)
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        g = ctx.geometry
+        self.L = g.num_layers
+        self.usage = UsageTracker(g.num_layers, g.num_experts)
+
+    def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
+        target = routing.layer + 1
+        if target >= self.L:
+            return []
+        votes: dict[int, int] = {}
+        for i in range(len(routing.step.sequences)):
+            spec = routing.spec_experts(i)
+            if spec is None:
+                continue
+            ids, counts = np.unique(spec[spec >= 0], return_counts=True)
+            for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
+                votes[e] = votes.get(e, 0) + c
+        total = sum(votes.values()) or 1
+        # Priority: share of the batch's tokens whose speculative router picked the expert.
+        return [Prefetch(c / total, routing.step.step, target, e) for e, c in sorted(votes.items())]
+
+    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
+        self.usage.accessed(layer, expert)
+
+    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
+        self.usage.loaded(key)
+
+    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
+        self.usage.evicted(key)
+
+    def choose_victim(
+        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
+    ) -> ExpertKey | None:
+        return self.usage.choose(self.usage.sort_key("lru"), evictable)

@@ -1,0 +1,208 @@
+"""ProMoE-style (Song et al., 2024): a small learned predictor of layer l + d's experts, LRU cache.
+
+ProMoE trains per-layer predictors that read layer l's state and guess layer l + d's experts. We
+have no hidden states in a trace, so each predictor reads what the router already showed: the
+probability rows (or, without them, the top-k gate weights) of layers l-w+1..l of the token. One
+multi-label logistic regression per source layer (J sigmoid outputs), trained with Adam on the
+history split in numpy; its top-k (at least) is prefetched for layer l + d with priority
+probability / d. Layers 0..d-1 of a step are not predicted. Training time is measured and reported
+in describe(). With no history (online mode) it retrains after every `retrain_every` finished
+requests, on all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch, StepInfo
+from finemoe.policies.expert_maps import topk_map
+from finemoe.policies.registry import register
+from finemoe.policies.usage import UsageTracker
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def train_logistic(
+    x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, l2: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full-batch Adam on mean binary cross-entropy; returns weights [F, J] and bias [J]."""
+    rng = np.random.default_rng(seed)
+    n, f = x.shape
+    w = rng.normal(scale=0.01, size=(f, y.shape[1]))
+    prior = np.clip(y.mean(axis=0), 1e-3, 1 - 1e-3)
+    b = np.log(prior / (1 - prior))
+    m = [np.zeros_like(w), np.zeros_like(b)]
+    v = [np.zeros_like(w), np.zeros_like(b)]
+    for t in range(1, epochs + 1):
+        err = _sigmoid(x @ w + b) - y  # d(BCE)/d(logit)
+        grads = [x.T @ err / n + l2 * w, err.mean(axis=0)]
+        for k, (param, g) in enumerate(zip((w, b), grads, strict=True)):
+            m[k] = 0.9 * m[k] + 0.1 * g
+            v[k] = 0.999 * v[k] + 0.001 * g * g
+            param -= lr * (m[k] / (1 - 0.9**t)) / (np.sqrt(v[k] / (1 - 0.999**t)) + 1e-8)
+    return w, b
+
+
+@register
+class ProMoE(Policy):
+    name = "promoe"
+    uses_history = True
+
+    def __init__(
+        self,
+        distance: int = 3,
+        window: int = 2,
+        epochs: int = 150,
+        lr: float = 0.05,
+        l2: float = 1e-4,
+        max_train_tokens: int = 8192,
+        retrain_every: int = 4,
+        inputs: str = "auto",
+    ) -> None:
+        super().__init__()
+        if int(distance) < 1 or int(window) < 1 or int(epochs) < 1 or int(max_train_tokens) < 1:
+            raise TypeError("distance, window, epochs and max_train_tokens must be at least 1")
+        if inputs not in ("auto", "probs", "topk"):
+            raise TypeError(f"inputs must be auto, probs or topk, got {inputs!r}")
+        self.distance, self.window, self.epochs = int(distance), int(window), int(epochs)
+        self.lr, self.l2, self.max_train_tokens = float(lr), float(l2), int(max_train_tokens)
+        self.retrain_every, self.inputs = int(retrain_every), inputs
+        self.params = dict(
+            distance=self.distance, window=self.window, epochs=self.epochs, lr=self.lr, l2=self.l2,
+            max_train_tokens=self.max_train_tokens, retrain_every=self.retrain_every, inputs=self.inputs,
+        )
+        self.models: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # source layer -> (W, b)
+        self.train_s = 0.0
+        self.train_tokens = 0
+        self.trainings = 0
+        self.inputs_used: str | None = None
+        self._seen: list[np.ndarray] = []  # rows of finished requests, for online retraining
+        self._fitted = False
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        g = ctx.geometry
+        self.L, self.J, self.K = g.num_layers, g.num_experts, g.top_k
+        self.usage = UsageTracker(self.L, self.J)
+        self._step: StepInfo | None = None
+        self._rows: list[np.ndarray] = []  # per sequence: observed rows [tokens, L, J] of this step
+
+    def _maps(self, trace, rows: np.ndarray) -> np.ndarray:
+        if self.inputs_used is None:
+            has_probs = trace.router_probs is not None
+            self.inputs_used = "probs" if (self.inputs == "probs" or (self.inputs == "auto" and has_probs)) else "topk"
+        if self.inputs_used == "probs":
+            if trace.router_probs is None:
+                from finemoe.errors import MissingFieldError
+
+                raise MissingFieldError("promoe with inputs=probs needs trace field router_probs")
+            return np.nan_to_num(trace.router_probs[rows].astype(np.float32))
+        return topk_map(trace.experts[rows], trace.weights[rows], self.J)
+
+    def _features(self, maps: np.ndarray, layer: int) -> np.ndarray:
+        """[n, window * J]: rows of layers layer-window+1..layer (zeros before layer 0)."""
+        n = maps.shape[0]
+        parts = []
+        for src in range(layer - self.window + 1, layer + 1):
+            parts.append(maps[:, src] if src >= 0 else np.zeros((n, self.J), np.float32))
+        return np.concatenate(parts, axis=1).astype(np.float64)
+
+    def _train(self, trace, rows: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        if rows.size > self.max_train_tokens:
+            rng = np.random.default_rng(self.ctx.seed if self.ctx else 0)
+            rows = np.sort(rng.choice(rows, self.max_train_tokens, replace=False))
+        maps = self._maps(trace, rows)
+        experts = trace.experts[rows]
+        self.models = {}
+        for layer in range(self.L - self.distance):
+            target = layer + self.distance
+            y = np.zeros((rows.size, self.J))
+            ids = experts[:, target]
+            valid = ids >= 0
+            r = np.broadcast_to(np.arange(rows.size)[:, None], ids.shape)
+            y[r[valid], ids[valid].astype(np.int64)] = 1.0
+            keep = valid.any(axis=1) & (maps[:, layer].sum(axis=1) > 0)
+            if not keep.any():
+                continue
+            x = self._features(maps[keep], layer)
+            self.models[layer] = train_logistic(
+                x, y[keep], epochs=self.epochs, lr=self.lr, l2=self.l2, seed=(self.ctx.seed if self.ctx else 0) + layer
+            )
+        self.train_s += time.perf_counter() - t0
+        self.train_tokens = int(rows.size)
+        self.trainings += 1
+
+    def fit(self, history) -> None:
+        if history.num_tokens:
+            self._train(history, np.arange(history.num_tokens))
+            self._fitted = True
+
+    def on_request_finished(self, request_id: int, trace) -> None:
+        if self._fitted or self.retrain_every <= 0:
+            return  # offline: the predictor is trained once, on the history split
+        # Online mode (no history): retrain on every request finished so far, every few requests.
+        self._seen.append(np.flatnonzero(trace.request_id == request_id))
+        if len(self._seen) % self.retrain_every == 0:
+            self._train(trace, np.concatenate(self._seen))
+
+    def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
+        self._step = step
+        self._rows = [np.zeros((s.num_tokens, self.L, self.J), np.float32) for s in step.sequences]
+        return []
+
+    def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
+        layer = routing.layer
+        model = self.models.get(layer)
+        out: dict[ExpertKey, Prefetch] = {}
+        target = layer + self.distance
+        for i in range(len(routing.step.sequences)):
+            if i >= len(self._rows):
+                break
+            if self.inputs_used == "topk" or self.inputs_used is None:
+                rows = topk_map(routing.experts(i), routing.weights(i), self.J)
+            else:
+                probs = routing.router_probs(i)
+                rows = np.nan_to_num(probs.astype(np.float32))
+            self._rows[i][:, layer] = rows
+            if model is None:
+                continue
+            w, b = model
+            prob = _sigmoid(self._features(self._rows[i], layer) @ w + b)  # [tokens, J]
+            for t in range(prob.shape[0]):
+                chosen = np.argsort(-prob[t], kind="stable")[: self.K]
+                for e in chosen.tolist():
+                    prio = float(prob[t, e]) / self.distance
+                    if (target, e) not in out or out[(target, e)].priority < prio:
+                        out[(target, e)] = Prefetch(prio, routing.step.step, target, e)
+        return sorted(out.values(), reverse=True)
+
+    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
+        self.usage.accessed(layer, expert)
+
+    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
+        self.usage.loaded(key)
+
+    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
+        self.usage.evicted(key)
+
+    def choose_victim(
+        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
+    ) -> ExpertKey | None:
+        return self.usage.choose(self.usage.sort_key("lru"), evictable)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["stats"] = {
+            "train_s": round(self.train_s, 4),
+            "train_tokens": self.train_tokens,
+            "trainings": self.trainings,
+            "predictors": len(self.models),
+            "inputs_used": self.inputs_used,
+        }
+        return d
