@@ -1,0 +1,30 @@
+"""`finemoe report`: the figures and key tables of a study in one page."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("report", epilog="""
+\b
+Examples:
+  finemoe report runs -o report.html                 # self-contained, open in a browser
+  finemoe report runs -o report.md --trace t.parquet # Markdown, figures in report-figures/
+""")
+@click.argument("results", nargs=-1, type=click.Path(), required=True)
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+              help="Report file; .html embeds the figures, .md links them from a folder beside it.")
+@click.option("--trace", type=click.Path(), default=None, help="Trace for the routing-entropy figure.")
+@click.option("--budget", default=None, metavar="SIZE", help="Budget of the per-policy latency bars, e.g. 24G.")
+@click.option("--title", default="finemoe study", show_default=True, help="Heading of the report.")
+def report_command(results, out_path, trace, budget, title) -> None:
+    """Write one page with the figures, a table per policy and budget (hit rate, TTFT and TPOT
+    p50/p99, bytes moved) and the configuration and provenance of RESULTS."""
+    from finemoe.plots.report import write_report
+
+    path, outcome = write_report(results, out_path, trace=trace, budget=budget, title=title)
+    click.echo(f"wrote {path} ({len(outcome.runs)} results, {len(outcome.rendered)} figures"
+               + (f", {len(outcome.skipped)} skipped: {', '.join(n for n, _ in outcome.skipped)})" if outcome.skipped else ")"))
+
+
+COMMANDS = [report_command]

@@ -1,0 +1,234 @@
+"""Result files as the figures see them: one `Run` per file, with the fields figures group by.
+
+Everything here is pure: it reads result files (through `finemoe.results`) and derives labels,
+memory budgets and captions from the configuration each file records. Figures never look
+anywhere else, so a figure can always be redrawn from the files it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from finemoe.errors import FinemoeError
+from finemoe.results import RunResult, collect_result_paths, read_result
+
+GiB = 1024**3
+
+# Policies that are references rather than contenders: drawn dashed and labelled as such.
+FLOOR_POLICIES = ("no-offload",)
+BOUND_POLICIES = ("oracle",)
+
+
+class PlotError(FinemoeError):
+    """The results given cannot be plotted at all (none found, or a bad option such as a budget)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One result file and the fields figures group and place it by."""
+
+    path: Path
+    result: RunResult
+
+    @property
+    def config(self) -> dict:
+        return self.result.config
+
+    @property
+    def summary(self) -> dict:
+        return self.result.summary
+
+    @property
+    def engine(self) -> str:
+        return str(self.config.get("engine", "sim"))
+
+    @property
+    def policy(self) -> str:
+        policy = self.config.get("policy", "?")
+        if isinstance(policy, dict):  # tolerate a describe() dict in place of the name
+            policy = policy.get("name", "?")
+        return str(policy)
+
+    @property
+    def params(self) -> dict:
+        params = self.config.get("policy_params") or {}
+        return dict(params) if isinstance(params, dict) else {}
+
+    @property
+    def is_bound(self) -> bool:
+        described = self.config.get("policy_describe") or self.config.get("policy_description") or {}
+        return self.policy in BOUND_POLICIES or bool(isinstance(described, dict) and described.get("is_oracle"))
+
+    @property
+    def is_floor(self) -> bool:
+        return self.policy in FLOOR_POLICIES
+
+    @property
+    def hardware(self) -> str:
+        hw = self.config.get("hardware") or {}
+        return str(hw.get("name", "?")) if isinstance(hw, dict) else str(hw)
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @property
+    def trace_name(self) -> str:
+        path = self.config.get("trace_path") or ""
+        name = Path(str(path)).name if path else "?"
+        return name or str(path)
+
+    @property
+    def trace_id(self) -> str:
+        """Trace path plus content hash where recorded: what 'the same trace' means."""
+        return f"{self.config.get('trace_path', '')}#{find_key(self.config, 'trace_hash') or ''}"
+
+    @property
+    def model(self) -> str:
+        profile = self.config.get("model_profile")
+        if profile:
+            return str(profile)
+        name = find_key(self.config, "model_name")
+        return str(name) if name else "as recorded in the trace"
+
+    @property
+    def gpu_mem_bytes(self) -> int | None:
+        """The GPU memory budget of the run: the configured one, else the hardware's."""
+        mem = self.config.get("memory") or {}
+        value = mem.get("gpu_mem_bytes") if isinstance(mem, dict) else None
+        if value is None:
+            hw = self.config.get("hardware") or {}
+            value = hw.get("gpu_mem_bytes") if isinstance(hw, dict) else None
+        return int(value) if value is not None else None
+
+    @property
+    def cache_slots(self) -> int | None:
+        """Expert cache slots: configured directly, or as derived by the engine and recorded."""
+        mem = self.config.get("memory") or {}
+        value = mem.get("expert_cache_slots") if isinstance(mem, dict) else None
+        if value is None:
+            value = find_key(self.config, "expert_cache_slots")
+        return int(value) if value is not None else None
+
+    @property
+    def slots_set_directly(self) -> bool:
+        mem = self.config.get("memory") or {}
+        return isinstance(mem, dict) and mem.get("expert_cache_slots") is not None
+
+    def metric(self, name: str) -> float:
+        value = self.summary.get(name)
+        try:
+            return float(value) if value is not None else math.nan
+        except (TypeError, ValueError):
+            return math.nan
+
+
+def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
+    """Every result file named or found under the given directories; none at all is an error."""
+    paths = list(paths)
+    if not paths:
+        raise PlotError("no result files given; pass result files or directories holding them")
+    for p in map(Path, paths):
+        if not p.exists():
+            raise PlotError(f"{p}: no such result file or directory")
+    files = collect_result_paths(paths)
+    if not files:
+        raise PlotError(f"no result files (*.parquet) found in {', '.join(map(str, paths))}")
+    return [Run(f, read_result(f)) for f in files]
+
+
+def sim_runs(runs: Sequence[Run]) -> list[Run]:
+    """The simulated runs, or, when there are none, whatever engine the runs share."""
+    sims = [r for r in runs if r.engine == "sim"]
+    return sims or list(runs)
+
+
+def varying_params(runs: Sequence[Run], exclude: Iterable[str] = ()) -> dict[str, set[str]]:
+    """Per policy, the parameter names whose values differ between its runs (unset counts as a value)."""
+    exclude = set(exclude)
+    by_policy: dict[str, list[dict]] = {}
+    for r in runs:
+        by_policy.setdefault(r.policy, []).append(r.params)
+    out: dict[str, set[str]] = {}
+    for policy, param_sets in by_policy.items():
+        names = set().union(*param_sets) - exclude
+        out[policy] = {
+            k for k in names
+            if len({json.dumps(p.get(k, "<unset>"), sort_keys=True, default=str) for p in param_sets}) > 1
+        }
+    return out
+
+
+def series_label(run: Run, varying: dict[str, set[str]], multi_hardware: bool = False) -> str:
+    """A legend label: the policy, the parameters that tell its runs apart, and references marked."""
+    label = run.policy
+    names = sorted(varying.get(run.policy, ()))
+    if names:
+        label += " " + ",".join(f"{k}={_short(run.params.get(k, '-'))}" for k in names)
+    if multi_hardware:
+        label += f" @ {run.hardware}"
+    if run.is_floor:
+        label += " (floor)"
+    elif run.is_bound:
+        label += " (bound)"
+    return label
+
+
+def memory_axis(runs: Sequence[Run]) -> tuple[str, callable]:
+    """The x axis of memory figures: GPU memory in GiB, or expert cache slots when set directly."""
+    if runs and all(r.slots_set_directly for r in runs):
+        return "expert cache (slots)", lambda r: float(r.cache_slots)
+    if runs and all(r.gpu_mem_bytes is not None for r in runs):
+        return "GPU memory budget (GiB)", lambda r: r.gpu_mem_bytes / GiB
+    return "expert cache (slots)", lambda r: float(r.cache_slots) if r.cache_slots is not None else math.nan
+
+
+def caption(runs: Sequence[Run]) -> str:
+    """Provenance line under every figure: trace, model profile, hardware and seed."""
+
+    def join(values) -> str:
+        vals = sorted({str(v) for v in values})
+        return ", ".join(vals) if len(vals) <= 3 else f"{', '.join(vals[:3])} +{len(vals) - 3} more"
+
+    return (
+        f"trace: {join(r.trace_name for r in runs)}  |  model: {join(r.model for r in runs)}  |  "
+        f"hardware: {join(r.hardware for r in runs)}  |  seed: {join(r.seed for r in runs)}"
+    )
+
+
+def format_bytes(n: float) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    for unit, scale in (("TiB", 1024**4), ("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def format_budget(run: Run) -> str:
+    if run.slots_set_directly:
+        return f"{run.cache_slots} slots"
+    return format_bytes(run.gpu_mem_bytes) if run.gpu_mem_bytes is not None else "-"
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def find_key(tree, key: str):
+    """The first value stored under `key` anywhere in a nested dict (breadth first)."""
+    queue = [tree]
+    while queue:
+        node = queue.pop(0)
+        if isinstance(node, dict):
+            if key in node and node[key] is not None and not isinstance(node[key], dict):
+                return node[key]
+            queue.extend(v for v in node.values() if isinstance(v, dict))
+    return None

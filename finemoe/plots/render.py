@@ -1,0 +1,81 @@
+"""Render every figure the given results support; the others are skipped with a one-line note."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finemoe.plots.common import Skip
+from finemoe.plots.data import PlotError, Run, load_runs
+
+# name -> one line for --help and the report
+FIGURES: dict[str, str] = {
+    "latency_memory": "time per output token and to first token against GPU memory, per policy",
+    "hit_rate_memory": "expert hit rate against GPU memory, per policy",
+    "prefetch_distance": "hit rate and latency against prefetch distance d (predictive policies)",
+    "latency_bars": "TTFT and TPOT p50/p90/p99 per policy at one budget (--budget)",
+    "routing_entropy": "coarse (per request) vs fine (per iteration) routing entropy per layer (--trace)",
+    "sim_vs_replay": "simulated vs replayed metrics per configuration (fidelity)",
+    "engine_timeline": "a few engine steps: compute and copy engines as lanes, misses marked",
+}
+
+
+@dataclass
+class PlotOutcome:
+    rendered: list = field(default_factory=list)  # style.Rendered
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (figure, reason)
+    runs: list[Run] = field(default_factory=list)
+
+
+def render_all(
+    results: Iterable[str | os.PathLike] | list[Run],
+    out_dir: str | os.PathLike,
+    *,
+    trace: str | os.PathLike | None = None,
+    budget: str | None = None,
+    only: Iterable[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PlotOutcome:
+    """All figures from result files (paths or directories) and optionally a trace.
+
+    Raises PlotError when there are no results at all or an unknown figure is asked for; a figure
+    the results cannot support is recorded in `skipped` with its reason.
+    """
+    from finemoe.plots import bars, distance, entropy, fidelity, timeline, tradeoff
+
+    results = list(results)
+    runs = results if results and all(isinstance(r, Run) for r in results) else load_runs(results)
+    wanted = list(FIGURES) if not only else list(only)
+    unknown = [w for w in wanted if w not in FIGURES]
+    if unknown:
+        raise PlotError(f"unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}")
+    out_dir = Path(out_dir)
+    makers: dict[str, Callable[[], object]] = {
+        "latency_memory": lambda: tradeoff.latency_memory(runs, out_dir),
+        "hit_rate_memory": lambda: tradeoff.hit_rate_memory(runs, out_dir),
+        "prefetch_distance": lambda: distance.prefetch_distance(runs, out_dir),
+        "latency_bars": lambda: bars.latency_bars(runs, out_dir, budget=budget),
+        "routing_entropy": lambda: _entropy(entropy, trace, out_dir),
+        "sim_vs_replay": lambda: fidelity.sim_vs_replay(runs, out_dir),
+        "engine_timeline": lambda: timeline.engine_timeline(runs, out_dir),
+    }
+    outcome = PlotOutcome(runs=runs)
+    for name in wanted:
+        if progress:
+            progress(name)
+        try:
+            outcome.rendered.append(makers[name]())
+        except Skip as why:
+            outcome.skipped.append((name, str(why)))
+    return outcome
+
+
+def _entropy(entropy_module, trace_path, out_dir: Path):
+    if trace_path is None:
+        raise Skip("needs a trace (--trace TRACE)")
+    from finemoe.traces.io import read_trace
+
+    trace = read_trace(trace_path, columns=["router_probs"])
+    return entropy_module.routing_entropy(trace, out_dir, trace_name=Path(trace_path).name)

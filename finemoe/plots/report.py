@@ -1,0 +1,208 @@
+"""A study on one page: the figures, the key tables and where every number came from.
+
+HTML reports are self-contained (figures embedded as base64 PNG) so one file can be mailed or
+opened anywhere; Markdown reports link their PNGs from a folder next to the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from finemoe.plots.data import (
+    PlotError,
+    Run,
+    find_key,
+    format_budget,
+    format_bytes,
+    load_runs,
+    series_label,
+    varying_params,
+)
+from finemoe.plots.render import FIGURES, PlotOutcome, render_all
+
+
+def metrics_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: policy, budget, hit rate, TTFT/TPOT p50/p99 (ms), bytes moved, stalls."""
+    varying = varying_params(runs)
+    multi_hw = len({r.hardware for r in runs}) > 1
+    rows = []
+    for r in runs:
+        rows.append({
+            "engine": r.engine,
+            "policy": series_label(r, varying, multi_hw),
+            "budget": format_budget(r),
+            "_budget_sort": r.gpu_mem_bytes if not r.slots_set_directly else r.cache_slots,
+            "slots": r.cache_slots if r.cache_slots is not None else "",
+            "hit rate (%)": 100.0 * r.metric("hit_rate"),
+            "TTFT p50 (ms)": 1e3 * r.metric("ttft_p50_s"),
+            "TTFT p99 (ms)": 1e3 * r.metric("ttft_p99_s"),
+            "TPOT p50 (ms)": 1e3 * r.metric("tpot_p50_s"),
+            "TPOT p99 (ms)": 1e3 * r.metric("tpot_p99_s"),
+            "bytes moved": format_bytes(r.metric("bytes_h2d")),
+            "stall (s)": r.metric("stall_s"),
+            "requests": len(r.result.requests),
+            "file": r.path.name,
+        })
+    df = pd.DataFrame(rows)
+    df["_sim_first"] = df["engine"] != "sim"
+    df = df.sort_values(["_sim_first", "engine", "_budget_sort", "policy"], kind="stable")
+    df = df.drop(columns=["_budget_sort", "_sim_first"])
+    return df.reset_index(drop=True)
+
+
+def provenance(runs: list[Run]) -> list[tuple[str, str]]:
+    """What a reader needs to rerun the study: traces, hardware, model, workload, seeds, versions."""
+
+    def distinct(values) -> str:
+        vals = sorted({str(v) for v in values if v not in (None, "")})
+        return ", ".join(vals) if vals else "-"
+
+    def from_config(key):
+        return [r.config.get(key) for r in runs]
+
+    hardware = {}
+    for r in runs:
+        hw = r.config.get("hardware")
+        if isinstance(hw, dict):
+            hardware[hw.get("name", "?")] = (
+                f"{hw.get('name')}: {format_bytes(hw.get('gpu_mem_bytes'))} GPU memory, "
+                f"PCIe {hw.get('pcie_gbps', '?')} GB/s x {hw.get('copy_engines', '?')} copy engine(s)"
+            )
+    workloads = {str(r.config.get("workload")) for r in runs if r.config.get("workload")}
+    return [
+        ("result files", f"{len(runs)} ({distinct(r.engine for r in runs)})"),
+        ("traces", distinct(f"{r.config.get('trace_path')} (hash {r.config.get('trace_hash', '-')})" for r in runs)),
+        ("model", distinct(r.model for r in runs)),
+        ("hardware", "; ".join(sorted(hardware.values())) or "-"),
+        ("policies", distinct(r.policy for r in runs)),
+        ("memory budgets", distinct(format_budget(r) for r in runs)),
+        ("workload", "; ".join(sorted(workloads)) or "-"),
+        ("seeds", distinct(from_config("seed"))),
+        ("finemoe version", distinct(find_key(r.config, "finemoe_version") or find_key(r.config, "version") for r in runs)),
+        ("report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+    ]
+
+
+def write_report(
+    results: Iterable[str | os.PathLike],
+    out_path: str | os.PathLike,
+    *,
+    trace: str | os.PathLike | None = None,
+    budget: str | None = None,
+    title: str = "finemoe study",
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Path, PlotOutcome]:
+    """Write an .html (self-contained) or .md report of the given results; returns its path."""
+    out_path = Path(out_path)
+    fmt = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md"}.get(out_path.suffix.lower())
+    if fmt is None:
+        raise PlotError(f"{out_path}: report must end in .html or .md")
+    runs = load_runs(results)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "html":
+        with tempfile.TemporaryDirectory(prefix=".figs-", dir=out_path.parent) as tmp:
+            outcome = render_all(runs, tmp, trace=trace, budget=budget, progress=progress)
+            text = _html(title, runs, outcome)
+    else:
+        fig_dir = out_path.with_name(out_path.stem + "-figures")
+        outcome = render_all(runs, fig_dir, trace=trace, budget=budget, progress=progress)
+        text = _markdown(title, runs, outcome, fig_dir, out_path.parent)
+    _write_atomic(out_path, text)
+    return out_path, outcome
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table_rows(df: pd.DataFrame) -> list[list[str]]:
+    return [[_fmt(v) for v in row] for row in df.itertuples(index=False)]
+
+
+def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
+    e = html.escape
+    table = metrics_table(runs)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}th{background:#f0f0f0}td:nth-child(-n+3){text-align:left}figure{margin:2em 0}"
+        "img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#444}"
+        ".note{color:#666;font-size:13px}dt{font-weight:600}dd{margin:0 0 .5em 1em}</style>",
+        "</head><body>",
+        f"<h1>{e(title)}</h1>",
+        f"<p>{len(runs)} result files; {len(outcome.rendered)} figures. Latencies are medians (p50) and "
+        "99th percentiles over the measured requests; hit rate counts routed experts resident when their "
+        "layer needed them.</p>",
+        "<h2>Results per policy and memory budget</h2>",
+        _html_table(table),
+        "<h2>Figures</h2>",
+    ]
+    for fig in outcome.rendered:
+        data = base64.b64encode(fig.png.read_bytes()).decode("ascii")
+        parts.append(
+            f'<figure id="{e(fig.name)}"><img alt="{e(fig.title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption><b>{e(fig.title)}</b>: {e(FIGURES.get(fig.name, ''))}. {e(fig.caption)}</figcaption></figure>"
+        )
+    if outcome.skipped:
+        parts.append("<h3>Figures not drawn</h3><ul>")
+        parts += [f'<li class="note"><b>{e(n)}</b>: {e(why)}</li>' for n, why in outcome.skipped]
+        parts.append("</ul>")
+    parts.append("<h2>Configuration and provenance</h2><dl>")
+    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in provenance(runs)]
+    parts.append("</dl></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _html_table(df: pd.DataFrame) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in _table_rows(df))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _markdown(title: str, runs: list[Run], outcome: PlotOutcome, fig_dir: Path, base: Path) -> str:
+    table = metrics_table(runs)
+    lines = [f"# {title}", "", f"{len(runs)} result files; {len(outcome.rendered)} figures.", "",
+             "## Results per policy and memory budget", ""]
+    lines.append("| " + " | ".join(map(str, table.columns)) + " |")
+    lines.append("|" + "|".join("---" for _ in table.columns) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in _table_rows(table)]
+    lines += ["", "## Figures", ""]
+    for fig in outcome.rendered:
+        rel = os.path.relpath(fig.png, base)
+        lines += [f"### {fig.title}", "", f"![{fig.title}]({rel})", "",
+                  f"*{FIGURES.get(fig.name, '')}. {fig.caption}*", ""]
+    if outcome.skipped:
+        lines += ["Figures not drawn:", ""] + [f"- **{n}**: {why}" for n, why in outcome.skipped] + [""]
+    lines += ["## Configuration and provenance", ""] + [f"- **{k}**: {v}" for k, v in provenance(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a figure or report is meant to be shared
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,90 @@
+"""`finemoe report` and `finemoe plot`: one self-contained page, clear errors, exit codes."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+from click.testing import CliRunner
+from test_plots import make_result, write_study
+
+from finemoe.cli.main import cli
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    write_study(d)
+    return d
+
+
+def test_html_report_is_self_contained(study, tmp_path):
+    from finemoe.plots.report import write_report
+
+    path, outcome = write_report([study], tmp_path / "r.html")
+    text = path.read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(images) == len(outcome.rendered) >= 6
+    assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    assert 'src="http' not in text and "<link" not in text  # nothing fetched from elsewhere
+    # the key table: every policy and budget, with hit rate and latency columns
+    for needle in ("hit rate (%)", "TTFT p50 (ms)", "TPOT p99 (ms)", "bytes moved", "oracle (bound)",
+                   "no-offload (floor)", "30 GiB", "90 GiB", "rtx3090", "traces/mixtral-lmsys.parquet"):
+        assert needle in text, needle
+    assert list(tmp_path.iterdir()) == [path]  # no figure folder or temporary files left behind
+
+
+def test_markdown_report_links_its_figures(study, tmp_path):
+    from finemoe.plots.report import write_report
+
+    path, outcome = write_report([study], tmp_path / "study.md")
+    text = path.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == len(outcome.rendered)
+    assert all((tmp_path / link).is_file() for link in links)
+    assert "| lru | 40 GiB |" in text
+
+
+def test_metrics_table_values_come_from_the_summaries(tmp_path):
+    from finemoe.plots.data import load_runs
+    from finemoe.plots.report import metrics_table
+
+    res = make_result("lru", 24, 0.625)
+    res.write(tmp_path / "a.parquet")
+    row = metrics_table(load_runs([tmp_path])).iloc[0]
+    assert row["hit rate (%)"] == pytest.approx(62.5)
+    assert row["TPOT p50 (ms)"] == pytest.approx(1e3 * res.summary["tpot_p50_s"])
+    assert row["budget"] == "24 GiB"
+
+
+def test_report_rejects_unknown_extension(study, tmp_path):
+    result = CliRunner().invoke(cli, ["report", str(study), "-o", str(tmp_path / "r.pdf")])
+    assert result.exit_code == 1
+    assert "error:" in result.output and ".html or .md" in result.output
+
+
+def test_plot_cli_writes_and_notes_skips(study, tmp_path):
+    result = CliRunner().invoke(cli, ["plot", str(study), "-o", str(tmp_path / "f"), "--only",
+                                      "latency_memory,routing_entropy"])
+    assert result.exit_code == 0, result.output
+    assert "wrote   latency_memory" in result.output
+    assert "skipped routing_entropy" in result.output and "--trace" in result.output
+    assert (tmp_path / "f" / "latency_memory.svg").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plot", "/nonexistent/runs"], "no such result file"),
+    (["plot", "{empty}"], "no result files"),
+    (["plot", "{study}", "--only", "pie_chart"], "unknown figure"),
+    (["plot", "{study}", "--budget", "24Q"], "24Q"),
+    (["report", "{bad}"], "bad.parquet"),
+])
+def test_cli_errors_are_one_sentence(study, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.parquet").write_text("not a parquet file")
+    args = [a.format(study=study, empty=tmp_path / "empty", bad=tmp_path / "bad.parquet") for a in args]
+    result = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "out.html" if args[0] == "report" else tmp_path / "o")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and message in result.output
+    assert "Traceback" not in result.output
