@@ -159,6 +159,8 @@ class SweepSpec:
     hardware: Sequence[HardwareSpec]
     gpu_mem_bytes: Sequence[int | None] = (None,)
     expert_cache_slots: Sequence[int | None] = (None,)
+    reserve_bytes: int | None = None  # None: MemoryConfig's default
+    kv_tokens: int | None = None
     hardware_overrides: Mapping[str, Sequence] = field(default_factory=dict)
     policy_params: Mapping[str, Mapping[str, Sequence]] = field(default_factory=dict)
     arrival: str = "all"
@@ -188,7 +190,7 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
             )
     if not spec.hardware:
         raise ConfigError("no hardware given")
-    memories = _memories(spec.gpu_mem_bytes, spec.expert_cache_slots)
+    memories = _memories(spec.gpu_mem_bytes, spec.expert_cache_slots, spec.reserve_bytes, spec.kv_tokens)
     workloads = _workloads(spec)
     hardware = _hardware_variants(spec.hardware, spec.hardware_overrides)
     trace_path = str(Path(spec.trace_path).expanduser().resolve())
@@ -225,14 +227,22 @@ def _resolve_policies(names: Sequence[str], known: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _memories(gpu_mem: Sequence[int | None], slots: Sequence[int | None]) -> list[MemoryConfig]:
+def _memories(gpu_mem: Sequence[int | None], slots: Sequence[int | None], reserve_bytes: int | None,
+              kv_tokens: int | None) -> list[MemoryConfig]:
     has_mem = any(v is not None for v in gpu_mem)
     has_slots = any(v is not None for v in slots)
     if has_mem and has_slots:
         raise ConfigError("give --gpu-mem or --expert-cache, not both (a slot count overrides the budget)")
+    if kv_tokens is not None and kv_tokens < 0:
+        raise ConfigError("--kv-tokens must not be negative")
+    extra = {}
+    if reserve_bytes is not None:
+        extra["reserve_bytes"] = int(reserve_bytes)
+    if kv_tokens is not None:
+        extra["kv_tokens"] = int(kv_tokens)
     if has_slots:
-        return [MemoryConfig(expert_cache_slots=int(s)) for s in slots]
-    return [MemoryConfig(gpu_mem_bytes=None if m is None else int(m)) for m in gpu_mem]
+        return [MemoryConfig(expert_cache_slots=int(s), **extra) for s in slots]
+    return [MemoryConfig(gpu_mem_bytes=None if m is None else int(m), **extra) for m in gpu_mem]
 
 
 def _workloads(spec: SweepSpec) -> list[WorkloadConfig]:

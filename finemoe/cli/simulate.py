@@ -1,0 +1,359 @@
+"""`finemoe simulate`: replay traces against policies, memory budgets and hardware, one result file
+per configuration, on a local process pool or a Ray cluster."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+EPILOG = """\b
+Examples:
+  # LRU and FineMoE on the paper's testbed (RTX 3090, PCIe 4.0) at three budgets
+  finemoe simulate trace.parquet --policy lru,finemoe --gpu-mem 16G,24G,48G -o results/
+\b
+  # every policy, expert cache from 16 to 128 slots, 4 worker processes
+  finemoe simulate trace.parquet --policy all --expert-cache 16:128:16 --jobs 4 -o results/
+\b
+  # how much does the link matter? PCIe 8..64 GB/s on an H100, with FineMoE's distance swept
+  finemoe simulate trace.parquet --hardware h100 --pcie-gbps 8:64:8 \\
+      --policy finemoe --policy-param finemoe.distance=2,3,4 -o results/
+\b
+  # a Mixtral trace projected onto Qwen's geometry, Poisson arrivals, batches of 4
+  finemoe simulate trace.parquet --model-profile qwen1.5-moe-a2.7b --arrival poisson \\
+      --rate 2.91 --batch-size 4 -o results/
+\b
+  # the same sweep on a Ray cluster (started with `ray start --head`); resumes what is done
+  finemoe simulate trace.parquet --policy all --gpu-mem 8G:48G:4G \\
+      --executor ray --ray-address auto -o results/
+\b
+Lists are comma-separated (16G,24G); ranges are START:STOP:STEP and include STOP when a step lands
+on it (8G:48G:4G is 8G, 12G, ..., 48G). Every list is one axis of the sweep: the configurations are
+all their combinations. Sizes: K/M/G/T and KiB/MiB/GiB/TiB are binary (24G is 24 GiB),
+KB/MB/GB/TB decimal. Results: one Parquet file per configuration in --out, named
+<policy>-<memory>-<hardware>-<key>.parquet, and sweep.json listing every configuration. Rerunning
+the same command skips configurations whose file is already there (--no-resume redoes them).
+"""
+
+HARDWARE_FIELDS = [
+    # option, HardwareSpec field, kind, scale, help
+    ("--pcie-gbps", "pcie_gbps", "float", 1.0, "host-to-device link bandwidth, GB/s (peak, one direction)"),
+    ("--hbm-gbps", "hbm_gbps", "float", 1.0, "GPU memory bandwidth, GB/s (peak)"),
+    ("--flops", "flops", "si", 1.0, "peak dense FLOP/s of the GPU, e.g. 71T or 71e12"),
+    ("--copy-engines", "copy_engines", "int", 1, "copies on the wire at once (they share the link)"),
+    ("--transfer-latency-us", "transfer_latency_s", "float", 1e-6, "fixed cost of one host-to-device copy, µs"),
+    ("--kernel-launch-us", "kernel_launch_s", "float", 1e-6, "fixed cost of one kernel, µs"),
+    ("--compute-efficiency", "compute_efficiency", "float", 1.0, "achieved / peak FLOP/s (0-1]"),
+    ("--memory-efficiency", "memory_efficiency", "float", 1.0, "achieved / peak HBM bandwidth (0-1]"),
+    ("--pcie-efficiency", "pcie_efficiency", "float", 1.0, "achieved / peak link bandwidth (0-1]"),
+]
+
+
+class SimulateCommand(click.Command):
+    """Adds the policies and hardware presets to the help, looked up only when help is shown."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        from finemoe.policies.registry import policy_names
+        from finemoe.sim.hardware import PRESETS
+
+        formatter.write_paragraph()
+        for title, names in (("Policies", policy_names()), ("Hardware presets", list(PRESETS))):
+            for line in _wrap_names(f"{title}: ", names, width=(formatter.width or 80) - 4):
+                formatter.write(f"  {line}\n")
+
+
+def _wrap_names(head: str, names: list[str], width: int) -> list[str]:
+    """Names joined by commas, wrapped between names only (never inside `finemoe-lru`)."""
+    lines, line = [], head
+    for i, name in enumerate(names):
+        item = name + ("," if i < len(names) - 1 else ".")
+        if len(line) + len(item) + 1 > width and line.strip():
+            lines.append(line.rstrip())
+            line = " " * len(head)
+        line += item + " "
+    lines.append(line.rstrip())
+    return lines
+
+
+def _hardware_options(fn):
+    for option, _field, _kind, _scale, text in reversed(HARDWARE_FIELDS):
+        fn = click.option(option, metavar="LIST", default=None, help=f"Override: {text}; list or range.")(fn)
+    return fn
+
+
+@click.command("simulate", cls=SimulateCommand, epilog=EPILOG, context_settings={"max_content_width": 100})
+@click.argument("traces", nargs=-1, required=True, metavar="TRACE...")
+@click.option("--policy", "policies", default="all", show_default=True, metavar="LIST",
+              help="Policies to run, comma-separated, or `all` (the list is at the end).")
+@click.option("--policy-param", "policy_params", multiple=True, metavar="POLICY.NAME=VALUE",
+              help="A policy parameter, e.g. finemoe.distance=3; a comma list makes it a sweep axis. Repeatable.")
+@click.option("--gpu-mem", metavar="SIZES", default=None,
+              help="GPU memory budgets, e.g. 24G, 16G,24G,48G or 8G:48G:4G (default: the hardware's memory). "
+                   "Expert slots are what is left after dense weights, KV cache and --reserve.")
+@click.option("--expert-cache", metavar="SLOTS", default=None,
+              help="Expert cache size in experts instead of a budget, e.g. 64 or 16:128:16.")
+@click.option("--reserve", default=None, metavar="SIZE",
+              help="GPU memory kept for activations and the CUDA context [default: 512M].")
+@click.option("--kv-tokens", type=int, default=None,
+              help="Size the KV cache for this many tokens (default: batch size x longest request).")
+@click.option("--hardware", "hardware", default="rtx3090", show_default=True, metavar="LIST",
+              help="Hardware presets or profile .json files from `finemoe calibrate`, comma-separated.")
+@_hardware_options
+@click.option("--model-profile", default=None, metavar="NAME",
+              help="Project the trace onto another model's geometry (expert size, dense weights, KV).")
+@click.option("--arrival", type=click.Choice(["all", "poisson", "file"]), default="all", show_default=True,
+              help="Request arrivals: all at time 0, Poisson at --rate, or --timestamps.")
+@click.option("--rate", default=None, metavar="LIST", help="Requests per second for --arrival poisson; list or range.")
+@click.option("--timestamps", default=None, type=click.Path(dir_okay=False),
+              help="Arrival times for --arrival file: one time in seconds per line.")
+@click.option("--batch-size", default="1", show_default=True, metavar="LIST",
+              help="Sequences decoded together (continuous batching); list or range.")
+@click.option("--history-fraction", type=float, default=0.7, show_default=True,
+              help="Share of requests that build policies' history; the rest are measured.")
+@click.option("--online", is_flag=True, help="Start with no history; policies learn as requests finish.")
+@click.option("--max-requests", type=int, default=None, help="Measure at most this many requests (quick runs).")
+@click.option("--seed", default="0", show_default=True, metavar="LIST", help="Random seeds; a list repeats each run.")
+@click.option("-o", "--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the result files and sweep.json.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip configurations whose result file already exists and reads back.")
+@click.option("-j", "--jobs", type=int, default=None,
+              help="Worker processes (local) or CPUs of a local Ray instance [default: all cores].")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where configurations run: a local process pool, or Ray tasks (pip install 'finemoe[ray]').")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to use: `auto` (the cluster on this machine) or ray://HOST:10001; "
+                   "without it a local Ray instance is started.")
+@click.option("--ray-trace-transport", type=click.Choice(["object-store", "path"]), default="object-store",
+              show_default=True,
+              help="How Ray workers get the trace: loaded once and shared through Ray's object store, "
+                   "or read by each worker from the path (needs a file system all nodes see).")
+@click.option("--max-retries", type=int, default=2, show_default=True,
+              help="Reruns of a configuration whose worker process died.")
+@click.option("--dry-run", is_flag=True, help="List the configurations and exit without running them.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
+                     model_profile, arrival, rate, timestamps, batch_size, history_fraction, online,
+                     max_requests, seed, out_dir, resume, jobs, executor, ray_address, ray_trace_transport,
+                     max_retries, dry_run, progress, **hardware_overrides) -> None:
+    """Simulate MoE expert offloading: which policy, memory budget and hardware give what latency.
+
+    Replays each TRACE (from `finemoe collect` or `finemoe import`) through the discrete-event
+    simulator for every combination of the options below and writes one result file per
+    configuration. Ends with a table: hit rate, time to first token, time per output token, bytes
+    copied to the GPU and stall time per configuration.
+    """
+    from finemoe.errors import ConfigError
+    from finemoe.sim.sweep import run_sweep
+
+    configs = build_configs(
+        traces, policies=policies, policy_params=policy_params, gpu_mem=gpu_mem, expert_cache=expert_cache,
+        reserve=reserve, kv_tokens=kv_tokens, hardware=hardware, hardware_overrides=hardware_overrides,
+        model_profile=model_profile, arrival=arrival, rate=rate, timestamps=timestamps, batch_size=batch_size,
+        history_fraction=history_fraction, online=online, max_requests=max_requests, seed=seed,
+    )
+    if jobs is not None and jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    if dry_run:
+        from finemoe.sim.sweep import result_filename
+
+        for c in configs:
+            click.echo(result_filename(c))
+        click.echo(f"{len(configs)} configuration(s); nothing run (--dry-run)", err=True)
+        return
+    if executor == "local":
+        from finemoe.sim.executors.local import default_jobs
+
+        jobs = jobs or min(default_jobs(), len(configs))
+    outcome = run_sweep(
+        configs, out_dir, executor=executor, jobs=jobs, resume=resume, ray_address=ray_address,
+        ray_trace_transport=ray_trace_transport, max_retries=max_retries, progress=progress,
+    )
+    if outcome.paths:
+        click.echo(results_table(outcome.paths))
+    done_before = f", {outcome.skipped} already there" if outcome.skipped else ""
+    click.echo(f"{len(outcome.paths)} result(s) in {out_dir}{done_before}; configurations in "
+               f"{Path(out_dir) / 'sweep.json'}", err=True)
+    if outcome.failures:
+        for failure in outcome.failures:
+            click.echo(f"failed: {failure.line()}", err=True)
+        raise ConfigError(f"{len(outcome.failures)} of {len(configs)} configuration(s) failed (listed above); "
+                          "rerun the same command to retry only those")
+
+
+def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
+                  hardware_overrides, model_profile, arrival, rate, timestamps, batch_size, history_fraction,
+                  online, max_requests, seed) -> list:
+    """Options as typed -> SimConfigs, checking everything that can be checked before running."""
+    from finemoe.errors import ConfigError
+    from finemoe.policies.registry import make_policy, policy_names
+    from finemoe.sim.hardware import load_hardware
+    from finemoe.sim.memory import parse_size
+    from finemoe.sim.sweep import (
+        SweepSpec,
+        expand_sweep,
+        parse_floats,
+        parse_ints,
+        parse_policy_params,
+        parse_sizes,
+        parse_values,
+    )
+    from finemoe.traces.io import read_metadata, trace_files
+
+    for trace in traces:
+        read_metadata(trace_files(trace)[0])  # a missing or foreign file fails here, in one sentence
+    if model_profile is not None:
+        from finemoe.traces.profiles import get_profile
+
+        get_profile(model_profile)
+    overrides = {}
+    for option, field, kind, scale, _text in HARDWARE_FIELDS:
+        text = hardware_overrides.get(option.lstrip("-").replace("-", "_"))
+        if text is None:
+            continue
+        if kind == "int":
+            values = parse_ints(text, option, minimum=1)
+        elif kind == "si":
+            values = parse_values(text, _si_number, option)
+        else:
+            values = parse_floats(text, option)
+        if field.endswith("_efficiency") and any(v > 1 for v in values):
+            raise ConfigError(f"{option}: an efficiency is a fraction in (0, 1]")
+        overrides[field] = [v * scale if scale != 1 else v for v in values]
+    specs = [load_hardware(h.strip()) for h in hardware.split(",") if h.strip()]
+    params = parse_policy_params(policy_params)
+    common = dict(
+        policies=[p.strip() for p in policies.split(",")],
+        hardware=specs,
+        gpu_mem_bytes=parse_sizes(gpu_mem, "--gpu-mem") if gpu_mem else (None,),
+        expert_cache_slots=parse_ints(expert_cache, "--expert-cache", minimum=0) if expert_cache else (None,),
+        reserve_bytes=parse_size(reserve) if reserve else None,
+        kv_tokens=kv_tokens,
+        hardware_overrides=overrides,
+        policy_params=params,
+        arrival=arrival,
+        rates_rps=parse_floats(rate, "--rate") if rate else (None,),
+        timestamps_path=timestamps,
+        max_batch=parse_ints(batch_size, "--batch-size", minimum=1),
+        history_fraction=history_fraction,
+        online=online,
+        max_requests=max_requests,
+        model_profile=model_profile,
+        seeds=parse_ints(seed, "--seed", minimum=0),
+    )
+    known = policy_names()
+    configs = []
+    for trace in traces:
+        configs.extend(expand_sweep(SweepSpec(trace_path=trace, **common), known))
+    checked = set()
+    for c in configs:  # unknown parameter names fail now, not in every worker
+        key = (c.policy, tuple(sorted(c.policy_params.items(), key=lambda kv: kv[0])))
+        if key not in checked:
+            checked.add(key)
+            try:
+                make_policy(c.policy, **c.policy_params)
+            except ConfigError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"policy {c.policy} with {c.policy_params}: {exc}") from None
+    return configs
+
+
+def _si_number(text: str) -> float:
+    """'71T' -> 71e12, '1.5P' -> 1.5e15, '71e12' -> 71e12 (decimal, as FLOP/s are quoted)."""
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+    text = text.strip()
+    factor = scale.get(text[-1:].lower()) if text else None
+    value = float(text[:-1]) * factor if factor else float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value
+
+
+# --- the table at the end -------------------------------------------------------------------------
+
+
+def results_table(paths) -> str:
+    """One line per result: the axes that vary, then hit rate, latency, bytes moved and stalls."""
+    from finemoe.results import summary_frame
+
+    df = summary_frame(paths)
+    if df.empty:
+        return "(no results)"
+    axes = [
+        ("trace", "trace_path", lambda v: Path(str(v)).name),
+        ("hardware", "hardware.name", str),
+        ("pcie GB/s", "hardware.pcie_gbps", _num),
+        ("copy eng", "hardware.copy_engines", _num),
+        ("batch", "workload.max_batch", _num),
+        ("rate/s", "workload.rate_rps", _num),
+        ("seed", "seed", _num),
+        ("params", "policy_params", str),
+    ]
+    cols: list[tuple[str, list[str]]] = [("policy", [str(v) for v in df["policy"]])]
+    for title, col, fmt in axes:
+        if col in df.columns and df[col].astype(str).nunique() > 1:
+            cols.append((title, [fmt(v) for v in df[col]]))
+    cols.append(("gpu mem", [_mem(v) for v in _first(df, ["memory_plan.gpu_mem_bytes", "memory.gpu_mem_bytes"])]))
+    cols.append(("slots", [_num(v) for v in _first(df, ["memory_plan.expert_cache_slots", "expert_cache_slots",
+                                                       "memory.expert_cache_slots"])]))
+    cols.append(("hit rate", [_pct(v) for v in _first(df, ["hit_rate"])]))
+    cols.append(("TTFT p50 ms", [_ms(v) for v in _first(df, ["ttft_p50_s"])]))
+    cols.append(("TPOT p50 ms", [_ms(v) for v in _first(df, ["tpot_p50_s"])]))
+    cols.append(("TPOT p99 ms", [_ms(v) for v in _first(df, ["tpot_p99_s"])]))
+    cols.append(("moved GB", [_gb(v) for v in _first(df, ["bytes_h2d"])]))
+    cols.append(("stall s", [_fixed(v, 3) for v in _first(df, ["stall_s"])]))
+    widths = [max(len(title), *(len(x) for x in values)) for title, values in cols]
+    lines = ["  ".join(t.ljust(w) if i == 0 else t.rjust(w) for i, ((t, _), w) in enumerate(zip(cols, widths, strict=True)))]
+    for r in range(len(df)):
+        lines.append("  ".join(v[r].ljust(w) if i == 0 else v[r].rjust(w)
+                               for i, ((_, v), w) in enumerate(zip(cols, widths, strict=True))))
+    return "\n".join(lines)
+
+
+def _first(df, names):
+    """The first of `names` that the results carry (summaries differ a little between engines)."""
+    import pandas as pd
+
+    out = pd.Series([None] * len(df), index=df.index, dtype=object)
+    for name in names:
+        if name in df.columns:
+            out = out.where(out.notna(), df[name])
+    return out
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _num(v) -> str:
+    if _missing(v):
+        return "-"
+    return f"{int(v)}" if float(v).is_integer() else f"{float(v):g}"
+
+
+def _mem(v) -> str:
+    from finemoe.sim.sweep import format_size
+
+    return "-" if _missing(v) else format_size(int(v))
+
+
+def _pct(v) -> str:
+    return "-" if _missing(v) else f"{100 * float(v):.1f}%"
+
+
+def _ms(v) -> str:
+    return "-" if _missing(v) else f"{1e3 * float(v):.2f}"
+
+
+def _gb(v) -> str:
+    return "-" if _missing(v) else f"{float(v) / 1e9:.2f}"
+
+
+def _fixed(v, digits: int) -> str:
+    return "-" if _missing(v) else f"{float(v):.{digits}f}"
+
+
+COMMANDS = [simulate_command]
