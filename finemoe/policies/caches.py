@@ -1,0 +1,80 @@
+"""Cache orderings shared by policies: LRU order and LFU counts over the resident experts.
+
+Both track residency through the policy notifications (`on_loaded`, `on_evicted`, `on_access`) and
+answer one question: which evictable resident expert goes first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from finemoe.policies.base import ExpertKey
+
+
+class LRUOrder:
+    """Resident experts from least to most recently used (loads and accesses count as uses)."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self._order
+
+    def loaded(self, key: ExpertKey) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def touch(self, key: ExpertKey) -> None:
+        if key in self._order:
+            self._order.move_to_end(key)
+
+    def evicted(self, key: ExpertKey) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        for key in self._order:
+            if evictable(key):
+                return key
+        return None
+
+    def keys(self) -> list[ExpertKey]:
+        """Least recently used first."""
+        return list(self._order)
+
+
+class LFUCounts:
+    """Use counts per expert (kept across evictions) with an LRU order to break ties."""
+
+    def __init__(self) -> None:
+        self.counts: dict[ExpertKey, int] = {}
+        self.lru = LRUOrder()
+
+    def loaded(self, key: ExpertKey) -> None:
+        self.lru.loaded(key)
+
+    def touch(self, key: ExpertKey, amount: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + amount
+        self.lru.touch(key)
+
+    def evicted(self, key: ExpertKey) -> None:
+        self.lru.evicted(key)
+
+    def count(self, key: ExpertKey) -> int:
+        return self.counts.get(key, 0)
+
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        best, best_count = None, None
+        counts = self.counts
+        for key in self.lru._order:  # least recently used first, so the first minimum wins ties
+            if not evictable(key):
+                continue
+            c = counts.get(key, 0)
+            if best_count is None or c < best_count:
+                best, best_count = key, c
+                if c == 0:
+                    break
+        return best

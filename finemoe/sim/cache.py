@@ -1,0 +1,212 @@
+"""The expert cache's state and decisions, engine-neutral (the replayer reuses it): fixed slots, the
+resident and in-flight sets, pins for experts the current layer still needs, the on-demand queue
+(served first, in order) and the prefetch queue (by descending priority, one entry per expert,
+dropped once the (step, layer) it was meant for has passed), victim selection through the policy,
+and the policy's notifications. The engine supplies time; this supplies decisions."""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from finemoe.policies.base import ExpertKey, Policy, Prefetch
+from finemoe.sim.metrics import MetricsRecorder
+
+_NO_ROOM = object()
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One host-to-device copy; `prefetch` is None for an on-demand load."""
+
+    key: ExpertKey
+    prefetch: Prefetch | None
+    victim: ExpertKey | None  # what was evicted to make room (None: a free slot was used)
+
+    @property
+    def kind(self) -> str:
+        return "demand" if self.prefetch is None else "prefetch"
+
+
+class PolicyError(RuntimeError):
+    """A policy broke the interface's rules (a bug in the policy, not a user error)."""
+
+
+class ExpertCache:
+    def __init__(self, capacity: int, policy: Policy, recorder: MetricsRecorder, bytes_per_expert: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be at least one slot, got {capacity}")
+        self.capacity = capacity
+        self.policy = policy
+        self.rec = recorder
+        self.bytes_per_expert = bytes_per_expert
+        self.resident: set[ExpertKey] = set()
+        self.in_flight: dict[ExpertKey, Transfer] = {}
+        self.pinned: set[ExpertKey] = set()
+        self.position: tuple[int, int] = (-1, -1)  # last (step, layer) whose routing was seen
+        self.blocked = False  # an on-demand load waits for a slot to become evictable
+        self._demand: deque[ExpertKey] = deque()
+        self._demand_set: set[ExpertKey] = set()
+        self._heap: list = []
+        self._queued: dict[ExpertKey, Prefetch] = {}
+        self._seq = 0
+        self._unused_prefetch: set[ExpertKey] = set()  # prefetched (in flight or resident), not yet used
+        self._evictable = self.evictable
+
+    # --- queries --------------------------------------------------------------------------------
+    def is_resident(self, key: ExpertKey) -> bool:
+        return key in self.resident
+
+    def is_in_flight(self, key: ExpertKey) -> bool:
+        return key in self.in_flight
+
+    def evictable(self, key: ExpertKey) -> bool:
+        return key in self.resident and key not in self.pinned
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything is queued or on the wire (the engine's fast path needs it idle)."""
+        return bool(self.in_flight or self._demand or self._queued)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._demand or self._queued)
+
+    def queued_prefetches(self) -> int:
+        return len(self._queued)
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def preload(self, keys: Iterable[ExpertKey], now_s: float) -> None:
+        for key in keys:
+            if len(self.resident) >= self.capacity:
+                break
+            if key not in self.resident:
+                self.resident.add(key)
+                self.policy.on_loaded(key, now_s)
+
+    # --- the current layer ------------------------------------------------------------------------
+    def set_position(self, step: int, layer: int) -> None:
+        self.position = (step, layer)
+
+    def access(self, layer: int, expert: int, now_s: float) -> bool:
+        """A routed expert is needed now. Records hit/miss, queues an on-demand load on a miss."""
+        key = (layer, expert)
+        hit = key in self.resident
+        if hit:
+            self.rec.hits[layer] += 1
+            if key in self._unused_prefetch:
+                self._unused_prefetch.discard(key)
+                self.rec.prefetch_in_time += 1
+        else:
+            self.rec.misses[layer] += 1
+            if key in self._unused_prefetch:  # on the wire: a late prefetch
+                self._unused_prefetch.discard(key)
+                self.rec.prefetch_late += 1
+            elif key not in self.in_flight and key not in self._demand_set:
+                if self._queued.pop(key, None) is not None:  # queued, never started: late too
+                    self.rec.prefetch_late += 1
+                self._demand.append(key)
+                self._demand_set.add(key)
+        self.policy.on_access(layer, expert, hit, now_s)
+        return hit
+
+    def pin(self, keys: Iterable[ExpertKey]) -> None:
+        self.pinned.update(keys)
+
+    def unpin(self, key: ExpertKey) -> None:
+        self.pinned.discard(key)
+
+    # --- prefetch queue ----------------------------------------------------------------------------
+    def add_prefetches(self, prefetches: Iterable[Prefetch]) -> int:
+        """Queue prefetches; returns how many were newly accepted."""
+        accepted = 0
+        pos = self.position
+        for p in prefetches:
+            key = (p.layer, p.expert)
+            if key in self.resident or key in self.in_flight or key in self._demand_set:
+                continue
+            if (p.step, p.layer) <= pos:
+                continue
+            old = self._queued.get(key)
+            if old is not None and (old.step, old.layer) > pos and old.priority >= p.priority:
+                continue
+            if old is None:
+                accepted += 1
+            self._queued[key] = p
+            self._seq += 1
+            heapq.heappush(self._heap, (-p.priority, p.step, p.layer, self._seq, p))
+        self.rec.prefetch_issued += accepted
+        return accepted
+
+    # --- transfers -------------------------------------------------------------------------------
+    def next_transfer(self, now_s: float) -> Transfer | None:
+        """The next copy to put on a free copy engine, with its slot already made (evicting through
+        the policy); None when nothing can start now (`blocked` tells whether a demand waits)."""
+        self.blocked = False
+        if self._demand:
+            room = self._make_room(None, now_s)
+            if room is _NO_ROOM:
+                self.blocked = True
+                return None
+            key = self._demand.popleft()
+            self._demand_set.discard(key)
+            return self._start(key, None, room)
+        heap = self._heap
+        while heap:
+            p = heapq.heappop(heap)[4]
+            key = (p.layer, p.expert)
+            if self._queued.get(key) is not p:
+                continue  # superseded by a later entry for the same expert
+            del self._queued[key]
+            if (p.step, p.layer) <= self.position:
+                self.rec.prefetch_dropped += 1
+                continue
+            room = self._make_room(p, now_s)
+            if room is _NO_ROOM:
+                self.rec.prefetch_dropped += 1
+                continue
+            return self._start(key, p, room)
+        return None
+
+    def complete(self, transfer: Transfer, now_s: float) -> None:
+        """A copy finished: the expert is resident."""
+        key = transfer.key
+        del self.in_flight[key]
+        self.resident.add(key)
+        self.policy.on_loaded(key, now_s)
+
+    def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
+        t = Transfer(key, p, victim)
+        self.in_flight[key] = t
+        self.rec.bytes_h2d += self.bytes_per_expert
+        if p is None:
+            self.rec.ondemand_loads += 1
+        else:
+            self.rec.prefetch_started += 1
+            self._unused_prefetch.add(key)
+        return t
+
+    def _make_room(self, p: Prefetch | None, now_s: float):
+        if len(self.resident) + len(self.in_flight) < self.capacity:
+            return None
+        victim = self.policy.choose_victim(self._evictable, p, now_s)
+        if victim is None:
+            if p is None and any(k not in self.pinned for k in self.resident):
+                raise PolicyError(
+                    f"policy {self.policy.name} returned no victim for an on-demand load although "
+                    "evictable experts exist"
+                )
+            return _NO_ROOM
+        if not self.evictable(victim):
+            raise PolicyError(f"policy {self.policy.name} chose {victim}, which is not evictable")
+        self._evict(victim, now_s)
+        return victim
+
+    def _evict(self, key: ExpertKey, now_s: float) -> None:
+        self.resident.discard(key)
+        if key in self._unused_prefetch:
+            self._unused_prefetch.discard(key)
+            self.rec.prefetch_unused_evicted += 1
+        self.policy.on_evicted(key, now_s)

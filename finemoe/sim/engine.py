@@ -1,0 +1,380 @@
+"""The SimPy engine: continuous batching over the trace, per step and layer dense work, then each
+routed expert's compute once its weights are resident; misses load on demand and prefetches queue
+behind them on the host-to-device link. See docs/timing-model.md.
+
+Time is kept in integer picoseconds (`costs.TICKS_PER_S`) so that sums are exact. The compute
+process keeps its own clock `t` and only synchronises SimPy's clock to it (one timeout) when another
+process could act in between: while a copy is queued or on the wire. When nothing is, every expert
+needed is resident and the policy asks for nothing, layers run back to back without a SimPy event
+(the fast path); the times are the same as with a sync at every layer (`fast_path=False`), which
+the tests check.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from finemoe.policies.base import (
+    LayerRouting,
+    OracleView,
+    Policy,
+    PolicyContext,
+    Sequence,
+    StepInfo,
+)
+from finemoe.sim.cache import ExpertCache
+from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
+from finemoe.sim.memory import MemoryPlan
+from finemoe.sim.metrics import MetricsRecorder
+from finemoe.sim.workload import ContinuousBatcher
+from finemoe.traces.schema import Trace
+
+_S = 1.0 / TICKS_PER_S
+
+
+class DeadlockError(RuntimeError):
+    """The engine waits for an expert that can never arrive (a bug, not a user error)."""
+
+
+@dataclass(frozen=True)
+class _IterInfo:
+    """Per (request, iteration): routed experts per layer as (expert, tokens), and attention sizes."""
+
+    layers: tuple[tuple[tuple[int, int], ...], ...]
+    tokens: int
+    context: int  # KV entries read
+    pairs: int  # (query, key) pairs scored
+
+
+def _iter_info(trace: Trace, start: int, stop: int) -> _IterInfo:
+    experts = trace.experts[start:stop]
+    if stop - start == 1:
+        layers = tuple(tuple((e, 1) for e in row if e >= 0) for row in experts[0].tolist())
+    else:
+        layers = []
+        for layer in range(experts.shape[1]):
+            ids, counts = np.unique(experts[:, layer, :], return_counts=True)
+            layers.append(tuple((e, c) for e, c in zip(ids.tolist(), counts.tolist(), strict=True) if e >= 0))
+        layers = tuple(layers)
+    pos = trace.position[start:stop]
+    context = int(pos.max()) + 1
+    pairs = int(pos.astype(np.int64).sum()) + (stop - start)
+    return _IterInfo(layers, stop - start, context, pairs)
+
+
+class _PlanOracle(OracleView):
+    """The future as the batcher would run it if no further requests arrived (exact for all-at-once
+    arrivals; re-planned whenever a request arrives otherwise)."""
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.L = num_layers
+        self.J = num_experts
+        self._per_key: dict[tuple[int, int], list[int]] = {}
+        self._pos: list[int] = []
+        self._entries: list[tuple[int, int, int]] = []
+        self.version = 0  # bumped on every re-plan, so policies can refresh derived state
+
+    def rebuild(self, base_step: int, steps: list[tuple[Sequence, ...]], info) -> None:
+        L = self.L
+        pos_list: list[int] = []
+        entries: list[tuple[int, int, int]] = []
+        per_key: dict[tuple[int, int], list[int]] = {}
+        for i, seqs in enumerate(steps):
+            s = base_step + i
+            if len(seqs) == 1:
+                layer_sets = [[e for e, _ in layer] for layer in info(seqs[0]).layers]
+            else:
+                layer_sets = [sorted({e for q in seqs for e, _ in info(q).layers[layer]}) for layer in range(L)]
+            for layer, experts in enumerate(layer_sets):
+                p = s * L + layer
+                for e in experts:
+                    pos_list.append(p)
+                    entries.append((s, layer, e))
+                    per_key.setdefault((layer, e), []).append(p)
+        self._pos, self._entries, self._per_key = pos_list, entries, per_key
+        self.version += 1
+
+    def position(self, after: tuple[int, int]) -> int:
+        return after[0] * self.L + after[1]
+
+    def next_use(self, key, after):
+        arr = self._per_key.get(tuple(key))
+        if not arr:
+            return float("inf")
+        i = bisect.bisect_right(arr, after[0] * self.L + after[1])
+        return float(arr[i]) if i < len(arr) else float("inf")
+
+    def upcoming(self, after, limit):
+        i = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
+        return self._entries[i : i + limit]
+
+
+class SimEngine:
+    """One simulated run of a policy over a batcher's workload; `run()` returns the makespan (s)."""
+
+    def __init__(
+        self,
+        trace: Trace,
+        policy: Policy,
+        costs: CostModel,
+        memory: MemoryPlan,
+        batcher: ContinuousBatcher,
+        recorder: MetricsRecorder,
+        *,
+        seed: int = 0,
+        online: bool = False,
+        fast_path: bool = True,
+    ) -> None:
+        self.trace = trace
+        self.policy = policy
+        self.costs = costs
+        self.memory = memory
+        self.batcher = batcher
+        self.rec = recorder
+        self.online = online
+        self.fast_path = fast_path
+        g = trace.geometry
+        self.L, self.J = g.num_layers, g.num_experts
+        hw = costs.hardware
+        self.env = simpy.Environment()
+        self.cache = ExpertCache(memory.expert_cache_slots, policy, recorder, g.bytes_per_expert)
+        self.wire = simpy.Resource(self.env, capacity=1)
+        self.copy_engines = max(1, int(hw.copy_engines))
+        self.latency_ticks = to_ticks(hw.transfer_latency_s)
+        self.wire_ticks = to_ticks(costs.wire_s(g.bytes_per_expert))
+        self._expert_ticks: dict[int, int] = {}
+        self._info: dict[tuple[int, int], _IterInfo] = {}
+        self._wake = self.env.event()
+        self._loaded = self.env.event()
+        self.step = 0
+        self.oracle = _PlanOracle(self.L, self.J) if policy.is_oracle else None
+        self._planned_known = -1
+        cls = type(policy)
+        self._wants_step = cls.on_step_start is not Policy.on_step_start
+        self._wants_layer = cls.on_layer_routed is not Policy.on_layer_routed
+        self._wants_finished = cls.on_request_finished is not Policy.on_request_finished
+        policy.bind(
+            PolicyContext(
+                geometry=g,
+                capacity_slots=memory.expert_cache_slots,
+                seed=seed,
+                is_resident=self.cache.is_resident,
+                is_in_flight=self.cache.is_in_flight,
+                expert_load_s=costs.expert_load_s,
+                oracle=self.oracle,
+            )
+        )
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def info(self, seq: Sequence) -> _IterInfo:
+        k = (seq.start, seq.stop)
+        got = self._info.get(k)
+        if got is None:
+            got = self._info[k] = _iter_info(self.trace, seq.start, seq.stop)
+        return got
+
+    def expert_ticks(self, tokens: int) -> int:
+        got = self._expert_ticks.get(tokens)
+        if got is None:
+            got = self._expert_ticks[tokens] = to_ticks(self.costs.expert_compute_s(tokens))
+        return got
+
+    def _notify(self) -> None:
+        if not self._wake.triggered:
+            self._wake.succeed()
+            self._wake = self.env.event()
+
+    def _replan(self, now: int) -> None:
+        known = self.batcher.arrived_count(now)
+        if known != self._planned_known:
+            self._planned_known = known
+            self.oracle.rebuild(self.step, self.batcher.plan(now), self.info)
+
+    # --- processes -------------------------------------------------------------------------------
+    def _copier(self, index: int):
+        env, cache, rec = self.env, self.cache, self.rec
+        lane = f"copy{index}"
+        while True:
+            tr = cache.next_transfer(env.now * _S)
+            if tr is None:
+                yield self._wake
+                continue
+            start, step = env.now, self.step
+            if self.latency_ticks:
+                yield env.timeout(self.latency_ticks)
+            with self.wire.request() as req:
+                yield req
+                yield env.timeout(self.wire_ticks)
+            cache.complete(tr, env.now * _S)
+            if step < rec.timeline_steps:
+                rec.event(lane, tr.kind, step, tr.key[0], tr.key[1], start * _S, env.now * _S, tr.prefetch is None)
+            if not self._loaded.triggered:
+                self._loaded.succeed()
+                self._loaded = env.event()
+            self._notify()
+
+    def _compute(self):
+        env, cache, rec, policy, batcher = self.env, self.cache, self.rec, self.policy, self.batcher
+        trace, L = self.trace, self.L
+        fast = self.fast_path
+        tl_steps = rec.timeline_steps
+        first_seen: set[int] = set()
+        stall = 0
+        t = env.now
+        while not batcher.done:
+            seqs = batcher.next_step(t)
+            if not seqs:
+                t = max(t, int(batcher.next_arrival()))
+                continue
+            step = self.step
+            if self.oracle is not None:
+                self._replan(t)
+            cache.set_position(step, -1)
+            step_info = None
+            if self._wants_step or self._wants_layer:
+                step_info = StepInfo(step, t * _S, seqs, trace)
+            if self._wants_step:
+                if cache.busy or not fast:
+                    if env.now < t:
+                        yield env.timeout(t - env.now)
+                pf = policy.on_step_start(step_info)
+                if pf:
+                    if env.now < t:
+                        yield env.timeout(t - env.now)
+                    if cache.add_prefetches(pf):
+                        self._notify()
+            # What the step needs, per layer, merged over its sequences.
+            if len(seqs) == 1:
+                it = self.info(seqs[0])
+                layers = it.layers
+                tokens, context, pairs = it.tokens, it.context, it.pairs
+            else:
+                infos = [self.info(q) for q in seqs]
+                tokens = sum(i.tokens for i in infos)
+                context = sum(i.context for i in infos)
+                pairs = sum(i.pairs for i in infos)
+                layers = []
+                for layer in range(L):
+                    merged: dict[int, int] = {}
+                    for i in infos:
+                        for e, c in i.layers[layer]:
+                            merged[e] = merged.get(e, 0) + c
+                    layers.append(tuple(sorted(merged.items())))
+            dense = to_ticks(self.costs.dense_layer_s(tokens, context, pairs))
+            keep = step < tl_steps
+            for layer in range(L):
+                t0 = t
+                t += dense
+                if keep:
+                    rec.event("compute", "dense", step, layer, -1, t0 * _S, t * _S, False)
+                if (cache.busy or not fast) and env.now < t:
+                    yield env.timeout(t - env.now)
+                cache.set_position(step, layer)
+                now_s = t * _S
+                pf = policy.on_layer_routed(LayerRouting(step_info, layer, now_s, trace)) if self._wants_layer else None
+                needed = layers[layer]
+                misses = None
+                for e, _ in needed:
+                    if not cache.access(layer, e, now_s):
+                        if misses is None:
+                            misses = []
+                        misses.append(e)
+                general = cache.busy or bool(pf) or not fast
+                if general:
+                    if env.now < t:
+                        yield env.timeout(t - env.now)
+                    cache.pin([(layer, e) for e, _ in needed])
+                    if pf:
+                        cache.add_prefetches(pf)
+                    if cache.has_work:
+                        self._notify()
+                if misses is None:
+                    pending = ()
+                else:
+                    pending = misses
+                # Resident experts first, in expert order; then misses as they arrive.
+                for e, c in needed:
+                    if misses is not None and e in misses:
+                        continue
+                    t0 = t
+                    t += self.expert_ticks(c)
+                    if keep:
+                        rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, False)
+                    if general:
+                        if cache.busy or not fast:
+                            if env.now < t:
+                                yield env.timeout(t - env.now)
+                        cache.unpin((layer, e))
+                        if cache.blocked:
+                            self._notify()
+                if pending:
+                    counts = dict(needed)
+                    pending = list(pending)
+                    while pending:
+                        ready = [e for e in pending if (layer, e) in cache.resident]
+                        if not ready:
+                            if env.now < t:
+                                yield env.timeout(t - env.now)
+                            waited_from = env.now
+                            yield self._loaded
+                            stall += env.now - waited_from
+                            t = env.now
+                            continue
+                        for e in ready:
+                            pending.remove(e)
+                            t0 = t
+                            t += self.expert_ticks(counts[e])
+                            if keep:
+                                rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, True)
+                            if env.now < t:
+                                yield env.timeout(t - env.now)
+                            cache.unpin((layer, e))
+                            if cache.blocked:
+                                self._notify()
+            # The step is done: every sequence produced a token.
+            end_s = t * _S
+            rec.steps += 1
+            rec.layer_steps += L * len(seqs)
+            rec.tokens += tokens
+            for q in seqs:
+                if q.request_id not in first_seen:
+                    first_seen.add(q.request_id)
+                    rec.first_token(q.request_id, end_s)
+            finished = batcher.finish_step()
+            for rid in finished:
+                rec.finished(rid, end_s)
+                if self.online and self._wants_finished:
+                    policy.on_request_finished(rid, trace)
+            self.step += 1
+        rec.stall_s = stall * _S
+        if env.now < t:
+            yield env.timeout(t - env.now)
+        return t
+
+    # --- driver ----------------------------------------------------------------------------------
+    def run(self) -> float:
+        """Run to completion; the makespan in seconds (first arrival at 0 to last token)."""
+        env = self.env
+        if self.oracle is not None:
+            self._replan(0)
+        if self.memory.all_resident:
+            keys = [(layer, e) for layer in range(self.L) for e in range(self.J)]
+        else:
+            keys = list(self.policy.initial_residents())[: self.memory.expert_cache_slots]
+        self.cache.preload(keys, 0.0)
+        for i in range(self.copy_engines):
+            env.process(self._copier(i))
+        main = env.process(self._compute())
+        try:
+            env.run(until=main)
+        except RuntimeError as exc:
+            if not main.triggered:
+                raise DeadlockError(
+                    f"simulation stalled at step {self.step}: an expert it waits for can never arrive ({exc})"
+                ) from None
+            raise
+        return main.value * _S

@@ -1,0 +1,84 @@
+"""The simulator's entry point: a trace and a SimConfig in, a RunResult out.
+
+`run_config(config)` reads the trace (projected onto `config.model_profile` when set) and calls
+`simulate`, which splits the requests into history and measurement, fits the policy on the history,
+builds the workload, runs the SimPy engine and records everything the run depended on.
+"""
+
+from __future__ import annotations
+
+import time
+
+from finemoe import __version__
+from finemoe.errors import MissingFieldError
+from finemoe.policies.registry import make_policy
+from finemoe.results import RunResult
+from finemoe.sim.config import SimConfig
+from finemoe.sim.costs import TICKS_PER_S, CostModel
+from finemoe.sim.engine import SimEngine
+from finemoe.sim.memory import plan_memory
+from finemoe.sim.metrics import MetricsRecorder
+from finemoe.sim.workload import arrival_times, build_batcher, split_requests
+from finemoe.traces.schema import Trace
+
+
+def load_trace_for(config: SimConfig) -> Trace:
+    """The configuration's trace, projected onto its model profile's geometry when one is named."""
+    from finemoe.traces.io import read_trace
+
+    trace = read_trace(config.trace_path)
+    if config.model_profile:
+        from finemoe.traces.profiles import get_profile
+
+        trace = trace.with_geometry(get_profile(config.model_profile).geometry())
+    return trace
+
+
+def run_config(config: SimConfig) -> RunResult:
+    return simulate(load_trace_for(config), config)
+
+
+def check_fields(policy, trace: Trace) -> None:
+    """MissingFieldError naming the field and the policy when the trace lacks what the policy needs."""
+    for name in policy.needs:
+        if getattr(trace, name, None) is None:
+            raise MissingFieldError(
+                f"policy {policy.name} needs the trace field {name!r}, which this trace does not carry"
+            )
+
+
+def simulate(trace: Trace, config: SimConfig) -> RunResult:
+    """Simulate `config` over `trace` (already projected if it should be)."""
+    wall0 = time.perf_counter()
+    policy = make_policy(config.policy, **dict(config.policy_params))
+    check_fields(policy, trace)
+    wl = config.workload
+    split = split_requests(trace, wl, config.seed)
+    requests = {r.request_id: r for r in trace.requests}
+    longest = max(requests[r].prompt_tokens + requests[r].generated_tokens for r in split.measure)
+    plan = plan_memory(trace.geometry, config.hardware, config.memory, max_batch=wl.max_batch,
+                       longest_request_tokens=longest)
+    arrivals_s = arrival_times(len(split.measure), wl, config.seed)
+    ticks = [int(round(a * TICKS_PER_S)) for a in arrivals_s]
+    batcher = build_batcher(trace, split.measure, ticks, wl.max_batch)
+    recorder = MetricsRecorder(trace.geometry.num_layers, config.timeline_steps)
+    for rid, a in zip(split.measure, ticks, strict=True):
+        r = requests[rid]
+        recorder.request_arrived(rid, a / TICKS_PER_S, r.prompt_tokens, r.generated_tokens)
+    costs = CostModel(config.hardware, trace.geometry)
+    engine = SimEngine(trace, policy, costs, plan, batcher, recorder, seed=config.seed, online=wl.online)
+    if policy.uses_history and not wl.online:
+        policy.fit(trace.select_requests(split.history))
+    makespan_s = engine.run()
+    cfg = config.to_dict()
+    cfg.update(
+        engine="sim",
+        trace_hash=trace.content_hash(),
+        geometry=trace.geometry.to_dict(),
+        split=split.to_dict(),
+        policy_info=policy.describe(),
+        memory_plan=plan.to_dict(),
+        expert_load_s=costs.expert_load_s,
+        finemoe_version=__version__,
+    )
+    return recorder.to_result(cfg, wall_s=time.perf_counter() - wall0, makespan_s=makespan_s)
