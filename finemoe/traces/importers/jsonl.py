@@ -166,7 +166,7 @@ class _RawLog:
     """All records of one file as arrays, in file order."""
 
     path: Path
-    labels: list[str]  # local request code -> label, in order of first appearance
+    labels: list[str]  # local request code -> label, in natural order of the key values
     req: np.ndarray  # int32 [n] local request code
     layer: np.ndarray  # int64 [n]
     tok: np.ndarray  # int64 [n] value of the token or position field
@@ -311,10 +311,14 @@ def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
             parts_.insert(pos, stem)
             return "/".join(parts_)
         labels = [with_file(lbl) for lbl in labels]
+    # requests in natural key order (numbers compared as numbers), whatever order records came in
+    order = sorted(range(len(labels)), key=lambda i: _natural(labels[i]))
+    remap = np.empty(len(labels), np.int32)
+    remap[order] = np.arange(len(labels), dtype=np.int32)
     raw = _RawLog(
         path=path,
-        labels=labels,
-        req=np.concatenate(parts["req"]),
+        labels=[labels[i] for i in order],
+        req=remap[np.concatenate(parts["req"])],
         layer=np.concatenate(parts["layer"]).astype(np.int64, copy=False),
         tok=np.concatenate(parts["tok"]).astype(np.int64, copy=False),
         experts=np.concatenate(parts["experts"]).astype(np.int64, copy=False),
@@ -324,6 +328,10 @@ def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
     )
     _check_values(raw, fields)
     return raw
+
+
+def _natural(label: str) -> tuple:
+    return tuple((0, int(p), "") if p.lstrip("-").isdigit() else (1, 0, p) for p in label.split("/"))
 
 
 def _check_values(raw: _RawLog, fields: FieldMap) -> None:
