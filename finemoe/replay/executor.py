@@ -1,0 +1,310 @@
+"""Replay one configuration for real: the simulator's workload, batching, cache and policy objects,
+driving real copies and real compute, timed by the clock instead of a cost model.
+
+What is shared with the simulator (and therefore decides identically given the same timing): the
+history/measure split, arrivals and continuous batching (`finemoe.sim.workload`), the expert cache
+with its queues, drop rules and victim choice (`finemoe.sim.cache`), the metrics recorder
+(`finemoe.sim.metrics`), the memory arithmetic (`finemoe.sim.memory`) and the policy objects. What
+is this module's own: the weights in host memory, the device slot pool, the copier, the arithmetic,
+and the clock.
+
+One engine step, as the main thread runs it:
+    on_step_start -> prefetches queued, copies started on idle copy engines
+    per layer: dense matmuls + attention over the KV cache (real), then the routing becomes visible:
+        on_layer_routed -> prefetches; each routed expert is accessed (hit / miss -> on-demand load);
+        resident experts compute first, missing ones as their copies land (the wait is stall time)
+    the step ends when the device has finished its work; first-token / finish times are taken there.
+Between kernels the main thread polls the copier, marks finished copies resident and hands the next
+transfer (on-demand loads first) to each idle copy engine: the simulator's link discipline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from finemoe.errors import ConfigError, MissingFieldError
+from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
+from finemoe.policies.registry import make_policy
+from finemoe.replay.compute import dense_forward, expert_ffn
+from finemoe.replay.copier import CopyJob, make_copier
+from finemoe.replay.device import check_device, cpu_threads, synchronize, torch_threads
+from finemoe.replay.slots import SlotPool
+from finemoe.replay.weights import DenseWeights, HostExperts, check_host_memory, expert_shape
+from finemoe.results import RunResult
+from finemoe.sim.cache import ExpertCache, Transfer
+from finemoe.sim.config import SimConfig
+from finemoe.sim.costs import CostModel
+from finemoe.sim.memory import plan_memory
+from finemoe.sim.metrics import MetricsRecorder
+from finemoe.sim.workload import arrival_times, build_batcher, split_requests
+from finemoe.traces.schema import Trace
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """How to execute (not *what*: that is the SimConfig, shared with the simulator)."""
+
+    device: str = "cpu"
+    threads: int | None = None  # torch CPU threads; default cores - 1 on cpu
+    weights_path: str | None = None  # real expert weights (the checkpoint the trace came from)
+    expert_scale: float = 1.0  # recorded only: the caller scaled the trace's geometry
+    warmup: bool = True  # run each kernel shape once before the clock starts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def replay(trace: Trace, config: SimConfig, options: ReplayOptions | None = None,
+           progress: Callable[[int, int], None] | None = None) -> RunResult:
+    """Run `config` on `trace` with real copies and compute; a RunResult with `engine: "replay"`."""
+    options = options or ReplayOptions()
+    device = check_device(options.device)
+    threads = options.threads if options.threads is not None else cpu_threads(device)
+    with torch_threads(threads):
+        return _Replayer(trace, config, options, device, threads, progress).run()
+
+
+class _Replayer:
+    def __init__(self, trace: Trace, config: SimConfig, options: ReplayOptions, device: str, threads: int,
+                 progress: Callable[[int, int], None] | None) -> None:
+        import torch
+
+        self.torch = torch
+        self.trace, self.config, self.options, self.device, self.threads = trace, config, options, device, threads
+        self.cuda = device.startswith("cuda")
+        self.progress = progress
+        g = self.geometry = trace.geometry
+        w = config.workload
+
+        self.policy = make_policy(config.policy, **config.policy_params)
+        missing = [f for f in self.policy.needs if getattr(trace, f, None) is None]
+        if missing:
+            raise MissingFieldError(
+                f"policy {self.policy.name} needs trace field(s) {', '.join(missing)}, which this trace lacks"
+            )
+        if self.policy.is_oracle:
+            raise ConfigError(
+                f"policy {self.policy.name} is an oracle (a bound that sees the future); replay runs "
+                "realisable policies only, simulate it instead"
+            )
+        self.split = split_requests(trace, w, config.seed)
+        measured = [trace.request(r) for r in self.split.measure]
+        longest = max((r.prompt_tokens + r.generated_tokens for r in measured), default=1)
+        self.plan = plan_memory(g, config.hardware, config.memory, max_batch=w.max_batch,
+                                longest_request_tokens=longest)
+        self.costs = CostModel(config.hardware, g)
+        self.rec = MetricsRecorder(g.num_layers, config.timeline_steps)
+        self.cache = ExpertCache(self.plan.expert_cache_slots, self.policy, self.rec, g.bytes_per_expert)
+        self.arrivals = arrival_times(len(self.split.measure), w, config.seed)
+
+        check_host_memory(g, self.plan.expert_cache_slots, self.cuda)
+        self.host = HostExperts(g, pinned=self.cuda, seed=config.seed)
+        if options.weights_path:
+            self.host.load_checkpoint(options.weights_path)
+        self.shape = expert_shape(g)
+        self.pool = SlotPool(self.plan.expert_cache_slots, self.shape.numel, self.host.dtype, device)
+        self.dense = DenseWeights(g, device, self.plan.kv_tokens or longest, seed=config.seed)
+        max_tokens = max((r.prompt_tokens for r in measured), default=1) * w.max_batch + w.max_batch
+        gen = torch.Generator().manual_seed(config.seed + 2)
+        self.x = (torch.randn((max_tokens, g.hidden_size), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
+        self.q = (torch.randn((max_tokens, self.dense.kv_width), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
+        self.copier = make_copier(device, max(1, config.hardware.copy_engines))
+        self.jobs: dict[tuple[int, int], CopyJob] = {}
+        self.t0 = 0.0
+        self._step = 0
+
+    # --- clock ----------------------------------------------------------------------------------
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    # --- copies -----------------------------------------------------------------------------------
+    def _start_copy(self, tr: Transfer) -> None:
+        slot = self.pool.assign(tr.key, tr.victim)
+        job = CopyJob(self.host.expert(*tr.key), self.pool.buffers[slot], tag=tr)
+        self.copier.submit(job, after=self.pool.guard(slot) if self.cuda else None)
+        self.jobs[tr.key] = job
+
+    def _finish(self, jobs: list[CopyJob]) -> None:
+        for job in jobs:
+            tr: Transfer = job.tag
+            del self.jobs[tr.key]
+            end = job.end_s - self.t0
+            self.cache.complete(tr, end)
+            self.rec.event(f"copy{job.engine}", tr.kind, self._step, tr.key[0], tr.key[1],
+                           job.start_s - self.t0, end, tr.prefetch is None)
+
+    def pump(self) -> None:
+        """Retire finished copies, then give every idle copy engine the next transfer."""
+        self._finish(self.copier.poll())
+        while self.cache.has_work and self.copier.idle_engine() is not None:
+            tr = self.cache.next_transfer(self.now())
+            if tr is None:
+                break
+            self._start_copy(tr)
+
+    def _preload(self) -> None:
+        """Initial residents, copied before the clock starts (the simulator starts with them in place)."""
+        self.cache.preload(self.policy.initial_residents(), 0.0)
+        for key in sorted(self.cache.resident):
+            slot = self.pool.assign(key, None)
+            self.pool.buffers[slot].copy_(self.host.expert(*key))
+        synchronize(self.device)
+
+    # --- compute ----------------------------------------------------------------------------------
+    def _dense(self, layer: int, seqs) -> None:
+        torch = self.torch
+        tokens = sum(s.num_tokens for s in seqs)
+        dense_forward(self.x[:tokens], self.dense.layers[layer])
+        kv = self.dense.kv[layer]
+        off = 0
+        for s in seqs:  # attention of each sequence's new tokens over its context
+            ctx = min(int(self.trace.position[s.stop - 1]) + 1, self.dense.kv_tokens)
+            q = self.q[off : off + s.num_tokens]
+            off += s.num_tokens
+            scores = torch.softmax(q @ kv[0, :ctx].T, dim=-1)
+            scores @ kv[1, :ctx]
+
+    def _expert(self, key, tokens: int) -> None:
+        expert_ffn(self.x[:tokens], self.pool.buffer(key), self.shape)
+        if self.cuda:
+            ev = self.torch.cuda.Event()
+            ev.record()
+            self.pool.mark_read(key, ev)
+
+    def _warmup(self) -> None:
+        """Each kernel shape once (oneDNN/cuBLAS pick and cache kernels per shape on first use)."""
+        from finemoe.policies.base import Sequence
+
+        counts = {1, *range(1, self.config.workload.max_batch * self.geometry.top_k + 1)}
+        counts |= {self.trace.request(r).prompt_tokens for r in self.split.measure}
+        counts = {c for c in counts if 0 < c <= self.x.shape[0]}
+        scratch = self.torch.empty_like(self.pool.buffers[0]).copy_(self.host.expert(0, 0))
+        for c in sorted(counts):
+            expert_ffn(self.x[:c], scratch, self.shape)
+        first = self.trace.iterations_by_request[self.split.measure[0]]
+        for it in first[:2]:
+            self._dense(0, (Sequence(it.request_id, it.iteration, it.start, it.stop),))
+        synchronize(self.device)
+        del scratch
+
+    # --- the run ----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        trace, cache, rec, policy = self.trace, self.cache, self.rec, self.policy
+        g = self.geometry
+        ctx = PolicyContext(geometry=g, capacity_slots=self.plan.expert_cache_slots, seed=self.config.seed,
+                            is_resident=cache.is_resident, is_in_flight=cache.is_in_flight,
+                            expert_load_s=self.costs.expert_load_s)
+        policy.bind(ctx)
+        if not self.config.workload.online:
+            policy.fit(trace.select_requests(self.split.history))
+        self._preload()
+        for rid, t in zip(self.split.measure, self.arrivals, strict=True):
+            r = trace.request(rid)
+            rec.request_arrived(rid, float(t), r.prompt_tokens, r.generated_tokens)
+        batcher = build_batcher(trace, self.split.measure, self.arrivals, self.config.workload.max_batch)
+        total_steps = sum(len(v) for k, v in trace.iterations_by_request.items() if k in set(self.split.measure))
+        if self.options.warmup:
+            self._warmup()
+
+        self._step = 0
+        wall0 = time.perf_counter()
+        self.t0 = time.perf_counter()
+        try:
+            while not batcher.done:
+                now = self.now()
+                seqs = batcher.next_step(now)
+                if not seqs:
+                    nxt = batcher.next_arrival()
+                    time.sleep(max(0.0, (nxt or now) - now))
+                    continue
+                self._run_step(self._step, seqs)
+                synchronize(self.device)
+                end = self.now()
+                for s in seqs:
+                    if rec.requests[s.request_id]["first_token_s"] != rec.requests[s.request_id]["first_token_s"]:
+                        rec.first_token(s.request_id, end)
+                for rid in batcher.finish_step():
+                    rec.finished(rid, end)
+                    policy.on_request_finished(rid, trace)
+                rec.steps += 1
+                rec.tokens += sum(s.num_tokens for s in seqs)
+                self._step += 1
+                if self.progress:
+                    self.progress(self._step, total_steps)
+            makespan = self.now()
+            self._finish(self.copier.wait_all())
+        finally:
+            self.copier.close()
+        wall = time.perf_counter() - wall0
+        config = self.config.to_dict()
+        config.update({
+            "engine": "replay",
+            "trace_hash": trace.content_hash(),
+            "geometry": g.to_dict(),
+            "memory_plan": self.plan.to_dict(),
+            "split": self.split.to_dict(),
+            "policy_info": policy.describe(),
+            "replay": {**self.options.to_dict(), "device": self.device, "threads": self.threads,
+                       "weights": self.host.source, "host_pinned": self.host.pinned,
+                       "copy_engines": self.copier.engines},
+        })
+        return rec.to_result(config, wall_s=wall, makespan_s=makespan)
+
+    def _run_step(self, step: int, seqs) -> None:
+        cache, rec, policy, trace = self.cache, self.rec, self.policy, self.trace
+        info = StepInfo(step, self.now(), seqs, trace)
+        cache.set_position(step, -1)
+        cache.add_prefetches(policy.on_step_start(info))
+        self.pump()
+        timeline = step < self.config.timeline_steps
+        for layer in range(self.geometry.num_layers):
+            t = self.now()
+            self._dense(layer, seqs)
+            if timeline:
+                synchronize(self.device)
+                rec.event("compute", "dense", step, layer, -1, t, self.now(), False)
+            self.pump()
+            now = self.now()
+            cache.set_position(step, layer)
+            routing = LayerRouting(info, layer, now, trace)
+            cache.add_prefetches(policy.on_layer_routed(routing))
+            needed = routing.needed()
+            keys = [(layer, e) for e in sorted(needed)]
+            cache.pin(keys)
+            missing = [k for k in keys if not cache.access(k[0], k[1], now)]
+            self.pump()
+            rec.layer_steps += len(seqs)
+            pending = [k for k in keys if k not in missing] + missing
+            while pending:
+                ready = next((k for k in pending if cache.is_resident(k)), None)
+                if ready is None:
+                    self._wait_for(pending)
+                    continue
+                pending.remove(ready)
+                t = self.now()
+                self._expert(ready, needed[ready[1]])
+                if timeline:
+                    synchronize(self.device)
+                    rec.event("compute", "expert", step, layer, ready[1], t, self.now(), ready in missing)
+                cache.unpin(ready)
+                self.pump()
+
+    def _wait_for(self, pending) -> None:
+        """Block until a copy lands (the stall the simulator models); error if nothing can land."""
+        self.pump()
+        if any(self.cache.is_resident(k) for k in pending):
+            return
+        job = next((self.jobs[k] for k in pending if k in self.jobs), None)
+        if job is None and self.jobs:
+            job = min(self.jobs.values(), key=lambda j: j.submit_s)
+        if job is None:
+            raise RuntimeError(
+                "replay deadlock: a routed expert is neither resident nor loading and no copy is in flight "
+                f"(cache blocked={self.cache.blocked}); the cache has {self.cache.capacity} slots"
+            )
+        t = self.now()
+        self._finish(self.copier.wait(job))
+        self.rec.stall_s += self.now() - t
+        self.pump()

@@ -1,0 +1,52 @@
+"""The device slot pool: a fixed number of expert-sized buffers, allocated once (no allocator churn).
+
+The expert cache (finemoe.sim.cache) decides *which* expert is resident; this maps resident and
+in-flight experts to physical slots: a load takes the slot of the victim it evicted, or a free one.
+On CUDA each slot also remembers the event of the last kernel that read it, so a copy into a
+reused slot waits for that kernel instead of racing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finemoe.policies.base import ExpertKey
+
+
+class SlotPool:
+    def __init__(self, slots: int, numel: int, dtype: Any, device: str) -> None:
+        import torch
+
+        if slots < 1:
+            raise ValueError("the slot pool needs at least one slot")
+        self.buffers = torch.empty((slots, numel), dtype=dtype, device=device)
+        self.capacity = slots
+        self._free = list(range(slots - 1, -1, -1))
+        self.slot_of: dict[ExpertKey, int] = {}
+        self.last_read: list[Any] = [None] * slots  # CUDA event of the last kernel reading the slot
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffers.numel() * self.buffers.element_size()
+
+    def assign(self, key: ExpertKey, victim: ExpertKey | None) -> int:
+        """The slot `key` is copied into: its victim's, else a free one."""
+        if key in self.slot_of:
+            raise RuntimeError(f"expert {key} already holds slot {self.slot_of[key]}")
+        if victim is not None:
+            slot = self.slot_of.pop(victim)
+        elif self._free:
+            slot = self._free.pop()
+        else:
+            raise RuntimeError(f"no free slot for {key} and no victim: cache and slot pool disagree")
+        self.slot_of[key] = slot
+        return slot
+
+    def buffer(self, key: ExpertKey) -> Any:
+        return self.buffers[self.slot_of[key]]
+
+    def mark_read(self, key: ExpertKey, event: Any) -> None:
+        self.last_read[self.slot_of[key]] = event
+
+    def guard(self, slot: int) -> Any:
+        return self.last_read[slot]
