@@ -21,13 +21,19 @@ def select_by_delta(row: np.ndarray, similarity: float, top_k: int) -> np.ndarra
     delta = clamp(1 - similarity, 0, 1); the SMALLEST prefix of experts in descending probability
     whose summed probability reaches delta, but never fewer than `top_k` (and never more than J).
     A confident match (similarity 1) gives exactly top_k; a poor one hedges with more.
+    Probability is counted as a share of the row's total, with a relative tolerance of 1e-9, because
+    stored rows (float16) rarely sum to exactly 1: delta = 1 then means "every expert with non-zero
+    probability", not "all J experts because 0.9999 < 1".
     """
     row = np.asarray(row, dtype=np.float64)
     order = np.argsort(-row, kind="stable")
     delta = min(max(1.0 - float(similarity), 0.0), 1.0)
-    reached = np.flatnonzero(np.cumsum(row[order]) >= delta)
-    n = int(reached[0]) + 1 if reached.size else row.size  # unreachable delta (rounding): take all
-    return order[: max(n, top_k)]
+    cum = np.cumsum(row[order])
+    total = float(cum[-1]) if cum.size else 0.0
+    if total <= 0.0:
+        return order[:top_k]
+    n = int(np.searchsorted(cum, delta * total * (1.0 - 1e-9), side="left")) + 1
+    return order[: min(max(n, top_k), row.size)]
 
 
 def prefetch_priority(prob: float, target_layer: int, current_layer: int) -> float:

@@ -28,12 +28,13 @@ from finemoe.policies.expert_maps import (
 )
 from finemoe.policies.registry import register
 
-# Modelled wall time of one map search (one token, one layer: trajectory cosine against C=1000 maps
-# plus argmax and the delta selection) on our implementation. Measured 2026-11-29 with
-# `python3 benchmarks/bench_map_search.py` on the development machine (2 shared x86 cores, numpy
-# OpenBLAS), Mixtral geometry (32 layers x 8 experts), C=1000: median per-layer search time of a
-# one-token decode step. See docs/policies.md for how it is charged.
-SEARCH_S_DEFAULT = 40e-6
+# Modelled wall time of one map search (one token, one layer: the incremental trajectory cosine
+# against C=1000 stored maps, the argmax and the delta selection). Measured 2026-11-29 with
+# `python3 benchmarks/bench_map_search.py` (median of 30 decode steps) on the development machine
+# (2 shared x86 cores, numpy/OpenBLAS): 27.8 us for Mixtral (32 layers x 8 experts), 58.4 us for
+# Qwen1.5-MoE (24 x 60); semantic search 16-19 us per step. Rounded up for Mixtral, the paper's
+# main model. See docs/policies.md for how the engine does (not) charge it.
+SEARCH_S_DEFAULT = 30e-6
 
 CACHES = ("finemoe", "lru", "lfu")
 

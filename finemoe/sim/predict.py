@@ -72,18 +72,27 @@ def evaluate_predictions(
 ) -> PredictionReport:
     """Drive one policy over the measured split of `trace` and score its predictions per layer."""
     policy = make_policy(policy_name, **(policy_params or {}))
-    if policy.is_oracle:
-        raise ConfigError(f"policy {policy_name} is an oracle: its predictions are the trace itself")
-    missing = _missing_fields(trace, policy.needs)
-    if missing:
-        raise MissingFieldError(
-            f"policy {policy_name} needs trace field(s) {', '.join(missing)}, which this trace does not carry"
-        )
-    g = trace.geometry
-    L, J = g.num_layers, g.num_experts
     hist_ids, meas_ids = split_request_ids(
         trace, history_fraction, seed, online=online, max_requests=max_requests
     )
+    report = score_policy(policy, trace, hist_ids, meas_ids, seed=seed)
+    report.config.update(history_fraction=history_fraction, online=online)
+    return report
+
+
+def score_policy(policy, trace: Trace, hist_ids, meas_ids, *, seed: int = 0) -> PredictionReport:
+    """Bind `policy`, fit it on `hist_ids`, replay `meas_ids` one request at a time and score it."""
+    if policy.is_oracle:
+        raise ConfigError(f"policy {policy.name} is an oracle: its predictions are the trace itself")
+    missing = _missing_fields(trace, policy.needs)
+    if missing:
+        raise MissingFieldError(
+            f"policy {policy.name} needs trace field(s) {', '.join(missing)}, which this trace does not carry"
+        )
+    policy_name = policy.name
+    hist_ids, meas_ids = [int(r) for r in hist_ids], [int(r) for r in meas_ids]
+    g = trace.geometry
+    L, J = g.num_layers, g.num_experts
     policy.bind(
         PolicyContext(
             geometry=g,
@@ -165,8 +174,6 @@ def evaluate_predictions(
         "trace_hash": trace.content_hash(),
         "model": g.model_name,
         "policy": policy.describe(),
-        "history_fraction": history_fraction,
-        "online": online,
         "seed": seed,
         "history_requests": hist_ids,
         "measured_requests": meas_ids,
