@@ -37,13 +37,13 @@ the same command skips configurations whose file is already there (--no-resume r
 """
 
 HARDWARE_FIELDS = [
-    # option, HardwareSpec field, kind, scale, help
+    # option, HardwareSpec field, kind, divisor (typed unit -> field unit), help
     ("--pcie-gbps", "pcie_gbps", "float", 1.0, "host-to-device link bandwidth, GB/s (peak, one direction)"),
     ("--hbm-gbps", "hbm_gbps", "float", 1.0, "GPU memory bandwidth, GB/s (peak)"),
     ("--flops", "flops", "si", 1.0, "peak dense FLOP/s of the GPU, e.g. 71T or 71e12"),
     ("--copy-engines", "copy_engines", "int", 1, "copies on the wire at once (they share the link)"),
-    ("--transfer-latency-us", "transfer_latency_s", "float", 1e-6, "fixed cost of one host-to-device copy, µs"),
-    ("--kernel-launch-us", "kernel_launch_s", "float", 1e-6, "fixed cost of one kernel, µs"),
+    ("--transfer-latency-us", "transfer_latency_s", "float", 1e6, "fixed cost of one host-to-device copy, µs"),
+    ("--kernel-launch-us", "kernel_launch_s", "float", 1e6, "fixed cost of one kernel, µs"),
     ("--compute-efficiency", "compute_efficiency", "float", 1.0, "achieved / peak FLOP/s (0-1]"),
     ("--memory-efficiency", "memory_efficiency", "float", 1.0, "achieved / peak HBM bandwidth (0-1]"),
     ("--pcie-efficiency", "pcie_efficiency", "float", 1.0, "achieved / peak link bandwidth (0-1]"),
@@ -221,7 +221,7 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
             values = parse_floats(text, option)
         if field.endswith("_efficiency") and any(v > 1 for v in values):
             raise ConfigError(f"{option}: an efficiency is a fraction in (0, 1]")
-        overrides[field] = [v * scale if scale != 1 else v for v in values]
+        overrides[field] = [v / scale if scale != 1 else v for v in values]  # 20 / 1e6 is exactly 2e-05
     specs = [load_hardware(h.strip()) for h in hardware.split(",") if h.strip()]
     params = parse_policy_params(policy_params)
     common = dict(
@@ -296,7 +296,11 @@ def results_table(paths) -> str:
     for title, col, fmt in axes:
         if col in df.columns and df[col].astype(str).nunique() > 1:
             cols.append((title, [fmt(v) for v in df[col]]))
-    cols.append(("gpu mem", [_mem(v) for v in _first(df, ["memory_plan.gpu_mem_bytes", "memory.gpu_mem_bytes"])]))
+    budget = _first(df, ["memory.gpu_mem_bytes"])
+    if "memory_plan.source" in df.columns:  # the hardware's memory, when the budget was not given
+        derived = df["memory_plan.gpu_mem_bytes"].where(df["memory_plan.source"] == "budget")
+        budget = budget.where(budget.notna(), derived)
+    cols.append(("gpu mem", [_mem(v) for v in budget]))
     cols.append(("slots", [_num(v) for v in _first(df, ["memory_plan.expert_cache_slots", "expert_cache_slots",
                                                        "memory.expert_cache_slots"])]))
     cols.append(("hit rate", [_pct(v) for v in _first(df, ["hit_rate"])]))

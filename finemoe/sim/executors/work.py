@@ -55,7 +55,7 @@ def load_trace(config: SimConfig) -> Trace:
     """The trace a configuration runs on, as the engine prepares it (read, then projected)."""
     from finemoe.sim import run
 
-    return run.load_trace(config)
+    return run.load_trace_for(config)
 
 
 def trace_identity(work: Work, config: SimConfig) -> tuple:
