@@ -55,14 +55,23 @@ class Run:
         return str(policy)
 
     @property
+    def described(self) -> dict:
+        """The policy's own describe() as the engine recorded it (name, params with defaults, ...)."""
+        info = self.config.get("policy_info") or {}
+        return info if isinstance(info, dict) else {}
+
+    @property
     def params(self) -> dict:
-        params = self.config.get("policy_params") or {}
-        return dict(params) if isinstance(params, dict) else {}
+        """Policy parameters including defaults, so a default d=3 and an explicit d=3 are the same."""
+        given = self.config.get("policy_params") or {}
+        defaults = self.described.get("params") or {}
+        out = dict(defaults) if isinstance(defaults, dict) else {}
+        out.update(given if isinstance(given, dict) else {})
+        return out
 
     @property
     def is_bound(self) -> bool:
-        described = self.config.get("policy_describe") or self.config.get("policy_description") or {}
-        return self.policy in BOUND_POLICIES or bool(isinstance(described, dict) and described.get("is_oracle"))
+        return self.policy in BOUND_POLICIES or bool(self.described.get("is_oracle"))
 
     @property
     def is_floor(self) -> bool:
@@ -180,12 +189,15 @@ def series_label(run: Run, varying: dict[str, set[str]], multi_hardware: bool = 
 
 
 def memory_axis(runs: Sequence[Run]) -> tuple[str, callable]:
-    """The x axis of memory figures: GPU memory in GiB, or expert cache slots when set directly."""
-    if runs and all(r.slots_set_directly for r in runs):
-        return "expert cache (slots)", lambda r: float(r.cache_slots)
-    if runs and all(r.gpu_mem_bytes is not None for r in runs):
-        return "GPU memory budget (GiB)", lambda r: r.gpu_mem_bytes / GiB
-    return "expert cache (slots)", lambda r: float(r.cache_slots) if r.cache_slots is not None else math.nan
+    """The x axis of memory figures: GPU memory (GiB, or MiB for small models), or expert cache
+    slots when the runs set them directly instead of a budget."""
+    if runs and all(r.gpu_mem_bytes is not None for r in runs) and not all(r.slots_set_directly for r in runs):
+        top = max(r.gpu_mem_bytes for r in runs)
+        unit, scale = ("GiB", GiB) if top >= GiB else ("MiB", 1024**2)
+        return f"GPU memory budget ({unit})", lambda r: r.gpu_mem_bytes / scale
+    totals = {find_key(r.config, "total_experts") for r in runs} - {None}
+    of = f" of {totals.pop()} experts" if len(totals) == 1 else ""
+    return f"expert cache (slots{of})", lambda r: float(r.cache_slots) if r.cache_slots is not None else math.nan
 
 
 def caption(runs: Sequence[Run]) -> str:
