@@ -79,7 +79,7 @@ def test_activation_matrix_counts_tokens_per_layer_and_expert():
 
 def test_moe_infinity_matches_the_closest_history_request():
     # Two history requests with opposite expert preferences; the measured one routes like the second.
-    L, J = 4, 4
+    L = 4
     a = np.tile([0.7, 0.2, 0.05, 0.05], (L, 1))
     b = np.tile([0.05, 0.05, 0.2, 0.7], (L, 1))
     history = trace_from_probs(np.stack([a, a, b, b]), request_ids=[0, 0, 1, 1], iterations=[0, 1, 0, 1])

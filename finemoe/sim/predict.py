@@ -38,8 +38,11 @@ class PredictionReport:
         return {
             "policy": self.policy,
             "config": self.config,
-            "totals": self.totals,
-            "per_layer": self.per_layer.replace({np.nan: None}).to_dict(orient="records"),
+            "totals": {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in self.totals.items()},
+            "per_layer": [
+                {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+                for row in self.per_layer.to_dict(orient="records")
+            ],
         }
 
 
