@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from finemoe.errors import ConfigError, MissingFieldError
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
 from finemoe.policies.registry import make_policy
@@ -40,6 +42,20 @@ from finemoe.sim.memory import plan_memory
 from finemoe.sim.metrics import MetricsRecorder
 from finemoe.sim.workload import arrival_times, build_batcher, split_requests
 from finemoe.traces.schema import Trace
+
+
+def needed_experts(trace: Trace, seqs, layer: int) -> tuple[tuple[int, int], ...]:
+    """(expert, tokens) routed at `layer` in this step, in the simulator's access order: a lone decode
+    token's experts in gate order, otherwise merged over the batch by expert id."""
+    if len(seqs) == 1 and seqs[0].num_tokens == 1:
+        return tuple((int(e), 1) for e in trace.experts[seqs[0].start, layer].tolist() if e >= 0)
+    merged: dict[int, int] = {}
+    for s in seqs:
+        ids, counts = np.unique(trace.experts[s.start : s.stop, layer, :], return_counts=True)
+        for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
+            if e >= 0:
+                merged[e] = merged.get(e, 0) + c
+    return tuple(sorted(merged.items()))
 
 
 @dataclass(frozen=True)
@@ -146,7 +162,11 @@ class _Replayer:
 
     def _preload(self) -> None:
         """Initial residents, copied before the clock starts (the simulator starts with them in place)."""
-        self.cache.preload(self.policy.initial_residents(), 0.0)
+        if self.plan.all_resident:
+            keys = [(la, e) for la in range(self.geometry.num_layers) for e in range(self.geometry.num_experts)]
+        else:
+            keys = list(self.policy.initial_residents())[: self.plan.expert_cache_slots]
+        self.cache.preload(keys, 0.0)
         for key in sorted(self.cache.resident):
             slot = self.pool.assign(key, None)
             self.pool.buffers[slot].copy_(self.host.expert(*key))
@@ -197,7 +217,7 @@ class _Replayer:
                             is_resident=cache.is_resident, is_in_flight=cache.is_in_flight,
                             expert_load_s=self.costs.expert_load_s)
         policy.bind(ctx)
-        if not self.config.workload.online:
+        if policy.uses_history and not self.config.workload.online:
             policy.fit(trace.select_requests(self.split.history))
         self._preload()
         for rid, t in zip(self.split.measure, self.arrivals, strict=True):
@@ -227,8 +247,10 @@ class _Replayer:
                         rec.first_token(s.request_id, end)
                 for rid in batcher.finish_step():
                     rec.finished(rid, end)
-                    policy.on_request_finished(rid, trace)
+                    if self.config.workload.online:
+                        policy.on_request_finished(rid, trace)
                 rec.steps += 1
+                rec.layer_steps += self.geometry.num_layers * len(seqs)
                 rec.tokens += sum(s.num_tokens for s in seqs)
                 self._step += 1
                 if self.progress:
@@ -268,15 +290,18 @@ class _Replayer:
             self.pump()
             now = self.now()
             cache.set_position(step, layer)
-            routing = LayerRouting(info, layer, now, trace)
-            cache.add_prefetches(policy.on_layer_routed(routing))
-            needed = routing.needed()
-            keys = [(layer, e) for e in sorted(needed)]
+            # The simulator's order: the policy sees the routing, the experts are accessed (hits,
+            # misses -> on-demand loads), pinned, and only then are the new prefetches queued.
+            pf = policy.on_layer_routed(LayerRouting(info, layer, now, trace))
+            needed = needed_experts(trace, seqs, layer)
+            keys = [(layer, e) for e, _ in needed]
+            missing = {k for k in keys if not cache.access(k[0], k[1], now)}
             cache.pin(keys)
-            missing = [k for k in keys if not cache.access(k[0], k[1], now)]
+            if pf:
+                cache.add_prefetches(pf)
             self.pump()
-            rec.layer_steps += len(seqs)
-            pending = [k for k in keys if k not in missing] + missing
+            counts = dict(needed)
+            pending = [k for k in keys if k not in missing] + [k for k in keys if k in missing]
             while pending:
                 ready = next((k for k in pending if cache.is_resident(k)), None)
                 if ready is None:
@@ -284,7 +309,7 @@ class _Replayer:
                     continue
                 pending.remove(ready)
                 t = self.now()
-                self._expert(ready, needed[ready[1]])
+                self._expert(ready, counts[ready[1]])
                 if timeline:
                     synchronize(self.device)
                     rec.event("compute", "expert", step, layer, ready[1], t, self.now(), ready in missing)

@@ -1,0 +1,98 @@
+"""One replay from start to finish, callable from Python: prepare the trace (project, scale), get a
+hardware profile (given, or calibrated now on this machine with the replay's own expert shape),
+replay, and optionally simulate the very same configuration and attach the comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from finemoe.errors import ConfigError
+from finemoe.replay.compare import attach_simulation, comparison_rows, simulate_same
+from finemoe.replay.executor import ReplayOptions, replay
+from finemoe.replay.weights import expert_shape, scale_geometry
+from finemoe.results import RunResult
+from finemoe.sim.config import SimConfig
+from finemoe.sim.hardware import HardwareSpec, load_hardware
+from finemoe.traces.schema import Trace
+
+
+@dataclass
+class ReplayOutcome:
+    result: RunResult  # the replay (with sim_* fields when compared)
+    simulated: RunResult | None
+    rows: list[dict]  # comparison rows (empty without --compare)
+    profile: dict | None  # the calibration made for this run, if any
+    calibrate_s: float = 0.0
+
+
+def prepare_trace(trace: Trace, *, model_profile: str | None, expert_scale: float, dtype: str | None) -> Trace:
+    """Project onto `model_profile`, then scale hidden/intermediate sizes (and dtype) for the replay."""
+    if model_profile:
+        from finemoe.traces.profiles import get_profile
+
+        trace = trace.with_geometry(get_profile(model_profile).geometry())
+    g = scale_geometry(trace.geometry, expert_scale, dtype)
+    if g is not trace.geometry:
+        meta = dict(trace.metadata)
+        meta["replay_scaled_from"] = trace.geometry.to_dict()
+        meta["expert_scale"] = expert_scale
+        trace = Trace(**{**trace.__dict__, "geometry": g, "metadata": meta})
+    return trace
+
+
+def calibrated_hardware(trace: Trace, options: ReplayOptions, thorough: bool = False,
+                        progress: Callable[[str], None] | None = None) -> tuple[HardwareSpec, dict]:
+    """Calibrate this machine now, measuring the trace's own expert GEMM in its dtype and threads."""
+    from finemoe.replay.calibrate import calibrate, profile_hardware
+
+    g = trace.geometry
+    profile = calibrate(options.device, dtype=g.dtype, thorough=thorough, shape=expert_shape(g),
+                        threads=options.threads, progress=progress)
+    return profile_hardware(profile), profile
+
+
+def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardware: str | None = None,
+               compare: bool = False, out_dir: str | Path | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               say: Callable[[str], None] | None = None) -> ReplayOutcome:
+    """Replay `config` on an already prepared `trace`; `hardware` None means calibrate first.
+
+    With `out_dir`, writes `replay-<key>.parquet` (and `sim-<key>.parquet` when comparing), keyed by
+    the configuration as sweeps do.
+    """
+    say = say or (lambda _m: None)
+    profile = None
+    t0 = time.perf_counter()
+    if hardware is None:
+        say(f"calibrating {options.device} for {trace.geometry.model_name} experts ...")
+        hw, profile = calibrated_hardware(trace, options)
+    else:
+        hw = load_hardware(hardware)
+    calibrate_s = time.perf_counter() - t0
+    config = replace(config, hardware=hw)
+    if config.policy == "all" or "," in config.policy:
+        raise ConfigError("replay runs one policy at a time; pass a single --policy")
+    result = replay(trace, config, options, progress=progress)
+    result.config["replay"]["hardware_from"] = "calibrated now" if profile else hardware
+    simulated, rows = None, []
+    key = config.key()
+    result.config["replay_key"] = key
+    sim_path = None
+    if compare:
+        say("simulating the same configuration ...")
+        simulated = simulate_same(trace, config)
+        simulated.config["compare"] = {"replay_key": key}
+        rows = comparison_rows(result, simulated)
+        if out_dir is not None:
+            sim_path = str(Path(out_dir) / f"sim-{key}.parquet")
+            simulated.write(sim_path)
+        result = attach_simulation(result, simulated, sim_path)
+    if profile is not None:
+        result.config["calibration"] = profile["measurements"] | {"duration_s": calibrate_s}
+    if out_dir is not None:
+        result.write(Path(out_dir) / f"replay-{key}.parquet")
+    return ReplayOutcome(result, simulated, rows, profile, calibrate_s)
