@@ -1,0 +1,44 @@
+"""No policy beats the oracle's hit rate (Belady eviction with perfect prefetch, same link)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+from finemoe.sim.hardware import PRESETS
+from finemoe.sim.run import simulate
+from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+
+POLICIES = ["lru", "lfu", "layerwise", "finemoe", "finemoe-trajectory", "finemoe-no-delta", "finemoe-lru",
+            "finemoe-topk", "moe-infinity", "mixtral-offloading", "promoe"]
+
+
+def _hit_rate(trace, policy: str, slots: int, batch: int, seed: int, online: bool) -> float:
+    config = SimConfig(
+        trace_path="<memory>",
+        policy=policy,
+        hardware=PRESETS["rtx3090"],
+        memory=MemoryConfig(expert_cache_slots=slots),
+        workload=WorkloadConfig(max_batch=batch, online=online),
+        seed=seed,
+    )
+    return simulate(trace, config).summary["hit_rate"]
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 1000),
+    slots=st.integers(4, 40),
+    batch=st.sampled_from([1, 3]),
+    online=st.booleans(),
+)
+def test_no_policy_beats_the_oracle(seed, slots, batch, online):
+    trace = synthetic_trace(tiny_geometry(num_layers=6, num_experts=8), num_requests=6,
+                            prompt_tokens=(2, 6), generated_tokens=(4, 10), seed=seed)
+    bound = _hit_rate(trace, "oracle", slots, batch, seed, online)
+    for policy in POLICIES:
+        got = _hit_rate(trace, policy, slots, batch, seed, online)
+        assert got <= bound + 1e-12, f"{policy} hit rate {got:.4f} above the oracle's {bound:.4f}"
