@@ -138,25 +138,38 @@ class HostExperts:
                     raise ConfigError(f"--weights {f}: not a readable torch checkpoint ({exc})") from None
                 state.update(obj.get("model", obj) if isinstance(obj, dict) else {})
         pat = re.compile(r"layers?\.(\d+)\..*experts\.(\d+)\.(w1|gate|gate_proj|w3|up|up_proj|w2|down|down_proj)\.weight$")
+        fused = re.compile(r"layers?\.(\d+)\..*experts\.(gate_up_proj|down_proj)$")  # transformers 5 in memory
         part_of = {"w1": 0, "gate": 0, "gate_proj": 0, "w3": 1, "up": 1, "up_proj": 1, "w2": 2, "down": 2, "down_proj": 2}
         h, i = self.shape.hidden_size, self.shape.intermediate_size
+        n = h * i
         found = set()
-        for key, tensor in state.items():
-            m = pat.search(key)
-            if not m:
-                continue
-            layer, expert, part = int(m.group(1)), int(m.group(2)), part_of[m.group(3)]
+
+        def put(key: str, layer: int, expert: int, part: int, tensor) -> None:
             if layer >= self.geometry.num_layers or expert >= self.geometry.num_experts:
-                continue
+                return
             want = (i, h) if part < 2 else (h, i)
             if tuple(tensor.shape) != want:
                 raise ConfigError(
                     f"--weights {path}: {key} has shape {tuple(tensor.shape)}, but the trace's geometry "
                     f"needs {want} (was the trace collected from this checkpoint?)"
                 )
-            n = h * i
             self.weights[layer, expert, part * n : (part + 1) * n].copy_(tensor.reshape(-1).to(self.dtype))
             found.add((layer, expert, part))
+
+        for key, tensor in state.items():
+            m = pat.search(key)
+            if m:
+                put(key, int(m.group(1)), int(m.group(2)), part_of[m.group(3)], tensor)
+                continue
+            m = fused.search(key)
+            if m and tensor.dim() == 3:
+                layer = int(m.group(1))
+                for e in range(tensor.shape[0]):
+                    if m.group(2) == "gate_up_proj":
+                        put(key, layer, e, 0, tensor[e, : tensor.shape[1] // 2])
+                        put(key, layer, e, 1, tensor[e, tensor.shape[1] // 2 :])
+                    else:
+                        put(key, layer, e, 2, tensor[e])
         expected = self.geometry.num_layers * self.geometry.num_experts * 3
         if len(found) != expected:
             raise ConfigError(
