@@ -174,6 +174,20 @@ def test_prefetch_priorities_are_p_over_distance_in_order():
     assert list(policy.on_layer_routed(LayerRouting(step, 2, 0.0, measured))) == []  # 2 + d is past the end
 
 
+def test_deferred_search_holds_predictions_until_the_search_is_done():
+    policy, step, measured = _bound_policy(search_s=1e-3, search_charge="defer")
+    assert list(policy.on_step_start(step)) == []  # 1 semantic search at 0 s: ready at 1 ms
+    got = policy.on_layer_routed(LayerRouting(step, 0, 2e-3, measured))
+    # Released at layer 0 (2 ms): layer 1's experts; layer 0's came too late and are dropped.
+    assert [(p.layer, p.expert) for p in got] == [(1, 0), (1, 1)]
+    assert policy.deferred_dropped == 2
+    got = policy.on_layer_routed(LayerRouting(step, 1, 4e-3, measured))  # layer 0's search: ready 3 ms
+    assert [(p.layer, p.expert) for p in got] == [(2, 3), (2, 2)]
+    none, step2, _ = _bound_policy(search_s=1e-3)
+    assert len(list(none.on_step_start(step2))) == 4  # "none": at once
+    assert none.describe()["stats"]["modelled_search_s"] == approx16(1e-3)
+
+
 def test_eviction_lowest_p_times_freq_with_predicted_window_protected():
     policy, step, measured = _bound_policy()
     for key in [(0, 0), (0, 2), (1, 1), (2, 3), (3, 2)]:

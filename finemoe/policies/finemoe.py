@@ -37,6 +37,12 @@ from finemoe.policies.registry import register
 SEARCH_S_DEFAULT = 30e-6
 
 CACHES = ("finemoe", "lru", "lfu")
+# How map search time reaches the timeline. The engines give a policy no way to delay a prefetch by
+# less than a layer, so: "none" issues predictions at once (search assumed hidden, as the paper's
+# separate search thread intends; optimistic by at most searches x search_s per call), "defer"
+# holds them until the first engine callback at or after now + searches x search_s (pessimistic:
+# in practice the next layer boundary). The two bracket the true effect.
+SEARCH_CHARGES = ("none", "defer")
 
 
 @register
@@ -55,6 +61,7 @@ class FineMoE(Policy):
         delta: bool = True,
         cache: str = "finemoe",
         search_s: float = SEARCH_S_DEFAULT,
+        search_charge: str = "none",
         learn_online: bool = True,
     ) -> None:
         super().__init__()
@@ -68,16 +75,21 @@ class FineMoE(Policy):
             raise TypeError("at least one of semantic and trajectory must be enabled")
         if float(search_s) < 0:
             raise TypeError(f"search_s must not be negative, got {search_s}")
+        if search_charge not in SEARCH_CHARGES:
+            raise TypeError(f"search_charge must be one of {', '.join(SEARCH_CHARGES)}, got {search_charge!r}")
         self.distance, self.capacity = int(distance), int(capacity)
         self.semantic, self.trajectory, self.delta = bool(semantic), bool(trajectory), bool(delta)
         self.cache, self.search_s, self.learn_online = cache, float(search_s), bool(learn_online)
+        self.search_charge = search_charge
         self.params = dict(
             distance=self.distance, capacity=self.capacity, semantic=self.semantic,
             trajectory=self.trajectory, delta=self.delta, cache=self.cache, search_s=self.search_s,
-            learn_online=self.learn_online, maps_from=self.maps_from,
+            search_charge=self.search_charge, learn_online=self.learn_online, maps_from=self.maps_from,
         )
         self.store: ExpertMapStore | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._held: list[tuple[float, list[Prefetch]]] = []  # search_charge="defer": (ready_s, prefetches)
+        self.deferred_dropped = 0
         self.fit_maps = 0
         self.searches = 0  # (token, layer) map searches made: each costs search_s of modelled time
 
@@ -97,6 +109,7 @@ class FineMoE(Policy):
         self._layer = -1
         self._queries: list[TrajectoryQuery | None] = []
         self._sem: list[Match | None] = []
+        self._held = []
 
     def fit(self, history) -> None:
         for expert_map, key in self._maps_of(history, range(history.num_tokens)):
@@ -142,8 +155,9 @@ class FineMoE(Policy):
             store.trajectory(s.num_tokens) if ready and self.trajectory else None for s in step.sequences
         ]
         self._sem = [None] * n
+        searches0 = self.searches
         if not ready or not self.semantic:
-            return []
+            return self._release(step.now_s, step.step, -1, [], 0)
         out: dict[ExpertKey, Prefetch] = {}
         for i in range(n):
             key = step.semantic_key(i)
@@ -155,7 +169,7 @@ class FineMoE(Policy):
             # Semantic phase: layers 0..d-1. Semantic-only mode also serves later layers (below).
             for target in range(min(self.distance, self.L)):
                 self._predict(out, step.step, target, -1, store.maps[match.index, target], match.similarity)
-        return sorted(out.values(), reverse=True)
+        return self._release(step.now_s, step.step, -1, sorted(out.values(), reverse=True), self.searches - searches0)
 
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
         layer = routing.layer
@@ -163,7 +177,8 @@ class FineMoE(Policy):
         target = layer + self.distance
         step = self._step
         if step is None or self.store is None or self.store.size == 0 or target >= self.L:
-            return []
+            return self._release(routing.now_s, routing.step.step, layer, [], 0)
+        searches0 = self.searches
         out: dict[ExpertKey, Prefetch] = {}
         for i in range(len(step.sequences)):
             query = self._queries[i] if i < len(self._queries) else None
@@ -176,7 +191,27 @@ class FineMoE(Policy):
             elif not self.trajectory and self._sem[i] is not None:
                 match = self._sem[i]
                 self._predict(out, step.step, target, layer, self.store.maps[match.index, target], match.similarity)
-        return sorted(out.values(), reverse=True)
+        return self._release(routing.now_s, step.step, layer, sorted(out.values(), reverse=True),
+                             self.searches - searches0)
+
+    def _release(self, now_s: float, step: int, layer: int, new: list[Prefetch], searches: int) -> list[Prefetch]:
+        """The prefetches to hand to the engine now (all of `new` unless search time is deferred)."""
+        if self.search_charge == "none":
+            return new
+        if new:
+            self._held.append((now_s + searches * self.search_s, new))
+        out, keep = [], []
+        for ready_s, batch in self._held:
+            if ready_s > now_s + 1e-12:
+                keep.append((ready_s, batch))
+                continue
+            for p in batch:  # a prediction whose layer has come meanwhile is useless
+                if p.step == step and p.layer > layer:
+                    out.append(p)
+                else:
+                    self.deferred_dropped += 1
+        self._held = keep
+        return sorted(out, reverse=True)
 
     def _observed_rows(self, routing: LayerRouting, i: int) -> np.ndarray:
         if self.maps_from == "probs":
@@ -272,6 +307,8 @@ class FineMoE(Policy):
             "store_replaced": 0 if self.store is None else self.store.replaced,
             "store_bytes": 0 if self.store is None else self.store.nbytes,
             "searches": self.searches,
+            "modelled_search_s": self.searches * self.search_s,
+            "deferred_dropped": self.deferred_dropped,
             "semantic_phase_ran": bool(self.store is not None and self.store.keys is not None and self.semantic),
         }
         return d
