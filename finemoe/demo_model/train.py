@@ -85,6 +85,22 @@ def load_corpus(cfg: TrainConfig):
     return np.array(train, np.uint16), np.array(held, np.uint16), held_index
 
 
+def per_layer_balance(router_logits, top_k: int):
+    """Switch-style J * sum_j f_j P_j of each layer ([layers]); 1 when a layer is balanced, J/K at worst."""
+    import torch
+
+    out = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        num_experts = probs.shape[-1]
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        frac = torch.zeros(num_experts).index_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel())
+        ) / chosen.numel()
+        out.append(num_experts * (frac * probs.mean(0)).sum())
+    return torch.stack(out)
+
+
 def lm_and_routing_loss(model, x, y, cfg: TrainConfig):
     """(total, cross-entropy, balance) for one batch; balance is per layer, then averaged."""
     import torch
@@ -92,17 +108,12 @@ def lm_and_routing_loss(model, x, y, cfg: TrainConfig):
 
     out = model(input_ids=x, output_router_logits=True, use_cache=False)
     ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
-    balance, zloss, sharp = [], [], []
+    zloss, sharp = [], []
     for logits in out.router_logits:  # one (tokens, experts) tensor per layer
         probs = torch.softmax(logits.float(), dim=-1)
-        chosen = torch.topk(probs, cfg.top_k, dim=-1).indices
-        frac = torch.zeros(cfg.num_experts).index_add_(
-            0, chosen.reshape(-1), torch.ones(chosen.numel())
-        ) / chosen.numel()
-        balance.append(cfg.num_experts * (frac * probs.mean(0)).sum())
         zloss.append(torch.logsumexp(logits.float(), dim=-1).pow(2).mean())
         sharp.append(-(probs * torch.log(probs.clamp_min(1e-9))).sum(-1).mean())
-    bal = torch.stack(balance).mean()
+    bal = per_layer_balance(out.router_logits, cfg.top_k).mean()
     total = (
         ce
         + cfg.balance_coef * bal

@@ -1,0 +1,93 @@
+"""What does recording cost? generate() with the collector's hooks versus without, same run.
+
+Same model, same prompts, greedy decoding (so both produce the same tokens and do the same work).
+Conditions alternate round by round and the median of each is reported, so a busy machine hurts
+both alike. "hooks" is generate() with every hook installed (experts, weights, full probabilities,
+semantic keys, speculative routers); "collect" is the whole `collect()` path, including turning
+steps into trace rows and writing Parquet part files.
+
+    python3 benchmarks/bench_collect_overhead.py                  # embedded demo MoE, quick
+    python3 benchmarks/bench_collect_overhead.py --model PATH --limit 16 --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from finemoe.traces.collect import CollectConfig, collect
+from finemoe.traces.collect.adapters import architecture_of
+from finemoe.traces.collect.hooks import RoutingRecorder
+from finemoe.traces.collect.loader import load_model
+from finemoe.traces.collect.runner import PromptEncoder, eos_ids
+from finemoe.traces.prompts import load_prompts
+
+LMSYS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "lmsys-chat-1m-64.json"
+
+
+def generate_all(model, encoder, prompts, max_new_tokens: int, eos: list[int]) -> int:
+    tokens = 0
+    for prompt in prompts:
+        ids = torch.tensor([encoder.encode(prompt.text)])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=encoder.pad_id, eos_token_id=eos or None)
+        tokens += out.shape[1] - ids.shape[1]
+    return tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded demo MoE)")
+    ap.add_argument("--prompts", default=str(LMSYS) if LMSYS.is_file() else "sharegpt")
+    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-prompt-tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model, tok, name = load_model(args.model)
+    prompts = load_prompts(args.prompts, limit=args.limit)
+    encoder = PromptEncoder(tok, chat_template=True, max_tokens=args.max_prompt_tokens)
+    eos = eos_ids(model, tok)
+    cfg = CollectConfig(max_new_tokens=args.max_new_tokens, greedy=True, max_prompt_tokens=args.max_prompt_tokens)
+    arch = architecture_of(model.config)
+    generate_all(model, encoder, prompts[:1], 4, eos)  # warm-up
+
+    times: dict[str, list[float]] = {"plain": [], "hooks": [], "collect": []}
+    tokens = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            t = time.perf_counter()
+            tokens = generate_all(model, encoder, prompts, args.max_new_tokens, eos)
+            times["plain"].append(time.perf_counter() - t)
+
+            t = time.perf_counter()
+            with RoutingRecorder(model, arch, projection=None) as rec:
+                hooked = generate_all(model, encoder, prompts, args.max_new_tokens, eos)
+            times["hooks"].append(time.perf_counter() - t)
+            assert hooked == tokens and rec.steps, "hooked run generated different tokens"
+
+            t = time.perf_counter()
+            collect(model, tok, prompts, Path(tmp) / f"r{r}.parquet", cfg, progress=False)
+            times["collect"].append(time.perf_counter() - t)
+
+    plain = statistics.median(times["plain"])
+    print(f"model {name}, {len(prompts)} prompts, {tokens} generated tokens per run, "
+          f"{args.rounds} rounds, {args.threads} thread(s)")
+    for key, label in (("plain", "generate() without hooks"), ("hooks", "generate() with hooks"),
+                       ("collect", "collect() (hooks + rows + Parquet)")):
+        med = statistics.median(times[key])
+        print(f"  {label:36s} {med:7.3f} s  {tokens / med:8.1f} tok/s  x{med / plain:.3f}  "
+              f"(overhead {100 * (med / plain - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
