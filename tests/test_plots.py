@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finemoe.results import RunResult, requests_frame
+from finemoe.results import RunResult, read_result, requests_frame
 
 GiB = 1024**3
 HW = {"name": "rtx3090", "gpu_mem_bytes": 24 * GiB, "pcie_gbps": 32.0, "copy_engines": 2}
@@ -64,42 +64,63 @@ def make_result(policy: str, gpu_mem_gib: float, hit_rate: float, *, params=None
                      timeline=_timeline(seed, 1 - hit_rate))
 
 
-def write_study(directory: Path, *, replay: bool = True) -> list[Path]:
-    """A small study: 4 budgets x (lru, finemoe, oracle), no-offload, a d sweep, replays."""
-    paths = []
-    budgets = (30, 40, 60, 90)
-
-    def add(res: RunResult, name: str):
-        paths.append(res.write(directory / f"{name}.parquet"))
-
-    for i, mem in enumerate(budgets):
-        add(make_result("lru", mem, 0.35 + 0.15 * i), f"lru-{mem}")
-        add(make_result("finemoe", mem, 0.5 + 0.12 * i, params={"d": 3}), f"finemoe-{mem}")
-        add(make_result("oracle", mem, 0.7 + 0.09 * i), f"oracle-{mem}")
-    add(make_result("no-offload", 100, 1.0), "no-offload-100")
-    for d, hr in ((1, 0.55), (2, 0.66), (4, 0.70), (6, 0.61)):
-        add(make_result("finemoe", 40, hr, params={"d": d}), f"finemoe-d{d}")
-    if replay:
-        add(make_result("lru", 40, 0.5, engine="replay"), "replay-lru-40")
-        add(make_result("finemoe", 40, 0.63, params={"d": 3}, engine="replay",
-                        extra_summary={"sim_hit_rate": 0.62, "sim_ttft_p50_s": 0.3, "sim_tpot_p50_s": 0.2}),
-            "replay-finemoe-40")
-    return paths
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("study")
-    write_study(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def trace_file(tmp_path_factory) -> Path:
+def simulate_study(directory: Path) -> Path:
+    """A real small study: the simulator over a synthetic trace (3 cache sizes x lru, finemoe,
+    oracle; no-offload; FineMoE at d = 1, 2, 3) and two configurations replayed on this CPU with
+    their simulated counterparts (calibrated profile). Returns the trace path."""
+    from finemoe.replay.calibrate import calibrate, profile_hardware
+    from finemoe.replay.compare import attach_simulation, simulate_same
+    from finemoe.replay.executor import ReplayOptions, replay
+    from finemoe.sim.config import MemoryConfig, SimConfig
+    from finemoe.sim.hardware import PRESETS
+    from finemoe.sim.run import simulate
     from finemoe.traces.io import write_trace
-    from finemoe.traces.synthetic import synthetic_trace
+    from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
 
-    return write_trace(synthetic_trace(num_requests=6, seed=3), tmp_path_factory.mktemp("tr") / "t.parquet")
+    trace = synthetic_trace(tiny_geometry(num_layers=4, num_experts=8), num_requests=10,
+                            prompt_tokens=(6, 12), generated_tokens=12, seed=1)
+    trace_path = write_trace(trace, directory / "trace.parquet")
+
+    def config(policy, slots, hw=PRESETS["rtx3090"], **params):
+        return SimConfig(trace_path=str(trace_path), policy=policy, hardware=hw, policy_params=params,
+                         memory=MemoryConfig(expert_cache_slots=slots))
+
+    for slots in (8, 16, 24):
+        for policy in ("lru", "finemoe", "oracle"):
+            simulate(trace, config(policy, slots)).write(directory / f"{policy}-{slots}.parquet")
+    simulate(trace, config("no-offload", 32)).write(directory / "no-offload-32.parquet")
+    for d in (1, 2):
+        simulate(trace, config("finemoe", 16, distance=d)).write(directory / f"finemoe-16-d{d}.parquet")
+    hw = profile_hardware(calibrate("cpu"))
+    for policy in ("lru", "finemoe"):
+        cfg = config(policy, 16, hw)
+        sim_path = simulate_same(trace, cfg).write(directory / f"cpu-sim-{policy}-16.parquet")
+        replayed = replay(trace, cfg, ReplayOptions(device="cpu", threads=1))
+        attach_simulation(replayed, read_result(sim_path), str(sim_path)).write(
+            directory / f"replay-{policy}-16.parquet")
+    return trace_path
+
+
+_STUDY: dict[str, Path] = {}
+
+
+def shared_study(tmp_path_factory) -> Path:
+    """The study, simulated once per session for this module and test_report."""
+    if "dir" not in _STUDY:
+        d = tmp_path_factory.mktemp("study")
+        simulate_study(d)
+        _STUDY["dir"] = d
+    return _STUDY["dir"]
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory) -> Path:
+    return shared_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trace_file(study) -> Path:
+    return study / "trace.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +135,7 @@ MIN_ARTISTS = {"latency_memory": 8, "hit_rate_memory": 4, "prefetch_distance": 2
                "routing_entropy": 9, "sim_vs_replay": 12, "engine_timeline": 20}
 
 
+@pytest.mark.slow
 def test_every_figure_renders_non_trivially(rendered):
     from finemoe.plots.render import FIGURES
 
@@ -126,11 +148,28 @@ def test_every_figure_renders_non_trivially(rendered):
         assert "trace:" in fig.caption and "hardware:" in fig.caption and "seed:" in fig.caption
 
 
+@pytest.mark.slow
 def test_tradeoff_draws_one_line_per_policy(rendered):
     by_name = {r.name: r for r in rendered.rendered}
-    # per panel: lru, finemoe (d varies in the study, so d=1,2,3,4,6 are separate series), oracle, floor
-    assert by_name["latency_memory"].lines >= 2 * 4
-    assert by_name["hit_rate_memory"].lines >= 4
+    # per panel: lru, finemoe at d=3 (its d=1,2 points at one size belong to the distance figure),
+    # oracle and the no-offload floor; the replays' calibrated-CPU simulations are left out
+    assert by_name["latency_memory"].lines == 2 * 4
+    assert by_name["hit_rate_memory"].lines == 4
+    assert by_name["prefetch_distance"].lines == 2  # finemoe's hit rate and TPOT over d = 1, 2, 3
+
+
+def test_study_reads_as_the_simulator_wrote_it(study):
+    from finemoe.plots.data import load_runs, memory_axis, sim_runs
+
+    runs = load_runs([study])  # the trace beside the results is passed over, not an error
+    assert len(runs) == 9 + 1 + 2 + 2 + 2
+    sims = sim_runs(runs)
+    assert {r.hardware for r in sims} == {"rtx3090"} and len(sims) == 12
+    label, x_of = memory_axis(sims)
+    assert label == "expert cache (slots of 32 experts)"
+    assert sorted({x_of(r) for r in sims}) == [8, 16, 24, 32]
+    oracle = [r for r in sims if r.policy == "oracle"]
+    assert all(r.is_bound for r in oracle) and all(r.metric("hit_rate") > 0 for r in oracle)
 
 
 def test_figures_without_support_are_skipped_not_failed(tmp_path):
@@ -160,10 +199,21 @@ def test_no_results_is_a_clear_error(tmp_path):
 def test_budget_option_picks_and_rejects(study, tmp_path):
     from finemoe.plots.render import render_all
 
-    out = render_all([study], tmp_path, only=["latency_bars"], budget="60G")
-    assert out.rendered[0].title.endswith("60 GiB")
-    out = render_all([study], tmp_path, only=["latency_bars"], budget="7G")
-    assert "no results at budget 7G" in out.skipped[0][1]
+    out = render_all([study], tmp_path, only=["latency_bars"], budget="24")
+    assert out.rendered[0].title.endswith("24 slots")
+    out = render_all([study], tmp_path, only=["latency_bars"], budget="7")
+    assert "no results at budget 7" in out.skipped[0][1]
+
+
+def test_budget_in_bytes(tmp_path):
+    from finemoe.plots.render import render_all
+
+    for mem in (24, 48):
+        for policy, hr in (("lru", 0.4), ("finemoe", 0.6)):
+            make_result(policy, mem, hr + mem / 100).write(tmp_path / "r" / f"{policy}-{mem}.parquet")
+    out = render_all([tmp_path / "r"], tmp_path / "f", only=["latency_bars", "latency_memory"], budget="48G")
+    assert [r.name for r in out.rendered] == ["latency_bars", "latency_memory"]
+    assert out.rendered[0].title.endswith("48 GiB") and out.rendered[0].patches == 2 * 2 * 3
 
 
 def test_entropy_coarse_exceeds_fine(trace_file):

@@ -183,7 +183,26 @@ def _simulate(trace_path: Path, out: Path, plan: DemoPlan, slots: list[int], tot
 
 
 def _replay(trace_path: Path, out: Path, plan: DemoPlan, slots: int) -> list[str]:
-    raise ConfigError("replay is not available in this build; rerun with --no-replay")
+    """`finemoe replay --compare` on this CPU with the embedded model's real expert weights."""
+    from finemoe.cli.replay import replay_command
+
+    before = set(out.glob("*.parquet"))
+    args = [str(trace_path), "--policy", plan.replay_policy, "--expert-cache", str(slots), "--device", "cpu",
+            "--compare", "--max-requests", str(plan.replay_requests), "--seed", str(plan.seed), "-o", str(out)]
+    weights = _demo_weights()
+    if weights is not None:
+        args += ["--weights", str(weights)]
+    replay_command.main(args, prog_name="finemoe replay", standalone_mode=False)
+    return sorted(str(p) for p in set(out.glob("*.parquet")) - before)
+
+
+def _demo_weights() -> Path | None:
+    try:
+        from finemoe.demo_model.model import demo_model_dir
+    except ImportError:
+        return None
+    path = Path(demo_model_dir())
+    return path if path.is_dir() and any(path.iterdir()) else None
 
 
 def _write_json(path: Path, data: dict) -> None:

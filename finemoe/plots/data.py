@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finemoe.errors import FinemoeError
-from finemoe.results import RunResult, collect_result_paths, read_result
+from finemoe.results import ResultError, RunResult, collect_result_paths, read_result
 
 GiB = 1024**3
 
@@ -145,16 +145,40 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
     for p in map(Path, paths):
         if not p.exists():
             raise PlotError(f"{p}: no such result file or directory")
-    files = collect_result_paths(paths)
-    if not files:
+    named = {Path(p) for p in paths if not Path(p).is_dir()}
+    runs = []
+    for f in collect_result_paths(paths):
+        try:
+            runs.append(Run(f, read_result(f)))
+        except ResultError:
+            if f in named or not _is_trace(f):  # a trace beside the results is not an error
+                raise
+    if not runs:
         raise PlotError(f"no result files (*.parquet) found in {', '.join(map(str, paths))}")
-    return [Run(f, read_result(f)) for f in files]
+    return runs
+
+
+def _is_trace(path: Path) -> bool:
+    try:
+        import pyarrow.parquet as pq
+
+        return b"finemoe" in (pq.read_schema(path).metadata or {})
+    except Exception:  # unreadable: not a trace either, let the result error stand
+        return False
 
 
 def sim_runs(runs: Sequence[Run]) -> list[Run]:
-    """The simulated runs, or, when there are none, whatever engine the runs share."""
+    """The simulated runs of the study, or, when there are none, whatever engine the runs share.
+
+    Simulations made only to check a replay (on the replay machine's calibrated profile) belong to
+    the fidelity figure, not to the study's sweep: they are left out when other simulations exist.
+    """
     sims = [r for r in runs if r.engine == "sim"]
-    return sims or list(runs)
+    replay_hw = {r.hardware for r in runs if r.engine == "replay"}
+    companions = {Path(str((r.config.get("compare") or {}).get("sim_result"))).name
+                  for r in runs if r.engine == "replay"}
+    study = [r for r in sims if r.hardware not in replay_hw and r.path.name not in companions]
+    return study or sims or list(runs)
 
 
 def varying_params(runs: Sequence[Run], exclude: Iterable[str] = ()) -> dict[str, set[str]]:

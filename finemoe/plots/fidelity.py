@@ -98,5 +98,5 @@ def sim_vs_replay(runs: Sequence[Run], out_dir: Path) -> Rendered:
         ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower right")
     used = [r for p in pairs for r in p.runs]
-    title = "Simulation vs replay (labels: simulated minus replayed, relative to replayed)"
+    title = "Simulation vs replay (labels: the simulator's error against the measurement)"
     return finish(fig, "sim_vs_replay", title, caption(used), out_dir)

@@ -33,12 +33,12 @@ from finemoe.plots.render import FIGURES, PlotOutcome, render_all
 def metrics_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: policy, budget, hit rate, TTFT/TPOT p50/p99 (ms), bytes moved, stalls."""
     varying = varying_params(runs)
-    multi_hw = len({r.hardware for r in runs}) > 1
     rows = []
     for r in runs:
         rows.append({
             "engine": r.engine,
-            "policy": series_label(r, varying, multi_hw),
+            "policy": series_label(r, varying),
+            "hardware": r.hardware,
             "budget": format_budget(r),
             "_budget_sort": r.gpu_mem_bytes if not r.slots_set_directly else r.cache_slots,
             "slots": r.cache_slots if r.cache_slots is not None else "",
@@ -54,7 +54,7 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
         })
     df = pd.DataFrame(rows)
     df["_sim_first"] = df["engine"] != "sim"
-    df = df.sort_values(["_sim_first", "engine", "_budget_sort", "policy"], kind="stable")
+    df = df.sort_values(["_sim_first", "engine", "hardware", "_budget_sort", "policy"], kind="stable")
     df = df.drop(columns=["_budget_sort", "_sim_first"])
     return df.reset_index(drop=True)
 
@@ -143,7 +143,7 @@ def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
         f"<title>{e(title)}</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px;"
-        "text-align:right}th{background:#f0f0f0}td:nth-child(-n+3){text-align:left}figure{margin:2em 0}"
+        "text-align:right}th{background:#f0f0f0}td:nth-child(-n+4){text-align:left}figure{margin:2em 0}"
         "img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#444}"
         ".note{color:#666;font-size:13px}dt{font-weight:600}dd{margin:0 0 .5em 1em}</style>",
         "</head><body>",

@@ -64,7 +64,8 @@ def engine_timeline(runs: Sequence[Run], out_dir: Path, steps: int = DEFAULT_STE
     all_times = [float(e["end_s"]) - float(e["start_s"]) for _, evs in panels for e in evs]
     spans = [max(float(e["end_s"]) for e in evs) - min(float(e["start_s"]) for e in evs) for _, evs in panels if evs]
     unit, scale = pick_time_unit(spans or all_times)
-    fig, axes = new_figure(11.0, 1.0 + 1.3 * sum(len({e["lane"] for e in evs}) for _, evs in panels) ** 0.9, len(panels), 1)
+    fig, axes = new_figure(11.0, 1.0 + 1.3 * sum(len({e["lane"] for e in evs}) for _, evs in panels) ** 0.9, len(panels), 1,
+                           sharex=True)
     for ax, (run, events) in zip((row[0] for row in axes), panels, strict=True):
         lanes = sorted({str(e["lane"]) for e in events}, key=_lane_order)
         y_of = {lane: i for i, lane in enumerate(reversed(lanes))}
@@ -90,7 +91,8 @@ def engine_timeline(runs: Sequence[Run], out_dir: Path, steps: int = DEFAULT_STE
         ax.set_ylim(-0.6, len(lanes) + 0.1)
         hits = 100.0 * run.metric("hit_rate")
         ax.set_title(f"{run.policy} at {format_budget(run)} (hit rate {hits:.1f}% over the run)", fontsize=9)
-        ax.set_xlabel(f"simulated time ({unit})" if run.engine == "sim" else f"measured time ({unit})")
+        if run is chosen[-1]:
+            ax.set_xlabel(f"simulated time ({unit})" if run.engine == "sim" else f"measured time ({unit})")
         ax.grid(True, axis="x", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))

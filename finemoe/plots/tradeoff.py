@@ -67,4 +67,4 @@ def hit_rate_memory(runs: Sequence[Run], out_dir: Path) -> Rendered:
     ax.set_ylim(0, 102)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return finish(fig, "hit_rate_memory", "Expert hit rate against GPU memory", caption(runs), out_dir)
+    return finish(fig, "hit_rate_memory", "Expert hit rate against memory", caption(runs), out_dir)
