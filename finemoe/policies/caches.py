@@ -17,6 +17,7 @@ class LRUOrder:
 
     def __init__(self) -> None:
         self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+        self._move = self._order.move_to_end
 
     def __len__(self) -> int:
         return len(self._order)
@@ -29,8 +30,10 @@ class LRUOrder:
         self._order.move_to_end(key)
 
     def touch(self, key: ExpertKey) -> None:
-        if key in self._order:
-            self._order.move_to_end(key)
+        try:
+            self._move(key)
+        except KeyError:
+            pass
 
     def evicted(self, key: ExpertKey) -> None:
         self._order.pop(key, None)

@@ -53,6 +53,7 @@ class ExpertCache:
         self._queued: dict[ExpertKey, Prefetch] = {}
         self._seq = 0
         self._unused_prefetch: set[ExpertKey] = set()  # prefetched (in flight or resident), not yet used
+        self._unpins: deque[tuple[float, ExpertKey]] = deque()  # (time, key), time non-decreasing
         self._evictable = self.evictable
 
     # --- queries --------------------------------------------------------------------------------
@@ -92,31 +93,55 @@ class ExpertCache:
 
     def access(self, layer: int, expert: int, now_s: float) -> bool:
         """A routed expert is needed now. Records hit/miss, queues an on-demand load on a miss."""
-        key = (layer, expert)
-        hit = key in self.resident
-        if hit:
-            self.rec.hits[layer] += 1
-            if key in self._unused_prefetch:
-                self._unused_prefetch.discard(key)
-                self.rec.prefetch_in_time += 1
-        else:
+        return not self.access_layer(layer, (expert,), now_s)
+
+    def access_layer(self, layer: int, experts, now_s: float) -> list[int] | None:
+        """Every routed expert of a layer is needed now (in this order): records hits and misses,
+        notifies the policy, queues on-demand loads; returns the missed experts (None if none)."""
+        resident, unused, on_access = self.resident, self._unused_prefetch, self.policy.on_access
+        misses = None
+        for expert in experts:
+            key = (layer, expert)
+            if key in resident:
+                self.rec.hits[layer] += 1
+                if unused and key in unused:
+                    unused.discard(key)
+                    self.rec.prefetch_in_time += 1
+                on_access(layer, expert, True, now_s)
+                continue
             self.rec.misses[layer] += 1
-            if key in self._unused_prefetch:  # on the wire: a late prefetch
-                self._unused_prefetch.discard(key)
+            if key in unused:  # on the wire: a late prefetch
+                unused.discard(key)
                 self.rec.prefetch_late += 1
             elif key not in self.in_flight and key not in self._demand_set:
                 if self._queued.pop(key, None) is not None:  # queued, never started: late too
                     self.rec.prefetch_late += 1
                 self._demand.append(key)
                 self._demand_set.add(key)
-        self.policy.on_access(layer, expert, hit, now_s)
-        return hit
+            on_access(layer, expert, False, now_s)
+            if misses is None:
+                misses = []
+            misses.append(expert)
+        return misses
 
     def pin(self, keys: Iterable[ExpertKey]) -> None:
         self.pinned.update(keys)
 
-    def unpin(self, key: ExpertKey) -> None:
-        self.pinned.discard(key)
+    def unpin(self, key: ExpertKey, at_s: float | None = None) -> None:
+        """Release a pin now, or at time `at_s` (applied before the next eviction decision at or
+        after that time, so an engine need not stop its clock for it)."""
+        if at_s is None:
+            self.pinned.discard(key)
+        else:
+            self._unpins.append((at_s, key))
+
+    def next_unpin_s(self) -> float | None:
+        return self._unpins[0][0] if self._unpins else None
+
+    def _apply_unpins(self, now_s: float) -> None:
+        q = self._unpins
+        while q and q[0][0] <= now_s:
+            self.pinned.discard(q.popleft()[1])
 
     # --- prefetch queue ----------------------------------------------------------------------------
     def add_prefetches(self, prefetches: Iterable[Prefetch]) -> int:
@@ -145,6 +170,8 @@ class ExpertCache:
         """The next copy to put on a free copy engine, with its slot already made (evicting through
         the policy); None when nothing can start now (`blocked` tells whether a demand waits)."""
         self.blocked = False
+        if self._unpins:
+            self._apply_unpins(now_s)
         if self._demand:
             room = self._make_room(None, now_s)
             if room is _NO_ROOM:

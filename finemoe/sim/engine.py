@@ -34,6 +34,7 @@ from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.schema import Trace
 
 _S = 1.0 / TICKS_PER_S
+_LAST = 2  # SimPy priority below NORMAL: the compute clock syncs after every other event at that time
 
 
 class DeadlockError(RuntimeError):
@@ -148,8 +149,15 @@ class SimEngine:
         self.wire_ticks = to_ticks(costs.wire_s(g.bytes_per_expert))
         self._expert_ticks: dict[int, int] = {}
         self._info: dict[tuple[int, int], _IterInfo] = {}
+        self._sorted: np.ndarray | None = None
+        self._missing_rows: set[int] = set()
+        self._dense_cache: dict = {}
         self._wake = self.env.event()
         self._loaded = self.env.event()
+        self._idle = 0
+        self._arriving: dict = {}  # expert key -> (end tick, its copy's completion event)
+        self._loaded_waited = False
+        self._wire_free = 0
         self.step = 0
         self.oracle = _PlanOracle(self.L, self.J) if policy.is_oracle else None
         self._planned_known = -1
@@ -183,9 +191,67 @@ class SimEngine:
             got = self._expert_ticks[tokens] = to_ticks(self.costs.expert_compute_s(tokens))
         return got
 
+    def _single_row(self, row: int) -> list[list[int]]:
+        """One token's routed experts per layer, ascending, missing records dropped."""
+        if self._sorted is None:
+            self._sorted = np.sort(self.trace.experts, axis=2)
+            self._missing_rows = set(np.flatnonzero((self._sorted < 0).any(axis=(1, 2))).tolist())
+        got = self._sorted[row].tolist()
+        if row in self._missing_rows:
+            got = [[e for e in lay if e >= 0] for lay in got]
+        return got
+
+    def _prepare(self, seqs: tuple[Sequence, ...]):
+        """Per layer the routed experts (ascending) and their token counts (None: one token each),
+        the dense ticks per layer and the step's token count."""
+        if len(seqs) == 1 and seqs[0].stop - seqs[0].start == 1:
+            q = seqs[0]
+            pos = int(self.trace.position[q.start]) + 1
+            dense = self._dense_cache.get((1, pos, pos))
+            if dense is None:
+                dense = self._dense_cache[(1, pos, pos)] = to_ticks(self.costs.dense_layer_s(1, pos, pos))
+            return self._single_row(q.start), None, dense, 1
+        infos = [self.info(q) for q in seqs]
+        tokens = sum(i.tokens for i in infos)
+        context = sum(i.context for i in infos)
+        pairs = sum(i.pairs for i in infos)
+        experts_l, counts_l = [], []
+        for layer in range(self.L):
+            if len(infos) == 1:
+                items = infos[0].layers[layer]
+            else:
+                merged: dict[int, int] = {}
+                for i in infos:
+                    for e, c in i.layers[layer]:
+                        merged[e] = merged.get(e, 0) + c
+                items = sorted(merged.items())
+            experts_l.append([e for e, _ in items])
+            counts_l.append([c for _, c in items])
+        dense = to_ticks(self.costs.dense_layer_s(tokens, context, pairs))
+        return experts_l, counts_l, dense, tokens
+
+    def _sync(self, t: int):
+        """Bring SimPy's clock to the compute clock `t`, after every other event due at `t`."""
+        env = self.env
+        if env.now < t or env.peek() <= t:
+            ev = simpy.Event(env)
+            ev._ok = True
+            ev._value = None
+            env.schedule(ev, _LAST, t - env.now)
+            yield ev
+
     def _notify(self) -> None:
         if not self._wake.triggered:
             self._wake.succeed()
+            self._wake = self.env.event()
+
+    def _wake_at(self, t: int) -> None:
+        """Wake idle copy engines at compute time `t` (>= now; nothing else is due before `t`)."""
+        if self._idle and not self._wake.triggered:
+            ev = self._wake
+            ev._ok = True
+            ev._value = None
+            self.env.schedule(ev, _LAST, t - self.env.now)
             self._wake = self.env.event()
 
     def _replan(self, now: int) -> None:
@@ -196,32 +262,48 @@ class SimEngine:
 
     # --- processes -------------------------------------------------------------------------------
     def _copier(self, index: int):
+        """A copy engine: take the next copy (on-demand first), wait the per-transfer latency, then
+        the bytes cross the link, which all copy engines share in arrival order."""
         env, cache, rec = self.env, self.cache, self.rec
         lane = f"copy{index}"
         while True:
             tr = cache.next_transfer(env.now * _S)
             if tr is None:
-                yield self._wake
+                self._idle += 1
+                nxt = cache.next_unpin_s() if cache.blocked else None
+                if nxt is not None:
+                    yield self._wake | env.timeout(max(0, to_ticks(nxt) - env.now))
+                else:
+                    yield self._wake
+                self._idle -= 1
                 continue
-            start, step = env.now, self.step
-            if self.latency_ticks:
-                yield env.timeout(self.latency_ticks)
-            with self.wire.request() as req:
-                yield req
-                yield env.timeout(self.wire_ticks)
+            start = env.now
+            step = self.step if tr.prefetch is None else tr.prefetch.step  # demand: the waiting step
+            wire_start = max(start + self.latency_ticks, self._wire_free)
+            self._wire_free = end = wire_start + self.wire_ticks
+            done = env.timeout(end - start)
+            self._arriving[tr.key] = (end, done)  # the compute process may wait on this very event
+            yield done
+            del self._arriving[tr.key]
             cache.complete(tr, env.now * _S)
             if step < rec.timeline_steps:
-                rec.event(lane, tr.kind, step, tr.key[0], tr.key[1], start * _S, env.now * _S, tr.prefetch is None)
-            if not self._loaded.triggered:
+                rec.event(lane, tr.kind, step, tr.key[0], tr.key[1], start * _S, end * _S, tr.prefetch is None)
+            if self._loaded_waited and not self._loaded.triggered:
                 self._loaded.succeed()
                 self._loaded = env.event()
-            self._notify()
+            if self._idle and cache.has_work:
+                self._notify()
 
     def _compute(self):
         env, cache, rec, policy, batcher = self.env, self.cache, self.rec, self.policy, self.batcher
         trace, L = self.trace, self.L
-        fast = self.fast_path
+        always = not self.fast_path
+        sync = self._sync
+        peek = env.peek
         tl_steps = rec.timeline_steps
+        wants_layer = self._wants_layer
+        etf = self.expert_ticks
+        et1 = etf(1)
         first_seen: set[int] = set()
         stall = 0
         t = env.now
@@ -235,106 +317,99 @@ class SimEngine:
                 self._replan(t)
             cache.set_position(step, -1)
             step_info = None
-            if self._wants_step or self._wants_layer:
+            if self._wants_step or wants_layer:
                 step_info = StepInfo(step, t * _S, seqs, trace)
             if self._wants_step:
-                if cache.busy or not fast:
-                    if env.now < t:
-                        yield env.timeout(t - env.now)
+                if always or peek() <= t:
+                    yield from sync(t)
                 pf = policy.on_step_start(step_info)
-                if pf:
-                    if env.now < t:
-                        yield env.timeout(t - env.now)
-                    if cache.add_prefetches(pf):
-                        self._notify()
-            # What the step needs, per layer, merged over its sequences.
-            if len(seqs) == 1:
-                it = self.info(seqs[0])
-                layers = it.layers
-                tokens, context, pairs = it.tokens, it.context, it.pairs
-            else:
-                infos = [self.info(q) for q in seqs]
-                tokens = sum(i.tokens for i in infos)
-                context = sum(i.context for i in infos)
-                pairs = sum(i.pairs for i in infos)
-                layers = []
-                for layer in range(L):
-                    merged: dict[int, int] = {}
-                    for i in infos:
-                        for e, c in i.layers[layer]:
-                            merged[e] = merged.get(e, 0) + c
-                    layers.append(tuple(sorted(merged.items())))
-            dense = to_ticks(self.costs.dense_layer_s(tokens, context, pairs))
+                if pf and cache.add_prefetches(pf):
+                    self._wake_at(t)
+            experts_l, counts_l, dense, tokens = self._prepare(seqs)
             keep = step < tl_steps
             for layer in range(L):
                 t0 = t
                 t += dense
                 if keep:
                     rec.event("compute", "dense", step, layer, -1, t0 * _S, t * _S, False)
-                if (cache.busy or not fast) and env.now < t:
-                    yield env.timeout(t - env.now)
-                cache.set_position(step, layer)
+                if always or peek() <= t:
+                    yield from sync(t)
+                cache.position = (step, layer)
                 now_s = t * _S
-                pf = policy.on_layer_routed(LayerRouting(step_info, layer, now_s, trace)) if self._wants_layer else None
-                needed = layers[layer]
-                misses = None
-                for e, _ in needed:
-                    if not cache.access(layer, e, now_s):
-                        if misses is None:
-                            misses = []
-                        misses.append(e)
-                general = cache.busy or bool(pf) or not fast
-                if general:
-                    if env.now < t:
-                        yield env.timeout(t - env.now)
-                    cache.pin([(layer, e) for e, _ in needed])
-                    if pf:
-                        cache.add_prefetches(pf)
-                    if cache.has_work:
-                        self._notify()
-                if misses is None:
-                    pending = ()
+                pf = policy.on_layer_routed(LayerRouting(step_info, layer, now_s, trace)) if wants_layer else None
+                experts = experts_l[layer]
+                misses = cache.access_layer(layer, experts, now_s)
+                if pf and cache.add_prefetches(pf):
+                    self._wake_at(t)
+                if counts_l is None:
+                    ticks = None
+                    if misses is None and not keep and not always and not cache.busy:
+                        # Nothing can happen on the link: the layer's experts run back to back.
+                        t += et1 * len(experts)
+                        continue
+                    ticks = [et1] * len(experts)
                 else:
-                    pending = misses
-                # Resident experts first, in expert order; then misses as they arrive.
-                for e, c in needed:
+                    ticks = [etf(c) for c in counts_l[layer]]
+                if misses is None and not cache.busy:
+                    for e, c in zip(experts, ticks, strict=True):
+                        t0 = t
+                        t += c
+                        if keep:
+                            rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, False)
+                    if always:
+                        yield from sync(t)
+                    continue
+                # Copies are queued or on the wire: pin what this layer needs until it is computed.
+                cache.pin([(layer, e) for e in experts])
+                if misses is not None:
+                    self._wake_at(t)
+                # Resident experts first, in expert order; then the misses as they arrive.
+                for e, c in zip(experts, ticks, strict=True):
                     if misses is not None and e in misses:
                         continue
                     t0 = t
-                    t += self.expert_ticks(c)
+                    t += c
+                    cache.unpin((layer, e), t * _S)
                     if keep:
                         rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, False)
-                    if general:
-                        if cache.busy or not fast:
-                            if env.now < t:
-                                yield env.timeout(t - env.now)
-                        cache.unpin((layer, e))
-                        if cache.blocked:
-                            self._notify()
-                if pending:
-                    counts = dict(needed)
-                    pending = list(pending)
+                    if always or cache.blocked:
+                        yield from sync(t)
+                        self._notify()
+                if misses is not None:
+                    pending = list(misses)
                     while pending:
+                        if always or peek() <= t:
+                            yield from sync(t)
                         ready = [e for e in pending if (layer, e) in cache.resident]
                         if not ready:
-                            if env.now < t:
-                                yield env.timeout(t - env.now)
-                            waited_from = env.now
-                            yield self._loaded
-                            stall += env.now - waited_from
+                            # Wait for the first of the missing experts on the wire to land (its
+                            # copy engine resumes first and marks it resident), else for any copy.
+                            first = None
+                            for e in pending:
+                                a = self._arriving.get((layer, e))
+                                if a is not None and (first is None or a[0] < first[0]):
+                                    first = a
+                            if first is not None:
+                                yield first[1]
+                            else:
+                                self._loaded_waited = True
+                                yield self._loaded
+                                self._loaded_waited = False
+                            stall += env.now - t
                             t = env.now
                             continue
                         for e in ready:
                             pending.remove(e)
                             t0 = t
-                            t += self.expert_ticks(counts[e])
+                            t += ticks[experts.index(e)]
+                            cache.unpin((layer, e), t * _S)
                             if keep:
                                 rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, True)
-                            if env.now < t:
-                                yield env.timeout(t - env.now)
-                            cache.unpin((layer, e))
-                            if cache.blocked:
+                            if always or cache.blocked:
+                                yield from sync(t)
                                 self._notify()
+                if always:
+                    yield from sync(t)
             # The step is done: every sequence produced a token.
             end_s = t * _S
             rec.steps += 1
@@ -348,11 +423,12 @@ class SimEngine:
             for rid in finished:
                 rec.finished(rid, end_s)
                 if self.online and self._wants_finished:
+                    if always or peek() <= t:
+                        yield from sync(t)
                     policy.on_request_finished(rid, trace)
             self.step += 1
         rec.stall_s = stall * _S
-        if env.now < t:
-            yield env.timeout(t - env.now)
+        yield from sync(t)
         return t
 
     # --- driver ----------------------------------------------------------------------------------
