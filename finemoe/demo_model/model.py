@@ -67,6 +67,8 @@ def load_demo_model(path: str | os.PathLike | None = None):
         )
     import torch
 
-    model = MixtralForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    from finemoe.traces.collect.loader import dtype_kwarg
+
+    model = MixtralForCausalLM.from_pretrained(str(path), **dtype_kwarg(torch.float32))
     model.eval()
     return model, ByteTokenizer()

@@ -10,6 +10,14 @@ from finemoe.errors import ConfigError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def dtype_kwarg(dtype) -> dict:
+    """transformers 5 calls it `dtype`, 4.x `torch_dtype`."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
 def load_model(name_or_path: str | None, *, dtype: str = "auto"):
     """(model, tokenizer, name). None means the demo model shipped inside the package."""
     import torch
@@ -38,7 +46,7 @@ def load_model(name_or_path: str | None, *, dtype: str = "auto"):
         ) from None
     architecture_of(config)  # an unsupported architecture fails before any weight is read
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **dtype_kwarg(torch_dtype))
     model.eval()
     if path.is_dir() and ByteTokenizer.is_saved_in(path):
         tok = ByteTokenizer()

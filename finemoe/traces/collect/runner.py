@@ -161,7 +161,7 @@ def _metadata(model, arch, config, encoder, projection, geometry: Geometry, plan
             projection="gaussian N(0, 1/dim), torch.Generator seeded", dim=int(projection.shape[1]), seed=config.seed
         )
     return {
-        "source": "finemoe collect",
+        "source": {"kind": "collect", "model": geometry.model_name, "architecture": arch.model_type},
         "collector": {
             **asdict(config),
             "architecture": arch.model_type,
