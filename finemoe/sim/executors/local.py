@@ -17,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from finemoe.sim.executors.work import TaskFailure, Work, describe_exception, execute
 
-_PRELOAD = ["finemoe.sim.executors.work", "numpy", "pandas", "pyarrow.parquet"]
+_PRELOAD = ["finemoe.sim.executors.work", "finemoe.sim.executors.preload", "pyarrow.parquet"]
 
 
 def _pool_context():

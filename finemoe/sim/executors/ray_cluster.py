@@ -92,6 +92,9 @@ class RayExecutor:
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
+            if pending:  # take every other finished task too: one wait per batch, not per task
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                done += more
             for ref in done:
                 try:
                     outcome = ray.get(ref)
