@@ -32,8 +32,9 @@ LMSYS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "lmsys-chat
 
 def generate_all(model, encoder, prompts, max_new_tokens: int, eos: list[int]) -> int:
     tokens = 0
+    device = next(model.parameters()).device
     for prompt in prompts:
-        ids = torch.tensor([encoder.encode(prompt.text)])
+        ids = torch.tensor([encoder.encode(prompt.text)], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=encoder.pad_id, eos_token_id=eos or None)
@@ -50,10 +51,12 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, tok, name = load_model(args.model)
+    model, tok, name = load_model(args.model, device=args.device)
+    device = next(model.parameters()).device
     prompts = load_prompts(args.prompts, limit=args.limit)
     encoder = PromptEncoder(tok, chat_template=True, max_tokens=args.max_prompt_tokens)
     eos = eos_ids(model, tok)
@@ -81,7 +84,7 @@ def main() -> None:
 
     plain = statistics.median(times["plain"])
     print(f"model {name}, {len(prompts)} prompts, {tokens} generated tokens per run, "
-          f"{args.rounds} rounds, {args.threads} thread(s)")
+          f"{args.rounds} rounds, device {device}, {args.threads} CPU thread(s)")
     for key, label in (("plain", "generate() without hooks"), ("hooks", "generate() with hooks"),
                        ("collect", "collect() (hooks + rows + Parquet)")):
         med = statistics.median(times[key])

@@ -29,13 +29,15 @@ import click
 @click.option("--no-chat-template", is_flag=True, help="Feed the raw prompt even if the tokenizer has a chat template.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Weight dtype for --model (the demo model runs in float32).")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:1, ... ('auto': the first GPU if there is one).")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
 @click.option("-o", "--output", default="trace.parquet", show_default=True, type=click.Path(),
               help="A .parquet file, or any other name for a directory of part files.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def collect_command(model_name, source, prompt_field, limit, seed, shuffle, max_new_tokens, batch_size,
                     max_prompt_tokens, greedy, no_router_probs, no_speculative, semantic_dim, no_chat_template,
-                    dtype, threads, output, quiet) -> None:
+                    dtype, device, threads, output, quiet) -> None:
     """Record the routing of a real MoE model: experts and gate weights of every token and layer,
     full router probabilities, semantic keys and speculative router outputs.
 
@@ -62,9 +64,9 @@ def collect_command(model_name, source, prompt_field, limit, seed, shuffle, max_
         max_prompt_tokens=max_prompt_tokens, chat_template=not no_chat_template,
     )
     prompts = load_prompts(source, field=prompt_field, limit=limit or None, seed=seed if shuffle else None)
-    model, tokenizer, name = load_model(model_name, dtype=dtype)
+    model, tokenizer, name = load_model(model_name, dtype=dtype, device=device)
     settings = {"model": model_name or name, "prompts": str(source), "prompt_field": prompt_field,
-                "limit": limit, "shuffle": shuffle}
+                "limit": limit, "shuffle": shuffle, "device": str(next(model.parameters()).device)}
     try:
         path = collect(model, tokenizer, prompts, output, config, model_name=name, metadata=settings,
                        progress=not quiet)

@@ -28,6 +28,33 @@ class StepRecord:
     spec_experts: list[torch.Tensor | None] = field(default_factory=list)
     spec_weights: list[torch.Tensor | None] = field(default_factory=list)
 
+    def to_numpy(self) -> dict:
+        """Per-layer lists stacked to [B*S, L, ...] numpy arrays; one device-to-host copy per field.
+
+        Hooks keep tensors where the model runs, so a GPU never waits on a copy mid-forward.
+        """
+        def stack(items):
+            return torch.stack(items, 1).cpu().numpy() if items else None
+
+        out = {
+            "input_ids": self.input_ids.cpu().numpy(),
+            "semantic": self.semantic.cpu().float().numpy() if self.semantic is not None else None,
+            "experts": stack(self.experts),
+            "weights": stack(self.weights),
+            "probs": stack(self.probs),
+        }
+        if self.spec_experts:
+            ref_e, ref_w = self.experts[0], self.weights[0]
+            out["spec_experts"] = stack([
+                e if e is not None else torch.full_like(ref_e, -1) for e in self.spec_experts
+            ])
+            out["spec_weights"] = stack([
+                w if w is not None else torch.zeros_like(ref_w) for w in self.spec_weights
+            ])
+        else:
+            out["spec_experts"] = out["spec_weights"] = None
+        return out
+
 
 class RoutingRecorder:
     """Installs the hooks; `steps` fills with one StepRecord per forward until `remove()`."""
@@ -80,8 +107,9 @@ class RoutingRecorder:
         if self.semantic:
             semantic = output.detach().float()
             if self.projection is not None:
-                semantic = semantic @ self.projection
-        self.steps.append(StepRecord(input_ids=ids.detach().cpu(), semantic=semantic.cpu() if semantic is not None else None))
+                semantic = semantic @ self.projection.to(semantic.device)
+            semantic = semantic.half()  # what the trace stores; halves the memory held until the batch ends
+        self.steps.append(StepRecord(input_ids=ids.detach(), semantic=semantic))
 
     def _router_hook(self, index: int):
         def hook(module, args, output) -> None:
@@ -89,10 +117,10 @@ class RoutingRecorder:
             step = self.steps[-1]
             if len(step.experts) != index:
                 raise RuntimeError(f"router {index} ran out of order (recorded {len(step.experts)} layers)")
-            step.experts.append(experts.detach().cpu())
-            step.weights.append(weights.detach().cpu())
+            step.experts.append(experts.detach())
+            step.weights.append(weights.detach())
             if self.keep_probs:
-                step.probs.append(probs.detach().cpu())
+                step.probs.append(probs.detach())
             if self.speculative and len(step.spec_experts) < len(step.experts):
                 step.spec_experts.append(None)  # no later MoE layer to speculate for
                 step.spec_weights.append(None)
@@ -109,7 +137,7 @@ class RoutingRecorder:
                 out = nxt.router.forward(nxt.norm.forward(flat))
                 _, weights, experts = route(self.arch, self.model.config, out)
             step = self.steps[-1]
-            step.spec_experts.append(experts.detach().cpu())
-            step.spec_weights.append(weights.detach().cpu())
+            step.spec_experts.append(experts.detach())
+            step.spec_weights.append(weights.detach())
 
         return hook

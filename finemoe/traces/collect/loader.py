@@ -18,8 +18,23 @@ def dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
 
-def load_model(name_or_path: str | None, *, dtype: str = "auto"):
-    """(model, tokenizer, name). None means the demo model shipped inside the package."""
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available")
+    return device
+
+
+def load_model(name_or_path: str | None, *, dtype: str = "auto", device: str = "cpu"):
+    """(model, tokenizer, name) on `device`. None means the demo model shipped inside the package."""
+    model, tok, name = _load(name_or_path, dtype=dtype)
+    return model.to(resolve_device(device)), tok, name
+
+
+def _load(name_or_path: str | None, *, dtype: str):
     import torch
 
     from finemoe.demo_model.model import DEMO_MODEL_NAME, demo_model_dir, load_demo_model

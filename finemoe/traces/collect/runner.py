@@ -17,11 +17,11 @@ import torch
 
 from finemoe.errors import ConfigError
 from finemoe.traces.collect.adapters import PROBS_NOTE, architecture_of, geometry_of
-from finemoe.traces.collect.hooks import RoutingRecorder, StepRecord
+from finemoe.traces.collect.hooks import RoutingRecorder
 from finemoe.traces.geometry import Geometry
 from finemoe.traces.parts import PartWriter
 from finemoe.traces.prompts import Prompt
-from finemoe.traces.schema import MISSING_EXPERT, RequestInfo, Trace
+from finemoe.traces.schema import RequestInfo, Trace
 
 CHAT_TAIL_TOKENS = 16  # tokens kept from the end of a too-long chat prompt (the assistant header)
 
@@ -197,6 +197,8 @@ def _collect_batch(model, recorder, encoder, batch, first_id, config, eos, geome
         input_ids[row, width - len(x) :] = torch.tensor(x)
         attention[row, width - len(x) :] = 1
     recorder.steps.clear()
+    device = next(model.parameters()).device
+    input_ids, attention = input_ids.to(device), attention.to(device)
     torch.manual_seed(config.seed + first_id)
     kwargs = {"do_sample": False} if config.greedy else {}
     with torch.no_grad():
@@ -208,9 +210,9 @@ def _collect_batch(model, recorder, encoder, batch, first_id, config, eos, geome
             eos_token_id=eos or None,
             **kwargs,
         )
-    steps = list(recorder.steps)
+    steps = [step.to_numpy() for step in recorder.steps]
     recorder.steps.clear()
-    new = sequences[:, width:]
+    new = sequences[:, width:].cpu()
     if len(steps) != new.shape[1]:
         raise RuntimeError(f"recorded {len(steps)} forward passes for {new.shape[1]} generated tokens")
     requests, pieces = [], []
@@ -224,37 +226,30 @@ def _collect_batch(model, recorder, encoder, batch, first_id, config, eos, geome
     return _assemble(pieces, requests, geometry, meta)
 
 
-def _request_rows(steps: list[StepRecord], row: int, width: int, prompt_len: int, generated: int, rid: int, new):
+def _request_rows(steps: list[dict], row: int, width: int, prompt_len: int, generated: int, rid: int, new):
     """Per-token arrays of one request: real prompt columns of the prefill, then one per decode step."""
-    out = {k: [] for k in ("iteration", "position", "experts", "weights", "probs", "semantic", "spec_e", "spec_w")}
+    keys = ("experts", "weights", "probs", "spec_experts", "spec_weights")
+    out = {k: [] for k in ("iteration", "position", "semantic", *keys)}
     for it in range(generated):
         step = steps[it]
-        seq = step.input_ids.shape[1]
+        seq = step["input_ids"].shape[1]
         if it == 0:
             cols = np.arange(width - prompt_len, width)
             positions = np.arange(prompt_len)
         else:
-            if int(step.input_ids[row, -1]) != int(new[row, it - 1]):
-                raise RuntimeError(f"step {it} fed token {int(step.input_ids[row, -1])}, generated {int(new[row, it - 1])}")
+            fed = int(step["input_ids"][row, -1])
+            if fed != int(new[row, it - 1]):
+                raise RuntimeError(f"step {it} fed token {fed}, generated {int(new[row, it - 1])}")
             cols = np.array([seq - 1])
             positions = np.array([prompt_len + it - 1])
         flat = row * seq + cols
         out["iteration"].append(np.full(len(cols), it, np.int32))
         out["position"].append(positions.astype(np.int32))
-        out["experts"].append(torch.stack([e[flat] for e in step.experts], 1).numpy())
-        out["weights"].append(torch.stack([w[flat] for w in step.weights], 1).numpy())
-        if step.probs:
-            out["probs"].append(torch.stack([p[flat] for p in step.probs], 1).numpy())
-        if step.semantic is not None:
-            out["semantic"].append(step.semantic[row, cols].numpy())
-        if step.spec_experts:
-            n, K = len(cols), out["experts"][-1].shape[2]
-            out["spec_e"].append(np.stack([
-                e[flat].numpy() if e is not None else np.full((n, K), MISSING_EXPERT) for e in step.spec_experts
-            ], 1))
-            out["spec_w"].append(np.stack([
-                w[flat].numpy() if w is not None else np.zeros((n, K)) for w in step.spec_weights
-            ], 1))
+        for key in keys:
+            if step[key] is not None:
+                out[key].append(step[key][flat])
+        if step["semantic"] is not None:
+            out["semantic"].append(step["semantic"][row, cols])
     return {k: (np.concatenate(v) if v else None) for k, v in out.items()} | {"rid": rid}
 
 
@@ -276,7 +271,7 @@ def _assemble(pieces: list[dict], requests: list[RequestInfo], geometry: Geometr
         weights=cat("weights", np.float16),
         router_probs=cat("probs", np.float16),
         semantic_key=cat("semantic", np.float16),
-        spec_experts=cat("spec_e", np.int16),
-        spec_weights=cat("spec_w", np.float16),
+        spec_experts=cat("spec_experts", np.int16),
+        spec_weights=cat("spec_weights", np.float16),
         metadata=meta,
     )
