@@ -302,3 +302,10 @@ def test_no_worker_process_left_behind(trace_file, tmp_path):
     run_sweep(slots_configs(trace_file, slots=[4, 8]), tmp_path, jobs=2, work=support.WORK, progress=False)
     workers = [p for p in multiprocessing.active_children() if "ForkServer" not in type(p).__name__]
     assert not workers
+
+
+def test_ray_missing_is_one_clear_sentence(trace_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(ConfigError, match=r"needs Ray, which is not installed: pip install 'finemoe\[ray\]'"):
+        run_sweep(slots_configs(trace_file, slots=[4]), tmp_path, executor="ray", work=support.WORK, progress=False)
+    assert not list(tmp_path.glob("*.parquet"))
