@@ -5,7 +5,7 @@ What is shared with the simulator (and therefore decides identically given the s
 history/measure split, arrivals and continuous batching (`finemoe.sim.workload`), the expert cache
 with its queues, drop rules and victim choice (`finemoe.sim.cache`), the metrics recorder
 (`finemoe.sim.metrics`), the memory arithmetic (`finemoe.sim.memory`) and the policy objects. What
-is this module's own: the weights in host memory, the device slot pool, the copier, the arithmetic,
+is this module's own: the weights in host memory, the device slot pool, the copy engines, the arithmetic,
 and the clock.
 
 One engine step, as the main thread runs it:
@@ -14,12 +14,14 @@ One engine step, as the main thread runs it:
         on_layer_routed -> prefetches; each routed expert is accessed (hit / miss -> on-demand load);
         resident experts compute first, missing ones as their copies land (the wait is stall time)
     the step ends when the device has finished its work; first-token / finish times are taken there.
-Between kernels the main thread polls the copier, marks finished copies resident and hands the next
-transfer (on-demand loads first) to each idle copy engine: the simulator's link discipline.
+Copy engines are threads (finemoe.replay.engines) that take the next transfer from the cache as soon
+as they are free, on-demand loads first: the simulator's link discipline. Cache and policy are
+touched only under one lock, by the main thread between kernels and by the engines between copies.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,12 +32,12 @@ from finemoe.errors import ConfigError, MissingFieldError
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
 from finemoe.policies.registry import make_policy
 from finemoe.replay.compute import dense_forward, expert_ffn
-from finemoe.replay.copier import CopyJob, make_copier
 from finemoe.replay.device import check_device, cpu_threads, synchronize, torch_threads
+from finemoe.replay.engines import CopyEngines
 from finemoe.replay.slots import SlotPool
 from finemoe.replay.weights import DenseWeights, HostExperts, check_host_memory, expert_shape
 from finemoe.results import RunResult
-from finemoe.sim.cache import ExpertCache, Transfer
+from finemoe.sim.cache import ExpertCache
 from finemoe.sim.config import SimConfig
 from finemoe.sim.costs import CostModel
 from finemoe.sim.memory import plan_memory
@@ -126,8 +128,8 @@ class _Replayer:
         gen = torch.Generator().manual_seed(config.seed + 2)
         self.x = (torch.randn((max_tokens, g.hidden_size), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
         self.q = (torch.randn((max_tokens, self.dense.kv_width), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
-        self.copier = make_copier(device, max(1, config.hardware.copy_engines))
-        self.jobs: dict[tuple[int, int], CopyJob] = {}
+        self.lock = threading.Condition()
+        self.engines: CopyEngines | None = None
         self.t0 = 0.0
         self._step = 0
 
@@ -136,29 +138,14 @@ class _Replayer:
         return time.perf_counter() - self.t0
 
     # --- copies -----------------------------------------------------------------------------------
-    def _start_copy(self, tr: Transfer) -> None:
-        slot = self.pool.assign(tr.key, tr.victim)
-        job = CopyJob(self.host.expert(*tr.key), self.pool.buffers[slot], tag=tr)
-        self.copier.submit(job, after=self.pool.guard(slot) if self.cuda else None)
-        self.jobs[tr.key] = job
+    def kick(self) -> None:
+        """New work may be queued: wake the copy engines (caller holds the lock)."""
+        if self.cache.has_work:
+            self.lock.notify_all()
 
-    def _finish(self, jobs: list[CopyJob]) -> None:
-        for job in jobs:
-            tr: Transfer = job.tag
-            del self.jobs[tr.key]
-            end = job.end_s - self.t0
-            self.cache.complete(tr, end)
-            self.rec.event(f"copy{job.engine}", tr.kind, self._step, tr.key[0], tr.key[1],
-                           job.start_s - self.t0, end, tr.prefetch is None)
-
-    def pump(self) -> None:
-        """Retire finished copies, then give every idle copy engine the next transfer."""
-        self._finish(self.copier.poll())
-        while self.cache.has_work and self.copier.idle_engine() is not None:
-            tr = self.cache.next_transfer(self.now())
-            if tr is None:
-                break
-            self._start_copy(tr)
+    def _check(self) -> None:
+        if self.engines is not None and self.engines.error is not None:
+            raise RuntimeError(f"a copy engine failed: {self.engines.error!r}") from self.engines.error
 
     def _preload(self) -> None:
         """Initial residents, copied before the clock starts (the simulator starts with them in place)."""
@@ -231,6 +218,10 @@ class _Replayer:
         self._step = 0
         wall0 = time.perf_counter()
         self.t0 = time.perf_counter()
+        lock = self.lock
+        self.engines = CopyEngines(max(1, self.config.hardware.copy_engines), cache, rec, lock, self.host.expert,
+                                   self.pool, self.device, self.now, lambda: self._step)
+        first_seen: set[int] = set()
         try:
             while not batcher.done:
                 now = self.now()
@@ -242,23 +233,26 @@ class _Replayer:
                 self._run_step(self._step, seqs)
                 synchronize(self.device)
                 end = self.now()
-                for s in seqs:
-                    if rec.requests[s.request_id]["first_token_s"] != rec.requests[s.request_id]["first_token_s"]:
-                        rec.first_token(s.request_id, end)
-                for rid in batcher.finish_step():
-                    rec.finished(rid, end)
-                    if self.config.workload.online:
-                        policy.on_request_finished(rid, trace)
-                rec.steps += 1
-                rec.layer_steps += self.geometry.num_layers * len(seqs)
-                rec.tokens += sum(s.num_tokens for s in seqs)
-                self._step += 1
+                with lock:
+                    for s in seqs:
+                        if s.request_id not in first_seen:
+                            first_seen.add(s.request_id)
+                            rec.first_token(s.request_id, end)
+                    for rid in batcher.finish_step():
+                        rec.finished(rid, end)
+                        if self.config.workload.online:
+                            policy.on_request_finished(rid, trace)
+                    rec.steps += 1
+                    rec.layer_steps += self.geometry.num_layers * len(seqs)
+                    rec.tokens += sum(s.num_tokens for s in seqs)
+                    self._step += 1
                 if self.progress:
                     self.progress(self._step, total_steps)
             makespan = self.now()
-            self._finish(self.copier.wait_all())
+            self.engines.drain()
+            self._check()
         finally:
-            self.copier.close()
+            self.engines.close()
         wall = time.perf_counter() - wall0
         config = self.config.to_dict()
         config.update({
@@ -270,66 +264,72 @@ class _Replayer:
             "policy_info": policy.describe(),
             "replay": {**self.options.to_dict(), "device": self.device, "threads": self.threads,
                        "weights": self.host.source, "host_pinned": self.host.pinned,
-                       "copy_engines": self.copier.engines},
+                       "copy_engines": self.engines.engines,
+                       "copy_busy_s": list(self.engines.busy_s)},
         })
         return rec.to_result(config, wall_s=wall, makespan_s=makespan)
 
     def _run_step(self, step: int, seqs) -> None:
-        cache, rec, policy, trace = self.cache, self.rec, self.policy, self.trace
+        cache, rec, policy, trace, lock = self.cache, self.rec, self.policy, self.trace, self.lock
         info = StepInfo(step, self.now(), seqs, trace)
-        cache.set_position(step, -1)
-        cache.add_prefetches(policy.on_step_start(info))
-        self.pump()
+        with lock:
+            cache.set_position(step, -1)
+            pf = policy.on_step_start(info)
+            if pf:
+                cache.add_prefetches(pf)
+            self.kick()
         timeline = step < self.config.timeline_steps
         for layer in range(self.geometry.num_layers):
             t = self.now()
             self._dense(layer, seqs)
             if timeline:
                 synchronize(self.device)
-                rec.event("compute", "dense", step, layer, -1, t, self.now(), False)
-            self.pump()
-            now = self.now()
-            cache.set_position(step, layer)
-            # The simulator's order: the policy sees the routing, the experts are accessed (hits,
-            # misses -> on-demand loads), pinned, and only then are the new prefetches queued.
-            pf = policy.on_layer_routed(LayerRouting(info, layer, now, trace))
+                with lock:
+                    rec.event("compute", "dense", step, layer, -1, t, self.now(), False)
             needed = needed_experts(trace, seqs, layer)
             keys = [(layer, e) for e, _ in needed]
-            missing = {k for k in keys if not cache.access(k[0], k[1], now)}
-            cache.pin(keys)
-            if pf:
-                cache.add_prefetches(pf)
-            self.pump()
+            with lock:
+                now = self.now()
+                cache.set_position(step, layer)
+                # The simulator's order: the policy sees the routing, the experts are accessed (hits,
+                # misses -> on-demand loads), pinned, and only then are the new prefetches queued.
+                pf = policy.on_layer_routed(LayerRouting(info, layer, now, trace))
+                missing = {k for k in keys if not cache.access(k[0], k[1], now)}
+                cache.pin(keys)
+                if pf:
+                    cache.add_prefetches(pf)
+                self.kick()
             counts = dict(needed)
             pending = [k for k in keys if k not in missing] + [k for k in keys if k in missing]
             while pending:
-                ready = next((k for k in pending if cache.is_resident(k)), None)
-                if ready is None:
-                    self._wait_for(pending)
-                    continue
+                with lock:
+                    ready = next((k for k in pending if cache.is_resident(k)), None)
+                    if ready is None:
+                        self._wait_for(pending)
+                        continue
                 pending.remove(ready)
                 t = self.now()
                 self._expert(ready, counts[ready[1]])
                 if timeline:
                     synchronize(self.device)
-                    rec.event("compute", "expert", step, layer, ready[1], t, self.now(), ready in missing)
-                cache.unpin(ready)
-                self.pump()
+                with lock:
+                    if timeline:
+                        rec.event("compute", "expert", step, layer, ready[1], t, self.now(), ready in missing)
+                    cache.unpin(ready)
+                    if cache.blocked:
+                        self.lock.notify_all()
 
     def _wait_for(self, pending) -> None:
-        """Block until a copy lands (the stall the simulator models); error if nothing can land."""
-        self.pump()
-        if any(self.cache.is_resident(k) for k in pending):
-            return
-        job = next((self.jobs[k] for k in pending if k in self.jobs), None)
-        if job is None and self.jobs:
-            job = min(self.jobs.values(), key=lambda j: j.submit_s)
-        if job is None:
-            raise RuntimeError(
-                "replay deadlock: a routed expert is neither resident nor loading and no copy is in flight "
-                f"(cache blocked={self.cache.blocked}); the cache has {self.cache.capacity} slots"
-            )
+        """Block (lock held) until a copy makes one of `pending` resident: the simulator's stall."""
+        cache = self.cache
         t = self.now()
-        self._finish(self.copier.wait(job))
+        while not any(cache.is_resident(k) for k in pending):
+            self._check()
+            if not cache.in_flight and not cache.has_work:
+                raise RuntimeError(
+                    "replay deadlock: a routed expert is neither resident nor loading and nothing is queued "
+                    f"(cache blocked={cache.blocked}, {cache.capacity} slots)"
+                )
+            self.lock.notify_all()
+            self.lock.wait(0.5)
         self.rec.stall_s += self.now() - t
-        self.pump()

@@ -1,0 +1,99 @@
+"""Copy engines for a replay: one thread per engine that, like the simulator's copier processes,
+takes the next transfer from the shared expert cache as soon as it is free (on-demand loads first),
+copies, and marks the expert resident.
+
+The cache and the policy are shared with the main (compute) thread, so every touch of them happens
+under one lock (`ReplayState.lock`, a Condition); the bytes move without it. On CUDA a copy is
+issued on the engine's own stream, after the last kernel that read the reused slot, and the thread
+waits on an event; on CPU it is a `copy_` (torch releases the GIL for it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from finemoe.sim.cache import ExpertCache
+from finemoe.sim.metrics import MetricsRecorder
+
+
+class CopyEngines:
+    def __init__(self, engines: int, cache: ExpertCache, rec: MetricsRecorder, lock: threading.Condition,
+                 source: Callable[[tuple[int, int]], Any], pool, device: str, clock: Callable[[], float],
+                 step: Callable[[], int]) -> None:
+        import torch
+
+        self.torch = torch
+        self.cache, self.rec, self.lock, self.source, self.pool = cache, rec, lock, source, pool
+        self.cuda = device.startswith("cuda")
+        self.clock, self.step = clock, step
+        self.engines = max(1, engines)
+        self.streams = [torch.cuda.Stream(device=device) for _ in range(self.engines)] if self.cuda else None
+        self.error: BaseException | None = None
+        self.busy_s = [0.0] * self.engines
+        self._stop = False
+        self._threads = [threading.Thread(target=self._run, args=(e,), name=f"finemoe-copy{e}", daemon=True)
+                         for e in range(self.engines)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, e: int) -> None:
+        try:
+            self._loop(e)
+        except BaseException as exc:  # surfaced to the main thread, which raises it
+            with self.lock:
+                self.error = exc
+                self.lock.notify_all()
+
+    def _loop(self, e: int) -> None:
+        cache, lock = self.cache, self.lock
+        while True:
+            with lock:
+                while True:
+                    if self._stop:
+                        return
+                    tr = cache.next_transfer(self.clock()) if cache.has_work else None
+                    if tr is not None:
+                        break
+                    lock.wait()
+                slot = self.pool.assign(tr.key, tr.victim)
+                guard = self.pool.guard(slot)
+                step = self.step()
+            src, dst = self.source(*tr.key), self.pool.buffers[slot]
+            start = self.clock()
+            if self.cuda:
+                stream = self.streams[e]
+                with self.torch.cuda.stream(stream):
+                    if guard is not None:
+                        stream.wait_event(guard)
+                    dst.copy_(src, non_blocking=True)
+                stream.synchronize()
+            else:
+                dst.copy_(src)
+            end = self.clock()
+            self.busy_s[e] += end - start
+            with lock:
+                cache.complete(tr, end)
+                self.rec.event(f"copy{e}", tr.kind, step, tr.key[0], tr.key[1], start, end, tr.prefetch is None)
+                lock.notify_all()
+
+    def close(self) -> None:
+        with self.lock:
+            self._stop = True
+            self.lock.notify_all()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def drain(self) -> None:
+        """Wait until nothing is queued or on the wire (the end of a run)."""
+        with self.lock:
+            while self.cache.busy and self.error is None:
+                if not self.cache.in_flight and self.cache.blocked:
+                    break
+                self.lock.wait(0.05)
+
+
+def now_s(t0: float) -> float:
+    return time.perf_counter() - t0
