@@ -454,7 +454,8 @@ def run_sweep(
             bar.close()
     failed = {id(f.config) for f in failures}
     done = [p for c, p in zip(configs, paths, strict=True) if id(c) not in failed and p.exists()]
-    failures.sort(key=lambda f: configs.index(f.config))
+    order = {id(c): i for i, c in enumerate(configs)}
+    failures.sort(key=lambda f: order[id(f.config)])
     return SweepOutcome(done, ran=len(todo), skipped=skipped, failures=failures, executor=executor)
 
 
