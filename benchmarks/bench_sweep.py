@@ -136,7 +136,7 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f} after (above {os.cpu_count()}: other work shares the cores)")
     print("\nlocal")
     print(f"  serial (--jobs 1)                {serial_s:7.2f} s   ({serial_s / n * 1e3:.0f} ms/config; "
-          f"simulation alone {statistics.mean(per_config) * 1e3:.0f} ms/config on average)")
+          f"simulation alone {statistics.mean(per_config) * 1e3:.0f} ms/config in the last round)")
     pool_sim = [read_result(p).summary["wall_s"] for p in outcomes["pool"].paths]
     print(f"  pool (--jobs {args.jobs})                 {pool_s:7.2f} s   speed-up {serial_s / pool_s:.2f}x "
           f"(ideal {min(args.jobs, n)}x); results identical: {'yes' if same_pool else 'NO'}")
