@@ -84,6 +84,9 @@ def test_prompt_length_can_come_from_the_prefill_log(mixtral_logs):
     assert [(r.label, r.prompt_tokens) for r in trace.requests] == [("humaneval/0", 135), ("humaneval/1", 0)]
     assert trace.metadata["source"]["prompt_tokens_unknown"] == ["humaneval/1"]
     assert trace.position[trace.request_id == 0][0] == 135  # decode token 0 sits after the prompt
+    with pytest.raises(ConfigError, match="records no prefill"):
+        import_jsonl([mixtral_logs / "humaneval_2_routing.jsonl"], MIXTRAL,
+                     prompt_tokens_from=[mixtral_logs / "gsm8k_2_routing.jsonl"])
 
 
 def test_cli_import_then_info(tmp_path, mixtral_logs):
@@ -235,6 +238,8 @@ def test_custom_field_names_and_file_key(tmp_path, known):
     (lambda r: r.update(experts=[1, 1]), "same expert twice"),
     (lambda r: r.update(gating_probs=[-0.5, 0.2]), "negative or non-finite gate weight"),
     (lambda r: r.update(layer="three"), "cannot parse|not valid"),
+    (lambda r: r.update(experts=[1, None]), "record 6 has a null value in 'experts'"),
+    (lambda r: r.update(experts=3), "cannot parse"),
 ])
 def test_malformed_records_are_clear_errors(tmp_path, known, edit, message):
     recs = _records(known, "decode")

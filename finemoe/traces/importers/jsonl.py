@@ -271,6 +271,11 @@ def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
             ex = batch.column(batch.schema.get_field_index(fields.experts_key))
             wt = batch.column(batch.schema.get_field_index(fields.weights_key))
             for name, col in ((fields.experts_key, ex), (fields.weights_key, wt)):
+                values = col.flatten()
+                if values.null_count:
+                    parent = np.asarray(pc.list_parent_indices(col))
+                    first_bad = int(parent[np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]])
+                    raise TraceError(f"{path}: record {offset + first_bad + 1} has a null value in {name!r}")
                 lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
                 bad = np.flatnonzero(lengths != top_k)
                 if bad.size:
@@ -488,10 +493,11 @@ def import_jsonl(
         raise ConfigError("no routing log given")
     L, J, K = geometry.num_layers, geometry.num_experts, geometry.top_k
     prompt_of: dict[str, int] = {}
-    if prompt_tokens_from:
-        for label, (p, _) in log_lengths(prompt_tokens_from, fields).items():
-            if p is not None:
-                prompt_of[label] = p
+    for source in prompt_tokens_from:
+        known = {label: p for label, (p, _) in log_lengths([source], fields).items() if p is not None}
+        if not known:
+            raise ConfigError(f"{source}: records no prefill, so it cannot tell prompt lengths (--prompt-tokens-from)")
+        prompt_of.update(known)
     decode_of = {label: g for label, (_, g) in log_lengths(decode_tokens_from, fields).items()} if decode_tokens_from else {}
     explicit_all: int | None = None
     if isinstance(prompt_tokens, int):
