@@ -206,9 +206,11 @@ def measure_expert(device: str, dtype: str, shape: ExpertShape, token_counts: tu
     tdt = torch_dtype(dtype)
     elem = torch.empty((), dtype=tdt).element_size()
     bytes_per_expert = shape.numel * elem
-    copies = max(2, -(-working_set_bytes // bytes_per_expert)) if not device.startswith("cuda") else 2
+    copies = max(2, -(-working_set_bytes // bytes_per_expert))  # more than any cache (H200's L2 is 50 MB)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    pool = (torch.randn(copies, shape.numel, generator=gen) * 0.02).to(dtype=tdt, device=device)
+    pool = torch.empty((copies, shape.numel), dtype=tdt, device=device)
+    for k in range(copies):  # row by row: no float32 staging copy of the whole working set
+        pool[k].copy_(torch.randn(shape.numel, generator=gen) * 0.02)
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, shape.hidden_size, generator=gen).to(dtype=tdt, device=device)
