@@ -32,6 +32,8 @@ class DemoPlan:
     cache_fractions: tuple[float, ...]  # expert cache sizes as shares of all experts
     policies: tuple[str, ...]
     distances: tuple[int, ...]  # FineMoE prefetch distances, swept at the middle cache size
+    batch_size: int = 8  # prompts per generate() call: batching doubles collection speed on a CPU
+    max_prompt_tokens: int = 256  # bytes of prompt kept (the demo model's tokens are bytes)
     replay_policy: str = "finemoe"
     replay_requests: int = 4
     seed: int = 0
@@ -144,7 +146,8 @@ def _collect(path: Path, plan: DemoPlan) -> Path:
 
     prompts = load_prompts("sharegpt", limit=plan.prompts)
     model, tokenizer, name = load_model(None)
-    config = CollectConfig(max_new_tokens=plan.max_new_tokens, seed=plan.seed, greedy=True)
+    config = CollectConfig(max_new_tokens=plan.max_new_tokens, batch_size=plan.batch_size, seed=plan.seed,
+                           greedy=True, max_prompt_tokens=plan.max_prompt_tokens)
     settings = {"model": name, "prompts": "sharegpt", "limit": plan.prompts, "by": "finemoe demo"}
     result = collect(model, tokenizer, prompts, path, config, model_name=name, metadata=settings, progress=True)
     if result is None:

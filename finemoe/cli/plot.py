@@ -33,7 +33,8 @@ Examples:
 @click.option("--trace", type=click.Path(), default=None,
               help="Trace for the routing-entropy figure (file or directory of part files).")
 @click.option("--budget", default=None, metavar="SIZE",
-              help="Memory budget of the per-policy latency bars, e.g. 24G (default: the budget most policies share).")
+              help="Memory budget of the per-policy latency bars, e.g. 24G, or a slot count such as 96 for an "
+                   "--expert-cache sweep (default: the budget most policies share).")
 @click.option("--only", default=None, metavar="NAMES", help="Comma-separated figure names to draw (default: all).")
 def plot_command(results, out_dir, trace, budget, only) -> None:
     """Draw the figures of a study from its RESULTS (result files or folders holding them).

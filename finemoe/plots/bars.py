@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finemoe.plots.common import Skip, maybe_log_y, pick_time_unit, series
+from finemoe.plots.common import Skip, drop_single_points, maybe_log_y, pick_time_unit, series
 from finemoe.plots.data import PlotError, Run, caption, format_budget, memory_axis, sim_runs
 from finemoe.plots.style import Rendered, finish, new_figure, policy_colour
 
@@ -67,12 +67,16 @@ def choose_budget(runs: Sequence[Run], budget: str | None) -> str:
 def latency_bars(runs: Sequence[Run], out_dir: Path, budget: str | None = None) -> Rendered:
     runs = sim_runs(runs)
     chosen = choose_budget(runs, budget)
-    at = [r for r in runs if budget_key(r) == chosen or r.is_floor]
+    # the series of the memory figures; a parameter swept at this budget only is the distance figure's
+    _, x_of = memory_axis(runs)
+    lines = drop_single_points(series(runs, x_of), x_of)
+    keep = {id(r) for members in lines.values() for r in members}
+    at = [r for r in runs if (budget_key(r) == chosen or r.is_floor) and id(r) in keep]
     groups = series(at, lambda r: 0.0)
     if len(groups) < 1:
         raise Skip(f"no results at budget {chosen}")
     labels = list(groups)
-    fig, axes = new_figure(max(7.5, 1.2 * len(labels) + 3.0), 5.2, 1, 2)
+    fig, axes = new_figure(min(14.0, max(7.5, 1.0 * len(labels) + 3.0)), 5.2, 1, 2)
     for ax, prefix, name in ((axes[0][0], "ttft", "time to first token"), (axes[0][1], "tpot", "time per output token")):
         values = [groups[lbl][0].metric(f"{prefix}_{q}_s") for lbl in labels for q, _, _ in QUANTILES]
         if all(math.isnan(v) for v in values):
