@@ -78,9 +78,17 @@ def routing_entropy(trace, out_dir: Path, trace_name: str = "trace") -> Rendered
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     source = "full router probabilities" if trace.router_probs is not None else "top-k gate weights"
-    meta = trace.metadata or {}
-    seed = (meta.get("source") or {}).get("seed", meta.get("seed", "-")) if isinstance(meta.get("source"), dict) else meta.get("seed", "-")
+    seed = _trace_seed(trace.metadata or {})
     cap = (f"trace: {trace_name} ({len(trace.requests)} requests, {trace.num_tokens} tokens, from {source})  |  "
            f"model: {g.model_name}  |  hardware: n/a (routing only)  |  seed: {seed}")
     title = f"Routing entropy per layer: coarse {np.nanmean(coarse):.2f} vs fine {np.nanmean(fine):.2f} bits"
     return finish(fig, "routing_entropy", title, cap, out_dir)
+
+
+def _trace_seed(meta: dict):
+    """The seed a trace was made with: the collector's, or a synthetic source's."""
+    for section in ("collector", "source"):
+        part = meta.get(section)
+        if isinstance(part, dict) and part.get("seed") is not None:
+            return part["seed"]
+    return meta.get("seed", "-")

@@ -59,6 +59,8 @@ def hit_rate_memory(runs: Sequence[Run], out_dir: Path) -> Rendered:
     if all(r.summary.get("hit_rate") is None for r in runs):
         raise Skip("results carry no hit_rate")
     groups = drop_single_points(series(runs, x_of), x_of)
+    # for hit rate, no-offload is the ceiling (everything resident), not a floor
+    groups = {k.replace(" (floor)", " (all resident)"): v for k, v in groups.items()}
     fig, axes = new_figure(7.5, 4.6)
     ax = axes[0][0]
     draw_series(ax, groups, x_of, lambda r: 100.0 * r.metric("hit_rate"), _x_span(runs, x_of))
