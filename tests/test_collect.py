@@ -224,3 +224,26 @@ def test_cli_collect_reports_bad_input_in_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["collect", "--prompts", str(tmp_path / "missing.json")])
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and "no such prompts file" in result.output
+
+
+def test_part_writer_publishes_atomically(tmp_path, small_trace):
+    from finemoe.errors import TraceError
+    from finemoe.traces.parts import PartWriter
+
+    halves = [small_trace.select_requests([0, 1]), small_trace.select_requests([2, 3])]
+    writer = PartWriter(tmp_path / "dir")
+    for piece in halves:
+        writer.write(piece)
+    assert not (tmp_path / "dir").exists()  # nothing under the target name until finish
+    writer.finish()
+    assert read_trace(tmp_path / "dir").content_hash() == small_trace.content_hash()
+    single = PartWriter(tmp_path / "one.parquet")
+    for piece in halves:
+        single.write(piece)
+    single.finish(metadata_update={"complete": True})
+    trace = read_trace(tmp_path / "one.parquet")
+    assert trace.content_hash() == small_trace.content_hash() and trace.metadata["complete"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "one.parquet"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TraceError, match="exists as a file"):
+        PartWriter(tmp_path / "file")
