@@ -46,12 +46,11 @@ def test_no_policy_beats_the_oracle(seed, slots, batch, online):
 
 @pytest.mark.shared
 @pytest.mark.slow
-def test_on_a_saturated_link_the_oracle_bounds_latency_not_hit_rate(mixtral_logs, tmp_path):
-    """Found 2026-11-29 on the real Mixtral trace with 25 expert slots: the link is saturated, the
-    oracle loads nearest use first, so all its prefetches are late and its hits come from the cache
-    alone, while FineMoE's prefetches d=3 layers ahead arrive in time, at the cost of stalls
-    elsewhere. Hit rate above the oracle's, time per token about twice the oracle's. If the oracle
-    learns to bound hit rate too, this test fails and the property above can cover real traces."""
+@pytest.mark.parametrize("slots", [25, 62])
+def test_no_policy_beats_the_oracle_on_the_real_mixtral_trace(mixtral_logs, tmp_path, slots):
+    """The same bound where the link is saturated (Mixtral experts, 25 or 62 slots of 256). An
+    oracle that loads by next use alone failed it: all its prefetches landed late, so FineMoE's
+    early ones gave it more hits (found by the evaluation, see docs/evaluation.md)."""
     from click.testing import CliRunner
 
     from finemoe.cli.main import cli
@@ -64,12 +63,12 @@ def test_on_a_saturated_link_the_oracle_bounds_latency_not_hit_rate(mixtral_logs
     assert res.exit_code == 0, res.output
     trace = read_trace(out)
 
-    def run(policy):
+    def hit_rate(policy):
         config = SimConfig(trace_path=str(out), policy=policy, hardware=PRESETS["rtx3090"],
-                           memory=MemoryConfig(expert_cache_slots=25), seed=2)  # measures gsm8k/1
-        return simulate(trace, config).summary
+                           memory=MemoryConfig(expert_cache_slots=slots), seed=2)  # measures gsm8k/1
+        return simulate(trace, config).summary["hit_rate"]
 
-    oracle, finemoe = run("oracle"), run("finemoe-topk")
-    assert oracle["tpot_mean_s"] < 0.6 * finemoe["tpot_mean_s"]
-    assert finemoe["hit_rate"] > oracle["hit_rate"]
-    assert oracle["prefetch_in_time"] == 0
+    bound = hit_rate("oracle")
+    for policy in ("finemoe-topk", "promoe", "moe-infinity", "lfu", "lru", "layerwise"):
+        got = hit_rate(policy)
+        assert got <= bound + 1e-12, f"{policy} hit rate {got:.4f} above the oracle's {bound:.4f}"
