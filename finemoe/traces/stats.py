@@ -34,12 +34,13 @@ _CHUNK = 4096  # rows per block when densifying router probabilities
 
 def entropy_bits(p: np.ndarray, axis: int = -1) -> np.ndarray:
     """Entropy of (unnormalised, non-negative) distributions along `axis`; 0 for an all-zero row."""
-    p = np.asarray(p, dtype=np.float64)
+    p = np.asarray(p)
+    p = p.astype(np.float64 if p.dtype != np.float32 else np.float32, copy=False)
     total = p.sum(axis=axis, keepdims=True)
     q = np.divide(p, total, out=np.zeros_like(p), where=total > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(q > 0, -q * np.log2(q), 0.0)
-    return terms.sum(axis=axis)
+    return terms.sum(axis=axis, dtype=np.float64)
 
 
 @dataclass
@@ -89,10 +90,10 @@ def usage_entropy(trace: Trace, rows: np.ndarray | None = None) -> np.ndarray:
     """[L] entropy of expert selection counts per layer."""
     g = trace.geometry
     L, J = g.num_layers, g.num_experts
-    ex = trace.experts if rows is None else trace.experts[rows]
-    layer = np.broadcast_to(np.arange(L)[None, :, None], ex.shape)
-    ok = ex != MISSING_EXPERT
-    counts = np.bincount(layer[ok].astype(np.int64) * J + ex[ok], minlength=L * J).reshape(L, J)
+    counts = np.zeros((L, J))
+    for layer in range(L):  # one layer at a time: no [n, L, K] temporaries
+        ids = trace.experts[:, layer, :] if rows is None else trace.experts[rows, layer, :]
+        counts[layer] = np.bincount(ids.reshape(-1).astype(np.intp) + 1, minlength=J + 1)[1:]  # -1 -> bin 0
     return entropy_bits(counts, axis=1)
 
 
@@ -131,7 +132,7 @@ def _dist_sum(trace: Trace, rows: np.ndarray, use_probs: bool) -> tuple[np.ndarr
 
 
 def _single_token_entropy(trace: Trace, rows: np.ndarray, use_probs: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Sum over `rows` of H(pi(t, l)) per layer, and the present counts, without densifying weights."""
+    """Sum over `rows` of H(pi(t, l)) per layer, and the present counts, block by block."""
     L = trace.geometry.num_layers
     total = np.zeros(L)
     count = np.zeros(L, np.int64)
@@ -145,14 +146,26 @@ def _single_token_entropy(trace: Trace, rows: np.ndarray, use_probs: bool) -> tu
     return total, count
 
 
+def _top1_share(trace: Trace, rows: np.ndarray) -> float:
+    """Mean share of the top-1 expert in the top-k weight over present records, block by block."""
+    total, count = 0.0, 0
+    for a in range(0, rows.size, _CHUNK):
+        w = trace.weights[rows[a:a + _CHUNK]].astype(np.float32)
+        s = w.sum(axis=2)
+        ok = s > 0
+        total += float((w[:, :, 0][ok] / s[ok]).sum(dtype=np.float64))
+        count += int(ok.sum())
+    return total / count if count else float("nan")
+
+
 def routing_stats(trace: Trace, *, decode_only: bool = False) -> RoutingStats:
     """Every statistic of the module docstring, over all tokens or only decode iterations."""
     g = trace.geometry
     L, J = g.num_layers, g.num_experts
     use_probs = trace.router_probs is not None
     sel = np.flatnonzero(trace.iteration > 0) if decode_only else np.arange(trace.num_tokens)
-    ex = trace.experts[sel]
-    present = ex[:, :, 0] != MISSING_EXPERT
+    top1 = trace.experts[sel, :, 0]  # [n, L]
+    present = top1 != MISSING_EXPERT
 
     usage = usage_entropy(trace, sel)
 
@@ -184,20 +197,17 @@ def routing_stats(trace: Trace, *, decode_only: bool = False) -> RoutingStats:
     cond = np.zeros(max(L - 1, 0))
     marg = np.zeros(max(L - 1, 0))
     if L > 1 and sel.size:
-        top1 = ex[:, :, 0].astype(np.int64)
-        both = present[:, :-1] & present[:, 1:]
-        pair = np.broadcast_to(np.arange(L - 1)[None, :], both.shape)
-        idx = (pair[both] * J + top1[:, :-1][both]) * J + top1[:, 1:][both]
-        joint = np.bincount(idx, minlength=(L - 1) * J * J).reshape(L - 1, J * J)
+        joint = np.zeros((L - 1, J * J))
+        for layer in range(L - 1):
+            both = present[:, layer] & present[:, layer + 1]
+            pair = top1[both, layer].astype(np.intp) * J + top1[both, layer + 1]
+            joint[layer] = np.bincount(pair, minlength=J * J)
         h_joint = entropy_bits(joint, axis=1)
         h_prev = entropy_bits(joint.reshape(L - 1, J, J).sum(axis=2), axis=1)
         cond = h_joint - h_prev
         marg = entropy_bits(joint.reshape(L - 1, J, J).sum(axis=1), axis=1)
 
-    w = trace.weights[sel].astype(np.float64)
-    wsum = w.sum(axis=2)
-    share = np.divide(w[:, :, 0], wsum, out=np.zeros_like(wsum), where=wsum > 0)
-    top1_share = float(share[present & (wsum > 0)].mean()) if present.any() else float("nan")
+    top1_share = _top1_share(trace, sel)
 
     return RoutingStats(
         tokens_used=int(sel.size),
