@@ -4,8 +4,12 @@ arrivals; with later arrivals it sees admitted and queued requests only, see doc
 
 Prefetch: at each step start and each routed layer it asks for every expert used within the next
 `lookahead_layers` layers that is not resident or on the wire, nearest use first. Eviction: the
-evictable resident expert whose next use is farthest away; a prefetch is refused (dropped) rather
-than evict an expert needed no later than the one it would bring in.
+evictable resident expert whose next use is farthest away. A prefetch that needs a victim is
+refused (dropped) rather than evict an expert needed no later than the one it would bring in, or
+when its copy, starting now, would land after it is needed (estimated with the shortest layer time
+seen so far): on a saturated link a late prefetch is a miss anyway, and its victim might have hit.
+Belady is optimal for demand paging; with prefetching under finite bandwidth no simple rule is, so
+this is a strong reference rather than a proof (the property tests check it against every policy).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class OraclePolicy(Policy):
         self.next_use: dict = {}
         self._heap: list = []
         self._version = -1
+        self._last_routed: tuple[int, float] | None = None  # (position, now_s)
+        self.layer_s: float | None = None  # shortest interval seen between consecutive routed layers
 
     def describe(self) -> dict:
         d = super().describe()
@@ -96,6 +102,11 @@ class OraclePolicy(Policy):
 
     def on_layer_routed(self, routing):
         self.pos = (routing.step.step, routing.layer)
+        here = self.pos[0] * self.L + self.pos[1]
+        if self._last_routed is not None and self._last_routed[0] == here - 1:
+            dt = routing.now_s - self._last_routed[1]
+            self.layer_s = dt if self.layer_s is None else min(self.layer_s, dt)
+        self._last_routed = (here, routing.now_s)
         return self._prefetches()
 
     def on_access(self, layer, expert, hit, now_s) -> None:
@@ -130,5 +141,10 @@ class OraclePolicy(Policy):
         if for_prefetch is not None:
             wanted = self.view.next_use(for_prefetch.key, self.pos)
             if self.next_use[victim] <= wanted:
+                return None
+            here = self.pos[0] * self.L + self.pos[1]
+            layers_ahead = for_prefetch.step * self.L + for_prefetch.layer - here
+            time_left = layers_ahead * (self.layer_s or 0.0)
+            if self.ctx.expert_load_s > time_left:
                 return None
         return victim

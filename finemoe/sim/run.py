@@ -62,9 +62,10 @@ def simulate(trace: Trace, config: SimConfig) -> RunResult:
     ticks = [int(round(a * TICKS_PER_S)) for a in arrivals_s]
     batcher = build_batcher(trace, split.measure, ticks, wl.max_batch)
     recorder = MetricsRecorder(trace.geometry.num_layers, config.timeline_steps)
+    by_req = trace.iterations_by_request
     for rid, a in zip(split.measure, ticks, strict=True):
-        r = requests[rid]
-        recorder.request_arrived(rid, a / TICKS_PER_S, r.prompt_tokens, r.generated_tokens)
+        # Each iteration run emits one token (the prefill its first), so tpot = mean decode step.
+        recorder.request_arrived(rid, a / TICKS_PER_S, requests[rid].prompt_tokens, len(by_req.get(rid, ())))
     costs = CostModel(config.hardware, trace.geometry)
     engine = SimEngine(trace, policy, costs, plan, batcher, recorder, seed=config.seed, online=wl.online)
     if policy.uses_history and not wl.online:
