@@ -257,43 +257,50 @@ class FineMoE(Policy):
         ahead = np.arange(self.L)[:, None] >= self._layer
         return (self._prot_step == self._step.step) & ahead
 
-    def eviction_keys(self) -> np.ndarray:
-        """float [L, J] sort key, lowest evicted first; non-resident experts are +inf.
+    def _primary(self) -> np.ndarray:
+        """float [L, J]: the cache's eviction score, lowest evicted first (ties: least recently used).
 
-        FineMoE: protected experts after all others, then p x freq, then least recently used.
-        LRU: last use. LFU: use count, then last use.
+        FineMoE: p x freq. LRU: last use. LFU: use count.
         """
-        lru = self._last / (self._clock + 1.0)  # in [0, 1)
         if self.cache == "lru":
-            key = lru.copy()
-        elif self.cache == "lfu":
-            key = self._freq + lru
-        else:
-            score = self._p * self._freq
-            # Rank scores so that ties (e.g. p = 0) fall back to recency without mixing units.
-            ranks = np.unique(score, return_inverse=True)[1].reshape(score.shape)
-            key = ranks + lru + self.L * self.J * self.protected_mask()
-        key[~self._res] = np.inf
-        return key
+            return self._last
+        if self.cache == "lfu":
+            return self._freq
+        return self._p * self._freq
 
     def eviction_order(self) -> list[ExpertKey]:
-        """Resident experts, first to evict first."""
-        key = self.eviction_keys()
-        flat = np.argsort(key, axis=None, kind="stable")
-        n = int(self._res.sum())
-        return [divmod(int(i), self.J) for i in flat[:n]]
+        """Resident experts, first to evict first: unprotected before protected (FineMoE's cache),
+        then by score, then least recently used, then (layer, expert)."""
+        layer, expert = np.nonzero(self._res)
+        if layer.size == 0:
+            return []
+        prot = self.protected_mask()[layer, expert]
+        order = np.lexsort((expert, layer, self._last[layer, expert], self._primary()[layer, expert], prot))
+        return [(int(layer[i]), int(expert[i])) for i in order]
+
+    def _first(self, mask: np.ndarray, primary: np.ndarray) -> ExpertKey | None:
+        """The first of `mask` in eviction order, without sorting: lowest score, then oldest use."""
+        if not mask.any():
+            return None
+        score = np.where(mask, primary, np.inf)
+        tied = mask & (score == score.min())
+        flat = int(np.argmin(np.where(tied, self._last, np.inf)))
+        return divmod(flat, self.J)
 
     def choose_victim(
         self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
     ) -> ExpertKey | None:
         if not self._res.any():
             return None
-        protected = self.protected_mask() if for_prefetch is not None else None
-        key = self.eviction_keys()
-        first = divmod(int(np.argmin(key)), self.J)
-        candidates = [first] if evictable(first) else self.eviction_order()
-        for victim in candidates:
-            if protected is not None and protected[victim]:
+        protected = self.protected_mask()
+        primary = self._primary()
+        first = self._first(self._res & ~protected, primary)
+        if first is None and for_prefetch is None:
+            first = self._first(self._res & protected, primary)
+        if first is not None and evictable(first):
+            return first
+        for victim in self.eviction_order():  # rare: the first choice is pinned or in use
+            if for_prefetch is not None and protected[victim]:
                 return None  # only protected experts left: a prefetch may not displace them
             if evictable(victim):
                 return victim
