@@ -323,22 +323,24 @@ def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dic
 
 
 def calibrate(device: str = "cpu", *, dtype: str = "bfloat16", thorough: bool = False,
-              shape: ExpertShape | None = None, threads: int | None = None,
+              shape: ExpertShape | None = None, threads: int | None = None, working_set_bytes: int | None = None,
               progress: Callable[[str], None] | None = None) -> dict:
     """Measure `device` and return the profile: {"hardware": HardwareSpec fields, "measurements": ...}.
 
     `shape` is the expert GEMM to measure (default 1024 x 2048, or the replayed model's own).
     `threads` sets torch's CPU threads for the measurement (default: `cpu_threads(device)`), which
     must match the replay's: on a shared CPU, more threads than free cores is many times slower.
+    `working_set_bytes`: how many bytes of distinct expert weights the GEMMs cycle through (default
+    the plan's stream buffer); a replay passes its slot pool's size, the reuse distance it will see.
     """
 
     device = check_device(device)
     with torch_threads(cpu_threads(device) if threads is None else threads) as nthreads:
-        return _calibrate(device, dtype, thorough, shape, nthreads, progress)
+        return _calibrate(device, dtype, thorough, shape, nthreads, working_set_bytes, progress)
 
 
 def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | None, threads: int,
-               progress: Callable[[str], None] | None) -> dict:
+               working_set_bytes: int | None, progress: Callable[[str], None] | None) -> dict:
     import torch
 
     cuda = device.startswith("cuda")
@@ -360,7 +362,8 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
     overlap = measure_overlap(device, plan.overlap_size, plan.max_copy_engines, cuda, plan.copy_repeats)
     say("expert GEMMs")
     launch_s = measure_launch(device, dtype, plan.gemm_repeats)
-    experts = measure_expert(device, dtype, shape, plan.token_counts, plan.gemm_repeats, plan.stream_bytes)
+    working_set = plan.stream_bytes if working_set_bytes is None else working_set_bytes
+    experts = measure_expert(device, dtype, shape, plan.token_counts, plan.gemm_repeats, working_set)
     say("memory bandwidth and peak GEMM")
     stream_gbps = measure_memory_bandwidth(device, plan.stream_bytes, plan.gemm_repeats)
     peak = measure_peak_flops(device, dtype, plan.square_gemm, plan.gemm_repeats)
@@ -380,6 +383,7 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
         "overlap": overlap,
         "expert_shape": {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size},
         "expert_gemm": experts,
+        "expert_working_set_bytes": int(working_set),
         "expert_fixed_cost_s": launch_s,
         "memory_stream_gbps": stream_gbps,
         "square_gemm": {"n": plan.square_gemm, "flops": peak},
@@ -406,3 +410,13 @@ def write_profile(profile: dict, path: str | os.PathLike) -> Path:
 
 def profile_hardware(profile: dict) -> HardwareSpec:
     return HardwareSpec(**profile["hardware"])
+
+
+def mean_hardware(a: HardwareSpec, b: HardwareSpec) -> HardwareSpec:
+    """Field-wise mean of two calibrations of one machine (e.g. before and after a replay), so a
+    comparison uses the machine as it was over the whole replay, not at one moment before it."""
+    from dataclasses import fields, replace
+
+    means = {f.name: (getattr(a, f.name) + getattr(b, f.name)) / 2 for f in fields(a)
+             if isinstance(getattr(a, f.name), float)}
+    return replace(a, **means, source=f"mean of two calibrations: {a.source}; {b.source}")

@@ -44,15 +44,29 @@ def prepare_trace(trace: Trace, *, model_profile: str | None, expert_scale: floa
     return trace
 
 
-def calibrated_hardware(trace: Trace, options: ReplayOptions, thorough: bool = False,
+def calibrated_hardware(trace: Trace, options: ReplayOptions, thorough: bool = False, slots: int | None = None,
                         progress: Callable[[str], None] | None = None) -> tuple[HardwareSpec, dict]:
-    """Calibrate this machine now, measuring the trace's own expert GEMM in its dtype and threads."""
+    """Calibrate this machine now, measuring the trace's own expert GEMM in its dtype and threads,
+    cycling through as many experts as the replay's slot pool holds (its reuse distance)."""
     from finemoe.replay.calibrate import calibrate, profile_hardware
 
     g = trace.geometry
+    working_set = max(2, slots or 0) * g.bytes_per_expert if slots else None
     profile = calibrate(options.device, dtype=g.dtype, thorough=thorough, shape=expert_shape(g),
-                        threads=options.threads, progress=progress)
+                        threads=options.threads, working_set_bytes=working_set, progress=progress)
     return profile_hardware(profile), profile
+
+
+def _slots(trace: Trace, config: SimConfig) -> int:
+    """Expert slots the replay will have (the same arithmetic as the simulator's memory plan)."""
+    from finemoe.sim.memory import plan_memory
+    from finemoe.sim.workload import split_requests
+
+    split = split_requests(trace, config.workload, config.seed)
+    req = {r.request_id: r for r in trace.requests}
+    longest = max(req[r].prompt_tokens + req[r].generated_tokens for r in split.measure)
+    return plan_memory(trace.geometry, config.hardware, config.memory, max_batch=config.workload.max_batch,
+                       longest_request_tokens=longest).expert_cache_slots
 
 
 def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardware: str | None = None,
@@ -69,7 +83,8 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
     t0 = time.perf_counter()
     if hardware is None:
         say(f"calibrating {options.device} for {trace.geometry.model_name} experts ...")
-        hw, profile = calibrated_hardware(trace, options)
+        slots = _slots(trace, config)
+        hw, profile = calibrated_hardware(trace, options, slots=slots)
     else:
         hw = load_hardware(hardware)
     calibrate_s = time.perf_counter() - t0
@@ -82,9 +97,19 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
     key = config.key()
     result.config["replay_key"] = key
     sim_path = None
+    after = None
     if compare:
+        sim_config = config
+        if profile is not None:
+            # Calibrate again: the simulation gets the mean of the machine before and after the
+            # replay, which halves the drift of a shared machine's speed over the run.
+            say(f"calibrating {options.device} again (after the replay) ...")
+            from finemoe.replay.calibrate import mean_hardware
+
+            hw_after, after = calibrated_hardware(trace, options, slots=slots)
+            sim_config = replace(config, hardware=mean_hardware(hw, hw_after))
         say("simulating the same configuration ...")
-        simulated = simulate_same(trace, config)
+        simulated = simulate_same(trace, sim_config)
         simulated.config["compare"] = {"replay_key": key}
         rows = comparison_rows(result, simulated)
         if out_dir is not None:
@@ -93,6 +118,8 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
         result = attach_simulation(result, simulated, sim_path)
     if profile is not None:
         result.config["calibration"] = profile["measurements"] | {"duration_s": calibrate_s}
+        if after is not None:
+            result.config["calibration_after"] = after["measurements"]
     if out_dir is not None:
         result.write(Path(out_dir) / f"replay-{key}.parquet")
     return ReplayOutcome(result, simulated, rows, profile, calibrate_s)
