@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finemoe.plots.common import Skip, drop_single_points, maybe_log_y, pick_time_unit, series
+from finemoe.plots.common import Skip, drop_single_points, maybe_log_y, mean, pick_time_unit, series
 from finemoe.plots.data import PlotError, Run, caption, format_budget, memory_axis, sim_runs
 from finemoe.plots.style import Rendered, finish, new_figure, policy_colour
 
@@ -78,14 +78,14 @@ def latency_bars(runs: Sequence[Run], out_dir: Path, budget: str | None = None) 
     labels = list(groups)
     fig, axes = new_figure(min(14.0, max(7.5, 1.0 * len(labels) + 3.0)), 5.2, 1, 2)
     for ax, prefix, name in ((axes[0][0], "ttft", "time to first token"), (axes[0][1], "tpot", "time per output token")):
-        values = [groups[lbl][0].metric(f"{prefix}_{q}_s") for lbl in labels for q, _, _ in QUANTILES]
+        values = [_mean_metric(groups[lbl], f"{prefix}_{q}_s") for lbl in labels for q, _, _ in QUANTILES]
         if all(math.isnan(v) for v in values):
             continue
         unit, scale = pick_time_unit(values)
         x = np.arange(len(labels))
         width = 0.8 / len(QUANTILES)
         for i, (q, alpha, hatch) in enumerate(QUANTILES):
-            heights = [groups[lbl][0].metric(f"{prefix}_{q}_s") * scale for lbl in labels]
+            heights = [_mean_metric(groups[lbl], f"{prefix}_{q}_s") * scale for lbl in labels]
             colours = [policy_colour(groups[lbl][0].policy) for lbl in labels]
             ax.bar(x + (i - 1) * width, heights, width, color=colours, alpha=alpha, hatch=hatch,
                    edgecolor="#333333", linewidth=0.5, label=q)
@@ -100,3 +100,8 @@ def latency_bars(runs: Sequence[Run], out_dir: Path, budget: str | None = None) 
             h.remove()
         ax.legend(handles, [q for q, _, _ in QUANTILES], fontsize=8, title="percentile", title_fontsize=8)
     return finish(fig, "latency_bars", f"Latency per policy at {chosen}", caption(at), out_dir)
+
+
+def _mean_metric(members: Sequence[Run], name: str) -> float:
+    """Runs of one series at the budget (several seeds) are averaged."""
+    return mean([m.metric(name) for m in members])

@@ -49,8 +49,7 @@ def draw_series(ax, groups: dict[str, list[Run]], x_of, y_of, x_span: tuple[floa
     horizontal line (its latency does not depend on the budget once everything fits)."""
     drawn = 0
     for label, members in groups.items():
-        xs = [x_of(m) for m in members]
-        ys = [y_of(m) for m in members]
+        xs, ys = mean_by_x(members, x_of, y_of)
         if all(math.isnan(y) for y in ys):
             continue
         first = members[0]
@@ -68,6 +67,20 @@ def draw_series(ax, groups: dict[str, list[Run]], x_of, y_of, x_span: tuple[floa
         pad = 0.03 * (x_span[1] - x_span[0])
         ax.set_xlim(x_span[0] - pad, x_span[1] + pad)
     return drawn
+
+
+def mean_by_x(members: Sequence[Run], x_of, y_of) -> tuple[list[float], list[float]]:
+    """One point per x: runs at the same x (other seeds, repeats) are averaged, NaNs ignored."""
+    by_x: dict[float, list[float]] = {}
+    for m in members:
+        by_x.setdefault(x_of(m), []).append(y_of(m))
+    xs = sorted(by_x)
+    return xs, [mean(by_x[x]) for x in xs]
+
+
+def mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def maybe_log_y(ax, values: Sequence[float], ratio: float = 20.0) -> None:

@@ -231,10 +231,12 @@ def caption(runs: Sequence[Run]) -> str:
         vals = sorted({str(v) for v in values})
         return ", ".join(vals) if len(vals) <= 3 else f"{', '.join(vals[:3])} +{len(vals) - 3} more"
 
-    return (
+    seeds = {str(r.seed) for r in runs}
+    text = (
         f"trace: {join(r.trace_name for r in runs)}  |  model: {join(r.model for r in runs)}  |  "
         f"hardware: {join(r.hardware for r in runs)}  |  seed: {join(r.seed for r in runs)}"
     )
+    return text + ("  (points: mean over seeds)" if len(seeds) > 1 else "")
 
 
 def format_bytes(n: float) -> str:

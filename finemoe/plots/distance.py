@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from finemoe.plots.common import Skip, maybe_log_y, pick_time_unit
+from finemoe.plots.common import Skip, maybe_log_y, mean_by_x, pick_time_unit
 from finemoe.plots.data import Run, caption, format_budget, sim_runs, varying_params
 from finemoe.plots.style import Rendered, finish, new_figure, policy_colour
 
@@ -54,10 +54,9 @@ def prefetch_distance(runs: Sequence[Run], out_dir: Path) -> Rendered:
         if multi_hw:
             label += f" {hw}"
         style = styles[budgets.index(budget) % len(styles)]
-        xs = [_distance(r) for r in members]
         kw = dict(color=policy_colour(policy), linestyle=style, marker="o", markersize=4, label=label)
-        hit_ax.plot(xs, [100.0 * r.metric("hit_rate") for r in members], **kw)
-        lat_ax.plot(xs, [r.metric("tpot_p50_s") * scale for r in members], **kw)
+        hit_ax.plot(*mean_by_x(members, _distance, lambda r: 100.0 * r.metric("hit_rate")), **kw)
+        lat_ax.plot(*mean_by_x(members, _distance, lambda r, s=scale: r.metric("tpot_p50_s") * s), **kw)
     maybe_log_y(lat_ax, lat_values)
     hit_ax.set_ylabel("expert hit rate (%)")
     hit_ax.set_ylim(0, 102)

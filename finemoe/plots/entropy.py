@@ -91,4 +91,4 @@ def _trace_seed(meta: dict):
         part = meta.get(section)
         if isinstance(part, dict) and part.get("seed") is not None:
             return part["seed"]
-    return meta.get("seed", "-")
+    return meta.get("seed", "n/a")

@@ -17,6 +17,7 @@ KIND_COLOURS = {"dense": "#b0b0b0", "expert": "#1f77b4", "demand": "#d62728", "p
 POLICY_PREFERENCE = ("finemoe", "lru", "oracle", "mixtral-offloading", "moe-infinity", "promoe", "lfu", "layerwise")
 MAX_PANELS = 3
 DEFAULT_STEPS = 3
+MAX_EVENTS = 250  # per panel; beyond that bars become slivers
 
 
 def _lane_order(lane: str) -> tuple:
@@ -38,15 +39,13 @@ def pick_runs(runs: Sequence[Run]) -> list[Run]:
     for r in with_tl:
         by_budget.setdefault(format_budget(r), []).append(r)
 
-    def score(item):
-        members = item[1]
-        misses = sum(any(e.get("miss") for e in m.result.timeline) for m in members)
-        return (len({m.policy for m in members}), misses)
-
-    _, members = max(by_budget.items(), key=score)
+    # the budget most policies were run at; among those the middle one (neither starved nor all-hit)
+    most = max(len({m.policy for m in members}) for members in by_budget.values())
+    candidates = sorted((b for b, members in by_budget.items() if len({m.policy for m in members}) == most),
+                        key=lambda b: min(_budget_value(m) for m in by_budget[b]))
+    members = by_budget[candidates[len(candidates) // 2]]
     chosen, seen = [], set()
-    rank = {p: i for i, p in enumerate(POLICY_PREFERENCE)}
-    for r in sorted(members, key=lambda r: (rank.get(r.policy, len(rank)), r.policy)):
+    for r in sorted(members, key=lambda r: (_rank(r.policy), r.policy, str(r.seed))):
         if r.policy not in seen:
             chosen.append(r)
             seen.add(r.policy)
@@ -55,15 +54,41 @@ def pick_runs(runs: Sequence[Run]) -> list[Run]:
     return chosen
 
 
-def engine_timeline(runs: Sequence[Run], out_dir: Path, steps: int = DEFAULT_STEPS) -> Rendered:
+def _rank(policy: str) -> int:
+    for i, name in enumerate(POLICY_PREFERENCE):
+        if policy == name or policy.startswith(name + "-"):
+            return i
+    return len(POLICY_PREFERENCE)
+
+
+def _budget_value(run: Run) -> float:
+    return float(run.cache_slots if run.slots_set_directly else (run.gpu_mem_bytes or 0))
+
+
+def steps_to_show(runs: Sequence[Run], most: int = DEFAULT_STEPS, max_events: int = MAX_EVENTS) -> int:
+    """As many of the first steps as stay readable: a 32-layer model's step holds hundreds of events."""
+    for steps in range(most, 1, -1):
+        if all(sum(1 for e in r.result.timeline if int(e.get("step", 0)) < _first_step(r) + steps) <= max_events
+               for r in runs):
+            return steps
+    return 1
+
+
+def _first_step(run: Run) -> int:
+    return min(int(e.get("step", 0)) for e in run.result.timeline)
+
+
+def engine_timeline(runs: Sequence[Run], out_dir: Path, steps: int | None = None) -> Rendered:
     chosen = pick_runs(runs)
+    steps = steps or steps_to_show(chosen)
     panels = []
     for run in chosen:
-        first = min(int(e.get("step", 0)) for e in run.result.timeline)
+        first = _first_step(run)
         panels.append((run, [e for e in run.result.timeline if int(e.get("step", 0)) < first + steps]))
     all_times = [float(e["end_s"]) - float(e["start_s"]) for _, evs in panels for e in evs]
     spans = [max(float(e["end_s"]) for e in evs) - min(float(e["start_s"]) for e in evs) for _, evs in panels if evs]
     unit, scale = pick_time_unit(spans or all_times)
+    span = max(spans) if spans else 0.0  # panels share the time axis
     fig, axes = new_figure(11.0, 1.0 + 1.3 * sum(len({e["lane"] for e in evs}) for _, evs in panels) ** 0.9, len(panels), 1,
                            sharex=True)
     for ax, (run, events) in zip((row[0] for row in axes), panels, strict=True):
@@ -71,11 +96,14 @@ def engine_timeline(runs: Sequence[Run], out_dir: Path, steps: int = DEFAULT_STE
         y_of = {lane: i for i, lane in enumerate(reversed(lanes))}
         for kind, colour in KIND_COLOURS.items():
             for lane in lanes:
-                bars = [((float(e["start_s"])) * scale, (float(e["end_s"]) - float(e["start_s"])) * scale)
+                bars = [(float(e["start_s"]) * scale, (float(e["end_s"]) - float(e["start_s"])) * scale)
                         for e in events if e["lane"] == lane and e["kind"] == kind]
                 if bars:
+                    # white separators between back-to-back bars, unless bars are too thin to show them
+                    wide = sorted(w for _, w in bars)[len(bars) // 2] > 0.004 * span * scale
                     ax.broken_barh(bars, (y_of[lane] - 0.38, 0.76), facecolors=colour, edgecolor="white",
-                                   linewidth=0.3, label=None if kind in _labelled(ax) else kind)
+                                   linewidth=0.3 if wide else 0.0,
+                                   label=None if kind in _labelled(ax) else kind)
         misses = [e for e in events if e.get("miss") and e["lane"] == "compute"] or [e for e in events if e.get("miss")]
         if misses:
             ax.scatter([float(e["start_s"]) * scale for e in misses], [y_of[str(e["lane"])] + 0.5 for e in misses],
@@ -97,7 +125,7 @@ def engine_timeline(runs: Sequence[Run], out_dir: Path, steps: int = DEFAULT_STE
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right", ncol=5)
-    title = f"Engine timeline: first {steps} steps, compute and copy engines"
+    title = f"Engine timeline: first {steps} step{'s' if steps > 1 else ''}, compute and copy engines"
     return finish(fig, "engine_timeline", title, caption(chosen), out_dir)
 
 
