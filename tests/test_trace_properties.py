@@ -309,3 +309,21 @@ def test_weights_must_be_finite_and_zero_where_missing(tmp_path):
     t.experts[2, 1] = MISSING_EXPERT
     with pytest.raises(TraceError, match="non-zero gate weights"):
         write_trace(t, tmp_path / "t.parquet")
+
+
+@SETTINGS
+@given(traces(), st.booleans())
+def test_statistics_of_any_valid_trace_are_bounded(trace, decode_only):
+    from finemoe.traces.stats import routing_stats, summarize
+
+    s = routing_stats(trace, decode_only=decode_only)
+    top = np.log2(trace.geometry.num_experts) + 1e-9
+    for values in (s.usage_entropy_bits, s.fine_entropy_per_layer_bits, s.coarse_entropy_per_layer_bits,
+                   s.next_top1_entropy_bits, s.next_top1_cond_entropy_bits):
+        v = values[~np.isnan(values)]
+        assert ((v >= -1e-9) & (v <= top)).all()
+    measured = ~np.isnan(s.next_top1_entropy_bits)
+    assert (np.isnan(s.next_top1_cond_entropy_bits) == ~measured).all()
+    assert (s.next_top1_cond_entropy_bits[measured] <= s.next_top1_entropy_bits[measured] + 1e-9).all()
+    json.dumps(s.to_dict(), allow_nan=False)  # --json is strict JSON, whatever the trace
+    assert summarize(trace)["token_rows"] == trace.num_tokens

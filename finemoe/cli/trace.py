@@ -17,6 +17,13 @@ def _size_on_disk(path) -> tuple[int, int]:
     return len(files), sum(f.stat().st_size for f in files)
 
 
+def _extreme(fn, values) -> float:
+    """nanmin/nanmax that says NaN instead of warning when nothing was measured."""
+    import numpy as np
+
+    return float(fn(values)) if np.isfinite(values).any() else float("nan")
+
+
 @trace_group.command("info")
 @click.argument("trace_path", metavar="TRACE", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -43,8 +50,10 @@ def info_command(trace_path, as_json, decode_only, per_layer) -> None:
     """
     import json
 
+    import numpy as np
+
     from finemoe.traces.io import read_trace
-    from finemoe.traces.stats import routing_stats, summarize
+    from finemoe.traces.stats import _mean, routing_stats, summarize
 
     trace = read_trace(trace_path)
     n_files, size = _size_on_disk(trace_path)
@@ -78,13 +87,13 @@ def info_command(trace_path, as_json, decode_only, per_layer) -> None:
         f"source       {s['source'] or 'not recorded'}",
         "",
         f"routing over {stats.tokens_used:,} {'decode ' if decode_only else ''}tokens, distributions from {stats.source}:",
-        f"  usage entropy per layer  mean {stats.usage_entropy_bits.mean():.3f} bits, min "
-        f"{stats.usage_entropy_bits.min():.3f}, max {stats.usage_entropy_bits.max():.3f} "
+        f"  usage entropy per layer  mean {_mean(stats.usage_entropy_bits):.3f} bits, min "
+        f"{_extreme(np.nanmin, stats.usage_entropy_bits):.3f}, max {_extreme(np.nanmax, stats.usage_entropy_bits):.3f} "
         f"(balanced: {stats.max_entropy_bits:.3f})",
         f"  fine (per iteration)     {stats.fine_entropy_bits:.3f} bits",
         f"  coarse (per request)     {stats.coarse_entropy_bits:.3f} bits",
-        f"  next layer's top-1       {stats.next_top1_entropy_bits.mean() if stats.next_top1_entropy_bits.size else float('nan'):.3f} bits; "
-        f"given this layer's top-1 {stats.next_top1_cond_entropy_bits.mean() if stats.next_top1_cond_entropy_bits.size else float('nan'):.3f} bits",
+        f"  next layer's top-1       {_mean(stats.next_top1_entropy_bits):.3f} bits; "
+        f"given this layer's top-1 {_mean(stats.next_top1_cond_entropy_bits):.3f} bits",
         f"  top-1 share of top-k weight  {stats.top1_weight_share:.3f}",
     ]
     if per_layer:

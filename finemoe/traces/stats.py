@@ -58,31 +58,39 @@ class RoutingStats:
     top1_weight_share: float  # mean share of the top-1 expert in the renormalised top-k weight
 
     def to_dict(self) -> dict:
+        """Plain JSON: NaN (nothing to measure, e.g. no tokens) becomes null."""
+
+        def num(x):
+            x = float(x)
+            return None if np.isnan(x) else round(x, 4)
+
         def r(a):
-            return [round(float(x), 4) for x in a]
+            return [num(x) for x in a]
 
         return {
             "tokens_used": self.tokens_used,
             "source": self.source,
-            "max_entropy_bits": round(self.max_entropy_bits, 4),
+            "max_entropy_bits": num(self.max_entropy_bits),
             "usage_entropy_bits": {
-                "mean": round(float(self.usage_entropy_bits.mean()), 4),
-                "min": round(float(self.usage_entropy_bits.min()), 4),
-                "max": round(float(self.usage_entropy_bits.max()), 4),
+                "mean": num(_mean(self.usage_entropy_bits)),
+                "min": num(self.usage_entropy_bits.min()) if self.usage_entropy_bits.size else None,
+                "max": num(self.usage_entropy_bits.max()) if self.usage_entropy_bits.size else None,
                 "per_layer": r(self.usage_entropy_bits),
             },
-            "fine_entropy_bits": round(self.fine_entropy_bits, 4),
-            "coarse_entropy_bits": round(self.coarse_entropy_bits, 4),
+            "fine_entropy_bits": num(self.fine_entropy_bits),
+            "coarse_entropy_bits": num(self.coarse_entropy_bits),
             "fine_entropy_per_layer_bits": r(self.fine_entropy_per_layer_bits),
             "coarse_entropy_per_layer_bits": r(self.coarse_entropy_per_layer_bits),
-            "next_top1_entropy_bits": round(float(_mean(self.next_top1_entropy_bits)), 4),
-            "next_top1_cond_entropy_bits": round(float(_mean(self.next_top1_cond_entropy_bits)), 4),
+            "next_top1_entropy_bits": num(_mean(self.next_top1_entropy_bits)),
+            "next_top1_cond_entropy_bits": num(_mean(self.next_top1_cond_entropy_bits)),
             "next_top1_cond_entropy_per_layer_bits": r(self.next_top1_cond_entropy_bits),
-            "top1_weight_share": round(self.top1_weight_share, 4),
+            "top1_weight_share": num(self.top1_weight_share),
         }
 
 
 def _mean(a: np.ndarray) -> float:
+    """Mean over what could be measured (NaN entries left out); NaN if nothing could."""
+    a = a[~np.isnan(a)]
     return float(a.mean()) if a.size else float("nan")
 
 
@@ -94,7 +102,9 @@ def usage_entropy(trace: Trace, rows: np.ndarray | None = None) -> np.ndarray:
     for layer in range(L):  # one layer at a time: no [n, L, K] temporaries
         ids = trace.experts[:, layer, :] if rows is None else trace.experts[rows, layer, :]
         counts[layer] = np.bincount(ids.reshape(-1).astype(np.intp) + 1, minlength=J + 1)[1:]  # -1 -> bin 0
-    return entropy_bits(counts, axis=1)
+    h = entropy_bits(counts, axis=1)
+    h[counts.sum(axis=1) == 0] = np.nan  # no record at that layer: nothing to measure
+    return h
 
 
 def _groups(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,8 +204,8 @@ def routing_stats(trace: Trace, *, decode_only: bool = False) -> RoutingStats:
     coarse_layer = np.divide(coarse_sum, coarse_n, out=np.full(L, np.nan), where=coarse_n > 0)
 
     # cross-layer: joint counts of (top-1 at l, top-1 at l+1) for every adjacent pair
-    cond = np.zeros(max(L - 1, 0))
-    marg = np.zeros(max(L - 1, 0))
+    cond = np.full(max(L - 1, 0), np.nan)
+    marg = np.full(max(L - 1, 0), np.nan)
     if L > 1 and sel.size:
         joint = np.zeros((L - 1, J * J))
         for layer in range(L - 1):
@@ -206,6 +216,9 @@ def routing_stats(trace: Trace, *, decode_only: bool = False) -> RoutingStats:
         h_prev = entropy_bits(joint.reshape(L - 1, J, J).sum(axis=2), axis=1)
         cond = h_joint - h_prev
         marg = entropy_bits(joint.reshape(L - 1, J, J).sum(axis=1), axis=1)
+        empty = joint.sum(axis=1) == 0  # no token has both layers: nothing to measure
+        cond[empty] = np.nan
+        marg[empty] = np.nan
 
     top1_share = _top1_share(trace, sel)
 
