@@ -138,7 +138,7 @@ def real_config(policy, slots, pcie_gbps=32.0, **kw):
 @pytest.mark.slow
 def test_real_mixtral_oracle_bounds_every_policy_and_lru_grows(mixtral_trace):
     rates = {}
-    for slots in (32, 128):
+    for slots in (48,):
         for p in policy_names():
             if p in ("no-offload",) or p.startswith("test-"):
                 continue

@@ -152,9 +152,8 @@ class SimEngine:
         self._sorted: np.ndarray | None = None
         self._missing_rows: set[int] = set()
         self._dense_cache: dict = {}
-        self._wake = self.env.event()
+        self._sleeping: list = []  # one wake-up event per idle copy engine, oldest first
         self._loaded = self.env.event()
-        self._idle = 0
         self._arriving: dict = {}  # expert key -> (end tick, its copy's completion event)
         self._loaded_waited = False
         self._wire_free = 0
@@ -241,18 +240,17 @@ class SimEngine:
             yield ev
 
     def _notify(self) -> None:
-        if not self._wake.triggered:
-            self._wake.succeed()
-            self._wake = self.env.event()
+        """Wake one idle copy engine now (it wakes the next if work remains when it starts a copy)."""
+        if self._sleeping:
+            self._sleeping.pop(0).succeed()
 
     def _wake_at(self, t: int) -> None:
-        """Wake idle copy engines at compute time `t` (>= now; nothing else is due before `t`)."""
-        if self._idle and not self._wake.triggered:
-            ev = self._wake
+        """Wake one idle copy engine at compute time `t` (>= now; nothing else is due before `t`)."""
+        if self._sleeping:
+            ev = self._sleeping.pop(0)
             ev._ok = True
             ev._value = None
             self.env.schedule(ev, _LAST, t - self.env.now)
-            self._wake = self.env.event()
 
     def _replan(self, now: int) -> None:
         known = self.batcher.arrived_count(now)
@@ -269,14 +267,18 @@ class SimEngine:
         while True:
             tr = cache.next_transfer(env.now * _S)
             if tr is None:
-                self._idle += 1
+                wake = env.event()
+                self._sleeping.append(wake)
                 nxt = cache.next_unpin_s() if cache.blocked else None
                 if nxt is not None:
-                    yield self._wake | env.timeout(max(0, to_ticks(nxt) - env.now))
+                    yield wake | env.timeout(max(0, to_ticks(nxt) - env.now))
+                    if wake in self._sleeping:  # woken by the pin's release, not by a hand-off
+                        self._sleeping.remove(wake)
                 else:
-                    yield self._wake
-                self._idle -= 1
+                    yield wake
                 continue
+            if self._sleeping and cache.has_work:
+                self._notify()
             start = env.now
             step = self.step if tr.prefetch is None else tr.prefetch.step  # demand: the waiting step
             wire_start = max(start + self.latency_ticks, self._wire_free)
@@ -291,8 +293,6 @@ class SimEngine:
             if self._loaded_waited and not self._loaded.triggered:
                 self._loaded.succeed()
                 self._loaded = env.event()
-            if self._idle and cache.has_work:
-                self._notify()
 
     def _compute(self):
         env, cache, rec, policy, batcher = self.env, self.cache, self.rec, self.policy, self.batcher
@@ -374,7 +374,8 @@ class SimEngine:
                         rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, False)
                     if always or cache.blocked:
                         yield from sync(t)
-                        self._notify()
+                        if cache.blocked:
+                            self._notify()
                 if misses is not None:
                     pending = list(misses)
                     while pending:
@@ -407,7 +408,8 @@ class SimEngine:
                                 rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, True)
                             if always or cache.blocked:
                                 yield from sync(t)
-                                self._notify()
+                                if cache.blocked:
+                                    self._notify()
                 if always:
                     yield from sync(t)
             # The step is done: every sequence produced a token.
