@@ -43,19 +43,28 @@ def test_markdown_report_links_its_figures(study, tmp_path):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) == len(outcome.rendered)
     assert all((tmp_path / link).is_file() for link in links)
-    assert re.search(r"\| sim \| lru \| rtx3090 \| 16 slots \| 16 \| [0-9.]+ \|", text)
+    assert re.search(r"\| sim \| lru \| rtx3090 \| 16 slots \| 16 \| 1 \| [0-9.]+ \|", text)
+    # the policy x size grid of hit rates: lru's row has one cell per cache size
+    assert re.search(r"\| lru \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| - \|", text)
 
 
 def test_metrics_table_values_come_from_the_summaries(tmp_path):
     from finemoe.plots.data import load_runs
-    from finemoe.plots.report import metrics_table
+    from finemoe.plots.report import metrics_table, pivot
 
-    res = make_result("lru", 24, 0.625)
-    res.write(tmp_path / "a.parquet")
-    row = metrics_table(load_runs([tmp_path])).iloc[0]
-    assert row["hit rate (%)"] == pytest.approx(62.5)
-    assert row["TPOT p50 (ms)"] == pytest.approx(1e3 * res.summary["tpot_p50_s"])
-    assert row["budget"] == "24 GiB"
+    a = make_result("lru", 24, 0.625, seed=0)
+    b = make_result("lru", 24, 0.5, seed=1)
+    a.write(tmp_path / "a.parquet")
+    b.write(tmp_path / "b.parquet")
+    make_result("lru", 48, 0.9).write(tmp_path / "c.parquet")
+    runs = load_runs([tmp_path])
+    row = metrics_table(runs).iloc[0]  # seeds 0 and 1 at 24 GiB: one row, their mean
+    assert row["runs"] == 2 and row["budget"] == "24 GiB"
+    assert row["hit rate (%)"] == pytest.approx(56.25)
+    assert row["TPOT p50 (ms)"] == pytest.approx(1e3 * (a.summary["tpot_p50_s"] + b.summary["tpot_p50_s"]) / 2)
+    grid = pivot(runs, "hit rate (%)")
+    assert list(grid.columns) == ["policy", "24 GiB", "48 GiB"]
+    assert grid.iloc[0].tolist() == ["lru", pytest.approx(56.25), pytest.approx(90.0)]
 
 
 def test_report_rejects_unknown_extension(study, tmp_path):

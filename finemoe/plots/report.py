@@ -25,38 +25,55 @@ from finemoe.plots.data import (
     format_bytes,
     load_runs,
     series_label,
+    sim_runs,
     varying_params,
 )
 from finemoe.plots.render import FIGURES, PlotOutcome, render_all
 
+_KEYS = ["engine", "policy", "hardware", "budget", "slots"]
+_MEANS = {"hit rate (%)": ("hit_rate", 100.0), "TTFT p50 (ms)": ("ttft_p50_s", 1e3),
+          "TTFT p99 (ms)": ("ttft_p99_s", 1e3), "TPOT p50 (ms)": ("tpot_p50_s", 1e3),
+          "TPOT p99 (ms)": ("tpot_p99_s", 1e3), "bytes moved": ("bytes_h2d", 1.0), "stall (s)": ("stall_s", 1.0)}
 
-def metrics_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: policy, budget, hit rate, TTFT/TPOT p50/p99 (ms), bytes moved, stalls."""
+
+def run_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per result file: policy, hardware, budget, hit rate, TTFT/TPOT p50/p99 (ms), bytes
+    moved, stall time, seed, measured requests and the file."""
     varying = varying_params(runs)
     rows = []
     for r in runs:
-        rows.append({
-            "engine": r.engine,
-            "policy": series_label(r, varying),
-            "hardware": r.hardware,
-            "budget": format_budget(r),
-            "_budget_sort": r.gpu_mem_bytes if not r.slots_set_directly else r.cache_slots,
-            "slots": r.cache_slots if r.cache_slots is not None else "",
-            "hit rate (%)": 100.0 * r.metric("hit_rate"),
-            "TTFT p50 (ms)": 1e3 * r.metric("ttft_p50_s"),
-            "TTFT p99 (ms)": 1e3 * r.metric("ttft_p99_s"),
-            "TPOT p50 (ms)": 1e3 * r.metric("tpot_p50_s"),
-            "TPOT p99 (ms)": 1e3 * r.metric("tpot_p99_s"),
-            "bytes moved": format_bytes(r.metric("bytes_h2d")),
-            "stall (s)": r.metric("stall_s"),
-            "requests": len(r.result.requests),
-            "file": r.path.name,
-        })
+        row = {"engine": r.engine, "policy": series_label(r, varying), "hardware": r.hardware,
+               "budget": format_budget(r), "slots": r.cache_slots if r.cache_slots is not None else "",
+               "_budget_sort": r.gpu_mem_bytes if not r.slots_set_directly else r.cache_slots}
+        row.update({col: scale * r.metric(key) for col, (key, scale) in _MEANS.items()})
+        row.update(seed=str(r.seed), requests=len(r.result.requests), file=r.path.name)
+        rows.append(row)
     df = pd.DataFrame(rows)
     df["_sim_first"] = df["engine"] != "sim"
-    df = df.sort_values(["_sim_first", "engine", "hardware", "_budget_sort", "policy"], kind="stable")
-    df = df.drop(columns=["_budget_sort", "_sim_first"])
+    df = df.sort_values(["_sim_first", "engine", "hardware", "_budget_sort", "policy", "seed"], kind="stable")
     return df.reset_index(drop=True)
+
+
+def metrics_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per configuration (runs differing only in seed averaged; `runs` counts them)."""
+    df = run_table(runs)
+    grouped = df.groupby(_KEYS, sort=False, dropna=False)
+    out = grouped[list(_MEANS)].mean()
+    out.insert(0, "runs", grouped.size())
+    out = out.reset_index()
+    out["bytes moved"] = out["bytes moved"].map(format_bytes)
+    return out
+
+
+def pivot(runs: list[Run], column: str) -> pd.DataFrame:
+    """`column` of the study's simulated runs as a policy x budget grid (the table a reader wants)."""
+    df = run_table(sim_runs(runs))
+    order = df.drop_duplicates("budget")["budget"].tolist()
+    table = df.pivot_table(index="policy", columns="budget", values=column, aggfunc="mean", sort=False)
+    table = table.reindex(columns=[b for b in order if b in table.columns])
+    refs = [p for p in table.index if p.endswith(("(bound)", "(floor)"))]
+    table = table.reindex([p for p in table.index if p not in refs] + refs)
+    return table.reset_index()
 
 
 def provenance(runs: list[Run]) -> list[tuple[str, str]]:
@@ -77,7 +94,7 @@ def provenance(runs: list[Run]) -> list[tuple[str, str]]:
                 f"{hw.get('name')}: {format_bytes(hw.get('gpu_mem_bytes'))} GPU memory, "
                 f"PCIe {hw.get('pcie_gbps', '?')} GB/s x {hw.get('copy_engines', '?')} copy engine(s)"
             )
-    workloads = {str(r.config.get("workload")) for r in runs if r.config.get("workload")}
+    workloads = {_workload_text(r.config.get("workload")) for r in runs if r.config.get("workload")}
     return [
         ("result files", f"{len(runs)} ({distinct(r.engine for r in runs)})"),
         ("traces", distinct(f"{r.config.get('trace_path')} (hash {r.config.get('trace_hash', '-')})" for r in runs)),
@@ -90,6 +107,12 @@ def provenance(runs: list[Run]) -> list[tuple[str, str]]:
         ("finemoe version", distinct(find_key(r.config, "finemoe_version") or find_key(r.config, "version") for r in runs)),
         ("report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     ]
+
+
+def _workload_text(workload) -> str:
+    if not isinstance(workload, dict):
+        return str(workload)
+    return ", ".join(f"{k}={v}" for k, v in workload.items() if v is not None)
 
 
 def write_report(
@@ -130,13 +153,32 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _table_rows(df: pd.DataFrame) -> list[list[str]]:
-    return [[_fmt(v) for v in row] for row in df.itertuples(index=False)]
+def _table_rows(df: pd.DataFrame, percent: bool = False) -> list[list[str]]:
+    """Cells as text; percentages (a `(%)` column, or every cell of a percent table) to 0.1."""
+    pct = [percent or "(%)" in str(c) for c in df.columns]
+    return [[_pct(v) if p and isinstance(v, float) else _fmt(v) for v, p in zip(row, pct, strict=True)]
+            for row in df.itertuples(index=False)]
+
+
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+PIVOTS = (("hit rate (%)", "Expert hit rate (%)"), ("TPOT p50 (ms)", "Time per output token, median (ms)"),
+          ("TTFT p50 (ms)", "Time to first token, median (ms)"))
+INTRO = ("Latencies are medians (p50) and 99th percentiles over the measured requests; hit rate counts "
+         "routed experts resident when their layer needed them. Runs that differ only in seed are averaged "
+         "(the runs column counts them).")
+
+
+def _sections(runs: list[Run]) -> list[tuple[str, pd.DataFrame]]:
+    """(heading, table) of the key tables: the policy x budget grids, then every configuration."""
+    out = [(heading, pivot(runs, column)) for column, heading in PIVOTS]
+    return out + [("Every configuration", metrics_table(runs))]
 
 
 def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
     e = html.escape
-    table = metrics_table(runs)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -148,13 +190,13 @@ def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
         ".note{color:#666;font-size:13px}dt{font-weight:600}dd{margin:0 0 .5em 1em}</style>",
         "</head><body>",
         f"<h1>{e(title)}</h1>",
-        f"<p>{len(runs)} result files; {len(outcome.rendered)} figures. Latencies are medians (p50) and "
-        "99th percentiles over the measured requests; hit rate counts routed experts resident when their "
-        "layer needed them.</p>",
+        f"<p>{len(runs)} result files; {len(outcome.rendered)} figures. {e(INTRO)}</p>",
         "<h2>Results per policy and memory budget</h2>",
-        _html_table(table),
-        "<h2>Figures</h2>",
     ]
+    for heading, table in _sections(runs):
+        parts += [f"<h3>{e(heading)}</h3>", _html_table(table, percent="(%)" in heading)]
+    parts += ["<details><summary>Every result file</summary>", _html_table(_files(runs)), "</details>",
+              "<h2>Figures</h2>"]
     for fig in outcome.rendered:
         data = base64.b64encode(fig.png.read_bytes()).decode("ascii")
         parts.append(
@@ -171,21 +213,28 @@ def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _html_table(df: pd.DataFrame) -> str:
+def _html_table(df: pd.DataFrame, percent: bool = False) -> str:
     e = html.escape
     head = "".join(f"<th>{e(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in _table_rows(df))
+    rows = _table_rows(df, percent)
+    body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _files(runs: list[Run]) -> pd.DataFrame:
+    df = run_table(runs).drop(columns=["_budget_sort", "_sim_first"])
+    df["bytes moved"] = df["bytes moved"].map(format_bytes)
+    return df
+
+
 def _markdown(title: str, runs: list[Run], outcome: PlotOutcome, fig_dir: Path, base: Path) -> str:
-    table = metrics_table(runs)
-    lines = [f"# {title}", "", f"{len(runs)} result files; {len(outcome.rendered)} figures.", "",
+    lines = [f"# {title}", "", f"{len(runs)} result files; {len(outcome.rendered)} figures. {INTRO}", "",
              "## Results per policy and memory budget", ""]
-    lines.append("| " + " | ".join(map(str, table.columns)) + " |")
-    lines.append("|" + "|".join("---" for _ in table.columns) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in _table_rows(table)]
-    lines += ["", "## Figures", ""]
+    for heading, table in _sections(runs):
+        lines += [f"### {heading}", "", "| " + " | ".join(map(str, table.columns)) + " |",
+                  "|" + "|".join("---" for _ in table.columns) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in _table_rows(table, "(%)" in heading)] + [""]
+    lines += ["## Figures", ""]
     for fig in outcome.rendered:
         rel = os.path.relpath(fig.png, base)
         lines += [f"### {fig.title}", "", f"![{fig.title}]({rel})", "",
