@@ -52,7 +52,10 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
     trace = read_trace(out / "trace.parquet")
     assert len(trace.requests) == made["plan"]["prompts"]
-    assert trace.router_probs is not None and trace.metadata.get("collector", trace.metadata)
+    assert trace.router_probs is not None and trace.semantic_key is not None
+    assert trace.metadata["source"]["kind"] == "collect"
+    assert trace.metadata["collector"]["prompts"] == "sharegpt"
+    assert trace.geometry.model_name == "finemoe-demo-moe"
     engines = {read_result(p).config["engine"] for p in (out / "results").glob("*.parquet")}
     assert engines == {"sim", "replay"}
     figures = {f.rsplit("/", 1)[-1] for f in made["figures"]}

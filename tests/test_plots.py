@@ -248,3 +248,32 @@ def test_corrupt_result_is_a_result_error(tmp_path):
     bad.write_bytes(b"not parquet")
     with pytest.raises(FinemoeError, match="bad.parquet"):
         render_all([bad], tmp_path / "figs")
+
+
+def test_seeds_are_averaged_into_one_point(tmp_path):
+    from finemoe.plots.data import load_runs
+    from finemoe.plots.render import render_all
+
+    for seed, hr in ((0, 0.4), (1, 0.6)):
+        for mem in (24, 48):
+            make_result("lru", mem, hr, seed=seed).write(tmp_path / "r" / f"lru-{mem}-{seed}.parquet")
+    out = render_all([tmp_path / "r"], tmp_path / "f", only=["hit_rate_memory"])
+    assert out.rendered[0].lines == 1
+    assert "mean over seeds" in out.rendered[0].caption
+    from finemoe.plots.common import mean_by_x
+    from finemoe.plots.data import memory_axis
+
+    runs = load_runs([tmp_path / "r"])
+    _, x_of = memory_axis(runs)
+    xs, ys = mean_by_x(runs, x_of, lambda r: r.metric("hit_rate"))
+    assert xs == [24.0, 48.0] and ys == [pytest.approx(0.5), pytest.approx(0.5)]
+
+
+def test_timeline_shows_fewer_steps_when_they_are_crowded(study):
+    from finemoe.plots.data import load_runs
+    from finemoe.plots.timeline import pick_runs, steps_to_show
+
+    chosen = pick_runs(load_runs([study]))
+    assert [r.policy for r in chosen] == ["finemoe", "lru", "oracle"]  # FineMoE first, then baselines
+    assert steps_to_show(chosen) == 3
+    assert steps_to_show(chosen, max_events=10) == 1
