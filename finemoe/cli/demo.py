@@ -223,7 +223,7 @@ Examples:
 """)
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="demo-out", show_default=True,
               help="Folder for the trace, result files, figures and report.html.")
-@click.option("--quick", is_flag=True, help="Few prompts, few tokens, three cache sizes: seconds, not minutes.")
+@click.option("--quick", is_flag=True, help="6 prompts, 8 tokens, three cache sizes, three policies: under a minute.")
 @click.option("--prompts", type=int, default=None, help="ShareGPT prompts to collect (default 32; --quick 6).")
 @click.option("--max-new-tokens", type=int, default=None, help="Decode steps per prompt (default 48; --quick 8).")
 @click.option("-j", "--jobs", type=int, default=None, help="Simulation worker processes [default: up to 2].")
