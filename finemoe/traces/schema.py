@@ -24,7 +24,7 @@ MISSING_EXPERT = -1  # experts value of a (token, layer) record absent from the 
 class RequestInfo:
     request_id: int
     prompt_tokens: int
-    generated_tokens: int
+    generated_tokens: int  # tokens the recorded iterations produced: one per iteration (prefill included)
     has_prefill: bool  # whether iteration 0 (the prompt's routing) is recorded
     label: str = ""  # where it came from, e.g. "gsm8k/0"
     split: str = ""  # "history", "measure" or "" (assigned by the evaluation protocol)

@@ -42,7 +42,11 @@ def synthetic_trace(
     with_spec: bool = True,
     seed: int = 0,
 ) -> Trace:
-    """A valid trace; token counts may be fixed or (low, high) ranges drawn per request."""
+    """A valid trace; token counts may be fixed or (low, high) ranges drawn per request.
+
+    `generated_tokens` is the number of decode iterations; with a prefill the request produces one
+    more token, as in `RequestInfo.generated_tokens`.
+    """
     g = geometry or tiny_geometry()
     rng = np.random.default_rng(seed)
     L, J, K = g.num_layers, g.num_experts, g.top_k
@@ -57,7 +61,9 @@ def synthetic_trace(
     requests = []
     for r in range(num_requests):
         p_len, g_len = draw(prompt_tokens), draw(generated_tokens)
-        requests.append(RequestInfo(r, p_len, g_len, with_prefill, label=f"synthetic/{r}"))
+        # generated_tokens: one per recorded iteration (the prefill produces the first token).
+        produced = g_len + (1 if with_prefill else 0)
+        requests.append(RequestInfo(r, p_len, produced, with_prefill, label=f"synthetic/{r}"))
         iters = ([(0, pos) for pos in range(p_len)] if with_prefill else []) + [
             (i, p_len + i - 1) for i in range(1, g_len + 1)
         ]

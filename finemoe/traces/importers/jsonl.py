@@ -575,7 +575,10 @@ def import_jsonl(
             p = rows.prompt_tokens[r]
             if p is None:
                 unknown_prompt.append(label)
-            requests.append(RequestInfo(rid, p or 0, rows.generated[r], rows.has_prefill[r], label=label))
+            # generated_tokens counts the tokens the recorded iterations produced: each decode
+            # iteration one, and the prefill (when recorded) the first.
+            produced = rows.generated[r] + (1 if rows.has_prefill[r] else 0)
+            requests.append(RequestInfo(rid, p or 0, produced, rows.has_prefill[r], label=label))
             chunks.append((rows.iteration[r], rows.position[r], experts, weights))
             report.requests.append(RequestReport(
                 label=label, file=path.name, layout=lay, prompt_tokens=p,
