@@ -82,16 +82,15 @@ class OraclePolicy(Policy):
     def _prefetches(self) -> list[Prefetch]:
         self._refresh()
         step, layer = self.pos
-        here = step * self.L + layer
-        limit = here + self.lookahead
-        resident, in_flight = self.ctx.is_resident, self.ctx.is_in_flight
+        L = self.L
+        limit = step * L + layer + self.lookahead
+        resident, in_flight = self.resident, self.ctx.is_in_flight
         out = []
         for s, lay, e in self.view.upcoming(self.pos, self.lookahead * self.J):
-            p = s * self.L + lay
+            p = s * L + lay
             if p > limit:
                 break
-            key = (lay, e)
-            if not resident(key) and not in_flight(key):
+            if (lay, e) not in resident and not in_flight((lay, e)):
                 out.append(Prefetch(float(-p), s, lay, e))
         return out
 
