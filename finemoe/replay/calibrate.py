@@ -324,7 +324,7 @@ def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dic
 
 def calibrate(device: str = "cpu", *, dtype: str = "bfloat16", thorough: bool = False,
               shape: ExpertShape | None = None, threads: int | None = None, working_set_bytes: int | None = None,
-              progress: Callable[[str], None] | None = None) -> dict:
+              copy_pool_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Measure `device` and return the profile: {"hardware": HardwareSpec fields, "measurements": ...}.
 
     `shape` is the expert GEMM to measure (default 1024 x 2048, or the replayed model's own).
@@ -332,15 +332,18 @@ def calibrate(device: str = "cpu", *, dtype: str = "bfloat16", thorough: bool = 
     must match the replay's: on a shared CPU, more threads than free cores is many times slower.
     `working_set_bytes`: how many bytes of distinct expert weights the GEMMs cycle through (default
     the plan's stream buffer); a replay passes its slot pool's size, the reuse distance it will see.
+    `copy_pool_bytes`: the host buffer copies read from, in turn (default half the stream buffer); a
+    replay passes its host experts' size, so copies read memory as cold as its expert copies do.
     """
 
     device = check_device(device)
     with torch_threads(cpu_threads(device) if threads is None else threads) as nthreads:
-        return _calibrate(device, dtype, thorough, shape, nthreads, working_set_bytes, progress)
+        return _calibrate(device, dtype, thorough, shape, nthreads, working_set_bytes, copy_pool_bytes, progress)
 
 
 def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | None, threads: int,
-               working_set_bytes: int | None, progress: Callable[[str], None] | None) -> dict:
+               working_set_bytes: int | None, copy_pool_bytes: int | None,
+               progress: Callable[[str], None] | None) -> dict:
     import torch
 
     cuda = device.startswith("cuda")
@@ -350,7 +353,7 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
     plan = CalibrationPlan.thorough(device) if thorough else CalibrationPlan.quick(device)
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
-    pool = plan.stream_bytes // 2
+    pool = plan.stream_bytes // 2 if copy_pool_bytes is None else max(copy_pool_bytes, max(plan.copy_sizes))
 
     say("host-to-device copies (pageable)")
     copies = {"pageable": measure_copies(device, plan.copy_sizes, False, plan.copy_repeats, pool)}
@@ -384,6 +387,7 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
         "expert_shape": {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size},
         "expert_gemm": experts,
         "expert_working_set_bytes": int(working_set),
+        "copy_pool_bytes": int(pool),
         "expert_fixed_cost_s": launch_s,
         "memory_stream_gbps": stream_gbps,
         "square_gemm": {"n": plan.square_gemm, "flops": peak},

@@ -19,6 +19,8 @@ from finemoe.sim.config import SimConfig
 from finemoe.sim.hardware import HardwareSpec, load_hardware
 from finemoe.traces.schema import Trace
 
+COPY_POOL_CAP_BYTES = 1024**3  # calibration copies read from at most this much host memory
+
 
 @dataclass
 class ReplayOutcome:
@@ -52,8 +54,10 @@ def calibrated_hardware(trace: Trace, options: ReplayOptions, thorough: bool = F
 
     g = trace.geometry
     working_set = max(2, slots or 0) * g.bytes_per_expert if slots else None
+    copy_pool = min(g.total_expert_bytes, COPY_POOL_CAP_BYTES)
     profile = calibrate(options.device, dtype=g.dtype, thorough=thorough, shape=expert_shape(g),
-                        threads=options.threads, working_set_bytes=working_set, progress=progress)
+                        threads=options.threads, working_set_bytes=working_set, copy_pool_bytes=copy_pool,
+                        progress=progress)
     return profile_hardware(profile), profile
 
 
