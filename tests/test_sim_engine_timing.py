@@ -13,7 +13,7 @@ import pytest
 
 from finemoe.policies.base import Policy, Prefetch
 from finemoe.policies.caches import LRUOrder
-from finemoe.policies.registry import register
+from finemoe.policies.registry import POLICIES
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import HardwareSpec
 from finemoe.sim.run import simulate
@@ -61,7 +61,6 @@ def run(trace: Trace, policy: str, slots: int, hw: HardwareSpec | None = None, *
     return simulate(trace, cfg)
 
 
-@register
 class ScriptedPolicy(Policy):
     """Test policy: residents and prefetches given by class attributes; LRU eviction."""
 
@@ -95,7 +94,10 @@ class ScriptedPolicy(Policy):
 
 @pytest.fixture
 def scripted():
+    """Registered for the test only, so `--policy all` elsewhere never sees it."""
+    POLICIES[ScriptedPolicy.name] = ScriptedPolicy
     yield ScriptedPolicy
+    POLICIES.pop(ScriptedPolicy.name, None)
     ScriptedPolicy.residents, ScriptedPolicy.at_step_start, ScriptedPolicy.at_layer = [], [], {}
 
 

@@ -8,7 +8,7 @@ import pytest
 from finemoe import __version__
 from finemoe.errors import ConfigError, MissingFieldError
 from finemoe.policies.base import Policy
-from finemoe.policies.registry import register
+from finemoe.policies.registry import POLICIES
 from finemoe.results import TIMELINE_FIELDS, read_result
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
@@ -18,7 +18,6 @@ from finemoe.traces.profiles import get_profile
 from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
 
 
-@register
 class NeedsSpec(Policy):
     name = "test-needs-spec"
     needs = ("spec_experts",)
@@ -27,7 +26,6 @@ class NeedsSpec(Policy):
         return None
 
 
-@register
 class Learner(Policy):
     """Records what it learns from, to check the history/online protocol."""
 
@@ -53,6 +51,16 @@ class Learner(Policy):
 
     def on_evicted(self, key, now_s):
         self._res.discard(key)
+
+
+@pytest.fixture(autouse=True)
+def test_policies():
+    """Register this file's policies for its tests only, so `--policy all` elsewhere never sees them."""
+    added = {c.name: c for c in (NeedsSpec, Learner)}
+    POLICIES.update(added)
+    yield
+    for name in added:
+        POLICIES.pop(name, None)
 
 
 def cfg(policy="lru", slots=12, **workload):
