@@ -19,7 +19,9 @@ class SlotPool:
 
         if slots < 1:
             raise ValueError("the slot pool needs at least one slot")
-        self.buffers = torch.empty((slots, numel), dtype=dtype, device=device)
+        # Zeroed now, so that every page is mapped before the clock starts (a first copy into an
+        # untouched CPU page would pay a page fault that no GPU slot pays).
+        self.buffers = torch.zeros((slots, numel), dtype=dtype, device=device)
         self.capacity = slots
         self._free = list(range(slots - 1, -1, -1))
         self.slot_of: dict[ExpertKey, int] = {}
