@@ -240,17 +240,37 @@ class SimEngine:
             yield ev
 
     def _notify(self) -> None:
-        """Wake one idle copy engine now (it wakes the next if work remains when it starts a copy)."""
+        """Wake one idle copy engine now, to look at the queues itself."""
         if self._sleeping:
-            self._sleeping.pop(0).succeed()
+            self._sleeping.pop(0)[0].succeed()
 
     def _wake_at(self, t: int) -> None:
-        """Wake one idle copy engine at compute time `t` (>= now; nothing else is due before `t`)."""
-        if self._sleeping:
-            ev = self._sleeping.pop(0)
-            ev._ok = True
-            ev._value = None
-            self.env.schedule(ev, _LAST, t - self.env.now)
+        """Hand queued copies to idle copy engines at time `t` (>= now, nothing else due before `t`):
+        each copy starts at `t`, and its engine sleeps until the copy lands (one event per copy)."""
+        sleeping, cache = self._sleeping, self.cache
+        i = 0
+        while i < len(sleeping) and cache.has_work:
+            wake, plain = sleeping[i]
+            if not plain:  # waiting for a pin's release: let it look for itself
+                i += 1
+                continue
+            tr = cache.next_transfer(t * _S)
+            if tr is None:
+                break
+            del sleeping[i]
+            end = self._reserve(t)
+            wake._ok = True
+            wake._value = (tr, t, end)
+            self.env.schedule(wake, simpy.core.NORMAL, end - self.env.now)
+            self._arriving[tr.key] = (end, wake)
+        if cache.blocked and sleeping:
+            self._notify()
+
+    def _reserve(self, start: int) -> int:
+        """The copy starting at `start` crosses the shared link after its latency, in start order."""
+        wire_start = max(start + self.latency_ticks, self._wire_free)
+        self._wire_free = end = wire_start + self.wire_ticks
+        return end
 
     def _replan(self, now: int) -> None:
         known = self.batcher.arrived_count(now)
@@ -261,33 +281,35 @@ class SimEngine:
     # --- processes -------------------------------------------------------------------------------
     def _copier(self, index: int):
         """A copy engine: take the next copy (on-demand first), wait the per-transfer latency, then
-        the bytes cross the link, which all copy engines share in arrival order."""
+        the bytes cross the link, which all copy engines share in the order copies started. An idle
+        engine sleeps until work is handed to it (`_wake_at`), already started."""
         env, cache, rec = self.env, self.cache, self.rec
         lane = f"copy{index}"
         while True:
             tr = cache.next_transfer(env.now * _S)
             if tr is None:
                 wake = env.event()
-                self._sleeping.append(wake)
                 nxt = cache.next_unpin_s() if cache.blocked else None
+                self._sleeping.append((wake, nxt is None))
                 if nxt is not None:
                     yield wake | env.timeout(max(0, to_ticks(nxt) - env.now))
-                    if wake in self._sleeping:  # woken by the pin's release, not by a hand-off
-                        self._sleeping.remove(wake)
-                else:
-                    yield wake
-                continue
-            if self._sleeping and cache.has_work:
-                self._notify()
-            start = env.now
-            step = self.step if tr.prefetch is None else tr.prefetch.step  # demand: the waiting step
-            wire_start = max(start + self.latency_ticks, self._wire_free)
-            self._wire_free = end = wire_start + self.wire_ticks
-            done = env.timeout(end - start)
-            self._arriving[tr.key] = (end, done)  # the compute process may wait on this very event
-            yield done
+                    self._sleeping = [w for w in self._sleeping if w[0] is not wake]
+                    continue
+                handed = yield wake
+                if handed is None:
+                    continue
+                tr, start, end = handed  # started at `start` by the hand-off; it has landed now
+            else:
+                start = env.now
+                end = self._reserve(start)
+                done = env.timeout(end - start)
+                self._arriving[tr.key] = (end, done)  # the compute process may wait on this very event
+                if self._sleeping and cache.has_work:
+                    self._wake_at(start)
+                yield done
             del self._arriving[tr.key]
             cache.complete(tr, env.now * _S)
+            step = self.step if tr.prefetch is None else tr.prefetch.step  # demand: the waiting step
             if step < rec.timeline_steps:
                 rec.event(lane, tr.kind, step, tr.key[0], tr.key[1], start * _S, end * _S, tr.prefetch is None)
             if self._loaded_waited and not self._loaded.triggered:
