@@ -53,7 +53,7 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
     The workload, batching, cache and policy objects are the simulator's; only time is measured
     instead of modelled. The result file has the simulator's schema (engine "replay").
       finemoe replay trace.parquet --policy lru --gpu-mem 2G --device cpu --compare
-      finemoe replay mixtral.parquet --policy finemoe --expert-cache 96 --expert-scale 0.06 --compare
+      finemoe replay gsm8k.parquet --policy lru --expert-cache 96 --expert-scale 0.05 --compare
     """
     from tqdm import tqdm
 
