@@ -95,6 +95,7 @@ def sim_vs_replay(runs: Sequence[Run], out_dir: Path) -> Rendered:
         ax.set_ylabel(f"{name} ({unit})")
         ax.set_title(name.split(",")[0].capitalize(), fontsize=10)
         ax.margins(y=0.15)
+        ax.set_xlim(-0.8, len(pairs) - 0.2)  # a lone pair keeps slim bars
         ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower right")
     used = [r for p in pairs for r in p.runs]

@@ -24,6 +24,7 @@ from finemoe.plots.data import (
     format_budget,
     format_bytes,
     load_runs,
+    memory_axis,
     series_label,
     sim_runs,
     varying_params,
@@ -67,7 +68,12 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
 
 def pivot(runs: list[Run], column: str) -> pd.DataFrame:
     """`column` of the study's simulated runs as a policy x budget grid (the table a reader wants)."""
-    df = run_table(sim_runs(runs))
+    from finemoe.plots.common import drop_single_points, series
+
+    study = sim_runs(runs)
+    _, x_of = memory_axis(study)
+    lines = drop_single_points(series(study, x_of), x_of)  # the memory figures' lines, not the d sweep
+    df = run_table([r for members in lines.values() for r in members])
     order = df.drop_duplicates("budget")["budget"].tolist()
     table = df.pivot_table(index="policy", columns="budget", values=column, aggfunc="mean", sort=False)
     table = table.reindex(columns=[b for b in order if b in table.columns])
