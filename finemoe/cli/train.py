@@ -33,7 +33,8 @@ def train_demo_model(output: str | None, **overrides) -> None:
     """Train the embedded demo MoE (a tiny Mixtral on ShareGPT bytes) on the CPU.
 
     \b
-    The shipped checkpoint came from the defaults below, in about 15 minutes on one core:
+    The shipped checkpoint came from the defaults below on one CPU thread: about 13 minutes on an
+    idle core (28 on the shared machine it was trained on):
       finemoe train-demo-model -o my-demo-moe
     A quick smoke run:
       finemoe train-demo-model -o /tmp/moe --max-steps 20 --eval-every 10 --train-conversations 50
