@@ -1,10 +1,14 @@
 """Forward hooks that record what a transformers MoE model routed, one model forward at a time.
 
 Hooks sit on the input embedding (the step's input ids and semantic key), on every router (its
-returned experts and weights, and the full distribution) and, for the speculative router output,
-on every MoE decoder layer's input. Nothing in the model is replaced; removing the hooks leaves it
-untouched. Speculative routers are called through `.forward` so no hook (ours or transformers'
-own output recorder) sees those extra calls.
+returned logits, weights and experts) and, for the speculative router output, on every MoE
+decoder layer's input. Nothing in the model is replaced; removing the hooks leaves it untouched.
+
+During generate() a hook only keeps references to tensors the model produced anyway, so the
+forward pass pays almost nothing. `finish()` then does the arithmetic once per batch and layer
+over all steps together: sorting by weight, the full distribution, the semantic projection, and
+the speculative routers (called through `.forward`, so no hook, ours or transformers' own output
+recorder, sees those extra calls). One device-to-host copy per field and batch.
 """
 
 from __future__ import annotations
@@ -18,42 +22,12 @@ from finemoe.traces.collect.adapters import Architecture, MoELayer, embedding, m
 
 @dataclass
 class StepRecord:
-    """Everything one model forward routed, for all (batch row, column) positions, padding included."""
+    """References to what one model forward computed, for all (batch row, column) positions."""
 
     input_ids: torch.Tensor  # [B, S]
-    semantic: torch.Tensor | None  # [B, S, D]
-    experts: list[torch.Tensor] = field(default_factory=list)  # per layer [B*S, K]
-    weights: list[torch.Tensor] = field(default_factory=list)
-    probs: list[torch.Tensor] = field(default_factory=list)  # per layer [B*S, J]
-    spec_experts: list[torch.Tensor | None] = field(default_factory=list)
-    spec_weights: list[torch.Tensor | None] = field(default_factory=list)
-
-    def to_numpy(self) -> dict:
-        """Per-layer lists stacked to [B*S, L, ...] numpy arrays; one device-to-host copy per field.
-
-        Hooks keep tensors where the model runs, so a GPU never waits on a copy mid-forward.
-        """
-        def stack(items):
-            return torch.stack(items, 1).cpu().numpy() if items else None
-
-        out = {
-            "input_ids": self.input_ids.cpu().numpy(),
-            "semantic": self.semantic.cpu().float().numpy() if self.semantic is not None else None,
-            "experts": stack(self.experts),
-            "weights": stack(self.weights),
-            "probs": stack(self.probs),
-        }
-        if self.spec_experts:
-            ref_e, ref_w = self.experts[0], self.weights[0]
-            out["spec_experts"] = stack([
-                e if e is not None else torch.full_like(ref_e, -1) for e in self.spec_experts
-            ])
-            out["spec_weights"] = stack([
-                w if w is not None else torch.zeros_like(ref_w) for w in self.spec_weights
-            ])
-        else:
-            out["spec_experts"] = out["spec_weights"] = None
-        return out
+    embedded: torch.Tensor | None  # [B, S, H]
+    router_out: list = field(default_factory=list)  # per MoE layer: the router's return value
+    layer_input: list = field(default_factory=list)  # per MoE layer: hidden state entering it
 
 
 class RoutingRecorder:
@@ -83,10 +57,9 @@ class RoutingRecorder:
     def _install(self) -> None:
         self._handles.append(embedding(self.model).register_forward_hook(self._on_embedding))
         for layer in self.layers:
-            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.moe_index)))
+            self._handles.append(layer.router.register_forward_hook(self._on_router))
             if self.speculative and layer.moe_index + 1 < len(self.layers):
-                nxt = self.layers[layer.moe_index + 1]
-                self._handles.append(layer.decoder.register_forward_pre_hook(self._spec_hook(nxt), with_kwargs=True))
+                self._handles.append(layer.decoder.register_forward_pre_hook(self._on_layer_input, with_kwargs=True))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -103,41 +76,87 @@ class RoutingRecorder:
         ids = args[0] if args else None
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             ids = torch.full(output.shape[:2], -1, dtype=torch.long)
-        semantic = None
-        if self.semantic:
-            semantic = output.detach().float()
-            if self.projection is not None:
-                semantic = semantic @ self.projection.to(semantic.device)
-            semantic = semantic.half()  # what the trace stores; halves the memory held until the batch ends
-        self.steps.append(StepRecord(input_ids=ids.detach(), semantic=semantic))
+        self.steps.append(StepRecord(input_ids=ids.detach(), embedded=output.detach() if self.semantic else None))
 
-    def _router_hook(self, index: int):
-        def hook(module, args, output) -> None:
-            probs, weights, experts = route(self.arch, self.model.config, output)
-            step = self.steps[-1]
-            if len(step.experts) != index:
-                raise RuntimeError(f"router {index} ran out of order (recorded {len(step.experts)} layers)")
-            step.experts.append(experts.detach())
-            step.weights.append(weights.detach())
-            if self.keep_probs:
-                step.probs.append(probs.detach())
-            if self.speculative and len(step.spec_experts) < len(step.experts):
-                step.spec_experts.append(None)  # no later MoE layer to speculate for
-                step.spec_weights.append(None)
+    def _on_router(self, module, args, output) -> None:
+        if isinstance(output, (tuple, list)):
+            self.steps[-1].router_out.append(tuple(o.detach() for o in output[:3]))
+        else:
+            self.steps[-1].router_out.append(output.detach())
 
-        return hook
+    def _on_layer_input(self, module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.steps[-1].layer_input.append(hidden.detach())
 
-    def _spec_hook(self, nxt: MoELayer):
+    def finish(self) -> list[dict]:
+        """Turn the recorded steps into numpy arrays, one dict per step, and forget them.
+
+        Keys: input_ids [B, S]; experts, weights, spec_experts, spec_weights [B*S, L, K]; probs
+        [B*S, L, J]; semantic [B, S, D]. Optional ones are None when not recorded.
+        """
+        steps, self.steps = self.steps, []
+        if not steps:
+            return []
+        L = len(self.layers)
+        for i, step in enumerate(steps):
+            if len(step.router_out) != L:
+                raise RuntimeError(f"forward {i} ran {len(step.router_out)} of {L} routers")
+        sizes = [s.input_ids.numel() for s in steps]
+        config = self.model.config
+        experts, weights, probs, spec_e, spec_w = [], [], [], [], []
+        with torch.no_grad():
+            for layer in range(L):
+                outs = [s.router_out[layer] for s in steps]
+                if isinstance(outs[0], tuple):
+                    merged = tuple(torch.cat([o[j].reshape(n, -1) for o, n in zip(outs, sizes, strict=True)])
+                                   for j in range(3))
+                else:
+                    merged = torch.cat([o.reshape(n, -1) for o, n in zip(outs, sizes, strict=True)])
+                p, w, e = route(self.arch, config, merged)
+                experts.append(e)
+                weights.append(w)
+                if self.keep_probs:
+                    probs.append(p)
+                if self.speculative:
+                    e2, w2 = self._speculate(steps, layer, e, w)
+                    spec_e.append(e2)
+                    spec_w.append(w2)
+            semantic = None
+            if self.semantic:
+                semantic = torch.cat([s.embedded.reshape(-1, s.embedded.shape[-1]) for s in steps]).float()
+                if self.projection is not None:
+                    semantic = semantic @ self.projection.to(semantic.device)
+
+        def host(items, dtype=None):
+            if not items:
+                return None
+            stacked = torch.stack(items, 1)
+            stacked = stacked.to(dtype) if dtype is not None else stacked
+            return list(torch.split(stacked.cpu(), sizes))
+
+        cols = {
+            "experts": host(experts, torch.int16),
+            "weights": host(weights, torch.float16),
+            "probs": host(probs, torch.float16),
+            "spec_experts": host(spec_e, torch.int16),
+            "spec_weights": host(spec_w, torch.float16),
+        }
+        sem = list(torch.split(semantic.half().cpu(), sizes)) if semantic is not None else None
+        out = []
+        for i, step in enumerate(steps):
+            B, S = step.input_ids.shape
+            record = {"input_ids": step.input_ids.cpu().numpy()}
+            for key, parts in cols.items():
+                record[key] = parts[i].numpy() if parts is not None else None
+            record["semantic"] = sem[i].reshape(B, S, -1).numpy() if sem is not None else None
+            out.append(record)
+        return out
+
+    def _speculate(self, steps, layer: int, experts: torch.Tensor, weights: torch.Tensor):
         """Layer l+1's router applied to the hidden state entering layer l, through l+1's norm."""
-
-        def hook(module, args, kwargs) -> None:
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            with torch.no_grad():
-                flat = hidden.reshape(-1, hidden.shape[-1])
-                out = nxt.router.forward(nxt.norm.forward(flat))
-                _, weights, experts = route(self.arch, self.model.config, out)
-            step = self.steps[-1]
-            step.spec_experts.append(experts.detach())
-            step.spec_weights.append(weights.detach())
-
-        return hook
+        if layer + 1 >= len(self.layers):
+            return torch.full_like(experts, -1), torch.zeros_like(weights)
+        nxt = self.layers[layer + 1]
+        hidden = torch.cat([s.layer_input[layer].reshape(-1, s.layer_input[layer].shape[-1]) for s in steps])
+        _, w, e = route(self.arch, self.model.config, nxt.router.forward(nxt.norm.forward(hidden)))
+        return e, w

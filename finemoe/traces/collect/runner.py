@@ -196,7 +196,7 @@ def _collect_batch(model, recorder, encoder, batch, first_id, config, eos, geome
     for row, x in enumerate(ids):
         input_ids[row, width - len(x) :] = torch.tensor(x)
         attention[row, width - len(x) :] = 1
-    recorder.steps.clear()
+    recorder.finish()  # drop anything left from an earlier, interrupted call
     device = next(model.parameters()).device
     input_ids, attention = input_ids.to(device), attention.to(device)
     torch.manual_seed(config.seed + first_id)
@@ -210,8 +210,7 @@ def _collect_batch(model, recorder, encoder, batch, first_id, config, eos, geome
             eos_token_id=eos or None,
             **kwargs,
         )
-    steps = [step.to_numpy() for step in recorder.steps]
-    recorder.steps.clear()
+    steps = recorder.finish()
     new = sequences[:, width:].cpu()
     if len(steps) != new.shape[1]:
         raise RuntimeError(f"recorded {len(steps)} forward passes for {new.shape[1]} generated tokens")
