@@ -226,7 +226,7 @@ Examples:
 @click.option("--quick", is_flag=True, help="6 prompts, 8 tokens, three cache sizes, three policies: under a minute.")
 @click.option("--prompts", type=int, default=None, help="ShareGPT prompts to collect (default 32; --quick 6).")
 @click.option("--max-new-tokens", type=int, default=None, help="Decode steps per prompt (default 48; --quick 8).")
-@click.option("-j", "--jobs", type=int, default=None, help="Simulation worker processes [default: up to 2].")
+@click.option("-j", "--jobs", type=int, default=None, help="Simulation worker processes [default: up to 2; 1 with --quick].")
 @click.option("--replay/--no-replay", default=True, show_default=True,
               help="Replay one configuration for real on this machine's CPU and compare with the simulator.")
 def demo_command(out_dir, quick, prompts, max_new_tokens, jobs, replay) -> None:
@@ -248,7 +248,8 @@ def demo_command(out_dir, quick, prompts, max_new_tokens, jobs, replay) -> None:
         if max_new_tokens < 1:
             raise ConfigError("--max-new-tokens must be positive")
         plan = replace(plan, max_new_tokens=max_new_tokens)
-    jobs = jobs if jobs is not None else max(1, min(2, os.cpu_count() or 1))
+    if jobs is None:  # a quick sweep is over before a process pool has started
+        jobs = 1 if quick else max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
     made = run_demo(Path(out_dir), plan, jobs=jobs, replay=replay)
     click.echo(click.style(f"done in {time.perf_counter() - t0:.0f} s: ", bold=True)
