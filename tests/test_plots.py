@@ -277,3 +277,11 @@ def test_timeline_shows_fewer_steps_when_they_are_crowded(study):
     assert [r.policy for r in chosen] == ["finemoe", "lru", "oracle"]  # FineMoE first, then baselines
     assert steps_to_show(chosen) == 3
     assert steps_to_show(chosen, max_events=10) == 1
+
+
+def test_byte_budget_does_not_match_a_slot_sweep(study, tmp_path):
+    """A slot sweep on a 24 GiB preset must not answer --budget 24G with whatever slot count."""
+    from finemoe.plots.render import render_all
+
+    out = render_all([study], tmp_path, only=["latency_bars"], budget="24G")
+    assert out.skipped and "8 slots, 16 slots, 24 slots" in out.skipped[0][1]

@@ -49,9 +49,11 @@ def choose_budget(runs: Sequence[Run], budget: str | None) -> str:
         else:
             want = parse_budget(budget)
             for r in runs:
-                if r.gpu_mem_bytes is not None and abs(r.gpu_mem_bytes - want) <= 0.005 * want:
+                if not r.slots_set_directly and r.gpu_mem_bytes is not None \
+                        and abs(r.gpu_mem_bytes - want) <= 0.005 * want:
                     return budget_key(r)
-        have = sorted({budget_key(r) for r in runs})
+        _, x_of = memory_axis(runs)
+        have = [k for k, _ in sorted({budget_key(r): x_of(r) for r in runs}.items(), key=lambda kv: kv[1])]
         raise Skip(f"no results at budget {budget} (results hold {', '.join(have)})")
     counts = Counter()
     for key in {(r.policy, budget_key(r)) for r in runs}:
