@@ -31,9 +31,12 @@ def expert_views(flat: Any, shape: ExpertShape) -> tuple[Any, Any, Any]:
 
 def expert_ffn(x: Any, flat: Any, shape: ExpertShape) -> Any:
     """SwiGLU: down(silu(gate x) * up x), on the tokens `x` [T, H] routed to this expert."""
+    return swiglu(x, *expert_views(flat, shape))
+
+
+def swiglu(x: Any, gate: Any, up: Any, down: Any) -> Any:
     import torch.nn.functional as F
 
-    gate, up, down = expert_views(flat, shape)
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 

@@ -3,7 +3,10 @@ takes the next transfer from the shared expert cache as soon as it is free (on-d
 copies, and marks the expert resident.
 
 The cache and the policy are shared with the main (compute) thread, so every touch of them happens
-under one lock (`ReplayState.lock`, a Condition); the bytes move without it. On CUDA a copy is
+under one lock; the bytes move without it. Two conditions share that lock: idle engines wait on
+`work` (the main thread wakes only as many as it has work for), the main thread waits on `done`
+(an engine wakes it when a copy lands). Waking a thread costs tens to hundreds of microseconds on
+a busy machine, so nobody is woken for nothing. On CUDA a copy is
 issued on the engine's own stream, after the last kernel that read the reused slot, and the thread
 waits on an event; on CPU it is a `copy_` (torch releases the GIL for it).
 """
@@ -20,13 +23,14 @@ from finemoe.sim.metrics import MetricsRecorder
 
 
 class CopyEngines:
-    def __init__(self, engines: int, cache: ExpertCache, rec: MetricsRecorder, lock: threading.Condition,
-                 source: Callable[[tuple[int, int]], Any], pool, device: str, clock: Callable[[], float],
-                 step: Callable[[], int]) -> None:
+    def __init__(self, engines: int, cache: ExpertCache, rec: MetricsRecorder, done: threading.Condition,
+                 work: threading.Condition, source: Callable[[tuple[int, int]], Any], pool, device: str,
+                 clock: Callable[[], float], step: Callable[[], int]) -> None:
         import torch
 
         self.torch = torch
-        self.cache, self.rec, self.lock, self.source, self.pool = cache, rec, lock, source, pool
+        self.cache, self.rec, self.lock, self.work, self.source, self.pool = cache, rec, done, work, source, pool
+        self.idle = 0  # engines waiting on `work` (read and written under the lock)
         self.cuda = device.startswith("cuda")
         self.clock, self.step = clock, step
         self.engines = max(1, engines)
@@ -46,6 +50,7 @@ class CopyEngines:
             with self.lock:
                 self.error = exc
                 self.lock.notify_all()
+                self.work.notify_all()
 
     def _loop(self, e: int) -> None:
         cache, lock = self.cache, self.lock
@@ -57,7 +62,9 @@ class CopyEngines:
                     tr = cache.next_transfer(self.clock()) if cache.has_work else None
                     if tr is not None:
                         break
-                    lock.wait()
+                    self.idle += 1
+                    self.work.wait()
+                    self.idle -= 1
                 slot = self.pool.assign(tr.key, tr.victim)
                 guard = self.pool.guard(slot)
                 step = self.step()
@@ -77,12 +84,12 @@ class CopyEngines:
             with lock:
                 cache.complete(tr, end)
                 self.rec.event(f"copy{e}", tr.kind, step, tr.key[0], tr.key[1], start, end, tr.prefetch is None)
-                lock.notify_all()
+                lock.notify()  # the main thread, if it waits for this copy
 
     def close(self) -> None:
         with self.lock:
             self._stop = True
-            self.lock.notify_all()
+            self.work.notify_all()
         for t in self._threads:
             t.join(timeout=10)
 

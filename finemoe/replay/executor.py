@@ -32,7 +32,7 @@ import numpy as np
 from finemoe.errors import ConfigError, MissingFieldError
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
 from finemoe.policies.registry import make_policy
-from finemoe.replay.compute import dense_forward, expert_ffn
+from finemoe.replay.compute import dense_forward, expert_ffn, swiglu
 from finemoe.replay.device import check_device, cpu_threads, synchronize, torch_threads
 from finemoe.replay.engines import CopyEngines
 from finemoe.replay.slots import SlotPool
@@ -133,13 +133,15 @@ class _Replayer:
         if options.weights_path:
             self.host.load_checkpoint(options.weights_path)
         self.shape = expert_shape(g)
-        self.pool = SlotPool(self.plan.expert_cache_slots, self.shape.numel, self.host.dtype, device)
+        self.pool = SlotPool(self.plan.expert_cache_slots, self.shape.numel, self.host.dtype, device, self.shape)
         self.dense = DenseWeights(g, device, self.plan.kv_tokens or longest, seed=config.seed)
         max_tokens = max((r.prompt_tokens for r in measured), default=1) * w.max_batch + w.max_batch
         gen = torch.Generator().manual_seed(config.seed + 2)
         self.x = (torch.randn((max_tokens, g.hidden_size), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
         self.q = (torch.randn((max_tokens, self.dense.kv_width), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
-        self.lock = threading.Condition()
+        base = threading.RLock()
+        self.lock = threading.Condition(base)  # the main thread waits on it for copies to land
+        self.work = threading.Condition(base)  # idle copy engines wait on it for transfers
         self.inline_copies = 0
         self.engines: CopyEngines | None = None
         self.t0 = 0.0
@@ -151,9 +153,10 @@ class _Replayer:
 
     # --- copies -----------------------------------------------------------------------------------
     def kick(self) -> None:
-        """New work may be queued: wake the copy engines (caller holds the lock)."""
-        if self.cache.has_work:
-            self.lock.notify_all()
+        """New work may be queued: wake the idle copy engines, and only them (lock held)."""
+        idle = self.engines.idle if self.engines is not None else 0
+        if idle and self.cache.has_work:
+            self.work.notify(idle)
 
     def _check(self) -> None:
         if self.engines is not None and self.engines.error is not None:
@@ -186,7 +189,7 @@ class _Replayer:
             scores @ kv[1, :ctx]
 
     def _expert(self, key, tokens: int) -> None:
-        expert_ffn(self.x[:tokens], self.pool.buffer(key), self.shape)
+        swiglu(self.x[:tokens], *self.pool.matrices(key))
         if self.cuda:
             ev = self.torch.cuda.Event()
             ev.record()
@@ -231,8 +234,8 @@ class _Replayer:
         wall0 = time.perf_counter()
         self.t0 = time.perf_counter()
         lock = self.lock
-        self.engines = CopyEngines(max(1, self.config.hardware.copy_engines), cache, rec, lock, self.host.expert,
-                                   self.pool, self.device, self.now, lambda: self._step)
+        self.engines = CopyEngines(max(1, self.config.hardware.copy_engines), cache, rec, lock, self.work,
+                                   self.host.expert, self.pool, self.device, self.now, lambda: self._step)
         first_seen: set[int] = set()
         try:
             while not batcher.done:
@@ -329,7 +332,7 @@ class _Replayer:
                         rec.event("compute", "expert", step, layer, ready[1], t, self.now(), ready in missing)
                     cache.unpin(ready)
                     if cache.blocked:
-                        self.lock.notify_all()
+                        self.kick()
 
     def _wait_for(self, pending) -> None:
         """Block (lock held) until a copy makes one of `pending` resident: the simulator's stall.
@@ -350,7 +353,7 @@ class _Replayer:
                 )
             if not self.cuda and cache.has_work and self._copy_inline():
                 continue
-            self.lock.notify_all()
+            self.kick()
             self.lock.wait(0.5)
         self.rec.stall_s += self.now() - t
 
@@ -371,5 +374,4 @@ class _Replayer:
         self.cache.complete(tr, end)
         self.rec.event(lane, tr.kind, step, tr.key[0], tr.key[1], start, end, tr.prefetch is None)
         self.inline_copies += 1
-        self.lock.notify_all()
         return True

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from finemoe.policies.base import ExpertKey
+from finemoe.replay.compute import ExpertShape, expert_views
 
 
 class SlotPool:
-    def __init__(self, slots: int, numel: int, dtype: Any, device: str) -> None:
+    def __init__(self, slots: int, numel: int, dtype: Any, device: str, shape: ExpertShape | None = None) -> None:
         import torch
 
         if slots < 1:
@@ -26,6 +27,8 @@ class SlotPool:
         self._free = list(range(slots - 1, -1, -1))
         self.slot_of: dict[ExpertKey, int] = {}
         self.last_read: list[Any] = [None] * slots  # CUDA event of the last kernel reading the slot
+        # gate/up/down views of every slot, made once (a view costs microseconds per call)
+        self.views = [expert_views(self.buffers[i], shape) for i in range(slots)] if shape else None
 
     @property
     def nbytes(self) -> int:
@@ -46,6 +49,9 @@ class SlotPool:
 
     def buffer(self, key: ExpertKey) -> Any:
         return self.buffers[self.slot_of[key]]
+
+    def matrices(self, key: ExpertKey) -> tuple[Any, Any, Any]:
+        return self.views[self.slot_of[key]]
 
     def mark_read(self, key: ExpertKey, event: Any) -> None:
         self.last_read[self.slot_of[key]] = event
