@@ -175,16 +175,19 @@ class _Interrupt:
             raise KeyboardInterrupt
 
 
+@pytest.mark.parametrize("flush_every_s", [0.0, 30.0])  # every request on disk at once / kept in memory
 @pytest.mark.parametrize("name", ["t.parquet", "tdir"])
-def test_interrupted_collection_leaves_a_valid_partial_trace(tmp_path, name):
+def test_interrupted_collection_leaves_a_valid_partial_trace(tmp_path, name, flush_every_s):
     model = tiny_model("mixtral")
-    _Interrupt(model, at=8)  # 6 forwards per request: dies inside the second one
+    _Interrupt(model, at=14)  # 6 forwards per request: dies inside the third one
+    cfg = CollectConfig(max_new_tokens=6, greedy=True, flush_every_s=flush_every_s)
     with pytest.raises(KeyboardInterrupt):
-        collect(model, ByteTokenizer(), PROMPTS, tmp_path / name, CollectConfig(max_new_tokens=6, greedy=True),
-                progress=False)
+        collect(model, ByteTokenizer(), PROMPTS, tmp_path / name, cfg, progress=False)
     trace = read_trace(tmp_path / name)
-    assert [r.request_id for r in trace.requests] == [0]
-    assert trace.metadata["complete"] is False and trace.metadata["requests_collected"] == 1
+    assert [r.request_id for r in trace.requests] == [0, 1]
+    assert trace.metadata["complete"] is False and trace.metadata["requests_collected"] == 2
+    if name == "tdir":
+        assert len(list((tmp_path / name).glob("part-*.parquet"))) == (2 if flush_every_s == 0 else 1)
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary folder left behind
 
 

@@ -1,7 +1,8 @@
 """Write a trace piece by piece so an interrupted collection still leaves a valid trace.
 
-Pieces go as `part-NNNNN.parquet` files into a hidden temporary folder beside the target. `finish`
-turns them into the trace the user named, atomically: a `.parquet` target becomes one consolidated
+Pieces go as `part-NNNNN.parquet` files into a hidden temporary folder beside the target (a
+caller may also hold recent pieces in memory and hand them to `finish`). `finish` turns them into
+the trace the user named, atomically: a `.parquet` target becomes one consolidated
 file, any other name a directory of part files (which `read_trace` reads as one trace). Until
 then the target is untouched, so a crash never leaves a half-written trace under its name.
 """
@@ -16,6 +17,24 @@ from pathlib import Path
 from finemoe.errors import TraceError
 from finemoe.traces.io import read_trace, write_trace
 from finemoe.traces.schema import Trace
+
+
+def concat_traces(pieces: list[Trace], metadata: dict | None = None) -> Trace:
+    """Pieces of one trace (same geometry, disjoint requests, in order) as one trace."""
+    import numpy as np
+
+    def cat(name):
+        arrays = [getattr(p, name) for p in pieces]
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+    first = pieces[0]
+    return Trace(
+        geometry=first.geometry,
+        requests=tuple(r for p in pieces for r in p.requests),
+        **{name: cat(name) for name in ("request_id", "iteration", "position", "experts", "weights",
+                                        "router_probs", "semantic_key", "spec_experts", "spec_weights")},
+        metadata=dict(first.metadata if metadata is None else metadata),
+    )
 
 
 class PartWriter:
@@ -36,22 +55,27 @@ class PartWriter:
         self.num_requests += len(piece.requests)
         return path
 
-    def finish(self, *, metadata_update: dict | None = None) -> Path | None:
-        """Publish the parts under the target name; None (and nothing written) when there are none."""
-        if self.num_parts == 0:
+    def finish(self, pending: list[Trace] = (), *, metadata_update: dict | None = None) -> Path | None:
+        """Publish the parts written so far plus `pending` pieces under the target name.
+
+        Returns None (and writes nothing) when there is nothing to publish.
+        """
+        pending = list(pending)
+        if self.num_parts == 0 and not pending:
             self.discard()
             return None
+        on_disk = [read_trace(self.tmpdir)] if self.num_parts else []
+        metadata = {**(on_disk + pending)[0].metadata, **(metadata_update or {})}
         if self.target.suffix == ".parquet":
-            trace = read_trace(self.tmpdir)
-            if metadata_update:
-                trace.metadata = {**trace.metadata, **metadata_update}
-            write_trace(trace, self.target)
+            write_trace(concat_traces(on_disk + pending, metadata), self.target)
             self.discard()
             return self.target
-        if metadata_update:
+        if pending:
+            self.write(concat_traces(pending, metadata))
+        if on_disk and metadata_update:  # a directory trace's metadata is its first part's
             first = self.tmpdir / "part-00000.parquet"
             trace = read_trace(first)
-            trace.metadata = {**trace.metadata, **metadata_update}
+            trace.metadata = metadata
             write_trace(trace, first)
         old = None
         if self.target.exists():

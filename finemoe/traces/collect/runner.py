@@ -19,7 +19,7 @@ from finemoe.errors import ConfigError
 from finemoe.traces.collect.adapters import PROBS_NOTE, architecture_of, geometry_of
 from finemoe.traces.collect.hooks import RoutingRecorder
 from finemoe.traces.geometry import Geometry
-from finemoe.traces.parts import PartWriter
+from finemoe.traces.parts import PartWriter, concat_traces
 from finemoe.traces.prompts import Prompt
 from finemoe.traces.schema import RequestInfo, Trace
 
@@ -37,6 +37,7 @@ class CollectConfig:
     semantic_dim: int = 256  # project the embedding output to this width when it is wider; 0: never
     max_prompt_tokens: int = 512
     chat_template: bool = True
+    flush_every_s: float = 30.0  # finished requests reach a part file on disk at least this often
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
@@ -129,6 +130,8 @@ def collect(
     model.eval()
     bar = tqdm(total=len(prompts), unit="req", desc="collect", disable=not progress)
     generated, t0 = 0, time.perf_counter()
+    pending: list[Trace] = []  # finished requests not yet on disk; published on any exit
+    last_flush = t0
     try:
         with RoutingRecorder(
             model, arch, router_probs=config.router_probs, speculative=config.speculative, projection=projection
@@ -136,16 +139,21 @@ def collect(
             for first in range(0, len(prompts), config.batch_size):
                 batch = prompts[first : first + config.batch_size]
                 piece = _collect_batch(model, recorder, encoder, batch, first, config, eos, geometry, meta)
-                writer.write(piece)
+                pending.append(piece)
+                if time.perf_counter() - last_flush >= config.flush_every_s:
+                    writer.write(concat_traces(pending))
+                    pending, last_flush = [], time.perf_counter()
                 generated += sum(r.generated_tokens for r in piece.requests)
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - t0, 1e-9):.1f}")
     except BaseException:
         bar.close()
-        writer.finish(metadata_update={"complete": False, "requests_collected": writer.num_requests})
+        done = writer.num_requests + sum(len(p.requests) for p in pending)
+        writer.finish(pending, metadata_update={"complete": False, "requests_collected": done})
         raise
     bar.close()
-    return writer.finish(metadata_update={"complete": True, "requests_collected": writer.num_requests})
+    done = writer.num_requests + sum(len(p.requests) for p in pending)
+    return writer.finish(pending, metadata_update={"complete": True, "requests_collected": done})
 
 
 def _metadata(model, arch, config, encoder, projection, geometry: Geometry, planned: int, extra: dict) -> dict:
