@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -55,7 +55,6 @@ class Rendered:
     patches: int
     collections: int
     caption: str
-    notes: list[str] = field(default_factory=list)
 
     @property
     def png(self) -> Path | None:
