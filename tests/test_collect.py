@@ -250,3 +250,20 @@ def test_part_writer_publishes_atomically(tmp_path, small_trace):
     (tmp_path / "file").write_text("x")
     with pytest.raises(TraceError, match="exists as a file"):
         PartWriter(tmp_path / "file")
+
+
+def test_cli_rejects_an_unsupported_model_folder_before_loading_weights(tmp_path):
+    from click.testing import CliRunner
+    from transformers import LlamaConfig
+
+    from finemoe.cli.main import cli
+
+    LlamaConfig(vocab_size=264, hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path / "llama"
+    )  # config only: loading weights would fail differently
+    (tmp_path / "p.txt").write_text("hello\n")
+    result = CliRunner().invoke(cli, ["collect", "--model", str(tmp_path / "llama"), "--prompts",
+                                      str(tmp_path / "p.txt"), "-o", str(tmp_path / "t.parquet")])
+    assert result.exit_code == 1
+    assert "error: unsupported model architecture 'llama'" in result.output
+    assert "deepseek_v3" in result.output and "gpt_oss" in result.output
