@@ -253,7 +253,7 @@ def demo_command(out_dir, quick, prompts, max_new_tokens, jobs, replay) -> None:
     t0 = time.perf_counter()
     made = run_demo(Path(out_dir), plan, jobs=jobs, replay=replay)
     click.echo(click.style(f"done in {time.perf_counter() - t0:.0f} s: ", bold=True)
-               + f"{len(made['results'])} result files, {len(made['figures'])} figures")
+               + f"{len(made['results']) + len(made.get('replay', []))} result files, {len(made['figures'])} figures")
     click.echo(f"  open {made['report']}")
 
 
