@@ -285,3 +285,13 @@ def test_byte_budget_does_not_match_a_slot_sweep(study, tmp_path):
 
     out = render_all([study], tmp_path, only=["latency_bars"], budget="24G")
     assert out.skipped and "8 slots, 16 slots, 24 slots" in out.skipped[0][1]
+
+
+def test_same_results_give_the_same_files(study, tmp_path):
+    from finemoe.plots.render import render_all
+
+    names = ["latency_memory", "engine_timeline"]
+    a = render_all([study], tmp_path / "a", only=names)
+    b = render_all([study], tmp_path / "b", only=names)
+    for fa, fb in zip((f for r in a.rendered for f in r.files), (f for r in b.rendered for f in r.files), strict=True):
+        assert fa.read_bytes() == fb.read_bytes(), fa.name

@@ -17,6 +17,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+# Same results, same bytes: SVG element ids from a fixed salt, no creation date in the files.
+matplotlib.rcParams["svg.hashsalt"] = "finemoe"
+_METADATA = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}}
+
 FORMATS = ("png", "svg")
 DPI = 130
 
@@ -105,7 +109,7 @@ def _save_atomic(fig: Figure, path: Path, fmt: str) -> Path:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a figure or report is meant to be shared
     os.close(fd)
     try:
-        fig.savefig(tmp, format=fmt, dpi=DPI)
+        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=_METADATA.get(fmt))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
