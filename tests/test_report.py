@@ -75,9 +75,16 @@ def test_report_rejects_unknown_extension(study, tmp_path):
 
 def test_plot_cli_writes_and_notes_skips(study, tmp_path):
     result = CliRunner().invoke(cli, ["plot", str(study), "-o", str(tmp_path / "f"), "--only",
-                                      "latency_memory,routing_entropy"])
+                                      "latency_memory,sim_vs_replay,routing_entropy"])
     assert result.exit_code == 0, result.output
     assert "wrote   latency_memory" in result.output
+    # the trace the results name is found without --trace
+    assert "wrote   routing_entropy" in result.output
+    assert "wrote   sim_vs_replay" in result.output
+    make_result("lru", 24, 0.5).write(tmp_path / "one" / "lru.parquet")
+    result = CliRunner().invoke(cli, ["plot", str(tmp_path / "one"), "-o", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert "skipped latency_memory" in result.output and "two or more memory budgets" in result.output
     assert "skipped routing_entropy" in result.output and "--trace" in result.output
     assert (tmp_path / "f" / "latency_memory.svg").stat().st_size > 10_000
 

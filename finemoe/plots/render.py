@@ -57,7 +57,7 @@ def render_all(
         "hit_rate_memory": lambda: tradeoff.hit_rate_memory(runs, out_dir),
         "prefetch_distance": lambda: distance.prefetch_distance(runs, out_dir),
         "latency_bars": lambda: bars.latency_bars(runs, out_dir, budget=budget),
-        "routing_entropy": lambda: _entropy(entropy, trace, out_dir),
+        "routing_entropy": lambda: _entropy(entropy, trace or _recorded_trace(runs), out_dir),
         "sim_vs_replay": lambda: fidelity.sim_vs_replay(runs, out_dir),
         "engine_timeline": lambda: timeline.engine_timeline(runs, out_dir),
     }
@@ -72,9 +72,18 @@ def render_all(
     return outcome
 
 
+def _recorded_trace(runs: list[Run]) -> Path | None:
+    """The trace the results were made from, when they share one and it is still where they say."""
+    paths = {r.config.get("trace_path") for r in runs}
+    if len(paths) != 1 or not next(iter(paths)):
+        return None
+    path = Path(next(iter(paths)))
+    return path if path.exists() else None
+
+
 def _entropy(entropy_module, trace_path, out_dir: Path):
     if trace_path is None:
-        raise Skip("needs a trace (--trace TRACE)")
+        raise Skip("needs a trace (--trace TRACE): the results name none that exists here")
     from finemoe.traces.io import read_trace
 
     trace = read_trace(trace_path, columns=["router_probs"])
