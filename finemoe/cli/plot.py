@@ -31,7 +31,8 @@ Examples:
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="figures", show_default=True,
               help="Folder for the figures (PNG and SVG of each).")
 @click.option("--trace", type=click.Path(), default=None,
-              help="Trace for the routing-entropy figure (file or directory of part files).")
+              help="Trace for the routing-entropy figure (default: the trace the results were made from, "
+                   "if it is still where they say).")
 @click.option("--budget", default=None, metavar="SIZE",
               help="Memory budget of the per-policy latency bars, e.g. 24G, or a slot count such as 96 for an "
                    "--expert-cache sweep (default: the budget most policies share).")

@@ -14,7 +14,7 @@ Examples:
 @click.argument("results", nargs=-1, type=click.Path(), required=True)
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default="report.html", show_default=True,
               help="Report file; .html embeds the figures, .md links them from a folder beside it.")
-@click.option("--trace", type=click.Path(), default=None, help="Trace for the routing-entropy figure.")
+@click.option("--trace", type=click.Path(), default=None, help="Trace for the routing-entropy figure (default: the one the results name).")
 @click.option("--budget", default=None, metavar="SIZE", help="Budget of the per-policy latency bars, e.g. 24G or a slot count.")
 @click.option("--title", default="finemoe study", show_default=True, help="Heading of the report.")
 def report_command(results, out_path, trace, budget, title) -> None:
