@@ -8,17 +8,17 @@ budget so every policy gets the same slots (noted in docs/policies.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
-from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch
+from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch
 from finemoe.policies.registry import register
-from finemoe.policies.usage import UsageTracker
+from finemoe.policies.usage import TrackedCachePolicy
 
 
 @register
-class MixtralOffloading(Policy):
+class MixtralOffloading(TrackedCachePolicy):
     name = "mixtral-offloading"
     needs = ("spec_experts",)
 
@@ -26,7 +26,6 @@ class MixtralOffloading(Policy):
         super().bind(ctx)
         g = ctx.geometry
         self.L = g.num_layers
-        self.usage = UsageTracker(g.num_layers, g.num_experts)
 
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
         target = routing.layer + 1
@@ -44,16 +43,3 @@ class MixtralOffloading(Policy):
         # Priority: share of the batch's tokens whose speculative router picked the expert.
         return [Prefetch(c / total, routing.step.step, target, e) for e, c in sorted(votes.items())]
 
-    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
-        self.usage.accessed(layer, expert)
-
-    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
-        self.usage.loaded(key)
-
-    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
-        self.usage.evicted(key)
-
-    def choose_victim(
-        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
-    ) -> ExpertKey | None:
-        return self.usage.choose(self.usage.sort_key("lru"), evictable)

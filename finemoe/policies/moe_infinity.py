@@ -11,13 +11,13 @@ why request-level statistics predict little when routing is balanced over a requ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
-from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch, StepInfo
+from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch, StepInfo
 from finemoe.policies.registry import register
-from finemoe.policies.usage import UsageTracker
+from finemoe.policies.usage import TrackedCachePolicy
 
 
 def activation_matrix(trace, rows: np.ndarray) -> np.ndarray:
@@ -32,7 +32,8 @@ def activation_matrix(trace, rows: np.ndarray) -> np.ndarray:
 
 
 @register
-class MoEInfinity(Policy):
+class MoEInfinity(TrackedCachePolicy):
+    cache_order = "lfu"
     name = "moe-infinity"
     uses_history = True
 
@@ -53,7 +54,6 @@ class MoEInfinity(Policy):
         g = ctx.geometry
         self.L, self.J = g.num_layers, g.num_experts
         self.n_pref = min(self.num_prefetch or g.top_k, g.num_experts)
-        self.usage = UsageTracker(self.L, self.J)
         self._partial: dict[int, np.ndarray] = {}  # request id -> EAM so far
         self._step: StepInfo | None = None
         self._refresh()
@@ -124,20 +124,6 @@ class MoEInfinity(Policy):
             if layer + 1 < self.L:
                 self._predict(out, routing.step.step, layer, self._match(partial))
         return sorted(out.values(), reverse=True)
-
-    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
-        self.usage.accessed(layer, expert)
-
-    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
-        self.usage.loaded(key)
-
-    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
-        self.usage.evicted(key)
-
-    def choose_victim(
-        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
-    ) -> ExpertKey | None:
-        return self.usage.choose(self.usage.sort_key("lfu"), evictable)
 
     def describe(self) -> dict:
         d = super().describe()

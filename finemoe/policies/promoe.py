@@ -13,14 +13,14 @@ requests, on all of them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
-from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch, StepInfo
+from finemoe.policies.base import ExpertKey, LayerRouting, PolicyContext, Prefetch, StepInfo
 from finemoe.policies.expert_maps import topk_map
 from finemoe.policies.registry import register
-from finemoe.policies.usage import UsageTracker
+from finemoe.policies.usage import TrackedCachePolicy
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def train_logistic(
 
 
 @register
-class ProMoE(Policy):
+class ProMoE(TrackedCachePolicy):
     name = "promoe"
     uses_history = True
 
@@ -88,7 +88,6 @@ class ProMoE(Policy):
         super().bind(ctx)
         g = ctx.geometry
         self.L, self.J, self.K = g.num_layers, g.num_experts, g.top_k
-        self.usage = UsageTracker(self.L, self.J)
         self._step: StepInfo | None = None
         self._rows: list[np.ndarray] = []  # per sequence: observed rows [tokens, L, J] of this step
 
@@ -181,20 +180,6 @@ class ProMoE(Policy):
                     if (target, e) not in out or out[(target, e)].priority < prio:
                         out[(target, e)] = Prefetch(prio, routing.step.step, target, e)
         return sorted(out.values(), reverse=True)
-
-    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
-        self.usage.accessed(layer, expert)
-
-    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
-        self.usage.loaded(key)
-
-    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
-        self.usage.evicted(key)
-
-    def choose_victim(
-        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
-    ) -> ExpertKey | None:
-        return self.usage.choose(self.usage.sort_key("lru"), evictable)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -8,10 +8,11 @@ argmin over L x J values, not a Python loop over residents.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 
-from finemoe.policies.base import ExpertKey
+from finemoe.policies.base import ExpertKey, Policy, PolicyContext, Prefetch
 
 
 class UsageTracker:
@@ -72,3 +73,30 @@ class UsageTracker:
             if evictable(victim):
                 return victim
         return None
+
+
+class TrackedCachePolicy(Policy):
+    """A predictive policy whose cache is plain LRU or LFU over a `UsageTracker` (`cache_order`).
+
+    Subclasses add prediction; this owns the cache notifications and the victim choice.
+    """
+
+    cache_order: ClassVar[str] = "lru"
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        self.usage = UsageTracker(ctx.geometry.num_layers, ctx.geometry.num_experts)
+
+    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
+        self.usage.accessed(layer, expert)
+
+    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
+        self.usage.loaded(key)
+
+    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
+        self.usage.evicted(key)
+
+    def choose_victim(
+        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
+    ) -> ExpertKey | None:
+        return self.usage.choose(self.usage.sort_key(self.cache_order), evictable)
