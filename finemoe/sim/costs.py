@@ -32,7 +32,7 @@ class CostModel:
         g = self.geometry
         flops = tokens * g.expert_flops_per_token
         nbytes = g.bytes_per_expert + 2.0 * tokens * g.hidden_size * g.dtype_bytes
-        return self.roofline_s(flops, nbytes)
+        return self.hardware.expert_overhead_s + self.roofline_s(flops, nbytes)
 
     def dense_layer_s(self, tokens: int, context: int, attention_pairs: int | None = None) -> float:
         """Dense part of one layer (attention, router, shared experts) for `tokens` new tokens.
@@ -46,7 +46,7 @@ class CostModel:
         per_layer_weights = g.dense_bytes / g.num_layers
         flops = tokens * g.dense_flops_per_token / g.num_layers + 4.0 * g.hidden_size * pairs
         nbytes = per_layer_weights + context * g.kv_bytes_per_token / g.num_layers
-        return self.roofline_s(flops, nbytes)
+        return self.hardware.layer_overhead_s + self.roofline_s(flops, nbytes)
 
     def wire_s(self, nbytes: float) -> float:
         """Time the bytes occupy the host-to-device link (shared by all copy engines)."""

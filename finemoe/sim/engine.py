@@ -147,6 +147,7 @@ class SimEngine:
         self.copy_engines = max(1, int(hw.copy_engines))
         self.latency_ticks = to_ticks(hw.transfer_latency_s)
         self.wire_ticks = to_ticks(costs.wire_s(g.bytes_per_expert))
+        self.slowdown = float(getattr(hw, "copy_compute_slowdown", 1.0))
         self._expert_ticks: dict[int, int] = {}
         self._info: dict[tuple[int, int], _IterInfo] = {}
         self._sorted: np.ndarray | None = None
@@ -272,6 +273,17 @@ class SimEngine:
         self._wire_free = end = wire_start + self.wire_ticks
         return end
 
+    def _stretch(self, t: int, ticks: int) -> int:
+        """Compute of `ticks` starting at `t`, run `copy_compute_slowdown` times slower while copies are
+        on the wire (until `_wire_free`): on a CPU copies and compute share cores and memory."""
+        busy = self._wire_free - t
+        if busy <= 0:
+            return ticks
+        f = self.slowdown
+        if ticks * f <= busy:
+            return int(round(ticks * f))
+        return busy + int(round(ticks - busy / f))
+
     def _replan(self, now: int) -> None:
         known = self.batcher.arrived_count(now)
         if known != self._planned_known:
@@ -329,6 +341,7 @@ class SimEngine:
         first_seen: set[int] = set()
         stall = 0
         t = env.now
+        stretch = self._stretch if self.slowdown != 1.0 else None
         while not batcher.done:
             seqs = batcher.next_step(t)
             if not seqs:
@@ -351,7 +364,7 @@ class SimEngine:
             keep = step < tl_steps
             for layer in range(L):
                 t0 = t
-                t += dense
+                t += dense if stretch is None else stretch(t, dense)
                 if keep:
                     rec.event("compute", "dense", step, layer, -1, t0 * _S, t * _S, False)
                 if always or peek() <= t:
@@ -390,7 +403,7 @@ class SimEngine:
                     if misses is not None and e in misses:
                         continue
                     t0 = t
-                    t += c
+                    t += c if stretch is None else stretch(t, c)
                     cache.unpin((layer, e), t * _S)
                     if keep:
                         rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, False)
@@ -424,7 +437,8 @@ class SimEngine:
                         for e in ready:
                             pending.remove(e)
                             t0 = t
-                            t += ticks[experts.index(e)]
+                            c = ticks[experts.index(e)]
+                            t += c if stretch is None else stretch(t, c)
                             cache.unpin((layer, e), t * _S)
                             if keep:
                                 rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, True)

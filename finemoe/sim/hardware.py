@@ -30,6 +30,15 @@ class HardwareSpec:
     memory_efficiency: float = 0.8  # achieved / peak HBM bandwidth
     pcie_efficiency: float = 0.8  # achieved / peak link bandwidth for pinned copies
     kernel_launch_s: float = 5e-6  # per-kernel fixed cost (dense part of a layer, each expert)
+    # Host-side cost of driving the work, beyond the kernel launch: what a runtime (e.g. the
+    # replayer's Python loop: policy and cache calls, locks, attention dispatch) spends per routed
+    # expert and per layer. Zero for the presets; `finemoe calibrate` measures the replayer's own.
+    expert_overhead_s: float = 0.0
+    layer_overhead_s: float = 0.0
+    # Compute runs this many times slower while a copy is on the wire: 1.0 where copy engines are
+    # separate hardware (GPUs); above 1 on a CPU, whose "copies" are memcpys by threads that take
+    # cores and memory bandwidth from compute. `finemoe calibrate` measures it.
+    copy_compute_slowdown: float = 1.0
     source: str = ""
 
     @property
