@@ -13,6 +13,7 @@ the tests check.
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +149,10 @@ class SimEngine:
         self.latency_ticks = to_ticks(hw.transfer_latency_s)
         self.wire_ticks = to_ticks(costs.wire_s(g.bytes_per_expert))
         self.slowdown = float(getattr(hw, "copy_compute_slowdown", 1.0))
+        self.miss_ticks = to_ticks(getattr(hw, "miss_overhead_s", 0.0))
+        # While compute runs (not stalled), copies cross slower where they share its cores (CPU).
+        self.busy_wire_ticks = to_ticks(costs.wire_s(g.bytes_per_expert) * getattr(hw, "compute_copy_slowdown", 1.0))
+        self._stalled = False
         self._expert_ticks: dict[int, int] = {}
         self._info: dict[tuple[int, int], _IterInfo] = {}
         self._sorted: np.ndarray | None = None
@@ -270,7 +275,7 @@ class SimEngine:
     def _reserve(self, start: int) -> int:
         """The copy starting at `start` crosses the shared link after its latency, in start order."""
         wire_start = max(start + self.latency_ticks, self._wire_free)
-        self._wire_free = end = wire_start + self.wire_ticks
+        self._wire_free = end = wire_start + (self.wire_ticks if self._stalled else self.busy_wire_ticks)
         return end
 
     def _stretch(self, t: int, ticks: int) -> int:
@@ -283,6 +288,79 @@ class SimEngine:
         if ticks * f <= busy:
             return int(round(ticks * f))
         return busy + int(round(ticks - busy / f))
+
+    def _engines_idle(self) -> bool:
+        """Every copy engine sleeps until work is handed to it (none waits for a pin's release)."""
+        sleeping = self._sleeping
+        return len(sleeping) == self.copy_engines and all(plain for _, plain in sleeping)
+
+    def _misses_inline(self, layer: int, experts, ticks, misses, t: int, stretch) -> tuple[int, int]:
+        """One layer whose misses are the only copies (all engines idle, nothing queued, room for
+        the layer): the copies and the compute, played out without SimPy. Mirrors `_wake_at`,
+        `_copier` and `_compute` step by step: copies land in SimPy's order (time, then the order
+        they were scheduled), and each landing is handled before the compute looks at time `t`.
+        Returns the compute clock after the layer and the ticks spent waiting."""
+        cache, sleeping, reserve = self.cache, self._sleeping, self._reserve
+        resident, next_transfer, unpin = cache.resident, cache.next_transfer, cache.unpin
+        heap: list = []  # (end, order scheduled, engine's wake entry, transfer)
+        arriving: dict = {}
+        order = 0
+
+        def hand(at: int) -> None:  # `_wake_at` for engines that all sleep plainly
+            nonlocal order
+            while sleeping and cache.has_work:
+                tr = next_transfer(at * _S)
+                if tr is None:
+                    break
+                end = reserve(at)
+                heapq.heappush(heap, (end, order, sleeping.pop(0), tr))
+                order += 1
+                arriving[tr.key] = end
+
+        def land(upto: int) -> None:  # every copy ending at or before `upto`, as the copiers would
+            nonlocal order
+            while heap and heap[0][0] <= upto:
+                end, _, wake, tr = heapq.heappop(heap)
+                del arriving[tr.key]
+                cache.complete(tr, end * _S)
+                nxt = next_transfer(end * _S)
+                if nxt is None:
+                    sleeping.append(wake)
+                    continue
+                e2 = reserve(end)
+                heapq.heappush(heap, (e2, order, wake, nxt))
+                order += 1
+                arriving[nxt.key] = e2
+                if sleeping and cache.has_work:
+                    hand(end)
+
+        hand(t)
+        t += self.miss_ticks * len(misses)
+        for e, c in zip(experts, ticks, strict=True):
+            if e in misses:
+                continue
+            t += c if stretch is None else stretch(t, c)
+            unpin((layer, e), t * _S)
+        waited = 0
+        pending = list(misses)
+        while pending:
+            land(t)
+            ready = [e for e in pending if (layer, e) in resident]
+            if not ready:
+                first = min((arriving[k] for e in pending if (k := (layer, e)) in arriving), default=None)
+                if first is None:
+                    raise DeadlockError(f"layer {layer}: a missed expert is neither resident nor on the wire")
+                waited += first - t
+                t = first
+                continue
+            for e in ready:
+                pending.remove(e)
+                c = ticks[experts.index(e)]
+                t += c if stretch is None else stretch(t, c)
+                unpin((layer, e), t * _S)
+        if heap:
+            raise DeadlockError(f"layer {layer}: copies still on the wire after the layer's compute")
+        return t, waited
 
     def _replan(self, now: int) -> None:
         known = self.batcher.arrived_count(now)
@@ -385,6 +463,14 @@ class SimEngine:
                     ticks = [et1] * len(experts)
                 else:
                     ticks = [etf(c) for c in counts_l[layer]]
+                if (misses is not None and not keep and not always and cache.only_demands(len(misses))
+                        and cache.capacity >= len(experts) and self._engines_idle()):
+                    # Only this layer's misses will cross the link: play their copies out here, in
+                    # the order SimPy would, without an event per copy (the same times and calls).
+                    cache.pin([(layer, e) for e in experts])
+                    t, waited = self._misses_inline(layer, experts, ticks, misses, t, stretch)
+                    stall += waited
+                    continue
                 if misses is None and not cache.busy:
                     for e, c in zip(experts, ticks, strict=True):
                         t0 = t
@@ -398,6 +484,7 @@ class SimEngine:
                 cache.pin([(layer, e) for e in experts])
                 if misses is not None:
                     self._wake_at(t)
+                    t += self.miss_ticks * len(misses)  # the host's own work per on-demand load
                 # Resident experts first, in expert order; then the misses as they arrive.
                 for e, c in zip(experts, ticks, strict=True):
                     if misses is not None and e in misses:
@@ -425,12 +512,14 @@ class SimEngine:
                                 a = self._arriving.get((layer, e))
                                 if a is not None and (first is None or a[0] < first[0]):
                                     first = a
+                            self._stalled = True
                             if first is not None:
                                 yield first[1]
                             else:
                                 self._loaded_waited = True
                                 yield self._loaded
                                 self._loaded_waited = False
+                            self._stalled = False
                             stall += env.now - t
                             t = env.now
                             continue

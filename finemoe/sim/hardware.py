@@ -35,10 +35,14 @@ class HardwareSpec:
     # expert and per layer. Zero for the presets; `finemoe calibrate` measures the replayer's own.
     expert_overhead_s: float = 0.0
     layer_overhead_s: float = 0.0
+    miss_overhead_s: float = 0.0  # host time per on-demand load, on the compute path (issue, hand-off)
     # Compute runs this many times slower while a copy is on the wire: 1.0 where copy engines are
     # separate hardware (GPUs); above 1 on a CPU, whose "copies" are memcpys by threads that take
     # cores and memory bandwidth from compute. `finemoe calibrate` measures it.
     copy_compute_slowdown: float = 1.0
+    # ... and copies' bytes cross this many times slower when they start while compute runs (not
+    # during a stall). 1.0 for GPUs; measured by `finemoe calibrate`.
+    compute_copy_slowdown: float = 1.0
     source: str = ""
 
     @property
