@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,65 @@ def measure_expert(device: str, dtype: str, shape: ExpertShape, token_counts: tu
     return rows
 
 
+def measure_copy_interference(device: str, dtype: str, shape: ExpertShape, repeats: int, working_set_bytes: int,
+                              copy_bytes: int, pool_bytes: int, engines: int = 1) -> dict:
+    """How much slower one-token expert FFNs run while the replayer's copier keeps `engines` copy
+    engines busy with expert-sized copies, and how much slower those copies run while the FFNs do
+    (CPU: memcpy threads share the cores and the memory bandwidth with compute; on a GPU the copy
+    engines are separate hardware and both ratios are about 1)."""
+    import threading
+
+    import torch
+
+    n = max(pool_bytes, 2 * copy_bytes * engines)
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=device.startswith("cuda")).fill_(1)
+    dst = torch.empty(max(n // 2, copy_bytes * engines), dtype=torch.uint8, device=device)
+    nsrc, ndst = n // copy_bytes, max(dst.numel() // copy_bytes, 1)
+    copier = make_copier(device, engines)
+
+    def copies(during: Callable[[], Any] | None) -> tuple[float, Any]:
+        """Mean seconds per copy with every engine busy, while `during` runs on this thread (else a
+        fixed number of copies), and what `during` returned."""
+        stop = threading.Event()
+        times: list[list[float]] = [[] for _ in range(engines)]
+        budget = max(4, repeats // 2)
+
+        def feed(engine: int) -> None:
+            i = engine
+            while not stop.is_set() and (during is not None or len(times[engine]) < budget):
+                s, d = (i % nsrc) * copy_bytes, (i % ndst) * copy_bytes
+                t = time.perf_counter()
+                copier.wait(copier.submit(CopyJob(src[s : s + copy_bytes], dst[d : d + copy_bytes]), engine=engine))
+                times[engine].append(time.perf_counter() - t)
+                i += engines
+
+        feeders = [threading.Thread(target=feed, args=(e,), name=f"finemoe-calibrate-feed{e}", daemon=True)
+                   for e in range(engines)]
+        for f in feeders:
+            f.start()
+        try:
+            out = during() if during is not None else None
+        finally:
+            stop.set()
+            for f in feeders:
+                f.join()
+        flat = [t for ts in times for t in ts[1:]] or [t for ts in times for t in ts]
+        return statistics.fmean(flat), out
+
+    def ffn() -> float:
+        return measure_expert(device, dtype, shape, (1,), repeats, working_set_bytes)[0]["time_s"]
+
+    try:
+        alone = ffn()
+        copy_alone, _ = copies(None)
+        copy_during, during = copies(ffn)
+    finally:
+        copier.close()
+    return {"expert_alone_s": alone, "expert_during_copies_s": during, "copy_alone_s": copy_alone,
+            "copy_during_compute_s": copy_during, "copy_bytes": copy_bytes, "engines": engines,
+            "compute_slowdown": max(1.0, during / alone), "copy_slowdown": max(1.0, copy_during / copy_alone)}
+
+
 def measure_launch(device: str, dtype: str, repeats: int) -> float:
     """Time of an expert FFN with 16x16 matrices: the fixed cost each expert pays (dispatch, launch)."""
     rows = measure_expert(device, dtype, ExpertShape(16, 16), (1,), max(repeats, 21), 0)
@@ -265,6 +324,72 @@ def measure_peak_flops(device: str, dtype: str, n: int, repeats: int) -> float:
     return 2.0 * n**3 / t
 
 
+PROBE_HIDDEN = 16  # the probe model's experts are 16x16, like `measure_launch`'s: next to no arithmetic
+
+
+def _probe(top_k: int, slots_per_layer: int, layers: int, tokens: int, seed: int, dtype: str, engines: int):
+    """A tiny model (one request, one token per step) and its configuration; `slots_per_layer` 8 is
+    all resident (no copies), fewer makes LRU miss."""
+    from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+    from finemoe.sim.hardware import PRESETS
+    from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+
+    h = PROBE_HIDDEN
+    g = tiny_geometry(num_layers=layers, num_experts=8, top_k=top_k, hidden_size=h, expert_intermediate_size=h,
+                      dtype=dtype, bytes_per_expert=3 * h * h * 2, dense_bytes=layers * h * h * 2,
+                      kv_bytes_per_token=layers * 2 * h * 2, model_name="dispatch-probe")
+    trace = synthetic_trace(g, num_requests=1, prompt_tokens=4, generated_tokens=tokens, with_prefill=False,
+                            seed=seed)
+    cfg = SimConfig(trace_path="dispatch-probe", policy="lru",
+                    hardware=PRESETS["rtx3090"].with_overrides(copy_engines=engines),
+                    memory=MemoryConfig(expert_cache_slots=layers * slots_per_layer),
+                    workload=WorkloadConfig(online=True), seed=seed)
+    return trace, cfg
+
+
+PROBES = ((1, 8), (4, 8), (2, 2), (4, 4))  # (top-k, slots per layer): all resident, then missing
+
+
+def measure_dispatch(device: str, dtype: str, threads: int, repeats: int, engines: int, layers: int = 8,
+                     tokens: int = 24) -> list[dict]:
+    """Replay tiny probe models with the replayer itself, recording every kernel: with 16x16 experts
+    the time outside kernels and stalls is the replayer's own driving of the work (routing, policy
+    and cache calls, locks, waking copy threads), which the cost model charges nowhere else."""
+    import pandas as pd
+
+    from finemoe.replay.executor import ReplayOptions, replay
+
+    rows = []
+    for rep in range(max(1, repeats)):
+        for k, per_layer in PROBES:
+            trace, cfg = _probe(k, per_layer, layers, tokens, rep, dtype, engines)
+            r = replay(trace, replace(cfg, timeline_steps=10**6), ReplayOptions(device=device, threads=threads))
+            tl = pd.DataFrame(r.timeline)
+            comp = tl[tl.lane == "compute"]
+            experts = comp[comp.kind == "expert"]
+            kernel_s = float((comp.end_s - comp.start_s).sum())
+            s = r.summary
+            rows.append({"top_k": k, "slots_per_layer": per_layer, "seed": rep, "time_s": float(s["makespan_s"]),
+                         "kernel_s": kernel_s, "stall_s": float(s["stall_s"]),
+                         "outside_s": float(s["makespan_s"]) - kernel_s - float(s["stall_s"]),
+                         "layer_steps": int(s["layer_steps"]), "kernels": len(experts),
+                         "misses": int(experts.miss.sum()), "hit_rate": float(s["hit_rate"])})
+    return rows
+
+
+def fit_dispatch(rows: list[dict]) -> dict:
+    """Per layer, per expert kernel and per on-demand load: the replayer's time outside kernels and
+    stalls, fitted over the probes by least squares (relative errors) as
+    layer_steps x layer_overhead_s + kernels x expert_overhead_s + misses x miss_overhead_s.
+    The kernels' own time (launch included) is measured separately, so nothing is counted twice."""
+    a = np.array([[r["layer_steps"], r["kernels"], r["misses"]] for r in rows], dtype=float)
+    y = np.array([r["outside_s"] for r in rows])
+    w = 1.0 / np.maximum(y, 1e-9)
+    coef, *_ = np.linalg.lstsq(a * w[:, None], y * w, rcond=None)
+    layer, expert, miss = (float(max(c, 0.0)) for c in coef)
+    return {"layer_overhead_s": layer, "expert_overhead_s": expert, "miss_overhead_s": miss}
+
+
 # --- the fit -----------------------------------------------------------------------------------
 
 
@@ -278,7 +403,9 @@ def predict_expert_s(hw: HardwareSpec, shape: ExpertShape, dtype_bytes: float, t
 def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dict], overlap_rows: list[dict],
                  expert_rows: list[dict], shape: ExpertShape, dtype_bytes: float, launch_s: float,
                  stream_gbps: float, peak_flops: float) -> tuple[HardwareSpec, dict]:
-    """A HardwareSpec whose cost model reproduces the measurements, and the fit's residuals."""
+    """A HardwareSpec whose cost model reproduces the measurements, and the fit's residuals.
+    (`copy_compute_slowdown` and the replayer's overheads are measured with the copy engines this
+    picks, and set afterwards.)"""
     latency_s, link_bps = fit_link(link_rows)
     engines = pick_copy_engines(overlap_rows)
     if engines > 1:  # the simulator's copy engines share one link: its bandwidth is the aggregate
@@ -374,6 +501,16 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
     name = ("cuda-" if cuda else "cpu-") + device_name(device).split(" (")[0].replace(" ", "-").lower()
     hw, fit = fit_hardware(name, device, device_memory_bytes(device), copies[link_kind], overlap, experts,
                            shape, dtype_bytes, launch_s, stream_gbps, peak)
+    say("compute while copies run")
+    interference = measure_copy_interference(device, dtype, shape, max(5 * plan.gemm_repeats, 45), working_set,
+                                             shape.numel * dtype_bytes, pool, hw.copy_engines)
+    hw = replace(hw, copy_compute_slowdown=float(interference["compute_slowdown"]),
+                 compute_copy_slowdown=float(interference["copy_slowdown"]))
+    say("the replayer's own per-layer, per-expert and per-miss costs")
+    probes = measure_dispatch(device, dtype, threads, 2 if not thorough else 5, hw.copy_engines)
+    overheads = fit_dispatch(probes)
+    hw = replace(hw, **overheads)
+    dispatch = {"probes": probes, "fit": overheads}
     measurements = {
         "device": device,
         "device_name": device_name(device),
@@ -389,6 +526,8 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
         "expert_working_set_bytes": int(working_set),
         "copy_pool_bytes": int(pool),
         "expert_fixed_cost_s": launch_s,
+        "replayer_dispatch": dispatch,
+        "copy_interference": interference,
         "memory_stream_gbps": stream_gbps,
         "square_gemm": {"n": plan.square_gemm, "flops": peak},
         "fit": fit,

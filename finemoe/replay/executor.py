@@ -143,6 +143,7 @@ class _Replayer:
         self.lock = threading.Condition(base)  # the main thread waits on it for copies to land
         self.work = threading.Condition(base)  # idle copy engines wait on it for transfers
         self.inline_copies = 0
+        self.policy_s = 0.0  # wall time inside the policy's step and layer calls, on the critical path
         self.engines: CopyEngines | None = None
         self.t0 = 0.0
         self._step = 0
@@ -280,7 +281,8 @@ class _Replayer:
             "replay": {**self.options.to_dict(), "device": self.device, "threads": self.threads,
                        "weights": self.host.source, "host_pinned": self.host.pinned,
                        "copy_engines": self.engines.engines,
-                       "copy_busy_s": list(self.engines.busy_s), "inline_copies": self.inline_copies},
+                       "copy_busy_s": list(self.engines.busy_s), "inline_copies": self.inline_copies,
+                       "policy_s": self.policy_s},
         })
         return rec.to_result(config, wall_s=wall, makespan_s=makespan)
 
@@ -289,7 +291,9 @@ class _Replayer:
         info = StepInfo(step, self.now(), seqs, trace)
         with lock:
             cache.set_position(step, -1)
+            p0 = time.perf_counter()
             pf = policy.on_step_start(info)
+            self.policy_s += time.perf_counter() - p0
             if pf:
                 cache.add_prefetches(pf)
             self.kick()
@@ -308,7 +312,9 @@ class _Replayer:
                 cache.set_position(step, layer)
                 # The simulator's order: the policy sees the routing, the experts are accessed (hits,
                 # misses -> on-demand loads), pinned, and only then are the new prefetches queued.
+                p0 = time.perf_counter()
                 pf = policy.on_layer_routed(LayerRouting(info, layer, now, trace))
+                self.policy_s += time.perf_counter() - p0
                 missing = {k for k in keys if not cache.access(k[0], k[1], now)}
                 cache.pin(keys)
                 if pf:

@@ -73,6 +73,21 @@ def _slots(trace: Trace, config: SimConfig) -> int:
                        longest_request_tokens=longest).expert_cache_slots
 
 
+def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
+    """The simulation of a replay on the CPU charges, per layer, the time the replay measured inside
+    the policy's calls (the replayer makes them on the compute path; the simulator's policy costs
+    nothing): the mean per layer-step, added to `layer_overhead_s`. Recorded in the hardware's source."""
+    policy_s = float(replayed.config.get("replay", {}).get("policy_s", 0.0))
+    layer_steps = int(replayed.summary.get("layer_steps", 0) or 0)
+    if policy_s <= 0 or layer_steps <= 0 or not replayed.config["replay"].get("device", "cpu").startswith("cpu"):
+        return config
+    per_layer = policy_s / layer_steps
+    hw = config.hardware
+    hw = replace(hw, layer_overhead_s=hw.layer_overhead_s + per_layer,
+                 source=f"{hw.source}; + {per_layer * 1e6:.1f} us per layer of policy time measured in the replay")
+    return replace(config, hardware=hw)
+
+
 def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardware: str | None = None,
                compare: bool = False, out_dir: str | Path | None = None,
                progress: Callable[[int, int], None] | None = None,
@@ -112,6 +127,7 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
 
             hw_after, after = calibrated_hardware(trace, options, slots=slots)
             sim_config = replace(config, hardware=mean_hardware(hw, hw_after))
+        sim_config = with_policy_time(sim_config, result)
         say("simulating the same configuration ...")
         simulated = simulate_same(trace, sim_config)
         simulated.config["compare"] = {"replay_key": key}
