@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from finemoe.cli.main import cli
 from finemoe.replay.calibrate import (
     calibrate,
+    fit_dispatch,
     fit_hardware,
     fit_line,
     fit_link,
@@ -86,6 +87,14 @@ def test_quick_cpu_calibration_writes_a_profile_simulate_reads(tmp_path):
     assert m["device"] == "cpu" and m["dtype"] == "float32" and m["cpu_threads"] >= 1
     assert len(m["copy"]["pageable"]) >= 4 and "pinned" not in m["copy"]
     assert [r["tokens"] for r in m["expert_gemm"]] == sorted(r["tokens"] for r in m["expert_gemm"])
+    # The replayer's own costs and the copy/compute interference, measured and recorded.
+    assert hw.layer_overhead_s >= 0 and hw.expert_overhead_s >= 0 and hw.miss_overhead_s >= 0
+    assert hw.copy_compute_slowdown >= 1 and hw.compute_copy_slowdown >= 1
+    probes = m["replayer_dispatch"]["probes"]
+    assert {(p["top_k"], p["slots_per_layer"]) for p in probes} == {(1, 8), (4, 8), (2, 2), (4, 4)}
+    assert all(p["misses"] == 0 for p in probes if p["slots_per_layer"] == 8)
+    assert all(p["misses"] > 0 and p["outside_s"] > 0 for p in probes if p["slots_per_layer"] < 8)
+    assert m["copy_interference"]["engines"] == hw.copy_engines
     path = write_profile(profile, tmp_path / "p.json")
     assert load_hardware(str(path)) == hw
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # atomic: no temporary left behind
@@ -131,3 +140,61 @@ def test_cuda_calibration_pinned_beats_pageable(tmp_path):
     pageable = max(r["gbps"] for r in m["copy"]["pageable"])
     assert pinned > pageable
     assert profile["hardware"]["gpu_mem_bytes"] > 10**9
+
+
+def test_fit_dispatch_recovers_per_layer_expert_and_miss_costs():
+    layer, expert, miss = 9e-6, 4e-6, 12e-6
+    rows = [{"layer_steps": ls, "kernels": k, "misses": m, "outside_s": ls * layer + k * expert + m * miss}
+            for ls, k, m in [(192, 192, 0), (192, 768, 0), (192, 384, 210), (192, 768, 290), (96, 96, 40)]]
+    fit = fit_dispatch(rows)
+    assert fit["layer_overhead_s"] == pytest.approx(layer, rel=1e-6)
+    assert fit["expert_overhead_s"] == pytest.approx(expert, rel=1e-6)
+    assert fit["miss_overhead_s"] == pytest.approx(miss, rel=1e-6)
+    # A cost that comes out negative on a noisy machine is clamped: time is never given back.
+    rows = [dict(r, outside_s=r["layer_steps"] * layer) for r in rows]
+    rows[2]["outside_s"] *= 0.5
+    assert min(fit_dispatch(rows).values()) >= 0
+
+
+def _sim(hw, slots=6, policy="lru"):
+    from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+    from finemoe.sim.run import simulate
+    from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+
+    trace = synthetic_trace(tiny_geometry(), num_requests=3, generated_tokens=12, seed=3)
+    cfg = SimConfig(trace_path="t", policy=policy, hardware=hw, memory=MemoryConfig(expert_cache_slots=slots),
+                    workload=WorkloadConfig(online=True))
+    return simulate(trace, cfg).summary
+
+
+def test_cpu_cost_terms_default_to_nothing_and_each_costs_time():
+    from dataclasses import replace
+
+    from finemoe.sim.costs import CostModel
+    from finemoe.sim.hardware import PRESETS
+    from finemoe.traces.synthetic import tiny_geometry
+
+    base = PRESETS["rtx3090"]
+    assert (base.expert_overhead_s, base.layer_overhead_s, base.miss_overhead_s) == (0.0, 0.0, 0.0)
+    assert base.copy_compute_slowdown == 1.0 and base.compute_copy_slowdown == 1.0
+    g = tiny_geometry()
+    plain, extra = CostModel(base, g), CostModel(replace(base, expert_overhead_s=7e-6, layer_overhead_s=3e-6), g)
+    assert extra.expert_compute_s(4) == pytest.approx(plain.expert_compute_s(4) + 7e-6, abs=1e-15)
+    assert extra.dense_layer_s(1, 10) == pytest.approx(plain.dense_layer_s(1, 10) + 3e-6, abs=1e-15)
+    # Copies about as long as compute, so that they overlap it.
+    hw = replace(base, kernel_launch_s=20e-6)
+    ref = _sim(hw)
+    assert ref["hit_rate"] < 1
+    for field, value in (("copy_compute_slowdown", 2.0), ("compute_copy_slowdown", 2.0)):
+        got = _sim(replace(hw, **{field: value}))
+        assert got["hit_rate"] == ref["hit_rate"], field  # a demand-only policy: timing moves no decision
+        assert got["makespan_s"] > ref["makespan_s"], field
+    # Host time per miss delays compute; on a fast link (little to hide it under) by up to its sum.
+    fast = _sim(base)
+    got = _sim(replace(base, miss_overhead_s=20e-6))
+    assert fast["misses"] > 0
+    assert fast["makespan_s"] < got["makespan_s"] <= fast["makespan_s"] + fast["misses"] * 20e-6 + 1e-12
+    # With every expert resident nothing is copied: only the per-layer and per-expert terms count.
+    allres = _sim(hw, slots=32)
+    assert _sim(replace(hw, miss_overhead_s=1e-3, copy_compute_slowdown=3.0, compute_copy_slowdown=3.0),
+                slots=32)["makespan_s"] == allres["makespan_s"]

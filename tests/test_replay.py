@@ -345,3 +345,23 @@ def test_cuda_slot_reuse_never_races_the_compute_stream(trace):
         pytest.skip("no CUDA device")
     rep = replay(trace, config("finemoe", 2 * trace.geometry.top_k, max_batch=2), ReplayOptions(device="cuda"))
     assert rep.summary["ondemand_loads"] > 0 and rep.summary["steps"] > 0
+
+
+def test_comparison_charges_the_policy_time_the_replay_measured():
+    from types import SimpleNamespace
+
+    from finemoe.replay.run import with_policy_time
+    from finemoe.sim.hardware import PRESETS
+
+    cfg = SimConfig(trace_path="t", policy="finemoe", hardware=PRESETS["rtx3090"])
+    replayed = SimpleNamespace(config={"replay": {"device": "cpu", "policy_s": 0.03}}, summary={"layer_steps": 300})
+    got = with_policy_time(cfg, replayed)
+    assert got.hardware.layer_overhead_s == pytest.approx(1e-4)  # 30 ms over 300 layer-steps
+    assert "policy time" in got.hardware.source and cfg.hardware.layer_overhead_s == 0.0
+    for replay_info in ({"device": "cpu", "policy_s": 0.0}, {"device": "cuda:0", "policy_s": 0.03}):
+        assert with_policy_time(cfg, SimpleNamespace(config={"replay": replay_info}, summary={"layer_steps": 300})) is cfg
+
+
+def test_replay_records_the_time_inside_policy_calls(trace):
+    r = replay(trace, config("finemoe", slots=10), ReplayOptions())
+    assert 0 < r.config["replay"]["policy_s"] < r.summary["makespan_s"]
