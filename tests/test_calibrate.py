@@ -89,7 +89,7 @@ def test_quick_cpu_calibration_writes_a_profile_simulate_reads(tmp_path):
     assert [r["tokens"] for r in m["expert_gemm"]] == sorted(r["tokens"] for r in m["expert_gemm"])
     # The replayer's own costs and the copy/compute interference, measured and recorded.
     assert hw.layer_overhead_s >= 0 and hw.expert_overhead_s >= 0 and hw.miss_overhead_s >= 0
-    assert hw.copy_compute_slowdown >= 1 and hw.compute_copy_slowdown >= 1
+    assert hw.copy_compute_slowdown >= 1 and hw.compute_copy_slowdown >= 1 and hw.copy_start_delay_s >= 0
     probes = m["replayer_dispatch"]["probes"]
     assert {(p["top_k"], p["slots_per_layer"]) for p in probes} == {(1, 8), (4, 8), (2, 2), (4, 4)}
     assert all(p["misses"] == 0 for p in probes if p["slots_per_layer"] == 8)
@@ -176,7 +176,7 @@ def test_cpu_cost_terms_default_to_nothing_and_each_costs_time():
 
     base = PRESETS["rtx3090"]
     assert (base.expert_overhead_s, base.layer_overhead_s, base.miss_overhead_s) == (0.0, 0.0, 0.0)
-    assert base.copy_compute_slowdown == 1.0 and base.compute_copy_slowdown == 1.0
+    assert base.copy_compute_slowdown == 1.0 and base.compute_copy_slowdown == 1.0 and base.copy_start_delay_s == 0
     g = tiny_geometry()
     plain, extra = CostModel(base, g), CostModel(replace(base, expert_overhead_s=7e-6, layer_overhead_s=3e-6), g)
     assert extra.expert_compute_s(4) == pytest.approx(plain.expert_compute_s(4) + 7e-6, abs=1e-15)
@@ -185,7 +185,7 @@ def test_cpu_cost_terms_default_to_nothing_and_each_costs_time():
     hw = replace(base, kernel_launch_s=20e-6)
     ref = _sim(hw)
     assert ref["hit_rate"] < 1
-    for field, value in (("copy_compute_slowdown", 2.0), ("compute_copy_slowdown", 2.0)):
+    for field, value in (("copy_compute_slowdown", 2.0), ("compute_copy_slowdown", 2.0), ("copy_start_delay_s", 30e-6)):
         got = _sim(replace(hw, **{field: value}))
         assert got["hit_rate"] == ref["hit_rate"], field  # a demand-only policy: timing moves no decision
         assert got["makespan_s"] > ref["makespan_s"], field
@@ -196,5 +196,5 @@ def test_cpu_cost_terms_default_to_nothing_and_each_costs_time():
     assert fast["makespan_s"] < got["makespan_s"] <= fast["makespan_s"] + fast["misses"] * 20e-6 + 1e-12
     # With every expert resident nothing is copied: only the per-layer and per-expert terms count.
     allres = _sim(hw, slots=32)
-    assert _sim(replace(hw, miss_overhead_s=1e-3, copy_compute_slowdown=3.0, compute_copy_slowdown=3.0),
-                slots=32)["makespan_s"] == allres["makespan_s"]
+    assert _sim(replace(hw, miss_overhead_s=1e-3, copy_compute_slowdown=3.0, compute_copy_slowdown=3.0,
+                        copy_start_delay_s=1e-3), slots=32)["makespan_s"] == allres["makespan_s"]

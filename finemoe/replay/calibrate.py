@@ -244,11 +244,12 @@ def measure_copy_interference(device: str, dtype: str, shape: ExpertShape, repea
     nsrc, ndst = n // copy_bytes, max(dst.numel() // copy_bytes, 1)
     copier = make_copier(device, engines)
 
-    def copies(during: Callable[[], Any] | None) -> tuple[float, Any]:
-        """Mean seconds per copy with every engine busy, while `during` runs on this thread (else a
-        fixed number of copies), and what `during` returned."""
+    def copies(during: Callable[[], Any] | None) -> tuple[float, float, Any]:
+        """Mean seconds per copy and per hand-off (submit to start) with every engine busy, while
+        `during` runs on this thread (else a fixed number of copies), and what `during` returned."""
         stop = threading.Event()
         times: list[list[float]] = [[] for _ in range(engines)]
+        waits: list[list[float]] = [[] for _ in range(engines)]  # hand-off: submitted -> bytes moving
         budget = max(4, repeats // 2)
 
         def feed(engine: int) -> None:
@@ -256,9 +257,14 @@ def measure_copy_interference(device: str, dtype: str, shape: ExpertShape, repea
             while not stop.is_set() and (during is not None or len(times[engine]) < budget):
                 s, d = (i % nsrc) * copy_bytes, (i % ndst) * copy_bytes
                 t = time.perf_counter()
-                copier.wait(copier.submit(CopyJob(src[s : s + copy_bytes], dst[d : d + copy_bytes]), engine=engine))
+                job = copier.submit(CopyJob(src[s : s + copy_bytes], dst[d : d + copy_bytes]), engine=engine)
+                copier.wait(job)
                 times[engine].append(time.perf_counter() - t)
+                if job.start_s == job.start_s:  # CPU copiers time the start; CUDA ones leave it NaN
+                    waits[engine].append(max(job.start_s - job.submit_s, 0.0))
                 i += engines
+                if during is not None:
+                    time.sleep(0.0002)  # a copy handed over while compute runs, as a miss is
 
         feeders = [threading.Thread(target=feed, args=(e,), name=f"finemoe-calibrate-feed{e}", daemon=True)
                    for e in range(engines)]
@@ -271,20 +277,23 @@ def measure_copy_interference(device: str, dtype: str, shape: ExpertShape, repea
             for f in feeders:
                 f.join()
         flat = [t for ts in times for t in ts[1:]] or [t for ts in times for t in ts]
-        return statistics.fmean(flat), out
+        handoff = [w for ws in waits for w in ws]
+        return statistics.fmean(flat), statistics.fmean(handoff) if handoff else 0.0, out
 
     def ffn() -> float:
         return measure_expert(device, dtype, shape, (1,), repeats, working_set_bytes)[0]["time_s"]
 
     try:
         alone = ffn()
-        copy_alone, _ = copies(None)
-        copy_during, during = copies(ffn)
+        copy_alone, handoff_idle, _ = copies(None)
+        copy_during, handoff_busy, during = copies(ffn)
     finally:
         copier.close()
     return {"expert_alone_s": alone, "expert_during_copies_s": during, "copy_alone_s": copy_alone,
             "copy_during_compute_s": copy_during, "copy_bytes": copy_bytes, "engines": engines,
-            "compute_slowdown": max(1.0, during / alone), "copy_slowdown": max(1.0, copy_during / copy_alone)}
+            "handoff_idle_s": handoff_idle, "handoff_during_compute_s": handoff_busy,
+            "compute_slowdown": max(1.0, during / alone), "copy_slowdown": max(1.0, copy_during / copy_alone),
+            "copy_start_delay_s": max(0.0, handoff_busy - handoff_idle)}
 
 
 def measure_launch(device: str, dtype: str, repeats: int) -> float:
@@ -505,7 +514,8 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
     interference = measure_copy_interference(device, dtype, shape, max(5 * plan.gemm_repeats, 45), working_set,
                                              shape.numel * dtype_bytes, pool, hw.copy_engines)
     hw = replace(hw, copy_compute_slowdown=float(interference["compute_slowdown"]),
-                 compute_copy_slowdown=float(interference["copy_slowdown"]))
+                 compute_copy_slowdown=float(interference["copy_slowdown"]),
+                 copy_start_delay_s=float(interference["copy_start_delay_s"]))
     say("the replayer's own per-layer, per-expert and per-miss costs")
     probes = measure_dispatch(device, dtype, threads, 2 if not thorough else 5, hw.copy_engines)
     overheads = fit_dispatch(probes)

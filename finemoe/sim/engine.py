@@ -153,6 +153,7 @@ class SimEngine:
         # While compute runs (not stalled), copies cross slower where they share its cores (CPU).
         self.busy_wire_ticks = to_ticks(costs.wire_s(g.bytes_per_expert) * getattr(hw, "compute_copy_slowdown", 1.0))
         self._stalled = False
+        self.busy_latency_ticks = self.latency_ticks + to_ticks(getattr(hw, "copy_start_delay_s", 0.0))
         self._expert_ticks: dict[int, int] = {}
         self._info: dict[tuple[int, int], _IterInfo] = {}
         self._sorted: np.ndarray | None = None
@@ -274,7 +275,7 @@ class SimEngine:
 
     def _reserve(self, start: int) -> int:
         """The copy starting at `start` crosses the shared link after its latency, in start order."""
-        wire_start = max(start + self.latency_ticks, self._wire_free)
+        wire_start = max(start + (self.latency_ticks if self._stalled else self.busy_latency_ticks), self._wire_free)
         self._wire_free = end = wire_start + (self.wire_ticks if self._stalled else self.busy_wire_ticks)
         return end
 
@@ -300,58 +301,72 @@ class SimEngine:
         `_copier` and `_compute` step by step: copies land in SimPy's order (time, then the order
         they were scheduled), and each landing is handled before the compute looks at time `t`.
         Returns the compute clock after the layer and the ticks spent waiting."""
-        cache, sleeping, reserve = self.cache, self._sleeping, self._reserve
-        resident, next_transfer, unpin = cache.resident, cache.next_transfer, cache.unpin
+        cache, sleeping = self.cache, self._sleeping
+        resident, next_transfer, unpin, complete = cache.resident, cache.next_transfer, cache.unpin, cache.complete
+        demand = cache._demand
         heap: list = []  # (end, order scheduled, engine's wake entry, transfer)
         arriving: dict = {}
         order = 0
-
-        def hand(at: int) -> None:  # `_wake_at` for engines that all sleep plainly
-            nonlocal order
-            while sleeping and cache.has_work:
-                tr = next_transfer(at * _S)
-                if tr is None:
-                    break
-                end = reserve(at)
-                heapq.heappush(heap, (end, order, sleeping.pop(0), tr))
-                order += 1
-                arriving[tr.key] = end
-
-        def land(upto: int) -> None:  # every copy ending at or before `upto`, as the copiers would
-            nonlocal order
-            while heap and heap[0][0] <= upto:
-                end, _, wake, tr = heapq.heappop(heap)
-                del arriving[tr.key]
-                cache.complete(tr, end * _S)
-                nxt = next_transfer(end * _S)
-                if nxt is None:
-                    sleeping.append(wake)
-                    continue
-                e2 = reserve(end)
-                heapq.heappush(heap, (e2, order, wake, nxt))
-                order += 1
-                arriving[nxt.key] = e2
-                if sleeping and cache.has_work:
-                    hand(end)
-
-        hand(t)
+        t_s = t * _S
+        while sleeping and demand:  # `_wake_at(t)` for engines that all sleep plainly
+            tr = next_transfer(t_s)
+            end = self._reserve(t)
+            heapq.heappush(heap, (end, order, sleeping.pop(0), tr))
+            arriving[tr.key] = (end, order)
+            order += 1
         t += self.miss_ticks * len(misses)
         for e, c in zip(experts, ticks, strict=True):
             if e in misses:
                 continue
             t += c if stretch is None else stretch(t, c)
             unpin((layer, e), t * _S)
+        def land(until: tuple[int, int]) -> None:
+            """Every copy landing up to event `until` (end, order), as its copy engine handles it."""
+            nonlocal order
+            while heap and (heap[0][0], heap[0][1]) <= until:
+                end, _, wake, tr = heapq.heappop(heap)
+                del arriving[tr.key]
+                end_s = end * _S
+                complete(tr, end_s)
+                if not demand:
+                    cache.blocked = False  # `next_transfer` with nothing queued: unpins only
+                    if cache._unpins:
+                        cache._apply_unpins(end_s)
+                    sleeping.append(wake)
+                    continue
+                nxt = next_transfer(end_s)
+                e2 = self._reserve(end)
+                heapq.heappush(heap, (e2, order, wake, nxt))
+                arriving[nxt.key] = (e2, order)
+                order += 1
+                while sleeping and demand:  # `_wake_at(end)`
+                    tr = next_transfer(end_s)
+                    e3 = self._reserve(end)
+                    heapq.heappush(heap, (e3, order, sleeping.pop(0), tr))
+                    arriving[tr.key] = (e3, order)
+                    order += 1
+
         waited = 0
         pending = list(misses)
         while pending:
-            land(t)
+            if heap and heap[0][0] <= t:
+                land((t, order))
             ready = [e for e in pending if (layer, e) in resident]
             if not ready:
-                first = min((arriving[k] for e in pending if (k := (layer, e)) in arriving), default=None)
+                # Wait for the first missing expert on the wire; landings up to and including its
+                # own happen while the compute stalls, the rest at that time after it resumes.
+                first = None
+                for e in pending:
+                    a = arriving.get((layer, e))
+                    if a is not None and (first is None or a[0] < first[0]):
+                        first = a
                 if first is None:
                     raise DeadlockError(f"layer {layer}: a missed expert is neither resident nor on the wire")
-                waited += first - t
-                t = first
+                self._stalled = True
+                land(first)
+                self._stalled = False
+                waited += first[0] - t
+                t = first[0]
                 continue
             for e in ready:
                 pending.remove(e)

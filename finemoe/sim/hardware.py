@@ -43,6 +43,9 @@ class HardwareSpec:
     # ... and copies' bytes cross this many times slower when they start while compute runs (not
     # during a stall). 1.0 for GPUs; measured by `finemoe calibrate`.
     compute_copy_slowdown: float = 1.0
+    # ... and a copy handed over while compute runs starts this much later (CPU: the copy thread
+    # waits for a core the compute thread and other processes hold). 0 for GPUs; calibrated.
+    copy_start_delay_s: float = 0.0
     source: str = ""
 
     @property
