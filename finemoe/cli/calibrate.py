@@ -57,6 +57,13 @@ def format_profile(profile: dict) -> str:
         f"compute           {hw['flops'] / 1e12:.3f} TFLOP/s best GEMM, expert GEMMs reach {hw['compute_efficiency']:.0%}",
         f"fixed cost        {hw['kernel_launch_s'] * 1e6:.1f} us per expert call",
     ]
+    if "replayer_dispatch" in m:
+        lines.append(f"replayer's own    {hw['layer_overhead_s'] * 1e6:.1f} us per layer, "
+                     f"{hw['expert_overhead_s'] * 1e6:.1f} us per expert, {hw['miss_overhead_s'] * 1e6:.1f} us per miss")
+    if "copy_interference" in m:
+        lines.append(f"copies vs compute compute x{hw['copy_compute_slowdown']:.2f} slower during copies, copies "
+                     f"x{hw['compute_copy_slowdown']:.2f} during compute, +{hw['copy_start_delay_s'] * 1e6:.0f} us "
+                     "to start one")
     worst = max(m["fit"]["residuals"], key=lambda r: abs(r["rel_error"]))
     what = f"{worst['tokens']} tokens" if "tokens" in worst else f"{worst['copy_bytes']} byte copy"
     lines.append(f"fit               worst residual {worst['rel_error']:+.0%} ({what})")
