@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from finemoe.policies.base import ExpertKey, Policy, Prefetch
 from finemoe.sim.metrics import MetricsRecorder
@@ -17,9 +17,9 @@ from finemoe.sim.metrics import MetricsRecorder
 _NO_ROOM = object()
 
 
-@dataclass(frozen=True)
-class Transfer:
-    """One host-to-device copy; `prefetch` is None for an on-demand load."""
+class Transfer(NamedTuple):
+    """One host-to-device copy; `prefetch` is None for an on-demand load. (A named tuple: one is
+    made per copy, and a frozen dataclass costs several times more to build.)"""
 
     key: ExpertKey
     prefetch: Prefetch | None
@@ -74,6 +74,10 @@ class ExpertCache:
     @property
     def has_work(self) -> bool:
         return bool(self._demand or self._queued)
+
+    def only_demands(self, n: int) -> bool:
+        """Whether exactly `n` on-demand loads are queued and nothing else is queued or on the wire."""
+        return not self.in_flight and not self._queued and len(self._demand) == n
 
     def queued_prefetches(self) -> int:
         return len(self._queued)
@@ -172,14 +176,21 @@ class ExpertCache:
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
-        if self._demand:
-            room = self._make_room(None, now_s)
-            if room is _NO_ROOM:
-                self.blocked = True
-                return None
-            key = self._demand.popleft()
+        demand = self._demand
+        if demand:
+            room = None
+            if len(self.resident) + len(self.in_flight) >= self.capacity:
+                room = self._make_room(None, now_s)
+                if room is _NO_ROOM:
+                    self.blocked = True
+                    return None
+            key = demand.popleft()
             self._demand_set.discard(key)
-            return self._start(key, None, room)
+            tr = self.in_flight[key] = Transfer(key, None, room)  # `_start` for a demand, inlined
+            rec = self.rec
+            rec.bytes_h2d += self.bytes_per_expert
+            rec.ondemand_loads += 1
+            return tr
         heap = self._heap
         while heap:
             p = heapq.heappop(heap)[4]
@@ -226,9 +237,13 @@ class ExpertCache:
                     "evictable experts exist"
                 )
             return _NO_ROOM
-        if not self.evictable(victim):
+        if victim not in self.resident or victim in self.pinned:
             raise PolicyError(f"policy {self.policy.name} chose {victim}, which is not evictable")
-        self._evict(victim, now_s)
+        self.resident.discard(victim)  # `_evict`, inlined: once per eviction
+        if victim in self._unused_prefetch:
+            self._unused_prefetch.discard(victim)
+            self.rec.prefetch_unused_evicted += 1
+        self.policy.on_evicted(victim, now_s)
         return victim
 
     def _evict(self, key: ExpertKey, now_s: float) -> None:
