@@ -1,11 +1,12 @@
 """Fidelity: calibrate this machine, replay a configuration for real, simulate the same one with the
 calibrated profile, and compare (what `finemoe replay --compare` does).
 
-Hit rates must agree within 2 points for demand-only policies (the policy and cache code are the
-same, only timing differs) and within 3 for FineMoE, whose prefetches land in time more often in a
-replay that runs slower than its simulation (measured: 0-2.7 points). Time per output token is
-asserted within a factor of 4 only: this CPU is shared by many processes and its speed changes by
-2-3x within a minute; docs/replay.md reports the measured errors.
+Hit rates must agree within 2 points (the policy and cache code are the same, only timing differs;
+measured after the CPU cost terms: LRU 0-0.8, FineMoE 0.3-1.4 points, where FineMoE reached 3.0
+before). Time per output token is asserted within a factor of 2.5: with the replayer's own costs
+and the copy/compute interference calibrated, the measured sim/replay ratios were 0.57 to 1.22 at
+load averages 1.8-2.7 on this 2-core machine shared with six other jobs (docs/replay.md), whose
+speed changes 2-3x within a minute; 15% is not reliably met here.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
 from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
 
-TPOT_FACTOR = 4.0
-HIT_POINTS = {"lru": 2.0, "finemoe": 3.0}
+TPOT_FACTOR = 2.5
+HIT_POINTS = {"lru": 2.0, "finemoe": 2.0}
 DEMO_TRACES = Path(__file__).resolve().parent.parent / "finemoe" / "data" / "demo-moe"
 
 
