@@ -7,7 +7,8 @@ process keeps its own clock `t` and only synchronises SimPy's clock to it (one t
 process could act in between: while a copy is queued or on the wire. When nothing is, every expert
 needed is resident and the policy asks for nothing, layers run back to back without a SimPy event
 (the fast path); the times are the same as with a sync at every layer (`fast_path=False`), which
-the tests check.
+the tests check. A layer whose misses are the only copies (engines idle, nothing else queued) plays
+its copies out without SimPy (`_misses_inline`, in SimPy's order; `inline_misses=False` turns it off).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class SimEngine:
         seed: int = 0,
         online: bool = False,
         fast_path: bool = True,
+        inline_misses: bool = True,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -139,6 +141,7 @@ class SimEngine:
         self.rec = recorder
         self.online = online
         self.fast_path = fast_path
+        self.inline_misses = inline_misses and fast_path  # `_misses_inline`; off: every copy a SimPy event
         g = trace.geometry
         self.L, self.J = g.num_layers, g.num_experts
         hw = costs.hardware
@@ -425,6 +428,7 @@ class SimEngine:
         env, cache, rec, policy, batcher = self.env, self.cache, self.rec, self.policy, self.batcher
         trace, L = self.trace, self.L
         always = not self.fast_path
+        inline = self.inline_misses
         sync = self._sync
         peek = env.peek
         tl_steps = rec.timeline_steps
@@ -478,7 +482,7 @@ class SimEngine:
                     ticks = [et1] * len(experts)
                 else:
                     ticks = [etf(c) for c in counts_l[layer]]
-                if (misses is not None and not keep and not always and cache.only_demands(len(misses))
+                if (misses is not None and not keep and inline and cache.only_demands(len(misses))
                         and cache.capacity >= len(experts) and self._engines_idle()):
                     # Only this layer's misses will cross the link: play their copies out here, in
                     # the order SimPy would, without an event per copy (the same times and calls).
