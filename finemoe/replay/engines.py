@@ -37,6 +37,9 @@ class CopyEngines:
         self.streams = [torch.cuda.Stream(device=device) for _ in range(self.engines)] if self.cuda else None
         self.error: BaseException | None = None
         self.busy_s = [0.0] * self.engines
+        self.kicked_at: float | None = None  # when the main thread last woke idle engines (under the lock)
+        self.handoff_s: list[float] = []  # per wake-up: notify -> this engine holding its next transfer
+        self.last_done: tuple | None = None  # (expert key, end time) of the last copy that landed
         self._stop = False
         self._threads = [threading.Thread(target=self._run, args=(e,), name=f"finemoe-copy{e}", daemon=True)
                          for e in range(self.engines)]
@@ -65,6 +68,9 @@ class CopyEngines:
                     self.idle += 1
                     self.work.wait()
                     self.idle -= 1
+                    woken = self.kicked_at
+                    if woken is not None and cache.has_work:
+                        self.handoff_s.append(self.clock() - woken)
                 slot = self.pool.assign(tr.key, tr.victim)
                 guard = self.pool.guard(slot)
                 step = self.step()
@@ -83,6 +89,7 @@ class CopyEngines:
             self.busy_s[e] += end - start
             with lock:
                 cache.complete(tr, end)
+                self.last_done = (tr.key, end)
                 self.rec.event(f"copy{e}", tr.kind, step, tr.key[0], tr.key[1], start, end, tr.prefetch is None)
                 lock.notify()  # the main thread, if it waits for this copy
 

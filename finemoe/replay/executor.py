@@ -143,6 +143,7 @@ class _Replayer:
         self.lock = threading.Condition(base)  # the main thread waits on it for copies to land
         self.work = threading.Condition(base)  # idle copy engines wait on it for transfers
         self.inline_copies = 0
+        self.wakeup_s: list[float] = []  # stalled compute thread: copy landed -> it runs again
         self.policy_s = 0.0  # wall time inside the policy's step and layer calls, on the critical path
         self.engines: CopyEngines | None = None
         self.t0 = 0.0
@@ -157,6 +158,7 @@ class _Replayer:
         """New work may be queued: wake the idle copy engines, and only them (lock held)."""
         idle = self.engines.idle if self.engines is not None else 0
         if idle and self.cache.has_work:
+            self.engines.kicked_at = self.now()
             self.work.notify(idle)
 
     def _check(self) -> None:
@@ -282,7 +284,11 @@ class _Replayer:
                        "weights": self.host.source, "host_pinned": self.host.pinned,
                        "copy_engines": self.engines.engines,
                        "copy_busy_s": list(self.engines.busy_s), "inline_copies": self.inline_copies,
-                       "policy_s": self.policy_s},
+                       "policy_s": self.policy_s,
+                       "handoff_mean_s": float(np.mean(self.engines.handoff_s)) if self.engines.handoff_s else 0.0,
+                       "handoffs": len(self.engines.handoff_s),
+                       "wakeup_mean_s": float(np.mean(self.wakeup_s)) if self.wakeup_s else 0.0,
+                       "wakeups": len(self.wakeup_s)},
         })
         return rec.to_result(config, wall_s=wall, makespan_s=makespan)
 
@@ -361,6 +367,9 @@ class _Replayer:
                 continue
             self.kick()
             self.lock.wait(0.5)
+            done = self.engines.last_done
+            if done is not None and done[0] in pending and cache.is_resident(done[0]):
+                self.wakeup_s.append(self.now() - done[1])  # a copy thread's copy landed -> we run
         self.rec.stall_s += self.now() - t
 
     def _copy_inline(self) -> bool:
