@@ -263,8 +263,7 @@ def measure_copy_interference(device: str, dtype: str, shape: ExpertShape, repea
                 if job.start_s == job.start_s:  # CPU copiers time the start; CUDA ones leave it NaN
                     waits[engine].append(max(job.start_s - job.submit_s, 0.0))
                 i += engines
-                if during is not None:
-                    time.sleep(0.0002)  # a copy handed over while compute runs, as a miss is
+                time.sleep(0.0002)  # each copy handed over to an idle engine, as a miss is
 
         feeders = [threading.Thread(target=feed, args=(e,), name=f"finemoe-calibrate-feed{e}", daemon=True)
                    for e in range(engines)]
@@ -283,12 +282,19 @@ def measure_copy_interference(device: str, dtype: str, shape: ExpertShape, repea
     def ffn() -> float:
         return measure_expert(device, dtype, shape, (1,), repeats, working_set_bytes)[0]["time_s"]
 
+    # Alternate the measurements a few times: a shared machine's speed drifts within seconds, and a
+    # ratio of two measurements taken at different moments would measure the drift.
+    rounds = []
     try:
-        alone = ffn()
-        copy_alone, handoff_idle, _ = copies(None)
-        copy_during, handoff_busy, during = copies(ffn)
+        for _ in range(3):
+            alone = ffn()
+            copy_alone, handoff_idle, _ = copies(None)
+            copy_during, handoff_busy, during = copies(ffn)
+            rounds.append((alone, copy_alone, handoff_idle, copy_during, handoff_busy, during))
     finally:
         copier.close()
+    alone, copy_alone, handoff_idle, copy_during, handoff_busy, during = (
+        statistics.fmean(col) for col in zip(*rounds, strict=True))
     return {"expert_alone_s": alone, "expert_during_copies_s": during, "copy_alone_s": copy_alone,
             "copy_during_compute_s": copy_during, "copy_bytes": copy_bytes, "engines": engines,
             "handoff_idle_s": handoff_idle, "handoff_during_compute_s": handoff_busy,
