@@ -1,5 +1,6 @@
 """Simulator throughput: engine layer-steps per second (one core) for on-demand LRU, against a bare
-loop over the same expert accesses with an LRU dict measured in the same run.
+loop over the same expert accesses with an LRU dict, and against the engine with its inline miss path
+off (every copy a SimPy event), all measured in the same run.
 
     python3 benchmarks/bench_sim_throughput.py            # quick (16 requests)
     python3 benchmarks/bench_sim_throughput.py --requests 64 --slots 64,128,192 --profile
@@ -37,7 +38,7 @@ def make_trace(requests: int, seed: int = 0):
                            seed=seed, with_probs=False, semantic_dim=None, with_spec=False)
 
 
-def run_engine(trace, policy: str, slots: int, fast_path: bool = True):
+def run_engine(trace, policy: str, slots: int, fast_path: bool = True, inline_misses: bool = True):
     """Build and run one engine (the part a sweep repeats per configuration); returns (recorder, seconds)."""
     hw = PRESETS["rtx3090"]
     measure = tuple(r.request_id for r in trace.requests)
@@ -49,7 +50,7 @@ def run_engine(trace, policy: str, slots: int, fast_path: bool = True):
     for r in trace.requests:
         rec.request_arrived(r.request_id, 0.0, r.prompt_tokens, r.generated_tokens)
     engine = SimEngine(trace, make_policy(policy), CostModel(hw, trace.geometry), plan, batcher, rec,
-                       fast_path=fast_path)
+                       fast_path=fast_path, inline_misses=inline_misses)
     engine.run()
     return rec, time.perf_counter() - t0
 
@@ -93,16 +94,19 @@ def main() -> None:
         cores = os.cpu_count()
     print(f"trace: {args.requests} requests, {trace.num_tokens} tokens, {len(trace.iterations)} iterations; "
           f"{cores} cores visible, load average {os.getloadavg()[0]:.1f} (other work inflates times)")
-    print(f"{'slots':>6} {'hit rate':>8} {'layer-steps':>11} {'engine ls/s':>12} {'fast off ls/s':>13} "
-          f"{'bare LRU ls/s':>13} {'engine/bare':>11}")
+    print(f"{'slots':>6} {'hit rate':>8} {'layer-steps':>11} {'engine ls/s':>12} {'inline off':>11} "
+          f"{'fast off':>10} {'bare LRU ls/s':>13} {'engine/bare':>11} {'vs inline off':>13}")
     for slots in (int(s) for s in args.slots.split(",")):
         best = min((run_engine(trace, "lru", slots) for _ in range(args.repeat)), key=lambda x: x[1])
         rec, sec = best
+        simpy_copies = min(run_engine(trace, "lru", slots, inline_misses=False)[1] for _ in range(args.repeat))
         slow = min(run_engine(trace, "lru", slots, fast_path=False)[1] for _ in range(args.repeat))
         bare = min((bare_lru(trace, slots) for _ in range(args.repeat)), key=lambda x: x[2])
         n = rec.layer_steps
-        print(f"{slots:>6} {rec.hit_rate:>8.3f} {n:>11,} {n / sec:>12,.0f} {n / slow:>13,.0f} {n / bare[2]:>13,.0f} "
-              f"{bare[2] / sec:>10.2f}x")
+        print(f"{slots:>6} {rec.hit_rate:>8.3f} {n:>11,} {n / sec:>12,.0f} {n / simpy_copies:>11,.0f} {n / slow:>10,.0f} "
+              f"{n / bare[2]:>13,.0f} {bare[2] / sec:>10.2f}x {simpy_copies / sec:>12.2f}x")
+    print("ls/s: layer-steps per second of one run (best of --repeat). inline off: every copy a SimPy event "
+          "(SimEngine(inline_misses=False)); fast off: a SimPy sync at every layer and expert.")
     if args.profile:
         slots = int(args.slots.split(",")[0])
         prof = cProfile.Profile()
