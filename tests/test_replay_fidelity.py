@@ -13,7 +13,6 @@ the final code (load average 3.3-3.9) and 0.57 to 1.22 with earlier versions of 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -24,25 +23,21 @@ from finemoe.replay.run import prepare_trace, run_replay
 from finemoe.results import read_result
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
-from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
 
 TPOT_FACTOR = 2.5
 HIT_POINTS = {"lru": 2.0, "finemoe": 2.0}
-DEMO_TRACES = Path(__file__).resolve().parent.parent / "finemoe" / "data" / "demo-moe"
 
 
-def demo_trace():
-    """The collected demo trace when the package ships one, else a synthetic trace of its geometry
-    (the embedded demo model: 6 layers x 8 experts, top-2, hidden 128, expert FFN 192)."""
+@pytest.fixture(scope="module")
+def demo_trace(tmp_path_factory):
+    """A trace collected from the embedded demo model (real learned routing) over ShareGPT prompts."""
+    out = tmp_path_factory.mktemp("demo") / "demo.parquet"
+    res = CliRunner().invoke(cli, ["collect", "--limit", "6", "--max-new-tokens", "24", "--batch-size", "6",
+                                   "--threads", "1", "--quiet", "-o", str(out)])
+    assert res.exit_code == 0, res.output
     from finemoe.traces.io import read_trace
 
-    shipped = sorted(DEMO_TRACES.glob("*.parquet")) if DEMO_TRACES.is_dir() else []
-    if shipped:
-        return read_trace(shipped[0]), str(shipped[0])
-    g = tiny_geometry(num_layers=6, num_experts=8, top_k=2, hidden_size=128, expert_intermediate_size=192,
-                      dtype="float16", bytes_per_expert=3 * 128 * 192 * 2, dense_bytes=6 * 4 * 128 * 128 * 2,
-                      kv_bytes_per_token=6 * 2 * 2 * 32 * 2, model_name="demo-moe")
-    return synthetic_trace(g, num_requests=6, prompt_tokens=(8, 16), generated_tokens=(20, 28), seed=7), "synthetic"
+    return read_trace(out)
 
 
 def check(outcome, points: float) -> dict:
@@ -57,8 +52,8 @@ def check(outcome, points: float) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["lru", "finemoe"])
-def test_demo_geometry_fidelity(tmp_path, policy):
-    trace, _ = demo_trace()
+def test_demo_model_trace_fidelity(tmp_path, policy, demo_trace):
+    trace = demo_trace
     # Experts scaled up x4 (0.6 MB each in bf16) so that kernels, not dispatch, dominate a step.
     trace = prepare_trace(trace, model_profile=None, expert_scale=4.0, dtype="bfloat16")
     cfg = SimConfig(trace_path="demo", policy=policy, hardware=PRESETS["rtx3090"],
