@@ -21,14 +21,16 @@ CPU_TERMS = (  # the cost terms of a CPU host (calibrate), which the inline path
     {"compute_copy_slowdown": 3.0},
     {"copy_start_delay_s": 7e-6, "miss_overhead_s": 2e-5},
     {"miss_overhead_s": 1e-4, "copy_compute_slowdown": 2.0, "compute_copy_slowdown": 2.0, "copy_start_delay_s": 3e-6},
+    {"copy_compute_slowdown": 2.0},
+    {"copy_compute_slowdown": 3.0, "expert_overhead_s": 1e-6, "layer_overhead_s": 4e-6, "miss_overhead_s": 2e-5},
 )
 
 
-def _run(cfg: SimConfig, inline: bool, counter: list[int]) -> tuple:
+def _run(cfg: SimConfig, inline: bool, counter: list[int], fast_path: bool = True) -> tuple:
     original, original_inline = engine_mod.SimEngine.__init__, engine_mod.SimEngine._misses_inline
 
     def init(self, *args, **kw):
-        original(self, *args, **{**kw, "inline_misses": inline})
+        original(self, *args, **{**kw, "inline_misses": inline, "fast_path": fast_path})
 
     def counted(self, *args):
         counter[0] += 1
@@ -55,3 +57,21 @@ def test_inline_misses_equal_simpy_copies(policy, copy_engines, cpu_terms):
                         workload=WorkloadConfig(max_batch=batch, history_fraction=0.3), timeline_steps=0)
         assert _run(cfg, True, used) == _run(cfg, False, [0])
     assert used[0] > 0  # the inline path was exercised, not skipped
+
+
+@pytest.mark.parametrize("cpu_terms", range(len(CPU_TERMS)))
+@pytest.mark.parametrize("copy_engines", [1, 2])
+@pytest.mark.parametrize("policy", ["lru", "finemoe", "oracle"])
+def test_fast_path_equals_general_path_with_cpu_terms(policy, copy_engines, cpu_terms):
+    """The fast path (clock synced only when another event is due) and the general path (synced at
+    every step) give identical results with every CPU-host term; `copy_compute_slowdown` once differed:
+    the fast path stretched compute by a wire reservation that missed copies started by then."""
+    extra = {k: v for k, v in CPU_TERMS[cpu_terms].items() if k in HW_FIELDS}
+    hw = dataclasses.replace(PRESETS["rtx3090"], copy_engines=copy_engines, pcie_gbps=4.0, **extra)
+    for slots, batch, arrival in ((8, 1, "all"), (14, 3, "poisson"), (30, 2, "poisson")):
+        wl = WorkloadConfig(max_batch=batch, history_fraction=0.3, arrival=arrival, rate_rps=3000.0)
+        cfg = SimConfig(trace_path="x", policy=policy, hardware=hw, memory=MemoryConfig(expert_cache_slots=slots),
+                        workload=wl, timeline_steps=0)
+        general = _run(cfg, False, [0], fast_path=False)
+        assert _run(cfg, True, [0]) == general
+        assert _run(cfg, False, [0]) == general

@@ -100,10 +100,19 @@ def test_latency_approaches_no_offload_as_bandwidth_grows(case):
     assert means[-1] == pytest.approx(floor, rel=1e-3)
 
 
+CPU_HOST_TERMS = (  # HardwareSpec terms of a CPU host (all default to no effect on the GPU presets)
+    {},
+    {"copy_compute_slowdown": 2.0},
+    {"copy_compute_slowdown": 3.0, "compute_copy_slowdown": 2.0, "copy_start_delay_s": 3e-6,
+     "miss_overhead_s": 2e-5, "expert_overhead_s": 1e-6, "layer_overhead_s": 4e-6},
+)
+
+
 @SETTINGS
-@given(cases(), st.sampled_from(BASELINES + ("oracle",)))
-def test_same_seed_same_result_and_fast_path_equals_general_path(case, policy):
+@given(cases(), st.sampled_from(BASELINES + ("oracle",)), st.sampled_from(CPU_HOST_TERMS))
+def test_same_seed_same_result_and_fast_path_equals_general_path(case, policy, cpu_terms):
     trace, slots, batch, hw, seed = case
+    hw = hw.with_overrides(**cpu_terms)
     cfg = config(policy, slots, batch, hw, seed, arrival="poisson", rate_rps=5000.0)
     a = comparable(simulate(trace, cfg))
     assert comparable(simulate(trace, cfg)) == a

@@ -284,7 +284,9 @@ class SimEngine:
 
     def _stretch(self, t: int, ticks: int) -> int:
         """Compute of `ticks` starting at `t`, run `copy_compute_slowdown` times slower while copies are
-        on the wire (until `_wire_free`): on a CPU copies and compute share cores and memory."""
+        on the wire (until `_wire_free`): on a CPU copies and compute share cores and memory. The
+        caller has handled every event due by `t` first (sync / `land`), so `_wire_free` counts each
+        copy started by then, whichever path runs; a copy starting during the kernel does not slow it."""
         busy = self._wire_free - t
         if busy <= 0:
             return ticks
@@ -317,12 +319,7 @@ class SimEngine:
             heapq.heappush(heap, (end, order, sleeping.pop(0), tr))
             arriving[tr.key] = (end, order)
             order += 1
-        t += self.miss_ticks * len(misses)
-        for e, c in zip(experts, ticks, strict=True):
-            if e in misses:
-                continue
-            t += c if stretch is None else stretch(t, c)
-            unpin((layer, e), t * _S)
+
         def land(until: tuple[int, int]) -> None:
             """Every copy landing up to event `until` (end, order), as its copy engine handles it."""
             nonlocal order
@@ -349,6 +346,17 @@ class SimEngine:
                     arriving[tr.key] = (e3, order)
                     order += 1
 
+        t += self.miss_ticks * len(misses)
+        for e, c in zip(experts, ticks, strict=True):
+            if e in misses:
+                continue
+            if stretch is not None:
+                if heap and heap[0][0] <= t:
+                    land((t, order))  # the stretch sees every copy started by `t`
+                c = stretch(t, c)
+            t += c
+            unpin((layer, e), t * _S)
+
         waited = 0
         pending = list(misses)
         while pending:
@@ -374,7 +382,11 @@ class SimEngine:
             for e in ready:
                 pending.remove(e)
                 c = ticks[experts.index(e)]
-                t += c if stretch is None else stretch(t, c)
+                if stretch is not None:
+                    if heap and heap[0][0] <= t:
+                        land((t, order))
+                    c = stretch(t, c)
+                t += c
                 unpin((layer, e), t * _S)
         if heap:
             raise DeadlockError(f"layer {layer}: copies still on the wire after the layer's compute")
@@ -446,6 +458,8 @@ class SimEngine:
                 continue
             step = self.step
             if self.oracle is not None:
+                if peek() <= t and batcher.arrived_count(t) != self._planned_known:
+                    yield from sync(t)  # copies landing by `t` choose victims by the old plan
                 self._replan(t)
             cache.set_position(step, -1)
             step_info = None
@@ -460,6 +474,8 @@ class SimEngine:
             experts_l, counts_l, dense, tokens = self._prepare(seqs)
             keep = step < tl_steps
             for layer in range(L):
+                if stretch is not None and peek() <= t:
+                    yield from sync(t)  # the stretch sees every copy started by `t`
                 t0 = t
                 t += dense if stretch is None else stretch(t, dense)
                 if keep:
@@ -508,6 +524,8 @@ class SimEngine:
                 for e, c in zip(experts, ticks, strict=True):
                     if misses is not None and e in misses:
                         continue
+                    if stretch is not None and peek() <= t:
+                        yield from sync(t)
                     t0 = t
                     t += c if stretch is None else stretch(t, c)
                     cache.unpin((layer, e), t * _S)
@@ -544,6 +562,8 @@ class SimEngine:
                             continue
                         for e in ready:
                             pending.remove(e)
+                            if stretch is not None and peek() <= t:
+                                yield from sync(t)
                             t0 = t
                             c = ticks[experts.index(e)]
                             t += c if stretch is None else stretch(t, c)
