@@ -313,6 +313,27 @@ def test_cli_replay_bad_input_is_one_line(tmp_path, trace_file, args, message):
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
 
 
+def test_cli_replay_refuses_an_unfitting_geometry_before_calibrating(tmp_path, monkeypatch):
+    """Calibration cycles through a slot pool's worth of experts: it must not run (and exhaust host
+    memory) for a geometry the replay would refuse anyway."""
+    from finemoe.replay import run as replay_run
+    from finemoe.traces.io import write_trace
+    from finemoe.traces.profiles import get_profile
+    from finemoe.traces.synthetic import synthetic_trace
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before checking host memory")
+
+    monkeypatch.setattr(replay_run, "calibrated_hardware", no_calibration)
+    path = tmp_path / "mixtral.parquet"
+    write_trace(synthetic_trace(get_profile("mixtral-8x7b").geometry(), num_requests=2, prompt_tokens=4,
+                                generated_tokens=4, with_probs=False, semantic_dim=None, with_spec=False), path)
+    res = CliRunner().invoke(cli, ["replay", str(path), "--policy", "lru", "--gpu-mem", "24G", "--device", "cpu",
+                                   "-o", str(tmp_path / "r"), "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert "needs" in res.output and "--expert-scale" in res.output and "Traceback" not in res.output
+
+
 def test_cli_replay_missing_trace(tmp_path):
     res = CliRunner().invoke(cli, ["replay", str(tmp_path / "none.parquet"), "--policy", "lru", "--expert-cache", "4"])
     assert res.exit_code == 1 and "error:" in res.output

@@ -97,12 +97,17 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
     With `out_dir`, writes `replay-<key>.parquet` (and `sim-<key>.parquet` when comparing), keyed by
     the configuration as sweeps do.
     """
+    from finemoe.replay.weights import check_host_memory
+
     say = say or (lambda _m: None)
     profile = None
     t0 = time.perf_counter()
+    slots = _slots(trace, config)
+    # Refuse a geometry that cannot fit before calibrating: calibration cycles through a working
+    # set as large as the slot pool, which alone could exhaust host memory.
+    check_host_memory(trace.geometry, slots, options.device.startswith("cuda"))
     if hardware is None:
         say(f"calibrating {options.device} for {trace.geometry.model_name} experts ...")
-        slots = _slots(trace, config)
         hw, profile = calibrated_hardware(trace, options, slots=slots)
     else:
         hw = load_hardware(hardware)
