@@ -14,6 +14,7 @@ from finemoe.policies.expert_maps import (
     ExpertMapStore,
     prefetch_priority,
     select_by_delta,
+    select_by_delta_rows,
     topk_map,
 )
 from finemoe.policies.registry import make_policy, policy_names
@@ -174,18 +175,51 @@ def test_prefetch_priorities_are_p_over_distance_in_order():
     assert list(policy.on_layer_routed(LayerRouting(step, 2, 0.0, measured))) == []  # 2 + d is past the end
 
 
-def test_deferred_search_holds_predictions_until_the_search_is_done():
-    policy, step, measured = _bound_policy(search_s=1e-3, search_charge="defer")
-    assert list(policy.on_step_start(step)) == []  # 1 semantic search at 0 s: ready at 1 ms
-    got = policy.on_layer_routed(LayerRouting(step, 0, 2e-3, measured))
-    # Released at layer 0 (2 ms): layer 1's experts; layer 0's came too late and are dropped.
-    assert [(p.layer, p.expert) for p in got] == [(1, 0), (1, 1)]
-    assert policy.deferred_dropped == 2
-    got = policy.on_layer_routed(LayerRouting(step, 1, 4e-3, measured))  # layer 0's search: ready 3 ms
+def test_search_time_stamps_predictions_with_when_the_search_thread_is_done():
+    policy, step, measured = _bound_policy(search_s=1e-3)  # "exact" is the default
+    first = list(policy.on_step_start(step))  # 1 semantic search at 0 s: ready at 1 ms
+    assert [p.ready_s for p in first] == [pytest.approx(1e-3)] * 4
+    # Layer 0 routed at 0.5 ms: the search thread is busy until 1 ms, then 1 trajectory search.
+    got = list(policy.on_layer_routed(LayerRouting(step, 0, 0.5e-3, measured)))
     assert [(p.layer, p.expert) for p in got] == [(2, 3), (2, 2)]
-    none, step2, _ = _bound_policy(search_s=1e-3)
-    assert len(list(none.on_step_start(step2))) == 4  # "none": at once
-    assert none.describe()["stats"]["modelled_search_s"] == approx16(1e-3)
+    assert [p.ready_s for p in got] == [pytest.approx(2e-3)] * 2
+    got = list(policy.on_layer_routed(LayerRouting(step, 1, 5e-3, measured)))  # the thread is idle by then
+    assert [p.ready_s for p in got] == [pytest.approx(6e-3)] * 2
+    stats = policy.describe()["stats"]
+    assert (stats["searches"], stats["searches_abandoned"]) == (3, 0)
+    assert stats["modelled_search_s"] == pytest.approx(3e-3)
+    none, step2, _ = _bound_policy(search_s=1e-3, search_charge="none")
+    assert [p.ready_s for p in none.on_step_start(step2)] == [0.0] * 4  # "none": at once
+    with pytest.raises(ConfigError, match="search_charge must be one of exact, none"):
+        make_policy("finemoe", search_charge="defer")
+
+
+def ready_times(prefetches) -> list[float]:
+    """The distinct ready times of a call's prefetches (one per call)."""
+    return sorted({p.ready_s for p in prefetches})
+
+
+def test_a_prefill_is_searched_token_by_token_and_a_new_step_abandons_what_has_not_started():
+    history = trace_from_probs(M[None], KEY)
+    prompt = trace_from_probs(np.stack([M, M, M, M]), np.repeat(KEY, 4, axis=0), request_ids=[7] * 4,
+                              iterations=[0, 0, 0, 1])
+    policy = make_policy("finemoe", distance=2, search_s=1e-3, search_token_s=0.25e-3)
+    policy.bind(context(history.geometry))
+    policy.fit(history)
+    prefill = StepInfo(0, 0.0, (Sequence(7, 0, 0, 3),), prompt)
+    assert ready_times(policy.on_step_start(prefill)) == pytest.approx([1e-3])  # 1 semantic search
+    # Layer 0 at 0.2 ms: 3 tokens, 1 ms + 2 x 0.25 ms after the semantic search -> ready at 2.5 ms.
+    got = policy.on_layer_routed(LayerRouting(prefill, 0, 0.2e-3, prompt))
+    assert ready_times(got) == pytest.approx([2.5e-3])
+    got = policy.on_layer_routed(LayerRouting(prefill, 1, 0.4e-3, prompt))  # queued: 2.5 -> 4.0 ms
+    assert ready_times(got) == pytest.approx([4e-3])
+    # The decode step starts at 2.0 ms: layer 0's search is running (until 2.5 ms), layer 1's has
+    # not started and is abandoned; the new step's semantic search follows the running one.
+    decode = StepInfo(1, 2e-3, (Sequence(7, 1, 3, 4),), prompt)
+    assert ready_times(policy.on_step_start(decode)) == pytest.approx([3.5e-3])
+    stats = policy.describe()["stats"]
+    assert (stats["searches"], stats["searches_abandoned"]) == (4, 1)
+    assert stats["modelled_search_s"] == pytest.approx(1e-3 + 1.5e-3 + 1e-3)
 
 
 def test_eviction_lowest_p_times_freq_with_predicted_window_protected():
@@ -318,3 +352,39 @@ def test_finemoe_beats_chance_on_unseen_requests(small_trace):
     chance = trace.geometry.top_k / trace.geometry.num_experts
     assert report.totals["precision"] > chance + 0.1
     assert report.config["policy"]["stats"]["fit_maps"] == trace.select_requests(ids[:8]).num_tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 9), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_vectorised_delta_selection_equals_the_row_rule(n, width, k, seed):
+    rng = np.random.default_rng(seed)
+    rows = rng.dirichlet(np.full(width, 0.5), size=n) * rng.choice([0.0, 0.5, 1.0], size=(n, 1))
+    rows[rng.random((n, width)) < 0.2] = 0.0  # ties and empty rows
+    sims = rng.choice([0.0, 0.3, 0.9, 1.0, 1.2], size=n)
+    chosen = select_by_delta_rows(rows, sims, min(k, width))
+    for i in range(n):
+        assert set(np.flatnonzero(chosen[i])) == set(select_by_delta(rows[i], sims[i], min(k, width)).tolist())
+
+
+def test_a_prefill_predicts_the_union_of_its_tokens_predictions():
+    """The vectorised prefill path gives what predicting token by token and uniting gives."""
+    history = trace_from_probs(M[None], KEY)
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(4, 0.4), size=(5, 4))
+    prompt = trace_from_probs(probs, np.repeat(KEY, 5, axis=0), request_ids=[7] * 5, iterations=[0] * 5)
+    got = {}
+    for vectorised in (True, False):
+        policy = make_policy("finemoe", distance=2)
+        policy.bind(context(history.geometry))
+        policy.fit(history)
+        if not vectorised:  # token by token, through the one-row path
+            policy._predict_rows = lambda out, step, target, cur, rows, sims, p=policy: [
+                p._predict(out, step, target, cur, r, float(s)) for r, s in zip(rows, sims, strict=True)]
+        step = StepInfo(0, 0.0, (Sequence(7, 0, 0, 5),), prompt)
+        policy.on_step_start(step)
+        calls = [list(policy.on_layer_routed(LayerRouting(step, layer, 0.0, prompt))) for layer in range(2)]
+        got[vectorised] = (calls, policy._p.copy(), policy._prot_step.copy())
+    assert got[True][0] == got[False][0]
+    assert [p.ready_s for call in got[True][0] for p in call] == [p.ready_s for call in got[False][0] for p in call]
+    np.testing.assert_array_equal(got[True][1], got[False][1])
+    np.testing.assert_array_equal(got[True][2], got[False][2])

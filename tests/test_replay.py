@@ -4,6 +4,7 @@ workload), its result files, and its CLI. Timing fidelity is in test_replay_fide
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -379,6 +380,8 @@ def test_comparison_charges_the_policy_time_the_replay_measured():
     got = with_policy_time(cfg, replayed)
     assert got.hardware.layer_overhead_s == pytest.approx(1e-4)  # 30 ms over 300 layer-steps
     assert "policy time" in got.hardware.source and cfg.hardware.layer_overhead_s == 0.0
+    assert got.policy_params == {"search_charge": "none"}  # its search is in the measured time already
+    assert with_policy_time(replace(cfg, policy="lru"), replayed).policy_params == {}
     for replay_info in ({"device": "cpu", "policy_s": 0.0}, {"device": "cuda:0", "policy_s": 0.03}):
         assert with_policy_time(cfg, SimpleNamespace(config={"replay": replay_info}, summary={"layer_steps": 300})) is cfg
 

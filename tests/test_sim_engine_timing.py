@@ -143,6 +143,32 @@ def test_late_prefetch_is_a_miss_and_stalls_only_the_remainder(scripted):
     assert (s["hits"], s["misses"], s["ondemand_loads"], s["prefetch_late"]) == (1, 1, 0, 1)
 
 
+@pytest.mark.parametrize("ready_ms, hit", [
+    (0.7, True),  # starts at 0.7 ms, lands at 1.95 ms < 2.000008 ms, when layer 1 is routed
+    (0.9, False),  # starts at 0.9 ms, lands at 2.15 ms: late by 0.149992 ms
+])
+def test_a_prefetch_starts_when_its_prediction_is_ready(scripted, ready_ms, hit):
+    scripted.residents = [(0, 0)]
+    scripted.at_layer = {0: [Prefetch(1.0, 0, 1, 1, ready_s=ready_ms * MS)]}  # predicted at 0.5 ms
+    r = run(make_trace(TWO_LAYERS, 2, 2, 1), "test-scripted", slots=2)
+    copy = next(e for e in r.timeline if e["lane"] == "copy0")
+    assert copy["start_s"] == pytest.approx(ready_ms * MS, rel=1e-12) and copy["kind"] == "prefetch"
+    landed = ready_ms * MS + COPY
+    expected = 2 * (DENSE + EXPERT) + max(0.0, landed - (2 * DENSE + EXPERT))
+    assert r.requests["e2e_s"][0] == pytest.approx(expected, rel=1e-12)
+    s = r.summary
+    assert (s["prefetch_in_time"], s["prefetch_late"]) == ((1, 0) if hit else (0, 1))
+
+
+def test_a_prediction_ready_after_its_layer_is_dropped(scripted):
+    scripted.residents = [(0, 0)]
+    scripted.at_layer = {0: [Prefetch(1.0, 0, 1, 1, ready_s=3 * MS)]}  # layer 1 is routed at 2.000008 ms
+    r = run(make_trace(TWO_LAYERS, 2, 2, 1), "test-scripted", slots=2)
+    s = r.summary
+    assert (s["prefetch_issued"], s["prefetch_started"], s["ondemand_loads"]) == (0, 0, 1)
+    assert r.requests["e2e_s"][0] == pytest.approx(2 * (DENSE + EXPERT) + COPY, rel=1e-12)
+
+
 def test_a_copy_on_the_wire_is_not_preempted(scripted):
     scripted.at_step_start = [Prefetch(1.0, 0, 1, 1)]  # on the wire 0 -> 1.25 ms
     r = run(make_trace(TWO_LAYERS, 2, 2, 1), "test-scripted", slots=2)

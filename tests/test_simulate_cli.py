@@ -155,3 +155,15 @@ def test_hardware_override_and_model_profile_reach_the_results(tmp_path):
     assert (df["hardware.transfer_latency_s"] == 20e-6).all()
     assert (df["geometry.model_name"] == "mixtral-8x7b").all()
     assert df.loc[8.0, "stall_s"] > df.loc[64.0, "stall_s"]  # a slower link stalls longer
+
+
+def test_a_swept_policy_parameter_gets_a_column(trace_file, tmp_path):
+    result = invoke("simulate", trace_file, "--policy", "lru,finemoe", "--policy-param",
+                    "finemoe.search_charge=exact,none", "--expert-cache", "8", "-o", tmp_path, "--jobs", "1",
+                    "--no-progress")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if line.startswith("policy"))
+    assert "search_charge" in header.split()
+    rows = [line.split() for line in result.output.splitlines() if line.startswith("finemoe ")]
+    assert sorted(r[1] for r in rows) == ["exact", "none"]
+    assert next(line for line in result.output.splitlines() if line.startswith("lru ")).split()[1] == "-"

@@ -290,8 +290,8 @@ def results_table(paths) -> str:
         ("batch", "workload.max_batch", _num),
         ("rate/s", "workload.rate_rps", _num),
         ("seed", "seed", _num),
-        ("params", "policy_params", str),
     ]
+    axes += [(col.split(".", 1)[1], col, _text) for col in df.columns if col.startswith("policy_params.")]
     cols: list[tuple[str, list[str]]] = [("policy", [str(v) for v in df["policy"]])]
     for title, col, fmt in axes:
         if col in df.columns and df[col].astype(str).nunique() > 1:
@@ -336,6 +336,10 @@ def _num(v) -> str:
     if _missing(v):
         return "-"
     return f"{int(v)}" if float(v).is_integer() else f"{float(v):g}"
+
+
+def _text(v) -> str:
+    return "-" if _missing(v) else str(v)
 
 
 def _mem(v) -> str:

@@ -17,7 +17,7 @@ Call order for one run:
 The engine owns residency (slots, copies in flight) and the transfer queue; a policy owns
 *which* experts to prefetch and *which* to evict. Engines serve on-demand loads before queued
 prefetches, prefetches by descending priority, and drop a queued prefetch once the (step, layer)
-it was meant for has passed. Both engines call these methods in the same order, so the same
+it was meant for has passed; a prefetch with a `ready_s` in the future joins the queue at that time. Both engines call these methods in the same order, so the same
 policy makes the same decisions given the same timing.
 """
 
@@ -40,13 +40,17 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 class Prefetch:
     """Ask for expert `expert` of layer `layer` to be resident by layer `layer` of engine step `step`.
 
-    `priority`: larger is served first (FineMoE: p / (l - l_now)).
+    `priority`: larger is served first (FineMoE: p / (l - l_now)). `ready_s`: the copy may not start
+    before this time, because the prediction behind it is still being computed then (FineMoE's map
+    search on its own thread); 0 means at once. The simulator honours it exactly; the replayer runs
+    the policy's code for real, so its predictions appear when that code has finished.
     """
 
     priority: float
     step: int
     layer: int
     expert: int
+    ready_s: float = field(default=0.0, compare=False)
 
     @property
     def key(self) -> ExpertKey:

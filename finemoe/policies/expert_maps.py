@@ -36,6 +36,24 @@ def select_by_delta(row: np.ndarray, similarity: float, top_k: int) -> np.ndarra
     return order[: min(max(n, top_k), row.size)]
 
 
+def select_by_delta_rows(rows: np.ndarray, similarities: np.ndarray, top_k: int) -> np.ndarray:
+    """`select_by_delta` for many rows at once (a prefill's tokens): bool [n, J], True where chosen.
+
+    Same rule, same tolerance, row by row; vectorised because a prompt has hundreds of tokens and
+    the search's time is charged to the prefetches it produces."""
+    rows = np.asarray(rows, dtype=np.float64)
+    n, width = rows.shape
+    order = np.argsort(-rows, axis=1, kind="stable")
+    cum = np.cumsum(np.take_along_axis(rows, order, axis=1), axis=1)
+    total = cum[:, -1] if width else np.zeros(n)
+    delta = np.clip(1.0 - np.asarray(similarities, dtype=np.float64), 0.0, 1.0)
+    reach = (cum < (delta * total * (1.0 - 1e-9))[:, None]).sum(axis=1) + 1  # searchsorted, left
+    count = np.where(total > 0.0, np.minimum(np.maximum(reach, top_k), width), min(top_k, width))
+    chosen = np.zeros((n, width), dtype=bool)
+    np.put_along_axis(chosen, order, np.arange(width)[None, :] < count[:, None], axis=1)
+    return chosen
+
+
 def prefetch_priority(prob: float, target_layer: int, current_layer: int) -> float:
     """p / (l - l_now): likelier and nearer first. `current_layer` is -1 before layer 0 runs."""
     distance = target_layer - current_layer
@@ -90,6 +108,7 @@ class ExpertMapStore:
         self.maps = np.zeros((capacity, num_layers, num_experts), dtype=np.float32)
         self._unit_maps = np.zeros((capacity, num_layers * num_experts), dtype=np.float32)
         self._cum_norm2 = np.zeros((capacity, num_layers), dtype=np.float32)  # sum of squares, rows 0..l
+        self._inv_cum_norm = np.zeros((capacity, num_layers))  # 1 / sqrt of it (0 for a zero prefix)
         self.semantic_dim = semantic_dim
         self.keys = None if semantic_dim is None else np.zeros((capacity, semantic_dim), dtype=np.float32)
         self._unit_keys = None if semantic_dim is None else np.zeros((capacity, semantic_dim), dtype=np.float32)
@@ -102,7 +121,7 @@ class ExpertMapStore:
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.maps, self._unit_maps, self._cum_norm2, self.keys, self._unit_keys]
+        arrays = [self.maps, self._unit_maps, self._cum_norm2, self._inv_cum_norm, self.keys, self._unit_keys]
         return int(sum(a.nbytes for a in arrays if a is not None))
 
     def redundancy(self, expert_map: np.ndarray, key: np.ndarray | None) -> np.ndarray:
@@ -130,6 +149,7 @@ class ExpertMapStore:
         self.maps[slot] = expert_map
         self._unit_maps[slot] = _unit(expert_map.reshape(-1))
         self._cum_norm2[slot] = np.cumsum((expert_map.astype(np.float64) ** 2).sum(axis=1))
+        self._inv_cum_norm[slot] = _inverse_norms(self._cum_norm2[slot])
         if self.keys is not None:
             k = np.zeros(self.semantic_dim, np.float32) if key is None else np.asarray(key, np.float32)
             self.keys[slot] = k
@@ -173,15 +193,31 @@ class TrajectoryQuery:
         s = self.size
         self.dot += rows @ self.store.maps[:s, layer].T.astype(np.float64)
         self.q_norm2 += (rows**2).sum(axis=1)
-        den = np.sqrt(self.q_norm2)[:, None] * np.sqrt(self.store._cum_norm2[:s, layer].astype(np.float64))[None, :]
-        return np.where(den > _EPS, self.dot / np.maximum(den, _EPS), 0.0)
+        # dot / (|q| |m|) as two scalings of the [tokens, size] matrix (a prompt has hundreds of
+        # tokens: each pass over that matrix costs about a millisecond); zero where a norm vanishes.
+        cos = self.dot * self.store._inv_cum_norm[:s, layer]
+        cos *= _inverse_norms(self.q_norm2)[:, None]
+        return cos
 
     def best(self, cos: np.ndarray) -> list[Match]:
         """Per token, the best stored map and its similarity."""
+        idx, sim = self.best_arrays(cos)
+        return [Match(int(i), float(s)) for i, s in zip(idx, sim, strict=True)]
+
+    def best_arrays(self, cos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per token, the best stored map's index and its similarity, as arrays."""
         if self.size == 0:
-            return []
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
         idx = np.argmax(cos, axis=1)
-        return [Match(int(i), float(cos[t, i])) for t, i in enumerate(idx)]
+        return idx, cos[np.arange(cos.shape[0]), idx]
+
+
+def _inverse_norms(norm2: np.ndarray) -> np.ndarray:
+    """1 / sqrt(norm2), 0 where the norm is (numerically) zero."""
+    norm = np.sqrt(np.asarray(norm2, dtype=np.float64))
+    out = np.zeros_like(norm)
+    np.divide(1.0, norm, out=out, where=norm > _EPS)
+    return out
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

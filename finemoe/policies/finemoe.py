@@ -24,25 +24,28 @@ from finemoe.policies.expert_maps import (
     TrajectoryQuery,
     prefetch_priority,
     select_by_delta,
+    select_by_delta_rows,
     topk_map,
 )
 from finemoe.policies.registry import register
 
-# Modelled wall time of one map search (one token, one layer: the incremental trajectory cosine
-# against C=1000 stored maps, the argmax and the delta selection). Measured 2026-11-29 with
-# `python3 benchmarks/bench_map_search.py` (median of 30 decode steps) on the development machine
-# (2 shared x86 cores, numpy/OpenBLAS): 27.8 us for Mixtral (32 layers x 8 experts), 58.4 us for
-# Qwen1.5-MoE (24 x 60); semantic search 16-19 us per step. Rounded up for Mixtral, the paper's
-# main model. See docs/policies.md for how the engine does (not) charge it.
+# Modelled wall time of one map search (one sequence, one layer: the incremental trajectory cosine
+# against C=1000 stored maps, the argmax and the delta selection), and of each further token of the
+# same sequence in that search (a prefill is searched token by token). Measured 2026-11-29 with
+# `python3 benchmarks/bench_map_search.py` on the development machine (2 shared x86 cores,
+# numpy/OpenBLAS): 27.0-28.6 us for a decode token (Mixtral's 32 x 8 and the demo's 6 x 8; 58 us
+# for Qwen1.5-MoE's 24 x 60), 16.1 us per further token of a 256-token prefill; semantic search
+# 16-19 us per step. Rounded up. See docs/policies.md for how the engine charges them.
 SEARCH_S_DEFAULT = 30e-6
+SEARCH_TOKEN_S_DEFAULT = 16e-6
 
 CACHES = ("finemoe", "lru", "lfu")
-# How map search time reaches the timeline. The engines give a policy no way to delay a prefetch by
-# less than a layer, so: "none" issues predictions at once (search assumed hidden, as the paper's
-# separate search thread intends; optimistic by at most searches x search_s per call), "defer"
-# holds them until the first engine callback at or after now + searches x search_s (pessimistic:
-# in practice the next layer boundary). The two bracket the true effect.
-SEARCH_CHARGES = ("none", "defer")
+# How map search time reaches the timeline. "exact": searches run one after another on a search
+# thread of their own (the paper's design), so a call's predictions are ready when the thread has
+# done its earlier searches and this call's, and the engine starts no copy for them before then
+# (`Prefetch.ready_s`); searches of a step not yet started when the next step begins are abandoned
+# (every layer they aim at has passed). "none": predictions are ready at once (for ablation).
+SEARCH_CHARGES = ("exact", "none")
 
 
 @register
@@ -61,7 +64,8 @@ class FineMoE(Policy):
         delta: bool = True,
         cache: str = "finemoe",
         search_s: float = SEARCH_S_DEFAULT,
-        search_charge: str = "none",
+        search_token_s: float = SEARCH_TOKEN_S_DEFAULT,
+        search_charge: str = "exact",
         learn_online: bool = True,
     ) -> None:
         super().__init__()
@@ -73,25 +77,26 @@ class FineMoE(Policy):
             raise TypeError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
         if not (semantic or trajectory):
             raise TypeError("at least one of semantic and trajectory must be enabled")
-        if float(search_s) < 0:
-            raise TypeError(f"search_s must not be negative, got {search_s}")
+        if float(search_s) < 0 or float(search_token_s) < 0:
+            raise TypeError(f"search_s and search_token_s must not be negative, got {search_s}, {search_token_s}")
         if search_charge not in SEARCH_CHARGES:
             raise TypeError(f"search_charge must be one of {', '.join(SEARCH_CHARGES)}, got {search_charge!r}")
         self.distance, self.capacity = int(distance), int(capacity)
         self.semantic, self.trajectory, self.delta = bool(semantic), bool(trajectory), bool(delta)
-        self.cache, self.search_s, self.learn_online = cache, float(search_s), bool(learn_online)
-        self.search_charge = search_charge
+        self.cache, self.learn_online = cache, bool(learn_online)
+        self.search_s, self.search_token_s, self.search_charge = float(search_s), float(search_token_s), search_charge
         self.params = dict(
             distance=self.distance, capacity=self.capacity, semantic=self.semantic,
             trajectory=self.trajectory, delta=self.delta, cache=self.cache, search_s=self.search_s,
-            search_charge=self.search_charge, learn_online=self.learn_online, maps_from=self.maps_from,
+            search_token_s=self.search_token_s, search_charge=self.search_charge, learn_online=self.learn_online, maps_from=self.maps_from,
         )
         self.store: ExpertMapStore | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
-        self._held: list[tuple[float, list[Prefetch]]] = []  # search_charge="defer": (ready_s, prefetches)
-        self.deferred_dropped = 0
+        self._searches: list[tuple[float, float, int]] = []  # this step's calls' (start s, end s, searches)
         self.fit_maps = 0
-        self.searches = 0  # (token, layer) map searches made: each costs search_s of modelled time
+        self.searches = 0  # (sequence, layer) map searches asked for
+        self.search_busy_s = 0.0  # modelled search thread time of the searches it ran
+        self.searches_abandoned = 0
 
     # --- life cycle ----------------------------------------------------------------------------
     def bind(self, ctx: PolicyContext) -> None:
@@ -109,7 +114,7 @@ class FineMoE(Policy):
         self._layer = -1
         self._queries: list[TrajectoryQuery | None] = []
         self._sem: list[Match | None] = []
-        self._held = []
+        self._searches = []
 
     def fit(self, history) -> None:
         for expert_map, key in self._maps_of(history, range(history.num_tokens)):
@@ -155,21 +160,22 @@ class FineMoE(Policy):
             store.trajectory(s.num_tokens) if ready and self.trajectory else None for s in step.sequences
         ]
         self._sem = [None] * n
-        searches0 = self.searches
+        self._abandon_unstarted(step.now_s)
         if not ready or not self.semantic:
-            return self._release(step.now_s, step.step, -1, [], 0)
+            return []
         out: dict[ExpertKey, Prefetch] = {}
+        cost_s, searches0 = 0.0, self.searches
         for i in range(n):
             key = step.semantic_key(i)
             match = store.match_semantic(key) if key is not None else None
             self._sem[i] = match
             if match is None:
                 continue
-            self.searches += 1
+            cost_s += self._search_cost(1)
             # Semantic phase: layers 0..d-1. Semantic-only mode also serves later layers (below).
             for target in range(min(self.distance, self.L)):
                 self._predict(out, step.step, target, -1, store.maps[match.index, target], match.similarity)
-        return self._release(step.now_s, step.step, -1, sorted(out.values(), reverse=True), self.searches - searches0)
+        return self._searched(step.now_s, out, cost_s, self.searches - searches0)
 
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
         layer = routing.layer
@@ -177,63 +183,92 @@ class FineMoE(Policy):
         target = layer + self.distance
         step = self._step
         if step is None or self.store is None or self.store.size == 0 or target >= self.L:
-            return self._release(routing.now_s, routing.step.step, layer, [], 0)
-        searches0 = self.searches
+            return []
         out: dict[ExpertKey, Prefetch] = {}
+        cost_s, searches0 = 0.0, self.searches
         for i in range(len(step.sequences)):
             query = self._queries[i] if i < len(self._queries) else None
             if query is not None:
-                cos = query.observe(layer, self._observed_rows(routing, i))
-                for match in query.best(cos):
-                    self.searches += 1
-                    row = self.store.maps[match.index, target]
-                    self._predict(out, step.step, target, layer, row, match.similarity)
+                idx, sim = query.best_arrays(query.observe(layer, self._observed_rows(routing, i)))
+                cost_s += self._search_cost(len(idx))
+                self._predict_rows(out, step.step, target, layer, self.store.maps[idx, target], sim)
             elif not self.trajectory and self._sem[i] is not None:
                 match = self._sem[i]
                 self._predict(out, step.step, target, layer, self.store.maps[match.index, target], match.similarity)
-        return self._release(routing.now_s, step.step, layer, sorted(out.values(), reverse=True),
-                             self.searches - searches0)
+        return self._searched(routing.now_s, out, cost_s, self.searches - searches0)
 
-    def _release(self, now_s: float, step: int, layer: int, new: list[Prefetch], searches: int) -> list[Prefetch]:
-        """The prefetches to hand to the engine now (all of `new` unless search time is deferred)."""
-        if self.search_charge == "none":
+    # --- search time -------------------------------------------------------------------------------
+    def _search_cost(self, tokens: int) -> float:
+        """Modelled time of one sequence's search at one layer, token by token."""
+        self.searches += 1
+        return self.search_s + max(0, tokens - 1) * self.search_token_s
+
+    def _abandon_unstarted(self, now_s: float) -> None:
+        """A new step begins: the search thread drops the previous step's searches it has not
+        started (their layers have passed) and finishes the one it is running."""
+        for start, end, count in self._searches:
+            if start >= now_s:
+                self.searches_abandoned += count
+                self.search_busy_s -= end - start
+        self._searches = [entry for entry in self._searches if entry[0] < now_s][-1:]
+
+    def _searched(self, now_s: float, out: dict[ExpertKey, Prefetch], cost_s: float, searches: int) -> list[Prefetch]:
+        """The call's prefetches, highest priority first, stamped with when its searches finish
+        on the search thread (after the searches queued before them)."""
+        new = sorted(out.values(), reverse=True)
+        self.search_busy_s += cost_s
+        if self.search_charge == "none" or cost_s <= 0:
             return new
-        if new:
-            self._held.append((now_s + searches * self.search_s, new))
-        out, keep = [], []
-        for ready_s, batch in self._held:
-            if ready_s > now_s + 1e-12:
-                keep.append((ready_s, batch))
-                continue
-            for p in batch:  # a prediction whose layer has come meanwhile is useless
-                if p.step == step and p.layer > layer:
-                    out.append(p)
-                else:
-                    self.deferred_dropped += 1
-        self._held = keep
-        return sorted(out, reverse=True)
+        start = max(now_s, self._searches[-1][1] if self._searches else 0.0)
+        self._searches.append((start, start + cost_s, searches))
+        ready = start + cost_s
+        return [Prefetch(p.priority, p.step, p.layer, p.expert, ready) for p in new]
 
     def _observed_rows(self, routing: LayerRouting, i: int) -> np.ndarray:
         if self.maps_from == "probs":
-            return np.nan_to_num(routing.router_probs(i).astype(np.float32))
+            rows = routing.router_probs(i).astype(np.float32)
+            return np.nan_to_num(rows, copy=False) if np.isnan(rows).any() else rows  # missing records
         return topk_map(routing.experts(i), routing.weights(i), self.J)
 
     def _predict(self, out: dict, step: int, target: int, current: int, row: np.ndarray, similarity: float) -> None:
         """Select experts of one predicted row, record p for eviction, add prefetches (max priority)."""
         row = np.asarray(row, dtype=np.float64)
+        self._remember_p(step, target, row)
+        chosen = select_by_delta(row, similarity if self.delta else 1.0, self.K)
+        for e in chosen.tolist():
+            self._offer(out, step, target, e, prefetch_priority(row[e], target, current))
+
+    def _predict_rows(self, out: dict, step: int, target: int, current: int, rows: np.ndarray,
+                      similarities: np.ndarray) -> None:
+        """`_predict` for each token's predicted row (a prefill's), vectorised; the same result."""
+        if len(rows) == 1:
+            self._predict(out, step, target, current, rows[0], float(similarities[0]))
+            return
+        if len(rows) == 0:
+            return
+        rows = np.asarray(rows, dtype=np.float64)
+        self._remember_p(step, target, rows.max(axis=0))
+        sims = similarities if self.delta else np.ones(len(rows))
+        chosen = select_by_delta_rows(rows, sims, self.K)
+        best = np.where(chosen, rows, -np.inf).max(axis=0)  # per expert, its likeliest choosing token
+        for e in np.flatnonzero(chosen.any(axis=0)).tolist():
+            self._offer(out, step, target, e, prefetch_priority(best[e], target, current))
+
+    def _remember_p(self, step: int, target: int, row: np.ndarray) -> None:
+        """The eviction score's p: the highest probability predicted for the target in this step."""
         if self._p_step[target] != step:
             self._p[target] = row
             self._p_step[target] = step
         else:
             np.maximum(self._p[target], row, out=self._p[target])
-        chosen = select_by_delta(row, similarity if self.delta else 1.0, self.K)
-        for e in chosen.tolist():
-            prio = prefetch_priority(row[e], target, current)
-            key = (target, e)
-            self._prot_step[key] = step
-            old = out.get(key)
-            if old is None or old.priority < prio:
-                out[key] = Prefetch(prio, step, target, e)
+
+    def _offer(self, out: dict, step: int, target: int, expert: int, priority: float) -> None:
+        """Protect a chosen expert for this step and keep its highest priority among the call's."""
+        key = (target, expert)
+        self._prot_step[key] = step
+        old = out.get(key)
+        if old is None or old.priority < priority:
+            out[key] = Prefetch(priority, step, target, expert)
 
     # --- caching ----------------------------------------------------------------------------------
     def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
@@ -314,8 +349,8 @@ class FineMoE(Policy):
             "store_replaced": 0 if self.store is None else self.store.replaced,
             "store_bytes": 0 if self.store is None else self.store.nbytes,
             "searches": self.searches,
-            "modelled_search_s": self.searches * self.search_s,
-            "deferred_dropped": self.deferred_dropped,
+            "searches_abandoned": self.searches_abandoned,
+            "modelled_search_s": self.search_busy_s,
             "semantic_phase_ran": bool(self.store is not None and self.store.keys is not None and self.semantic),
         }
         return d

@@ -76,7 +76,11 @@ def _slots(trace: Trace, config: SimConfig) -> int:
 def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     """The simulation of a replay on the CPU charges, per layer, the time the replay measured inside
     the policy's calls (the replayer makes them on the compute path; the simulator's policy costs
-    nothing): the mean per layer-step, added to `layer_overhead_s`. Recorded in the hardware's source."""
+    nothing): the mean per layer-step, added to `layer_overhead_s`. Recorded in the hardware's source.
+    A policy that models its own search time on a thread of its own (FineMoE's `search_charge`) is
+    simulated without it, as the replay ran it: on the compute path, already charged."""
+    from finemoe.policies.registry import make_policy
+
     policy_s = float(replayed.config.get("replay", {}).get("policy_s", 0.0))
     layer_steps = int(replayed.summary.get("layer_steps", 0) or 0)
     if policy_s <= 0 or layer_steps <= 0 or not replayed.config["replay"].get("device", "cpu").startswith("cpu"):
@@ -85,7 +89,10 @@ def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     hw = config.hardware
     hw = replace(hw, layer_overhead_s=hw.layer_overhead_s + per_layer,
                  source=f"{hw.source}; + {per_layer * 1e6:.1f} us per layer of policy time measured in the replay")
-    return replace(config, hardware=hw)
+    params = dict(config.policy_params)
+    if "search_charge" in make_policy(config.policy, **params).params:
+        params["search_charge"] = "none"
+    return replace(config, hardware=hw, policy_params=params)
 
 
 def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardware: str | None = None,

@@ -167,6 +167,7 @@ class SimEngine:
         self._arriving: dict = {}  # expert key -> (end tick, its copy's completion event)
         self._loaded_waited = False
         self._wire_free = 0
+        self._releases = 0  # prefetches waiting for their `ready_s` (scheduled release events)
         self.step = 0
         self.oracle = _PlanOracle(self.L, self.J) if policy.is_oracle else None
         self._planned_known = -1
@@ -275,6 +276,37 @@ class SimEngine:
             self._arriving[tr.key] = (end, wake)
         if cache.blocked and sleeping:
             self._notify()
+
+    def _submit(self, prefetches, t: int) -> None:
+        """Queue a policy's prefetches at compute time `t` (nothing else due before it): those ready
+        by then at once, the others by a release event at their `ready_s`."""
+        ready, later = [], None
+        for p in prefetches:
+            at = to_ticks(p.ready_s) if p.ready_s else 0
+            if at <= t:
+                ready.append(p)
+            else:
+                if later is None:
+                    later = {}
+                later.setdefault(at, []).append(p)
+        if ready and self.cache.add_prefetches(ready):
+            self._wake_at(t)
+        if later:
+            env = self.env
+            for at, batch in later.items():
+                ev = simpy.Event(env)
+                ev._ok = True
+                ev._value = batch
+                ev.callbacks.append(self._release)
+                env.schedule(ev, simpy.core.NORMAL, at - env.now)
+                self._releases += 1
+
+    def _release(self, event) -> None:
+        """Prefetches whose prediction is ready join the queue now; one whose layer has passed is
+        dropped by the cache (the prediction came too late to help)."""
+        self._releases -= 1
+        if self.cache.add_prefetches(event.value):
+            self._wake_at(self.env.now)
 
     def _reserve(self, start: int) -> int:
         """The copy starting at `start` crosses the shared link after its latency, in start order."""
@@ -469,8 +501,8 @@ class SimEngine:
                 if always or peek() <= t:
                     yield from sync(t)
                 pf = policy.on_step_start(step_info)
-                if pf and cache.add_prefetches(pf):
-                    self._wake_at(t)
+                if pf:
+                    self._submit(pf, t)
             experts_l, counts_l, dense, tokens = self._prepare(seqs)
             keep = step < tl_steps
             for layer in range(L):
@@ -487,26 +519,28 @@ class SimEngine:
                 pf = policy.on_layer_routed(LayerRouting(step_info, layer, now_s, trace)) if wants_layer else None
                 experts = experts_l[layer]
                 misses = cache.access_layer(layer, experts, now_s)
-                if pf and cache.add_prefetches(pf):
-                    self._wake_at(t)
+                if pf:
+                    self._submit(pf, t)
+                quiet = not cache.busy and not self._releases  # nothing can happen on the link
                 if counts_l is None:
                     ticks = None
-                    if misses is None and not keep and not always and not cache.busy:
+                    if misses is None and not keep and not always and quiet:
                         # Nothing can happen on the link: the layer's experts run back to back.
                         t += et1 * len(experts)
                         continue
                     ticks = [et1] * len(experts)
                 else:
                     ticks = [etf(c) for c in counts_l[layer]]
-                if (misses is not None and not keep and inline and cache.only_demands(len(misses))
-                        and cache.capacity >= len(experts) and self._engines_idle()):
+                if (misses is not None and not keep and inline and not self._releases
+                        and cache.only_demands(len(misses)) and cache.capacity >= len(experts)
+                        and self._engines_idle()):
                     # Only this layer's misses will cross the link: play their copies out here, in
                     # the order SimPy would, without an event per copy (the same times and calls).
                     cache.pin([(layer, e) for e in experts])
                     t, waited = self._misses_inline(layer, experts, ticks, misses, t, stretch)
                     stall += waited
                     continue
-                if misses is None and not cache.busy:
+                if misses is None and quiet:
                     for e, c in zip(experts, ticks, strict=True):
                         t0 = t
                         t += c
