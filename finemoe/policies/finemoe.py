@@ -29,15 +29,17 @@ from finemoe.policies.expert_maps import (
 )
 from finemoe.policies.registry import register
 
-# Modelled wall time of one map search (one sequence, one layer: the incremental trajectory cosine
-# against C=1000 stored maps, the argmax and the delta selection), and of each further token of the
-# same sequence in that search (a prefill is searched token by token). Measured 2026-11-29 with
-# `python3 benchmarks/bench_map_search.py` on the development machine (2 shared x86 cores,
-# numpy/OpenBLAS): 27.0-28.6 us for a decode token (Mixtral's 32 x 8 and the demo's 6 x 8; 58 us
-# for Qwen1.5-MoE's 24 x 60), 16.1 us per further token of a 256-token prefill; semantic search
-# 16-19 us per step. Rounded up. See docs/policies.md for how the engine charges them.
-SEARCH_S_DEFAULT = 30e-6
-SEARCH_TOKEN_S_DEFAULT = 16e-6
+# Modelled wall time of one map search: one sequence at one layer (the policy's whole call: the
+# incremental trajectory cosine against C=1000 stored maps, the argmax, the delta selection, the
+# prefetch list; the semantic match at step start counts as one), and of each further token of the
+# same sequence in that call (a prefill is matched token by token, vectorised). Measured 2026-11-29
+# with `python3 benchmarks/bench_map_search.py` on the development machine (2 shared x86 cores,
+# numpy/OpenBLAS, load 1.4): 45-49 us per searched layer of a Mixtral (32 x 8) decode step and
+# 4.4-4.6 us per further prefill token (3.9-4.2 us for the demo model's 6 x 8, whose decode calls
+# take 72-93 us per searched layer with the step's fixed costs shared by only 3 layers: 4 x 50 us
+# per step charged against 240 us measured). See docs/policies.md for how the engine charges them.
+SEARCH_S_DEFAULT = 50e-6
+SEARCH_TOKEN_S_DEFAULT = 4.5e-6
 
 CACHES = ("finemoe", "lru", "lfu")
 # How map search time reaches the timeline. "exact": searches run one after another on a search
