@@ -15,6 +15,7 @@ from finemoe.policies.base import ExpertKey, Policy, Prefetch
 from finemoe.sim.metrics import MetricsRecorder
 
 _NO_ROOM = object()
+_new_tuple = tuple.__new__
 
 
 class Transfer(NamedTuple):
@@ -176,21 +177,8 @@ class ExpertCache:
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
-        demand = self._demand
-        if demand:
-            room = None
-            if len(self.resident) + len(self.in_flight) >= self.capacity:
-                room = self._make_room(None, now_s)
-                if room is _NO_ROOM:
-                    self.blocked = True
-                    return None
-            key = demand.popleft()
-            self._demand_set.discard(key)
-            tr = self.in_flight[key] = Transfer(key, None, room)  # `_start` for a demand, inlined
-            rec = self.rec
-            rec.bytes_h2d += self.bytes_per_expert
-            rec.ondemand_loads += 1
-            return tr
+        if self._demand:
+            return self._start_demand(now_s)
         heap = self._heap
         while heap:
             p = heapq.heappop(heap)[4]
@@ -214,6 +202,50 @@ class ExpertCache:
         del self.in_flight[key]
         self.resident.add(key)
         self.policy.on_loaded(key, now_s)
+
+    def complete_last(self, transfer: Transfer, now_s: float) -> None:
+        """A copy finished and nothing is queued: `complete`, then what its copy engine's
+        `next_transfer` would do before it goes to sleep (release pins due by now, unblock)."""
+        key = transfer.key  # `complete`, inlined: once per on-demand load in the inline path
+        del self.in_flight[key]
+        self.resident.add(key)
+        self.policy.on_loaded(key, now_s)
+        self.blocked = False
+        if self._unpins:
+            self._apply_unpins(now_s)
+
+    def start_demands(self, now_s: float) -> list[Transfer]:
+        """Start every queued on-demand load now, in queue order: what `next_transfer` once per load
+        does on as many idle copy engines (the pins due are released by the first call, there are
+        none more for the others). The caller makes sure a slot can be made for each."""
+        self.blocked = False
+        if self._unpins:
+            self._apply_unpins(now_s)
+        transfers = []
+        while self._demand:
+            tr = self._start_demand(now_s)
+            if tr is None:
+                raise PolicyError(f"policy {self.policy.name}: no slot for an on-demand load of the current layer")
+            transfers.append(tr)
+        return transfers
+
+    def _start_demand(self, now_s: float) -> Transfer | None:
+        """Start the first queued on-demand load, its slot made; None (and `blocked`) when no slot
+        can be made now."""
+        room = None
+        if len(self.resident) + len(self.in_flight) >= self.capacity:
+            room = self._make_room(None, now_s)
+            if room is _NO_ROOM:
+                self.blocked = True
+                return None
+        key = self._demand.popleft()
+        self._demand_set.discard(key)
+        # `_start` for a demand, inlined; the tuple built directly (a named tuple's `__new__` is a Python call)
+        tr = self.in_flight[key] = _new_tuple(Transfer, (key, None, room))
+        rec = self.rec
+        rec.bytes_h2d += self.bytes_per_expert
+        rec.ondemand_loads += 1
+        return tr
 
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
         t = Transfer(key, p, victim)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.schema import Trace
 
 _S = 1.0 / TICKS_PER_S
+_PLAIN = operator.itemgetter(1)  # of a `_sleeping` entry: the engine sleeps until work is handed to it
 _LAST = 2  # SimPy priority below NORMAL: the compute clock syncs after every other event at that time
 
 
@@ -298,7 +300,7 @@ class SimEngine:
     def _engines_idle(self) -> bool:
         """Every copy engine sleeps until work is handed to it (none waits for a pin's release)."""
         sleeping = self._sleeping
-        return len(sleeping) == self.copy_engines and all(plain for _, plain in sleeping)
+        return len(sleeping) == self.copy_engines and all(map(_PLAIN, sleeping))
 
     def _misses_inline(self, layer: int, experts, ticks, misses, t: int, stretch) -> tuple[int, int]:
         """One layer whose misses are the only copies (all engines idle, nothing queued, room for
@@ -306,6 +308,8 @@ class SimEngine:
         `_copier` and `_compute` step by step: copies land in SimPy's order (time, then the order
         they were scheduled), and each landing is handled before the compute looks at time `t`.
         Returns the compute clock after the layer and the ticks spent waiting."""
+        if stretch is None and len(misses) <= len(self._sleeping):
+            return self._misses_on_idle_engines(layer, experts, ticks, misses, t)
         cache, sleeping = self.cache, self._sleeping
         resident, next_transfer, unpin, complete = cache.resident, cache.next_transfer, cache.unpin, cache.complete
         demand = cache._demand
@@ -327,13 +331,11 @@ class SimEngine:
                 end, _, wake, tr = heapq.heappop(heap)
                 del arriving[tr.key]
                 end_s = end * _S
-                complete(tr, end_s)
                 if not demand:
-                    cache.blocked = False  # `next_transfer` with nothing queued: unpins only
-                    if cache._unpins:
-                        cache._apply_unpins(end_s)
+                    cache.complete_last(tr, end_s)
                     sleeping.append(wake)
                     continue
+                complete(tr, end_s)
                 nxt = next_transfer(end_s)
                 e2 = self._reserve(end)
                 heapq.heappush(heap, (e2, order, wake, nxt))
@@ -390,6 +392,52 @@ class SimEngine:
                 unpin((layer, e), t * _S)
         if heap:
             raise DeadlockError(f"layer {layer}: copies still on the wire after the layer's compute")
+        return t, waited
+
+    def _misses_on_idle_engines(self, layer: int, experts, ticks, misses, t: int) -> tuple[int, int]:
+        """`_misses_inline` for its common shape, without a heap or SimPy: no compute stretch, and an
+        idle copy engine for every miss. Then every copy starts at `t`, in miss order (`_wake_at`),
+        the shared link lands them in that order, one wire time apart, and no copy starts later.
+        So the misses are computed in miss order, each once it has landed, and each landing is
+        handled (`complete_last`, its engine back to sleep) when the compute clock reaches it,
+        after the computes before it, exactly as `_misses_inline` does.
+        Returns the compute clock after the layer and the ticks spent waiting."""
+        cache, sleeping, unpin = self.cache, self._sleeping, self.cache.unpin
+        k = len(misses)
+        transfers = cache.start_demands(t * _S)
+        wire = self.busy_wire_ticks  # `_reserve` while the compute runs (not stalled)
+        first_end = max(t + self.busy_latency_ticks, self._wire_free) + wire
+        ends = [first_end + i * wire for i in range(k)]
+        self._wire_free = ends[-1]
+        engines = sleeping[:k]
+        del sleeping[:k]
+
+        t += self.miss_ticks * k
+        for e, c in zip(experts, ticks, strict=True):  # resident experts first, in expert order
+            if e in misses:
+                continue
+            t += c
+            unpin((layer, e), t * _S)
+
+        waited = 0
+        landed = done = 0  # copies landed, misses computed (both in miss order)
+        while done < k:
+            while landed < k and ends[landed] <= t:
+                cache.complete_last(transfers[landed], ends[landed] * _S)
+                sleeping.append(engines[landed])
+                landed += 1
+            if landed == done:  # stall for the next copy; it lands while the compute waits
+                end = ends[landed]
+                cache.complete_last(transfers[landed], end * _S)
+                sleeping.append(engines[landed])
+                landed += 1
+                waited += end - t
+                t = end
+                continue
+            for e in misses[done:landed]:
+                t += ticks[experts.index(e)]
+                unpin((layer, e), t * _S)
+            done = landed
         return t, waited
 
     def _replan(self, now: int) -> None:
