@@ -178,8 +178,11 @@ class ExpertCache:
         if self._unpins:
             self._apply_unpins(now_s)
         if self._demand:
-            started = self._start_demands(now_s, 1)
-            return started[0] if started else None
+            room = self._make_room(None, now_s)
+            if room is _NO_ROOM:
+                self.blocked = True
+                return None
+            return self._start_demand(room)
         heap = self._heap
         while heap:
             p = heapq.heappop(heap)[4]
@@ -237,10 +240,9 @@ class ExpertCache:
     def _start_demands(self, now_s: float, limit: int) -> list[Transfer]:
         """Start up to `limit` queued on-demand loads, in queue order, each with its slot made;
         fewer (and `blocked` set) when no slot can be made now for the next."""
-        demand, in_flight = self._demand, self.in_flight
-        free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
+        free = self.capacity - len(self.resident) - len(self.in_flight)  # an eviction keeps it, a start on a free slot lowers it
         started: list[Transfer] = []
-        for _ in range(min(limit, len(demand))):
+        for _ in range(min(limit, len(self._demand))):
             room = None
             if free > 0:
                 free -= 1
@@ -249,15 +251,19 @@ class ExpertCache:
                 if room is _NO_ROOM:
                     self.blocked = True
                     break
-            key = demand.popleft()
-            self._demand_set.discard(key)
-            # `_start` for a demand, inlined; the tuple built directly (a named tuple's `__new__` is a Python call)
-            in_flight[key] = tr = _new_tuple(Transfer, (key, None, room))
-            started.append(tr)
-        rec = self.rec
-        rec.bytes_h2d += self.bytes_per_expert * len(started)
-        rec.ondemand_loads += len(started)
+            started.append(self._start_demand(room))
         return started
+
+    def _start_demand(self, room: ExpertKey | None) -> Transfer:
+        """Start the first queued on-demand load in `room` (the victim evicted for it; None: a free slot)."""
+        key = self._demand.popleft()
+        self._demand_set.discard(key)
+        # `_start` for a demand, inlined; the tuple built directly (a named tuple's `__new__` is a Python call)
+        self.in_flight[key] = tr = _new_tuple(Transfer, (key, None, room))
+        rec = self.rec
+        rec.bytes_h2d += self.bytes_per_expert
+        rec.ondemand_loads += 1
+        return tr
 
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
         t = Transfer(key, p, victim)
