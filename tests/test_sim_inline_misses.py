@@ -59,6 +59,38 @@ def test_inline_misses_equal_simpy_copies(policy, copy_engines, cpu_terms):
     assert used[0] > 0  # the inline path was exercised, not skipped
 
 
+@pytest.mark.parametrize("copy_engines", [1, 2, 3])
+@pytest.mark.parametrize("stretch", [1.0, 2.0])
+def test_heap_only_for_more_misses_than_copy_engines_or_a_stretch(copy_engines, stretch):
+    """`_misses_inline` computes the times itself when every miss has an idle copy engine and compute
+    is not stretched (a decode step's top-2 on two copy engines), and leaves the rest to
+    `_misses_inline_heap`; the results equal SimPy's copy engines either way."""
+    extra = {"copy_compute_slowdown": stretch} if "copy_compute_slowdown" in HW_FIELDS else {}
+    hw = dataclasses.replace(PRESETS["rtx3090"], copy_engines=copy_engines, **extra)
+    cfg = SimConfig(trace_path="x", policy="lru", hardware=hw, memory=MemoryConfig(expert_cache_slots=8),
+                    workload=WorkloadConfig(max_batch=1, history_fraction=0.3), timeline_steps=0)
+    heap_misses = []  # per call of the heap version: how many misses its layer had
+    original = engine_mod.SimEngine._misses_inline_heap
+
+    def counted(self, layer, experts, ticks, misses, *rest):
+        heap_misses.append(len(misses))
+        return original(self, layer, experts, ticks, misses, *rest)
+
+    used = [0]
+    engine_mod.SimEngine._misses_inline_heap = counted
+    try:
+        inline = _run(cfg, True, used)
+    finally:
+        engine_mod.SimEngine._misses_inline_heap = original
+    assert inline == _run(cfg, False, [0])
+    if stretch != 1.0 and extra:
+        assert len(heap_misses) == used[0] > 0
+    else:
+        assert all(k > copy_engines for k in heap_misses)  # the heap only where a miss lacks an engine
+        if copy_engines >= 2:  # top-2: a decode step's misses have an engine each
+            assert used[0] > len(heap_misses)
+
+
 @pytest.mark.parametrize("cpu_terms", range(len(CPU_TERMS)))
 @pytest.mark.parametrize("copy_engines", [1, 2])
 @pytest.mark.parametrize("policy", ["lru", "finemoe", "oracle"])

@@ -57,6 +57,7 @@ class LFUCounts:
         self.lru = LRUOrder()
 
     def loaded(self, key: ExpertKey) -> None:
+        self.counts.setdefault(key, 0)  # every resident expert has a count (`victim`'s first try)
         self.lru.loaded(key)
 
     def touch(self, key: ExpertKey, amount: int = 1) -> None:
@@ -70,9 +71,16 @@ class LFUCounts:
         return self.counts.get(key, 0)
 
     def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """The least used evictable expert, the least recently used among equals."""
+        order, counts = self.lru._order, self.counts
+        if order:
+            # First try, without a Python loop: the first least used of all (every earlier one is
+            # used more), which is the answer unless it is pinned.
+            first = min(order, key=counts.__getitem__)
+            if evictable(first):
+                return first
         best, best_count = None, None
-        counts = self.counts
-        for key in self.lru._order:  # least recently used first, so the first minimum wins ties
+        for key in order:  # least recently used first, so the first minimum wins ties
             if not evictable(key):
                 continue
             c = counts.get(key, 0)

@@ -17,16 +17,22 @@ class LRUPolicy(Policy):
         super().bind(ctx)
         self.order = LRUOrder()
         self._touch = self.order.touch
+        # Loads and evictions (one each per miss) change the order's dict here, not through a second call.
+        self._recency = self.order._order
 
     def on_access(self, layer, expert, hit, now_s) -> None:
         if hit:  # the hot path of every simulation: one dict operation
             self._touch((layer, expert))
 
     def on_loaded(self, key, now_s) -> None:
-        self.order.loaded(key)
+        self._recency[key] = None  # `LRUOrder.loaded`
+        self._recency.move_to_end(key)
 
     def on_evicted(self, key, now_s) -> None:
-        self.order.evicted(key)
+        self._recency.pop(key, None)  # `LRUOrder.evicted`
 
     def choose_victim(self, evictable, for_prefetch, now_s):
-        return self.order.victim(evictable)
+        for key in self._recency:  # `LRUOrder.victim`: once per miss, so without a second call
+            if evictable(key):
+                return key
+        return None

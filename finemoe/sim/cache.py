@@ -15,6 +15,7 @@ from finemoe.policies.base import ExpertKey, Policy, Prefetch
 from finemoe.sim.metrics import MetricsRecorder
 
 _NO_ROOM = object()
+_new_tuple = tuple.__new__
 
 
 class Transfer(NamedTuple):
@@ -102,24 +103,24 @@ class ExpertCache:
     def access_layer(self, layer: int, experts, now_s: float) -> list[int] | None:
         """Every routed expert of a layer is needed now (in this order): records hits and misses,
         notifies the policy, queues on-demand loads; returns the missed experts (None if none)."""
-        resident, unused, on_access = self.resident, self._unused_prefetch, self.policy.on_access
+        resident, unused, on_access, rec = self.resident, self._unused_prefetch, self.policy.on_access, self.rec
         misses = None
         for expert in experts:
             key = (layer, expert)
             if key in resident:
-                self.rec.hits[layer] += 1
+                rec.hits[layer] += 1
                 if unused and key in unused:
                     unused.discard(key)
-                    self.rec.prefetch_in_time += 1
+                    rec.prefetch_in_time += 1
                 on_access(layer, expert, True, now_s)
                 continue
-            self.rec.misses[layer] += 1
+            rec.misses[layer] += 1
             if key in unused:  # on the wire: a late prefetch
                 unused.discard(key)
-                self.rec.prefetch_late += 1
+                rec.prefetch_late += 1
             elif key not in self.in_flight and key not in self._demand_set:
-                if self._queued.pop(key, None) is not None:  # queued, never started: late too
-                    self.rec.prefetch_late += 1
+                if self._queued and self._queued.pop(key, None) is not None:  # queued, never started: late too
+                    rec.prefetch_late += 1
                 self._demand.append(key)
                 self._demand_set.add(key)
             on_access(layer, expert, False, now_s)
@@ -176,21 +177,12 @@ class ExpertCache:
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
-        demand = self._demand
-        if demand:
-            room = None
-            if len(self.resident) + len(self.in_flight) >= self.capacity:
-                room = self._make_room(None, now_s)
-                if room is _NO_ROOM:
-                    self.blocked = True
-                    return None
-            key = demand.popleft()
-            self._demand_set.discard(key)
-            tr = self.in_flight[key] = Transfer(key, None, room)  # `_start` for a demand, inlined
-            rec = self.rec
-            rec.bytes_h2d += self.bytes_per_expert
-            rec.ondemand_loads += 1
-            return tr
+        if self._demand:
+            room = self._make_room(None, now_s)
+            if room is _NO_ROOM:
+                self.blocked = True
+                return None
+            return self._start_demand(room)
         heap = self._heap
         while heap:
             p = heapq.heappop(heap)[4]
@@ -215,6 +207,64 @@ class ExpertCache:
         self.resident.add(key)
         self.policy.on_loaded(key, now_s)
 
+    def complete_landed(self, transfers: list[Transfer], times_s: list[float]) -> None:
+        """Copies finished, in this order at these times, and nothing else was queued: each one
+        `complete`, then what its copy engine's `next_transfer` does before it goes to sleep
+        (release the pins due by then, unblock)."""
+        in_flight, resident, on_loaded, unpins = self.in_flight, self.resident, self.policy.on_loaded, self._unpins
+        for transfer, now_s in zip(transfers, times_s, strict=True):
+            key = transfer.key  # `complete`, inlined
+            del in_flight[key]
+            resident.add(key)
+            on_loaded(key, now_s)
+            if unpins and unpins[0][0] <= now_s:
+                self._apply_unpins(now_s)
+        self.blocked = False
+
+    def serve_demands(self, now_s: float, landed_s: list[float], releases: list[tuple[float, ExpertKey]]) -> None:
+        """The queued on-demand loads, and nothing else, start now on idle copy engines and land at
+        `landed_s`, in queue order; `releases` ((at_s, key), by time, each after now) are the pins
+        the compute releases meanwhile. The same calls as `next_transfer` now once per load,
+        `unpin(key, at_s)` per release, and per landing `complete_landed`, in SimPy's order: the
+        releases are queued before the landings, not between them, as the caller's computes take
+        time (a release due by a landing's time is queued before it either way)."""
+        self.blocked = False
+        if self._unpins:
+            self._apply_unpins(now_s)
+        started = self._start_demands(now_s, len(landed_s))
+        if self._demand or len(started) != len(landed_s):
+            raise PolicyError(f"policy {self.policy.name}: no slot for an on-demand load of the current layer")
+        self._unpins.extend(releases)
+        self.complete_landed(started, landed_s)
+
+    def _start_demands(self, now_s: float, limit: int) -> list[Transfer]:
+        """Start up to `limit` queued on-demand loads, in queue order, each with its slot made;
+        fewer (and `blocked` set) when no slot can be made now for the next."""
+        free = self.capacity - len(self.resident) - len(self.in_flight)  # an eviction keeps it, a start on a free slot lowers it
+        started: list[Transfer] = []
+        for _ in range(min(limit, len(self._demand))):
+            room = None
+            if free > 0:
+                free -= 1
+            else:
+                room = self._evict_for(None, now_s)
+                if room is _NO_ROOM:
+                    self.blocked = True
+                    break
+            started.append(self._start_demand(room))
+        return started
+
+    def _start_demand(self, room: ExpertKey | None) -> Transfer:
+        """Start the first queued on-demand load in `room` (the victim evicted for it; None: a free slot)."""
+        key = self._demand.popleft()
+        self._demand_set.discard(key)
+        # `_start` for a demand, inlined; the tuple built directly (a named tuple's `__new__` is a Python call)
+        self.in_flight[key] = tr = _new_tuple(Transfer, (key, None, room))
+        rec = self.rec
+        rec.bytes_h2d += self.bytes_per_expert
+        rec.ondemand_loads += 1
+        return tr
+
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
         t = Transfer(key, p, victim)
         self.in_flight[key] = t
@@ -227,8 +277,13 @@ class ExpertCache:
         return t
 
     def _make_room(self, p: Prefetch | None, now_s: float):
+        """A slot for a copy: None when one is free, else the victim evicted, or `_NO_ROOM`."""
         if len(self.resident) + len(self.in_flight) < self.capacity:
             return None
+        return self._evict_for(p, now_s)
+
+    def _evict_for(self, p: Prefetch | None, now_s: float):
+        """Every slot is taken: evict the policy's victim (returned) for a copy, or `_NO_ROOM`."""
         victim = self.policy.choose_victim(self._evictable, p, now_s)
         if victim is None:
             if p is None and any(k not in self.pinned for k in self.resident):

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import simpy
@@ -36,6 +38,7 @@ from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.schema import Trace
 
 _S = 1.0 / TICKS_PER_S
+_PLAIN = operator.itemgetter(1)  # of a `_sleeping` entry: the engine sleeps until work is handed to it
 _LAST = 2  # SimPy priority below NORMAL: the compute clock syncs after every other event at that time
 
 
@@ -158,6 +161,7 @@ class SimEngine:
         self._stalled = False
         self.busy_latency_ticks = self.latency_ticks + to_ticks(getattr(hw, "copy_start_delay_s", 0.0))
         self._expert_ticks: dict[int, int] = {}
+        self._ticks_positive = self.expert_ticks(1) > 0  # then any expert's compute takes time
         self._info: dict[tuple[int, int], _IterInfo] = {}
         self._sorted: np.ndarray | None = None
         self._missing_rows: set[int] = set()
@@ -327,16 +331,10 @@ class SimEngine:
             return int(round(ticks * f))
         return busy + int(round(ticks - busy / f))
 
-    def _engines_idle(self) -> bool:
-        """Every copy engine sleeps until work is handed to it (none waits for a pin's release)."""
-        sleeping = self._sleeping
-        return len(sleeping) == self.copy_engines and all(plain for _, plain in sleeping)
-
-    def _misses_inline(self, layer: int, experts, ticks, misses, t: int, stretch) -> tuple[int, int]:
-        """One layer whose misses are the only copies (all engines idle, nothing queued, room for
-        the layer): the copies and the compute, played out without SimPy. Mirrors `_wake_at`,
-        `_copier` and `_compute` step by step: copies land in SimPy's order (time, then the order
-        they were scheduled), and each landing is handled before the compute looks at time `t`.
+    def _misses_inline_heap(self, layer: int, experts, ticks, misses, t: int, stretch) -> tuple[int, int]:
+        """`_misses_inline` in general (more misses than copy engines, or a compute stretch). Mirrors
+        `_wake_at`, `_copier` and `_compute` step by step: copies land in SimPy's order (time, then
+        the order they were scheduled), and each landing is handled before the compute looks at time `t`.
         Returns the compute clock after the layer and the ticks spent waiting."""
         cache, sleeping = self.cache, self._sleeping
         resident, next_transfer, unpin, complete = cache.resident, cache.next_transfer, cache.unpin, cache.complete
@@ -359,13 +357,11 @@ class SimEngine:
                 end, _, wake, tr = heapq.heappop(heap)
                 del arriving[tr.key]
                 end_s = end * _S
-                complete(tr, end_s)
                 if not demand:
-                    cache.blocked = False  # `next_transfer` with nothing queued: unpins only
-                    if cache._unpins:
-                        cache._apply_unpins(end_s)
+                    cache.complete_landed([tr], [end_s])
                     sleeping.append(wake)
                     continue
+                complete(tr, end_s)
                 nxt = next_transfer(end_s)
                 e2 = self._reserve(end)
                 heapq.heappush(heap, (e2, order, wake, nxt))
@@ -422,6 +418,51 @@ class SimEngine:
                 unpin((layer, e), t * _S)
         if heap:
             raise DeadlockError(f"layer {layer}: copies still on the wire after the layer's compute")
+        return t, waited
+
+    def _misses_inline(self, layer: int, experts, ticks, misses, t: int, stretch) -> tuple[int, int]:
+        """One layer whose misses are the only copies (all engines idle, nothing queued, room for
+        the layer): the copies and the compute, played out without SimPy, with the same times and
+        calls as SimPy's copy engines. Here its common shape, without a heap (else
+        `_misses_inline_heap`): no compute stretch, and an idle copy engine for every miss.
+        Then every copy starts at `t`, in miss order (`_wake_at`), the shared link lands them in
+        that order, one wire time apart, and no copy starts later; the misses are computed in miss
+        order, each once it has landed. The times follow from that alone (the cache's choices do
+        not change them), so the cache is told them afterwards, in one call (`serve_demands`).
+        Returns the compute clock after the layer and the ticks spent waiting."""
+        k = len(misses)
+        if stretch is not None or k > len(self._sleeping) or not self._ticks_positive:
+            return self._misses_inline_heap(layer, experts, ticks, misses, t, stretch)
+        wire = self.busy_wire_ticks  # `_reserve` while the compute runs (not stalled)
+        end = max(t + self.busy_latency_ticks, self._wire_free) + wire  # the first copy lands
+        start_s = t * _S
+        releases = []  # `unpin(key, at_s)` as (at_s, key), in compute order
+        t += self.miss_ticks * k
+        if k == len(experts):  # every expert missed: none resident to compute first
+            missed_ticks = ticks
+        else:
+            missed_ticks = []  # in miss order, which is expert order too
+            for e, c in zip(experts, ticks, strict=True):  # resident experts first, in expert order
+                if e in misses:
+                    missed_ticks.append(c)
+                else:
+                    t += c
+                    releases.append((t * _S, (layer, e)))
+        waited = 0
+        landed = []
+        for e, c in zip(misses, missed_ticks, strict=True):
+            if end > t:  # stall until its copy lands
+                waited += end - t
+                t = end
+            t += c
+            releases.append((t * _S, (layer, e)))
+            landed.append(end * _S)
+            end += wire
+        self._wire_free = end - wire
+        self.cache.serve_demands(start_s, landed, releases)
+        sleeping = self._sleeping  # each engine back to sleep as its copy lands
+        sleeping += sleeping[:k]
+        del sleeping[:k]
         return t, waited
 
     def _replan(self, now: int) -> None:
@@ -483,6 +524,7 @@ class SimEngine:
         stall = 0
         t = env.now
         stretch = self._stretch if self.slowdown != 1.0 else None
+        pin, capacity, n_engines = cache.pin, cache.capacity, self.copy_engines
         while not batcher.done:
             seqs = batcher.next_step(t)
             if not seqs:
@@ -505,6 +547,7 @@ class SimEngine:
                     self._submit(pf, t)
             experts_l, counts_l, dense, tokens = self._prepare(seqs)
             keep = step < tl_steps
+            inline_now = inline and not keep  # `_misses_inline` keeps no timeline
             for layer in range(L):
                 if stretch is not None and peek() <= t:
                     yield from sync(t)  # the stretch sees every copy started by `t`
@@ -531,12 +574,13 @@ class SimEngine:
                     ticks = [et1] * len(experts)
                 else:
                     ticks = [etf(c) for c in counts_l[layer]]
-                if (misses is not None and not keep and inline and not self._releases
-                        and cache.only_demands(len(misses)) and cache.capacity >= len(experts)
-                        and self._engines_idle()):
+                if (misses is not None and inline_now and not self._releases
+                        and cache.only_demands(len(misses)) and capacity >= len(experts)
+                        and len(self._sleeping) == n_engines
+                        and all(map(_PLAIN, self._sleeping))):  # every copy engine idle
                     # Only this layer's misses will cross the link: play their copies out here, in
                     # the order SimPy would, without an event per copy (the same times and calls).
-                    cache.pin([(layer, e) for e in experts])
+                    pin(zip(repeat(layer), experts))  # the keys (layer, e), built without a Python loop
                     t, waited = self._misses_inline(layer, experts, ticks, misses, t, stretch)
                     stall += waited
                     continue
