@@ -125,6 +125,39 @@ def test_pinned_experts_are_not_evicted_and_unpins_apply_at_their_time():
     assert tr.key == (0, 2) and tr.victim == (0, 1) and not cache.blocked
 
 
+def test_a_release_left_from_an_earlier_step_does_not_free_a_pin_taken_again():
+    cache, pol, rec = make(capacity=2)
+    cache.preload([(0, 0), (0, 1)], 0.0)
+    cache.pin([(0, 0)])
+    cache.unpin((0, 0), at_s=1.0)  # step 0 computed it at 1.0; the release waits, lazily
+    cache.pin([(0, 0), (0, 1)])  # step 1 (at 2.0) needs both again
+    cache.access_layer(0, [2], 2.0)
+    assert cache.next_transfer(2.0) is None and cache.blocked  # both still pinned
+    cache.unpin((0, 1), at_s=3.0)
+    tr = cache.next_transfer(3.0)
+    assert tr.key == (0, 2) and tr.victim == (0, 1)
+
+
+def test_a_batch_needing_more_experts_than_slots_completes():
+    """Regression (found by hypothesis): 1 layer, 2 slots, batches of 2 routing up to 4 experts; a
+    stale lazy release once freed an expert the layer had pinned again, it was evicted before its
+    compute, and the engine waited for it forever."""
+    from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+    from finemoe.sim.hardware import PRESETS
+    from finemoe.sim.run import simulate
+    from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+
+    trace = synthetic_trace(tiny_geometry(num_layers=1, num_experts=6, top_k=2), num_requests=3,
+                            prompt_tokens=(1, 4), generated_tokens=(1, 6), seed=6144)
+    hw = PRESETS["rtx3090"].with_overrides(copy_engines=1, copy_compute_slowdown=3.0, compute_copy_slowdown=2.0,
+                                           copy_start_delay_s=3e-6, miss_overhead_s=2e-5, expert_overhead_s=1e-6,
+                                           layer_overhead_s=4e-6)
+    cfg = SimConfig("synthetic", "lru", hw, memory=MemoryConfig(expert_cache_slots=2),
+                    workload=WorkloadConfig(max_batch=2, history_fraction=0.4, arrival="poisson", rate_rps=5000.0),
+                    seed=6144, timeline_steps=1000)
+    assert 0.0 < simulate(trace, cfg).summary["hit_rate"] < 1.0
+
+
 def test_refused_prefetch_is_dropped_and_bad_victims_are_policy_errors():
     cache, pol, rec = make(capacity=1, refuse_prefetch=True)
     cache.preload([(0, 0)], 0.0)

@@ -45,7 +45,10 @@ class ExpertCache:
         self.bytes_per_expert = bytes_per_expert
         self.resident: set[ExpertKey] = set()
         self.in_flight: dict[ExpertKey, Transfer] = {}
-        self.pinned: set[ExpertKey] = set()
+        # Pins held per expert: a layer pins what it needs and releases each pin once computed, at
+        # a time (lazily); counted, so a release still pending from an earlier step cannot free an
+        # expert the current layer has pinned again.
+        self.pinned: dict[ExpertKey, int] = {}
         self.position: tuple[int, int] = (-1, -1)  # last (step, layer) whose routing was seen
         self.blocked = False  # an on-demand load waits for a slot to become evictable
         self._demand: deque[ExpertKey] = deque()
@@ -130,13 +133,15 @@ class ExpertCache:
         return misses
 
     def pin(self, keys: Iterable[ExpertKey]) -> None:
-        self.pinned.update(keys)
+        pinned = self.pinned
+        for key in keys:
+            pinned[key] = pinned.get(key, 0) + 1
 
     def unpin(self, key: ExpertKey, at_s: float | None = None) -> None:
         """Release a pin now, or at time `at_s` (applied before the next eviction decision at or
         after that time, so an engine need not stop its clock for it)."""
         if at_s is None:
-            self.pinned.discard(key)
+            self._release(key)
         else:
             self._unpins.append((at_s, key))
 
@@ -146,7 +151,14 @@ class ExpertCache:
     def _apply_unpins(self, now_s: float) -> None:
         q = self._unpins
         while q and q[0][0] <= now_s:
-            self.pinned.discard(q.popleft()[1])
+            self._release(q.popleft()[1])
+
+    def _release(self, key: ExpertKey) -> None:
+        held = self.pinned.get(key, 0)
+        if held > 1:
+            self.pinned[key] = held - 1
+        elif held:
+            del self.pinned[key]
 
     # --- prefetch queue ----------------------------------------------------------------------------
     def add_prefetches(self, prefetches: Iterable[Prefetch]) -> int:
