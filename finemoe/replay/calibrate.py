@@ -119,15 +119,23 @@ def fit_link(rows: list[dict], anchor_bytes: int | None = None) -> tuple[float, 
 
     Weighted by 1/time so that small, latency-bound copies count as much as large ones (each row's
     relative error matters, not its absolute error); the latency is clamped at zero. With
-    `anchor_bytes` (the replayed model's expert size, one of the rows) that row weighs as much as
-    all the others together: a replay copies experts of exactly that size, and a line through
-    64 KB-16 MB need not pass through it.
+    `anchor_bytes` (the replayed model's expert size, one of the rows) the line passes through that
+    row and only its slope is fitted to the others: a replay copies experts of exactly that size,
+    and a line through 64 KB-16 MB need not pass near it (one copy path's speed changes with size).
     """
     x = np.asarray([r["bytes"] for r in rows], dtype=float)
     y = np.asarray([copy_time(r) for r in rows], dtype=float)
     w = 1.0 / y
-    if anchor_bytes is not None:
-        w = np.where(x == anchor_bytes, w * max(len(rows) - 1, 1), w)
+    at = np.flatnonzero(x == anchor_bytes) if anchor_bytes is not None else []
+    if len(at):
+        xa, ya = float(x[at[0]]), float(y[at[0]])
+        dx, dy, w2 = x - xa, y - ya, w**2
+        den = float(np.sum(w2 * dx * dx))
+        slope = float(np.sum(w2 * dx * dy)) / den if den > 0 else 0.0
+        latency = ya - slope * xa
+        if slope <= 0 or latency < 0:  # through the anchor and the origin instead
+            return 0.0, xa / ya
+        return latency, 1.0 / slope
     A = np.vstack([np.ones_like(x), x]).T * w[:, None]
     (intercept, slope), *_ = np.linalg.lstsq(A, y * w, rcond=None)
     if slope <= 0:  # degenerate (noise): fall back to the largest copy's plain rate
@@ -495,39 +503,47 @@ def _dense_model_s(r: dict, hw: HardwareSpec, fixed: float, memory: float, slowd
 DENSE_FIELDS = ("dense_fixed_s", "dense_memory_slowdown", "dense_compute_slowdown", "dense_overlap")
 
 
-def fit_dense(rows: list[dict], hw: HardwareSpec) -> dict:
+def fit_dense(rows: list[dict], hw: HardwareSpec, rounds: int = 20) -> dict:
     """The dense terms (`DENSE_FIELDS`) that make the simulator's dense time, launch + fixed +
     (memory x memory time and slowdown x compute time, overlapping by `overlap`), reproduce the
     measured dense parts of the replayer.
 
-    The decode rows (a token or a few: memory-bound) fix one term: their median excess over the
-    model is `dense_fixed_s` when positive (attention's small kernels cost more than their bytes),
-    else the memory factor that removes it (the dense matmul streams its weights faster than the
-    expert GEMM the memory efficiency was measured on). Then both overlaps are tried, 1 (the
-    roofline's max) and 0 (memory and compute add); for each the compute slowdown is the median
-    over the prefill rows of the factor that makes each exact (clamped at 0.05; 1 where no row has
-    time left for compute), and the overlap with the smaller worst relative error is kept."""
-    F, B = hw.compute_flops_per_s, hw.hbm_bytes_per_s
+    Both overlaps are tried, 1 (the roofline's max) and 0 (memory and compute add), and the one
+    with the smaller worst relative error is kept. For each, two steps alternate (`rounds` times;
+    each depends a little on the other): the decode rows (a token or a few: memory-bound) fix one
+    term, their median excess over the model being `dense_fixed_s` when positive (attention's small
+    kernels cost more than their bytes), else the memory factor that removes it (the dense matmul
+    streams its weights faster than the expert GEMM the memory efficiency was measured on); the
+    prefill rows fix the compute slowdown, the median of the factors that make each exact (clamped
+    at 0.05; 1 where no row has time left for compute)."""
+    from finemoe.sim.costs import dense_time_s
+
+    F, B, launch = hw.compute_flops_per_s, hw.hbm_bytes_per_s, hw.kernel_launch_s
     decode = [r for r in rows if r["kind"] == "decode"]
     prefill = [r for r in rows if r["kind"] == "prefill"]
-    fixed, memory = 0.0, 1.0
-    if decode:
-        excess = float(np.median([r["time_s"] - _dense_model_s(r, hw, 0.0, 1.0, 1.0, 1.0) for r in decode]))
-        if excess >= 0:
-            fixed = excess
-        else:
-            memory = float(max(0.05, np.median([(r["time_s"] - hw.kernel_launch_s) / (r["bytes"] / B)
-                                                for r in decode])))
     best = None
     for overlap in (1.0, 0.0):
-        factors = []
-        for r in prefill:
-            left, c, m = r["time_s"] - hw.kernel_launch_s - fixed, r["flops"] / F, r["bytes"] / B * memory
-            if left > m:
-                factors.append((left - m) / c if overlap == 0.0 else left / c)
-        slowdown = float(max(0.05, np.median(factors))) if factors else 1.0
-        worst = max((abs(_dense_model_s(r, hw, fixed, memory, slowdown, overlap) / r["time_s"] - 1) for r in rows),
-                    default=0.0)
+        fixed, memory, slowdown = 0.0, 1.0, 1.0
+        for _ in range(rounds):
+            if decode:
+                excess = float(np.median([r["time_s"] - _dense_model_s(r, hw, 0.0, 1.0, slowdown, overlap)
+                                          for r in decode]))
+                fixed, memory = max(excess, 0.0), 1.0
+                if excess < 0:  # the memory factor that makes the median decode row exact
+
+                    def solve(r, slowdown=slowdown, overlap=overlap):
+                        c, m, t = r["flops"] / F * slowdown, r["bytes"] / B, r["time_s"] - launch
+                        return t / m if overlap == 1.0 and c <= t else (t - c) / m
+
+                    memory = float(max(0.05, np.median([solve(r) for r in decode])))
+            factors = []
+            for r in prefill:
+                left, c, m = r["time_s"] - launch - fixed, r["flops"] / F, r["bytes"] / B * memory
+                if left > m:
+                    factors.append((left - m) / c if overlap == 0.0 else left / c)
+            slowdown = float(max(0.05, np.median(factors))) if factors else 1.0
+        worst = max((abs(launch + fixed + dense_time_s(r["flops"] / F * slowdown, r["bytes"] / B * memory, overlap)
+                         / r["time_s"] - 1) for r in rows), default=0.0)
         if best is None or worst < best[0]:
             best = (worst, dict(zip(DENSE_FIELDS, (fixed, memory, slowdown, overlap), strict=True)))
     return best[1]
