@@ -198,3 +198,137 @@ def test_cpu_cost_terms_default_to_nothing_and_each_costs_time():
     allres = _sim(hw, slots=32)
     assert _sim(replace(hw, miss_overhead_s=1e-3, copy_compute_slowdown=3.0, compute_copy_slowdown=3.0,
                         copy_start_delay_s=1e-3), slots=32)["makespan_s"] == allres["makespan_s"]
+
+
+# --- the replayer's dense part and copies at the expert's size -----------------------------------
+
+
+def _dense_rows(hw, fixed, memory, slowdown, overlap):
+    from finemoe.replay.calibrate import _dense_model_s, dense_cases
+    from finemoe.sim.costs import CostModel
+    from finemoe.traces.synthetic import tiny_geometry
+
+    work = CostModel(hw, tiny_geometry(hidden_size=256, dense_bytes=8 * 256 * 2048 * 2))
+    rows = []
+    for case in dense_cases(4, 256):
+        flops, nbytes = work.dense_work(case["tokens"], case["context"], case["pairs"])
+        r = {"kind": case["kind"], "tokens": case["tokens"], "flops": flops, "bytes": nbytes}
+        r["time_s"] = _dense_model_s(r, hw, fixed, memory, slowdown, overlap)
+        rows.append(r)
+    return rows
+
+
+@pytest.mark.parametrize("fixed, memory, slowdown, overlap", [
+    (30e-6, 1.0, 0.5, 0.0),  # attention's small kernels cost more than their bytes; memory and compute add
+    (0.0, 0.8, 2.0, 1.0),  # the dense matmul streams faster than the expert GEMM; a roofline
+])
+def test_fit_dense_recovers_known_terms(fixed, memory, slowdown, overlap):
+    from dataclasses import replace
+
+    from finemoe.replay.calibrate import dense_residuals, fit_dense
+    from finemoe.sim.hardware import PRESETS
+
+    hw = replace(PRESETS["rtx3090"], name="t", flops=2e12, hbm_gbps=10.0, compute_efficiency=0.5,
+                 memory_efficiency=1.0, kernel_launch_s=15e-6)
+    rows = _dense_rows(hw, fixed, memory, slowdown, overlap)
+    assert {r["kind"] for r in rows} == {"decode", "prefill"}
+    fit = fit_dense(rows, hw)
+    assert fit["dense_fixed_s"] == pytest.approx(fixed, abs=1e-12)
+    assert fit["dense_memory_slowdown"] == pytest.approx(memory, rel=1e-9)
+    assert fit["dense_compute_slowdown"] == pytest.approx(slowdown, rel=1e-9)
+    assert fit["dense_overlap"] == overlap
+    # The simulator's own cost model, given the fit, reproduces every row.
+    for r in dense_residuals(rows, replace(hw, **fit)):
+        assert abs(r["rel_error"]) < 1e-9
+
+
+def test_dense_cases_match_the_simulators_counts():
+    from finemoe.replay.calibrate import dense_cases
+
+    cases = dense_cases(3, 256)
+    decode = [c for c in cases if c["kind"] == "decode"]
+    assert [c["tokens"] for c in decode] == [1, 3]
+    for c in decode:  # one token per sequence: pairs = context = the sum of the contexts
+        assert len(c["contexts"]) == c["tokens"] and c["pairs"] == c["context"] == sum(c["contexts"])
+    for c in (c for c in cases if c["kind"] == "prefill"):  # causal: token i scores i + 1 keys
+        n = c["tokens"]
+        assert c["contexts"] == list(range(1, n + 1)) and c["pairs"] == n * (n + 1) // 2 == sum(c["contexts"])
+    assert [c["tokens"] for c in dense_cases(1, 32) if c["kind"] == "prefill"] == [32, 32]
+
+
+def test_dense_terms_default_to_the_roofline_exactly():
+    from dataclasses import replace
+
+    from finemoe.sim.costs import CostModel, dense_time_s
+    from finemoe.sim.hardware import PRESETS
+    from finemoe.traces.synthetic import tiny_geometry
+
+    g = tiny_geometry()
+    for hw in PRESETS.values():
+        assert (hw.dense_fixed_s, hw.dense_memory_slowdown, hw.dense_compute_slowdown, hw.dense_overlap) == (0, 1, 1, 1)
+        cm = CostModel(hw, g)
+        for tokens, context, pairs in ((1, 10, 10), (64, 64, 2080), (8, 800, 800)):
+            flops, nbytes = cm.dense_work(tokens, context, pairs)
+            assert cm.dense_layer_s(tokens, context, pairs) == hw.layer_overhead_s + cm.roofline_s(flops, nbytes)
+    assert dense_time_s(3.0, 2.0, 1.0) == 3.0 and dense_time_s(3.0, 2.0, 0.0) == 5.0
+    hw = replace(PRESETS["rtx3090"], dense_fixed_s=1e-4)
+    assert CostModel(hw, g).dense_layer_s(1, 10) == pytest.approx(CostModel(PRESETS["rtx3090"], g).dense_layer_s(1, 10) + 1e-4)
+
+
+def test_fit_link_passes_through_the_anchor_and_uses_the_copys_own_time():
+    from finemoe.replay.calibrate import copy_time
+
+    # Not a line: the largest copy is unusually fast. Anchored, the line passes through the expert's
+    # own size (1.5 MB); without the anchor it misses it.
+    sizes = (1 << 16, 1 << 18, 1 << 20, 1536 * 1024, 1 << 22, 1 << 24)
+    rows = [{"bytes": n, "time_s": 1.0, "copy_s": 10e-6 + n / (2.5e9 if n < (1 << 24) else 6.5e9)} for n in sizes]
+    anchor = 1536 * 1024
+    truth = copy_time(rows[3])
+    assert truth == rows[3]["copy_s"] and copy_time({"bytes": 1, "time_s": 2.0}) == 2.0
+
+    def err(latency, bps):
+        return abs(latency + anchor / bps - truth) / truth
+
+    assert err(*fit_link(rows, anchor)) < 1e-9 and err(*fit_link(rows)) > 0.05
+    latency, bps = fit_link([dict(r, copy_s=12e-6 + r["bytes"] / 3e9) for r in rows], anchor)  # a line: exact
+    assert latency == pytest.approx(12e-6, rel=1e-6) and bps == pytest.approx(3e9, rel=1e-6)
+
+
+def test_attention_rows_bucket_the_keys_and_mask_each_row_to_its_context():
+    import torch
+
+    from finemoe.replay.compute import KEY_BUCKET, attend, attention_rows
+
+    keys, bias = attention_rows([KEY_BUCKET] * 3, torch.float32, "cpu")
+    assert keys == KEY_BUCKET and bias is None
+    keys, bias = attention_rows([5, 70], torch.float32, "cpu")
+    assert keys == 2 * KEY_BUCKET and bias.shape == (2, keys)
+    assert torch.isinf(bias[0, 5:]).all() and (bias[0, :5] == 0).all() and (bias[1, :70] == 0).all()
+    assert attention_rows([5, 70], torch.float32, "cpu", cap=100)[0] == 100
+    # One batched attention equals each row's own attention over its context.
+    gen = torch.Generator().manual_seed(0)
+    kv, q = torch.randn(2, 200, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    contexts = [3, 90, 150]
+    keys, bias = attention_rows(contexts, torch.float32, "cpu")
+    got = attend(q, kv, keys, bias)
+    for r, c in enumerate(contexts):
+        want = torch.softmax(q[r : r + 1] @ kv[0, :c].T, dim=-1) @ kv[1, :c]
+        assert torch.allclose(got[r : r + 1], want, atol=1e-5)
+
+
+def test_calibration_with_a_geometry_fits_the_dense_part_and_copies_the_expert_size():
+    from finemoe.replay.weights import expert_shape
+    from finemoe.traces.synthetic import tiny_geometry
+
+    g = tiny_geometry(hidden_size=64, expert_intermediate_size=96, dtype="float32", bytes_per_expert=3 * 64 * 96 * 4,
+                      dense_bytes=4 * 64 * 256 * 4)
+    profile = calibrate("cpu", shape=expert_shape(g), dtype="float32", geometry=g, batch=2)
+    m, hw = profile["measurements"], HardwareSpec(**profile["hardware"])
+    assert m["copy_anchor_bytes"] == 3 * 64 * 96 * 4 in {r["bytes"] for r in m["copy"]["pageable"]}
+    assert all(r["copy_s"] > 0 for r in m["copy"]["pageable"])
+    assert [(r["kind"], r["tokens"]) for r in m["dense_layer"]] == [("decode", 1), ("decode", 2), ("prefill", 64),
+                                                                    ("prefill", 256)]
+    assert all(r["time_s"] > 0 and r["flops"] > 0 and r["bytes"] > 0 for r in m["dense_layer"])
+    assert len(m["fit"]["dense_residuals"]) == 4
+    assert hw.dense_fixed_s >= 0 and hw.dense_memory_slowdown > 0 and hw.dense_compute_slowdown > 0
+    assert hw.dense_overlap in (0.0, 1.0)
