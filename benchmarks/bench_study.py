@@ -1,0 +1,60 @@
+"""A paper-size study, timed: the issue's yardstick for the simulator's speed.
+
+64 measured prompts x ~165 iterations x 32 layers (Mixtral-8x7B geometry, synthetic routing with
+router probabilities, semantic keys and speculative outputs, so every policy runs), 8 policies x
+10 expert-cache sizes, through `finemoe simulate --jobs N`, as a user would run it. Prints the wall
+time, then per policy the worker seconds (sum of its runs' `wall_s`) and layer-steps per second,
+each as a ratio to on-demand LRU measured in the same run.
+
+    python3 benchmarks/bench_study.py                 # the full study (about 10 minutes on 2 cores)
+    python3 benchmarks/bench_study.py --requests 20   # a smaller one
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from finemoe.results import summary_frame
+from finemoe.traces.io import write_trace
+from finemoe.traces.profiles import get_profile
+from finemoe.traces.synthetic import synthetic_trace
+
+POLICIES = "lru,lfu,oracle,layerwise,promoe,mixtral-offloading,finemoe,moe-infinity"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=92, help="requests in the trace; 70%% are measured")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--expert-cache", default="24:240:24")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_path = Path(tmp) / "study.parquet"
+        g = get_profile("mixtral-8x7b").geometry()
+        write_trace(synthetic_trace(g, num_requests=args.requests, prompt_tokens=(30, 50),
+                                    generated_tokens=(150, 180), seed=0, semantic_dim=64), trace_path)
+        out = Path(tmp) / "results"
+        cmd = [sys.executable, "-c", "from finemoe.cli.main import cli; cli()", "simulate", str(trace_path),
+               "--policy", POLICIES, "--expert-cache", args.expert_cache, "--history-fraction", "0.3",
+               "--hardware", "rtx3090", "--jobs", str(args.jobs), "--no-progress", "-o", str(out)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        df = summary_frame([out])
+    per = df.groupby("policy").agg(worker_s=("wall_s", "sum"), layer_steps=("layer_steps", "sum"), runs=("seed", "count"))
+    per["ls_per_s"] = per.layer_steps / per.worker_s
+    base = per.loc["lru", "ls_per_s"]
+    print(f"{len(df)} configurations, {int(df.layer_steps.sum()):,} layer-steps, {wall:.0f} s wall with --jobs {args.jobs}, "
+          f"{per.worker_s.sum():.0f} s of worker time")
+    print(f"{'policy':20s} {'worker s':>9s} {'layer-steps/s':>14s} {'vs lru':>7s}")
+    for name, row in per.sort_values("worker_s").iterrows():
+        print(f"{name:20s} {row.worker_s:9.1f} {row.ls_per_s:14,.0f} {row.ls_per_s / base:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
