@@ -32,6 +32,21 @@ def mixtral_logs(shared_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mixtral_trace_path(mixtral_logs, tmp_path_factory) -> Path:
+    """The gsm8k_2 and humaneval_2 logs imported once through `finemoe import` (4 decode-only requests)."""
+    from click.testing import CliRunner
+
+    from finemoe.cli.main import cli
+
+    out = tmp_path_factory.mktemp("mixtral") / "mixtral.parquet"
+    res = CliRunner().invoke(cli, ["import", str(mixtral_logs / "gsm8k_2_routing.jsonl"),
+                                   str(mixtral_logs / "humaneval_2_routing.jsonl"),
+                                   "--model-profile", "mixtral-8x7b", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="session")
 def lmsys_prompts(shared_dir) -> Path:
     if not LMSYS_PROMPTS.is_file():
         pytest.skip(f"LMSYS prompts not found at {LMSYS_PROMPTS}")

@@ -47,20 +47,13 @@ def test_no_policy_beats_the_oracle(seed, slots, batch, online):
 @pytest.mark.shared
 @pytest.mark.slow
 @pytest.mark.parametrize("slots", [25, 62])
-def test_no_policy_beats_the_oracle_on_the_real_mixtral_trace(mixtral_logs, tmp_path, slots):
+def test_no_policy_beats_the_oracle_on_the_real_mixtral_trace(mixtral_trace_path, slots):
     """The same bound where the link is saturated (Mixtral experts, 25 or 62 slots of 256). An
     oracle that loads by next use alone failed it: all its prefetches landed late, so FineMoE's
     early ones gave it more hits (found by the evaluation, see docs/evaluation.md)."""
-    from click.testing import CliRunner
-
-    from finemoe.cli.main import cli
     from finemoe.traces.io import read_trace
 
-    out = tmp_path / "mixtral.parquet"
-    res = CliRunner().invoke(cli, ["import", str(mixtral_logs / "gsm8k_2_routing.jsonl"),
-                                   str(mixtral_logs / "humaneval_2_routing.jsonl"),
-                                   "--model-profile", "mixtral-8x7b", "-o", str(out)])
-    assert res.exit_code == 0, res.output
+    out = mixtral_trace_path
     trace = read_trace(out)
 
     def hit_rate(policy):

@@ -137,17 +137,12 @@ def test_cli_missing_trace_and_missing_field(tmp_path):
 
 @pytest.mark.shared
 @pytest.mark.slow
-def test_real_mixtral_logs(mixtral_logs, tmp_path):
+def test_real_mixtral_logs(mixtral_trace_path):
     """The imported Mixtral logs carry top-2 ids and weights only: FineMoE proper and the speculative
     baseline refuse them by name; the degraded FineMoE predicts better than chance (2 of 8)."""
-    out = tmp_path / "mixtral.parquet"
-    res = CliRunner().invoke(cli, ["import", str(mixtral_logs / "gsm8k_2_routing.jsonl"),
-                                   str(mixtral_logs / "humaneval_2_routing.jsonl"),
-                                   "--model-profile", "mixtral-8x7b", "-o", str(out)])
-    assert res.exit_code == 0, res.output
     from finemoe.traces.io import read_trace
 
-    trace = read_trace(out)
+    trace = read_trace(mixtral_trace_path)
     with pytest.raises(MissingFieldError, match="router_probs"):
         evaluate_predictions(trace, "finemoe")
     with pytest.raises(MissingFieldError, match="spec_experts"):

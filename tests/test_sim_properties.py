@@ -108,6 +108,20 @@ CPU_HOST_TERMS = (  # HardwareSpec terms of a CPU host (all default to no effect
 )
 
 
+def simulate_general_path(trace, cfg):
+    """The same run with the compute process synced to SimPy at every layer and expert (no fast path)."""
+    original = engine_mod.SimEngine.__init__
+
+    def always_sync(self, *args, **kw):
+        original(self, *args, **{**kw, "fast_path": False})
+
+    engine_mod.SimEngine.__init__ = always_sync
+    try:
+        return simulate(trace, cfg)
+    finally:
+        engine_mod.SimEngine.__init__ = original
+
+
 @SETTINGS
 @given(cases(), st.sampled_from(BASELINES + ("oracle",)), st.sampled_from(CPU_HOST_TERMS))
 def test_same_seed_same_result_and_fast_path_equals_general_path(case, policy, cpu_terms):
@@ -116,26 +130,14 @@ def test_same_seed_same_result_and_fast_path_equals_general_path(case, policy, c
     cfg = config(policy, slots, batch, hw, seed, arrival="poisson", rate_rps=5000.0)
     a = comparable(simulate(trace, cfg))
     assert comparable(simulate(trace, cfg)) == a
-    original = engine_mod.SimEngine.__init__
-
-    def always_sync(self, *args, **kw):
-        original(self, *args, **{**kw, "fast_path": False})
-
-    engine_mod.SimEngine.__init__ = always_sync
-    try:
-        assert comparable(simulate(trace, cfg)) == a
-    finally:
-        engine_mod.SimEngine.__init__ = original
+    assert comparable(simulate_general_path(trace, cfg)) == a
 
 
 @pytest.fixture(scope="module")
-def mixtral_trace(mixtral_logs):
-    from finemoe.traces.importers import import_jsonl
-    from finemoe.traces.profiles import get_profile
+def mixtral_trace(mixtral_trace_path):
+    from finemoe.traces.io import read_trace
 
-    files = [mixtral_logs / "gsm8k_2_routing.jsonl", mixtral_logs / "humaneval_2_routing.jsonl"]
-    trace, _ = import_jsonl(files, get_profile("mixtral-8x7b").geometry())  # 4 requests, decode only
-    return trace
+    return read_trace(mixtral_trace_path)  # 4 requests, decode only
 
 
 def real_config(policy, slots, pcie_gbps=32.0, **kw):
@@ -165,13 +167,4 @@ def test_real_mixtral_oracle_bounds_every_policy_and_lru_grows(mixtral_trace):
 def test_real_mixtral_fast_path_equals_general_path(mixtral_trace):
     cfg = real_config("layerwise", 96, max_batch=2, arrival="poisson", rate_rps=20.0)
     a = comparable(simulate(mixtral_trace, cfg))
-    original = engine_mod.SimEngine.__init__
-
-    def always_sync(self, *args, **kw):
-        original(self, *args, **{**kw, "fast_path": False})
-
-    engine_mod.SimEngine.__init__ = always_sync
-    try:
-        assert comparable(simulate(mixtral_trace, cfg)) == a
-    finally:
-        engine_mod.SimEngine.__init__ = original
+    assert comparable(simulate_general_path(mixtral_trace, cfg)) == a
