@@ -166,18 +166,18 @@ class FineMoE(Policy):
         if not ready or not self.semantic:
             return []
         out: dict[ExpertKey, Prefetch] = {}
-        cost_s, searches0 = 0.0, self.searches
+        searched: list[int] = []  # tokens of each sequence searched
         for i in range(n):
             key = step.semantic_key(i)
             match = store.match_semantic(key) if key is not None else None
             self._sem[i] = match
             if match is None:
                 continue
-            cost_s += self._search_cost(1)
+            searched.append(1)  # one key per sequence
             # Semantic phase: layers 0..d-1. Semantic-only mode also serves later layers (below).
             for target in range(min(self.distance, self.L)):
                 self._predict(out, step.step, target, -1, store.maps[match.index, target], match.similarity)
-        return self._searched(step.now_s, out, cost_s, self.searches - searches0)
+        return self._searched(step.now_s, out, searched)
 
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
         layer = routing.layer
@@ -187,24 +187,19 @@ class FineMoE(Policy):
         if step is None or self.store is None or self.store.size == 0 or target >= self.L:
             return []
         out: dict[ExpertKey, Prefetch] = {}
-        cost_s, searches0 = 0.0, self.searches
+        searched: list[int] = []
         for i in range(len(step.sequences)):
             query = self._queries[i] if i < len(self._queries) else None
             if query is not None:
                 idx, sim = query.best_arrays(query.observe(layer, self._observed_rows(routing, i)))
-                cost_s += self._search_cost(len(idx))
+                searched.append(len(idx))
                 self._predict_rows(out, step.step, target, layer, self.store.maps[idx, target], sim)
             elif not self.trajectory and self._sem[i] is not None:
                 match = self._sem[i]
                 self._predict(out, step.step, target, layer, self.store.maps[match.index, target], match.similarity)
-        return self._searched(routing.now_s, out, cost_s, self.searches - searches0)
+        return self._searched(routing.now_s, out, searched)
 
     # --- search time -------------------------------------------------------------------------------
-    def _search_cost(self, tokens: int) -> float:
-        """Modelled time of one sequence's search at one layer, token by token."""
-        self.searches += 1
-        return self.search_s + max(0, tokens - 1) * self.search_token_s
-
     def _abandon_unstarted(self, now_s: float) -> None:
         """A new step begins: the search thread drops the previous step's searches it has not
         started (their layers have passed) and finishes the one it is running."""
@@ -214,15 +209,18 @@ class FineMoE(Policy):
                 self.search_busy_s -= end - start
         self._searches = [entry for entry in self._searches if entry[0] < now_s][-1:]
 
-    def _searched(self, now_s: float, out: dict[ExpertKey, Prefetch], cost_s: float, searches: int) -> list[Prefetch]:
+    def _searched(self, now_s: float, out: dict[ExpertKey, Prefetch], searched: list[int]) -> list[Prefetch]:
         """The call's prefetches, highest priority first, stamped with when its searches finish
-        on the search thread (after the searches queued before them)."""
+        on the search thread (after the searches queued before them). `searched`: the tokens of
+        each sequence's search; one costs `search_s` plus `search_token_s` per further token."""
         new = sorted(out.values(), reverse=True)
+        cost_s = sum(self.search_s + max(0, tokens - 1) * self.search_token_s for tokens in searched)
+        self.searches += len(searched)
         self.search_busy_s += cost_s
         if self.search_charge == "none" or cost_s <= 0:
             return new
         start = max(now_s, self._searches[-1][1] if self._searches else 0.0)
-        self._searches.append((start, start + cost_s, searches))
+        self._searches.append((start, start + cost_s, len(searched)))
         ready = start + cost_s
         return [Prefetch(p.priority, p.step, p.layer, p.expert, ready) for p in new]
 
