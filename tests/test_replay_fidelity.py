@@ -7,10 +7,7 @@ before). Time per output token is asserted within a factor of 2.5: with the repl
 and the copy/compute interference calibrated, the measured sim/replay ratios were 0.74 to 0.98 with
 the final code (load average 3.3-3.9) and 0.57 to 1.22 with earlier versions of the terms (load
 1.8-2.9), on this 2-core machine shared with six other jobs (docs/replay.md), whose speed changes
-2-3x within a minute; 15% is met in most runs here, not reliably. With the replayer's own dense part
-and copies at the expert's size calibrated (docs/replay.md, load average 0.5-1.4), the ratios were
-0.80 to 1.00 over 24 runs (medians per row 0.86-0.94); FineMoE's hit rates differed by up to 2.5
-points on the collected demo trace of those runs, so its 2-point bound here is tight.
+2-3x within a minute; 15% is met in most runs here, not reliably.
 """
 
 from __future__ import annotations

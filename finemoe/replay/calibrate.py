@@ -108,34 +108,15 @@ def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
     return float(intercept), float(slope)
 
 
-def copy_time(row: dict) -> float:
-    """A copy row's time on the link: the copy's own duration where measured (CPU), else submit to done."""
-    return row.get("copy_s", row["time_s"])
-
-
-def fit_link(rows: list[dict], anchor_bytes: int | None = None) -> tuple[float, float]:
-    """(latency_s, bytes_per_s) of `time = latency_s + bytes / bytes_per_s` over copy rows
-    (time: `copy_time`).
+def fit_link(rows: list[dict]) -> tuple[float, float]:
+    """(latency_s, bytes_per_s) of `time_s = latency_s + bytes / bytes_per_s` over copy rows.
 
     Weighted by 1/time so that small, latency-bound copies count as much as large ones (each row's
-    relative error matters, not its absolute error); the latency is clamped at zero. With
-    `anchor_bytes` (the replayed model's expert size, one of the rows) the line passes through that
-    row and only its slope is fitted to the others: a replay copies experts of exactly that size,
-    and a line through 64 KB-16 MB need not pass near it (one copy path's speed changes with size).
+    relative error matters, not its absolute error); the latency is clamped at zero.
     """
     x = np.asarray([r["bytes"] for r in rows], dtype=float)
-    y = np.asarray([copy_time(r) for r in rows], dtype=float)
+    y = np.asarray([r["time_s"] for r in rows], dtype=float)
     w = 1.0 / y
-    at = np.flatnonzero(x == anchor_bytes) if anchor_bytes is not None else []
-    if len(at):
-        xa, ya = float(x[at[0]]), float(y[at[0]])
-        dx, dy, w2 = x - xa, y - ya, w**2
-        den = float(np.sum(w2 * dx * dx))
-        slope = float(np.sum(w2 * dx * dy)) / den if den > 0 else 0.0
-        latency = ya - slope * xa
-        if slope <= 0 or latency < 0:  # through the anchor and the origin instead
-            return 0.0, xa / ya
-        return latency, 1.0 / slope
     A = np.vstack([np.ones_like(x), x]).T * w[:, None]
     (intercept, slope), *_ = np.linalg.lstsq(A, y * w, rcond=None)
     if slope <= 0:  # degenerate (noise): fall back to the largest copy's plain rate
@@ -147,10 +128,7 @@ def fit_link(rows: list[dict], anchor_bytes: int | None = None) -> tuple[float, 
 
 
 def measure_copies(device: str, sizes: tuple[int, ...], pinned: bool, repeats: int, pool_bytes: int) -> list[dict]:
-    """Mean time of one host-to-device copy per size, through the replayer's copier (1 engine):
-    submit to done (`time_s`) and, on CPU, the copy thread's own start to end (`copy_s`: what a
-    replay's copy lane records and the simulator's link models; the hand-off to the copy thread is
-    charged by other terms, `copy_start_delay_s` and the replayer's own costs).
+    """Median time of one host-to-device copy per size, through the replayer's copier (1 engine).
 
     Sources and destinations rotate through buffers of at least `pool_bytes` so that on CPU a copy
     reads memory, not a cache that a real expert copy would never find warm.
@@ -164,29 +142,20 @@ def measure_copies(device: str, sizes: tuple[int, ...], pinned: bool, repeats: i
             n = max(pool_bytes, 2 * size)
             src = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
             src.fill_(1)
-            # Touched once before timing: a replay's device slots are written at preload or by earlier
-            # copies; a first write to fresh pages would time the page faults instead (CPU).
-            dst = torch.zeros(max(n // 2, size), dtype=torch.uint8, device=device)
+            dst = torch.empty(max(n // 2, size), dtype=torch.uint8, device=device)
             nsrc, ndst = n // size, max(dst.numel() // size, 1)
             state = {"i": 0}
 
-            own: list[float] = []  # the copy's own duration, start to end (CPU copiers time both)
-
-            def one(src=src, dst=dst, size=size, nsrc=nsrc, ndst=ndst, state=state, own=own):
+            def one(src=src, dst=dst, size=size, nsrc=nsrc, ndst=ndst, state=state):
                 i = state["i"]
                 state["i"] += 1
                 s = (i % nsrc) * size
                 d = (i % ndst) * size
                 job = copier.submit(CopyJob(src[s : s + size], dst[d : d + size]))
                 copier.wait(job)
-                if job.start_s == job.start_s and job.end_s == job.end_s:
-                    own.append(job.end_s - job.start_s)
 
             t = _median_time(one, repeats)
-            row = {"bytes": size, "time_s": t, "gbps": size / t / 1e9}
-            if own:  # CPU: the mean over the timed repeats (the warm-up's copies come first)
-                row["copy_s"] = statistics.fmean(own[-repeats:])
-            rows.append(row)
+            rows.append({"bytes": size, "time_s": t, "gbps": size / t / 1e9})
             del src, dst
     finally:
         copier.close()
@@ -202,7 +171,7 @@ def measure_overlap(device: str, size: int, max_engines: int, pinned: bool, repe
         copier = make_copier(device, engines)
         try:
             srcs = [torch.empty(size, dtype=torch.uint8, pin_memory=pinned).fill_(1) for _ in range(engines)]
-            dsts = [torch.zeros(size, dtype=torch.uint8, device=device) for _ in range(engines)]
+            dsts = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(engines)]
 
             def batch(copier=copier, srcs=srcs, dsts=dsts):
                 jobs = [copier.submit(CopyJob(s, d), engine=e) for e, (s, d) in enumerate(zip(srcs, dsts, strict=True))]
@@ -271,7 +240,7 @@ def measure_copy_interference(device: str, dtype: str, shape: ExpertShape, repea
 
     n = max(pool_bytes, 2 * copy_bytes * engines)
     src = torch.empty(n, dtype=torch.uint8, pin_memory=device.startswith("cuda")).fill_(1)
-    dst = torch.zeros(max(n // 2, copy_bytes * engines), dtype=torch.uint8, device=device)  # pages touched
+    dst = torch.empty(max(n // 2, copy_bytes * engines), dtype=torch.uint8, device=device)
     nsrc, ndst = n // copy_bytes, max(dst.numel() // copy_bytes, 1)
     copier = make_copier(device, engines)
 
@@ -436,141 +405,6 @@ def fit_dispatch(rows: list[dict]) -> dict:
     return {"layer_overhead_s": layer, "expert_overhead_s": expert, "miss_overhead_s": miss}
 
 
-# --- the dense part ----------------------------------------------------------------------------
-
-
-def dense_cases(batch: int, kv_tokens: int) -> list[dict]:
-    """The dense-part shapes a replay runs: decode steps of 1 and `batch` sequences (one token each,
-    contexts spread over the KV cache) and single-sequence prefills of 64 and 256 tokens (causal).
-    Each case: per-row contexts, and the (tokens, context, pairs) the simulator's engine passes."""
-    cases = []
-    for n in sorted({1, max(1, batch)}):
-        ctx = [max(1, int(kv_tokens * (k + 1) / (n + 1))) for k in range(n)]
-        cases.append({"kind": "decode", "contexts": ctx, "tokens": n, "context": sum(ctx), "pairs": sum(ctx)})
-    for n in (64, 256):
-        n = min(n, kv_tokens)
-        cases.append({"kind": "prefill", "contexts": list(range(1, n + 1)), "tokens": n, "context": n,
-                      "pairs": n * (n + 1) // 2})
-    return cases
-
-
-def measure_dense(device: str, geometry: Any, batch: int, repeats: int, working_set_bytes: int = 0) -> list[dict]:
-    """Mean time of the replayer's own dense part of a layer (`dense_layer`, with the replay's dense
-    weights and KV cache) per case of `dense_cases`, run as a step runs it: layer after layer, each
-    followed by its top-k one-token expert FFNs (untimed) over experts cycled from a pool of
-    `working_set_bytes` (a replay passes its slot pool's size). The experts matter: they evict the
-    dense weights from the caches, which made the dense part 25-30% slower than alone (the demo
-    geometry x4 on this CPU: 0.30-0.31 against 0.23-0.24 ms). Each row also carries the
-    simulator's FLOPs and bytes for that case."""
-    import torch
-
-    from finemoe.replay.compute import attention_rows, dense_layer
-    from finemoe.replay.weights import DenseWeights, expert_shape
-    from finemoe.sim.costs import CostModel
-    from finemoe.sim.hardware import PRESETS
-
-    g = geometry
-    kv_tokens = 256
-    dense = DenseWeights(g, device, kv_tokens)
-    gen = torch.Generator().manual_seed(3)
-    rows_max = max(256, batch)
-    x = (torch.randn((rows_max, g.hidden_size), generator=gen) * 0.1).to(device=device, dtype=dense.dtype)
-    q = (torch.randn((rows_max, dense.kv_width), generator=gen) * 0.1).to(device=device, dtype=dense.dtype)
-    shape = expert_shape(g)
-    experts = max(2 * g.top_k, -(-working_set_bytes // max(g.bytes_per_expert, 1)))
-    pool = torch.empty((experts, shape.numel), dtype=dense.dtype, device=device)
-    for k in range(experts):
-        pool[k].copy_(torch.randn(shape.numel, generator=gen) * 0.02)
-    work = CostModel(PRESETS["rtx3090"], g)  # FLOPs and bytes only: they do not depend on the hardware
-    rows = []
-    for case in dense_cases(batch, kv_tokens):
-        n = case["tokens"]
-        keys, bias = attention_rows(case["contexts"], dense.dtype, device)
-        times, i = [], 0
-        for rep in range(3 + max(1, repeats)):  # 3 rounds of warm-up
-            for layer in range(g.num_layers):
-                t = time.perf_counter()
-                dense_layer(x[:n], dense.layers[layer], q[:n], dense.kv[layer], keys, bias)
-                synchronize(device)
-                if rep >= 3:
-                    times.append(time.perf_counter() - t)
-                for _ in range(g.top_k):
-                    i += 1
-                    expert_ffn(x[:1], pool[i % experts], shape)
-        synchronize(device)
-        flops, nbytes = work.dense_work(n, case["context"], case["pairs"])
-        rows.append({"kind": case["kind"], "tokens": n, "context": case["context"], "pairs": case["pairs"],
-                     "flops": flops, "bytes": nbytes, "time_s": statistics.fmean(times),
-                     "median_s": statistics.median(times)})
-    return rows
-
-
-def _dense_model_s(r: dict, hw: HardwareSpec, fixed: float, memory: float, slowdown: float,
-                   overlap: float) -> float:
-    from finemoe.sim.costs import dense_time_s
-
-    return hw.kernel_launch_s + fixed + dense_time_s(r["flops"] / hw.compute_flops_per_s * slowdown,
-                                                     r["bytes"] / hw.hbm_bytes_per_s * memory, overlap)
-
-
-DENSE_FIELDS = ("dense_fixed_s", "dense_memory_slowdown", "dense_compute_slowdown", "dense_overlap")
-
-
-def fit_dense(rows: list[dict], hw: HardwareSpec, rounds: int = 20) -> dict:
-    """The dense terms (`DENSE_FIELDS`) that make the simulator's dense time, launch + fixed +
-    (memory x memory time and slowdown x compute time, overlapping by `overlap`), reproduce the
-    measured dense parts of the replayer.
-
-    Both overlaps are tried, 1 (the roofline's max) and 0 (memory and compute add), and the one
-    with the smaller worst relative error is kept. For each, two steps alternate (`rounds` times;
-    each depends a little on the other): the decode rows (a token or a few: memory-bound) fix one
-    term, their median excess over the model being `dense_fixed_s` when positive (attention's small
-    kernels cost more than their bytes), else the memory factor that removes it (the dense matmul
-    streams its weights faster than the expert GEMM the memory efficiency was measured on); the
-    prefill rows fix the compute slowdown, the median of the factors that make each exact (clamped
-    at 0.05; 1 where no row has time left for compute)."""
-    from finemoe.sim.costs import dense_time_s
-
-    F, B, launch = hw.compute_flops_per_s, hw.hbm_bytes_per_s, hw.kernel_launch_s
-    decode = [r for r in rows if r["kind"] == "decode"]
-    prefill = [r for r in rows if r["kind"] == "prefill"]
-    best = None
-    for overlap in (1.0, 0.0):
-        fixed, memory, slowdown = 0.0, 1.0, 1.0
-        for _ in range(rounds):
-            if decode:
-                excess = float(np.median([r["time_s"] - _dense_model_s(r, hw, 0.0, 1.0, slowdown, overlap)
-                                          for r in decode]))
-                fixed, memory = max(excess, 0.0), 1.0
-                if excess < 0:  # the memory factor that makes the median decode row exact
-
-                    def solve(r, slowdown=slowdown, overlap=overlap):
-                        c, m, t = r["flops"] / F * slowdown, r["bytes"] / B, r["time_s"] - launch
-                        return t / m if overlap == 1.0 and c <= t else (t - c) / m
-
-                    memory = float(max(0.05, np.median([solve(r) for r in decode])))
-            factors = []
-            for r in prefill:
-                left, c, m = r["time_s"] - launch - fixed, r["flops"] / F, r["bytes"] / B * memory
-                if left > m:
-                    factors.append((left - m) / c if overlap == 0.0 else left / c)
-            slowdown = float(max(0.05, np.median(factors))) if factors else 1.0
-        worst = max((abs(launch + fixed + dense_time_s(r["flops"] / F * slowdown, r["bytes"] / B * memory, overlap)
-                         / r["time_s"] - 1) for r in rows), default=0.0)
-        if best is None or worst < best[0]:
-            best = (worst, dict(zip(DENSE_FIELDS, (fixed, memory, slowdown, overlap), strict=True)))
-    return best[1]
-
-
-def dense_residuals(rows: list[dict], hw: HardwareSpec) -> list[dict]:
-    out = []
-    for r in rows:
-        pred = _dense_model_s(r, hw, *(getattr(hw, f) for f in DENSE_FIELDS))
-        out.append({"kind": r["kind"], "tokens": r["tokens"], "measured_s": r["time_s"], "model_s": pred,
-                    "rel_error": pred / r["time_s"] - 1})
-    return out
-
-
 # --- the fit -----------------------------------------------------------------------------------
 
 
@@ -583,16 +417,13 @@ def predict_expert_s(hw: HardwareSpec, shape: ExpertShape, dtype_bytes: float, t
 
 def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dict], overlap_rows: list[dict],
                  expert_rows: list[dict], shape: ExpertShape, dtype_bytes: float, launch_s: float,
-                 stream_gbps: float, peak_flops: float, anchor_bytes: int | None = None) -> tuple[HardwareSpec, dict]:
+                 stream_gbps: float, peak_flops: float) -> tuple[HardwareSpec, dict]:
     """A HardwareSpec whose cost model reproduces the measurements, and the fit's residuals.
     (`copy_compute_slowdown` and the replayer's overheads are measured with the copy engines this
-    picks, and set afterwards.) `anchor_bytes`: the expert size the copy line must get right."""
-    latency_s, link_bps = fit_link(link_rows, anchor_bytes)
+    picks, and set afterwards.)"""
+    latency_s, link_bps = fit_link(link_rows)
     engines = pick_copy_engines(overlap_rows)
-    if engines > 1 and device.startswith("cuda"):
-        # The simulator's copy engines share one link: its bandwidth is the aggregate. (Not on a
-        # CPU, whose "engines" are memcpy threads on cores of their own: there the link is one
-        # copy's rate, what a copy alone takes and what the replay's copies measure.)
+    if engines > 1:  # the simulator's copy engines share one link: its bandwidth is the aggregate
         agg = max(r["aggregate_gbps"] for r in overlap_rows if r["engines"] == engines) * 1e9
         link_bps = max(link_bps, agg)
     nbytes = shape.numel * dtype_bytes
@@ -628,15 +459,14 @@ def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dic
                           "rel_error": pred / r["time_s"] - 1})
     for r in link_rows:
         pred = hw.transfer_latency_s + r["bytes"] / hw.link_bytes_per_s
-        residuals.append({"copy_bytes": r["bytes"], "measured_s": copy_time(r), "model_s": pred,
-                          "rel_error": pred / copy_time(r) - 1})
+        residuals.append({"copy_bytes": r["bytes"], "measured_s": r["time_s"], "model_s": pred,
+                          "rel_error": pred / r["time_s"] - 1})
     return hw, {"residuals": residuals}
 
 
 def calibrate(device: str = "cpu", *, dtype: str = "bfloat16", thorough: bool = False,
               shape: ExpertShape | None = None, threads: int | None = None, working_set_bytes: int | None = None,
-              copy_pool_bytes: int | None = None, progress: Callable[[str], None] | None = None,
-              geometry: Any = None, batch: int = 8) -> dict:
+              copy_pool_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Measure `device` and return the profile: {"hardware": HardwareSpec fields, "measurements": ...}.
 
     `shape` is the expert GEMM to measure (default 1024 x 2048, or the replayed model's own).
@@ -646,31 +476,23 @@ def calibrate(device: str = "cpu", *, dtype: str = "bfloat16", thorough: bool = 
     the plan's stream buffer); a replay passes its slot pool's size, the reuse distance it will see.
     `copy_pool_bytes`: the host buffer copies read from, in turn (default half the stream buffer); a
     replay passes its host experts' size, so copies read memory as cold as its expert copies do.
-    With `shape` given, copies are also measured at exactly that expert's size and the link's line
-    is fitted to pass through it. With `geometry` (a replay's), the replayer's own dense part of a
-    layer is timed at decode (1 and `batch` sequences) and prefill token counts and fitted to
-    `dense_fixed_s` and `dense_compute_slowdown`.
     """
 
     device = check_device(device)
     with torch_threads(cpu_threads(device) if threads is None else threads) as nthreads:
-        return _calibrate(device, dtype, thorough, shape, nthreads, working_set_bytes, copy_pool_bytes, progress,
-                          geometry, batch)
+        return _calibrate(device, dtype, thorough, shape, nthreads, working_set_bytes, copy_pool_bytes, progress)
 
 
 def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | None, threads: int,
                working_set_bytes: int | None, copy_pool_bytes: int | None,
-               progress: Callable[[str], None] | None, geometry: Any = None, batch: int = 8) -> dict:
+               progress: Callable[[str], None] | None) -> dict:
     import torch
 
     cuda = device.startswith("cuda")
     tdt = torch_dtype(dtype)
     dtype_bytes = torch.empty((), dtype=tdt).element_size()
-    anchor = shape.numel * dtype_bytes if shape is not None else None  # the replayed expert's size
     shape = shape or ExpertShape(1024, 2048)
     plan = CalibrationPlan.thorough(device) if thorough else CalibrationPlan.quick(device)
-    if anchor is not None and anchor not in plan.copy_sizes:
-        plan = replace(plan, copy_sizes=tuple(sorted((*plan.copy_sizes, anchor))))
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
     pool = plan.stream_bytes // 2 if copy_pool_bytes is None else max(copy_pool_bytes, max(plan.copy_sizes))
@@ -693,13 +515,7 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
 
     name = ("cuda-" if cuda else "cpu-") + device_name(device).split(" (")[0].replace(" ", "-").lower()
     hw, fit = fit_hardware(name, device, device_memory_bytes(device), copies[link_kind], overlap, experts,
-                           shape, dtype_bytes, launch_s, stream_gbps, peak, anchor)
-    dense = None
-    if geometry is not None:
-        say("the replayer's own dense part of a layer")
-        dense = measure_dense(device, geometry, batch, plan.gemm_repeats, working_set)
-        hw = replace(hw, **fit_dense(dense, hw))
-        fit["dense_residuals"] = dense_residuals(dense, hw)
+                           shape, dtype_bytes, launch_s, stream_gbps, peak)
     say("compute while copies run")
     interference = measure_copy_interference(device, dtype, shape, max(5 * plan.gemm_repeats, 45), working_set,
                                              shape.numel * dtype_bytes, pool, hw.copy_engines)
@@ -726,8 +542,6 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
         "expert_working_set_bytes": int(working_set),
         "copy_pool_bytes": int(pool),
         "expert_fixed_cost_s": launch_s,
-        "copy_anchor_bytes": anchor,
-        "dense_layer": dense,
         "replayer_dispatch": dispatch,
         "copy_interference": interference,
         "memory_stream_gbps": stream_gbps,

@@ -47,52 +47,5 @@ def dense_columns(dense_bytes: int, num_layers: int, hidden_size: int, dtype_byt
 
 
 def dense_forward(x: Any, weight: Any) -> Any:
-    """The dense matmul of one layer: x [T, H] @ W [H, C] (attention projections, router, shared
-    experts, head)."""
+    """The dense part of one layer: x [T, H] @ W [H, C] (attention, router, shared experts, head)."""
     return x @ weight
-
-
-KEY_BUCKET = 64  # attention reads keys in whole buckets: see `attention_rows`
-
-
-def attention_rows(contexts: list[int], dtype: Any, device: str, cap: int | None = None) -> tuple[int, Any | None]:
-    """(keys, bias) for one batched attention over a step's new tokens: row r scores the first
-    `contexts[r]` keys (its own position + 1: causal, the pairs the simulator counts).
-
-    `keys` is the longest row's context rounded up to a whole `KEY_BUCKET` (at most `cap`), and
-    `bias` [rows, keys] is 0 where a row may look and -inf beyond (None when every row reads all
-    `keys`). The rounding keeps the kernels' shapes fixed over many decode steps: on a CPU each new
-    matmul shape costs oneDNN about half a millisecond to set up (measured: 0.5-0.6 ms for the first
-    scores and values matmuls of each decode step, 0.04-0.06 ms after), a cost a GPU's attention
-    kernel, whose shape does not follow the context length, does not have; `_warmup` sets up every
-    bucket before the clock starts.
-    """
-    import torch
-
-    ctx = torch.as_tensor(contexts, dtype=torch.int64)
-    longest = int(ctx.max())
-    keys = -(-longest // KEY_BUCKET) * KEY_BUCKET
-    keys = max(longest, min(keys, cap)) if cap is not None else keys
-    if bool((ctx == keys).all()):
-        return keys, None
-    beyond = torch.arange(keys)[None, :] >= ctx[:, None]
-    bias = torch.zeros(beyond.shape, dtype=dtype).masked_fill_(beyond, float("-inf"))
-    return keys, bias.to(device)
-
-
-def attend(q: Any, kv: Any, keys: int, bias: Any | None) -> Any:
-    """Attention of the rows `q` [T, W] over the first `keys` entries of `kv` [2, tokens, W]."""
-    import torch
-
-    scores = q @ kv[0, :keys].T
-    if bias is not None:
-        scores = scores + bias
-    return torch.softmax(scores, dim=-1) @ kv[1, :keys]
-
-
-def dense_layer(x: Any, weight: Any, q: Any, kv: Any, keys: int, bias: Any | None) -> Any:
-    """The dense part of one layer as the replay runs it: the dense matmul, then one attention over
-    all the step's tokens `q` [T, W] against the KV cache `kv` (one batched set of kernels per
-    layer, as a serving engine's batched attention, not one per sequence)."""
-    dense_forward(x, weight)
-    return attend(q, kv, keys, bias)

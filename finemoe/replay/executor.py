@@ -32,14 +32,7 @@ import numpy as np
 from finemoe.errors import ConfigError, MissingFieldError
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
 from finemoe.policies.registry import make_policy
-from finemoe.replay.compute import (
-    KEY_BUCKET,
-    attend,
-    attention_rows,
-    dense_layer,
-    expert_ffn,
-    swiglu,
-)
+from finemoe.replay.compute import dense_forward, expert_ffn, swiglu
 from finemoe.replay.device import check_device, cpu_threads, synchronize, torch_threads
 from finemoe.replay.engines import CopyEngines
 from finemoe.replay.slots import SlotPool
@@ -185,16 +178,18 @@ class _Replayer:
         synchronize(self.device)
 
     # --- compute ----------------------------------------------------------------------------------
-    def _attention(self, seqs) -> tuple[int, object]:
-        """The step's attention rows: each new token scores the keys up to its own position."""
-        cap = self.dense.kv_tokens
-        contexts = [min(int(p) + 1, cap) for s in seqs for p in self.trace.position[s.start : s.stop].tolist()]
-        return attention_rows(contexts, self.host.dtype, self.device, cap)
-
-    def _dense(self, layer: int, seqs, attention=None) -> None:
+    def _dense(self, layer: int, seqs) -> None:
+        torch = self.torch
         tokens = sum(s.num_tokens for s in seqs)
-        keys, bias = attention if attention is not None else self._attention(seqs)
-        dense_layer(self.x[:tokens], self.dense.layers[layer], self.q[:tokens], self.dense.kv[layer], keys, bias)
+        dense_forward(self.x[:tokens], self.dense.layers[layer])
+        kv = self.dense.kv[layer]
+        off = 0
+        for s in seqs:  # attention of each sequence's new tokens over its context
+            ctx = min(int(self.trace.position[s.stop - 1]) + 1, self.dense.kv_tokens)
+            q = self.q[off : off + s.num_tokens]
+            off += s.num_tokens
+            scores = torch.softmax(q @ kv[0, :ctx].T, dim=-1)
+            scores @ kv[1, :ctx]
 
     def _expert(self, key, tokens: int) -> None:
         swiglu(self.x[:tokens], *self.pool.matrices(key))
@@ -215,16 +210,6 @@ class _Replayer:
             expert_ffn(self.x[:c], scratch, self.shape)
         first = self.trace.iterations_by_request[self.split.measure[0]]
         for it in first[:2]:
-            self._dense(0, (Sequence(it.request_id, it.iteration, it.start, it.stop),))
-        # Every attention shape a decode step can take (rows: sequences, keys: whole buckets) and
-        # each measured request's first step, set up once (oneDNN builds a kernel per new shape).
-        cap = self.dense.kv_tokens
-        for rows in range(1, self.config.workload.max_batch + 1):
-            for keys in range(1, cap + KEY_BUCKET, KEY_BUCKET):
-                keys, bias = attention_rows([min(keys, cap)] + [1] * (rows - 1), self.host.dtype, self.device, cap)
-                attend(self.q[:rows], self.dense.kv[0], keys, bias)
-        for rid in self.split.measure:
-            it = self.trace.iterations_by_request[rid][0]
             self._dense(0, (Sequence(it.request_id, it.iteration, it.start, it.stop),))
         synchronize(self.device)
         del scratch
@@ -319,10 +304,9 @@ class _Replayer:
                 cache.add_prefetches(pf)
             self.kick()
         timeline = step < self.config.timeline_steps
-        attention = self._attention(seqs)
         for layer in range(self.geometry.num_layers):
             t = self.now()
-            self._dense(layer, seqs, attention)
+            self._dense(layer, seqs)
             if timeline:
                 synchronize(self.device)
                 with lock:

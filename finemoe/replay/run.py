@@ -47,11 +47,9 @@ def prepare_trace(trace: Trace, *, model_profile: str | None, expert_scale: floa
 
 
 def calibrated_hardware(trace: Trace, options: ReplayOptions, thorough: bool = False, slots: int | None = None,
-                        progress: Callable[[str], None] | None = None, batch: int = 8) -> tuple[HardwareSpec, dict]:
+                        progress: Callable[[str], None] | None = None) -> tuple[HardwareSpec, dict]:
     """Calibrate this machine now, measuring the trace's own expert GEMM in its dtype and threads,
-    cycling through as many experts as the replay's slot pool holds (its reuse distance), its
-    copies at the expert's size, and the replayer's dense part for its geometry (decode with 1 and
-    `batch` sequences, prefill)."""
+    cycling through as many experts as the replay's slot pool holds (its reuse distance)."""
     from finemoe.replay.calibrate import calibrate, profile_hardware
 
     g = trace.geometry
@@ -59,7 +57,7 @@ def calibrated_hardware(trace: Trace, options: ReplayOptions, thorough: bool = F
     copy_pool = min(g.total_expert_bytes, COPY_POOL_CAP_BYTES)
     profile = calibrate(options.device, dtype=g.dtype, thorough=thorough, shape=expert_shape(g),
                         threads=options.threads, working_set_bytes=working_set, copy_pool_bytes=copy_pool,
-                        progress=progress, geometry=g, batch=batch)
+                        progress=progress)
     return profile_hardware(profile), profile
 
 
@@ -117,7 +115,7 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
     check_host_memory(trace.geometry, slots, options.device.startswith("cuda"))
     if hardware is None:
         say(f"calibrating {options.device} for {trace.geometry.model_name} experts ...")
-        hw, profile = calibrated_hardware(trace, options, slots=slots, batch=config.workload.max_batch)
+        hw, profile = calibrated_hardware(trace, options, slots=slots)
     else:
         hw = load_hardware(hardware)
     calibrate_s = time.perf_counter() - t0
@@ -139,8 +137,7 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
             say(f"calibrating {options.device} again (after the replay) ...")
             from finemoe.replay.calibrate import mean_hardware
 
-            hw_after, after = calibrated_hardware(trace, options, slots=slots,
-                                                  batch=config.workload.max_batch)
+            hw_after, after = calibrated_hardware(trace, options, slots=slots)
             sim_config = replace(config, hardware=mean_hardware(hw, hw_after))
         sim_config = with_policy_time(sim_config, result)
         say("simulating the same configuration ...")

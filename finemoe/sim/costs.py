@@ -15,12 +15,6 @@ def to_ticks(seconds: float) -> int:
     return int(round(seconds * TICKS_PER_S))
 
 
-def dense_time_s(compute_s: float, memory_s: float, overlap: float) -> float:
-    """Compute and memory time of one kernel that overlap by `overlap`: 1 is the roofline's max, 0
-    their sum (a default of 1 gives exactly the max)."""
-    return max(compute_s, memory_s) + (1.0 - overlap) * min(compute_s, memory_s)
-
-
 @dataclass(frozen=True)
 class CostModel:
     """Modelled durations (seconds) for one model geometry on one hardware profile."""
@@ -40,8 +34,8 @@ class CostModel:
         nbytes = g.bytes_per_expert + 2.0 * tokens * g.hidden_size * g.dtype_bytes
         return self.hardware.expert_overhead_s + self.roofline_s(flops, nbytes)
 
-    def dense_work(self, tokens: int, context: int, attention_pairs: int | None = None) -> tuple[float, float]:
-        """(FLOPs, bytes) of the dense part of one layer for `tokens` new tokens.
+    def dense_layer_s(self, tokens: int, context: int, attention_pairs: int | None = None) -> float:
+        """Dense part of one layer (attention, router, shared experts) for `tokens` new tokens.
 
         `context`: KV-cache entries read (summed over the batch's sequences); `attention_pairs`:
         (query, key) pairs scored, default `context` (one decode token per sequence). The dense
@@ -52,16 +46,7 @@ class CostModel:
         per_layer_weights = g.dense_bytes / g.num_layers
         flops = tokens * g.dense_flops_per_token / g.num_layers + 4.0 * g.hidden_size * pairs
         nbytes = per_layer_weights + context * g.kv_bytes_per_token / g.num_layers
-        return flops, nbytes
-
-    def dense_layer_s(self, tokens: int, context: int, attention_pairs: int | None = None) -> float:
-        """Dense part of one layer (attention, router, shared experts) for `tokens` new tokens: the
-        roofline of `dense_work`, plus the calibrated dense terms (0 and 1 for the presets)."""
-        hw = self.hardware
-        flops, nbytes = self.dense_work(tokens, context, attention_pairs)
-        return hw.layer_overhead_s + (hw.kernel_launch_s + hw.dense_fixed_s + dense_time_s(
-            flops / hw.compute_flops_per_s * hw.dense_compute_slowdown,
-            nbytes / hw.hbm_bytes_per_s * hw.dense_memory_slowdown, hw.dense_overlap))
+        return self.hardware.layer_overhead_s + self.roofline_s(flops, nbytes)
 
     def wire_s(self, nbytes: float) -> float:
         """Time the bytes occupy the host-to-device link (shared by all copy engines)."""

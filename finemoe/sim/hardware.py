@@ -46,16 +46,6 @@ class HardwareSpec:
     # ... and a copy handed over while compute runs starts this much later (CPU: the copy thread
     # waits for a core the compute thread and other processes hold). 0 for GPUs; calibrated.
     copy_start_delay_s: float = 0.0
-    # The dense part of a layer (dense matmul + attention) as the replayer runs it on a CPU: a fixed
-    # cost per layer beyond `kernel_launch_s` (attention's small kernels), factors on its memory-
-    # and compute-bound times (the dense matmul's shape is not the expert GEMM's), and how far the
-    # two overlap (1: the roofline's max; 0: they add, as one CPU thread's matmul of a few dozen
-    # tokens measures). 0, 1, 1 and 1 for the presets; fitted by `finemoe calibrate` from the
-    # replayer's own dense part when it knows the model's geometry.
-    dense_fixed_s: float = 0.0
-    dense_memory_slowdown: float = 1.0
-    dense_compute_slowdown: float = 1.0
-    dense_overlap: float = 1.0
     source: str = ""
 
     @property
