@@ -1,18 +1,20 @@
 """Fidelity: calibrate this machine, replay a configuration for real, simulate the same one with the
 calibrated profile, and compare (what `finemoe replay --compare` does).
 
-Hit rates must agree within 2 points (the policy and cache code are the same, only timing differs;
-measured after the CPU cost terms: LRU 0-0.8, FineMoE 0.3-1.4 points, where FineMoE reached 3.0
-before). Time per output token is asserted within a factor of 2.5: with the replayer's own costs
-and the copy/compute interference calibrated, the measured sim/replay ratios were 0.74 to 0.98 with
-the final code (load average 3.3-3.9) and 0.57 to 1.22 with earlier versions of the terms (load
-1.8-2.9), on this 2-core machine shared with six other jobs (docs/replay.md), whose speed changes
-2-3x within a minute; 15% is met in most runs here, not reliably.
+Hit rates must agree within 2 points (the policy and cache code are the same, only timing differs).
+On the demo trace the test replays three times and checks the median gap: on this 2-core machine,
+shared with other jobs, one replay in ten of FineMoE's configuration measured a gap above 2 points
+at load average 2.1-2.7 (+2.3, against a mean of 0.85; docs/replay.md), always in a run whose
+calibration picked one copy engine instead of two, so a single replay tests the machine's load as
+much as the simulator. Time per output token is asserted within a factor of 2.5: the measured
+simulation errors are -16% to -36% on this machine (docs/replay.md), beyond the issue's 15%, which
+is why that goal stays open.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 from click.testing import CliRunner
@@ -26,6 +28,7 @@ from finemoe.sim.hardware import PRESETS
 
 TPOT_FACTOR = 2.5
 HIT_POINTS = {"lru": 2.0, "finemoe": 2.0}
+REPLAYS = 3  # per configuration of the demo trace; the median is checked
 
 
 @pytest.fixture(scope="module")
@@ -40,29 +43,30 @@ def demo_trace(tmp_path_factory):
     return read_trace(out)
 
 
-def check(outcome, points: float) -> dict:
-    rows = {r["metric"]: r for r in outcome.rows}
-    hit = rows["hit_rate"]
-    assert abs(hit["error"]) <= points, f"hit rates differ by {hit['error']:.2f} points"
-    tpot = rows["tpot_p50_s"]
-    ratio = tpot["sim"] / tpot["replay"]
+def check(outcomes, points: float) -> None:
+    """The median over replays of the hit-rate gap (points) and of the sim/replay TPOT ratio."""
+    rows = [{r["metric"]: r for r in o.rows} for o in outcomes]
+    gaps = [r["hit_rate"]["error"] for r in rows]
+    gap = statistics.median(gaps)
+    assert abs(gap) <= points, f"hit rates differ by {gap:.2f} points (median of {[round(g, 2) for g in gaps]})"
+    ratio = statistics.median(r["tpot_p50_s"]["sim"] / r["tpot_p50_s"]["replay"] for r in rows)
     assert math.isfinite(ratio) and 1 / TPOT_FACTOR <= ratio <= TPOT_FACTOR, f"sim/replay TPOT = {ratio:.2f}"
-    return rows
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["lru", "finemoe"])
 def test_demo_model_trace_fidelity(tmp_path, policy, demo_trace):
     trace = demo_trace
-    # Experts scaled up x4 (0.6 MB each in bf16) so that kernels, not dispatch, dominate a step.
+    # Experts scaled up x4 (2.4 MB each in bf16) so that kernels, not dispatch, dominate a step.
     trace = prepare_trace(trace, model_profile=None, expert_scale=4.0, dtype="bfloat16")
     cfg = SimConfig(trace_path="demo", policy=policy, hardware=PRESETS["rtx3090"],
                     memory=MemoryConfig(expert_cache_slots=20), workload=WorkloadConfig())
-    out = run_replay(trace, cfg, ReplayOptions(), hardware=None, compare=True, out_dir=tmp_path)
-    check(out, HIT_POINTS[policy])
-    rep = read_result(next(tmp_path.glob("replay-*.parquet")))
+    outcomes = [run_replay(trace, cfg, ReplayOptions(), hardware=None, compare=True, out_dir=tmp_path / str(i))
+                for i in range(REPLAYS)]
+    check(outcomes, HIT_POINTS[policy])
+    rep = read_result(next((tmp_path / "0").glob("replay-*.parquet")))
     assert rep.config["hardware"]["name"].startswith("cpu-")  # simulated with the calibrated profile
-    assert rep.summary["sim_hit_rate"] == out.simulated.summary["hit_rate"]
+    assert rep.summary["sim_hit_rate"] == outcomes[0].simulated.summary["hit_rate"]
 
 
 @pytest.mark.slow
