@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable
+from itertools import repeat
 from typing import NamedTuple
 
 from finemoe.policies.base import ExpertKey, Policy, Prefetch
@@ -233,20 +234,29 @@ class ExpertCache:
                 self._apply_unpins(now_s)
         self.blocked = False
 
-    def serve_demands(self, now_s: float, landed_s: list[float], releases: list[tuple[float, ExpertKey]]) -> None:
-        """The queued on-demand loads, and nothing else, start now on idle copy engines and land at
-        `landed_s`, in queue order; `releases` ((at_s, key), by time, each after now) are the pins
-        the compute releases meanwhile. The same calls as `next_transfer` now once per load,
-        `unpin(key, at_s)` per release, and per landing `complete_landed`, in SimPy's order: the
-        releases are queued before the landings, not between them, as the caller's computes take
-        time (a release due by a landing's time is queued before it either way)."""
+    def serve_demands(self, layer: int, experts, now_s: float, landed_s: list[float]) -> None:
+        """Layer `layer` needs `experts`; its on-demand loads (queued by `access_layer`; nothing else
+        is queued or on the wire) start now on idle copy engines and land at `landed_s`, in queue
+        order, and the compute has computed every expert of the layer before anything else starts.
+        The same calls as `pin` of the layer's experts, `next_transfer` now once per load and per
+        landing `complete`, in SimPy's order. The layer's pins can change no decision but its
+        loads' victims (only a resident expert's pin counts, and no other copy starts before the
+        compute releases them), so its resident experts are pinned while the victims are chosen,
+        here, and released at once: no release waits in the queue."""
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
+        held = None
+        if len(landed_s) < len(experts):  # some of the layer's experts are resident: keep them
+            resident = self.resident
+            held = [key for key in zip(repeat(layer), experts) if key in resident]
+            self.pin(held)
         started = self._start_demands(now_s, len(landed_s))
+        if held:
+            for key in held:
+                self._release(key)
         if self._demand or len(started) != len(landed_s):
             raise PolicyError(f"policy {self.policy.name}: no slot for an on-demand load of the current layer")
-        self._unpins.extend(releases)
         self.complete_landed(started, landed_s)
 
     def _start_demands(self, now_s: float, limit: int) -> list[Transfer]:
