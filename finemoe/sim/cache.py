@@ -59,7 +59,7 @@ class ExpertCache:
         self._seq = 0
         self._unused_prefetch: set[ExpertKey] = set()  # prefetched (in flight or resident), not yet used
         self._unpins: deque[tuple[float, ExpertKey]] = deque()  # (time, key), time non-decreasing
-        self._evictable = self.evictable
+        self._evictable = self._evictable_check()
 
     # --- queries --------------------------------------------------------------------------------
     def is_resident(self, key: ExpertKey) -> bool:
@@ -70,6 +70,16 @@ class ExpertCache:
 
     def evictable(self, key: ExpertKey) -> bool:
         return key in self.resident and key not in self.pinned
+
+    def _evictable_check(self):
+        """`evictable` as a closure over the two sets, which are never replaced: what
+        `choose_victim` gets, as a policy may call it for every resident expert."""
+        resident, pinned = self.resident, self.pinned
+
+        def evictable(key: ExpertKey) -> bool:
+            return key in resident and key not in pinned
+
+        return evictable
 
     @property
     def busy(self) -> bool:
@@ -108,29 +118,33 @@ class ExpertCache:
         """Every routed expert of a layer is needed now (in this order): records hits and misses,
         notifies the policy, queues on-demand loads; returns the missed experts (None if none)."""
         resident, unused, on_access, rec = self.resident, self._unused_prefetch, self.policy.on_access, self.rec
+        in_flight, demand, demand_set, queued = self.in_flight, self._demand, self._demand_set, self._queued
         misses = None
         for expert in experts:
             key = (layer, expert)
             if key in resident:
-                rec.hits[layer] += 1
                 if unused and key in unused:
                     unused.discard(key)
                     rec.prefetch_in_time += 1
                 on_access(layer, expert, True, now_s)
                 continue
-            rec.misses[layer] += 1
-            if key in unused:  # on the wire: a late prefetch
+            if unused and key in unused:  # on the wire: a late prefetch
                 unused.discard(key)
                 rec.prefetch_late += 1
-            elif key not in self.in_flight and key not in self._demand_set:
-                if self._queued and self._queued.pop(key, None) is not None:  # queued, never started: late too
+            elif key not in in_flight and key not in demand_set:
+                if queued and queued.pop(key, None) is not None:  # queued, never started: late too
                     rec.prefetch_late += 1
-                self._demand.append(key)
-                self._demand_set.add(key)
+                demand.append(key)
+                demand_set.add(key)
             on_access(layer, expert, False, now_s)
             if misses is None:
                 misses = []
             misses.append(expert)
+        if misses is None:
+            rec.hits[layer] += len(experts)
+        else:
+            rec.hits[layer] += len(experts) - len(misses)
+            rec.misses[layer] += len(misses)
         return misses
 
     def pin(self, keys: Iterable[ExpertKey]) -> None:
@@ -190,12 +204,13 @@ class ExpertCache:
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
-        if self._demand:
-            room = self._make_room(None, now_s)
-            if room is _NO_ROOM:
-                self.blocked = True
+        demand = self._demand
+        if demand:
+            started = self._start_demands(now_s, (demand[0],))
+            if not started:
                 return None
-            return self._start_demand(room)
+            self._demand_set.discard(demand.popleft())
+            return started[0]
         heap = self._heap
         while heap:
             p = heapq.heappop(heap)[4]
@@ -246,25 +261,32 @@ class ExpertCache:
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
+        k = len(landed_s)
         held = None
-        if len(landed_s) < len(experts):  # some of the layer's experts are resident: keep them
+        if k < len(experts):  # some of the layer's experts are resident: keep them
             resident = self.resident
             held = [key for key in zip(repeat(layer), experts) if key in resident]
             self.pin(held)
-        started = self._start_demands(now_s, len(landed_s))
+        demand = self._demand
+        started = self._start_demands(now_s, list(demand))
         if held:
             for key in held:
                 self._release(key)
-        if self._demand or len(started) != len(landed_s):
+        if len(started) != k or len(demand) != k:
             raise PolicyError(f"policy {self.policy.name}: no slot for an on-demand load of the current layer")
+        demand.clear()
+        self._demand_set.clear()
         self.complete_landed(started, landed_s)
 
-    def _start_demands(self, now_s: float, limit: int) -> list[Transfer]:
-        """Start up to `limit` queued on-demand loads, in queue order, each with its slot made;
-        fewer (and `blocked` set) when no slot can be made now for the next."""
-        free = self.capacity - len(self.resident) - len(self.in_flight)  # an eviction keeps it, a start on a free slot lowers it
+    def _start_demands(self, now_s: float, keys: list[ExpertKey]) -> list[Transfer]:
+        """Start the on-demand loads of `keys` (the head of the on-demand queue, which the caller
+        leaves to shorten), in order, each with its slot made (evicting through the policy); fewer
+        (and `blocked` set) when no slot can be made now for the next. (`_start` for demands,
+        inlined: this runs once per miss.)"""
+        in_flight = self.in_flight
+        free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
         started: list[Transfer] = []
-        for _ in range(min(limit, len(self._demand))):
+        for key in keys:
             room = None
             if free > 0:
                 free -= 1
@@ -273,19 +295,12 @@ class ExpertCache:
                 if room is _NO_ROOM:
                     self.blocked = True
                     break
-            started.append(self._start_demand(room))
-        return started
-
-    def _start_demand(self, room: ExpertKey | None) -> Transfer:
-        """Start the first queued on-demand load in `room` (the victim evicted for it; None: a free slot)."""
-        key = self._demand.popleft()
-        self._demand_set.discard(key)
-        # `_start` for a demand, inlined; the tuple built directly (a named tuple's `__new__` is a Python call)
-        self.in_flight[key] = tr = _new_tuple(Transfer, (key, None, room))
+            in_flight[key] = tr = _new_tuple(Transfer, (key, None, room))  # a named tuple's `__new__` is a Python call
+            started.append(tr)
         rec = self.rec
-        rec.bytes_h2d += self.bytes_per_expert
-        rec.ondemand_loads += 1
-        return tr
+        rec.bytes_h2d += self.bytes_per_expert * len(started)
+        rec.ondemand_loads += len(started)
+        return started
 
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
         t = Transfer(key, p, victim)

@@ -459,8 +459,9 @@ class SimEngine:
         self._wire_free = end - wire
         self.cache.serve_demands(layer, experts, start_s, landed)
         sleeping = self._sleeping  # each engine back to sleep as its copy lands
-        sleeping += sleeping[:k]
-        del sleeping[:k]
+        if k != len(sleeping):  # (with every engine used, they sleep in the same order again)
+            sleeping += sleeping[:k]
+            del sleeping[:k]
         return t, waited
 
     def _quiet(self, experts_l) -> bool:
@@ -486,7 +487,6 @@ class SimEngine:
         waited = 0
         for layer, experts in enumerate(experts_l):
             t += dense
-            cache.position = (step, layer)
             misses = access_layer(layer, experts, t * _S)
             if counts_l is None:
                 if misses is None:
@@ -500,6 +500,7 @@ class SimEngine:
                     continue
             t, w = inline(layer, experts, ticks, misses, t, None)
             waited += w
+        cache.position = (step, len(experts_l) - 1)  # read only by the prefetch queue, empty throughout
         return t, waited
 
     def _replan(self, now: int) -> None:
