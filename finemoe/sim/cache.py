@@ -263,9 +263,8 @@ class ExpertCache:
             self._apply_unpins(now_s)
         k = len(landed_s)
         held = None
-        if k < len(experts):  # some of the layer's experts are resident: keep them
-            resident = self.resident
-            held = [key for key in zip(repeat(layer), experts) if key in resident]
+        if k < len(experts):  # some of the layer's experts are resident: keep them (a miss's pin is moot)
+            held = list(zip(repeat(layer), experts))
             self.pin(held)
         demand = self._demand
         started = self._start_demands(now_s, list(demand))
