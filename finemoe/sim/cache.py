@@ -240,7 +240,8 @@ class ExpertCache:
         `complete`, then what its copy engine's `next_transfer` does before it goes to sleep
         (release the pins due by then, unblock)."""
         in_flight, resident, on_loaded, unpins = self.in_flight, self.resident, self.policy.on_loaded, self._unpins
-        for transfer, now_s in zip(transfers, times_s, strict=True):
+        # (of equal lengths by construction: `strict=True` would cost a keyword call per layer)
+        for transfer, now_s in zip(transfers, times_s):  # noqa: B905
             key = transfer.key  # `complete`, inlined
             del in_flight[key]
             resident.add(key)

@@ -435,14 +435,17 @@ class SimEngine:
         if stretch is not None or k > len(self._sleeping) or not self._ticks_positive:
             return self._misses_inline_heap(layer, experts, ticks, misses, t, stretch)
         wire = self.busy_wire_ticks  # `_reserve` while the compute runs (not stalled)
-        end = max(t + self.busy_latency_ticks, self._wire_free) + wire  # the first copy lands
+        end = t + self.busy_latency_ticks  # the first copy lands after its latency, once the link is free
+        if end < self._wire_free:
+            end = self._wire_free
+        end += wire
         start_s = t * _S
         t += self.miss_ticks * k
         if k == len(experts):  # every expert missed: none resident to compute first
             missed_ticks = ticks
         else:
             missed_ticks = []  # in miss order, which is expert order too
-            for e, c in zip(experts, ticks, strict=True):  # resident experts first, in expert order
+            for e, c in zip(experts, ticks):  # noqa: B905 (resident experts first, in expert order)
                 if e in misses:
                     missed_ticks.append(c)
                 else:
