@@ -45,7 +45,7 @@ class ExpertCache:
         self.rec = recorder
         self.bytes_per_expert = bytes_per_expert
         self.resident: set[ExpertKey] = set()
-        self.in_flight: dict[ExpertKey, Transfer] = {}
+        self.in_flight: dict[ExpertKey, Transfer | None] = {}  # None: a demand landing within `serve_demands`
         # Pins held per expert: a layer pins what it needs and releases each pin once computed, at
         # a time (lazily); counted, so a release still pending from an earlier step cannot free an
         # expert the current layer has pinned again.
@@ -206,11 +206,13 @@ class ExpertCache:
             self._apply_unpins(now_s)
         demand = self._demand
         if demand:
-            started = self._start_demands(now_s, (demand[0],))
-            if not started:
+            key = demand[0]
+            victims = self._start_demands(now_s, (key,))
+            if not victims:
                 return None
             self._demand_set.discard(demand.popleft())
-            return started[0]
+            self.in_flight[key] = tr = _new_tuple(Transfer, (key, None, victims[0]))  # (`Transfer.__new__` is Python)
+            return tr
         heap = self._heap
         while heap:
             p = heapq.heappop(heap)[4]
@@ -235,14 +237,13 @@ class ExpertCache:
         self.resident.add(key)
         self.policy.on_loaded(key, now_s)
 
-    def complete_landed(self, transfers: list[Transfer], times_s: list[float]) -> None:
-        """Copies finished, in this order at these times, and nothing else was queued: each one
-        `complete`, then what its copy engine's `next_transfer` does before it goes to sleep
-        (release the pins due by then, unblock)."""
+    def complete_landed(self, keys: list[ExpertKey], times_s: list[float]) -> None:
+        """The copies of `keys` finished, in this order at these times, and nothing else was
+        queued: each one `complete`, then what its copy engine's `next_transfer` does before it
+        goes to sleep (release the pins due by then, unblock)."""
         in_flight, resident, on_loaded, unpins = self.in_flight, self.resident, self.policy.on_loaded, self._unpins
         # (of equal lengths by construction: `strict=True` would cost a keyword call per layer)
-        for transfer, now_s in zip(transfers, times_s):  # noqa: B905
-            key = transfer.key  # `complete`, inlined
+        for key, now_s in zip(keys, times_s):  # noqa: B905 (`complete`, inlined)
             del in_flight[key]
             resident.add(key)
             on_loaded(key, now_s)
@@ -268,24 +269,27 @@ class ExpertCache:
             held = list(zip(repeat(layer), experts))
             self.pin(held)
         demand = self._demand
-        started = self._start_demands(now_s, list(demand))
+        keys = list(demand)
+        victims = self._start_demands(now_s, keys)
         if held:
             for key in held:
                 self._release(key)
-        if len(started) != k or len(demand) != k:
+        if len(victims) != k or len(keys) != k:
             raise PolicyError(f"policy {self.policy.name}: no slot for an on-demand load of the current layer")
         demand.clear()
         self._demand_set.clear()
-        self.complete_landed(started, landed_s)
+        self.complete_landed(keys, landed_s)
 
-    def _start_demands(self, now_s: float, keys: list[ExpertKey]) -> list[Transfer]:
+    def _start_demands(self, now_s: float, keys: list[ExpertKey]) -> list[ExpertKey | None]:
         """Start the on-demand loads of `keys` (the head of the on-demand queue, which the caller
-        leaves to shorten), in order, each with its slot made (evicting through the policy); fewer
-        (and `blocked` set) when no slot can be made now for the next. (`_start` for demands,
-        inlined: this runs once per miss.)"""
+        leaves to shorten), in order, each with its slot made (evicting through the policy);
+        returns the victims evicted for those started (None: a free slot), fewer than `keys` (and
+        `blocked` set) when no slot can be made now for the next. Each is in flight from here,
+        without its `Transfer` (the caller makes one where it needs it: building a named tuple
+        costs more than the rest of a start). (`_start` for demands, inlined: once per miss.)"""
         in_flight = self.in_flight
         free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
-        started: list[Transfer] = []
+        victims: list[ExpertKey | None] = []
         for key in keys:
             room = None
             if free > 0:
@@ -295,12 +299,12 @@ class ExpertCache:
                 if room is _NO_ROOM:
                     self.blocked = True
                     break
-            in_flight[key] = tr = _new_tuple(Transfer, (key, None, room))  # a named tuple's `__new__` is a Python call
-            started.append(tr)
+            in_flight[key] = None
+            victims.append(room)
         rec = self.rec
-        rec.bytes_h2d += self.bytes_per_expert * len(started)
-        rec.ondemand_loads += len(started)
-        return started
+        rec.bytes_h2d += self.bytes_per_expert * len(victims)
+        rec.ondemand_loads += len(victims)
+        return victims
 
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
         t = Transfer(key, p, victim)

@@ -359,7 +359,7 @@ class SimEngine:
                 del arriving[tr.key]
                 end_s = end * _S
                 if not demand:
-                    cache.complete_landed([tr], [end_s])
+                    cache.complete_landed([tr.key], [end_s])
                     sleeping.append(wake)
                     continue
                 complete(tr, end_s)
