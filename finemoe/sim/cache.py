@@ -325,21 +325,22 @@ class ExpertCache:
 
     def _evict_for(self, p: Prefetch | None, now_s: float):
         """Every slot is taken: evict the policy's victim (returned) for a copy, or `_NO_ROOM`."""
-        victim = self.policy.choose_victim(self._evictable, p, now_s)
+        policy, resident, unused = self.policy, self.resident, self._unused_prefetch
+        victim = policy.choose_victim(self._evictable, p, now_s)
         if victim is None:
-            if p is None and any(k not in self.pinned for k in self.resident):
+            if p is None and any(k not in self.pinned for k in resident):
                 raise PolicyError(
-                    f"policy {self.policy.name} returned no victim for an on-demand load although "
+                    f"policy {policy.name} returned no victim for an on-demand load although "
                     "evictable experts exist"
                 )
             return _NO_ROOM
-        if victim not in self.resident or victim in self.pinned:
-            raise PolicyError(f"policy {self.policy.name} chose {victim}, which is not evictable")
-        self.resident.discard(victim)  # `_evict`, inlined: once per eviction
-        if victim in self._unused_prefetch:
-            self._unused_prefetch.discard(victim)
+        if victim not in resident or victim in self.pinned:
+            raise PolicyError(f"policy {policy.name} chose {victim}, which is not evictable")
+        resident.discard(victim)  # `_evict`, inlined: once per eviction
+        if unused and victim in unused:
+            unused.discard(victim)
             self.rec.prefetch_unused_evicted += 1
-        self.policy.on_evicted(victim, now_s)
+        policy.on_evicted(victim, now_s)
         return victim
 
     def _evict(self, key: ExpertKey, now_s: float) -> None:
