@@ -204,15 +204,14 @@ class ExpertCache:
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
-        demand = self._demand
-        if demand:
-            key = demand[0]
-            victims = self._start_demands(now_s, (key,))
-            if not victims:
+        if self._demand:
+            room = self._make_room(None, now_s)
+            if room is _NO_ROOM:
+                self.blocked = True
                 return None
-            self._demand_set.discard(demand.popleft())
-            self.in_flight[key] = tr = _new_tuple(Transfer, (key, None, victims[0]))  # (`Transfer.__new__` is Python)
-            return tr
+            key = self._demand.popleft()
+            self._demand_set.discard(key)
+            return self._start(key, None, room)
         heap = self._heap
         while heap:
             p = heapq.heappop(heap)[4]
@@ -281,12 +280,12 @@ class ExpertCache:
         self.complete_landed(keys, landed_s)
 
     def _start_demands(self, now_s: float, keys: list[ExpertKey]) -> list[ExpertKey | None]:
-        """Start the on-demand loads of `keys` (the head of the on-demand queue, which the caller
-        leaves to shorten), in order, each with its slot made (evicting through the policy);
-        returns the victims evicted for those started (None: a free slot), fewer than `keys` (and
-        `blocked` set) when no slot can be made now for the next. Each is in flight from here,
-        without its `Transfer` (the caller makes one where it needs it: building a named tuple
-        costs more than the rest of a start). (`_start` for demands, inlined: once per miss.)"""
+        """Start the on-demand loads of `keys` (the on-demand queue, which the caller empties),
+        in order, each with its slot made (evicting through the policy); returns the victims
+        evicted for those started (None: a free slot), fewer than `keys` (and `blocked` set) when
+        no slot can be made now for the next. Each is in flight from here, without a `Transfer`
+        (building the named tuple costs more than the rest of a start, and `serve_demands` lands
+        it at once). (`_make_room` and `_start` for demands, inlined: once per miss.)"""
         in_flight = self.in_flight
         free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
         victims: list[ExpertKey | None] = []
@@ -307,7 +306,7 @@ class ExpertCache:
         return victims
 
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
-        t = Transfer(key, p, victim)
+        t = _new_tuple(Transfer, (key, p, victim))  # built directly: a named tuple's `__new__` is a Python call
         self.in_flight[key] = t
         self.rec.bytes_h2d += self.bytes_per_expert
         if p is None:
