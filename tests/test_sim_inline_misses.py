@@ -42,7 +42,8 @@ def _run(cfg: SimConfig, inline: bool, counter: list[int], fast_path: bool = Tru
     finally:
         engine_mod.SimEngine.__init__, engine_mod.SimEngine._misses_inline = original, original_inline
     summary = {k: v for k, v in r.summary.items() if k not in ("wall_s", "layer_steps_per_wall_s")}
-    return repr(summary), repr(r.requests.to_dict("list")), repr(r.per_layer_hit_rate)
+    timeline = sorted(r.timeline, key=lambda e: tuple(str(v) for v in e.values()))  # the paths append in other orders
+    return repr(summary), repr(r.requests.to_dict("list")), repr(r.per_layer_hit_rate), repr(timeline)
 
 
 @pytest.mark.parametrize("cpu_terms", range(len(CPU_TERMS)))
@@ -107,3 +108,31 @@ def test_fast_path_equals_general_path_with_cpu_terms(policy, copy_engines, cpu_
         general = _run(cfg, False, [0], fast_path=False)
         assert _run(cfg, True, [0]) == general
         assert _run(cfg, False, [0]) == general
+
+
+@pytest.mark.parametrize("cpu_terms", [0, 2])
+@pytest.mark.parametrize("copy_engines", [1, 2, 3])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_quiet_steps_equal_general_path(policy, copy_engines, cpu_terms):
+    """`_quiet_step` (a whole step of a policy without step or layer hooks while nothing is queued or
+    on the wire) gives what the general path gives (synced at every layer and expert, every copy a
+    SimPy event), with or without a timeline for the first steps, and it was used."""
+    extra = {k: v for k, v in CPU_TERMS[cpu_terms].items() if k in HW_FIELDS}
+    hw = dataclasses.replace(PRESETS["rtx3090"], copy_engines=copy_engines, **extra)
+    original = engine_mod.SimEngine._quiet_step
+    quiet = [0]
+
+    def counted(self, *args):
+        quiet[0] += 1
+        return original(self, *args)
+
+    for slots, batch, timeline in ((8, 1, 0), (14, 3, 2), (30, 2, 0), (48, 1, 3)):
+        cfg = SimConfig(trace_path="x", policy=policy, hardware=hw, memory=MemoryConfig(expert_cache_slots=slots),
+                        workload=WorkloadConfig(max_batch=batch, history_fraction=0.3), timeline_steps=timeline)
+        engine_mod.SimEngine._quiet_step = counted
+        try:
+            fast = _run(cfg, True, [0])
+        finally:
+            engine_mod.SimEngine._quiet_step = original
+        assert fast == _run(cfg, False, [0], fast_path=False)
+    assert quiet[0] > 0

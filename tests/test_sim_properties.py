@@ -3,6 +3,8 @@ when they can be imported."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -131,6 +133,9 @@ def test_same_seed_same_result_and_fast_path_equals_general_path(case, policy, c
     a = comparable(simulate(trace, cfg))
     assert comparable(simulate(trace, cfg)) == a
     assert comparable(simulate_general_path(trace, cfg)) == a
+    # A timeline of the first step only: the later steps take the inline miss path and whole quiet steps.
+    cfg = dataclasses.replace(cfg, timeline_steps=1)
+    assert comparable(simulate(trace, cfg)) == comparable(simulate_general_path(trace, cfg))
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,16 @@ class LRUPolicy(Policy):
     def bind(self, ctx) -> None:
         super().bind(ctx)
         self.order = LRUOrder()
-        self._touch = self.order.touch
+        self._move = self.order._move
         # Loads and evictions (one each per miss) change the order's dict here, not through a second call.
         self._recency = self.order._order
 
     def on_access(self, layer, expert, hit, now_s) -> None:
-        if hit:  # the hot path of every simulation: one dict operation
-            self._touch((layer, expert))
+        if hit:  # the hot path of every simulation: one dict operation (`LRUOrder.touch`, inlined)
+            try:
+                self._move((layer, expert))
+            except KeyError:
+                pass
 
     def on_loaded(self, key, now_s) -> None:
         self._recency[key] = None  # `LRUOrder.loaded`

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable
+from itertools import repeat
 from typing import NamedTuple
 
 from finemoe.policies.base import ExpertKey, Policy, Prefetch
@@ -44,7 +45,7 @@ class ExpertCache:
         self.rec = recorder
         self.bytes_per_expert = bytes_per_expert
         self.resident: set[ExpertKey] = set()
-        self.in_flight: dict[ExpertKey, Transfer] = {}
+        self.in_flight: dict[ExpertKey, Transfer | None] = {}  # None: a demand landing within `serve_demands`
         # Pins held per expert: a layer pins what it needs and releases each pin once computed, at
         # a time (lazily); counted, so a release still pending from an earlier step cannot free an
         # expert the current layer has pinned again.
@@ -58,7 +59,7 @@ class ExpertCache:
         self._seq = 0
         self._unused_prefetch: set[ExpertKey] = set()  # prefetched (in flight or resident), not yet used
         self._unpins: deque[tuple[float, ExpertKey]] = deque()  # (time, key), time non-decreasing
-        self._evictable = self.evictable
+        self._evictable = self._evictable_check()
 
     # --- queries --------------------------------------------------------------------------------
     def is_resident(self, key: ExpertKey) -> bool:
@@ -69,6 +70,16 @@ class ExpertCache:
 
     def evictable(self, key: ExpertKey) -> bool:
         return key in self.resident and key not in self.pinned
+
+    def _evictable_check(self):
+        """`evictable` as a closure over the two sets, which are never replaced: what
+        `choose_victim` gets, as a policy may call it for every resident expert."""
+        resident, pinned = self.resident, self.pinned
+
+        def evictable(key: ExpertKey) -> bool:
+            return key in resident and key not in pinned
+
+        return evictable
 
     @property
     def busy(self) -> bool:
@@ -107,29 +118,33 @@ class ExpertCache:
         """Every routed expert of a layer is needed now (in this order): records hits and misses,
         notifies the policy, queues on-demand loads; returns the missed experts (None if none)."""
         resident, unused, on_access, rec = self.resident, self._unused_prefetch, self.policy.on_access, self.rec
+        in_flight, demand, demand_set, queued = self.in_flight, self._demand, self._demand_set, self._queued
         misses = None
         for expert in experts:
             key = (layer, expert)
             if key in resident:
-                rec.hits[layer] += 1
                 if unused and key in unused:
                     unused.discard(key)
                     rec.prefetch_in_time += 1
                 on_access(layer, expert, True, now_s)
                 continue
-            rec.misses[layer] += 1
-            if key in unused:  # on the wire: a late prefetch
+            if unused and key in unused:  # on the wire: a late prefetch
                 unused.discard(key)
                 rec.prefetch_late += 1
-            elif key not in self.in_flight and key not in self._demand_set:
-                if self._queued and self._queued.pop(key, None) is not None:  # queued, never started: late too
+            elif key not in in_flight and key not in demand_set:
+                if queued and queued.pop(key, None) is not None:  # queued, never started: late too
                     rec.prefetch_late += 1
-                self._demand.append(key)
-                self._demand_set.add(key)
+                demand.append(key)
+                demand_set.add(key)
             on_access(layer, expert, False, now_s)
             if misses is None:
                 misses = []
             misses.append(expert)
+        if misses is None:
+            rec.hits[layer] += len(experts)
+        else:
+            rec.hits[layer] += len(experts) - len(misses)
+            rec.misses[layer] += len(misses)
         return misses
 
     def pin(self, keys: Iterable[ExpertKey]) -> None:
@@ -194,7 +209,9 @@ class ExpertCache:
             if room is _NO_ROOM:
                 self.blocked = True
                 return None
-            return self._start_demand(room)
+            key = self._demand.popleft()
+            self._demand_set.discard(key)
+            return self._start(key, None, room)
         heap = self._heap
         while heap:
             p = heapq.heappop(heap)[4]
@@ -219,13 +236,13 @@ class ExpertCache:
         self.resident.add(key)
         self.policy.on_loaded(key, now_s)
 
-    def complete_landed(self, transfers: list[Transfer], times_s: list[float]) -> None:
-        """Copies finished, in this order at these times, and nothing else was queued: each one
-        `complete`, then what its copy engine's `next_transfer` does before it goes to sleep
-        (release the pins due by then, unblock)."""
+    def complete_landed(self, keys: list[ExpertKey], times_s: list[float]) -> None:
+        """The copies of `keys` finished, in this order at these times, and nothing else was
+        queued: each one `complete`, then what its copy engine's `next_transfer` does before it
+        goes to sleep (release the pins due by then, unblock)."""
         in_flight, resident, on_loaded, unpins = self.in_flight, self.resident, self.policy.on_loaded, self._unpins
-        for transfer, now_s in zip(transfers, times_s, strict=True):
-            key = transfer.key  # `complete`, inlined
+        # (of equal lengths by construction: `strict=True` would cost a keyword call per layer)
+        for key, now_s in zip(keys, times_s):  # noqa: B905 (`complete`, inlined)
             del in_flight[key]
             resident.add(key)
             on_loaded(key, now_s)
@@ -233,28 +250,46 @@ class ExpertCache:
                 self._apply_unpins(now_s)
         self.blocked = False
 
-    def serve_demands(self, now_s: float, landed_s: list[float], releases: list[tuple[float, ExpertKey]]) -> None:
-        """The queued on-demand loads, and nothing else, start now on idle copy engines and land at
-        `landed_s`, in queue order; `releases` ((at_s, key), by time, each after now) are the pins
-        the compute releases meanwhile. The same calls as `next_transfer` now once per load,
-        `unpin(key, at_s)` per release, and per landing `complete_landed`, in SimPy's order: the
-        releases are queued before the landings, not between them, as the caller's computes take
-        time (a release due by a landing's time is queued before it either way)."""
+    def serve_demands(self, layer: int, experts, now_s: float, landed_s: list[float]) -> None:
+        """Layer `layer` needs `experts`; its on-demand loads (queued by `access_layer`; nothing else
+        is queued or on the wire) start now on idle copy engines and land at `landed_s`, in queue
+        order, and the compute has computed every expert of the layer before anything else starts.
+        The same calls as `pin` of the layer's experts, `next_transfer` now once per load and per
+        landing `complete`, in SimPy's order. The layer's pins can change no decision but its
+        loads' victims (only a resident expert's pin counts, and no other copy starts before the
+        compute releases them), so its resident experts are pinned while the victims are chosen,
+        here, and released at once: no release waits in the queue."""
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
-        started = self._start_demands(now_s, len(landed_s))
-        if self._demand or len(started) != len(landed_s):
+        k = len(landed_s)
+        held = None
+        if k < len(experts):  # some of the layer's experts are resident: keep them (a miss's pin is moot)
+            held = list(zip(repeat(layer), experts))
+            self.pin(held)
+        demand = self._demand
+        keys = list(demand)
+        victims = self._start_demands(now_s, keys)
+        if held:
+            for key in held:
+                self._release(key)
+        if len(victims) != k or len(keys) != k:
             raise PolicyError(f"policy {self.policy.name}: no slot for an on-demand load of the current layer")
-        self._unpins.extend(releases)
-        self.complete_landed(started, landed_s)
+        demand.clear()
+        self._demand_set.clear()
+        self.complete_landed(keys, landed_s)
 
-    def _start_demands(self, now_s: float, limit: int) -> list[Transfer]:
-        """Start up to `limit` queued on-demand loads, in queue order, each with its slot made;
-        fewer (and `blocked` set) when no slot can be made now for the next."""
-        free = self.capacity - len(self.resident) - len(self.in_flight)  # an eviction keeps it, a start on a free slot lowers it
-        started: list[Transfer] = []
-        for _ in range(min(limit, len(self._demand))):
+    def _start_demands(self, now_s: float, keys: list[ExpertKey]) -> list[ExpertKey | None]:
+        """Start the on-demand loads of `keys` (the on-demand queue, which the caller empties),
+        in order, each with its slot made (evicting through the policy); returns the victims
+        evicted for those started (None: a free slot), fewer than `keys` (and `blocked` set) when
+        no slot can be made now for the next. Each is in flight from here, without a `Transfer`
+        (building the named tuple costs more than the rest of a start, and `serve_demands` lands
+        it at once). (`_make_room` and `_start` for demands, inlined: once per miss.)"""
+        in_flight = self.in_flight
+        free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
+        victims: list[ExpertKey | None] = []
+        for key in keys:
             room = None
             if free > 0:
                 free -= 1
@@ -263,22 +298,15 @@ class ExpertCache:
                 if room is _NO_ROOM:
                     self.blocked = True
                     break
-            started.append(self._start_demand(room))
-        return started
-
-    def _start_demand(self, room: ExpertKey | None) -> Transfer:
-        """Start the first queued on-demand load in `room` (the victim evicted for it; None: a free slot)."""
-        key = self._demand.popleft()
-        self._demand_set.discard(key)
-        # `_start` for a demand, inlined; the tuple built directly (a named tuple's `__new__` is a Python call)
-        self.in_flight[key] = tr = _new_tuple(Transfer, (key, None, room))
+            in_flight[key] = None
+            victims.append(room)
         rec = self.rec
-        rec.bytes_h2d += self.bytes_per_expert
-        rec.ondemand_loads += 1
-        return tr
+        rec.bytes_h2d += self.bytes_per_expert * len(victims)
+        rec.ondemand_loads += len(victims)
+        return victims
 
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
-        t = Transfer(key, p, victim)
+        t = _new_tuple(Transfer, (key, p, victim))  # built directly: a named tuple's `__new__` is a Python call
         self.in_flight[key] = t
         self.rec.bytes_h2d += self.bytes_per_expert
         if p is None:
@@ -296,21 +324,22 @@ class ExpertCache:
 
     def _evict_for(self, p: Prefetch | None, now_s: float):
         """Every slot is taken: evict the policy's victim (returned) for a copy, or `_NO_ROOM`."""
-        victim = self.policy.choose_victim(self._evictable, p, now_s)
+        policy, resident, unused = self.policy, self.resident, self._unused_prefetch
+        victim = policy.choose_victim(self._evictable, p, now_s)
         if victim is None:
-            if p is None and any(k not in self.pinned for k in self.resident):
+            if p is None and any(k not in self.pinned for k in resident):
                 raise PolicyError(
-                    f"policy {self.policy.name} returned no victim for an on-demand load although "
+                    f"policy {policy.name} returned no victim for an on-demand load although "
                     "evictable experts exist"
                 )
             return _NO_ROOM
-        if victim not in self.resident or victim in self.pinned:
-            raise PolicyError(f"policy {self.policy.name} chose {victim}, which is not evictable")
-        self.resident.discard(victim)  # `_evict`, inlined: once per eviction
-        if victim in self._unused_prefetch:
-            self._unused_prefetch.discard(victim)
+        if victim not in resident or victim in self.pinned:
+            raise PolicyError(f"policy {policy.name} chose {victim}, which is not evictable")
+        resident.discard(victim)  # `_evict`, inlined: once per eviction
+        if unused and victim in unused:
+            unused.discard(victim)
             self.rec.prefetch_unused_evicted += 1
-        self.policy.on_evicted(victim, now_s)
+        policy.on_evicted(victim, now_s)
         return victim
 
     def _evict(self, key: ExpertKey, now_s: float) -> None:

@@ -338,6 +338,7 @@ class SimEngine:
         Returns the compute clock after the layer and the ticks spent waiting."""
         cache, sleeping = self.cache, self._sleeping
         resident, next_transfer, unpin, complete = cache.resident, cache.next_transfer, cache.unpin, cache.complete
+        cache.pin(zip(repeat(layer), experts))  # the keys (layer, e), built without a Python loop
         demand = cache._demand
         heap: list = []  # (end, order scheduled, engine's wake entry, transfer)
         arriving: dict = {}
@@ -358,7 +359,7 @@ class SimEngine:
                 del arriving[tr.key]
                 end_s = end * _S
                 if not demand:
-                    cache.complete_landed([tr], [end_s])
+                    cache.complete_landed([tr.key], [end_s])
                     sleeping.append(wake)
                     continue
                 complete(tr, end_s)
@@ -434,35 +435,75 @@ class SimEngine:
         if stretch is not None or k > len(self._sleeping) or not self._ticks_positive:
             return self._misses_inline_heap(layer, experts, ticks, misses, t, stretch)
         wire = self.busy_wire_ticks  # `_reserve` while the compute runs (not stalled)
-        end = max(t + self.busy_latency_ticks, self._wire_free) + wire  # the first copy lands
+        end = t + self.busy_latency_ticks  # the first copy lands after its latency, once the link is free
+        if end < self._wire_free:
+            end = self._wire_free
+        end += wire
         start_s = t * _S
-        releases = []  # `unpin(key, at_s)` as (at_s, key), in compute order
         t += self.miss_ticks * k
         if k == len(experts):  # every expert missed: none resident to compute first
             missed_ticks = ticks
         else:
             missed_ticks = []  # in miss order, which is expert order too
-            for e, c in zip(experts, ticks, strict=True):  # resident experts first, in expert order
+            for e, c in zip(experts, ticks):  # noqa: B905 (resident experts first, in expert order)
                 if e in misses:
                     missed_ticks.append(c)
                 else:
                     t += c
-                    releases.append((t * _S, (layer, e)))
         waited = 0
         landed = []
-        for e, c in zip(misses, missed_ticks, strict=True):
+        for c in missed_ticks:
             if end > t:  # stall until its copy lands
                 waited += end - t
                 t = end
             t += c
-            releases.append((t * _S, (layer, e)))
             landed.append(end * _S)
             end += wire
         self._wire_free = end - wire
-        self.cache.serve_demands(start_s, landed, releases)
+        self.cache.serve_demands(layer, experts, start_s, landed)
         sleeping = self._sleeping  # each engine back to sleep as its copy lands
-        sleeping += sleeping[:k]
-        del sleeping[:k]
+        if k != len(sleeping):  # (with every engine used, they sleep in the same order again)
+            sleeping += sleeping[:k]
+            del sleeping[:k]
+        return t, waited
+
+    def _quiet(self, experts_l) -> bool:
+        """Whether a step can run as `_quiet_step`: nothing is queued, on the wire or due in SimPy,
+        every copy engine sleeps until work is handed to it, and every layer fits in the cache.
+        (The caller checks the rest: a policy without step or layer hooks, no compute stretch, no
+        timeline, the inline miss path on.) Each layer then leaves the link quiet again."""
+        sleeping = self._sleeping
+        return (not self.cache.busy and not self._releases and self.env.peek() == simpy.core.Infinity
+                and len(sleeping) == self.copy_engines and all(map(_PLAIN, sleeping))
+                and max(map(len, experts_l)) <= self.cache.capacity)
+
+    def _quiet_step(self, step: int, experts_l, counts_l, dense: int, t: int) -> tuple[int, int]:
+        """One step's layers while the link stays quiet (`_quiet`), without SimPy: what `_compute`'s
+        layer loop does there, without its per-layer checks. A policy without step or layer hooks
+        cannot queue a prefetch, so the only copies are each layer's own misses, played out by
+        `_misses_inline` (which leaves the engines asleep and nothing queued); a layer without a
+        miss runs its experts back to back. Returns the compute clock after the step and the ticks
+        spent waiting."""
+        cache = self.cache
+        access_layer, inline = cache.access_layer, self._misses_inline
+        et1 = self.expert_ticks(1)
+        waited = 0
+        for layer, experts in enumerate(experts_l):
+            t += dense
+            misses = access_layer(layer, experts, t * _S)
+            if counts_l is None:
+                if misses is None:
+                    t += et1 * len(experts)
+                    continue
+                ticks = [et1] * len(experts)
+            else:
+                ticks = [self.expert_ticks(c) for c in counts_l[layer]]
+                if misses is None:
+                    t += sum(ticks)
+                    continue
+            t, w = inline(layer, experts, ticks, misses, t, None)
+            waited += w
+        cache.position = (step, len(experts_l) - 1)  # read only by the prefetch queue, empty throughout
         return t, waited
 
     def _replan(self, now: int) -> None:
@@ -524,7 +565,9 @@ class SimEngine:
         stall = 0
         t = env.now
         stretch = self._stretch if self.slowdown != 1.0 else None
-        pin, capacity, n_engines = cache.pin, cache.capacity, self.copy_engines
+        capacity, n_engines = cache.capacity, self.copy_engines
+        # `_quiet_step` applies: no policy hook can queue a copy or needs the clock synced
+        hookless = not self._wants_step and not wants_layer and self.oracle is None and stretch is None
         while not batcher.done:
             seqs = batcher.next_step(t)
             if not seqs:
@@ -548,7 +591,12 @@ class SimEngine:
             experts_l, counts_l, dense, tokens = self._prepare(seqs)
             keep = step < tl_steps
             inline_now = inline and not keep  # `_misses_inline` keeps no timeline
-            for layer in range(L):
+            layers = range(L)
+            if hookless and inline_now and self._quiet(experts_l):
+                t, waited = self._quiet_step(step, experts_l, counts_l, dense, t)
+                stall += waited
+                layers = ()  # done
+            for layer in layers:
                 if stretch is not None and peek() <= t:
                     yield from sync(t)  # the stretch sees every copy started by `t`
                 t0 = t
@@ -580,7 +628,6 @@ class SimEngine:
                         and all(map(_PLAIN, self._sleeping))):  # every copy engine idle
                     # Only this layer's misses will cross the link: play their copies out here, in
                     # the order SimPy would, without an event per copy (the same times and calls).
-                    pin(zip(repeat(layer), experts))  # the keys (layer, e), built without a Python loop
                     t, waited = self._misses_inline(layer, experts, ticks, misses, t, stretch)
                     stall += waited
                     continue
