@@ -258,52 +258,53 @@ class ExpertCache:
         landing `complete`, in SimPy's order. The layer's pins can change no decision but its
         loads' victims (only a resident expert's pin counts, and no other copy starts before the
         compute releases them), so its resident experts are pinned while the victims are chosen,
-        here, and released at once: no release waits in the queue."""
+        here, and released at once: no release waits in the queue. (Starts and landings inlined,
+        in one frame: this runs once per layer with a miss, the hot path of a miss-heavy run.)"""
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
-        k = len(landed_s)
+        demand = self._demand
+        k = len(demand)
+        if k != len(landed_s):
+            raise ValueError(f"{k} on-demand loads queued, {len(landed_s)} landing times given")
         held = None
         if k < len(experts):  # some of the layer's experts are resident: keep them (a miss's pin is moot)
             held = list(zip(repeat(layer), experts))
             self.pin(held)
-        demand = self._demand
-        keys = list(demand)
-        victims = self._start_demands(now_s, keys)
+        self._start_demands(now_s, demand)
         if held:
             for key in held:
                 self._release(key)
-        if len(victims) != k or len(keys) != k:
-            raise PolicyError(f"policy {self.policy.name}: no slot for an on-demand load of the current layer")
-        demand.clear()
         self._demand_set.clear()
-        self.complete_landed(keys, landed_s)
+        in_flight, resident, on_loaded, unpins = self.in_flight, self.resident, self.policy.on_loaded, self._unpins
+        # (`complete_landed`, inlined; equal lengths checked above, `strict=True` would cost a keyword call)
+        for key, landed in zip(demand, landed_s):  # noqa: B905
+            del in_flight[key]
+            resident.add(key)
+            on_loaded(key, landed)
+            if unpins and unpins[0][0] <= landed:
+                self._apply_unpins(landed)
+        demand.clear()
 
-    def _start_demands(self, now_s: float, keys: list[ExpertKey]) -> list[ExpertKey | None]:
-        """Start the on-demand loads of `keys` (the on-demand queue, which the caller empties),
-        in order, each with its slot made (evicting through the policy); returns the victims
-        evicted for those started (None: a free slot), fewer than `keys` (and `blocked` set) when
-        no slot can be made now for the next. Each is in flight from here, without a `Transfer`
-        (building the named tuple costs more than the rest of a start, and `serve_demands` lands
-        it at once). (`_make_room` and `_start` for demands, inlined: once per miss.)"""
+    def _start_demands(self, now_s: float, keys) -> None:
+        """Start the on-demand loads of `keys` (the on-demand queue, which the caller empties), in
+        order, each with its slot made (evicting through the policy), or raise `PolicyError` when
+        no slot can be made for one. Each is in flight from here, without a `Transfer` (building
+        the named tuple costs more than the rest of a start, and `serve_demands` lands it at
+        once). (`_make_room` and `_start` for demands, inlined: once per miss.)"""
         in_flight = self.in_flight
         free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
-        victims: list[ExpertKey | None] = []
         for key in keys:
-            room = None
             if free > 0:
                 free -= 1
-            else:
-                room = self._evict_for(None, now_s)
-                if room is _NO_ROOM:
-                    self.blocked = True
-                    break
+            elif self._evict_for(None, now_s) is _NO_ROOM:
+                self.blocked = True
+                raise PolicyError(f"policy {self.policy.name}: no slot for an on-demand load of the current layer")
             in_flight[key] = None
-            victims.append(room)
         rec = self.rec
-        rec.bytes_h2d += self.bytes_per_expert * len(victims)
-        rec.ondemand_loads += len(victims)
-        return victims
+        started = len(keys)
+        rec.bytes_h2d += self.bytes_per_expert * started
+        rec.ondemand_loads += started
 
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
         t = _new_tuple(Transfer, (key, p, victim))  # built directly: a named tuple's `__new__` is a Python call
