@@ -236,7 +236,7 @@ class ExpertCache:
         self.resident.add(key)
         self.policy.on_loaded(key, now_s)
 
-    def complete_landed(self, keys: list[ExpertKey], times_s: list[float]) -> None:
+    def complete_landed(self, keys: Iterable[ExpertKey], times_s: list[float]) -> None:
         """The copies of `keys` finished, in this order at these times, and nothing else was
         queued: each one `complete`, then what its copy engine's `next_transfer` does before it
         goes to sleep (release the pins due by then, unblock)."""
@@ -258,8 +258,7 @@ class ExpertCache:
         landing `complete`, in SimPy's order. The layer's pins can change no decision but its
         loads' victims (only a resident expert's pin counts, and no other copy starts before the
         compute releases them), so its resident experts are pinned while the victims are chosen,
-        here, and released at once: no release waits in the queue. (Starts and landings inlined,
-        in one frame: this runs once per layer with a miss, the hot path of a miss-heavy run.)"""
+        here, and released at once: no release waits in the queue."""
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
@@ -276,14 +275,7 @@ class ExpertCache:
             for key in held:
                 self._release(key)
         self._demand_set.clear()
-        in_flight, resident, on_loaded, unpins = self.in_flight, self.resident, self.policy.on_loaded, self._unpins
-        # (`complete_landed`, inlined; equal lengths checked above, `strict=True` would cost a keyword call)
-        for key, landed in zip(demand, landed_s):  # noqa: B905
-            del in_flight[key]
-            resident.add(key)
-            on_loaded(key, landed)
-            if unpins and unpins[0][0] <= landed:
-                self._apply_unpins(landed)
+        self.complete_landed(demand, landed_s)
         demand.clear()
 
     def _start_demands(self, now_s: float, keys) -> None:
@@ -343,9 +335,3 @@ class ExpertCache:
         policy.on_evicted(victim, now_s)
         return victim
 
-    def _evict(self, key: ExpertKey, now_s: float) -> None:
-        self.resident.discard(key)
-        if key in self._unused_prefetch:
-            self._unused_prefetch.discard(key)
-            self.rec.prefetch_unused_evicted += 1
-        self.policy.on_evicted(key, now_s)

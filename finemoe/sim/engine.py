@@ -421,6 +421,11 @@ class SimEngine:
             raise DeadlockError(f"layer {layer}: copies still on the wire after the layer's compute")
         return t, waited
 
+    def _engines_idle(self) -> bool:
+        """Every copy engine sleeps until work is handed to it (none waits for a pin's release)."""
+        sleeping = self._sleeping
+        return len(sleeping) == self.copy_engines and all(map(_PLAIN, sleeping))
+
     def _misses_inline(self, layer: int, experts, ticks, misses, t: int, stretch) -> tuple[int, int]:
         """One layer whose misses are the only copies (all engines idle, nothing queued, room for
         the layer): the copies and the compute, played out without SimPy, with the same times and
@@ -472,10 +477,8 @@ class SimEngine:
         every copy engine sleeps until work is handed to it, and every layer fits in the cache.
         (The caller checks the rest: a policy without step or layer hooks, no compute stretch, no
         timeline, the inline miss path on.) Each layer then leaves the link quiet again."""
-        sleeping = self._sleeping
         return (not self.cache.busy and not self._releases and self.env.peek() == simpy.core.Infinity
-                and len(sleeping) == self.copy_engines and all(map(_PLAIN, sleeping))
-                and max(map(len, experts_l)) <= self.cache.capacity)
+                and self._engines_idle() and max(map(len, experts_l)) <= self.cache.capacity)
 
     def _quiet_step(self, step: int, experts_l, counts_l, dense: int, t: int) -> tuple[int, int]:
         """One step's layers while the link stays quiet (`_quiet`), without SimPy: what `_compute`'s
@@ -565,7 +568,7 @@ class SimEngine:
         stall = 0
         t = env.now
         stretch = self._stretch if self.slowdown != 1.0 else None
-        capacity, n_engines = cache.capacity, self.copy_engines
+        capacity = cache.capacity
         # `_quiet_step` applies: no policy hook can queue a copy or needs the clock synced
         hookless = not self._wants_step and not wants_layer and self.oracle is None and stretch is None
         while not batcher.done:
@@ -624,8 +627,7 @@ class SimEngine:
                     ticks = [etf(c) for c in counts_l[layer]]
                 if (misses is not None and inline_now and not self._releases
                         and cache.only_demands(len(misses)) and capacity >= len(experts)
-                        and len(self._sleeping) == n_engines
-                        and all(map(_PLAIN, self._sleeping))):  # every copy engine idle
+                        and self._engines_idle()):
                     # Only this layer's misses will cross the link: play their copies out here, in
                     # the order SimPy would, without an event per copy (the same times and calls).
                     t, waited = self._misses_inline(layer, experts, ticks, misses, t, stretch)
