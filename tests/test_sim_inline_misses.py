@@ -27,20 +27,25 @@ CPU_TERMS = (  # the cost terms of a CPU host (calibrate), which the inline path
 
 
 def _run(cfg: SimConfig, inline: bool, counter: list[int], fast_path: bool = True) -> tuple:
-    original, original_inline = engine_mod.SimEngine.__init__, engine_mod.SimEngine._misses_inline
+    """Simulate with the inline miss path on or off; `counter[0]` counts the layers it played out
+    (`_lands_inline` in the common shape, `_misses_inline_heap` otherwise)."""
+    cls = engine_mod.SimEngine
+    original, lands, heap = cls.__init__, cls._lands_inline, cls._misses_inline_heap
 
     def init(self, *args, **kw):
         original(self, *args, **{**kw, "inline_misses": inline, "fast_path": fast_path})
 
-    def counted(self, *args):
-        counter[0] += 1
-        return original_inline(self, *args)
+    def counted(method):
+        def call(self, *args):
+            counter[0] += 1
+            return method(self, *args)
+        return call
 
-    engine_mod.SimEngine.__init__, engine_mod.SimEngine._misses_inline = init, counted
+    cls.__init__, cls._lands_inline, cls._misses_inline_heap = init, counted(lands), counted(heap)
     try:
         r = simulate(TRACE, cfg)
     finally:
-        engine_mod.SimEngine.__init__, engine_mod.SimEngine._misses_inline = original, original_inline
+        cls.__init__, cls._lands_inline, cls._misses_inline_heap = original, lands, heap
     summary = {k: v for k, v in r.summary.items() if k not in ("wall_s", "layer_steps_per_wall_s")}
     timeline = sorted(r.timeline, key=lambda e: tuple(str(v) for v in e.values()))  # the paths append in other orders
     return repr(summary), repr(r.requests.to_dict("list")), repr(r.per_layer_hit_rate), repr(timeline)
@@ -63,9 +68,9 @@ def test_inline_misses_equal_simpy_copies(policy, copy_engines, cpu_terms):
 @pytest.mark.parametrize("copy_engines", [1, 2, 3])
 @pytest.mark.parametrize("stretch", [1.0, 2.0])
 def test_heap_only_for_more_misses_than_copy_engines_or_a_stretch(copy_engines, stretch):
-    """`_misses_inline` computes the times itself when every miss has an idle copy engine and compute
-    is not stretched (a decode step's top-2 on two copy engines), and leaves the rest to
-    `_misses_inline_heap`; the results equal SimPy's copy engines either way."""
+    """The inline path computes the times itself (`_lands_inline`) when every miss has an idle copy
+    engine and compute is not stretched (a decode step's top-2 on two copy engines), and leaves the
+    rest to `_misses_inline_heap`; the results equal SimPy's copy engines either way."""
     extra = {"copy_compute_slowdown": stretch} if "copy_compute_slowdown" in HW_FIELDS else {}
     hw = dataclasses.replace(PRESETS["rtx3090"], copy_engines=copy_engines, **extra)
     cfg = SimConfig(trace_path="x", policy="lru", hardware=hw, memory=MemoryConfig(expert_cache_slots=8),
@@ -77,7 +82,7 @@ def test_heap_only_for_more_misses_than_copy_engines_or_a_stretch(copy_engines, 
         heap_misses.append(len(misses))
         return original(self, layer, experts, ticks, misses, *rest)
 
-    used = [0]
+    used = [0]  # layers played out inline, by either version
     engine_mod.SimEngine._misses_inline_heap = counted
     try:
         inline = _run(cfg, True, used)

@@ -45,7 +45,7 @@ class ExpertCache:
         self.rec = recorder
         self.bytes_per_expert = bytes_per_expert
         self.resident: set[ExpertKey] = set()
-        self.in_flight: dict[ExpertKey, Transfer | None] = {}  # None: a demand landing within `serve_demands`
+        self.in_flight: dict[ExpertKey, Transfer | None] = {}  # None: a demand started by `start_demands`
         # Pins held per expert: a layer pins what it needs and releases each pin once computed, at
         # a time (lazily); counted, so a release still pending from an earlier step cannot free an
         # expert the current layer has pinned again.
@@ -146,6 +146,36 @@ class ExpertCache:
             rec.hits[layer] += len(experts) - len(misses)
             rec.misses[layer] += len(misses)
         return misses
+
+    def access_and_start(self, layer: int, experts, now_s: float) -> list[ExpertKey] | None:
+        """`access_layer`, then `start_demands`, for a layer that finds the link quiet (nothing
+        queued or on the wire) and whose misses can all start now on idle copy engines: the same
+        policy calls in the same order, without the on-demand queue in between. Returns the
+        started loads' keys (None: every expert hit), for `complete_landed` once the engine knows
+        when they land."""
+        resident, unused, on_access = self.resident, self._unused_prefetch, self.policy.on_access
+        keys = None
+        for expert in experts:
+            key = (layer, expert)
+            if key in resident:
+                if unused and key in unused:
+                    unused.discard(key)
+                    self.rec.prefetch_in_time += 1
+                on_access(layer, expert, True, now_s)
+                continue
+            on_access(layer, expert, False, now_s)
+            if keys is None:
+                keys = [key]
+            else:
+                keys.append(key)
+        rec = self.rec
+        if keys is None:
+            rec.hits[layer] += len(experts)
+            return None
+        rec.hits[layer] += len(experts) - len(keys)
+        rec.misses[layer] += len(keys)
+        self._start_layer_loads(layer, experts, keys, now_s)
+        return keys
 
     def pin(self, keys: Iterable[ExpertKey]) -> None:
         pinned = self.pinned
@@ -250,40 +280,41 @@ class ExpertCache:
                 self._apply_unpins(now_s)
         self.blocked = False
 
-    def serve_demands(self, layer: int, experts, now_s: float, landed_s: list[float]) -> None:
+    def start_demands(self, layer: int, experts, now_s: float) -> list[ExpertKey]:
         """Layer `layer` needs `experts`; its on-demand loads (queued by `access_layer`; nothing else
-        is queued or on the wire) start now on idle copy engines and land at `landed_s`, in queue
-        order, and the compute has computed every expert of the layer before anything else starts.
-        The same calls as `pin` of the layer's experts, `next_transfer` now once per load and per
-        landing `complete`, in SimPy's order. The layer's pins can change no decision but its
-        loads' victims (only a resident expert's pin counts, and no other copy starts before the
-        compute releases them), so its resident experts are pinned while the victims are chosen,
-        here, and released at once: no release waits in the queue."""
+        is queued or on the wire) start now on idle copy engines, and the compute computes every
+        expert of the layer before anything else starts. Returns their keys in queue order, for
+        `complete_landed` with their landing times: together the same calls as `pin` of the layer's
+        experts, `next_transfer` now once per load and per landing `complete`, in SimPy's order."""
+        keys = list(self._demand)
+        self._demand.clear()
+        self._demand_set.clear()
+        self._start_layer_loads(layer, experts, keys, now_s)
+        return keys
+
+    def _start_layer_loads(self, layer: int, experts, keys: list[ExpertKey], now_s: float) -> None:
+        """Start the loads of `keys`, misses of layer `layer`, now. The layer's pins can change no
+        decision but these loads' victims (only a resident expert's pin counts, and no other copy
+        starts before the compute releases them), so its resident experts are pinned while the
+        victims are chosen, here, and released at once: no release waits in the queue."""
         self.blocked = False
         if self._unpins:
             self._apply_unpins(now_s)
-        demand = self._demand
-        k = len(demand)
-        if k != len(landed_s):
-            raise ValueError(f"{k} on-demand loads queued, {len(landed_s)} landing times given")
-        held = None
-        if k < len(experts):  # some of the layer's experts are resident: keep them (a miss's pin is moot)
+        if len(keys) < len(experts):  # some of the layer's experts are resident: keep them (a miss's pin is moot)
             held = list(zip(repeat(layer), experts))
             self.pin(held)
-        self._start_demands(now_s, demand)
-        if held:
+            self._start_demands(now_s, keys)
             for key in held:
                 self._release(key)
-        self._demand_set.clear()
-        self.complete_landed(demand, landed_s)
-        demand.clear()
+        else:
+            self._start_demands(now_s, keys)
 
     def _start_demands(self, now_s: float, keys) -> None:
-        """Start the on-demand loads of `keys` (the on-demand queue, which the caller empties), in
-        order, each with its slot made (evicting through the policy), or raise `PolicyError` when
-        no slot can be made for one. Each is in flight from here, without a `Transfer` (building
-        the named tuple costs more than the rest of a start, and `serve_demands` lands it at
-        once). (`_make_room` and `_start` for demands, inlined: once per miss.)"""
+        """Start the on-demand loads of `keys`, in order, each with its slot made (evicting through
+        the policy), or raise `PolicyError` when no slot can be made for one. Each is in flight
+        from here, without a `Transfer` (building the named tuple costs more than the rest of a
+        start, and `complete_landed` lands it soon). (`_make_room` and `_start` for demands,
+        inlined: once per miss.)"""
         in_flight = self.in_flight
         free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
         for key in keys:

@@ -430,28 +430,33 @@ class SimEngine:
         """One layer whose misses are the only copies (all engines idle, nothing queued, room for
         the layer): the copies and the compute, played out without SimPy, with the same times and
         calls as SimPy's copy engines. Here its common shape, without a heap (else
-        `_misses_inline_heap`): no compute stretch, and an idle copy engine for every miss.
-        Then every copy starts at `t`, in miss order (`_wake_at`), the shared link lands them in
-        that order, one wire time apart, and no copy starts later; the misses are computed in miss
-        order, each once it has landed. The times follow from that alone (the cache's choices do
-        not change them), so the cache is told them afterwards, in one call (`serve_demands`).
-        Returns the compute clock after the layer and the ticks spent waiting."""
-        k = len(misses)
-        if stretch is not None or k > len(self._sleeping) or not self._ticks_positive:
+        `_misses_inline_heap`): no compute stretch, and an idle copy engine for every miss
+        (`_lands_inline`). Returns the compute clock after the layer and the ticks spent waiting."""
+        if stretch is not None or len(misses) > len(self._sleeping) or not self._ticks_positive:
             return self._misses_inline_heap(layer, experts, ticks, misses, t, stretch)
+        keys = self.cache.start_demands(layer, experts, t * _S)
+        return self._lands_inline(layer, experts, ticks, keys, t)
+
+    def _lands_inline(self, layer: int, experts, ticks, keys, t: int) -> tuple[int, int]:
+        """The loads of `keys`, misses of `layer` started at `t` on as many idle copy engines (no
+        compute stretch, positive expert times): each wakes at `t` in miss order (`_wake_at`), the
+        shared link lands them in that order one wire time apart, and no copy starts later; the
+        misses are computed in miss order, each once it has landed. The times follow from that
+        alone (the cache's choices do not change them), so the cache is told them afterwards.
+        Returns the compute clock after the layer and the ticks spent waiting."""
+        k = len(keys)
         wire = self.busy_wire_ticks  # `_reserve` while the compute runs (not stalled)
         end = t + self.busy_latency_ticks  # the first copy lands after its latency, once the link is free
         if end < self._wire_free:
             end = self._wire_free
         end += wire
-        start_s = t * _S
         t += self.miss_ticks * k
         if k == len(experts):  # every expert missed: none resident to compute first
             missed_ticks = ticks
         else:
             missed_ticks = []  # in miss order, which is expert order too
             for e, c in zip(experts, ticks):  # noqa: B905 (resident experts first, in expert order)
-                if e in misses:
+                if (layer, e) in keys:
                     missed_ticks.append(c)
                 else:
                     t += c
@@ -465,7 +470,7 @@ class SimEngine:
             landed.append(end * _S)
             end += wire
         self._wire_free = end - wire
-        self.cache.serve_demands(layer, experts, start_s, landed)
+        self.cache.complete_landed(keys, landed)
         sleeping = self._sleeping  # each engine back to sleep as its copy lands
         if k != len(sleeping):  # (with every engine used, they sleep in the same order again)
             sleeping += sleeping[:k]
@@ -483,31 +488,47 @@ class SimEngine:
     def _quiet_step(self, step: int, experts_l, counts_l, dense: int, t: int) -> tuple[int, int]:
         """One step's layers while the link stays quiet (`_quiet`), without SimPy: what `_compute`'s
         layer loop does there, without its per-layer checks. A policy without step or layer hooks
-        cannot queue a prefetch, so the only copies are each layer's own misses, played out by
-        `_misses_inline` (which leaves the engines asleep and nothing queued); a layer without a
-        miss runs its experts back to back. Returns the compute clock after the step and the ticks
+        cannot queue a prefetch, so the only copies are each layer's own misses, started with its
+        accesses (`ExpertCache.access_and_start`) and played out by `_lands_inline` (which leaves
+        the engines asleep and nothing queued); a layer without a miss runs its experts back to
+        back. Returns the compute clock after the step and the ticks
         spent waiting."""
         cache = self.cache
-        access_layer, inline = cache.access_layer, self._misses_inline
+        access, lands = cache.access_and_start, self._lands_inline
         et1 = self.expert_ticks(1)
+        # Every miss of a layer gets an idle engine (`_lands_inline`), else `_misses_inline` queues them.
+        engines = len(self._sleeping) if self._ticks_positive else 0
         waited = 0
         for layer, experts in enumerate(experts_l):
             t += dense
-            misses = access_layer(layer, experts, t * _S)
+            if len(experts) > engines:
+                t, w = self._layer_queued(layer, experts, None if counts_l is None else counts_l[layer], t)
+                waited += w
+                continue
+            keys = access(layer, experts, t * _S)
             if counts_l is None:
-                if misses is None:
+                if keys is None:
                     t += et1 * len(experts)
                     continue
                 ticks = [et1] * len(experts)
             else:
                 ticks = [self.expert_ticks(c) for c in counts_l[layer]]
-                if misses is None:
+                if keys is None:
                     t += sum(ticks)
                     continue
-            t, w = inline(layer, experts, ticks, misses, t, None)
+            t, w = lands(layer, experts, ticks, keys, t)
             waited += w
         cache.position = (step, len(experts_l) - 1)  # read only by the prefetch queue, empty throughout
         return t, waited
+
+    def _layer_queued(self, layer: int, experts, counts, t: int) -> tuple[int, int]:
+        """A quiet step's layer with more experts than idle copy engines: its misses queue
+        (`access_layer`) and `_misses_inline` plays them out."""
+        misses = self.cache.access_layer(layer, experts, t * _S)
+        ticks = [self.expert_ticks(c) for c in counts] if counts is not None else [self.expert_ticks(1)] * len(experts)
+        if misses is None:
+            return t + sum(ticks), 0
+        return self._misses_inline(layer, experts, ticks, misses, t, None)
 
     def _replan(self, now: int) -> None:
         known = self.batcher.arrived_count(now)
