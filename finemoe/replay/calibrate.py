@@ -30,6 +30,7 @@ from finemoe.replay.device import (
     cpu_threads,
     device_memory_bytes,
     device_name,
+    split_cores,
     synchronize,
     torch_dtype,
     torch_threads,
@@ -417,12 +418,14 @@ def predict_expert_s(hw: HardwareSpec, shape: ExpertShape, dtype_bytes: float, t
 
 def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dict], overlap_rows: list[dict],
                  expert_rows: list[dict], shape: ExpertShape, dtype_bytes: float, launch_s: float,
-                 stream_gbps: float, peak_flops: float) -> tuple[HardwareSpec, dict]:
+                 stream_gbps: float, peak_flops: float, copy_cores: int = 0) -> tuple[HardwareSpec, dict]:
     """A HardwareSpec whose cost model reproduces the measurements, and the fit's residuals.
     (`copy_compute_slowdown` and the replayer's overheads are measured with the copy engines this
     picks, and set afterwards.)"""
     latency_s, link_bps = fit_link(link_rows)
     engines = pick_copy_engines(overlap_rows)
+    if copy_cores and not device.startswith("cuda"):
+        engines = min(engines, copy_cores)
     if engines > 1:  # the simulator's copy engines share one link: its bandwidth is the aggregate
         agg = max(r["aggregate_gbps"] for r in overlap_rows if r["engines"] == engines) * 1e9
         link_bps = max(link_bps, agg)
@@ -479,13 +482,15 @@ def calibrate(device: str = "cpu", *, dtype: str = "bfloat16", thorough: bool = 
     """
 
     device = check_device(device)
-    with torch_threads(cpu_threads(device) if threads is None else threads) as nthreads:
-        return _calibrate(device, dtype, thorough, shape, nthreads, working_set_bytes, copy_pool_bytes, progress)
+    nthreads = cpu_threads(device) if threads is None else threads
+    with torch_threads(nthreads), split_cores(device, nthreads) as copy_cores:
+        return _calibrate(device, dtype, thorough, shape, nthreads, working_set_bytes, copy_pool_bytes, progress,
+                          copy_cores)
 
 
 def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | None, threads: int,
                working_set_bytes: int | None, copy_pool_bytes: int | None,
-               progress: Callable[[str], None] | None) -> dict:
+               progress: Callable[[str], None] | None, copy_cores: int = 0) -> dict:
     import torch
 
     cuda = device.startswith("cuda")
@@ -515,7 +520,7 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
 
     name = ("cuda-" if cuda else "cpu-") + device_name(device).split(" (")[0].replace(" ", "-").lower()
     hw, fit = fit_hardware(name, device, device_memory_bytes(device), copies[link_kind], overlap, experts,
-                           shape, dtype_bytes, launch_s, stream_gbps, peak)
+                           shape, dtype_bytes, launch_s, stream_gbps, peak, copy_cores=copy_cores)
     say("compute while copies run")
     interference = measure_copy_interference(device, dtype, shape, max(5 * plan.gemm_repeats, 45), working_set,
                                              shape.numel * dtype_bytes, pool, hw.copy_engines)

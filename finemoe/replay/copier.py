@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from finemoe.replay.device import copy_thread_started
+
 
 @dataclass(eq=False)
 class CopyJob:
@@ -50,6 +52,7 @@ class ThreadCopier:
             t.start()
 
     def _work(self, engine: int) -> None:
+        copy_thread_started()
         inbox = self._inbox[engine]
         while True:
             job = inbox.get()

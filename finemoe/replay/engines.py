@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from finemoe.replay.device import copy_thread_started
 from finemoe.sim.cache import ExpertCache
 from finemoe.sim.metrics import MetricsRecorder
 
@@ -47,6 +48,7 @@ class CopyEngines:
             t.start()
 
     def _run(self, e: int) -> None:
+        copy_thread_started()
         try:
             self._loop(e)
         except BaseException as exc:  # surfaced to the main thread, which raises it

@@ -33,7 +33,7 @@ from finemoe.errors import ConfigError, MissingFieldError
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
 from finemoe.policies.registry import make_policy
 from finemoe.replay.compute import dense_forward, expert_ffn, swiglu
-from finemoe.replay.device import check_device, cpu_threads, synchronize, torch_threads
+from finemoe.replay.device import check_device, cpu_threads, split_cores, synchronize, torch_threads
 from finemoe.replay.engines import CopyEngines
 from finemoe.replay.slots import SlotPool
 from finemoe.replay.weights import DenseWeights, HostExperts, check_host_memory, expert_shape
@@ -89,7 +89,7 @@ def replay(trace: Trace, config: SimConfig, options: ReplayOptions | None = None
     switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
     try:
-        with torch_threads(threads):
+        with torch_threads(threads), split_cores(device, threads):
             return _Replayer(trace, config, options, device, threads, progress).run()
     finally:
         sys.setswitchinterval(switch)
