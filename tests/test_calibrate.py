@@ -198,3 +198,25 @@ def test_cpu_cost_terms_default_to_nothing_and_each_costs_time():
     allres = _sim(hw, slots=32)
     assert _sim(replace(hw, miss_overhead_s=1e-3, copy_compute_slowdown=3.0, compute_copy_slowdown=3.0,
                         copy_start_delay_s=1e-3), slots=32)["makespan_s"] == allres["makespan_s"]
+
+
+def test_cpu_copy_engines_capped_at_the_copy_cores():
+    """On a CPU, the 5% rule may pick two engines from noise; with one core for copy threads there
+    is one engine (two threads on one core only take turns)."""
+    link = [{"bytes": b, "time_s": 1e-5 + b / 5e9} for b in (2**16, 2**20, 2**24)]
+    overlap = [{"engines": 1, "aggregate_gbps": 5.0}, {"engines": 2, "aggregate_gbps": 5.5}]
+    shape = ExpertShape(64, 128)
+    experts = [{"tokens": n, "time_s": 1e-4 * n} for n in (1, 2, 4, 16, 64, 256)]
+    args = ("t", "cpu", 10**10, link, overlap, experts, shape, 2, 1e-5, 80.0, 40e12)
+    assert fit_hardware(*args)[0].copy_engines == 2
+    assert fit_hardware(*args, copy_cores=1)[0].copy_engines == 1
+    assert fit_hardware(*("t", "cuda", *args[2:]), copy_cores=1)[0].copy_engines == 2  # hardware engines
+
+
+def test_lane_times_back_to_back_copies_of_one_size():
+    from finemoe.replay.calibrate import measure_lane
+
+    r = measure_lane("cpu", 1 << 16, 1 << 20, 1 << 18, copies=20)
+    assert r["copies"] == 20 and r["bytes"] == 1 << 16
+    assert 0 < r["copy_s"] < 0.1 and 0 <= r["gap_s"] < 0.1
+    assert r["gbps"] == pytest.approx((1 << 16) / r["copy_s"] / 1e9)

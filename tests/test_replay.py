@@ -384,8 +384,77 @@ def test_comparison_charges_the_policy_time_the_replay_measured():
     assert with_policy_time(replace(cfg, policy="lru"), replayed).policy_params == {}
     for replay_info in ({"device": "cpu", "policy_s": 0.0}, {"device": "cuda:0", "policy_s": 0.03}):
         assert with_policy_time(cfg, SimpleNamespace(config={"replay": replay_info}, summary={"layer_steps": 300})) is cfg
+    # The copy threads' cache and policy calls (per copy) and the replay's hand-offs are charged too.
+    lane = {"device": "cpu", "policy_s": 0.03, "lane_cache_s": 0.02, "lane_copies": 200,
+            "handoff_mean_s": 1.5e-4, "handoffs": 40}
+    got = with_policy_time(cfg, SimpleNamespace(config={"replay": lane}, summary={"layer_steps": 300}))
+    assert got.hardware.transfer_latency_s == pytest.approx(cfg.hardware.transfer_latency_s + 1e-4)
+    assert got.hardware.copy_start_delay_s == pytest.approx(1.5e-4) and "hand-offs" in got.hardware.source
+    no_handoffs = with_policy_time(cfg, SimpleNamespace(config={"replay": {**lane, "handoffs": 0}},
+                                                        summary={"layer_steps": 300}))
+    assert no_handoffs.hardware.copy_start_delay_s == cfg.hardware.copy_start_delay_s
+
+
+def test_replay_records_the_copy_threads_cache_time(trace):
+    r = replay(trace, config("lru", slots=10), ReplayOptions())
+    info = r.config["replay"]
+    assert info["lane_copies"] == r.summary["ondemand_loads"] + r.summary.get("prefetch_started", 0) - info["inline_copies"]
+    assert 0 < info["lane_cache_s"] < r.summary["makespan_s"]
+
+
+def test_split_cores_keeps_copy_threads_off_the_compute_core():
+    import os
+    import threading
+
+    from finemoe.replay.device import copy_thread_started, split_cores
+
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("needs two cores")
+    seen = {}
+
+    def copy_thread():
+        copy_thread_started()
+        seen["copy"] = os.sched_getaffinity(0)
+
+    with split_cores("cpu", 1) as copy_cores:
+        seen["compute"] = os.sched_getaffinity(0)
+        t = threading.Thread(target=copy_thread)
+        t.start()
+        t.join()
+    assert len(seen["compute"]) == 1 and copy_cores == len(before) - 1
+    assert seen["copy"] == before - seen["compute"]
+    assert os.sched_getaffinity(0) == before  # restored
+    with split_cores("cuda", 1) as copy_cores:  # GPU copy engines are hardware: nothing pinned
+        assert copy_cores == 0 and os.sched_getaffinity(0) == before
 
 
 def test_replay_records_the_time_inside_policy_calls(trace):
     r = replay(trace, config("finemoe", slots=10), ReplayOptions())
     assert 0 < r.config["replay"]["policy_s"] < r.summary["makespan_s"]
+
+
+def test_attention_masks_bucket_the_keys_and_mask_each_row_to_its_context():
+    import torch
+
+    from finemoe.replay.compute import KEY_BUCKET, AttentionMasks, attend
+
+    masks = AttentionMasks(256, torch.float32, "cpu")
+    assert masks.rows([KEY_BUCKET] * 3) == (KEY_BUCKET, None)
+    keys, bias = masks.rows([5, 70])
+    assert keys == 2 * KEY_BUCKET and bias.shape == (2, keys)
+    assert torch.isinf(bias[0, 5:]).all() and (bias[0, :5] == 0).all() and (bias[1, :70] == 0).all()
+    assert torch.isinf(bias[1, 70:]).all()
+    keys, bias = masks.rows([150])  # one row: a view, no new tensor
+    assert keys == 3 * KEY_BUCKET and bias.shape == (1, keys) and bias.data_ptr() != 0
+    assert (bias[0, :150] == 0).all() and torch.isinf(bias[0, 150:]).all()
+    assert AttentionMasks(100, torch.float32, "cpu").rows([5, 70])[0] == 100  # capped at the KV cache
+    # One batched attention equals each row's own attention over its context.
+    gen = torch.Generator().manual_seed(0)
+    kv, q = torch.randn(2, 256, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    contexts = [3, 90, 150]
+    keys, bias = masks.rows(contexts)
+    got = attend(q, kv, keys, bias)
+    for r, c in enumerate(contexts):
+        want = torch.softmax(q[r : r + 1] @ kv[0, :c].T, dim=-1) @ kv[1, :c]
+        assert torch.allclose(got[r : r + 1], want, atol=1e-5)

@@ -2,13 +2,12 @@
 calibrated profile, and compare (what `finemoe replay --compare` does).
 
 Hit rates must agree within 2 points (the policy and cache code are the same, only timing differs).
-On the demo trace the test replays three times and checks the median gap: on this 2-core machine,
-shared with other jobs, one replay in ten of FineMoE's configuration measured a gap above 2 points
-at load average 2.1-2.7 (+2.3, against a mean of 0.85; docs/replay.md), always in a run whose
-calibration picked one copy engine instead of two, so a single replay tests the machine's load as
-much as the simulator. Time per output token is asserted within a factor of 2.5: the measured
-simulation errors are -16% to -36% on this machine (docs/replay.md), beyond the issue's 15%, which
-is why that goal stays open.
+On the demo trace the test replays three times and checks the medians. The trace is 6 requests of
+96 generated tokens: with 24 tokens, FineMoE's replayed prefetches in time varied by +-12 of ~280
+from run to run on this 2-core machine (+-1.8 points of hit rate, so a 2-point bound tested the
+machine's noise), and prefill steps, where the simulation is least faithful, weighed four times
+more (docs/replay.md). Time per output token is asserted within 25% (the issue's goal is 15%; the
+medians measured here are -10% for LRU and -11% to -17% for FineMoE, docs/replay.md).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from finemoe.results import read_result
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
 
-TPOT_FACTOR = 2.5
+TPOT_ERROR = 0.25  # |sim - replay| / replay, time per output token (median over the replays)
 HIT_POINTS = {"lru": 2.0, "finemoe": 2.0}
 REPLAYS = 3  # per configuration of the demo trace; the median is checked
 
@@ -35,7 +34,7 @@ REPLAYS = 3  # per configuration of the demo trace; the median is checked
 def demo_trace(tmp_path_factory):
     """A trace collected from the embedded demo model (real learned routing) over ShareGPT prompts."""
     out = tmp_path_factory.mktemp("demo") / "demo.parquet"
-    res = CliRunner().invoke(cli, ["collect", "--limit", "6", "--max-new-tokens", "24", "--batch-size", "6",
+    res = CliRunner().invoke(cli, ["collect", "--limit", "6", "--max-new-tokens", "96", "--batch-size", "6",
                                    "--threads", "1", "--quiet", "-o", str(out)])
     assert res.exit_code == 0, res.output
     from finemoe.traces.io import read_trace
@@ -44,13 +43,15 @@ def demo_trace(tmp_path_factory):
 
 
 def check(outcomes, points: float) -> None:
-    """The median over replays of the hit-rate gap (points) and of the sim/replay TPOT ratio."""
+    """The median over replays of the hit-rate gap (points) and of the simulation's TPOT error."""
     rows = [{r["metric"]: r for r in o.rows} for o in outcomes]
     gaps = [r["hit_rate"]["error"] for r in rows]
     gap = statistics.median(gaps)
     assert abs(gap) <= points, f"hit rates differ by {gap:.2f} points (median of {[round(g, 2) for g in gaps]})"
-    ratio = statistics.median(r["tpot_p50_s"]["sim"] / r["tpot_p50_s"]["replay"] for r in rows)
-    assert math.isfinite(ratio) and 1 / TPOT_FACTOR <= ratio <= TPOT_FACTOR, f"sim/replay TPOT = {ratio:.2f}"
+    errors = [r["tpot_p50_s"]["sim"] / r["tpot_p50_s"]["replay"] - 1 for r in rows]
+    error = statistics.median(errors)
+    assert math.isfinite(error) and abs(error) <= TPOT_ERROR, \
+        f"simulated TPOT off by {error:+.1%} (median of {[f'{e:+.1%}' for e in errors]})"
 
 
 @pytest.mark.slow
@@ -85,5 +86,5 @@ def test_real_mixtral_trace_scaled_fidelity(tmp_path, mixtral_logs):
     sim = read_result(next((tmp_path / "res").glob("sim-*.parquet")))
     assert rep.config["geometry"]["hidden_size"] == 205 and sim.config["geometry"] == rep.config["geometry"]
     assert abs(rep.summary["hit_rate"] - sim.summary["hit_rate"]) <= 0.02
-    ratio = sim.summary["tpot_p50_s"] / rep.summary["tpot_p50_s"]
-    assert 1 / TPOT_FACTOR <= ratio <= TPOT_FACTOR, f"sim/replay TPOT = {ratio:.2f}"
+    error = sim.summary["tpot_p50_s"] / rep.summary["tpot_p50_s"] - 1
+    assert abs(error) <= TPOT_ERROR, f"simulated TPOT off by {error:+.1%}"

@@ -178,6 +178,20 @@ def test_a_copy_on_the_wire_is_not_preempted(scripted):
     assert r.summary["prefetch_in_time"] == 1 and r.summary["hits"] == 1
 
 
+def test_only_a_copy_handed_to_a_sleeping_engine_waits_the_hand_off(scripted):
+    """`copy_start_delay_s` is the wake-up of a sleeping copy engine (a CPU copy thread): the first
+    prefetch is handed over at 0 and starts its latency 0.1 ms late; the engine takes the second
+    itself the moment the first lands, with no hand-off."""
+    import dataclasses
+
+    scripted.residents = [(0, 0), (1, 1)]
+    scripted.at_step_start = [Prefetch(2.0, 0, 1, 2), Prefetch(1.0, 0, 1, 3)]
+    hw = dataclasses.replace(hardware(), copy_start_delay_s=0.1 * MS)
+    r = run(make_trace(TWO_LAYERS, 2, 4, 1), "test-scripted", slots=4, hw=hw)
+    ends = sorted(e["end_s"] for e in r.timeline if e["lane"] == "copy0")
+    assert ends == pytest.approx([0.1 * MS + COPY, 0.1 * MS + 2 * COPY], rel=1e-12)
+
+
 def test_ondemand_loads_go_before_queued_prefetches(scripted):
     # Two prefetches queued at step start, one copy engine: the first goes on the wire at once, the
     # second waits; layer 0's miss at 0.5 ms jumps ahead of it.

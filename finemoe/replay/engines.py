@@ -41,6 +41,10 @@ class CopyEngines:
         self.kicked_at: float | None = None  # when the main thread last woke idle engines (under the lock)
         self.handoff_s: list[float] = []  # per wake-up: notify -> this engine holding its next transfer
         self.last_done: tuple | None = None  # (expert key, end time) of the last copy that landed
+        # Time the copy threads spend in the cache's (and so the policy's) calls that start and land
+        # their copies: victim choice and load notification, per copy, on the copy lane.
+        self.lane_cache_s = 0.0
+        self.copies = 0
         self._stop = False
         self._threads = [threading.Thread(target=self._run, args=(e,), name=f"finemoe-copy{e}", daemon=True)
                          for e in range(self.engines)]
@@ -64,8 +68,10 @@ class CopyEngines:
                 while True:
                     if self._stop:
                         return
-                    tr = cache.next_transfer(self.clock()) if cache.has_work else None
+                    c0 = self.clock()
+                    tr = cache.next_transfer(c0) if cache.has_work else None
                     if tr is not None:
+                        self.lane_cache_s += self.clock() - c0
                         break
                     self.idle += 1
                     self.work.wait()
@@ -90,7 +96,10 @@ class CopyEngines:
             end = self.clock()
             self.busy_s[e] += end - start
             with lock:
+                c0 = self.clock()
                 cache.complete(tr, end)
+                self.lane_cache_s += self.clock() - c0
+                self.copies += 1
                 self.last_done = (tr.key, end)
                 self.rec.event(f"copy{e}", tr.kind, step, tr.key[0], tr.key[1], start, end, tr.prefetch is None)
                 lock.notify()  # the main thread, if it waits for this copy

@@ -32,7 +32,14 @@ import numpy as np
 from finemoe.errors import ConfigError, MissingFieldError
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
 from finemoe.policies.registry import make_policy
-from finemoe.replay.compute import dense_forward, expert_ffn, swiglu
+from finemoe.replay.compute import (
+    KEY_BUCKET,
+    AttentionMasks,
+    attend,
+    dense_layer,
+    expert_ffn,
+    swiglu,
+)
 from finemoe.replay.device import check_device, cpu_threads, split_cores, synchronize, torch_threads
 from finemoe.replay.engines import CopyEngines
 from finemoe.replay.slots import SlotPool
@@ -135,6 +142,7 @@ class _Replayer:
         self.shape = expert_shape(g)
         self.pool = SlotPool(self.plan.expert_cache_slots, self.shape.numel, self.host.dtype, device, self.shape)
         self.dense = DenseWeights(g, device, self.plan.kv_tokens or longest, seed=config.seed)
+        self.masks = AttentionMasks(self.dense.kv_tokens, self.dense.dtype, device)
         max_tokens = max((r.prompt_tokens for r in measured), default=1) * w.max_batch + w.max_batch
         gen = torch.Generator().manual_seed(config.seed + 2)
         self.x = (torch.randn((max_tokens, g.hidden_size), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
@@ -178,18 +186,16 @@ class _Replayer:
         synchronize(self.device)
 
     # --- compute ----------------------------------------------------------------------------------
-    def _dense(self, layer: int, seqs) -> None:
-        torch = self.torch
+    def _attention(self, seqs) -> tuple[int, object]:
+        """The step's attention rows: each new token scores the keys up to its own position."""
+        cap = self.dense.kv_tokens
+        contexts = [min(int(p) + 1, cap) for s in seqs for p in self.trace.position[s.start : s.stop].tolist()]
+        return self.masks.rows(contexts)
+
+    def _dense(self, layer: int, seqs, attention=None) -> None:
         tokens = sum(s.num_tokens for s in seqs)
-        dense_forward(self.x[:tokens], self.dense.layers[layer])
-        kv = self.dense.kv[layer]
-        off = 0
-        for s in seqs:  # attention of each sequence's new tokens over its context
-            ctx = min(int(self.trace.position[s.stop - 1]) + 1, self.dense.kv_tokens)
-            q = self.q[off : off + s.num_tokens]
-            off += s.num_tokens
-            scores = torch.softmax(q @ kv[0, :ctx].T, dim=-1)
-            scores @ kv[1, :ctx]
+        keys, bias = attention if attention is not None else self._attention(seqs)
+        dense_layer(self.x[:tokens], self.dense.layers[layer], self.q[:tokens], self.dense.kv[layer], keys, bias)
 
     def _expert(self, key, tokens: int) -> None:
         swiglu(self.x[:tokens], *self.pool.matrices(key))
@@ -210,6 +216,16 @@ class _Replayer:
             expert_ffn(self.x[:c], scratch, self.shape)
         first = self.trace.iterations_by_request[self.split.measure[0]]
         for it in first[:2]:
+            self._dense(0, (Sequence(it.request_id, it.iteration, it.start, it.stop),))
+        # Every attention shape a decode step can take (rows: sequences, keys: whole buckets) and
+        # each measured request's first step, set up once (oneDNN builds a kernel per new shape).
+        cap = self.dense.kv_tokens
+        for rows in range(1, self.config.workload.max_batch + 1):
+            for keys in range(1, cap + KEY_BUCKET, KEY_BUCKET):
+                keys, bias = self.masks.rows([min(keys, cap)] + [1] * (rows - 1))
+                attend(self.q[:rows], self.dense.kv[0], keys, bias)
+        for rid in self.split.measure:
+            it = self.trace.iterations_by_request[rid][0]
             self._dense(0, (Sequence(it.request_id, it.iteration, it.start, it.stop),))
         synchronize(self.device)
         del scratch
@@ -285,6 +301,7 @@ class _Replayer:
                        "copy_engines": self.engines.engines,
                        "copy_busy_s": list(self.engines.busy_s), "inline_copies": self.inline_copies,
                        "policy_s": self.policy_s,
+                       "lane_cache_s": self.engines.lane_cache_s, "lane_copies": self.engines.copies,
                        "handoff_mean_s": float(np.mean(self.engines.handoff_s)) if self.engines.handoff_s else 0.0,
                        "handoffs": len(self.engines.handoff_s),
                        "wakeup_mean_s": float(np.mean(self.wakeup_s)) if self.wakeup_s else 0.0,
@@ -304,9 +321,10 @@ class _Replayer:
                 cache.add_prefetches(pf)
             self.kick()
         timeline = step < self.config.timeline_steps
+        attention = self._attention(seqs)
         for layer in range(self.geometry.num_layers):
             t = self.now()
-            self._dense(layer, seqs)
+            self._dense(layer, seqs, attention)
             if timeline:
                 synchronize(self.device)
                 with lock:

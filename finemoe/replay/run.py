@@ -86,9 +86,17 @@ def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     if policy_s <= 0 or layer_steps <= 0 or not replayed.config["replay"].get("device", "cpu").startswith("cpu"):
         return config
     per_layer = policy_s / layer_steps
+    info = replayed.config["replay"]
+    copies = int(info.get("lane_copies", 0) or 0)
+    per_copy = float(info.get("lane_cache_s", 0.0)) / copies if copies else 0.0
+    handoff = float(info.get("handoff_mean_s", 0.0)) if int(info.get("handoffs", 0) or 0) else None
     hw = config.hardware
     hw = replace(hw, layer_overhead_s=hw.layer_overhead_s + per_layer,
-                 source=f"{hw.source}; + {per_layer * 1e6:.1f} us per layer of policy time measured in the replay")
+                 transfer_latency_s=hw.transfer_latency_s + per_copy,
+                 copy_start_delay_s=hw.copy_start_delay_s if handoff is None else handoff,
+                 source=f"{hw.source}; + {per_layer * 1e6:.1f} us per layer of policy time and {per_copy * 1e6:.1f} us "
+                        "per copy of cache and policy calls on the copy threads, measured in the replay"
+                        + ("" if handoff is None else f", hand-offs of {handoff * 1e6:.0f} us as measured there"))
     params = dict(config.policy_params)
     if "search_charge" in make_policy(config.policy, **params).params:
         params["search_charge"] = "none"

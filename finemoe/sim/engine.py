@@ -312,9 +312,13 @@ class SimEngine:
         if self.cache.add_prefetches(event.value):
             self._wake_at(self.env.now)
 
-    def _reserve(self, start: int) -> int:
-        """The copy starting at `start` crosses the shared link after its latency, in start order."""
-        wire_start = max(start + (self.latency_ticks if self._stalled else self.busy_latency_ticks), self._wire_free)
+    def _reserve(self, start: int, handed: bool = True) -> int:
+        """The copy starting at `start` crosses the shared link after its latency, in start order.
+        `handed`: given to an engine that slept; while the compute runs, such a copy also waits
+        `copy_start_delay_s` (waking a CPU copy thread), one that an engine takes on its own right
+        after landing its last copy does not."""
+        latency = self.busy_latency_ticks if handed and not self._stalled else self.latency_ticks
+        wire_start = max(start + latency, self._wire_free)
         self._wire_free = end = wire_start + (self.wire_ticks if self._stalled else self.busy_wire_ticks)
         return end
 
@@ -364,7 +368,7 @@ class SimEngine:
                     continue
                 complete(tr, end_s)
                 nxt = next_transfer(end_s)
-                e2 = self._reserve(end)
+                e2 = self._reserve(end, handed=False)  # the engine goes on to the next copy itself
                 heapq.heappush(heap, (e2, order, wake, nxt))
                 arriving[nxt.key] = (e2, order)
                 order += 1
@@ -543,12 +547,14 @@ class SimEngine:
         engine sleeps until work is handed to it (`_wake_at`), already started."""
         env, cache, rec = self.env, self.cache, self.rec
         lane = f"copy{index}"
+        woke = False  # slept since its last copy: what it starts now is a hand-off (`_reserve`)
         while True:
             tr = cache.next_transfer(env.now * _S)
             if tr is None:
                 wake = env.event()
                 nxt = cache.next_unpin_s() if cache.blocked else None
                 self._sleeping.append((wake, nxt is None))
+                woke = True
                 if nxt is not None:
                     yield wake | env.timeout(max(0, to_ticks(nxt) - env.now))
                     self._sleeping = [w for w in self._sleeping if w[0] is not wake]
@@ -559,13 +565,14 @@ class SimEngine:
                 tr, start, end = handed  # started at `start` by the hand-off; it has landed now
             else:
                 start = env.now
-                end = self._reserve(start)
+                end = self._reserve(start, woke)
                 done = env.timeout(end - start)
                 self._arriving[tr.key] = (end, done)  # the compute process may wait on this very event
                 if self._sleeping and cache.has_work:
                     self._wake_at(start)
                 yield done
             del self._arriving[tr.key]
+            woke = False
             cache.complete(tr, env.now * _S)
             step = self.step if tr.prefetch is None else tr.prefetch.step  # demand: the waiting step
             if step < rec.timeline_steps:
