@@ -152,15 +152,13 @@ class ExpertCache:
         queued or on the wire) and whose misses can all start now on idle copy engines: the same
         policy calls in the same order, without the on-demand queue in between. Returns the
         started loads' keys (None: every expert hit), for `complete_landed` once the engine knows
-        when they land."""
-        resident, unused, on_access = self.resident, self._unused_prefetch, self.policy.on_access
+        when they land. For a policy without hooks only (the engine's quiet steps): it never queues
+        a prefetch, so no resident expert is an unused prefetch to count."""
+        resident, on_access = self.resident, self.policy.on_access
         keys = None
         for expert in experts:
             key = (layer, expert)
             if key in resident:
-                if unused and key in unused:
-                    unused.discard(key)
-                    self.rec.prefetch_in_time += 1
                 on_access(layer, expert, True, now_s)
                 continue
             on_access(layer, expert, False, now_s)
