@@ -1,13 +1,12 @@
 """Fidelity: calibrate this machine, replay a configuration for real, simulate the same one with the
 calibrated profile, and compare (what `finemoe replay --compare` does).
 
-Hit rates must agree within 2 points (the policy and cache code are the same, only timing differs).
-On the demo trace the test replays three times and checks the medians. The trace is 6 requests of
-96 generated tokens: with 24 tokens, FineMoE's replayed prefetches in time varied by +-12 of ~280
-from run to run on this 2-core machine (+-1.8 points of hit rate, so a 2-point bound tested the
-machine's noise), and prefill steps, where the simulation is least faithful, weighed four times
-more (docs/replay.md). Time per output token is asserted within 25% (the issue's goal is 15%; the
-medians measured here are -10% for LRU and -11% to -17% for FineMoE, docs/replay.md).
+Hit rates must agree within 2 points (the policy and cache code are the same, only timing differs)
+and time per output token within 15%, the issue's goals, each as the median of three replays: on
+this 2-core machine, shared with other jobs, single replays stray (docs/replay.md). The demo trace
+is 6 requests of 96 generated tokens: with 24 tokens, FineMoE's replayed prefetches in time varied
+by +-12 of ~280 from run to run (+-1.8 points of hit rate, so a 2-point bound tested the machine's
+noise), and prefill steps, where the simulation is least faithful, weighed four times more.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from finemoe.results import read_result
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
 
-TPOT_ERROR = 0.25  # |sim - replay| / replay, time per output token (median over the replays)
+TPOT_ERROR = 0.15  # |sim - replay| / replay, time per output token (median over the replays)
 HIT_POINTS = {"lru": 2.0, "finemoe": 2.0}
 REPLAYS = 3  # per configuration of the demo trace; the median is checked
 
@@ -74,18 +73,25 @@ def test_demo_model_trace_fidelity(tmp_path, policy, demo_trace):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_real_mixtral_trace_scaled_fidelity(tmp_path, mixtral_logs):
+    """The CLI end to end, three times (each replay in its own output folder); the medians are checked."""
     trace_path = tmp_path / "gsm8k.parquet"
     res = CliRunner().invoke(cli, ["import", str(mixtral_logs / "gsm8k_2_routing.jsonl"), "--model-profile",
                                    "mixtral-8x7b", "-o", str(trace_path)])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(cli, [
-        "replay", str(trace_path), "--policy", "lru", "--expert-cache", "96", "--expert-scale", "0.05",
-        "--history-fraction", "0.5", "--compare", "-o", str(tmp_path / "res"), "--no-progress"])
-    assert res.exit_code == 0, res.output
-    assert "time per output token p50" in res.output
-    rep = read_result(next((tmp_path / "res").glob("replay-*.parquet")))
-    sim = read_result(next((tmp_path / "res").glob("sim-*.parquet")))
-    assert rep.config["geometry"]["hidden_size"] == 205 and sim.config["geometry"] == rep.config["geometry"]
-    assert abs(rep.summary["hit_rate"] - sim.summary["hit_rate"]) <= 0.02
-    error = sim.summary["tpot_p50_s"] / rep.summary["tpot_p50_s"] - 1
-    assert abs(error) <= TPOT_ERROR, f"simulated TPOT off by {error:+.1%}"
+    gaps, errors = [], []
+    for i in range(REPLAYS):
+        out = tmp_path / f"res{i}"
+        res = CliRunner().invoke(cli, [
+            "replay", str(trace_path), "--policy", "lru", "--expert-cache", "96", "--expert-scale", "0.05",
+            "--history-fraction", "0.5", "--compare", "-o", str(out), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        assert "time per output token p50" in res.output
+        rep = read_result(next(out.glob("replay-*.parquet")))
+        sim = read_result(next(out.glob("sim-*.parquet")))
+        assert rep.config["geometry"]["hidden_size"] == 205 and sim.config["geometry"] == rep.config["geometry"]
+        gaps.append((sim.summary["hit_rate"] - rep.summary["hit_rate"]) * 100)
+        errors.append(sim.summary["tpot_p50_s"] / rep.summary["tpot_p50_s"] - 1)
+    print(f"hit-rate gaps {[round(g, 2) for g in gaps]} pt, TPOT errors {[f'{e:+.1%}' for e in errors]}")
+    assert abs(statistics.median(gaps)) <= 2.0
+    error = statistics.median(errors)
+    assert abs(error) <= TPOT_ERROR, f"simulated TPOT off by {error:+.1%} (median of {[f'{e:+.1%}' for e in errors]})"
