@@ -211,6 +211,11 @@ def test_cpu_copy_engines_capped_at_the_copy_cores():
     assert fit_hardware(*args)[0].copy_engines == 2
     assert fit_hardware(*args, copy_cores=1)[0].copy_engines == 1
     assert fit_hardware(*("t", "cuda", *args[2:]), copy_cores=1)[0].copy_engines == 2  # hardware engines
+    # With a lane timed back to back (CPU), the link is the lane's, not the line or the aggregate.
+    lane = {"bytes": 1 << 20, "copies": 200, "copy_s": 2.5e-4, "gap_s": 4e-5, "gbps": (1 << 20) / 2.5e-4 / 1e9}
+    hw = fit_hardware(*args, lane=lane)[0]
+    assert hw.copy_engines == 2 and hw.transfer_latency_s == 4e-5
+    assert hw.link_bytes_per_s == pytest.approx((1 << 20) / 2.5e-4)
 
 
 def test_lane_times_back_to_back_copies_of_one_size():

@@ -462,15 +462,20 @@ def predict_expert_s(hw: HardwareSpec, shape: ExpertShape, dtype_bytes: float, t
 
 def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dict], overlap_rows: list[dict],
                  expert_rows: list[dict], shape: ExpertShape, dtype_bytes: float, launch_s: float,
-                 stream_gbps: float, peak_flops: float, copy_cores: int = 0) -> tuple[HardwareSpec, dict]:
+                 stream_gbps: float, peak_flops: float, copy_cores: int = 0,
+                 lane: dict | None = None) -> tuple[HardwareSpec, dict]:
     """A HardwareSpec whose cost model reproduces the measurements, and the fit's residuals.
     (`copy_compute_slowdown` and the replayer's overheads are measured with the copy engines this
-    picks, and set afterwards.)"""
+    picks, and set afterwards.) `lane` (CPU, `measure_lane`): the link is that lane's (bytes per
+    mean copy, the mean gap between copies as latency) instead of the line through `link_rows`,
+    whose residuals then show how far the sized copies are from it."""
     latency_s, link_bps = fit_link(link_rows)
     engines = pick_copy_engines(overlap_rows)
     if copy_cores and not device.startswith("cuda"):
         engines = min(engines, copy_cores)
-    if engines > 1:  # the simulator's copy engines share one link: its bandwidth is the aggregate
+    if lane is not None:
+        latency_s, link_bps = lane["gap_s"], lane["gbps"] * 1e9
+    elif engines > 1:  # the simulator's copy engines share one link: its bandwidth is the aggregate
         agg = max(r["aggregate_gbps"] for r in overlap_rows if r["engines"] == engines) * 1e9
         link_bps = max(link_bps, agg)
     nbytes = shape.numel * dtype_bytes
@@ -562,17 +567,16 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
     stream_gbps = measure_memory_bandwidth(device, plan.stream_bytes, plan.gemm_repeats)
     peak = measure_peak_flops(device, dtype, plan.square_gemm, plan.gemm_repeats)
 
-    name = ("cuda-" if cuda else "cpu-") + device_name(device).split(" (")[0].replace(" ", "-").lower()
-    hw, fit = fit_hardware(name, device, device_memory_bytes(device), copies[link_kind], overlap, experts,
-                           shape, dtype_bytes, launch_s, stream_gbps, peak, copy_cores=copy_cores)
     lane = None
     if not cuda:
         # A CPU copy is a memcpy by a thread: time it as the replay's prefetches run it, at the
-        # replayed expert's size, and use that for the link (the sized line above stays a table).
+        # replayed expert's size; the link is that (the sized copies above stay a table).
         say("copies back to back at the expert's size")
-        expert_bytes = int(shape.numel * dtype_bytes)
-        lane = measure_lane(device, expert_bytes, pool, working_set)
-        hw = replace(hw, pcie_gbps=lane["gbps"], transfer_latency_s=lane["gap_s"])
+        lane = measure_lane(device, int(shape.numel * dtype_bytes), pool, working_set)
+
+    name = ("cuda-" if cuda else "cpu-") + device_name(device).split(" (")[0].replace(" ", "-").lower()
+    hw, fit = fit_hardware(name, device, device_memory_bytes(device), copies[link_kind], overlap, experts,
+                           shape, dtype_bytes, launch_s, stream_gbps, peak, copy_cores=copy_cores, lane=lane)
     say("compute while copies run")
     interference = measure_copy_interference(device, dtype, shape, max(5 * plan.gemm_repeats, 45), working_set,
                                              shape.numel * dtype_bytes, pool, hw.copy_engines)

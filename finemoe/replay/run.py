@@ -76,7 +76,10 @@ def _slots(trace: Trace, config: SimConfig) -> int:
 def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     """The simulation of a replay on the CPU charges, per layer, the time the replay measured inside
     the policy's calls (the replayer makes them on the compute path; the simulator's policy costs
-    nothing): the mean per layer-step, added to `layer_overhead_s`. Recorded in the hardware's source.
+    nothing): the mean per layer-step, added to `layer_overhead_s`. Likewise per copy the copy
+    threads' cache and policy calls (victim choice, load notification; `lane_cache_s` per copy,
+    added to `transfer_latency_s`), and as `copy_start_delay_s` the replay's mean hand-off to a
+    sleeping copy thread. Recorded in the hardware's source.
     A policy that models its own search time on a thread of its own (FineMoE's `search_charge`) is
     simulated without it, as the replay ran it: on the compute path, already charged."""
     from finemoe.policies.registry import make_policy

@@ -495,8 +495,7 @@ class SimEngine:
         cannot queue a prefetch, so the only copies are each layer's own misses, started with its
         accesses (`ExpertCache.access_and_start`) and played out by `_lands_inline` (which leaves
         the engines asleep and nothing queued); a layer without a miss runs its experts back to
-        back. Returns the compute clock after the step and the ticks
-        spent waiting."""
+        back. Returns the compute clock after the step and the ticks spent waiting."""
         cache = self.cache
         access, lands = cache.access_and_start, self._lands_inline
         et1 = self.expert_ticks(1)
