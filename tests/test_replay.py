@@ -393,13 +393,17 @@ def test_comparison_charges_the_policy_time_the_replay_measured():
     no_handoffs = with_policy_time(cfg, SimpleNamespace(config={"replay": {**lane, "handoffs": 0}},
                                                         summary={"layer_steps": 300}))
     assert no_handoffs.hardware.copy_start_delay_s == cfg.hardware.copy_start_delay_s
+    # With the copy threads' whole work per copy recorded, that is what the lane is charged.
+    work = with_policy_time(cfg, SimpleNamespace(config={"replay": {**lane, "lane_work_s": 0.05}},
+                                                 summary={"layer_steps": 300}))
+    assert work.hardware.transfer_latency_s == pytest.approx(cfg.hardware.transfer_latency_s + 2.5e-4)
 
 
-def test_replay_records_the_copy_threads_cache_time(trace):
+def test_replay_records_the_copy_threads_own_time(trace):
     r = replay(trace, config("lru", slots=10), ReplayOptions())
     info = r.config["replay"]
     assert info["lane_copies"] == r.summary["ondemand_loads"] + r.summary.get("prefetch_started", 0) - info["inline_copies"]
-    assert 0 < info["lane_cache_s"] < r.summary["makespan_s"]
+    assert 0 < info["lane_cache_s"] < info["lane_work_s"] < r.summary["makespan_s"]
 
 
 def test_split_cores_keeps_copy_threads_off_the_compute_core():

@@ -45,6 +45,11 @@ class CopyEngines:
         # their copies: victim choice and load notification, per copy, on the copy lane.
         self.lane_cache_s = 0.0
         self.copies = 0
+        # Everything the copy threads do per copy besides the copy itself and waiting for work:
+        # taking the lock (which the main thread holds through its policy calls), the transfer
+        # and the slot, then landing the copy and waking the main thread. A copy lane's own gap
+        # between two copies; it includes `lane_cache_s`.
+        self.work_s = 0.0
         self._stop = False
         self._threads = [threading.Thread(target=self._run, args=(e,), name=f"finemoe-copy{e}", daemon=True)
                          for e in range(self.engines)]
@@ -64,6 +69,7 @@ class CopyEngines:
     def _loop(self, e: int) -> None:
         cache, lock = self.cache, self.lock
         while True:
+            top = self.clock()
             with lock:
                 while True:
                     if self._stop:
@@ -74,7 +80,9 @@ class CopyEngines:
                         self.lane_cache_s += self.clock() - c0
                         break
                     self.idle += 1
+                    w0 = self.clock()
                     self.work.wait()
+                    top += self.clock() - w0
                     self.idle -= 1
                     woken = self.kicked_at
                     if woken is not None and cache.has_work:
@@ -84,6 +92,7 @@ class CopyEngines:
                 step = self.step()
             src, dst = self.source(*tr.key), self.pool.buffers[slot]
             start = self.clock()
+            self.work_s += start - top
             if self.cuda:
                 stream = self.streams[e]
                 with self.torch.cuda.stream(stream):
@@ -103,6 +112,7 @@ class CopyEngines:
                 self.last_done = (tr.key, end)
                 self.rec.event(f"copy{e}", tr.kind, step, tr.key[0], tr.key[1], start, end, tr.prefetch is None)
                 lock.notify()  # the main thread, if it waits for this copy
+            self.work_s += self.clock() - end
 
     def close(self) -> None:
         with self.lock:

@@ -302,6 +302,7 @@ class _Replayer:
                        "copy_busy_s": list(self.engines.busy_s), "inline_copies": self.inline_copies,
                        "policy_s": self.policy_s,
                        "lane_cache_s": self.engines.lane_cache_s, "lane_copies": self.engines.copies,
+                       "lane_work_s": self.engines.work_s,
                        "handoff_mean_s": float(np.mean(self.engines.handoff_s)) if self.engines.handoff_s else 0.0,
                        "handoffs": len(self.engines.handoff_s),
                        "wakeup_mean_s": float(np.mean(self.wakeup_s)) if self.wakeup_s else 0.0,

@@ -77,9 +77,11 @@ def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     """The simulation of a replay on the CPU charges, per layer, the time the replay measured inside
     the policy's calls (the replayer makes them on the compute path; the simulator's policy costs
     nothing): the mean per layer-step, added to `layer_overhead_s`. Likewise per copy the copy
-    threads' cache and policy calls (victim choice, load notification; `lane_cache_s` per copy,
-    added to `transfer_latency_s`), and as `copy_start_delay_s` the replay's mean hand-off to a
-    sleeping copy thread. Recorded in the hardware's source.
+    threads' own work around it (the lock, the cache's and policy's calls that start and land it,
+    the slot: `lane_work_s` per copy, added to `transfer_latency_s`; results written before it
+    was recorded charge the cache and policy calls alone, `lane_cache_s`), and as
+    `copy_start_delay_s` the replay's mean hand-off to a sleeping copy thread. Recorded in the
+    hardware's source.
     A policy that models its own search time on a thread of its own (FineMoE's `search_charge`) is
     simulated without it, as the replay ran it: on the compute path, already charged."""
     from finemoe.policies.registry import make_policy
@@ -91,14 +93,14 @@ def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     per_layer = policy_s / layer_steps
     info = replayed.config["replay"]
     copies = int(info.get("lane_copies", 0) or 0)
-    per_copy = float(info.get("lane_cache_s", 0.0)) / copies if copies else 0.0
+    per_copy = float(info.get("lane_work_s", info.get("lane_cache_s", 0.0))) / copies if copies else 0.0
     handoff = float(info.get("handoff_mean_s", 0.0)) if int(info.get("handoffs", 0) or 0) else None
     hw = config.hardware
     hw = replace(hw, layer_overhead_s=hw.layer_overhead_s + per_layer,
                  transfer_latency_s=hw.transfer_latency_s + per_copy,
                  copy_start_delay_s=hw.copy_start_delay_s if handoff is None else handoff,
                  source=f"{hw.source}; + {per_layer * 1e6:.1f} us per layer of policy time and {per_copy * 1e6:.1f} us "
-                        "per copy of cache and policy calls on the copy threads, measured in the replay"
+                        "per copy of the copy threads' own work, measured in the replay"
                         + ("" if handoff is None else f", hand-offs of {handoff * 1e6:.0f} us as measured there"))
     params = dict(config.policy_params)
     if "search_charge" in make_policy(config.policy, **params).params:
