@@ -41,8 +41,8 @@ class CopyEngines:
         self.kicked_at: float | None = None  # when the main thread last woke idle engines (under the lock)
         self.handoff_s: list[float] = []  # per wake-up: notify -> this engine holding its next transfer
         self.last_done: tuple | None = None  # (expert key, end time) of the last copy that landed
-        # Time the copy threads spend in the cache's (and so the policy's) calls that start and land
-        # their copies: victim choice and load notification, per copy, on the copy lane.
+        # Of `work_s`, the time in the cache's (and so the policy's) calls that start and land the
+        # copies: victim choice and load notification (recorded to show that share).
         self.lane_cache_s = 0.0
         self.copies = 0
         # Everything the copy threads do per copy besides the copy itself and waiting for work:

@@ -78,10 +78,8 @@ def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     the policy's calls (the replayer makes them on the compute path; the simulator's policy costs
     nothing): the mean per layer-step, added to `layer_overhead_s`. Likewise per copy the copy
     threads' own work around it (the lock, the cache's and policy's calls that start and land it,
-    the slot: `lane_work_s` per copy, added to `transfer_latency_s`; results written before it
-    was recorded charge the cache and policy calls alone, `lane_cache_s`), and as
-    `copy_start_delay_s` the replay's mean hand-off to a sleeping copy thread. Recorded in the
-    hardware's source.
+    the slot: `lane_work_s` per copy, added to `transfer_latency_s`), and as `copy_start_delay_s`
+    the replay's mean hand-off to a sleeping copy thread. Recorded in the hardware's source.
     A policy that models its own search time on a thread of its own (FineMoE's `search_charge`) is
     simulated without it, as the replay ran it: on the compute path, already charged."""
     from finemoe.policies.registry import make_policy
@@ -93,7 +91,7 @@ def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     per_layer = policy_s / layer_steps
     info = replayed.config["replay"]
     copies = int(info.get("lane_copies", 0) or 0)
-    per_copy = float(info.get("lane_work_s", info.get("lane_cache_s", 0.0))) / copies if copies else 0.0
+    per_copy = float(info.get("lane_work_s", 0.0)) / copies if copies else 0.0
     handoff = float(info.get("handoff_mean_s", 0.0)) if int(info.get("handoffs", 0) or 0) else None
     hw = config.hardware
     hw = replace(hw, layer_overhead_s=hw.layer_overhead_s + per_layer,
