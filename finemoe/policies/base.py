@@ -57,6 +57,14 @@ class Prefetch:
         return (self.layer, self.expert)
 
 
+def ranked_prefetches(step: int, priorities: dict[ExpertKey, float], ready_s: float = 0.0) -> list[Prefetch]:
+    """Prefetches for `step` from (layer, expert) -> priority, highest priority first, as sorting the
+    `Prefetch` objects would order them (then layer, then expert, descending), at a fraction of the
+    cost: the policies build one such list per layer-step."""
+    ranked = sorted(((priority, layer, expert) for (layer, expert), priority in priorities.items()), reverse=True)
+    return [Prefetch(priority, step, layer, expert, ready_s) for priority, layer, expert in ranked]
+
+
 @dataclass(frozen=True)
 class Sequence:
     """One request's share of an engine step: rows [start, stop) of the trace, one iteration."""
@@ -122,6 +130,15 @@ class LayerRouting:
 
     def router_probs(self, index: int) -> np.ndarray | None:
         return self._rows("router_probs", index)
+
+    def router_rows(self, index: int) -> np.ndarray | None:
+        """`router_probs(i)` as float32 with missing records (NaN) as zeros, as `np.nan_to_num` would
+        give them, without its cost when every value is finite (the common case)."""
+        rows = self._rows("router_probs", index)
+        if rows is None:
+            return None
+        rows = rows.astype(np.float32)
+        return rows if np.isfinite(rows).all() else np.nan_to_num(rows, copy=False)
 
     def spec_experts(self, index: int) -> np.ndarray | None:
         return self._rows("spec_experts", index)

@@ -8,7 +8,10 @@ cosine over the first rows, and the prefetch priority.
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 
@@ -25,15 +28,22 @@ def select_by_delta(row: np.ndarray, similarity: float, top_k: int) -> np.ndarra
     stored rows (float16) rarely sum to exactly 1: delta = 1 then means "every expert with non-zero
     probability", not "all J experts because 0.9999 < 1".
     """
-    row = np.asarray(row, dtype=np.float64)
-    order = np.argsort(-row, kind="stable")
+    values = np.asarray(row, dtype=np.float64).tolist()
+    return np.array(delta_prefix(values, similarity, top_k), dtype=np.int64)
+
+
+def delta_prefix(values: list[float], similarity: float, top_k: int) -> list[int]:
+    """`select_by_delta` on a plain list: the policy calls it once per predicted row, and for a
+    row of tens of experts Python's sort and running sum cost less than numpy's per-call overhead.
+    Ties go to the lower id (a stable sort), and the running sum adds in the same order as numpy's."""
+    order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
     delta = min(max(1.0 - float(similarity), 0.0), 1.0)
-    cum = np.cumsum(row[order])
-    total = float(cum[-1]) if cum.size else 0.0
+    cum = list(accumulate(values[i] for i in order))
+    total = cum[-1] if cum else 0.0
     if total <= 0.0:
         return order[:top_k]
-    n = int(np.searchsorted(cum, delta * total * (1.0 - 1e-9), side="left")) + 1
-    return order[: min(max(n, top_k), row.size)]
+    n = bisect.bisect_left(cum, delta * total * (1.0 - 1e-9)) + 1
+    return order[: min(max(n, top_k), len(values))]
 
 
 def select_by_delta_rows(rows: np.ndarray, similarities: np.ndarray, top_k: int) -> np.ndarray:
@@ -106,9 +116,11 @@ class ExpertMapStore:
         self.num_layers, self.num_experts = num_layers, num_experts
         self.capacity, self.distance = capacity, distance
         self.maps = np.zeros((capacity, num_layers, num_experts), dtype=np.float32)
+        # The same maps layer-major, so a trajectory match reads one contiguous [C, J] block per layer.
+        self._layer_maps = np.zeros((num_layers, capacity, num_experts), dtype=np.float32)
         self._unit_maps = np.zeros((capacity, num_layers * num_experts), dtype=np.float32)
         self._cum_norm2 = np.zeros((capacity, num_layers), dtype=np.float32)  # sum of squares, rows 0..l
-        self._inv_cum_norm = np.zeros((capacity, num_layers))  # 1 / sqrt of it (0 for a zero prefix)
+        self._inv_cum_norm = np.zeros((num_layers, capacity))  # 1 / sqrt of it (0 for a zero prefix), layer-major
         self.semantic_dim = semantic_dim
         self.keys = None if semantic_dim is None else np.zeros((capacity, semantic_dim), dtype=np.float32)
         self._unit_keys = None if semantic_dim is None else np.zeros((capacity, semantic_dim), dtype=np.float32)
@@ -121,7 +133,8 @@ class ExpertMapStore:
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.maps, self._unit_maps, self._cum_norm2, self._inv_cum_norm, self.keys, self._unit_keys]
+        arrays = [self.maps, self._layer_maps, self._unit_maps, self._cum_norm2, self._inv_cum_norm, self.keys,
+                  self._unit_keys]
         return int(sum(a.nbytes for a in arrays if a is not None))
 
     def redundancy(self, expert_map: np.ndarray, key: np.ndarray | None) -> np.ndarray:
@@ -147,9 +160,10 @@ class ExpertMapStore:
             self.replaced += 1
         self.inserted += 1
         self.maps[slot] = expert_map
+        self._layer_maps[:, slot] = expert_map
         self._unit_maps[slot] = _unit(expert_map.reshape(-1))
         self._cum_norm2[slot] = np.cumsum((expert_map.astype(np.float64) ** 2).sum(axis=1))
-        self._inv_cum_norm[slot] = _inverse_norms(self._cum_norm2[slot])
+        self._inv_cum_norm[:, slot] = _inverse_norms(self._cum_norm2[slot])
         if self.keys is not None:
             k = np.zeros(self.semantic_dim, np.float32) if key is None else np.asarray(key, np.float32)
             self.keys[slot] = k
@@ -191,12 +205,16 @@ class TrajectoryQuery:
         self.last_layer = layer
         rows = np.asarray(rows, dtype=np.float64)
         s = self.size
-        self.dot += rows @ self.store.maps[:s, layer].T.astype(np.float64)
+        self.dot += rows @ self.store._layer_maps[layer, :s].astype(np.float64).T
         self.q_norm2 += (rows**2).sum(axis=1)
         # dot / (|q| |m|) as two scalings of the [tokens, size] matrix (a prompt has hundreds of
         # tokens: each pass over that matrix costs about a millisecond); zero where a norm vanishes.
-        cos = self.dot * self.store._inv_cum_norm[:s, layer]
-        cos *= _inverse_norms(self.q_norm2)[:, None]
+        cos = self.dot * self.store._inv_cum_norm[layer, :s]
+        if len(self.q_norm2) == 1:  # a decode token: the same scaling, without numpy's per-call cost
+            norm = math.sqrt(self.q_norm2[0])
+            cos *= 1.0 / norm if norm > _EPS else 0.0
+        else:
+            cos *= _inverse_norms(self.q_norm2)[:, None]
         return cos
 
     def best(self, cos: np.ndarray) -> list[Match]:

@@ -17,13 +17,21 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch, StepInfo
+from finemoe.policies.base import (
+    ExpertKey,
+    LayerRouting,
+    Policy,
+    PolicyContext,
+    Prefetch,
+    StepInfo,
+    ranked_prefetches,
+)
 from finemoe.policies.expert_maps import (
     ExpertMapStore,
     Match,
     TrajectoryQuery,
+    delta_prefix,
     prefetch_priority,
-    select_by_delta,
     select_by_delta_rows,
     topk_map,
 )
@@ -112,6 +120,9 @@ class FineMoE(Policy):
         self._clock = 0
         self._res = np.zeros((self.L, self.J), dtype=bool)  # resident, as the engine reports it
         self._prot_step = np.full((self.L, self.J), -1)  # step in which the expert was last predicted
+        self._offers = 0  # experts ever chosen, so the protected mask is rebuilt only when it changes
+        self._protected: tuple | None = None  # ((step, layer, offers), mask, its negation)
+        self._resident_count = 0
         self._step: StepInfo | None = None
         self._layer = -1
         self._queries: list[TrajectoryQuery | None] = []
@@ -165,7 +176,7 @@ class FineMoE(Policy):
         self._abandon_unstarted(step.now_s)
         if not ready or not self.semantic:
             return []
-        out: dict[ExpertKey, Prefetch] = {}
+        out: dict[ExpertKey, float] = {}  # the call's prefetches: key -> highest priority
         searched: list[int] = []  # tokens of each sequence searched
         for i in range(n):
             key = step.semantic_key(i)
@@ -186,12 +197,18 @@ class FineMoE(Policy):
         step = self._step
         if step is None or self.store is None or self.store.size == 0 or target >= self.L:
             return []
-        out: dict[ExpertKey, Prefetch] = {}
+        out: dict[ExpertKey, float] = {}
         searched: list[int] = []
         for i in range(len(step.sequences)):
             query = self._queries[i] if i < len(self._queries) else None
             if query is not None:
-                idx, sim = query.best_arrays(query.observe(layer, self._observed_rows(routing, i)))
+                cos = query.observe(layer, self._observed_rows(routing, i))
+                if len(cos) == 1:  # a decode token: one best map (argmax takes the first of ties)
+                    best = int(cos[0].argmax())
+                    searched.append(1)
+                    self._predict(out, step.step, target, layer, self.store.maps[best, target], float(cos[0, best]))
+                    continue
+                idx, sim = query.best_arrays(cos)
                 searched.append(len(idx))
                 self._predict_rows(out, step.step, target, layer, self.store.maps[idx, target], sim)
             elif not self.trajectory and self._sem[i] is not None:
@@ -209,34 +226,32 @@ class FineMoE(Policy):
                 self.search_busy_s -= end - start
         self._searches = [entry for entry in self._searches if entry[0] < now_s][-1:]
 
-    def _searched(self, now_s: float, out: dict[ExpertKey, Prefetch], searched: list[int]) -> list[Prefetch]:
-        """The call's prefetches, highest priority first, stamped with when its searches finish
-        on the search thread (after the searches queued before them). `searched`: the tokens of
-        each sequence's search; one costs `search_s` plus `search_token_s` per further token."""
-        new = sorted(out.values(), reverse=True)
+    def _searched(self, now_s: float, out: dict[ExpertKey, float], searched: list[int]) -> list[Prefetch]:
+        """The call's prefetches, highest priority first (`Prefetch` order), stamped with when its
+        searches finish on the search thread (after the searches queued before them). `searched`:
+        the tokens of each sequence's search; one costs `search_s` plus `search_token_s` per further
+        token."""
         cost_s = sum(self.search_s + max(0, tokens - 1) * self.search_token_s for tokens in searched)
         self.searches += len(searched)
         self.search_busy_s += cost_s
-        if self.search_charge == "none" or cost_s <= 0:
-            return new
-        start = max(now_s, self._searches[-1][1] if self._searches else 0.0)
-        self._searches.append((start, start + cost_s, len(searched)))
-        ready = start + cost_s
-        return [Prefetch(p.priority, p.step, p.layer, p.expert, ready) for p in new]
+        ready = 0.0
+        if self.search_charge != "none" and cost_s > 0:
+            start = max(now_s, self._searches[-1][1] if self._searches else 0.0)
+            self._searches.append((start, start + cost_s, len(searched)))
+            ready = start + cost_s
+        return ranked_prefetches(self._step.step, out, ready)
 
     def _observed_rows(self, routing: LayerRouting, i: int) -> np.ndarray:
         if self.maps_from == "probs":
-            rows = routing.router_probs(i).astype(np.float32)
-            return np.nan_to_num(rows, copy=False) if np.isnan(rows).any() else rows  # missing records
+            return routing.router_rows(i)
         return topk_map(routing.experts(i), routing.weights(i), self.J)
 
     def _predict(self, out: dict, step: int, target: int, current: int, row: np.ndarray, similarity: float) -> None:
         """Select experts of one predicted row, record p for eviction, add prefetches (max priority)."""
-        row = np.asarray(row, dtype=np.float64)
         self._remember_p(step, target, row)
-        chosen = select_by_delta(row, similarity if self.delta else 1.0, self.K)
-        for e in chosen.tolist():
-            self._offer(out, step, target, e, prefetch_priority(row[e], target, current))
+        values = row.tolist()
+        for e in delta_prefix(values, similarity if self.delta else 1.0, self.K):
+            self._offer(out, step, target, e, prefetch_priority(values[e], target, current))
 
     def _predict_rows(self, out: dict, step: int, target: int, current: int, rows: np.ndarray,
                       similarities: np.ndarray) -> None:
@@ -266,9 +281,10 @@ class FineMoE(Policy):
         """Protect a chosen expert for this step and keep its highest priority among the call's."""
         key = (target, expert)
         self._prot_step[key] = step
+        self._offers += 1
         old = out.get(key)
-        if old is None or old.priority < priority:
-            out[key] = Prefetch(priority, step, target, expert)
+        if old is None or old < priority:
+            out[key] = priority
 
     # --- caching ----------------------------------------------------------------------------------
     def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
@@ -278,19 +294,37 @@ class FineMoE(Policy):
         self._last[layer, expert] = self._clock
 
     def on_loaded(self, key: ExpertKey, now_s: float) -> None:
+        if not self._res[key]:
+            self._resident_count += 1
         self._res[key] = True
         self._clock += 1
         self._last[key] = self._clock
 
     def on_evicted(self, key: ExpertKey, now_s: float) -> None:
+        if self._res[key]:
+            self._resident_count -= 1
         self._res[key] = False
 
     def protected_mask(self) -> np.ndarray:
-        """bool [L, J]: experts predicted in this step for a layer not yet passed (FineMoE's cache only)."""
+        """bool [L, J]: experts predicted in this step for a layer not yet passed (FineMoE's cache
+        only). Read-only: it is kept until the step, the layer or the predictions change."""
+        return self._protection()[0]
+
+    def _protection(self) -> tuple[np.ndarray, np.ndarray]:
+        """The protected mask and its negation, rebuilt only when the step, the layer or the chosen
+        experts have changed since the last call (evictions come many to a layer)."""
         if self.cache != "finemoe" or self._step is None:
-            return np.zeros((self.L, self.J), dtype=bool)
-        ahead = np.arange(self.L)[:, None] >= self._layer
-        return (self._prot_step == self._step.step) & ahead
+            state = None
+        else:
+            state = (self._step.step, self._layer, self._offers)
+        if self._protected is None or self._protected[0] != state:
+            if state is None:
+                mask = np.zeros((self.L, self.J), dtype=bool)
+            else:
+                ahead = np.arange(self.L)[:, None] >= self._layer
+                mask = (self._prot_step == self._step.step) & ahead
+            self._protected = (state, mask, ~mask)
+        return self._protected[1], self._protected[2]
 
     def _primary(self) -> np.ndarray:
         """float [L, J]: the cache's eviction score, lowest evicted first (ties: least recently used).
@@ -314,32 +348,38 @@ class FineMoE(Policy):
         return [(int(layer[i]), int(expert[i])) for i in order]
 
     def _first(self, mask: np.ndarray, primary: np.ndarray) -> ExpertKey | None:
-        """The first of `mask` in eviction order, without sorting: lowest score, then oldest use."""
-        if not mask.any():
-            return None
+        """The first of `mask` in eviction order, without sorting: lowest score, then oldest use.
+        Scores are finite, so an infinite minimum means an empty mask."""
         score = np.where(mask, primary, np.inf)
-        tied = mask & (score == score.min())
-        flat = int(np.argmin(np.where(tied, self._last, np.inf)))
+        low = score.min()
+        if low == np.inf:
+            return None
+        flat = int(np.argmin(np.where(score == low, self._last, np.inf)))
         return divmod(flat, self.J)
 
     def choose_victim(
         self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
     ) -> ExpertKey | None:
-        if not self._res.any():
+        """The first evictable expert of `eviction_order`, found without sorting: the unprotected
+        ones first; then, for an on-demand load only, the protected ones (a prefetch may not
+        displace them). A choice that is pinned or in use is masked out and the next one taken."""
+        if not self._resident_count:
             return None
-        protected = self.protected_mask()
+        protected, unprotected = self._protection()
         primary = self._primary()
-        first = self._first(self._res & ~protected, primary)
-        if first is None and for_prefetch is None:
-            first = self._first(self._res & protected, primary)
-        if first is not None and evictable(first):
-            return first
-        for victim in self.eviction_order():  # rare: the first choice is pinned or in use
-            if for_prefetch is not None and protected[victim]:
-                return None  # only protected experts left: a prefetch may not displace them
-            if evictable(victim):
-                return victim
-        return None
+        victim = self._first_evictable(self._res & unprotected, primary, evictable)
+        if victim is None and for_prefetch is None:
+            victim = self._first_evictable(self._res & protected, primary, evictable)
+        return victim
+
+    def _first_evictable(self, mask: np.ndarray, primary: np.ndarray,
+                         evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """The first evictable expert of `mask` (a fresh array, cleared as choices fail)."""
+        while True:
+            first = self._first(mask, primary)
+            if first is None or evictable(first):
+                return first
+            mask[first] = False
 
     def describe(self) -> dict:
         d = super().describe()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
-
 from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch
 from finemoe.policies.registry import register
 from finemoe.policies.usage import TrackedCachePolicy
@@ -36,9 +34,9 @@ class MixtralOffloading(TrackedCachePolicy):
             spec = routing.spec_experts(i)
             if spec is None:
                 continue
-            ids, counts = np.unique(spec[spec >= 0], return_counts=True)
-            for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
-                votes[e] = votes.get(e, 0) + c
+            for e in spec.ravel().tolist():  # a decode token has top-k ids: a loop beats np.unique
+                if e >= 0:
+                    votes[e] = votes.get(e, 0) + 1
         total = sum(votes.values()) or 1
         # Priority: share of the batch's tokens whose speculative router picked the expert.
         return [Prefetch(c / total, routing.step.step, target, e) for e, c in sorted(votes.items())]

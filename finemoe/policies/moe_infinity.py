@@ -11,11 +11,12 @@ why request-level statistics predict little when routing is balanced over a requ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
 
-from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch, StepInfo
+from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch, StepInfo, ranked_prefetches
 from finemoe.policies.registry import register
 from finemoe.policies.usage import TrackedCachePolicy
 
@@ -29,6 +30,25 @@ def activation_matrix(trace, rows: np.ndarray) -> np.ndarray:
     valid = ex >= 0
     np.add.at(eam, (layer_idx[valid], ex[valid].astype(np.int64)), 1.0)
     return eam
+
+
+class _Partial:
+    """A running request's EAM so far, with its squared norm kept exact as counts arrive."""
+
+    __slots__ = ("eam", "norm2")
+
+    def __init__(self, eam: np.ndarray) -> None:
+        self.eam = eam
+        self.norm2 = 0.0
+
+    def count(self, layer: int, experts: np.ndarray) -> None:
+        """Add one layer's routed experts (all tokens; -1, a missing record, skipped)."""
+        row = self.eam[layer]
+        for e in experts.ravel().tolist():
+            if e >= 0:
+                c = row[e]
+                row[e] = c + 1.0
+                self.norm2 += 2.0 * c + 1.0  # (c + 1)^2 - c^2: integers, so the sum stays exact
 
 
 @register
@@ -59,6 +79,7 @@ class MoEInfinity(TrackedCachePolicy):
         self._refresh()
 
     def _refresh(self) -> None:
+        self._predictions: dict[tuple[int, int], list[tuple[float, int, int]]] = {}  # _predict's memo
         if self.history:
             stack = np.stack(self.history)
             self._flat = stack.reshape(len(self.history), -1)
@@ -81,49 +102,66 @@ class MoEInfinity(TrackedCachePolicy):
                 self.history.append(activation_matrix(trace, rows))
                 self._refresh()
 
-    def _match(self, partial: np.ndarray) -> np.ndarray | None:
-        """The stored EAM most similar (cosine) to `partial`; popularity if nothing observed yet."""
+    def _match(self, partial: _Partial) -> int | None:
+        """Index of the stored EAM most similar (cosine) to `partial`; -1 (popularity) if nothing
+        is observed yet; None without history."""
         if self._flat is None:
             return None
-        q = partial.reshape(-1)
-        qn = float(np.linalg.norm(q))
-        if qn == 0.0:
-            return self._popular
-        cos = (self._flat @ q) / np.maximum(self._norms * qn, 1e-12)
-        return self._flat[int(np.argmax(cos))].reshape(self.L, self.J)
+        if partial.norm2 == 0.0:
+            return -1
+        # np.linalg.norm of counts: the square root of an exact integer sum, kept as counts arrive.
+        qn = math.sqrt(partial.norm2)
+        cos = (self._flat @ partial.eam.reshape(-1)) / np.maximum(self._norms * qn, 1e-12)
+        return int(np.argmax(cos))
 
-    def _predict(self, out: dict, step: int, current: int, eam: np.ndarray | None) -> None:
-        if eam is None:
+    def _predictions_of(self, match: int, current: int) -> list[tuple[float, int, int]]:
+        """(priority, target layer, expert) for the layers after `current` from stored EAM `match`
+        (-1: popularity). Memoised: they depend on nothing else until the history changes."""
+        got = self._predictions.get((match, current))
+        if got is None:
+            eam = self._popular if match < 0 else self._flat[match].reshape(self.L, self.J)
+            got = []
+            for target in range(current + 1, min(current + 1 + self.distance, self.L)):
+                row = eam[target]
+                total = row.sum()
+                if total <= 0:
+                    continue
+                for e in np.argsort(-row, kind="stable")[: self.n_pref].tolist():
+                    got.append((float(row[e] / total) / (target - current), target, e))
+            self._predictions[(match, current)] = got
+        return got
+
+    def _predict(self, out: dict, current: int, match: int | None) -> None:
+        """Merge one sequence's predictions into `out` ((target, expert) -> highest priority)."""
+        if match is None:
             return
-        for target in range(current + 1, min(current + 1 + self.distance, self.L)):
-            row = eam[target]
-            total = row.sum()
-            if total <= 0:
-                continue
-            for e in np.argsort(-row, kind="stable")[: self.n_pref].tolist():
-                prio = float(row[e] / total) / (target - current)
-                if (target, e) not in out or out[(target, e)].priority < prio:
-                    out[(target, e)] = Prefetch(prio, step, target, e)
+        for prio, target, e in self._predictions_of(match, current):
+            key = (target, e)
+            if key not in out or out[key] < prio:
+                out[key] = prio
+
+    def _partial_of(self, request_id: int) -> _Partial:
+        partial = self._partial.get(request_id)
+        if partial is None:
+            partial = self._partial[request_id] = _Partial(np.zeros((self.L, self.J)))
+        return partial
 
     def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
         self._step = step
         out: dict = {}
         for s in step.sequences:
-            partial = self._partial.setdefault(s.request_id, np.zeros((self.L, self.J)))
-            self._predict(out, step.step, -1, self._match(partial))
-        return sorted(out.values(), reverse=True)
+            self._predict(out, -1, self._match(self._partial_of(s.request_id)))
+        return ranked_prefetches(step.step, out)
 
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
         out: dict = {}
         layer = routing.layer
         for i, s in enumerate(routing.step.sequences):
-            partial = self._partial.setdefault(s.request_id, np.zeros((self.L, self.J)))
-            ex = routing.experts(i)
-            ids, counts = np.unique(ex[ex >= 0], return_counts=True)
-            partial[layer, ids.astype(np.int64)] += counts
+            partial = self._partial_of(s.request_id)
+            partial.count(layer, routing.experts(i))
             if layer + 1 < self.L:
-                self._predict(out, routing.step.step, layer, self._match(partial))
-        return sorted(out.values(), reverse=True)
+                self._predict(out, layer, self._match(partial))
+        return ranked_prefetches(routing.step.step, out)
 
     def describe(self) -> dict:
         d = super().describe()

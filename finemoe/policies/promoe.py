@@ -17,7 +17,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from finemoe.policies.base import ExpertKey, LayerRouting, PolicyContext, Prefetch, StepInfo
+from finemoe.policies.base import (
+    ExpertKey,
+    LayerRouting,
+    PolicyContext,
+    Prefetch,
+    StepInfo,
+    ranked_prefetches,
+)
 from finemoe.policies.expert_maps import topk_map
 from finemoe.policies.registry import register
 from finemoe.policies.usage import TrackedCachePolicy
@@ -106,6 +113,8 @@ class ProMoE(TrackedCachePolicy):
     def _features(self, maps: np.ndarray, layer: int) -> np.ndarray:
         """[n, window * J]: rows of layers layer-window+1..layer (zeros before layer 0)."""
         n = maps.shape[0]
+        if layer + 1 >= self.window:  # the window's rows lie side by side in each token's map
+            return maps[:, layer + 1 - self.window : layer + 1].reshape(n, -1).astype(np.float64)
         parts = []
         for src in range(layer - self.window + 1, layer + 1):
             parts.append(maps[:, src] if src >= 0 else np.zeros((n, self.J), np.float32))
@@ -158,7 +167,7 @@ class ProMoE(TrackedCachePolicy):
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
         layer = routing.layer
         model = self.models.get(layer)
-        out: dict[ExpertKey, Prefetch] = {}
+        out: dict[ExpertKey, float] = {}  # (target, expert) -> highest priority among the tokens
         target = layer + self.distance
         for i in range(len(routing.step.sequences)):
             if i >= len(self._rows):
@@ -166,20 +175,19 @@ class ProMoE(TrackedCachePolicy):
             if self.inputs_used == "topk" or self.inputs_used is None:
                 rows = topk_map(routing.experts(i), routing.weights(i), self.J)
             else:
-                probs = routing.router_probs(i)
-                rows = np.nan_to_num(probs.astype(np.float32))
+                rows = routing.router_rows(i)
             self._rows[i][:, layer] = rows
             if model is None:
                 continue
             w, b = model
             prob = _sigmoid(self._features(self._rows[i], layer) @ w + b)  # [tokens, J]
-            for t in range(prob.shape[0]):
-                chosen = np.argsort(-prob[t], kind="stable")[: self.K]
-                for e in chosen.tolist():
-                    prio = float(prob[t, e]) / self.distance
-                    if (target, e) not in out or out[(target, e)].priority < prio:
-                        out[(target, e)] = Prefetch(prio, routing.step.step, target, e)
-        return sorted(out.values(), reverse=True)
+            for p in prob.tolist():
+                # The K likeliest, ties to the lower id (as a stable argsort of -p).
+                for e in sorted(range(len(p)), key=p.__getitem__, reverse=True)[: self.K]:
+                    prio = p[e] / self.distance
+                    if (target, e) not in out or out[(target, e)] < prio:
+                        out[(target, e)] = prio
+        return ranked_prefetches(routing.step.step, out)
 
     def describe(self) -> dict:
         d = super().describe()
