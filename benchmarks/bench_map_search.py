@@ -1,5 +1,5 @@
-"""How long FineMoE's expert map search takes in our implementation (the figures behind the
-policy's `search_s` and `search_token_s` defaults).
+"""How long FineMoE's expert map search takes in our implementation (the figures the policy's
+`search_s` and `search_token_s` defaults were set from; docs/policies.md has both).
 
 Two levels, both with a full store of C maps:
 * the policy's own calls (what the simulator charges): `on_layer_routed` of a one-token decode step

@@ -1,4 +1,4 @@
-"""FineMoE's expert map store and selection rules, as pure numpy (no engine, no timing).
+"""FineMoE's expert map store and selection rules: pure functions and arrays, no engine, no timing.
 
 An expert map is the L x J stack of one token's router probability rows. The store keeps at most
 C maps, each with a semantic key (embedding output) and the map itself as its trajectory key. The

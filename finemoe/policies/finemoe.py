@@ -40,12 +40,14 @@ from finemoe.policies.registry import register
 # Modelled wall time of one map search: one sequence at one layer (the policy's whole call: the
 # incremental trajectory cosine against C=1000 stored maps, the argmax, the delta selection, the
 # prefetch list; the semantic match at step start counts as one), and of each further token of the
-# same sequence in that call (a prefill is matched token by token, vectorised). Measured 2026-11-29
-# with `python3 benchmarks/bench_map_search.py` on the development machine (2 shared x86 cores,
+# same sequence in that call (a prefill is matched token by token, vectorised). Set 2026-11-29 from
+# `python3 benchmarks/bench_map_search.py` on the development machine (2 shared x86 cores,
 # numpy/OpenBLAS, load 1.4): 45-49 us per searched layer of a Mixtral (32 x 8) decode step and
 # 4.4-4.6 us per further prefill token (3.9-4.2 us for the demo model's 6 x 8, whose decode calls
 # take 72-93 us per searched layer with the step's fixed costs shared by only 3 layers: 4 x 50 us
-# per step charged against 240 us measured). See docs/policies.md for how the engine charges them.
+# per step charged against 240 us measured). The policy's code has become faster since (37-41 us
+# and 4.2-4.4 us, against 69-79 us and 5.2-5.4 us for the code before in the same runs); the
+# defaults stay, as this host's spread for one tree is wider than the change. See docs/policies.md.
 SEARCH_S_DEFAULT = 50e-6
 SEARCH_TOKEN_S_DEFAULT = 4.5e-6
 
