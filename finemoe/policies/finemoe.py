@@ -125,6 +125,8 @@ class FineMoE(Policy):
         self._offers = 0  # experts ever chosen, so the protected mask is rebuilt only when it changes
         self._protected: tuple | None = None  # ((step, layer, offers), mask, its negation)
         self._resident_count = 0
+        # Per current layer l (-1 before layer 0, at index l + 1): the rows of layers not yet passed.
+        self._ahead = [np.repeat(np.arange(self.L)[:, None] >= layer, self.J, axis=1) for layer in range(-1, self.L)]
         self._step: StepInfo | None = None
         self._layer = -1
         self._queries: list[TrajectoryQuery | None] = []
@@ -323,8 +325,7 @@ class FineMoE(Policy):
             if state is None:
                 mask = np.zeros((self.L, self.J), dtype=bool)
             else:
-                ahead = np.arange(self.L)[:, None] >= self._layer
-                mask = (self._prot_step == self._step.step) & ahead
+                mask = (self._prot_step == self._step.step) & self._ahead[self._layer + 1]
             self._protected = (state, mask, ~mask)
         return self._protected[1], self._protected[2]
 
