@@ -1,15 +1,19 @@
-"""Cache orderings shared by policies: LRU order and LFU counts over the resident experts.
+"""Cache orderings shared by policies: LRU order and LFU counts over the resident experts, and the
+base class of the predictive policies whose cache is one of them.
 
-Both track residency through the policy notifications (`on_loaded`, `on_evicted`, `on_access`) and
-answer one question: which evictable resident expert goes first.
+Both orderings track residency through the policy notifications (`on_loaded`, `on_evicted`,
+`on_access`) and answer one question: which evictable resident expert goes first. The `lru` and
+`lfu` policies use them directly; MoE-Infinity, ProMoE and Mixtral-Offloading through
+`TrackedCachePolicy`, so their victims are chosen exactly as on-demand LRU and LFU would choose them.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import ClassVar
 
-from finemoe.policies.base import ExpertKey
+from finemoe.policies.base import ExpertKey, Policy, PolicyContext, Prefetch
 
 
 class LRUOrder:
@@ -89,3 +93,37 @@ class LFUCounts:
                 if c == 0:
                     break
         return best
+
+
+class TrackedCachePolicy(Policy):
+    """A predictive policy whose cache is plain LRU or LFU (`cache_order`); loads count as uses,
+    LFU counts every access (kept across evictions) and breaks ties by recency.
+
+    Subclasses add prediction; this owns the cache notifications and the victim choice.
+    """
+
+    cache_order: ClassVar[str] = "lru"
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        if self.cache_order == "lru":
+            self._cache: LRUOrder | LFUCounts = LRUOrder()
+        elif self.cache_order == "lfu":
+            self._cache = LFUCounts()
+        else:
+            raise ValueError(f"unknown cache order {self.cache_order!r}")
+        self._touch, self._loaded, self._evicted = self._cache.touch, self._cache.loaded, self._cache.evicted
+
+    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
+        self._touch((layer, expert))
+
+    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
+        self._loaded(key)
+
+    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
+        self._evicted(key)
+
+    def choose_victim(
+        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
+    ) -> ExpertKey | None:
+        return self._cache.victim(evictable)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch
+from finemoe.policies.caches import TrackedCachePolicy
 from finemoe.policies.registry import register
-from finemoe.policies.usage import TrackedCachePolicy
 
 
 @register

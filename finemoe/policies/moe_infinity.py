@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch, StepInfo, ranked_prefetches
+from finemoe.policies.caches import TrackedCachePolicy
 from finemoe.policies.registry import register
-from finemoe.policies.usage import TrackedCachePolicy
 
 
 def activation_matrix(trace, rows: np.ndarray) -> np.ndarray:

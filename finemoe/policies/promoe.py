@@ -25,9 +25,9 @@ from finemoe.policies.base import (
     StepInfo,
     ranked_prefetches,
 )
+from finemoe.policies.caches import TrackedCachePolicy
 from finemoe.policies.expert_maps import topk_map
 from finemoe.policies.registry import register
-from finemoe.policies.usage import TrackedCachePolicy
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
