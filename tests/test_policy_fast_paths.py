@@ -13,6 +13,7 @@ from test_policy_finemoe import M, _bound_policy
 from test_policy_support import context, trace_from_probs
 
 from finemoe.policies.base import LayerRouting, Prefetch, Sequence, StepInfo, ranked_prefetches
+from finemoe.policies.caches import LFUCounts
 from finemoe.policies.expert_maps import delta_prefix
 from finemoe.policies.moe_infinity import _Partial
 from finemoe.policies.registry import make_policy
@@ -146,3 +147,35 @@ def test_tracked_caches_evict_by_use_count_then_recency(seed, name):
     else:
         expected = min(candidates, key=lambda k: stamp[k], default=None)
     assert policy.choose_victim(lambda k: k in resident and k not in blocked, None, 0.0) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_lfu_buckets_give_the_least_used_then_least_recent_victim(seed):
+    """`LFUCounts` after every operation of a long random run (loads, evictions, touches of
+    residents and of evicted experts, so buckets empty and come back), against a plain scan."""
+    rng = np.random.default_rng(seed)
+    lfu = LFUCounts()
+    counts: dict = {}
+    stamp: dict = {}
+    resident: set = set()
+    for clock in range(400):
+        key = (int(rng.integers(3)), int(rng.integers(5)))
+        roll = rng.random()
+        if roll < 0.25 and key not in resident:
+            lfu.loaded(key)
+            counts.setdefault(key, 0)
+            resident.add(key)
+            stamp[key] = clock
+        elif roll < 0.45 and key in resident:
+            lfu.evicted(key)
+            resident.discard(key)
+        else:
+            lfu.touch(key)
+            counts[key] = counts.get(key, 0) + 1
+            if key in resident:
+                stamp[key] = clock
+        blocked = {k for k in resident if rng.random() < 0.3}
+        expected = min((k for k in resident if k not in blocked), key=lambda k: (counts[k], stamp[k]), default=None)
+        assert lfu.victim(lambda k, blocked=blocked: k in resident and k not in blocked) == expected
+    assert len(lfu._heap) == len(set(lfu._heap)) <= max(counts.values(), default=0) + 1  # each count once

@@ -9,6 +9,7 @@ Both orderings track residency through the policy notifications (`on_loaded`, `o
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar
@@ -54,45 +55,75 @@ class LRUOrder:
 
 
 class LFUCounts:
-    """Use counts per expert (kept across evictions) with an LRU order to break ties."""
+    """Use counts per expert (kept across evictions); the least used resident goes first, the least
+    recently used among equals.
+
+    Residents sit in one bucket per count, each in recency order (a touch moves its key to the end
+    of the next bucket, a load to the end of its own), with a heap of the counts that have a bucket:
+    the victim is the first evictable key of the lowest buckets, found without a pass over every
+    resident. The same victim as taking, over the residents in LRU order, the first of the least used.
+    """
 
     def __init__(self) -> None:
         self.counts: dict[ExpertKey, int] = {}
-        self.lru = LRUOrder()
+        self._buckets: dict[int, OrderedDict[ExpertKey, None]] = {}  # count -> residents, least recent first
+        self._heap: list[int] = []  # counts with a bucket (an emptied bucket is dropped lazily)
+        self._in_heap: set[int] = set()  # the counts on the heap, each once, so it stays small
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._buckets.values())
+
+    def _put(self, key: ExpertKey, count: int) -> None:
+        bucket = self._buckets.get(count)
+        if bucket is None:
+            bucket = self._buckets[count] = OrderedDict()
+            if count not in self._in_heap:
+                self._in_heap.add(count)
+                heapq.heappush(self._heap, count)
+        bucket[key] = None
+
+    def _take(self, key: ExpertKey, count: int) -> bool:
+        """Remove a resident from its bucket; False if it is not resident."""
+        bucket = self._buckets.get(count)
+        if bucket is None or key not in bucket:
+            return False
+        del bucket[key]
+        if not bucket:
+            del self._buckets[count]
+        return True
 
     def loaded(self, key: ExpertKey) -> None:
-        self.counts.setdefault(key, 0)  # every resident expert has a count (`victim`'s first try)
-        self.lru.loaded(key)
+        count = self.counts.setdefault(key, 0)
+        self._take(key, count)
+        self._put(key, count)
 
     def touch(self, key: ExpertKey, amount: int = 1) -> None:
-        self.counts[key] = self.counts.get(key, 0) + amount
-        self.lru.touch(key)
+        count = self.counts.get(key, 0)
+        self.counts[key] = count + amount
+        if self._take(key, count):
+            self._put(key, count + amount)
 
     def evicted(self, key: ExpertKey) -> None:
-        self.lru.evicted(key)
+        self._take(key, self.counts.get(key, 0))
 
     def count(self, key: ExpertKey) -> int:
         return self.counts.get(key, 0)
 
     def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
         """The least used evictable expert, the least recently used among equals."""
-        order, counts = self.lru._order, self.counts
-        if order:
-            # First try, without a Python loop: the first least used of all (every earlier one is
-            # used more), which is the answer unless it is pinned.
-            first = min(order, key=counts.__getitem__)
-            if evictable(first):
-                return first
-        best, best_count = None, None
-        for key in order:  # least recently used first, so the first minimum wins ties
-            if not evictable(key):
-                continue
-            c = counts.get(key, 0)
-            if best_count is None or c < best_count:
-                best, best_count = key, c
-                if c == 0:
-                    break
-        return best
+        heap, buckets = self._heap, self._buckets
+        while heap and heap[0] not in buckets:
+            self._in_heap.discard(heapq.heappop(heap))  # a bucket emptied since its count was pushed
+        if not heap:
+            return None
+        for key in buckets[heap[0]]:  # the common case: the lowest bucket has an evictable key
+            if evictable(key):
+                return key
+        for count in sorted(buckets)[1:]:
+            for key in buckets[count]:
+                if evictable(key):
+                    return key
+        return None
 
 
 class TrackedCachePolicy(Policy):
