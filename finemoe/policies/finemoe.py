@@ -124,7 +124,6 @@ class FineMoE(Policy):
         self._prot_step = np.full((self.L, self.J), -1)  # step in which the expert was last predicted
         self._offers = 0  # experts ever chosen, so the protected mask is rebuilt only when it changes
         self._protected: tuple | None = None  # ((step, layer, offers), mask, its negation)
-        self._resident_count = 0
         # Per current layer l (-1 before layer 0, at index l + 1): the rows of layers not yet passed.
         self._ahead = [np.repeat(np.arange(self.L)[:, None] >= layer, self.J, axis=1) for layer in range(-1, self.L)]
         self._step: StepInfo | None = None
@@ -259,10 +258,8 @@ class FineMoE(Policy):
 
     def _predict_rows(self, out: dict, step: int, target: int, current: int, rows: np.ndarray,
                       similarities: np.ndarray) -> None:
-        """`_predict` for each token's predicted row (a prefill's), vectorised; the same result."""
-        if len(rows) == 1:
-            self._predict(out, step, target, current, rows[0], float(similarities[0]))
-            return
+        """`_predict` for each token's predicted row (a prefill's), vectorised; the same result. (A
+        decode token's single row goes to `_predict` directly, from `on_layer_routed`.)"""
         if len(rows) == 0:
             return
         rows = np.asarray(rows, dtype=np.float64)
@@ -298,15 +295,11 @@ class FineMoE(Policy):
         self._last[layer, expert] = self._clock
 
     def on_loaded(self, key: ExpertKey, now_s: float) -> None:
-        if not self._res[key]:
-            self._resident_count += 1
         self._res[key] = True
         self._clock += 1
         self._last[key] = self._clock
 
     def on_evicted(self, key: ExpertKey, now_s: float) -> None:
-        if self._res[key]:
-            self._resident_count -= 1
         self._res[key] = False
 
     def protected_mask(self) -> np.ndarray:
@@ -366,7 +359,7 @@ class FineMoE(Policy):
         """The first evictable expert of `eviction_order`, found without sorting: the unprotected
         ones first; then, for an on-demand load only, the protected ones (a prefetch may not
         displace them). A choice that is pinned or in use is masked out and the next one taken."""
-        if not self._resident_count:
+        if not self._res.any():
             return None
         protected, unprotected = self._protection()
         primary = self._primary()
