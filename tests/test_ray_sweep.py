@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray  # the Makefile installs the ray extra: a missing Ray fails here, it never skips
 import test_sweep_support as support
 
 from finemoe.results import read_result
@@ -14,8 +15,6 @@ from finemoe.sim.hardware import PRESETS
 from finemoe.sim.sweep import SweepSpec, expand_sweep, run_sweep
 from finemoe.traces.io import write_trace
 from finemoe.traces.synthetic import synthetic_trace
-
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'finemoe[ray]')")
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -60,9 +62,10 @@ def test_bad_files_give_one_error_line_and_exit_1(tmp_path, small_trace, good, c
 
 
 def test_a_real_process_exits_1_without_traceback(tmp_path, small_trace, good):
-    exe = shutil.which("finemoe")
-    if exe is None:
-        pytest.skip("finemoe console script not installed")
+    # The script beside this interpreter (a venv not on PATH), else the one on PATH.
+    beside = Path(sys.executable).with_name("finemoe")
+    exe = str(beside) if beside.exists() else shutil.which("finemoe")
+    assert exe, "the finemoe console script is not installed (pip install -e .)"
     path, _ = _bad_files(tmp_path, small_trace, good)["truncated"]
     proc = subprocess.run([exe, "trace", "validate", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
