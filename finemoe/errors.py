@@ -15,3 +15,7 @@ class ConfigError(FinemoeError):
 
 class MissingFieldError(FinemoeError):
     """A policy or command needs a trace field this trace does not carry."""
+
+
+class OutputError(FinemoeError):
+    """An output could not be written (folder not writable, disk full, a path under a regular file)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from finemoe.errors import FinemoeError
+from finemoe.files import atomic_path
 
 RESULTS_SCHEMA_VERSION = 1
 _META_KEY = b"finemoe_result"
@@ -99,15 +99,8 @@ def write_result(result: RunResult, path: str | os.PathLike) -> Path:
     }
     table = pa.Table.from_pandas(result.requests, preserve_index=False)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta, default=_json_default).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

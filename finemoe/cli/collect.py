@@ -47,7 +47,8 @@ def collect_command(model_name, source, prompt_field, limit, seed, shuffle, max_
     Your own prompts and model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, GPT-OSS):
       finemoe collect --model ./Mixtral-8x7B-Instruct --prompts prompts.jsonl --prompt-field text \\
           --limit 64 --max-new-tokens 128 --batch-size 8 -o mixtral.parquet
-    Ctrl-C keeps every finished request: the trace is written, marked incomplete.
+    Ctrl-C or SIGTERM keeps every finished request: the trace is written, marked incomplete
+    (exit code 130 or 143).
     """
     import torch
 
@@ -70,25 +71,28 @@ def collect_command(model_name, source, prompt_field, limit, seed, shuffle, max_
     try:
         path = collect(model, tokenizer, prompts, output, config, model_name=name, metadata=settings,
                        progress=not quiet)
-    except KeyboardInterrupt:
-        _report_partial(output, read_metadata, trace_files)
-        raise
+    except KeyboardInterrupt as exc:
+        _report_partial(output, exc, read_metadata, trace_files)
     meta = read_metadata(trace_files(path)[0])
     click.echo(f"wrote {path}: {len(prompts)} requests of {name} ({meta['geometry'].num_layers} MoE layers, "
                f"{meta['geometry'].num_experts} experts, top-{meta['geometry'].top_k})")
 
 
-def _report_partial(output, read_metadata, trace_files) -> None:
+def _report_partial(output, exc: KeyboardInterrupt, read_metadata, trace_files) -> None:
+    """One line on what an interrupt kept, then the interrupt's exit code (130, or 143 for SIGTERM)."""
+    import sys
     from pathlib import Path
 
+    from finemoe.cli.interrupts import describe, exit_code
     from finemoe.errors import TraceError
 
     try:
         files = trace_files(Path(output))
         n = sum(len(read_metadata(f)["requests"]) for f in files)
-        click.echo(f"kept {n} finished requests in {output} (marked incomplete)", err=True)
+        click.echo(f"{describe(exc)}: kept {n} finished requests in {output} (marked incomplete)", err=True)
     except TraceError:
-        click.echo("no request had finished; nothing written", err=True)
+        click.echo(f"{describe(exc)}: no request had finished; nothing written", err=True)
+    sys.exit(exit_code(exc))
 
 
 COMMANDS = [collect_command]

@@ -7,7 +7,6 @@ Everything lands in one folder; rerunning replaces the demo's own files there.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import click
 
 from finemoe.errors import ConfigError
+from finemoe.files import atomic_write_json, atomic_write_text, ensure_dir
 
 MARKER = ".finemoe-demo"
 OWN_ENTRIES = ("trace.parquet", "results", "figures", "report.html", "demo.json", "replay")
@@ -70,8 +70,8 @@ def prepare_out_dir(out: Path) -> None:
         raise ConfigError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
         raise ConfigError(f"{out} is not empty and was not written by finemoe demo; choose another -o folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by finemoe demo; rerunning the demo replaces its files here\n")
+    ensure_dir(out)
+    atomic_write_text(out / MARKER, "written by finemoe demo; rerunning the demo replaces its files here\n")
     for name in OWN_ENTRIES:
         p = out / name
         if p.is_dir():
@@ -209,9 +209,7 @@ def _demo_weights() -> Path | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 @click.command("demo", epilog="""

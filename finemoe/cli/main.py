@@ -9,21 +9,24 @@ import sys
 import click
 
 from finemoe import __version__
+from finemoe.cli.interrupts import describe, exit_code, sigterm_as_interrupt
 from finemoe.errors import FinemoeError
 
 
 class FinemoeGroup(click.Group):
-    """A group that turns library errors into one sentence and exit code 1, never a traceback."""
+    """A group that turns library errors into one sentence and exit code 1, never a traceback;
+    Ctrl-C and SIGTERM stop a command the same way (finished work kept), exit 130 and 143."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except FinemoeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            click.echo(f"{describe(exc)}; finished work is kept", err=True)
+            sys.exit(exit_code(exc))
 
 
 @click.group(cls=FinemoeGroup, context_settings={"help_option_names": ["-h", "--help"]})

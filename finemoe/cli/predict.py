@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -142,26 +140,20 @@ def _write(reports, path: Path) -> None:
     import pyarrow.parquet as pq
 
     from finemoe.errors import ConfigError
+    from finemoe.files import atomic_path, atomic_write_json
 
     if path.suffix not in (".parquet", ".json"):
         raise ConfigError(f"--out {path}: use a .parquet or .json file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".json":
-            Path(tmp).write_text(json.dumps([r.to_dict() for r in reports], indent=2, default=_json_default))
-        else:
-            frame = pd.concat([r.per_layer for r in reports], ignore_index=True)
-            meta = json.dumps([{k: v for k, v in r.to_dict().items() if k != "per_layer"} for r in reports],
-                              default=_json_default)
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            table = table.replace_schema_metadata({b"finemoe_predict": meta.encode()})
-            pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.suffix == ".json":
+        atomic_write_json(path, [r.to_dict() for r in reports], default=_json_default)
+        return
+    frame = pd.concat([r.per_layer for r in reports], ignore_index=True)
+    meta = json.dumps([{k: v for k, v in r.to_dict().items() if k != "per_layer"} for r in reports],
+                      default=_json_default)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({b"finemoe_predict": meta.encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 COMMANDS = [predict_command]

@@ -11,15 +11,15 @@ token, i.e. routing that depends on the text.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from finemoe.files import atomic_dir, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -262,28 +262,11 @@ def set_generation_defaults(gen) -> None:
 
 
 def _save(model, record: dict, out_dir: Path, cfg: TrainConfig, training_file: str, tok) -> None:
-    """Write weights, tokenizer and training record into a temporary folder, then swap it in."""
-    import shutil
-
+    """Write weights, tokenizer and training record into a temporary folder, then swap it in
+    (files and folder with the umask's permissions)."""
     import torch
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_dir(out_dir) as tmp:
         model.to(getattr(torch, cfg.save_dtype)).save_pretrained(str(tmp), safe_serialization=True)
         tok.save(tmp)
-        (tmp / training_file).write_text(json.dumps(record, indent=1))
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / training_file, record, indent=1)

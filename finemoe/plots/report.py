@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from finemoe.files import atomic_write_text, ensure_dir, output_errors
 from finemoe.plots.data import (
     PlotError,
     Run,
@@ -136,9 +137,11 @@ def write_report(
     if fmt is None:
         raise PlotError(f"{out_path}: report must end in .html or .md")
     runs = load_runs(results)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_path.parent)
     if fmt == "html":
-        with tempfile.TemporaryDirectory(prefix=".figs-", dir=out_path.parent) as tmp:
+        with output_errors(out_path):
+            scratch = tempfile.TemporaryDirectory(prefix=".figs-", dir=out_path.parent)
+        with scratch as tmp:
             outcome = render_all(runs, tmp, trace=trace, budget=budget, progress=progress)
             text = _html(title, runs, outcome)
     else:
@@ -147,10 +150,6 @@ def write_report(
         text = _markdown(title, runs, outcome, fig_dir, out_path.parent)
     _write_atomic(out_path, text)
     return out_path, outcome
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def _fmt(value) -> str:
@@ -252,12 +251,4 @@ def _markdown(title: str, runs: list[Run], outcome: PlotOutcome, fig_dir: Path, 
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a figure or report is meant to be shared
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)

@@ -6,8 +6,6 @@ without a display and `finemoe --help` never pays for importing matplotlib.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from finemoe.files import atomic_path, ensure_dir  # noqa: E402
 
 # Same results, same bytes: SVG element ids from a fixed salt, no creation date in the files.
 matplotlib.rcParams["svg.hashsalt"] = "finemoe"
@@ -80,8 +80,7 @@ def finish(fig: Figure, name: str, title: str, caption: str, out_dir: Path, form
     fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, color="#444444", wrap=True)
     fig.tight_layout(rect=(0, 0.045, 1, 1))
     counts = _count_artists(fig)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(out_dir)
     files = []
     try:
         for fmt in formats:
@@ -89,10 +88,6 @@ def finish(fig: Figure, name: str, title: str, caption: str, out_dir: Path, form
     finally:
         plt.close(fig)
     return Rendered(name, title, files, *counts, caption=caption)
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def _count_artists(fig: Figure) -> tuple[int, int, int]:
@@ -105,13 +100,6 @@ def _count_artists(fig: Figure) -> tuple[int, int, int]:
 
 
 def _save_atomic(fig: Figure, path: Path, fmt: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a figure or report is meant to be shared
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=DPI, metadata=_METADATA.get(fmt))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

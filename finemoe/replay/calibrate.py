@@ -11,10 +11,8 @@ too small to do any work. The raw tables travel with the profile so the fit can 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from finemoe.files import atomic_write_json
 from finemoe.replay.compute import ExpertShape, expert_ffn
 from finemoe.replay.copier import CopyJob, make_copier
 from finemoe.replay.device import (
@@ -619,17 +618,7 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
 
 def write_profile(profile: dict, path: str | os.PathLike) -> Path:
     """Write a profile JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(profile, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, profile, default=None)
 
 
 def profile_hardware(profile: dict) -> HardwareSpec:

@@ -14,12 +14,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from finemoe.errors import ConfigError
+from finemoe.files import atomic_write_text, ensure_dir, locked, stale_temporaries
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import HardwareSpec
 from finemoe.sim.memory import parse_size
@@ -314,20 +315,30 @@ def result_filename(config: SimConfig) -> str:
 
 def write_manifest(configs: Sequence[SimConfig], out_dir: Path) -> Path:
     """`sweep.json`: every configuration of the sweep with its key and file, merged with the
-    configurations of earlier sweeps into the same folder (so the folder's manifest stays whole)."""
-    path = Path(out_dir) / MANIFEST_NAME
-    entries: dict[str, dict] = {}
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            entries = {e["key"]: e for e in old.get("configs", [])}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            entries = {}  # a damaged manifest is rebuilt from this sweep
-    for c in configs:
-        entries[c.key()] = {"key": c.key(), "file": result_filename(c), "config": c.to_dict()}
-    text = json.dumps({"finemoe_sweep": MANIFEST_VERSION, "configs": list(entries.values())}, indent=1, default=str)
-    _atomic_write_text(path, text)
+    configurations of earlier sweeps into the same folder (so the folder's manifest stays whole).
+
+    Read, merge and write happen under a lock on `sweep.json.lock`, so sweeps started together
+    into one folder each add their entries instead of overwriting the other's."""
+    path = ensure_dir(out_dir) / MANIFEST_NAME
+    with locked(path.with_name(MANIFEST_NAME + ".lock")):
+        entries = _manifest_entries(path)
+        for c in configs:
+            entries[c.key()] = {"key": c.key(), "file": result_filename(c), "config": c.to_dict()}
+        text = json.dumps({"finemoe_sweep": MANIFEST_VERSION, "configs": list(entries.values())}, indent=1,
+                          default=str)
+        atomic_write_text(path, text)
     return path
+
+
+def _manifest_entries(path: Path) -> dict[str, dict]:
+    """key -> entry of an existing manifest; empty when there is none or it is damaged (rebuilt)."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        return {e["key"]: e for e in old.get("configs", [])}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def read_manifest(out_dir: Path) -> list[dict]:
@@ -340,27 +351,11 @@ def read_manifest(out_dir: Path) -> list[dict]:
         raise ConfigError(f"{path}: not a readable sweep manifest ({exc})") from None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _clean_stale_temporaries(out_dir: Path, names: Iterable[str]) -> None:
     """Temporary files a killed writer left behind for the results about to be (re)written."""
     for name in names:
-        for tmp in out_dir.glob(f".{glob_escape(name)}.*.tmp"):
+        for tmp in stale_temporaries(out_dir, name):
             tmp.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[\]])", r"[\1]", name)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -422,8 +417,7 @@ def run_sweep(
     from finemoe.results import result_exists, write_result
     from finemoe.sim.executors import TaskFailure, Work, make_executor
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     configs = list(configs)
     write_manifest(configs, out)
     paths = [out / result_filename(c) for c in configs]
@@ -440,16 +434,18 @@ def run_sweep(
             max_retries=max_retries,
         )
         bar = _progress_bar(len(todo), skipped, enabled=progress)
+        # closing: an interrupt while a result is written stops the executor (and its workers) now
         try:
-            for j, outcome in runner.map([configs[i] for i in todo], work or Work.default()):
-                i = todo[j]
-                if isinstance(outcome, TaskFailure):
-                    failures.append(Failure(configs[i], paths[i], outcome.error))
-                else:
-                    write_result(outcome, paths[i])
-                bar.update(1)
-                if failures:
-                    bar.set_postfix(failed=len(failures))
+            with closing(runner.map([configs[i] for i in todo], work or Work.default())) as outcomes:
+                for j, outcome in outcomes:
+                    i = todo[j]
+                    if isinstance(outcome, TaskFailure):
+                        failures.append(Failure(configs[i], paths[i], outcome.error))
+                    else:
+                        write_result(outcome, paths[i])
+                    bar.update(1)
+                    if failures:
+                        bar.set_postfix(failed=len(failures))
         finally:
             bar.close()
     failed = {id(f.config) for f in failures}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from finemoe.errors import TraceError
+from finemoe.files import atomic_path
 from finemoe.traces.geometry import Geometry
 from finemoe.traces.schema import MISSING_EXPERT, SCHEMA_VERSION, RequestInfo, Trace
 
@@ -69,16 +69,9 @@ def write_trace(trace: Trace, path: str | os.PathLike, *, row_group_size: int = 
     path = Path(path)
     validate(trace, where=str(path))
     table = trace_to_table(trace)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         # page CRCs let the reader tell a flipped bit in the data from a valid value
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, write_page_checksum=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -5,16 +5,21 @@ caller may also hold recent pieces in memory and hand them to `finish`). `finish
 the trace the user named, atomically: a `.parquet` target becomes one consolidated
 file, any other name a directory of part files (which `read_trace` reads as one trace). Until
 then the target is untouched, so a crash never leaves a half-written trace under its name.
+
+The temporary folder's name carries the writer's process id; a new writer removes the folders
+of writers that are gone (killed by SIGKILL or the OOM killer, whose unflushed requests are lost
+anyway) for the same target, and leaves those of live ones alone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from finemoe.errors import TraceError
+from finemoe.files import ensure_dir, glob_escape, make_temp_dir, replace_dir
 from finemoe.traces.io import read_trace, write_trace
 from finemoe.traces.schema import Trace
 
@@ -43,8 +48,9 @@ class PartWriter:
         if self.target.exists() and self.target.is_dir() != (self.target.suffix != ".parquet"):
             kind = "directory" if self.target.is_dir() else "file"
             raise TraceError(f"{self.target}: exists as a {kind}; choose another output name")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        ensure_dir(self.target.parent)
+        remove_stale_partials(self.target)
+        self.tmpdir = make_temp_dir(self.target.parent, f"{partial_prefix(self.target)}{os.getpid()}-")
         self.num_parts = 0
         self.num_requests = 0
 
@@ -77,15 +83,37 @@ class PartWriter:
             trace = read_trace(first)
             trace.metadata = metadata
             write_trace(trace, first)
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.target, old)
-        os.replace(self.tmpdir, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.target
+        return replace_dir(self.tmpdir, self.target)
 
     def discard(self) -> None:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def partial_prefix(target: Path) -> str:
+    """`.<name>.partial-`: the start of a writer's temporary folder for `target`."""
+    return f".{target.name}.partial-"
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove the temporary folders of writers to `target` whose process is gone; returns them."""
+    prefix = partial_prefix(target)
+    owner = re.compile(re.escape(prefix) + r"(\d+)-")
+    removed = []
+    for folder in target.parent.glob(f"{glob_escape(prefix)}*"):
+        found = owner.match(folder.name)
+        if folder.is_dir() and not (found and _alive(int(found.group(1)))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another writer of this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
