@@ -41,7 +41,7 @@ def main() -> None:
         out = Path(tmp) / "results"
         cmd = [sys.executable, "-c", "from finemoe.cli.main import cli; cli()", "simulate", str(trace_path),
                "--policy", POLICIES, "--expert-cache", args.expert_cache, "--history-fraction", "0.3",
-               "--hardware", "rtx3090", "--jobs", str(args.jobs), "--no-progress", "-o", str(out)]
+               "--hardware", "rtx3090", "--jobs", str(args.jobs), "-q", "-o", str(out)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0

@@ -49,7 +49,7 @@ for trace in "${TRACES[@]}"; do
     for slots in 64 128; do
       echo "### $(basename "$trace" .parquet), $policy, $slots expert slots" | tee -a "$OUT/replays.txt"
       finemoe replay "$trace" --policy "$policy" --expert-cache "$slots" --expert-scale 0.25 --device cuda \
-        --hardware "$OUT/gpu.json" --compare -o "$OUT/results" --no-progress 2>/dev/null | tee -a "$OUT/replays.txt"
+        --hardware "$OUT/gpu.json" --compare -o "$OUT/results" -q 2>/dev/null | tee -a "$OUT/replays.txt"
     done
   done
 done

@@ -102,7 +102,7 @@ def test_real_simulator_on_ray_equals_local_and_cli_works(ray_session, trace_fil
     from finemoe.cli.main import cli
 
     args = ["simulate", str(trace_file), "--policy", "lru,finemoe", "--expert-cache", "6,12", "--max-requests", "2",
-            "--no-progress"]
+            "-q"]
     runner = CliRunner()
     local = runner.invoke(cli, [*args, "--jobs", "1", "-o", str(tmp_path / "local")], catch_exceptions=False)
     remote = runner.invoke(cli, [*args, "--executor", "ray", "-o", str(tmp_path / "ray")], catch_exceptions=False)

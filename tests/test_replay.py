@@ -280,7 +280,7 @@ def trace_file(tmp_path, trace):
 
 def test_cli_replay_compare(tmp_path, trace_file):
     res = CliRunner().invoke(cli, ["replay", trace_file, "--policy", "lru", "--expert-cache", "12", "--compare",
-                                   "--hardware", "rtx3090", "-o", str(tmp_path / "res"), "--no-progress"])
+                                   "--hardware", "rtx3090", "-o", str(tmp_path / "res"), "-q"])
     assert res.exit_code == 0, res.output
     assert "expert hit rate" in res.output and "sim error" in res.output
     assert len(list((tmp_path / "res").glob("*.parquet"))) == 2
@@ -289,7 +289,7 @@ def test_cli_replay_compare(tmp_path, trace_file):
 def test_cli_replay_calibrates_on_the_fly_and_saves_the_profile(tmp_path, trace_file):
     prof = tmp_path / "p.json"
     res = CliRunner().invoke(cli, ["replay", trace_file, "--policy", "lru", "--expert-cache", "12",
-                                   "-o", str(tmp_path / "res"), "--no-progress", "--save-profile", str(prof)])
+                                   "-o", str(tmp_path / "res"), "-q", "--save-profile", str(prof)])
     assert res.exit_code == 0, res.output
     rep = read_result(next((tmp_path / "res").glob("replay-*.parquet")))
     assert rep.config["replay"]["hardware_from"] == "calibrated now"
@@ -308,7 +308,7 @@ def test_cli_replay_calibrates_on_the_fly_and_saves_the_profile(tmp_path, trace_
 ])
 def test_cli_replay_bad_input_is_one_line(tmp_path, trace_file, args, message):
     res = CliRunner().invoke(cli, ["replay", trace_file, "--hardware", "rtx3090", "-o", str(tmp_path / "r"),
-                                   "--no-progress", *args])
+                                   "-q", *args])
     assert res.exit_code == 1, res.output
     assert message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
@@ -329,8 +329,8 @@ def test_cli_replay_refuses_an_unfitting_geometry_before_calibrating(tmp_path, m
     path = tmp_path / "mixtral.parquet"
     write_trace(synthetic_trace(get_profile("mixtral-8x7b").geometry(), num_requests=2, prompt_tokens=4,
                                 generated_tokens=4, with_probs=False, semantic_dim=None, with_spec=False), path)
-    res = CliRunner().invoke(cli, ["replay", str(path), "--policy", "lru", "--gpu-mem", "24G", "--device", "cpu",
-                                   "-o", str(tmp_path / "r"), "--no-progress"])
+    res = CliRunner().invoke(cli, ["replay", str(path), "--policy", "lru", "--expert-cache", "64", "--device", "cpu",
+                                   "-o", str(tmp_path / "r"), "-q"])
     assert res.exit_code == 1, res.output
     assert "needs" in res.output and "--expert-scale" in res.output and "Traceback" not in res.output
 

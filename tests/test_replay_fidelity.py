@@ -65,7 +65,7 @@ def replay_mixtral_cli(trace_path: Path, out: Path) -> dict:
     """`finemoe replay --compare` end to end, on the real Mixtral log with experts scaled to 5%."""
     res = CliRunner().invoke(cli, [
         "replay", str(trace_path), "--policy", "lru", "--expert-cache", "96", "--expert-scale", "0.05",
-        "--history-fraction", "0.5", "--compare", "-o", str(out), "--no-progress"])
+        "--history-fraction", "0.5", "--compare", "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert "time per output token p50" in res.output
     rep = read_result(next(out.glob("replay-*.parquet")))

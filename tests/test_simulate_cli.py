@@ -44,7 +44,7 @@ def invoke(*args):
     ],
 )
 def test_bad_options_give_one_sentence_and_exit_1(trace_file, tmp_path, args, words):
-    result = invoke("simulate", trace_file, "-o", tmp_path, "--no-progress", *args)
+    result = invoke("simulate", trace_file, "-o", tmp_path, "-q", *args)
     assert result.exit_code == 1, result.output
     assert words in result.output
     assert "Traceback" not in result.output
@@ -79,7 +79,7 @@ def test_help_teaches(trace_file):
 
 def test_sweep_end_to_end_with_table_and_resume(trace_file, tmp_path):
     args = ["simulate", trace_file, "--policy", "lru,lfu", "--expert-cache", "4,16", "--max-requests", "2",
-            "-o", tmp_path, "--jobs", "1", "--no-progress"]
+            "-o", tmp_path, "--jobs", "1", "-q"]
     first = invoke(*args)
     assert first.exit_code == 0, first.output
     files = sorted(tmp_path.glob("*.parquet"))
@@ -107,7 +107,7 @@ def test_a_failed_configuration_is_listed_and_exits_1(trace_file, tmp_path):
     # no-offload needs every expert resident (32 here); 4 slots cannot hold them, so that
     # configuration fails while LRU runs and keeps its result.
     result = invoke("simulate", trace_file, "--policy", "lru,no-offload", "--expert-cache", "4",
-                    "--max-requests", "1", "-o", tmp_path, "--jobs", "1", "--no-progress")
+                    "--max-requests", "1", "-o", tmp_path, "--jobs", "1", "-q")
     assert result.exit_code == 1, result.output
     assert "failed: no-offload 4 slots rtx3090" in result.output and "needs all 32 experts" in result.output
     assert "1 of 2 configuration(s) failed" in result.output
@@ -126,7 +126,7 @@ def _summaries(folder: Path) -> dict:
 
 def test_pool_gives_the_same_results_as_one_process(trace_file, tmp_path):
     common = ["simulate", trace_file, "--policy", "lru,finemoe", "--gpu-mem", "1500K,2M", "--reserve", "0",
-              "--max-requests", "2", "--no-progress"]
+              "--max-requests", "2", "-q"]
     one = invoke(*common, "--jobs", "1", "-o", tmp_path / "one")
     two = invoke(*common, "--jobs", "2", "-o", tmp_path / "two")
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
@@ -147,7 +147,7 @@ def test_hardware_override_and_model_profile_reach_the_results(tmp_path):
                 trace_file)
     result = invoke("simulate", trace_file, "--policy", "lru", "--expert-cache", "8", "--pcie-gbps", "8,64",
                     "--transfer-latency-us", "20", "--model-profile", "mixtral-8x7b", "--max-requests", "2",
-                    "-o", tmp_path / "out", "--jobs", "1", "--no-progress")
+                    "-o", tmp_path / "out", "--jobs", "1", "-q")
     assert result.exit_code == 0, result.output
     assert "pcie GB/s" in result.output  # a varying axis gets a column
     df = summary_frame([tmp_path / "out"]).set_index("hardware.pcie_gbps")
@@ -160,7 +160,7 @@ def test_hardware_override_and_model_profile_reach_the_results(tmp_path):
 def test_a_swept_policy_parameter_gets_a_column(trace_file, tmp_path):
     result = invoke("simulate", trace_file, "--policy", "lru,finemoe", "--policy-param",
                     "finemoe.search_charge=exact,none", "--expert-cache", "8", "-o", tmp_path, "--jobs", "1",
-                    "--no-progress")
+                    "-q")
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if line.startswith("policy"))
     assert "search_charge" in header.split()

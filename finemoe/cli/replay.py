@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from finemoe.cli.options import output_option, quiet_option, seed_option
+from finemoe.cli.policy_file import policy_file_option
 
 
 @click.command("replay", context_settings={"max_content_width": 100})
 @click.argument("trace", type=click.Path())
 @click.option("--policy", required=True, help="The policy to replay (one; see `finemoe simulate --help`).")
+@policy_file_option
 @click.option("--policy-param", "policy_params", multiple=True, metavar="POLICY.NAME=VALUE",
               help="A policy parameter, e.g. finemoe.distance=3. Repeatable.")
 @click.option("--gpu-mem", default=None, metavar="SIZE",
@@ -36,17 +42,17 @@ import click
 @click.option("--history-fraction", type=float, default=0.7, show_default=True)
 @click.option("--online", is_flag=True, help="Start with no history; policies learn as requests finish.")
 @click.option("--max-requests", type=int, default=None, help="Measure at most this many requests.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option("Seed of the history/measure split and the random weights.")
 @click.option("--compare", is_flag=True,
               help="Also simulate the same configuration with the same profile and print replay vs simulation.")
-@click.option("-o", "--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for replay-<key>.parquet (and sim-<key>.parquet with --compare).")
+@output_option("out_dir", kind="dir", default="replays",
+               help="Folder for replay-<key>.parquet (and sim-<key>.parquet with --compare).")
 @click.option("--save-profile", default=None, type=click.Path(dir_okay=False),
               help="Also write the on-the-fly calibration here (when --hardware is not given).")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@quiet_option()
 def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, device, threads, hardware,
                    model_profile, expert_scale, dtype, weights, arrival, rate, timestamps, batch_size,
-                   history_fraction, online, max_requests, seed, compare, out_dir, save_profile, progress) -> None:
+                   history_fraction, online, max_requests, seed, compare, out_dir, save_profile, quiet) -> None:
     """Execute a configuration with real expert copies and compute, timed by the clock.
 
     \b
@@ -54,6 +60,7 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
     instead of modelled. The result file has the simulator's schema (engine "replay").
       finemoe replay trace.parquet --policy lru --gpu-mem 2G --device cpu --compare
       finemoe replay gsm8k.parquet --policy lru --expert-cache 96 --expert-scale 0.05 --compare
+    --gpu-mem is checked against the memory of --hardware (or of --device when calibrating now).
     """
     from tqdm import tqdm
 
@@ -62,9 +69,7 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
     from finemoe.replay.compare import format_comparison
     from finemoe.replay.executor import ReplayOptions
     from finemoe.replay.run import prepare_trace, run_replay
-    from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
-    from finemoe.sim.hardware import PRESETS
-    from finemoe.sim.memory import parse_size
+    from finemoe.sim.config import SimConfig, WorkloadConfig
     from finemoe.sim.sweep import parse_policy_params
     from finemoe.traces.io import read_trace
 
@@ -76,25 +81,21 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
             if len(v) != 1:
                 raise ConfigError(f"--policy-param {name}.{k}: replay takes one value, not a list")
             params[k] = v[0]
-    memory = MemoryConfig(
-        gpu_mem_bytes=parse_size(gpu_mem) if gpu_mem else None,
-        expert_cache_slots=expert_cache,
-        reserve_bytes=parse_size(reserve) if reserve else MemoryConfig().reserve_bytes,
-        kv_tokens=kv_tokens,
-    )
+    memory, spec = replay_memory(gpu_mem, expert_cache, reserve, kv_tokens, hardware, device)
+    check_replay_numbers(threads=threads, expert_scale=expert_scale, rate=rate, batch_size=batch_size,
+                         max_requests=max_requests)
     workload = WorkloadConfig(arrival=arrival, rate_rps=rate, timestamps_path=timestamps, max_batch=batch_size,
                               history_fraction=history_fraction, online=online, max_requests=max_requests)
     loaded = prepare_trace(read_trace(trace), model_profile=model_profile, expert_scale=expert_scale, dtype=dtype)
-    if gpu_mem is None and expert_cache is None:
-        raise ConfigError("give the device memory budget (--gpu-mem SIZE) or the cache size (--expert-cache SLOTS)")
-    config = SimConfig(trace_path=str(trace), policy=policy, hardware=PRESETS["rtx3090"], policy_params=params,
-                       memory=memory, workload=workload, model_profile=model_profile, seed=seed)
+    # The absolute path: `finemoe plot` finds the trace from wherever it runs, as for simulate's results.
+    config = SimConfig(trace_path=str(Path(trace).expanduser().resolve()), policy=policy, hardware=spec,
+                       policy_params=params, memory=memory, workload=workload, model_profile=model_profile, seed=seed)
     options = ReplayOptions(device=device, threads=threads, weights_path=weights, expert_scale=expert_scale)
     bar = None
 
     def on_step(done: int, total: int) -> None:
         nonlocal bar
-        if not progress:
+        if quiet:
             return
         if bar is None:
             bar = tqdm(total=total, unit="step", desc=f"replay {policy}", leave=False)
@@ -121,6 +122,55 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
                    f"time to first token p50 {s['ttft_p50_s'] * 1e3:.2f} ms")
     key = outcome.result.config["replay_key"]
     click.echo(f"wrote {out_dir}/replay-{key}.parquet" + (f" and {out_dir}/sim-{key}.parquet" if compare else ""))
+
+
+def replay_memory(gpu_mem: str | None, expert_cache: int | None, reserve: str | None, kv_tokens: int | None,
+                  hardware: str | None, device: str):
+    """The MemoryConfig of the options, and the hardware the budget is checked against: the
+    --hardware profile, or (calibrating now) a stand-in with this device's memory. ConfigError for
+    a missing, doubled, malformed or impossible budget, before any work starts."""
+    from dataclasses import replace
+
+    from finemoe.cli.options import at_least, size_option_value
+    from finemoe.errors import ConfigError
+    from finemoe.replay.device import check_device, device_memory_bytes
+    from finemoe.sim.config import MemoryConfig
+    from finemoe.sim.hardware import PRESETS, load_hardware
+    from finemoe.sim.memory import budget_above_card
+
+    if gpu_mem is None and expert_cache is None:
+        raise ConfigError("give the device memory budget (--gpu-mem SIZE) or the cache size (--expert-cache SLOTS)")
+    if gpu_mem is not None and expert_cache is not None:
+        raise ConfigError("give --gpu-mem or --expert-cache, not both (a slot count overrides the budget)")
+    at_least(expert_cache, 1, "--expert-cache")
+    at_least(kv_tokens, 0, "--kv-tokens")
+    budget = size_option_value(gpu_mem, "--gpu-mem")
+    reserve_bytes = size_option_value(reserve, "--reserve", positive=False)
+    if hardware is not None:
+        spec = load_hardware(hardware)
+    else:  # calibrated later; until then only the device's memory matters (the memory plan)
+        d = check_device(device)
+        spec = replace(PRESETS["rtx3090"], name=d, gpu_mem_bytes=device_memory_bytes(d),
+                       source="stand-in until calibration")
+    above = budget_above_card(budget, spec)
+    if above:
+        raise ConfigError(f"{above}; a replay cannot use more memory than its device has")
+    memory = MemoryConfig(gpu_mem_bytes=budget, expert_cache_slots=expert_cache,
+                          reserve_bytes=MemoryConfig().reserve_bytes if reserve_bytes is None else reserve_bytes,
+                          kv_tokens=kv_tokens)
+    return memory, spec
+
+
+def check_replay_numbers(*, threads: int | None, expert_scale: float, rate: float | None, batch_size: int,
+                         max_requests: int | None) -> None:
+    """ConfigError for a numeric option no replay can run with."""
+    from finemoe.cli.options import at_least, positive_number
+
+    at_least(threads, 1, "--threads")
+    at_least(batch_size, 1, "--batch-size")
+    at_least(max_requests, 1, "--max-requests")
+    positive_number(expert_scale, "--expert-scale")
+    positive_number(rate, "--rate")
 
 
 COMMANDS = [replay_command]

@@ -3,10 +3,14 @@ per configuration, on a local process pool or a Ray cluster."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import click
+
+from finemoe.cli.options import json_option, output_option, quiet_option
+from finemoe.cli.policy_file import policy_file_option
 
 EPILOG = """\b
 Examples:
@@ -31,7 +35,7 @@ Examples:
 Lists are comma-separated (16G,24G); ranges are START:STOP:STEP and include STOP when a step lands
 on it (8G:48G:4G is 8G, 12G, ..., 48G). Every list is one axis of the sweep: the configurations are
 all their combinations. Sizes: K/M/G/T and KiB/MiB/GiB/TiB are binary (24G is 24 GiB),
-KB/MB/GB/TB decimal. Results: one Parquet file per configuration in --out, named
+KB/MB/GB/TB decimal. Results: one Parquet file per configuration in --output, named
 <policy>-<memory>-<hardware>-<key>.parquet, and sweep.json listing every configuration. Rerunning
 the same command skips configurations whose file is already there (--no-resume redoes them).
 """
@@ -87,6 +91,7 @@ def _hardware_options(fn):
 @click.argument("traces", nargs=-1, required=True, metavar="TRACE...")
 @click.option("--policy", "policies", default="all", show_default=True, metavar="LIST",
               help="Policies to run, comma-separated, or `all` (the list is at the end).")
+@policy_file_option
 @click.option("--policy-param", "policy_params", multiple=True, metavar="POLICY.NAME=VALUE",
               help="A policy parameter, e.g. finemoe.distance=3; a comma list makes it a sweep axis. Repeatable.")
 @click.option("--gpu-mem", metavar="SIZES", default=None,
@@ -115,8 +120,7 @@ def _hardware_options(fn):
 @click.option("--online", is_flag=True, help="Start with no history; policies learn as requests finish.")
 @click.option("--max-requests", type=int, default=None, help="Measure at most this many requests (quick runs).")
 @click.option("--seed", default="0", show_default=True, metavar="LIST", help="Random seeds; a list repeats each run.")
-@click.option("-o", "--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the result files and sweep.json.")
+@output_option("out_dir", kind="dir", default="results", help="Folder for the result files and sweep.json.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip configurations whose result file already exists and reads back.")
 @click.option("-j", "--jobs", type=int, default=None,
@@ -133,11 +137,12 @@ def _hardware_options(fn):
 @click.option("--max-retries", type=int, default=2, show_default=True,
               help="Reruns of a configuration whose worker process died.")
 @click.option("--dry-run", is_flag=True, help="List the configurations and exit without running them.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@quiet_option()
+@json_option("Print the summary rows (one per configuration) as a JSON list on stdout instead of the table.")
 def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
                      model_profile, arrival, rate, timestamps, batch_size, history_fraction, online,
                      max_requests, seed, out_dir, resume, jobs, executor, ray_address, ray_trace_transport,
-                     max_retries, dry_run, progress, **hardware_overrides) -> None:
+                     max_retries, dry_run, quiet, as_json, **hardware_overrides) -> None:
     """Simulate MoE expert offloading: which policy, memory budget and hardware give what latency.
 
     Replays each TRACE (from `finemoe collect` or `finemoe import`) through the discrete-event
@@ -156,6 +161,7 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
     )
     if jobs is not None and jobs < 1:
         raise ConfigError("--jobs must be at least 1")
+    check_memory_plans(configs, say=lambda line: click.echo(line, err=True))
     if dry_run:
         from finemoe.sim.sweep import result_filename
 
@@ -169,9 +175,11 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
         jobs = jobs or min(default_jobs(), len(configs))
     outcome = run_sweep(
         configs, out_dir, executor=executor, jobs=jobs, resume=resume, ray_address=ray_address,
-        ray_trace_transport=ray_trace_transport, max_retries=max_retries, progress=progress,
+        ray_trace_transport=ray_trace_transport, max_retries=max_retries, progress=not quiet,
     )
-    if outcome.paths:
+    if as_json:
+        click.echo(json.dumps(summary_rows(outcome.paths), indent=1))
+    elif outcome.paths:
         click.echo(results_table(outcome.paths))
     done_before = f", {outcome.skipped} already there" if outcome.skipped else ""
     click.echo(f"{len(outcome.paths)} result(s) in {out_dir}{done_before}; configurations in "
@@ -187,10 +195,10 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
                   hardware_overrides, model_profile, arrival, rate, timestamps, batch_size, history_fraction,
                   online, max_requests, seed) -> list:
     """Options as typed -> SimConfigs, checking everything that can be checked before running."""
+    from finemoe.cli.options import size_option_value
     from finemoe.errors import ConfigError
     from finemoe.policies.registry import make_policy, policy_names
     from finemoe.sim.hardware import load_hardware
-    from finemoe.sim.memory import parse_size
     from finemoe.sim.sweep import (
         SweepSpec,
         expand_sweep,
@@ -200,10 +208,10 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
         parse_sizes,
         parse_values,
     )
-    from finemoe.traces.io import read_metadata, trace_files
+    from finemoe.traces.io import check_rows
 
     for trace in traces:
-        read_metadata(trace_files(trace)[0])  # a missing or foreign file fails here, in one sentence
+        check_rows(trace)  # a missing, foreign or empty trace fails here, in one sentence
     if model_profile is not None:
         from finemoe.traces.profiles import get_profile
 
@@ -227,14 +235,15 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
     common = dict(
         policies=[p.strip() for p in policies.split(",")],
         hardware=specs,
-        gpu_mem_bytes=parse_sizes(gpu_mem, "--gpu-mem") if gpu_mem else (None,),
-        expert_cache_slots=parse_ints(expert_cache, "--expert-cache", minimum=0) if expert_cache else (None,),
-        reserve_bytes=parse_size(reserve) if reserve else None,
+        gpu_mem_bytes=parse_sizes(gpu_mem, "--gpu-mem") if gpu_mem is not None else (None,),
+        expert_cache_slots=(parse_ints(expert_cache, "--expert-cache", minimum=1) if expert_cache is not None
+                            else (None,)),
+        reserve_bytes=size_option_value(reserve, "--reserve", positive=False),
         kv_tokens=kv_tokens,
         hardware_overrides=overrides,
         policy_params=params,
         arrival=arrival,
-        rates_rps=parse_floats(rate, "--rate") if rate else (None,),
+        rates_rps=parse_floats(rate, "--rate") if rate is not None else (None,),
         timestamps_path=timestamps,
         max_batch=parse_ints(batch_size, "--batch-size", minimum=1),
         history_fraction=history_fraction,
@@ -259,6 +268,56 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"policy {c.policy} with {c.policy_params}: {exc}") from None
     return configs
+
+
+def check_memory_plans(configs, say) -> None:
+    """Plan every configuration's memory from its trace's metadata before anything runs: a budget
+    that cannot hold the model is one error now, not a failure per configuration later; a budget
+    above the card's own memory is simulated (a hypothetical bigger card) with one warning."""
+    from finemoe.sim.memory import budget_above_card, plan_for_config
+    from finemoe.traces.io import read_metadata, trace_files
+
+    metadata: dict[tuple, tuple] = {}
+    warned = set()
+    for c in configs:
+        key = (c.trace_path, c.model_profile)
+        if key not in metadata:
+            meta = read_metadata(trace_files(c.trace_path)[0])
+            geometry = meta["geometry"]
+            if c.model_profile:
+                from finemoe.traces.profiles import get_profile
+
+                geometry = get_profile(c.model_profile).geometry()
+            requests = [r for f in trace_files(c.trace_path) for r in read_metadata(f)["requests"]]
+            metadata[key] = geometry, requests
+        plan_for_config(*metadata[key], c)
+        above = budget_above_card(c.memory.gpu_mem_bytes, c.hardware)
+        if above and above not in warned:
+            warned.add(above)
+            say(f"warning: {above}; simulated as a card with that much memory")
+
+
+def summary_rows(paths) -> list[dict]:
+    """One JSON-ready dict per result file: its summary metrics and flattened configuration (NaN
+    and missing values as null), plus the file it came from."""
+    from finemoe.results import summary_frame
+
+    if not paths:
+        return []
+    return [{k: _json_value(v) for k, v in record.items()} for record in summary_frame(paths).to_dict(orient="records")]
+
+
+def _json_value(v):
+    """numpy scalars as Python numbers, NaN as None; anything else as text if JSON cannot hold it."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return str(v)
 
 
 def _si_number(text: str) -> float:

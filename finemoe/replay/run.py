@@ -63,14 +63,9 @@ def calibrated_hardware(trace: Trace, options: ReplayOptions, thorough: bool = F
 
 def _slots(trace: Trace, config: SimConfig) -> int:
     """Expert slots the replay will have (the same arithmetic as the simulator's memory plan)."""
-    from finemoe.sim.memory import plan_memory
-    from finemoe.sim.workload import split_requests
+    from finemoe.sim.memory import plan_for_config
 
-    split = split_requests(trace, config.workload, config.seed)
-    req = {r.request_id: r for r in trace.requests}
-    longest = max(req[r].prompt_tokens + req[r].generated_tokens for r in split.measure)
-    return plan_memory(trace.geometry, config.hardware, config.memory, max_batch=config.workload.max_batch,
-                       longest_request_tokens=longest).expert_cache_slots
+    return plan_for_config(trace.geometry, trace.requests, config).expert_cache_slots
 
 
 def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:

@@ -9,6 +9,7 @@ and `finemoe calibrate` measures all of them on a real machine and writes a prof
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class HardwareSpec:
     copy_start_delay_s: float = 0.0
     source: str = ""
 
+    def __post_init__(self) -> None:
+        check_hardware(self)
+
     @property
     def link_bytes_per_s(self) -> float:
         return self.pcie_gbps * 1e9 * self.pcie_efficiency
@@ -69,6 +73,51 @@ class HardwareSpec:
         if unknown:
             raise ConfigError(f"unknown hardware field(s): {', '.join(sorted(unknown))}")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# The slowest link, memory and compute a profile may describe. Below these an expert's copy or
+# GEMM would take longer than the engine's picosecond clock can count (1e-300 GB/s overflowed it).
+MIN_BYTES_PER_S = 1e6  # 1 MB/s, after the efficiency factor
+MIN_FLOPS = 1e6
+MAX_FIXED_COST_S = 3600.0  # per-copy, per-kernel and per-layer fixed costs
+_TIMES = ("transfer_latency_s", "kernel_launch_s", "expert_overhead_s", "layer_overhead_s", "miss_overhead_s",
+          "copy_start_delay_s")
+_EFFICIENCIES = ("compute_efficiency", "memory_efficiency", "pcie_efficiency")
+
+
+def check_hardware(hw: HardwareSpec) -> None:
+    """ConfigError naming the first field of `hw` no real machine could have (NaN, infinite, zero,
+    negative, or so slow the simulation's clock would overflow), so a bad profile or override
+    fails before any work starts instead of deep inside a run."""
+    where = f"hardware {hw.name!r}"
+    if not isinstance(hw.name, str) or not hw.name:
+        raise ConfigError("a hardware profile needs a non-empty name")
+    for name in ("gpu_mem_bytes", "copy_engines"):
+        value = getattr(hw, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {name} must be a whole number of at least 1, got {value!r}")
+    numbers = ("flops", "hbm_gbps", "pcie_gbps", *_EFFICIENCIES, *_TIMES, "copy_compute_slowdown",
+               "compute_copy_slowdown")
+    for name in numbers:
+        value = getattr(hw, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+    for name in _EFFICIENCIES:
+        if not 0 < getattr(hw, name) <= 1:
+            raise ConfigError(f"{where}: {name} is a fraction in (0, 1], got {getattr(hw, name)!r}")
+    for name in _TIMES:
+        if not 0 <= getattr(hw, name) <= MAX_FIXED_COST_S:
+            raise ConfigError(f"{where}: {name} must be between 0 and {MAX_FIXED_COST_S:g} s, got {getattr(hw, name)!r}")
+    for name in ("copy_compute_slowdown", "compute_copy_slowdown"):
+        if not 1 <= getattr(hw, name) <= 1000:
+            raise ConfigError(f"{where}: {name} is a slowdown factor between 1 and 1000, got {getattr(hw, name)!r}")
+    for name, rate, unit, floor in (("pcie_gbps", hw.link_bytes_per_s, "GB/s", MIN_BYTES_PER_S),
+                                    ("hbm_gbps", hw.hbm_bytes_per_s, "GB/s", MIN_BYTES_PER_S),
+                                    ("flops", hw.compute_flops_per_s, "FLOP/s", MIN_FLOPS)):
+        if rate < floor:
+            shown = f"{floor / 1e9:g} GB/s" if unit == "GB/s" else f"{floor:g} FLOP/s"
+            raise ConfigError(f"{where}: {name} {getattr(hw, name)!r} (times its efficiency) is below the "
+                              f"slowest supported {shown}")
 
 
 PRESETS: dict[str, HardwareSpec] = {
@@ -108,17 +157,39 @@ def load_hardware(name_or_path: str) -> HardwareSpec:
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise ConfigError(f"hardware profile {path} not found")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"hardware profile {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        data = data.get("hardware", data)  # calibrate writes {"hardware": {...}, "measurements": {...}}
-        known = {f.name for f in fields(HardwareSpec)}
-        missing = {"name", "gpu_mem_bytes", "flops", "hbm_gbps", "pcie_gbps"} - set(data)
-        if missing:
-            raise ConfigError(f"hardware profile {path} lacks {', '.join(sorted(missing))}")
-        try:
-            return HardwareSpec(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise ConfigError(f"hardware profile {path}: {exc}") from None
+        return hardware_from_profile(_read_profile(path), str(path))
     raise ConfigError(f"unknown hardware {name_or_path!r}; presets: {', '.join(PRESETS)}, or a profile .json file")
+
+
+def _read_profile(path: Path) -> dict:
+    """The JSON object in `path`; ConfigError for an unreadable, binary or non-JSON file."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"hardware profile {path} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"hardware profile {path} is not a text file (a JSON profile from `finemoe calibrate`)") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"hardware profile {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"hardware profile {path} holds a JSON {type(data).__name__}, not a profile object")
+    return data
+
+
+def hardware_from_profile(data: dict, where: str = "hardware profile") -> HardwareSpec:
+    """A HardwareSpec from a profile as `finemoe calibrate` writes it ({"hardware": {...}, ...}) or
+    from its bare "hardware" object, checked field by field."""
+    data = data.get("hardware", data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"hardware profile {where}: \"hardware\" is not an object")
+    missing = {"name", "gpu_mem_bytes", "flops", "hbm_gbps", "pcie_gbps"} - set(data)
+    if missing:
+        raise ConfigError(f"hardware profile {where} lacks {', '.join(sorted(missing))}; is it a profile from "
+                          "`finemoe calibrate`?")
+    known = {f.name for f in fields(HardwareSpec)}
+    try:
+        return HardwareSpec(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise ConfigError(f"hardware profile {where}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"hardware profile {where}: {exc}") from None

@@ -110,3 +110,30 @@ def plan_memory(
     slots = min((gpu - fixed) // per, total)
     return MemoryPlan(gpu, g.dense_bytes, kv_bytes, kv_tokens, memory.reserve_bytes, g.bytes_per_expert,
                       slots * g.bytes_per_expert, int(slots), total, "budget")
+
+
+def plan_for_config(geometry: Geometry, requests: list, config) -> MemoryPlan:
+    """The memory plan a run of `config` (a SimConfig) gets over a trace with this geometry and
+    these requests (RequestInfo): the KV cache is sized for the longest measured request. Needs no
+    routing, so a sweep can refuse an impossible budget from the trace's metadata before it starts."""
+    from finemoe.sim.workload import split_request_infos
+
+    split = split_request_infos(requests, config.workload, config.seed)
+    by_id = {r.request_id: r for r in requests}
+    longest = max(by_id[r].prompt_tokens + by_id[r].generated_tokens for r in split.measure)
+    return plan_memory(geometry, config.hardware, config.memory, max_batch=config.workload.max_batch,
+                       longest_request_tokens=longest)
+
+
+def budget_above_card(gpu_mem_bytes: int | None, hardware: HardwareSpec) -> str | None:
+    """The sentence saying a budget exceeds the card's own memory, or None when it fits (or is
+    not given). A replay refuses such a budget; a simulation may model a bigger hypothetical card."""
+    if gpu_mem_bytes is None or gpu_mem_bytes <= hardware.gpu_mem_bytes:
+        return None
+    return (f"--gpu-mem {format_gib(gpu_mem_bytes)} is more than the {format_gib(hardware.gpu_mem_bytes)} "
+            f"of memory {hardware.name} has")
+
+
+def format_gib(nbytes: int) -> str:
+    """Bytes as GiB with up to two decimals, the unit people type after --gpu-mem ('24G')."""
+    return f"{nbytes / 1024**3:.2f}".rstrip("0").rstrip(".") + " GiB"

@@ -16,7 +16,7 @@ from finemoe.results import RunResult
 from finemoe.sim.config import SimConfig
 from finemoe.sim.costs import TICKS_PER_S, CostModel
 from finemoe.sim.engine import SimEngine
-from finemoe.sim.memory import plan_memory
+from finemoe.sim.memory import plan_for_config
 from finemoe.sim.metrics import MetricsRecorder
 from finemoe.sim.workload import arrival_times, build_batcher, split_requests
 from finemoe.traces.schema import Trace
@@ -55,9 +55,7 @@ def simulate(trace: Trace, config: SimConfig) -> RunResult:
     wl = config.workload
     split = split_requests(trace, wl, config.seed)
     requests = {r.request_id: r for r in trace.requests}
-    longest = max(requests[r].prompt_tokens + requests[r].generated_tokens for r in split.measure)
-    plan = plan_memory(trace.geometry, config.hardware, config.memory, max_batch=wl.max_batch,
-                       longest_request_tokens=longest)
+    plan = plan_for_config(trace.geometry, trace.requests, config)
     arrivals_s = arrival_times(len(split.measure), wl, config.seed)
     ticks = [int(round(a * TICKS_PER_S)) for a in arrivals_s]
     batcher = build_batcher(trace, split.measure, ticks, wl.max_batch)

@@ -13,7 +13,7 @@ import numpy as np
 from finemoe.errors import ConfigError
 from finemoe.policies.base import Sequence
 from finemoe.sim.config import WorkloadConfig
-from finemoe.traces.schema import Iteration, Trace
+from finemoe.traces.schema import Iteration, RequestInfo, Trace
 
 
 @dataclass(frozen=True)
@@ -29,22 +29,28 @@ class Split:
 
 
 def split_requests(trace: Trace, workload: WorkloadConfig, seed: int) -> Split:
-    """History/measure split by request.
+    """History/measure split of the trace's requests (see `split_request_infos`)."""
+    return split_request_infos(trace.requests, workload, seed)
+
+
+def split_request_infos(requests: list[RequestInfo], workload: WorkloadConfig, seed: int) -> Split:
+    """History/measure split by request, from the requests alone (a trace's metadata has them, so
+    a sweep can plan memory before it reads any routing).
 
     Online runs start with an empty history and measure every request. Otherwise the trace's own
     labels are used when every request carries one ("history"/"measure"), else a seeded shuffle puts
     `history_fraction` of the requests (rounded) in the history. `max_requests` caps the measured side.
     """
-    ids = [r.request_id for r in trace.requests]
+    ids = [r.request_id for r in requests]
     if not 0.0 <= workload.history_fraction < 1.0:
         raise ConfigError(f"history_fraction must be in [0, 1), got {workload.history_fraction}")
     if workload.online:
         history, measure, source = [], sorted(ids), "online"
-    elif ids and all(r.split in ("history", "measure") for r in trace.requests) and any(
-        r.split == "measure" for r in trace.requests
+    elif ids and all(r.split in ("history", "measure") for r in requests) and any(
+        r.split == "measure" for r in requests
     ):
-        history = sorted(r.request_id for r in trace.requests if r.split == "history")
-        measure = sorted(r.request_id for r in trace.requests if r.split == "measure")
+        history = sorted(r.request_id for r in requests if r.split == "history")
+        measure = sorted(r.request_id for r in requests if r.split == "measure")
         source = "trace"
     else:
         order = np.random.default_rng(seed).permutation(len(ids))

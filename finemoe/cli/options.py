@@ -1,0 +1,95 @@
+"""The options every command shares, declared and checked in one place so that each command spells
+them, and refuses bad values, the same way.
+
+Conventions:
+  * `-o/--output` names what a command writes (a file or a folder);
+  * `-q/--quiet` turns off progress, which is otherwise shown on stderr whether or not it is a
+    terminal (so a log of a batch job shows how far it got);
+  * `--json` prints machine-readable output on stdout (progress and notes stay on stderr).
+Bad values raise ConfigError, which the `finemoe` group turns into one `error:` line and exit
+code 1 before any work starts (never click's usage dump).
+"""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from finemoe.errors import ConfigError
+
+
+class _Option(click.Option):
+    """A click option whose deprecated spellings still parse but are left out of --help."""
+
+    def __init__(self, *args, hidden_aliases: tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = tuple(hidden_aliases)
+
+    def get_help_record(self, ctx: click.Context):
+        shown = [o for o in self.opts if o not in self.hidden_aliases]
+        saved, self.opts = self.opts, shown
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = saved
+
+
+def output_option(dest: str = "output", *, help: str, default: str | None = None, kind: str = "file",
+                  required: bool = False):
+    """`-o/--output PATH` (`--out`, the old spelling, still parses). `kind` is "file", "dir" or "any"."""
+    path = click.Path(file_okay=kind != "dir", dir_okay=kind != "file")
+    return click.option("-o", "--output", "--out", dest, cls=_Option, hidden_aliases=("--out",), type=path,
+                        default=default, required=required, show_default=default is not None, help=help)
+
+
+def quiet_option(help: str = "No progress bars (shown on stderr otherwise, terminal or not)."):
+    """`-q/--quiet`; `--no-progress`, the old spelling, still parses."""
+    return click.option("-q", "--quiet", "--no-progress", "quiet", cls=_Option, hidden_aliases=("--no-progress",),
+                        is_flag=True, default=False, help=help)
+
+
+def json_option(help: str = "Print machine-readable JSON on stdout instead of tables."):
+    """`--json`, into the parameter `as_json`."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def _check_seed(_ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise ConfigError(f"--{param.name.replace('_', '-')} must be 0 or more (numpy seeds are unsigned), got {value}")
+    return value
+
+
+def seed_option(help: str, default: int = 0):
+    """`--seed N`, a single non-negative integer (simulate's --seed is a list, parsed by the sweep)."""
+    return click.option("--seed", type=int, default=default, show_default=True, callback=_check_seed, help=help)
+
+
+def at_least(value: int | None, minimum: int, option: str) -> int | None:
+    """`value` unchanged (None passes), or ConfigError when it is below `minimum`."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{option} must be at least {minimum}, got {value}")
+    return value
+
+
+def positive_number(value: float | None, option: str) -> float | None:
+    """`value` unchanged (None passes), or ConfigError when it is not a finite positive number."""
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{option} must be a finite positive number, got {value}")
+    return value
+
+
+def size_option_value(text: str | None, option: str, *, positive: bool = True) -> int | None:
+    """Bytes from a size typed after `option` ('24G', '512M'); None when the option was not given.
+    An empty string is an error, not the default."""
+    from finemoe.sim.memory import parse_size
+
+    if text is None:
+        return None
+    try:
+        value = parse_size(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+    if positive and value <= 0:
+        raise ConfigError(f"{option}: a size must be positive, got {text!r}")
+    return value
