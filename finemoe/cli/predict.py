@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from finemoe.cli.policy_file import policy_file_option
+
 EPILOG = """\b
 Examples:
   # every predictive policy the trace supports, 70/30 history/measure split by request
@@ -31,6 +33,7 @@ alone; `finemoe simulate` scores it together with scheduling and eviction.
 @click.argument("trace_path", metavar="TRACE", type=click.Path())
 @click.option("--policy", "policies", default="all", show_default=True, metavar="LIST",
               help="Comma-separated policy names; 'all' = every non-oracle policy this trace has the fields for.")
+@policy_file_option
 @click.option("--policy-param", "policy_params", multiple=True, metavar="POLICY.NAME=VALUE",
               help="A policy parameter, e.g. finemoe.distance=2 (one value). Repeatable.")
 @click.option("--history-fraction", type=float, default=0.7, show_default=True,

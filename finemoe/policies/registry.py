@@ -39,3 +39,6 @@ def _load_builtin() -> None:
     for mod in pkgutil.iter_modules(pkg.__path__):
         if mod.name not in ("base", "registry", "caches"):
             importlib.import_module(f"finemoe.policies.{mod.name}")
+    from finemoe.policies.user import load_external
+
+    load_external()  # --policy-file files (also in pool workers) and installed entry points
