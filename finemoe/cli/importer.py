@@ -9,11 +9,51 @@ from finemoe.errors import ConfigError
 _SIZES = ("num_layers", "num_experts", "top_k", "hidden_size", "expert_intermediate_size")
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    """'5,7,3' or '@FILE' (integers separated by commas or white space, or a JSON list of numbers
+    or of token-id lists) -> lengths."""
+    import json
+    from pathlib import Path
+
+    if text.startswith("@"):
+        try:
+            body = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{option} {text}: cannot read the file ({exc.strerror})") from None
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError:
+            data = body.replace(",", " ").split()
+        if isinstance(data, list):
+            data = [len(v) if isinstance(v, list) else v for v in data]
+        text = ",".join(str(v) for v in (data if isinstance(data, list) else [data]))
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: give whole numbers separated by commas") from None
+    if not values or min(values) < 0:
+        raise ConfigError(f"{option}: give at least one length, none negative")
+    return values
+
+
+def _parse_where(items) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--where {item!r}: give FIELD=VALUE, e.g. --where type=route")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _parse_prompt_tokens(spec: str | None):
-    """'135' -> 135 for every request; 'humaneval/0=135,gsm8k/0=40' -> per label."""
+    """'135' -> 135 for every request; 'humaneval/0=135,gsm8k/0=40' -> per label; '5,7,3' or '@FILE'
+    -> lengths in admission order (layout batched)."""
     if spec is None:
         return None
     spec = spec.strip()
+    if spec.startswith("@") or ("," in spec and "=" not in spec):
+        return _int_list(spec, "--prompt-tokens")
     if "=" not in spec:
         try:
             return int(spec)
@@ -31,7 +71,7 @@ def _parse_prompt_tokens(spec: str | None):
 
 @click.command("import")
 @click.argument("logs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Trace file to write (Parquet; written atomically).")
 @click.option("--model-profile", help="Built-in model geometry, e.g. mixtral-8x7b (see the list in the error "
               "message of an unknown name). Routing logs rarely say which model wrote them.")
@@ -52,9 +92,25 @@ def _parse_prompt_tokens(spec: str | None):
 @click.option("--layer-key", default="layer", show_default=True)
 @click.option("--experts-key", default="experts", show_default=True)
 @click.option("--weights-key", default="gating_probs", show_default=True)
-@click.option("--layout", type=click.Choice(["auto", "decode", "positions", "steps"]), default="auto",
+@click.option("--layout", type=click.Choice(["auto", "decode", "positions", "steps", "batched"]), default="auto",
               show_default=True, help="How the token field counts; see below.")
-@click.option("--prompt-tokens", help="Prompt length: N for every request, or LABEL=N,... per request.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "route-trace"]), default="auto",
+              show_default=True, help="Log format; auto: route-trace for a '# route_trace v1' file, else jsonl.")
+@click.option("--where", multiple=True, metavar="FIELD=VALUE",
+              help="Keep only records whose FIELD has this value (e.g. type=route). Repeatable.")
+@click.option("--prompt-tokens", help="Prompt length: N for every request, LABEL=N,... per request, or "
+              "(layout batched) N1,N2,... or @FILE: the prompts' lengths in admission order.")
+@click.option("--generated-tokens", help="Layout batched: decode steps per sequence, D1,D2,... or @FILE, "
+              "in admission order; tells where sequences end.")
+@click.option("--skip-steps", type=int, default=0, show_default=True,
+              help="Layout batched: drop this many leading engine steps (warm-up, profiling).")
+@click.option("--warmup", type=click.Choice(["auto", "keep"]), default="auto", show_default=True,
+              help="Layout batched: after --skip-steps, also drop leading steps that are uniform (every "
+              "record's weights equal) or hold more rows than all prompts (auto), or keep them.")
+@click.option("--engine-cache", help="route-trace: the engine's own expert cache size (e.g. 4000MiB), "
+              "to set the simulator's LRU beside its hit counters.")
+@click.option("--inspect", "inspect_only", is_flag=True,
+              help="Show the first records, the fields found and the layout auto would pick; write nothing.")
 @click.option("--prompt-tokens-from", multiple=True, type=click.Path(dir_okay=False),
               help="A log that recorded the prefill of the same requests (layout steps); its prefill "
               "length becomes the prompt length here. Repeatable.")
@@ -63,7 +119,8 @@ def _parse_prompt_tokens(spec: str | None):
               "- its decode tokens. Repeatable.")
 def import_command(logs, output, model_profile, dtype, request_key, token_key, position_key, layer_key,
                    experts_key, weights_key, layout, prompt_tokens, prompt_tokens_from, decode_tokens_from,
-                   num_shared_experts, dense_bytes, kv_bytes_per_token, **sizes) -> None:
+                   num_shared_experts, dense_bytes, kv_bytes_per_token, fmt, where, generated_tokens,
+                   skip_steps, warmup, engine_cache, inspect_only, **sizes) -> None:
     """Convert routing logs (JSON Lines, one record per token and layer) into a trace.
 
     \b
@@ -79,6 +136,9 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
                  --decode-tokens-from, because the log cannot show where the prompt ends
       steps      index inside an engine step (vLLM hooks: every decode token logs 0);
                  steps are told apart by write order, the first one is the prefill
+      batched    row inside a batched engine step, one request id for all: a step's
+                 rows are one decode token per running sequence, then new prompts back
+                 to back (--prompt-tokens N1,N2,..., --generated-tokens, --skip-steps)
       auto       decode if records carry --token-key, else steps if a (layer, position)
                  repeats within a request, else positions
 
@@ -94,11 +154,32 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
     """
     from pathlib import Path
 
-    from finemoe.traces.importers.jsonl import FieldMap, explicit_geometry, import_jsonl
+    from finemoe.traces.importers import route_trace
+    from finemoe.traces.importers.jsonl import FieldMap, explicit_geometry, import_jsonl, read_head
     from finemoe.traces.io import write_trace
     from finemoe.traces.profiles import get_profile
 
+    fields = FieldMap(
+        request_key=tuple(k.strip() for k in request_key.split(",") if k.strip()),
+        token_key=token_key, position_key=position_key, layer_key=layer_key,
+        experts_key=experts_key, weights_key=weights_key,
+    )
+    where_map = _parse_where(where)
+    if inspect_only:
+        from finemoe.traces.importers.inspector import inspect_log
+
+        for log in logs:
+            for line in inspect_log(log, fields, where_map):
+                click.echo(line)
+        return
+    if not output:
+        raise ConfigError("give the trace to write with -o/--output (or --inspect to only look at the logs)")
+    if fmt == "route-trace" or (fmt == "auto" and len(logs) == 1 and route_trace.sniff(Path(logs[0]))):
+        _import_route_trace(logs, output, model_profile, dtype, engine_cache, sizes)
+        return
     given = {k: v for k, v in sizes.items() if v is not None}
+    if not model_profile and not given and Path(logs[0]).is_file():
+        model_profile = _profile_from_header(read_head(logs[0], where_map).meta)
     if model_profile:
         if given:
             raise ConfigError(f"give either --model-profile or explicit sizes, not both (got --{next(iter(given)).replace('_', '-')})")
@@ -113,16 +194,15 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
             )
         geometry = explicit_geometry(**given, dtype=dtype or "bfloat16", num_shared_experts=num_shared_experts,
                                      dense_bytes=dense_bytes, kv_bytes_per_token=kv_bytes_per_token)
-    fields = FieldMap(
-        request_key=tuple(k.strip() for k in request_key.split(",") if k.strip()),
-        token_key=token_key, position_key=position_key, layer_key=layer_key,
-        experts_key=experts_key, weights_key=weights_key,
-    )
+    if skip_steps < 0:
+        raise ConfigError(f"--skip-steps must not be negative, got {skip_steps}")
     trace, report = import_jsonl(
         logs, geometry, fields=fields, layout=layout,
         prompt_tokens=_parse_prompt_tokens(prompt_tokens),
         prompt_tokens_from=prompt_tokens_from, decode_tokens_from=decode_tokens_from,
-        progress=len(logs) > 3,
+        progress=len(logs) > 3, where=where_map,
+        generated_tokens=_int_list(generated_tokens, "--generated-tokens") if generated_tokens else None,
+        skip_steps=skip_steps, detect_warmup=warmup == "auto",
     )
     path = write_trace(trace, output)
     for line in report.lines():
@@ -130,6 +210,56 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
     size = Path(path).stat().st_size
     click.echo(f"wrote {path}: {trace.num_tokens:,} tokens, {geometry.num_layers} layers x "
                f"{geometry.num_experts} experts, top-{geometry.top_k}, {size / 1e6:.2f} MB")
+
+
+
+def _profile_from_header(meta: dict) -> str | None:
+    """The built-in profile a log header's model_id names (e.g. Qwen/Qwen1.5-MoE-A2.7B), if any."""
+    from finemoe.traces.profiles import PROFILES
+
+    model_id = str(meta.get("model_id", "")).lower()
+    if not model_id:
+        return None
+    for name, profile in PROFILES.items():
+        if model_id in (name, profile.source.split(" ")[0].lower()):
+            return name
+    return None
+
+
+def _import_route_trace(logs, output, model_profile, dtype, engine_cache, sizes) -> None:
+    """A route_trace v1 CSV: geometry from its header; hidden sizes from a profile or the options."""
+    from pathlib import Path
+
+    from finemoe.sim.sweep import parse_sizes
+    from finemoe.traces.importers.route_trace import import_route_trace
+    from finemoe.traces.io import write_trace
+    from finemoe.traces.profiles import get_profile
+
+    if len(logs) != 1:
+        raise ConfigError("import one route_trace file at a time")
+    hidden, inter = sizes.get("hidden_size"), sizes.get("expert_intermediate_size")
+    if model_profile:
+        prof = get_profile(model_profile)
+        hidden, inter = hidden or prof.hidden_size, inter or prof.expert_intermediate_size
+    if not hidden or not inter:
+        raise ConfigError("a route_trace header gives layers, experts, top-k and bytes but not the model's widths: "
+                          "give --model-profile NAME or --hidden-size and --expert-intermediate-size")
+    capacity = parse_sizes(engine_cache, "--engine-cache")[0] if engine_cache else None
+    trace = import_route_trace(logs[0], hidden_size=hidden, expert_intermediate_size=inter,
+                               engine_cache_bytes=capacity, dtype=dtype or "int4")
+    path = write_trace(trace, output)
+    g = trace.geometry
+    eng = trace.metadata["engine_cache"]
+    click.echo(f"{Path(logs[0]).name}: route_trace v1, {len(trace.requests)} request(s), "
+               f"{trace.num_missing} (token, layer) records missing; top-k weights only (no router probabilities)")
+    click.echo(f"engine cache hits kept: decode {eng['hits']['decode']:,} of {eng['accesses']['decode']:,} "
+               f"accesses, prefill {eng['hits']['prefill']:,} of {eng['accesses']['prefill']:,}")
+    if capacity:
+        from finemoe.sim.engine_check import check_engine_cache
+
+        click.echo(check_engine_cache(trace).line())
+    click.echo(f"wrote {path}: {trace.num_tokens:,} tokens, {g.num_layers} layers x {g.num_experts} experts, "
+               f"top-{g.top_k}, mean expert {g.bytes_per_expert:,} bytes")
 
 
 COMMANDS = [import_command]

@@ -18,6 +18,8 @@ from finemoe.traces.geometry import Geometry
 
 SCHEMA_VERSION = 1
 MISSING_EXPERT = -1  # experts value of a (token, layer) record absent from the source
+# metadata key: the model layers a partial log holds (absent: every layer); the others are all missing
+LAYERS_LOGGED_KEY = "layers_logged"
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,34 @@ class Trace:
     @property
     def num_missing(self) -> int:
         return int(self.missing_mask.sum())
+
+    @property
+    def logged_layers(self) -> tuple[int, ...]:
+        """The model layers this trace holds routing for (a log may record only some of them)."""
+        layers = self.metadata.get(LAYERS_LOGGED_KEY)
+        return tuple(range(self.geometry.num_layers)) if layers is None else tuple(int(v) for v in layers)
+
+    @property
+    def is_partial(self) -> bool:
+        return len(self.logged_layers) < self.geometry.num_layers
+
+    def logged_layers_only(self) -> Trace:
+        """The logged layers taken as the model's consecutive layers 0..n-1 (a user's explicit choice,
+        for policies that predict across layers); geometry and metadata say so."""
+        layers = list(self.logged_layers)
+        if len(layers) == self.geometry.num_layers:
+            return self
+        from dataclasses import replace
+
+        def take(a):
+            return None if a is None else np.ascontiguousarray(a[:, layers])
+
+        meta = {k: v for k, v in self.metadata.items() if k != LAYERS_LOGGED_KEY}
+        meta["layers_as_consecutive"] = layers
+        return replace(self, geometry=replace(self.geometry, num_layers=len(layers)),
+                       experts=take(self.experts), weights=take(self.weights),
+                       router_probs=take(self.router_probs), spec_experts=take(self.spec_experts),
+                       spec_weights=take(self.spec_weights), metadata=meta)
 
     @cached_property
     def iterations(self) -> tuple[Iteration, ...]:

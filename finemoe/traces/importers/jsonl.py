@@ -27,18 +27,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from finemoe.errors import ConfigError, TraceError
 from finemoe.traces.geometry import DTYPE_BYTES, Geometry
-from finemoe.traces.schema import MISSING_EXPERT, RequestInfo, Trace
+from finemoe.traces.importers.batched import map_batched, step_index
+from finemoe.traces.importers.bounds import check_token_span
+from finemoe.traces.schema import LAYERS_LOGGED_KEY, MISSING_EXPERT, RequestInfo, Trace
 
 FILE_KEY = "@file"  # pseudo request-key field: the input file's name without extension
-LAYOUTS = ("auto", "decode", "positions", "steps")
+LAYOUTS = ("auto", "decode", "positions", "steps", "batched")
+META_TYPE = "meta"  # leading records {"type": "meta", ...} are the log's header, not routing
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class ImportReport:
     requests: list[RequestReport] = field(default_factory=list)
     records_read: int = 0
     duplicate_records_dropped: int = 0
+    layers_logged: list[int] | None = None  # None: every layer
 
     @property
     def missing_records(self) -> int:
@@ -93,6 +97,7 @@ class ImportReport:
             "missing_records": self.missing_records,
             "tokens_with_gaps": self.tokens_with_gaps,
             "tokens_absent": self.tokens_absent,
+            "layers_logged": self.layers_logged,
             "requests": [asdict(r) for r in self.requests],
         }
 
@@ -100,7 +105,13 @@ class ImportReport:
         """A human summary, one line per request plus totals."""
         out = []
         for f in self.files:
-            out.append(f"{f['name']}: {f['records']:,} records, layout {f['layout']}")
+            extra = ""
+            if f.get("filtered_out"):
+                extra += f", {f['filtered_out']:,} other records left out (--where, meta)"
+            if f.get("warmup_steps_dropped"):
+                extra += (f", {f['warmup_steps_dropped']} warm-up step(s) dropped "
+                          f"({f['warmup_records_dropped']:,} records)")
+            out.append(f"{f['name']}: {f['records']:,} records, layout {f['layout']}{extra}")
         for r in self.requests:
             prompt = "unknown" if r.prompt_tokens is None else str(r.prompt_tokens)
             gaps = ""
@@ -116,6 +127,10 @@ class ImportReport:
             f"({self.missing_records} missing (token, layer) records, stored as missing, not invented); "
             f"{self.duplicate_records_dropped} identical duplicate record(s) dropped"
         )
+        if self.layers_logged:
+            shown = ", ".join(map(str, self.layers_logged[:12])) + (", ..." if len(self.layers_logged) > 12 else "")
+            out.append(f"layers logged: {len(self.layers_logged)} ({shown}); the trace records which, "
+                       "the others are not in the log")
         return out
 
 
@@ -174,20 +189,59 @@ class _RawLog:
     weights: np.ndarray  # float64 [n, K]
     tok_field: str
     sha256: str
+    record_no: np.ndarray  # int64 [n]: each record's number in the file (1-based, header included)
+    meta: dict = field(default_factory=dict)  # the header record(s), merged
+    filtered_out: int = 0  # records --where left out
 
 
-def _first_record(path: Path) -> dict:
+@dataclass
+class _Head:
+    """The start of a log: header records, the byte offset where routing records begin, the first one."""
+
+    meta: dict
+    header_records: int
+    body_offset: int
+    first: dict
+
+
+def _is_meta(rec: dict) -> bool:
+    return rec.get("type") == META_TYPE
+
+
+def _matches(rec: dict, where: Mapping[str, str]) -> bool:
+    return all(str(rec.get(k)) == v for k, v in where.items())
+
+
+def read_head(path: str | os.PathLike, where: Mapping[str, str] | None = None) -> _Head:
+    """Leading meta records (merged), and the first record that is routing and passes `where`."""
+    path = Path(path)
+    where = where or {}
+    meta: dict = {}
+    header = 0
+    body = 0
+    in_header = True
     with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise TraceError(f"{path}: line {lineno} is not valid JSON (expected JSON Lines)") from None
-                if not isinstance(rec, dict):
-                    raise TraceError(f"{path}: line {lineno} is not a JSON object")
-                return rec
-    raise TraceError(f"{path}: file holds no records")
+        for lineno, line in enumerate(iter(fh.readline, b""), 1):
+            if not line.strip():
+                if in_header:
+                    body = fh.tell()
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise TraceError(f"{path}: line {lineno} is not valid JSON (expected JSON Lines)") from None
+            if not isinstance(rec, dict):
+                raise TraceError(f"{path}: line {lineno} is not a JSON object")
+            if _is_meta(rec) and in_header:
+                meta.update({k: v for k, v in rec.items() if k != "type"})
+                header += 1
+                body = fh.tell()
+                continue
+            in_header = False
+            if _matches(rec, where) and not _is_meta(rec):
+                return _Head(meta, header, body, rec)
+    what = f"no record matches --where {','.join(f'{k}={v}' for k, v in where.items())}" if where else "file holds no records"
+    raise TraceError(f"{path}: {what}")
 
 
 def _locate_bad_line(path: Path) -> str:
@@ -211,19 +265,25 @@ def _sha256(path: Path) -> str:
 
 
 def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
-             block_size: int = 16 << 20) -> _RawLog:
-    """Stream one JSONL routing log into arrays; every malformed record is a TraceError."""
+             block_size: int = 16 << 20, where: Mapping[str, str] | None = None) -> _RawLog:
+    """Stream one JSONL routing log into arrays; every malformed record is a TraceError.
+
+    Leading `{"type": "meta"}` records are the header (kept as `meta`); meta records later on and
+    records failing `where` (field -> value, compared as text) are left out."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.json as pj
 
     path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such routing log")
+    if not path.is_file():  # a FIFO or a device would block the reader or never end
+        raise TraceError(f"{path}: no such routing log" if not path.exists() else
+                         f"{path}: not a regular file (a named pipe, directory or device); give a JSON Lines file")
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    first = _first_record(path)
-    if layout == "decode":
+    where = dict(where or {})
+    head = read_head(path, where)
+    first = head.first
+    if layout in ("decode", "batched"):
         tok_field = fields.token_key
     elif layout in ("positions", "steps"):
         tok_field = fields.position_key
@@ -254,20 +314,34 @@ def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
     parts: dict[str, list[np.ndarray]] = {"req": [], "layer": [], "tok": [], "experts": [], "weights": []}
     top_k = len(first[fields.experts_key]) if isinstance(first[fields.experts_key], list) else -1
     offset = 0
+    seen_records = head.header_records
+    filtered = 0
+    record_nos: list[np.ndarray] = []
+    fh = open(path, "rb")  # noqa: SIM115 - closed in the finally below; pyarrow reads from the header's end
     try:
+        fh.seek(head.body_offset)
         reader = pj.open_json(
-            path,
+            fh,
             read_options=pj.ReadOptions(block_size=block_size),
             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer"),
         )
         for batch in reader:
+            numbers = seen_records + 1 + np.arange(batch.num_rows, dtype=np.int64)
+            seen_records += batch.num_rows
+            batch, keep = _filter_batch(batch, where)
+            if keep is not None:
+                filtered += int((~keep).sum())
+                numbers = numbers[keep]
             n = batch.num_rows
+            if n == 0:
+                continue
+            record_nos.append(numbers)
             for name in needed:
                 idx = batch.schema.get_field_index(name)
                 col = batch.column(idx) if idx >= 0 else None
                 if col is None or col.null_count:
                     row = 0 if col is None else int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-                    raise TraceError(f"{path}: record {offset + row + 1} lacks field {name!r}")
+                    raise TraceError(f"{path}: record {int(numbers[row])} lacks field {name!r}")
             ex = batch.column(batch.schema.get_field_index(fields.experts_key))
             wt = batch.column(batch.schema.get_field_index(fields.weights_key))
             for name, col in ((fields.experts_key, ex), (fields.weights_key, wt)):
@@ -275,12 +349,12 @@ def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
                 if values.null_count:
                     parent = np.asarray(pc.list_parent_indices(col))
                     first_bad = int(parent[np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]])
-                    raise TraceError(f"{path}: record {offset + first_bad + 1} has a null value in {name!r}")
+                    raise TraceError(f"{path}: record {int(numbers[first_bad])} has a null value in {name!r}")
                 lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
                 bad = np.flatnonzero(lengths != top_k)
                 if bad.size:
                     raise TraceError(
-                        f"{path}: record {offset + int(bad[0]) + 1} has {int(lengths[bad[0]])} values in "
+                        f"{path}: record {int(numbers[bad[0]])} has {int(lengths[bad[0]])} values in "
                         f"{name!r}, the first record has {top_k}; every record must list the same top-k"
                     )
             if keys:
@@ -301,9 +375,11 @@ def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
     except TraceError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
-        where = _locate_bad_line(path)
+        bad_line = _locate_bad_line(path)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(f"{path}: {where or 'cannot parse the log'} ({msg})") from None
+        raise TraceError(f"{path}: {bad_line or 'cannot parse the log'} ({msg})") from None
+    finally:
+        fh.close()
     if offset == 0:
         raise TraceError(f"{path}: file holds no records")
     stem = path.name.split(".")[0]
@@ -330,9 +406,36 @@ def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
         weights=np.concatenate(parts["weights"]).astype(np.float64, copy=False),
         tok_field=tok_field,
         sha256=_sha256(path),
+        record_no=np.concatenate(record_nos),
+        meta=head.meta,
+        filtered_out=filtered,
     )
     _check_values(raw, fields)
     return raw
+
+
+def _filter_batch(batch, where: Mapping[str, str]):
+    """The batch without meta records and records failing `where`; keep mask (None: all kept)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    conds = {**where}
+    names = batch.schema.names
+    mask = None
+    if "type" in names and "type" not in conds:
+        col = pc.cast(batch.column(names.index("type")), pa.string())
+        mask = pc.fill_null(pc.not_equal(col, META_TYPE), True)
+    for key, value in conds.items():
+        if key in names:
+            col = pc.cast(batch.column(names.index(key)), pa.string())
+            cond = pc.fill_null(pc.equal(col, value), False)
+        else:
+            cond = pa.array(np.zeros(batch.num_rows, bool))
+        mask = cond if mask is None else pc.and_(mask, cond)
+    if mask is None:
+        return batch, None
+    keep = mask.to_numpy(zero_copy_only=False).astype(bool)
+    return (batch, None) if keep.all() else (batch.filter(mask), keep)
 
 
 def _natural(label: str) -> tuple:
@@ -343,10 +446,11 @@ def _check_values(raw: _RawLog, fields: FieldMap) -> None:
     def fail(mask: np.ndarray, what: str) -> None:
         bad = np.flatnonzero(mask)
         if bad.size:
-            raise TraceError(f"{raw.path}: record {int(bad[0]) + 1} {what} ({bad.size} such records)")
+            raise TraceError(f"{raw.path}: record {int(raw.record_no[bad[0]])} {what} ({bad.size} such records)")
 
     fail(raw.layer < 0, f"has a negative {fields.layer_key!r}")
     fail(raw.tok < 0, f"has a negative {raw.tok_field!r}")
+    check_token_span(raw.path, raw.tok, raw.req, raw.labels, raw.record_no, raw.tok_field)
     fail((raw.experts < 0).any(axis=1), f"has a negative expert id in {fields.experts_key!r}")
     fail(~np.isfinite(raw.weights).all(axis=1) | (raw.weights < 0).any(axis=1),
          f"has a negative or non-finite gate weight in {fields.weights_key!r}")
@@ -420,10 +524,9 @@ def _rows_for(raw: _RawLog, layout: str, prompt_of: Mapping[str, int], decode_of
             gens.append(t_len - p)
             prefills.append(p > 0)
         else:  # steps
-            lay = raw.layer[idx]
+            step = step_index(raw.layer[idx], tok)
             new_step = np.ones(idx.size, bool)
-            new_step[1:] = (lay[1:] < lay[:-1]) | ((lay[1:] == lay[:-1]) & (tok[1:] <= tok[:-1]))
-            step = np.cumsum(new_step) - 1
+            new_step[1:] = step[1:] != step[:-1]
             n_steps = int(step[-1]) + 1
             in_prefill = step == 0
             p = int(tok[in_prefill].max()) + 1
@@ -441,7 +544,8 @@ def _rows_for(raw: _RawLog, layout: str, prompt_of: Mapping[str, int], decode_of
                     raise TraceError(
                         f"{raw.path}: request {label}: engine step {s} holds more than one token; only one "
                         "prefill step followed by one-token decode steps is understood (chunked prefill "
-                        "or a batched log? try --layout positions)"
+                        "or a batched log? try --layout batched --prompt-tokens N1,N2,..., or "
+                        "--layout positions)"
                     )
             row[idx] = np.where(in_prefill, tok, p + step - 1)
             t_len = p + n_steps - 1
@@ -481,13 +585,30 @@ def import_jsonl(
     *,
     fields: FieldMap | None = None,
     layout: str = "auto",
-    prompt_tokens: int | Mapping[str, int] | None = None,
+    prompt_tokens: int | Mapping[str, int] | Sequence[int] | None = None,
     prompt_tokens_from: Iterable[str | os.PathLike] = (),
     decode_tokens_from: Iterable[str | os.PathLike] = (),
     progress: bool = False,
+    where: Mapping[str, str] | None = None,
+    generated_tokens: Sequence[int] | None = None,
+    skip_steps: int = 0,
+    detect_warmup: bool = True,
 ) -> tuple[Trace, ImportReport]:
-    """Read routing logs into one trace; gaps are stored as missing and reported, never filled in."""
+    """Read routing logs into one trace; gaps are stored as missing and reported, never filled in.
+
+    `where` keeps only records whose fields have these values. Layout `batched` (one engine's
+    steps, rows mapped to sequences, see finemoe.traces.importers.batched) takes the prompts'
+    lengths as a sequence in `prompt_tokens`, optionally each sequence's decode steps in
+    `generated_tokens`, and drops `skip_steps` leading steps, then detected warm-up steps."""
     fields = fields or FieldMap()
+    batched_prompts: list[int] | None = None
+    if isinstance(prompt_tokens, Sequence) and not isinstance(prompt_tokens, str):
+        batched_prompts = [int(v) for v in prompt_tokens]
+        prompt_tokens = None
+    if layout == "batched" and batched_prompts is None:
+        if not isinstance(prompt_tokens, int):
+            raise ConfigError("layout batched needs the prompts' lengths in admission order: --prompt-tokens N1,N2,...")
+        batched_prompts, prompt_tokens = [prompt_tokens], None
     paths = [Path(p) for p in paths]
     if not paths:
         raise ConfigError("no routing log given")
@@ -512,22 +633,40 @@ def import_jsonl(
     chunks: list[tuple[np.ndarray, ...]] = []  # per request: iteration, position, experts, weights
     seen: dict[str, Path] = {}
     unknown_prompt: list[str] = []
+    logged: set[int] = set()
+    declared_layers: set[int] | None = None
+    missing_masks: list[np.ndarray] = []
     iterator = paths
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(paths, desc="import", unit="file")
     for path in iterator:
-        raw = read_log(path, fields, layout)
+        raw = read_log(path, fields, layout, where=where)
         lay = _resolve_layout(raw, fields, layout)
+        declared = check_meta(raw.meta, geometry, path)
+        if declared is not None:
+            declared_layers = (declared_layers or set()) | declared
+            stray = np.flatnonzero(~np.isin(raw.layer, sorted(declared)))
+            if stray.size:
+                raise TraceError(f"{path}: record {int(raw.record_no[stray[0]])} names layer "
+                                 f"{int(raw.layer[stray[0]])}, which the header's layers_logged does not list")
         if int(raw.layer.max()) >= L:
             bad = int(np.flatnonzero(raw.layer >= L)[0])
-            raise TraceError(f"{path}: record {bad + 1} names layer {int(raw.layer[bad])}, but the model has {L} MoE layers (0..{L - 1})")
+            raise TraceError(f"{path}: record {int(raw.record_no[bad])} names layer {int(raw.layer[bad])}, but the model has {L} MoE layers (0..{L - 1})")
         if raw.experts.shape[1] != K:
             raise TraceError(f"{path}: records list top-{raw.experts.shape[1]} experts, but the model routes top-{K}")
         if int(raw.experts.max()) >= J:
             bad = int(np.flatnonzero((raw.experts >= J).any(axis=1))[0])
-            raise TraceError(f"{path}: record {bad + 1} names expert {int(raw.experts[bad].max())}, but the model has {J} experts per layer")
+            raise TraceError(f"{path}: record {int(raw.record_no[bad])} names expert {int(raw.experts[bad].max())}, but the model has {J} experts per layer")
+        warmup = None
+        if lay == "batched":
+            raw, warmup, seq_prompt = _as_sequences(raw, batched_prompts, generated_tokens, skip_steps, detect_warmup)
+            prompt_of.update(seq_prompt)
+            lay_rows = "positions"
+        else:
+            lay_rows = lay
+        logged.update(np.unique(raw.layer).tolist())
         for label in raw.labels:
             if label in seen:
                 raise TraceError(
@@ -538,14 +677,15 @@ def import_jsonl(
         local_prompt = dict(prompt_of)
         if explicit_all is not None:
             local_prompt.update({label: explicit_all for label in raw.labels})
-        rows = _rows_for(raw, lay, local_prompt, decode_of)
+        rows = _rows_for(raw, lay_rows, local_prompt, decode_of)
         # experts in descending gate weight, as the schema wants
         order = np.argsort(-raw.weights, axis=1, kind="stable")
         ex = np.take_along_axis(raw.experts, order, axis=1)
         wt = np.take_along_axis(raw.weights, order, axis=1)
         report.records_read += raw.req.shape[0]
         report.files.append({"name": path.name, "records": int(raw.req.shape[0]), "layout": lay,
-                             "token_field": raw.tok_field, "sha256": raw.sha256})
+                             "token_field": raw.tok_field, "sha256": raw.sha256, "header": raw.meta,
+                             "filtered_out": raw.filtered_out, **(warmup or {})})
         for r, label in enumerate(raw.labels):
             idx = np.flatnonzero(raw.req == r)
             t_len = rows.iteration[r].shape[0]
@@ -559,9 +699,11 @@ def import_jsonl(
                 if differ.any():
                     i = int(np.flatnonzero(differ)[0])
                     tok_row, layer = divmod(int(key_s[dup[i]]), L)
+                    hint = ("; a batched engine log, where the token field is the row within an engine "
+                            "step? try --layout batched --prompt-tokens N1,N2,..." if lay == "decode" else "")
                     raise TraceError(
                         f"{path}: request {label} has two different records for token row {tok_row}, "
-                        f"layer {layer} (records {int(a[i]) + 1} and {int(b[i]) + 1})"
+                        f"layer {layer} (records {int(raw.record_no[a[i]])} and {int(raw.record_no[b[i]])}){hint}"
                     )
                 report.duplicate_records_dropped += int(dup.size)
             experts = np.full((t_len, L, K), MISSING_EXPERT, np.int16)
@@ -569,8 +711,7 @@ def import_jsonl(
             tr, tl = divmod(key_s, L)
             experts[tr, tl] = ex[idx[srt]]
             weights[tr, tl] = wt[idx[srt]]
-            missing = experts[:, :, 0] == MISSING_EXPERT
-            n_missing = missing.sum(axis=1)
+            missing_masks.append(experts[:, :, 0] == MISSING_EXPERT)
             rid = len(requests)
             p = rows.prompt_tokens[r]
             if p is None:
@@ -583,10 +724,16 @@ def import_jsonl(
             report.requests.append(RequestReport(
                 label=label, file=path.name, layout=lay, prompt_tokens=p,
                 generated_tokens=rows.generated[r], has_prefill=rows.has_prefill[r],
-                tokens_with_gaps=int(((n_missing > 0) & (n_missing < L)).sum()),
-                tokens_absent=int((n_missing == L).sum()),
-                missing_records=int(n_missing.sum()),
+                tokens_with_gaps=0, tokens_absent=0, missing_records=0,
             ))
+    present = sorted(declared_layers if declared_layers is not None else logged)
+    for rep_, missing in zip(report.requests, missing_masks, strict=True):
+        # gaps are counted in the layers the logs hold; layers never logged are not gaps
+        n_missing = missing[:, present].sum(axis=1)
+        rep_.tokens_with_gaps = int(((n_missing > 0) & (n_missing < len(present))).sum())
+        rep_.tokens_absent = int((n_missing == len(present)).sum())
+        rep_.missing_records = int(n_missing.sum())
+    report.layers_logged = present if len(present) < L else None
     counts = [c[0].shape[0] for c in chunks]
     trace = Trace(
         geometry=geometry,
@@ -607,7 +754,42 @@ def import_jsonl(
                 "tokens_with_gaps": report.tokens_with_gaps,
                 "tokens_absent": report.tokens_absent,
                 "duplicate_records_dropped": report.duplicate_records_dropped,
-            }
+                "where": dict(where or {}),
+            },
+            **({LAYERS_LOGGED_KEY: present} if report.layers_logged else {}),
         },
     )
     return trace, report
+
+
+def check_meta(meta: Mapping, geometry: Geometry, path: Path) -> set[int] | None:
+    """Check a log header's geometry against the model's; the layers it says were logged, if any."""
+    for key, have in (("top_k", geometry.top_k), ("num_experts", geometry.num_experts),
+                      ("num_layers", geometry.num_layers)):
+        if key in meta and int(meta[key]) != have:
+            raise ConfigError(f"{path}: the log's header says {key}={meta[key]}, but the model geometry "
+                              f"({geometry.model_name}) has {have}")
+    layers = meta.get("layers_logged")
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not all(isinstance(v, int) and 0 <= v < geometry.num_layers for v in layers):
+        raise TraceError(f"{path}: the header's layers_logged must list layer numbers 0..{geometry.num_layers - 1}")
+    return set(layers)
+
+
+def _as_sequences(raw: _RawLog, prompts: Sequence[int], generated: Sequence[int] | None, skip_steps: int,
+                  detect_warmup: bool) -> tuple[_RawLog, dict, dict[str, int]]:
+    """A batched log re-keyed by sequence and position; what warm-up was dropped; prompt per label."""
+    if len(raw.labels) != 1:
+        raise TraceError(f"{raw.path}: a batched log is one engine's stream, but its records name "
+                         f"{len(raw.labels)} requests ({', '.join(raw.labels[:3])}, ...); import them separately")
+    m = map_batched(raw.layer, raw.tok, raw.weights, prompts, generated, skip_steps=skip_steps,
+                    detect_warmup=detect_warmup, where=str(raw.path))
+    stem = raw.path.name.split(".")[0]
+    labels = [f"{stem}/{i}" for i in range(len(prompts))]
+    k = m.keep
+    out = replace(raw, labels=labels, req=m.sequence.astype(np.int32), layer=raw.layer[k], tok=m.position,
+                  experts=raw.experts[k], weights=raw.weights[k], record_no=raw.record_no[k])
+    info = {"warmup_steps_dropped": m.warmup_steps, "warmup_records_dropped": m.warmup_records,
+            "engine_steps": m.steps}
+    return out, info, dict(zip(labels, (int(p) for p in prompts), strict=True))
