@@ -1,5 +1,6 @@
 """The replayer: its building blocks, its decisions against the simulator's (same policy code, same
-workload), its result files, and its CLI. Timing fidelity is in test_replay_fidelity.py."""
+workload), its result files, and its CLI. Its mechanics against the simulator's, on a modelled clock,
+are in test_replay_mechanics.py; wall-clock fidelity is measured by `finemoe validate`, not tested."""
 
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def test_needed_experts_follows_the_simulators_access_order(trace):
 
     it = next(i for i in trace.iterations if i.num_tokens == 1)
     seq = (Sequence(it.request_id, it.iteration, it.start, it.stop),)
-    assert [e for e, _ in needed_experts(trace, seq, 2)] == trace.experts[it.start, 2].tolist()
+    assert [e for e, _ in needed_experts(trace, seq, 2)] == sorted(trace.experts[it.start, 2].tolist())
     pre = next(i for i in trace.iterations if i.num_tokens > 1)
     seqs = (Sequence(pre.request_id, 0, pre.start, pre.stop),)
     got = needed_experts(trace, seqs, 1)
@@ -184,24 +185,6 @@ def test_demand_only_policies_match_the_simulator(trace, policy):
     assert list(rep.requests.columns) == list(sim.requests.columns)
     assert len(rep.per_layer_hit_rate) == trace.geometry.num_layers
     assert rep.summary["tpot_p50_s"] > 0 and rep.summary["wall_s"] > 0
-
-
-@pytest.mark.parametrize("policy, points", [("finemoe", 6), ("mixtral-offloading", 6), ("moe-infinity", 6),
-                                            ("promoe", 6)])
-def test_prefetching_policies_agree_with_the_simulator(policy, points):
-    # Prefetch outcomes depend on timing, and this profile is not calibrated (the replay runs ~3x
-    # slower or faster than it says). With layers dominated by dense work most copies land in time
-    # in both engines, so the decisions nearly coincide. (Layerwise, which fetches all 8 experts of
-    # the next layer, depends on timing too much for an uncalibrated profile.) The 2-point bound
-    # with a calibrated profile is in test_replay_fidelity.py.
-    trace = synthetic_trace(small_geometry(dense_bytes=48_000_000), num_requests=6, prompt_tokens=6,
-                            generated_tokens=10, seed=3)
-    cfg = config(policy, 16, max_batch=2)
-    rep = replay(trace, cfg, ReplayOptions(warmup=False))
-    sim = simulate(trace, cfg)
-    assert abs(rep.summary["hit_rate"] - sim.summary["hit_rate"]) * 100 <= points
-    assert rep.summary["hits"] + rep.summary["misses"] == sim.summary["hits"] + sim.summary["misses"]
-    assert rep.summary["prefetch_issued"] > 0
 
 
 def test_no_offload_keeps_everything_resident(trace):

@@ -64,7 +64,10 @@ def validate_command(trace, policies, rounds, quick, expert_cache, hardware, dev
         raise ConfigError(f"--rounds must be at least 1, got {rounds}")
     if not tolerance > 0:
         raise ConfigError(f"--tolerance must be positive, got {tolerance}")
-    say = (lambda m: click.echo(m, err=True))
+
+    def say(message: str) -> None:
+        click.echo(message, err=True)
+
     settings = {"trace": trace, "policies": names, "quick": quick, "expert_cache": expert_cache}
     if trace is None:
         size = v.DEMO_QUICK if quick else v.DEMO_FULL

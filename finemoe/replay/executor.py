@@ -42,12 +42,13 @@ from finemoe.replay.compute import (
 )
 from finemoe.replay.device import check_device, cpu_threads, split_cores, synchronize, torch_threads
 from finemoe.replay.engines import CopyEngines
+from finemoe.replay.modelled import ModelledMachine
 from finemoe.replay.slots import SlotPool
 from finemoe.replay.weights import DenseWeights, HostExperts, check_host_memory, expert_shape
 from finemoe.results import RunResult
 from finemoe.sim.cache import ExpertCache
 from finemoe.sim.config import SimConfig
-from finemoe.sim.costs import CostModel
+from finemoe.sim.costs import TICKS_PER_S, CostModel
 from finemoe.sim.memory import plan_memory
 from finemoe.sim.metrics import MetricsRecorder
 from finemoe.sim.workload import arrival_times, build_batcher, split_requests
@@ -55,10 +56,10 @@ from finemoe.traces.schema import Trace
 
 
 def needed_experts(trace: Trace, seqs, layer: int) -> tuple[tuple[int, int], ...]:
-    """(expert, tokens) routed at `layer` in this step, in the simulator's access order: a lone decode
-    token's experts in gate order, otherwise merged over the batch by expert id."""
+    """(expert, tokens) routed at `layer` in this step, in the simulator's access order: by expert id
+    (a lone decode token's experts, or merged over the batch)."""
     if len(seqs) == 1 and seqs[0].num_tokens == 1:
-        return tuple((int(e), 1) for e in trace.experts[seqs[0].start, layer].tolist() if e >= 0)
+        return tuple((e, 1) for e in sorted(trace.experts[seqs[0].start, layer].tolist()) if e >= 0)
     merged: dict[int, int] = {}
     for s in seqs:
         ids, counts = np.unique(trace.experts[s.start : s.stop, layer, :], return_counts=True)
@@ -69,6 +70,7 @@ def needed_experts(trace: Trace, seqs, layer: int) -> tuple[tuple[int, int], ...
 
 
 GIL_SWITCH_S = 0.0005
+_S = 1.0 / TICKS_PER_S
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ class ReplayOptions:
     weights_path: str | None = None  # real expert weights (the checkpoint the trace came from)
     expert_scale: float = 1.0  # recorded only: the caller scaled the trace's geometry
     warmup: bool = True  # run each kernel shape once before the clock starts
+    # "measured": real copies and compute, timed by the clock. "modelled": the same step logic on a
+    # virtual clock with the simulator's cost model for copies and compute (finemoe.replay.modelled),
+    # so that the replayer's mechanics can be checked exactly against the simulator.
+    timing: str = "measured"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +95,11 @@ def replay(trace: Trace, config: SimConfig, options: ReplayOptions | None = None
            progress: Callable[[int, int], None] | None = None) -> RunResult:
     """Run `config` on `trace` with real copies and compute; a RunResult with `engine: "replay"`."""
     options = options or ReplayOptions()
+    if options.timing not in ("measured", "modelled"):
+        raise ConfigError(f"replay timing must be 'measured' or 'modelled', got {options.timing!r}")
     device = check_device(options.device)
+    if options.timing == "modelled":  # nothing runs on the machine: no threads, no cores to split
+        return _Replayer(trace, config, options, device, 1, progress).run()
     threads = options.threads if options.threads is not None else cpu_threads(device)
     # Copy engines are Python threads: a short GIL switch interval lets one start its copy within
     # ~0.5 ms while the main thread runs policy code, instead of Python's default 5 ms.
@@ -135,10 +145,27 @@ class _Replayer:
         self.cache = ExpertCache(self.plan.expert_cache_slots, self.policy, self.rec, g.bytes_per_expert)
         self.arrivals = arrival_times(len(self.split.measure), w, config.seed)
 
+        self.modelled = options.timing == "modelled"
+        base = threading.RLock()
+        self.lock = threading.Condition(base)  # the main thread waits on it for copies to land
+        self.work = threading.Condition(base)  # idle copy engines wait on it for transfers
+        self.inline_copies = 0
+        self.wakeup_s: list[float] = []  # stalled compute thread: copy landed -> it runs again
+        self.policy_s = 0.0  # wall time inside the policy's step and layer calls, on the critical path
+        self.engines: CopyEngines | ModelledMachine | None = None
+        self.t0 = 0.0
+        self._step = 0
+        self.host = None
+        if not self.modelled:
+            self._allocate(measured, longest)
+
+    def _allocate(self, measured, longest: int) -> None:
+        """Expert weights in host memory, the device slot pool, dense weights and activations."""
+        torch, g, config, device, w = self.torch, self.geometry, self.config, self.device, self.config.workload
         check_host_memory(g, self.plan.expert_cache_slots, self.cuda)
         self.host = HostExperts(g, pinned=self.cuda, seed=config.seed)
-        if options.weights_path:
-            self.host.load_checkpoint(options.weights_path)
+        if self.options.weights_path:
+            self.host.load_checkpoint(self.options.weights_path)
         self.shape = expert_shape(g)
         self.pool = SlotPool(self.plan.expert_cache_slots, self.shape.numel, self.host.dtype, device, self.shape)
         self.dense = DenseWeights(g, device, self.plan.kv_tokens or longest, seed=config.seed)
@@ -147,23 +174,19 @@ class _Replayer:
         gen = torch.Generator().manual_seed(config.seed + 2)
         self.x = (torch.randn((max_tokens, g.hidden_size), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
         self.q = (torch.randn((max_tokens, self.dense.kv_width), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
-        base = threading.RLock()
-        self.lock = threading.Condition(base)  # the main thread waits on it for copies to land
-        self.work = threading.Condition(base)  # idle copy engines wait on it for transfers
-        self.inline_copies = 0
-        self.wakeup_s: list[float] = []  # stalled compute thread: copy landed -> it runs again
-        self.policy_s = 0.0  # wall time inside the policy's step and layer calls, on the critical path
-        self.engines: CopyEngines | None = None
-        self.t0 = 0.0
-        self._step = 0
 
     # --- clock ----------------------------------------------------------------------------------
     def now(self) -> float:
+        if self.modelled:
+            return self.engines.now()
         return time.perf_counter() - self.t0
 
     # --- copies -----------------------------------------------------------------------------------
     def kick(self) -> None:
         """New work may be queued: wake the idle copy engines, and only them (lock held)."""
+        if self.modelled:
+            self.engines.wake()
+            return
         idle = self.engines.idle if self.engines is not None else 0
         if idle and self.cache.has_work:
             self.engines.kicked_at = self.now()
@@ -180,6 +203,8 @@ class _Replayer:
         else:
             keys = list(self.policy.initial_residents())[: self.plan.expert_cache_slots]
         self.cache.preload(keys, 0.0)
+        if self.modelled:
+            return
         for key in sorted(self.cache.resident):
             slot = self.pool.assign(key, None)
             self.pool.buffers[slot].copy_(self.host.expert(*key))
@@ -193,11 +218,17 @@ class _Replayer:
         return self.masks.rows(contexts)
 
     def _dense(self, layer: int, seqs, attention=None) -> None:
+        if self.modelled:
+            self.engines.compute(self.engines.dense_ticks(seqs))
+            return
         tokens = sum(s.num_tokens for s in seqs)
         keys, bias = attention if attention is not None else self._attention(seqs)
         dense_layer(self.x[:tokens], self.dense.layers[layer], self.q[:tokens], self.dense.kv[layer], keys, bias)
 
     def _expert(self, key, tokens: int) -> None:
+        if self.modelled:
+            self.engines.compute(self.engines.expert_ticks(tokens))
+            return
         swiglu(self.x[:tokens], *self.pool.matrices(key))
         if self.cuda:
             ev = self.torch.cuda.Event()
@@ -246,15 +277,19 @@ class _Replayer:
             rec.request_arrived(rid, float(t), r.prompt_tokens, r.generated_tokens)
         batcher = build_batcher(trace, self.split.measure, self.arrivals, self.config.workload.max_batch)
         total_steps = sum(len(v) for k, v in trace.iterations_by_request.items() if k in set(self.split.measure))
-        if self.options.warmup:
+        if self.options.warmup and not self.modelled:
             self._warmup()
 
         self._step = 0
         wall0 = time.perf_counter()
         self.t0 = time.perf_counter()
         lock = self.lock
-        self.engines = CopyEngines(max(1, self.config.hardware.copy_engines), cache, rec, lock, self.work,
-                                   self.host.expert, self.pool, self.device, self.now, lambda: self._step)
+        if self.modelled:
+            self.engines = ModelledMachine(trace, self.costs, cache, rec, self.config.hardware.copy_engines,
+                                           lambda: self._step)
+        else:
+            self.engines = CopyEngines(max(1, self.config.hardware.copy_engines), cache, rec, lock, self.work,
+                                       self.host.expert, self.pool, self.device, self.now, lambda: self._step)
         first_seen: set[int] = set()
         try:
             while not batcher.done:
@@ -262,7 +297,10 @@ class _Replayer:
                 seqs = batcher.next_step(now)
                 if not seqs:
                     nxt = batcher.next_arrival()
-                    time.sleep(max(0.0, (nxt or now) - now))
+                    if self.modelled:
+                        self.engines.idle_until(nxt or now)
+                    else:
+                        time.sleep(max(0.0, (nxt or now) - now))
                     continue
                 self._run_step(self._step, seqs)
                 synchronize(self.device)
@@ -296,19 +334,57 @@ class _Replayer:
             "memory_plan": self.plan.to_dict(),
             "split": self.split.to_dict(),
             "policy_info": policy.describe(),
-            "replay": {**self.options.to_dict(), "device": self.device, "threads": self.threads,
-                       "weights": self.host.source, "host_pinned": self.host.pinned,
-                       "copy_engines": self.engines.engines,
-                       "copy_busy_s": list(self.engines.busy_s), "inline_copies": self.inline_copies,
-                       "policy_s": self.policy_s,
-                       "lane_cache_s": self.engines.lane_cache_s, "lane_copies": self.engines.copies,
-                       "lane_work_s": self.engines.work_s,
-                       "handoff_mean_s": float(np.mean(self.engines.handoff_s)) if self.engines.handoff_s else 0.0,
-                       "handoffs": len(self.engines.handoff_s),
-                       "wakeup_mean_s": float(np.mean(self.wakeup_s)) if self.wakeup_s else 0.0,
-                       "wakeups": len(self.wakeup_s)},
+            "replay": self._replay_info(),
         })
         return rec.to_result(config, wall_s=wall, makespan_s=makespan)
+
+    def _replay_info(self) -> dict:
+        """How the replay ran: its options, and what its copy engines and policy calls took."""
+        info = {**self.options.to_dict(), "device": self.device, "threads": self.threads,
+                "copy_engines": self.engines.engines, "copy_busy_s": list(self.engines.busy_s),
+                "inline_copies": self.inline_copies, "policy_s": self.policy_s, "lane_copies": self.engines.copies}
+        if self.modelled:  # no weights, no threads: the copy threads' own work is nil
+            return info | {"weights": None, "host_pinned": False, "lane_cache_s": 0.0, "lane_work_s": 0.0,
+                           "handoff_mean_s": 0.0, "handoffs": 0, "wakeup_mean_s": 0.0, "wakeups": 0}
+        engines = self.engines
+        return info | {"weights": self.host.source, "host_pinned": self.host.pinned,
+                       "lane_cache_s": engines.lane_cache_s, "lane_work_s": engines.work_s,
+                       "handoff_mean_s": float(np.mean(engines.handoff_s)) if engines.handoff_s else 0.0,
+                       "handoffs": len(engines.handoff_s),
+                       "wakeup_mean_s": float(np.mean(self.wakeup_s)) if self.wakeup_s else 0.0,
+                       "wakeups": len(self.wakeup_s)}
+
+    def _stamp(self) -> float:
+        """The time for a timeline record (the modelled clock without handling the events due)."""
+        return self.engines.t * _S if self.modelled else self.now()
+
+    def _observe(self) -> None:
+        """Before looking at what is resident: a modelled clock lands the copies due by now."""
+        if self.modelled:
+            self.engines.now()
+
+    def _submit(self, prefetches) -> None:
+        """Queue a policy's prefetches (lock held); a modelled replay holds back unready predictions."""
+        if self.modelled:
+            self.engines.submit(prefetches)
+        else:
+            self.cache.add_prefetches(prefetches)
+
+    def _compute_expert(self, step: int, layer: int, key, tokens: int, timeline: bool, missed: bool) -> None:
+        """One routed expert computed (its weights resident), then its pin released."""
+        t = self._stamp()
+        self._expert(key, tokens)
+        if timeline:
+            synchronize(self.device)
+        with self.lock:
+            if timeline:
+                self.rec.event("compute", "expert", step, layer, key[1], t, self._stamp(), missed)
+            self.cache.unpin(key)
+            if self.cache.blocked:
+                if self.modelled:
+                    self.engines.unblocked()
+                else:
+                    self.kick()
 
     def _run_step(self, step: int, seqs) -> None:
         cache, rec, policy, trace, lock = self.cache, self.rec, self.policy, self.trace, self.lock
@@ -319,17 +395,17 @@ class _Replayer:
             pf = policy.on_step_start(info)
             self.policy_s += time.perf_counter() - p0
             if pf:
-                cache.add_prefetches(pf)
+                self._submit(pf)
             self.kick()
         timeline = step < self.config.timeline_steps
-        attention = self._attention(seqs)
+        attention = None if self.modelled else self._attention(seqs)
         for layer in range(self.geometry.num_layers):
             t = self.now()
             self._dense(layer, seqs, attention)
             if timeline:
                 synchronize(self.device)
                 with lock:
-                    rec.event("compute", "dense", step, layer, -1, t, self.now(), False)
+                    rec.event("compute", "dense", step, layer, -1, t, self._stamp(), False)
             needed = needed_experts(trace, seqs, layer)
             keys = [(layer, e) for e, _ in needed]
             with lock:
@@ -343,27 +419,27 @@ class _Replayer:
                 missing = {k for k in keys if not cache.access(k[0], k[1], now)}
                 cache.pin(keys)
                 if pf:
-                    cache.add_prefetches(pf)
+                    self._submit(pf)
                 self.kick()
+                if self.modelled:
+                    self.engines.missed(len(missing))
             counts = dict(needed)
-            pending = [k for k in keys if k not in missing] + [k for k in keys if k in missing]
+            # As the simulator: the resident experts first (pinned since their access), in access
+            # order; then the missed ones, each batch that has landed in access order.
+            for key in keys:
+                if key not in missing:
+                    self._compute_expert(step, layer, key, counts[key[1]], timeline, False)
+            pending = [k for k in keys if k in missing]
             while pending:
                 with lock:
-                    ready = next((k for k in pending if cache.is_resident(k)), None)
-                    if ready is None:
+                    self._observe()
+                    ready = [k for k in pending if cache.is_resident(k)]
+                    if not ready:
                         self._wait_for(pending)
                         continue
-                pending.remove(ready)
-                t = self.now()
-                self._expert(ready, counts[ready[1]])
-                if timeline:
-                    synchronize(self.device)
-                with lock:
-                    if timeline:
-                        rec.event("compute", "expert", step, layer, ready[1], t, self.now(), ready in missing)
-                    cache.unpin(ready)
-                    if cache.blocked:
-                        self.kick()
+                for key in ready:
+                    pending.remove(key)
+                    self._compute_expert(step, layer, key, counts[key[1]], timeline, True)
 
     def _wait_for(self, pending) -> None:
         """Block (lock held) until a copy makes one of `pending` resident: the simulator's stall.
@@ -375,6 +451,10 @@ class _Replayer:
         """
         cache = self.cache
         t = self.now()
+        if self.modelled:
+            self.engines.wait_for(pending)
+            self.rec.stall_s += self.now() - t
+            return
         while not any(cache.is_resident(k) for k in pending):
             self._check()
             if not cache.in_flight and not cache.has_work:
