@@ -237,3 +237,15 @@ def test_real_route_trace_engine_lru_beside_the_simulator(shared_dir, tmp_path):
     assert check.sim_decode_accesses == check.engine_decode_accesses
     # the simulator's LRU at the engine's size, in slots of the mean expert, within half a point
     assert abs(check.sim_hit_rate - check.engine_hit_rate) < 0.005
+
+
+def test_logged_layers_taken_as_consecutive(tmp_path):
+    from finemoe.traces.importers.jsonl import FieldMap
+
+    log = _write(tmp_path / "b.jsonl", _batched_log([2], [2], [0, 3]), meta={"layers_logged": [0, 3]})
+    fields = FieldMap(request_key=("req_id",), experts_key="topk_ids", weights_key="topk_weights")
+    trace, _ = import_jsonl([log], G, fields=fields, layout="batched", prompt_tokens=[2], generated_tokens=[2])
+    packed = trace.logged_layers_only()
+    assert packed.geometry.num_layers == 2 and not packed.is_partial
+    np.testing.assert_array_equal(packed.experts, trace.experts[:, [0, 3]])
+    assert packed.metadata["layers_as_consecutive"] == [0, 3] and packed.num_missing == 0
