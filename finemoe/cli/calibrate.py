@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 
+from finemoe.cli.options import output_option
+
 
 @click.command("calibrate")
 @click.option("--device", default="cpu", show_default=True,
               help="cuda (a GPU, pinned host memory, copy streams) or cpu (device memory is another host buffer).")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), required=True,
-              help="Profile JSON to write; pass it to `finemoe simulate --hardware` or `replay --hardware`.")
+@output_option("output", required=True,
+               help="Profile JSON to write; pass it to `finemoe simulate --hardware` or `replay --hardware`.")
 @click.option("--quick/--thorough", default=True, show_default=True,
               help="Quick takes seconds; thorough measures more sizes and repeats (tens of seconds).")
 @click.option("--dtype", default="bfloat16", show_default=True, help="GEMM dtype: bfloat16, float16 or float32.")
@@ -37,6 +39,9 @@ def calibrate_cmd(device: str, output: str, quick: bool, dtype: str, threads: in
     write_profile(profile, output)
     click.echo(format_profile(profile))
     click.echo(f"wrote {output}")
+    if profile.get("warnings"):
+        click.echo(f"warning: {'; '.join(profile['warnings'])}; check it before trusting simulations on "
+                   "this profile (\"warnings\" in the profile JSON)", err=True)
 
 
 def format_profile(profile: dict) -> str:

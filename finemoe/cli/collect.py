@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from finemoe.cli.options import output_option, quiet_option, seed_option
+
 
 @click.command("collect")
 @click.option("--model", "model_name", default=None, metavar="PATH_OR_NAME",
@@ -13,8 +15,7 @@ import click
 @click.option("--prompt-field", default=None, help="Field of JSON objects / column of a table holding the prompt "
               "(default: 'prompt').")
 @click.option("--limit", type=int, default=32, show_default=True, help="Number of prompts to run (0: all).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Shuffles the prompts (with --shuffle), seeds sampling and the semantic-key projection.")
+@seed_option("Shuffles the prompts (with --shuffle), seeds sampling and the semantic-key projection.")
 @click.option("--shuffle/--no-shuffle", default=False, show_default=True,
               help="Pick --limit prompts at random (seeded) instead of the first ones.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Decode steps per request.")
@@ -32,9 +33,9 @@ import click
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:1, ... ('auto': the first GPU if there is one).")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
-@click.option("-o", "--output", default="trace.parquet", show_default=True, type=click.Path(),
-              help="A .parquet file, or any other name for a directory of part files.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@output_option("output", kind="any", default="trace.parquet",
+               help="A .parquet file, or any other name for a directory of part files.")
+@quiet_option()
 def collect_command(model_name, source, prompt_field, limit, seed, shuffle, max_new_tokens, batch_size,
                     max_prompt_tokens, greedy, no_router_probs, no_speculative, semantic_dim, no_chat_template,
                     dtype, device, threads, output, quiet) -> None:

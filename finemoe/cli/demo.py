@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from finemoe.cli.options import output_option
 from finemoe.errors import ConfigError
 from finemoe.files import atomic_write_json, atomic_write_text, ensure_dir
 
@@ -219,8 +220,8 @@ Examples:
   finemoe demo --quick -o /tmp/d  # a reduced run in well under a minute
   open demo-out/report.html
 """)
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="demo-out", show_default=True,
-              help="Folder for the trace, result files, figures and report.html.")
+@output_option("out_dir", kind="dir", default="demo-out",
+               help="Folder for the trace, result files, figures and report.html.")
 @click.option("--quick", is_flag=True, help="6 prompts, 8 tokens, three cache sizes, three policies: under a minute.")
 @click.option("--prompts", type=int, default=None, help="ShareGPT prompts to collect (default 32; --quick 6).")
 @click.option("--max-new-tokens", type=int, default=None, help="Decode steps per prompt (default 48; --quick 8).")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from finemoe.cli.options import output_option
+
 _FIGURE_HELP = """
 \b
 Figures (each skipped with a note when the results cannot support it):
@@ -28,8 +30,7 @@ Examples:
 
 @click.command("plot", epilog=_FIGURE_HELP)
 @click.argument("results", nargs=-1, type=click.Path(), required=True)
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="figures", show_default=True,
-              help="Folder for the figures (PNG and SVG of each).")
+@output_option("out_dir", kind="dir", default="figures", help="Folder for the figures (PNG and SVG of each).")
 @click.option("--trace", type=click.Path(), default=None,
               help="Trace for the routing-entropy figure (default: the trace the results were made from, "
                    "if it is still where they say).")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from finemoe.cli.options import json_option, output_option, seed_option
 from finemoe.cli.policy_file import policy_file_option
 
 EPILOG = """\b
@@ -39,12 +40,12 @@ alone; `finemoe simulate` scores it together with scheduling and eviction.
 @click.option("--history-fraction", type=float, default=0.7, show_default=True,
               help="Share of requests (seeded, by request) that build maps/histories/predictors.")
 @click.option("--online", is_flag=True, help="No history: measure every request, policies learn as requests finish.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the history/measure split.")
+@seed_option("Seed of the history/measure split.")
 @click.option("--max-requests", type=int, default=None, help="Measure at most this many requests (quick runs).")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
-@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON instead of tables.")
-@click.option("-o", "--out", type=click.Path(), default=None,
-              help="Write the per-layer table: .parquet (reports in the file metadata) or .json.")
+@json_option("Print the reports as JSON instead of tables.")
+@output_option("out", kind="any",
+               help="Write the per-layer table: .parquet (reports in the file metadata) or .json.")
 def predict_command(trace_path, policies, policy_params, history_fraction, online, seed, max_requests,
                     per_layer, as_json, out) -> None:
     """Score each policy's expert predictions against a trace: per-layer precision and recall.
@@ -146,7 +147,7 @@ def _write(reports, path: Path) -> None:
     from finemoe.files import atomic_path, atomic_write_json
 
     if path.suffix not in (".parquet", ".json"):
-        raise ConfigError(f"--out {path}: use a .parquet or .json file name")
+        raise ConfigError(f"--output {path}: use a .parquet or .json file name")
     if path.suffix == ".json":
         atomic_write_json(path, [r.to_dict() for r in reports], default=_json_default)
         return

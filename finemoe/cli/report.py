@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from finemoe.cli.options import output_option
+
 
 @click.command("report", epilog="""
 \b
@@ -12,8 +14,8 @@ Examples:
   finemoe report runs -o report.md --trace t.parquet # Markdown, figures in report-figures/
 """)
 @click.argument("results", nargs=-1, type=click.Path(), required=True)
-@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default="report.html", show_default=True,
-              help="Report file; .html embeds the figures, .md links them from a folder beside it.")
+@output_option("out_path", default="report.html",
+               help="Report file; .html embeds the figures, .md links them from a folder beside it.")
 @click.option("--trace", type=click.Path(), default=None, help="Trace for the routing-entropy figure (default: the one the results name).")
 @click.option("--budget", default=None, metavar="SIZE", help="Budget of the per-policy latency bars, e.g. 24G or a slot count.")
 @click.option("--title", default="finemoe study", show_default=True, help="Heading of the report.")

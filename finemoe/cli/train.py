@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import click
 
+from finemoe.cli.options import output_option
 from finemoe.demo_model.train import TrainConfig
 
 
@@ -24,12 +26,12 @@ def _config_options(func):
 
 
 @click.command("train-demo-model")
-@click.option(
-    "-o", "--output", "output", type=click.Path(file_okay=False), default=None,
-    help="Checkpoint folder to write (default: the package's own finemoe/data/demo-moe).",
-)
+@output_option("output", kind="dir", default="demo-moe",
+               help="Checkpoint folder to write, a new folder in the current directory by default.")
+@click.option("--force", is_flag=True,
+              help="Allow writing into the installed package's own data folder (replaces the shipped checkpoint).")
 @_config_options
-def train_demo_model(output: str | None, **overrides) -> None:
+def train_demo_model(output: str, force: bool, **overrides) -> None:
     """Train the embedded demo MoE (a tiny Mixtral on ShareGPT bytes) on the CPU.
 
     \b
@@ -41,18 +43,31 @@ def train_demo_model(output: str | None, **overrides) -> None:
     The folder holds config.json, model.safetensors, tokenizer.json and training.json (every
     setting and the held-out metrics). `finemoe collect --model my-demo-moe` then traces it.
     """
-    from finemoe.demo_model.model import demo_model_dir
     from finemoe.demo_model.train import train
 
+    check_not_package_data(output, force)
     cfg = TrainConfig(**overrides)
-    out = output or str(demo_model_dir())
-    record = train(cfg, out, log=lambda line: click.echo(line, err=True))
+    record = train(cfg, output, log=lambda line: click.echo(line, err=True))
     final = record["final"]
     click.echo(
-        f"wrote {out}: held-out loss {final['heldout_loss']:.3f}, usage entropy per layer "
+        f"wrote {output}: held-out loss {final['heldout_loss']:.3f}, usage entropy per layer "
         f"{', '.join(f'{e:.2f}' for e in final['usage_entropy_bits'])} bits, mean top-1 prob "
         f"{', '.join(f'{p:.2f}' for p in final['mean_top1_prob'])} ({record['train_time_s']:.0f} s)"
     )
+
+
+def check_not_package_data(output: str, force: bool) -> None:
+    """ConfigError when `output` is inside the installed package's data folder (the shipped demo
+    checkpoint lives there, and the demo, the tests and `collect` load it) and --force is not given;
+    checked before any training starts."""
+    from finemoe.demo_model.model import demo_model_dir
+    from finemoe.errors import ConfigError
+
+    data = demo_model_dir().parent.resolve()
+    target = Path(output).expanduser().resolve()
+    if not force and (target == data or data in target.parents):
+        raise ConfigError(f"-o {output} is inside the package's own data folder {data}, which holds the shipped "
+                          "demo checkpoint; write elsewhere, or pass --force to replace it")
 
 
 COMMANDS = [train_demo_model]

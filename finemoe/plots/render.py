@@ -73,12 +73,28 @@ def render_all(
 
 
 def _recorded_trace(runs: list[Run]) -> Path | None:
-    """The trace the results were made from, when they share one and it is still where they say."""
-    paths = {r.config.get("trace_path") for r in runs}
-    if len(paths) != 1 or not next(iter(paths)):
-        return None
-    path = Path(next(iter(paths)))
-    return path if path.exists() else None
+    """The trace the results were made from, when they share one and it is still where they say.
+
+    Results may name one trace in different spellings (simulate records it resolved; replays
+    recorded it as typed, relative to where they ran), so each is resolved first: as it stands,
+    then against the folder of its result file. A Skip says why when they name several."""
+    found = set()
+    for r in runs:
+        recorded = r.config.get("trace_path")
+        path = _existing_trace(Path(str(recorded)).expanduser(), Path(r.path).parent) if recorded else None
+        if path is not None:
+            found.add(path)
+    if len(found) > 1:
+        raise Skip(f"the results come from {len(found)} traces; pick one with --trace")
+    return next(iter(found)) if found else None
+
+
+def _existing_trace(path: Path, result_dir: Path) -> Path | None:
+    """`path` resolved, where it exists: as it stands, or (relative) beside the result file."""
+    for candidate in (path,) if path.is_absolute() else (path, result_dir / path):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
 
 
 def _entropy(entropy_module, trace_path, out_dir: Path):

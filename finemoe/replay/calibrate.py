@@ -613,7 +613,37 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
         "fit": fit,
         "duration_s": time.perf_counter() - t0,
     }
-    return {"hardware": hw.to_dict(), "measurements": measurements}
+    profile = {"hardware": hw.to_dict(), "measurements": measurements}
+    profile["warnings"] = fit_warnings(profile)
+    return profile
+
+
+# A fit that says more than was measured: the fitted link faster than any copy actually timed (by
+# this margin), or a measurement the fitted model misses by more than this share.
+FIT_BANDWIDTH_MARGIN = 1.10
+FIT_RESIDUAL_LIMIT = 0.25
+
+
+def fit_warnings(profile: dict) -> list[str]:
+    """Sentences saying where a profile's fit cannot be trusted as it stands: the fitted
+    host-to-device bandwidth exceeds the best single copy measured (e.g. the aggregate of
+    overlapping copies, which the simulator gives a lone copy), or a residual exceeds 25%."""
+    hw, m = profile["hardware"], profile["measurements"]
+    warnings = []
+    copies = m["copy"].get(m.get("link_fit_from", "pageable")) or m["copy"]["pageable"]
+    best = max([r["gbps"] for r in copies] + ([m["copy_lane"]["gbps"]] if m.get("copy_lane") else []))
+    fitted = hw["pcie_gbps"] * hw.get("pcie_efficiency", 1.0)
+    if fitted > best * FIT_BANDWIDTH_MARGIN:
+        warnings.append(f"the fitted host-to-device bandwidth {fitted:.2f} GB/s exceeds the best measured copy, "
+                        f"{best:.2f} GB/s")
+    residuals = m["fit"]["residuals"]
+    if residuals:
+        worst = max(residuals, key=lambda r: abs(r["rel_error"]))
+        if abs(worst["rel_error"]) > FIT_RESIDUAL_LIMIT:
+            what = f"{worst['tokens']}-token expert GEMM" if "tokens" in worst else f"{worst['copy_bytes']}-byte copy"
+            warnings.append(f"the fit misses the {what} by {worst['rel_error']:+.0%} (limit "
+                            f"{FIT_RESIDUAL_LIMIT:.0%})")
+    return warnings
 
 
 def write_profile(profile: dict, path: str | os.PathLike) -> Path:
