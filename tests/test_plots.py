@@ -38,8 +38,10 @@ def _timeline(seed: int, miss_rate: float) -> list[dict]:
 
 
 def make_result(policy: str, gpu_mem_gib: float, hit_rate: float, *, params=None, engine="sim",
-                seed=0, extra_summary=None) -> RunResult:
-    """A result shaped like the simulator's: latency follows misses at ~11 ms per expert copy."""
+                seed=0, extra_summary=None, slots=None, hardware=None, extra_config=None) -> RunResult:
+    """A result shaped like the simulator's: latency follows misses at ~11 ms per expert copy.
+    `slots` sets the expert cache directly (gpu_mem_gib is then ignored); `extra_summary` and
+    `extra_config` override what the hand-made cases need exactly."""
     rng = np.random.default_rng(abs(hash((policy, gpu_mem_gib, engine, str(params)))) % 2**32)
     rows = []
     miss_s = (1 - hit_rate) * 2 * 32 * 0.011
@@ -57,9 +59,10 @@ def make_result(policy: str, gpu_mem_gib: float, hit_rate: float, *, params=None
                **latency_summary(requests)}
     summary.update(extra_summary or {})
     config = {"engine": engine, "trace_path": "traces/mixtral-lmsys.parquet", "trace_hash": "abc123",
-              "policy": policy, "policy_params": dict(params or {}), "hardware": HW,
-              "memory": {"gpu_mem_bytes": int(gpu_mem_gib * GiB), "expert_cache_slots": None},
-              "model_profile": "mixtral-8x7b", "seed": seed}
+              "policy": policy, "policy_params": dict(params or {}), "hardware": hardware or HW,
+              "memory": {"gpu_mem_bytes": int(gpu_mem_gib * GiB), "expert_cache_slots": None}
+              if slots is None else {"gpu_mem_bytes": None, "expert_cache_slots": int(slots)},
+              "model_profile": "mixtral-8x7b", "seed": seed, **(extra_config or {})}
     return RunResult(config, summary, requests, per_layer_hit_rate=[hit_rate] * 4,
                      timeline=_timeline(seed, 1 - hit_rate))
 

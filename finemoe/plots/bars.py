@@ -10,8 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from finemoe.plots.common import Skip, drop_single_points, maybe_log_y, mean, pick_time_unit, series
-from finemoe.plots.data import PlotError, Run, caption, format_budget, memory_axis, sim_runs
+from finemoe.plots.common import Skip, drop_single_points, maybe_log_y, mean, metric_unit, series
+from finemoe.plots.data import (
+    PlotError,
+    Run,
+    caption,
+    format_budget,
+    memory_axis,
+    sim_runs,
+    sorted_budgets,
+)
 from finemoe.plots.style import Rendered, finish, new_figure, policy_colour
 
 QUANTILES = (("p50", 1.0, ""), ("p90", 0.7, ""), ("p99", 0.45, "//"))
@@ -52,9 +60,7 @@ def choose_budget(runs: Sequence[Run], budget: str | None) -> str:
                 if not r.slots_set_directly and r.gpu_mem_bytes is not None \
                         and abs(r.gpu_mem_bytes - want) <= 0.005 * want:
                     return budget_key(r)
-        _, x_of = memory_axis(runs)
-        have = [k for k, _ in sorted({budget_key(r): x_of(r) for r in runs}.items(), key=lambda kv: kv[1])]
-        raise Skip(f"no results at budget {budget} (results hold {', '.join(have)})")
+        raise Skip(f"no results at budget {budget} (results hold {', '.join(sorted_budgets(runs))})")
     counts = Counter()
     for key in {(r.policy, budget_key(r)) for r in runs}:
         counts[key[1]] += 1
@@ -67,6 +73,7 @@ def choose_budget(runs: Sequence[Run], budget: str | None) -> str:
 
 
 def latency_bars(runs: Sequence[Run], out_dir: Path, budget: str | None = None) -> Rendered:
+    units = {m: metric_unit(runs, m) for m in ("ttft", "tpot")}  # from all runs: the report's units
     runs = sim_runs(runs)
     chosen = choose_budget(runs, budget)
     # the series of the memory figures; a parameter swept at this budget only is the distance figure's
@@ -83,7 +90,7 @@ def latency_bars(runs: Sequence[Run], out_dir: Path, budget: str | None = None) 
         values = [_mean_metric(groups[lbl], f"{prefix}_{q}_s") for lbl in labels for q, _, _ in QUANTILES]
         if all(math.isnan(v) for v in values):
             continue
-        unit, scale = pick_time_unit(values)
+        unit, scale = units[prefix]
         x = np.arange(len(labels))
         width = 0.8 / len(QUANTILES)
         for i, (q, alpha, hatch) in enumerate(QUANTILES):

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from finemoe.plots.data import Run, series_label, varying_params
+from finemoe.plots.numbers import format_number
 from finemoe.plots.style import policy_colour
 
 
@@ -90,9 +91,9 @@ def maybe_log_y(ax, values: Sequence[float], ratio: float = 20.0) -> None:
         from matplotlib.ticker import FuncFormatter
 
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        plain = FuncFormatter(lambda v, _: format_number(v))
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.1g}"[0] in "25" else ""))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: format_number(v) if f"{v:.1g}"[0] in "25" else ""))
 
 
 def pick_time_unit(values_s: Sequence[float]) -> tuple[str, float]:
@@ -103,3 +104,20 @@ def pick_time_unit(values_s: Sequence[float]) -> tuple[str, float]:
         if typical * scale >= 1.0:
             return unit, scale
     return "ns", 1e9
+
+
+# The summary field that sets each time metric's unit (its p50: what the tables lead with).
+TIME_METRICS = {"ttft": "ttft_p50_s", "tpot": "tpot_p50_s", "e2e": "e2e_p50_s", "stall": "stall_s"}
+
+
+def metric_unit(runs: Sequence[Run], metric: str) -> tuple[str, float]:
+    """The one unit of time metric `metric` ("ttft", "tpot", "e2e", "stall") for every table and
+    figure drawn from `runs`: chosen once from the median over all of them (ms if it is >= 1 ms,
+    else µs), so a report's TPOT column and its figures' TPOT axes always read in the same unit.
+    Callers pass the whole set of runs, before picking the ones a figure shows."""
+    return pick_time_unit([r.metric(TIME_METRICS[metric]) for r in runs])
+
+
+def time_units(runs: Sequence[Run]) -> dict[str, tuple[str, float]]:
+    """metric_unit of every time metric, for the report's tables and sentences."""
+    return {metric: metric_unit(runs, metric) for metric in TIME_METRICS}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finemoe.errors import FinemoeError
+from finemoe.plots.numbers import format_bytes, format_number
 from finemoe.results import ResultError, RunResult, collect_result_paths, read_result
 
 GiB = 1024**3
@@ -129,6 +130,26 @@ class Run:
         mem = self.config.get("memory") or {}
         return isinstance(mem, dict) and mem.get("expert_cache_slots") is not None
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the expert cache lived in CPU memory: a replay on a CPU device, or a simulation
+        on a profile `finemoe calibrate` measured on a CPU (its name or source says so). Its
+        "GPU memory" is then host memory, and a report must not call it GPU memory."""
+        replay = self.config.get("replay") or {}
+        if isinstance(replay, dict) and replay.get("device"):
+            return str(replay["device"]).startswith("cpu")
+        hw = self.config.get("hardware") or {}
+        name = str(hw.get("name", "")) if isinstance(hw, dict) else str(hw)
+        source = str(hw.get("source", "")) if isinstance(hw, dict) else ""
+        return name.startswith("cpu") or "calibrate on cpu" in source
+
+    @property
+    def budget_order(self) -> tuple:
+        """Sort key of the run's budget: by size (slots, then bytes), never by its text."""
+        if self.slots_set_directly:
+            return (0, float(self.cache_slots))
+        return (1, float(self.gpu_mem_bytes)) if self.gpu_mem_bytes is not None else (2, 0.0)
+
     def metric(self, name: str) -> float:
         value = self.summary.get(name)
         try:
@@ -218,7 +239,7 @@ def memory_axis(runs: Sequence[Run]) -> tuple[str, callable]:
     if runs and all(r.gpu_mem_bytes is not None for r in runs) and not all(r.slots_set_directly for r in runs):
         top = max(r.gpu_mem_bytes for r in runs)
         unit, scale = ("GiB", GiB) if top >= GiB else ("MiB", 1024**2)
-        return f"GPU memory budget ({unit})", lambda r: r.gpu_mem_bytes / scale
+        return f"{memory_kind(runs)} budget ({unit})", lambda r: r.gpu_mem_bytes / scale
     totals = {find_key(r.config, "total_experts") for r in runs} - {None}
     of = f" of {totals.pop()} experts" if len(totals) == 1 else ""
     return f"expert cache (slots{of})", lambda r: float(r.cache_slots) if r.cache_slots is not None else math.nan
@@ -239,13 +260,32 @@ def caption(runs: Sequence[Run]) -> str:
     return text + ("  (points: mean over seeds)" if len(seeds) > 1 else "")
 
 
-def format_bytes(n: float) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "-"
-    for unit, scale in (("TiB", 1024**4), ("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
+def memory_kind(runs: Sequence[Run]) -> str:
+    """What the runs' memory budget is, from their recorded hardware: "GPU memory" only when every
+    run's expert cache was on a GPU; a CPU profile's (a replay on the CPU, a calibrated cpu
+    profile) is the expert cache's device memory, which is host memory."""
+    cpu = [r.on_cpu for r in runs]
+    if not any(cpu):
+        return "GPU memory"
+    if all(cpu):
+        return "expert cache (device memory, CPU)"
+    return "memory (GPU; device memory for CPU profiles)"
+
+
+def budget_column(runs: Sequence[Run]) -> str:
+    """The heading of a table's budget column: slots when every run set them, else memory_kind."""
+    if runs and all(r.slots_set_directly for r in runs):
+        return "expert cache"
+    return memory_kind(runs)
+
+
+def sorted_budgets(runs: Sequence[Run]) -> list[str]:
+    """The runs' budgets as text, smallest first (6 slots < 12 slots < 48 slots)."""
+    order: dict[str, tuple] = {}
+    for r in runs:
+        text = format_budget(r)
+        order[text] = min(order.get(text, r.budget_order), r.budget_order)
+    return sorted(order, key=lambda b: (order[b], b))
 
 
 def format_budget(run: Run) -> str:
@@ -256,7 +296,7 @@ def format_budget(run: Run) -> str:
 
 def _short(value) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        return format_number(value)
     return str(value)
 
 

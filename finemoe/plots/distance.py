@@ -10,8 +10,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from finemoe.plots.common import Skip, maybe_log_y, mean_by_x, pick_time_unit
-from finemoe.plots.data import Run, caption, format_budget, sim_runs, varying_params
+from finemoe.plots.common import Skip, maybe_log_y, mean_by_x, metric_unit
+from finemoe.plots.data import Run, caption, format_budget, sim_runs, sorted_budgets, varying_params
 from finemoe.plots.style import Rendered, finish, new_figure, policy_colour
 
 DISTANCE_PARAMS = ("d", "prefetch_distance", "distance")
@@ -26,6 +26,7 @@ def _distance(run: Run) -> float:
 
 
 def prefetch_distance(runs: Sequence[Run], out_dir: Path) -> Rendered:
+    unit, scale = metric_unit(runs, "tpot")  # from all runs: the report's unit
     runs = [r for r in sim_runs(runs) if not math.isnan(_distance(r))]
     if not runs:
         raise Skip("no results of a policy with a prefetch distance parameter (d)")
@@ -41,12 +42,11 @@ def prefetch_distance(runs: Sequence[Run], out_dir: Path) -> Rendered:
     multi_budget = len({k[2] for k in groups}) > 1
     multi_hw = len({k[3] for k in groups}) > 1
     styles = ["-", "--", ":", "-."]
-    budgets = sorted({k[2] for k in groups})
+    budgets = sorted_budgets(used)
 
     fig, axes = new_figure(11.0, 4.6, 1, 2)
     hit_ax, lat_ax = axes[0][0], axes[0][1]
     lat_values = [r.metric("tpot_p50_s") for r in used]
-    unit, scale = pick_time_unit(lat_values)
     for (policy, others, budget, hw), members in sorted(groups.items()):
         label = policy + "".join(f" {k}={v}" for k, v in others)
         if multi_budget:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finemoe.plots.common import Skip, pick_time_unit
+from finemoe.plots.common import Skip, metric_unit
 from finemoe.plots.data import Run, caption, format_budget
 from finemoe.plots.style import Rendered, finish, new_figure
 
@@ -76,8 +76,8 @@ def sim_vs_replay(runs: Sequence[Run], out_dir: Path) -> Rendered:
         reps = np.array([p.replay.get(metric, math.nan) for p in pairs])
         if kind == "%":
             scale, unit = 100.0, "%"
-        else:
-            unit, scale = pick_time_unit(list(sims) + list(reps))
+        else:  # the unit of this metric in the report's tables and the other figures
+            unit, scale = metric_unit(runs, metric.split("_")[0])
         ax.bar(x - width / 2, sims * scale, width, color="#1f77b4", label="simulated")
         ax.bar(x + width / 2, reps * scale, width, color="#ff7f0e", label="replayed (measured)")
         for i, p in enumerate(pairs):

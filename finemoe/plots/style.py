@@ -59,6 +59,7 @@ class Rendered:
     patches: int
     collections: int
     caption: str
+    axis_labels: tuple[str, ...] = ()  # every axis's x and y label, units included
 
     @property
     def png(self) -> Path | None:
@@ -80,6 +81,7 @@ def finish(fig: Figure, name: str, title: str, caption: str, out_dir: Path, form
     fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, color="#444444", wrap=True)
     fig.tight_layout(rect=(0, 0.045, 1, 1))
     counts = _count_artists(fig)
+    labels = tuple(text for ax in fig.axes for text in (ax.get_xlabel(), ax.get_ylabel()) if text)
     out_dir = ensure_dir(out_dir)
     files = []
     try:
@@ -87,7 +89,7 @@ def finish(fig: Figure, name: str, title: str, caption: str, out_dir: Path, form
             files.append(_save_atomic(fig, out_dir / f"{name}.{fmt}", fmt))
     finally:
         plt.close(fig)
-    return Rendered(name, title, files, *counts, caption=caption)
+    return Rendered(name, title, files, *counts, caption=caption, axis_labels=labels)
 
 
 def _count_artists(fig: Figure) -> tuple[int, int, int]:

@@ -42,7 +42,7 @@ def pick_runs(runs: Sequence[Run]) -> list[Run]:
     # the budget most policies were run at; among those the middle one (neither starved nor all-hit)
     most = max(len({m.policy for m in members}) for members in by_budget.values())
     candidates = sorted((b for b, members in by_budget.items() if len({m.policy for m in members}) == most),
-                        key=lambda b: min(_budget_value(m) for m in by_budget[b]))
+                        key=lambda b: min(m.budget_order for m in by_budget[b]))
     members = by_budget[candidates[len(candidates) // 2]]
     chosen, seen = [], set()
     for r in sorted(members, key=lambda r: (_rank(r.policy), r.policy, str(r.seed))):
@@ -59,10 +59,6 @@ def _rank(policy: str) -> int:
         if policy == name or policy.startswith(name + "-"):
             return i
     return len(POLICY_PREFERENCE)
-
-
-def _budget_value(run: Run) -> float:
-    return float(run.cache_slots if run.slots_set_directly else (run.gpu_mem_bytes or 0))
 
 
 def steps_to_show(runs: Sequence[Run], most: int = DEFAULT_STEPS, max_events: int = MAX_EVENTS) -> int:

@@ -10,7 +10,7 @@ from finemoe.plots.common import (
     draw_series,
     drop_single_points,
     maybe_log_y,
-    pick_time_unit,
+    metric_unit,
     series,
 )
 from finemoe.plots.data import Run, caption, memory_axis, sim_runs
@@ -34,6 +34,7 @@ def _x_span(runs, x_of) -> tuple[float, float]:
 
 def latency_memory(runs: Sequence[Run], out_dir: Path) -> Rendered:
     """Time per output token and time to first token against GPU memory (median over requests)."""
+    units = {m: metric_unit(runs, m) for m in ("tpot", "ttft")}  # from all runs: the report's units
     runs, x_label, x_of = _memory_runs(runs)
     groups = drop_single_points(series(runs, x_of), x_of)
     fig, axes = new_figure(11.0, 4.6, 1, 2)
@@ -42,7 +43,7 @@ def latency_memory(runs: Sequence[Run], out_dir: Path) -> Rendered:
         (axes[0][1], "ttft_p50_s", "time to first token"),
     ):
         values = [r.metric(metric) for r in runs]
-        unit, scale = pick_time_unit(values)
+        unit, scale = units[metric.split("_")[0]]
         draw_series(ax, groups, x_of, lambda r, m=metric, s=scale: r.metric(m) * s, _x_span(runs, x_of))
         maybe_log_y(ax, values)
         ax.set_xlabel(x_label)
