@@ -1,0 +1,327 @@
+"""`cost-aware` (ours): prefetch only when it pays, evict the expert whose next use is farthest.
+
+The rule, per (layer l, expert e), with rates learned from the history split and kept learning online
+(per layer and expert: r = P(used | used by the previous token), c = P(used | not used by it)):
+- p(l, e), the chance it is used at layer l's next visit: r or c by the last token's routing there
+  (batch: 1 - prod(1 - p_i)); for layer l + 1, the speculative gate's pick when the trace has it.
+- Eviction: the resident with the largest expected time to next use, in layers, were each visit
+  of its layer to use it with chance p: d0 + (1 - p) / p * L, d0 the layers until layer l comes
+  round again (ties: least recently used).
+- Prefetch of (l, e) for this step, l within `horizon` layers: issued only when
+  p x (the stall it avoids: the load time, less how late it would land by the policy's view of the
+  link's queue and of the time per layer) exceeds (1 - p) x load time x the link's demand load
+  (the share of link time on-demand loads need) + the victim's p x load time (0 with a free slot).
+Ablations (params, and registered variants): prefetch off, the gate off (prefetch whenever p >= 0.5),
+recency off (p is the plain usage rate), LRU eviction, no history (online rates only), no spec gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch, StepInfo
+from finemoe.policies.registry import register
+
+EVICTIONS = ("next-use", "lru")
+
+
+def one_hot(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """bool [..., J] from expert ids [..., K] (missing ids, -1, set nothing)."""
+    out = np.zeros((*experts.shape[:-1], num_experts + 1), dtype=bool)
+    idx = np.where(experts >= 0, experts, num_experts).astype(np.int64)
+    np.put_along_axis(out, idx, True, axis=-1)
+    return out[..., :num_experts]
+
+
+class ReuseRates:
+    """Counts behind r and c per (layer, expert), over consecutive tokens of the same request."""
+
+    def __init__(self, L: int, J: int, K: int) -> None:
+        prior = K / J
+        self.used = np.full((L, J), prior)  # pseudo-counts: one token of prior
+        self.tokens = np.ones((L, 1))
+        self.reuse_k, self.reuse_n = np.full((L, J), prior), np.ones((L, J))
+        self.cold_k, self.cold_n = np.full((L, J), prior), np.ones((L, J))
+
+    def add_pairs(self, before: np.ndarray, after: np.ndarray) -> None:
+        """bool [n, L, J] routing of tokens and of each one's next token."""
+        self.reuse_n += before.sum(axis=0)
+        self.reuse_k += (before & after).sum(axis=0)
+        self.cold_n += (~before).sum(axis=0)
+        self.cold_k += (~before & after).sum(axis=0)
+
+    def add_tokens(self, used: np.ndarray) -> None:
+        self.used += used.sum(axis=0)
+        self.tokens += used.shape[0]
+
+    def observe(self, layer: int, before: np.ndarray | None, after: np.ndarray) -> None:
+        """One token's routing at `layer` (bool [J]) after `before` (its previous token's, or None)."""
+        self.used[layer] += after
+        self.tokens[layer] += 1
+        if before is not None:
+            self.reuse_n[layer] += before
+            self.reuse_k[layer] += before & after
+            self.cold_n[layer] += ~before
+            self.cold_k[layer] += ~before & after
+
+    def reuse(self) -> np.ndarray:
+        return self.reuse_k / self.reuse_n
+
+    def cold(self) -> np.ndarray:
+        return self.cold_k / self.cold_n
+
+    def rate(self) -> np.ndarray:
+        return self.used / self.tokens
+
+
+@register
+class CostAware(Policy):
+    name = "cost-aware"
+    uses_history = True
+
+    def __init__(self, prefetch: bool = True, gate: bool = True, recency: bool = True, eviction: str = "next-use",
+                 history: bool = True, spec: bool = True, horizon: int = 4) -> None:
+        super().__init__()
+        if eviction not in EVICTIONS:
+            raise TypeError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+        if int(horizon) < 1:
+            raise TypeError(f"horizon must be at least 1 layer, got {horizon}")
+        self.prefetch, self.gate, self.recency = bool(prefetch), bool(gate), bool(recency)
+        self.eviction, self.history, self.spec, self.horizon = eviction, bool(history), bool(spec), int(horizon)
+        self.params = dict(prefetch=self.prefetch, gate=self.gate, recency=self.recency, eviction=self.eviction,
+                           history=self.history, spec=self.spec, horizon=self.horizon)
+        self.issued = self.declined = 0
+
+    # --- life cycle ----------------------------------------------------------------------------
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        g = ctx.geometry
+        self.L, self.J, self.K = g.num_layers, g.num_experts, g.top_k
+        self.load_s = float(ctx.expert_load_s)
+        self.rates = ReuseRates(self.L, self.J, self.K)
+        self.spec_hit = np.full(self.L, self.K / self.J)  # P(used at l | the gate at l-1 picked it)
+        self.spec_miss = np.full(self.L, self.K / self.J)
+        self._p = np.full((self.L, self.J), self.K / self.J)  # p at each layer's next visit
+        self._last_use = np.zeros((self.L, self.J))
+        self._clock = 0
+        self._res = np.zeros((self.L, self.J), dtype=bool)
+        self._pending: set[ExpertKey] = set()  # loads started (misses, issued prefetches), not landed
+        self._last: dict[int, np.ndarray] = {}  # request -> bool [L, J]: its last token's routing
+        self._step: StepInfo | None = None
+        self._layer = -1
+        self._score: tuple | None = None  # (position, scores) cache for choose_victim
+        self._link_free = 0.0  # the policy's view of when the link has done what it was given
+        self._layer_s = 0.0  # time per layer (EWMA of the gaps between routed layers)
+        self._demand = 0.0  # EWMA of on-demand link time per unit of time (0..1)
+        self._misses = 0
+        self._last_routed: float | None = None
+
+    def fit(self, history) -> None:
+        if not self.history or history.num_tokens == 0:
+            return
+        used = one_hot(history.experts, self.J)  # [n, L, J]
+        self.rates.add_tokens(used)
+        same = history.request_id[1:] == history.request_id[:-1]
+        nxt = history.position[1:] > history.position[:-1]
+        pairs = np.flatnonzero(same & nxt)
+        if pairs.size:
+            self.rates.add_pairs(used[pairs], used[pairs + 1])
+        if history.spec_experts is not None and self.L > 1:
+            picked = one_hot(history.spec_experts[:, :-1], self.J)  # layer l-1's gate guess for layer l
+            truth = used[:, 1:]
+            hits = (picked & truth).sum(axis=(0, 2))
+            self.spec_hit[1:] = (hits + 1) / (picked.sum(axis=(0, 2)) + self.J / self.K)
+            self.spec_miss[1:] = ((truth & ~picked).sum(axis=(0, 2)) + 1) / ((~picked).sum(axis=(0, 2)) + self.J / self.K)
+
+    def on_request_finished(self, request_id: int, trace) -> None:
+        self._last.pop(request_id, None)
+
+    # --- prediction ------------------------------------------------------------------------------
+    def _p_rows(self, step: StepInfo, layers) -> np.ndarray:
+        """p for the given layers from each sequence's last token (a new sequence: the usage rate
+        over its tokens), combined over the batch."""
+        layers = list(layers)
+        miss = np.ones((len(layers), self.J))
+        reuse, cold, rate = self.rates.reuse()[layers], self.rates.cold()[layers], self.rates.rate()[layers]
+        for seq in step.sequences:
+            last = self._last.get(seq.request_id)
+            if last is None or not self.recency:
+                miss *= (1.0 - rate) ** seq.num_tokens
+            else:
+                miss *= 1.0 - np.where(last[layers], reuse, cold)
+        return 1.0 - miss
+
+    def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
+        self._step, self._layer, self._last_routed = step, -1, None
+        self._pending = {k for k in self._pending if self.ctx.is_in_flight(k)}
+        self._p = self._p_rows(step, range(self.L))
+        self._score = None
+        return self._prefetches(step, range(min(self.horizon, self.L)), -1, step.now_s)
+
+    def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
+        step, layer, now = routing.step, routing.layer, routing.now_s
+        self._layer = layer
+        if self._last_routed is not None:
+            gap = now - self._last_routed
+            self._layer_s = gap if self._layer_s == 0 else 0.9 * self._layer_s + 0.1 * gap
+            if gap > 0:
+                self._demand = 0.9 * self._demand + 0.1 * min(1.0, self._misses * self.load_s / gap)
+        self._last_routed, self._misses = now, 0
+        spec_rows = None
+        for i, seq in enumerate(step.sequences):
+            experts = routing.experts(i)
+            if len(experts) == 0:
+                continue
+            last = self._last.setdefault(seq.request_id, np.zeros((self.L, self.J), dtype=bool))
+            now_used = one_hot(np.asarray(experts[-1]), self.J)
+            self.rates.observe(layer, last[layer] if last.any() else None, now_used)
+            last[layer] = now_used
+            if self.spec and layer + 1 < self.L:
+                spec = routing.spec_experts(i)
+                if spec is not None:
+                    picks = one_hot(np.asarray(spec), self.J).any(axis=0)
+                    p = np.where(picks, self.spec_hit[layer + 1], self.spec_miss[layer + 1])
+                    spec_rows = p if spec_rows is None else 1.0 - (1.0 - spec_rows) * (1.0 - p)
+        self._p[layer] = self._p_rows(step, [layer])[0]  # its next visit: the next step
+        if spec_rows is not None:
+            self._p[layer + 1] = spec_rows
+        self._score = None
+        target = layer + self.horizon
+        targets = [target] if target < self.L else []
+        if spec_rows is not None and self.horizon > 1:
+            targets = [layer + 1, *targets]  # the gate's sharper guess for the next layer
+        return self._prefetches(step, targets, layer, now)
+
+    def _prefetches(self, step: StepInfo, targets, current: int, now_s: float) -> list[Prefetch]:
+        if not self.prefetch or self.ctx is None:
+            return []
+        ctx, load = self.ctx, self.load_s
+        candidates = []
+        for target in targets:
+            row = self._p[target]
+            for e in np.flatnonzero(row >= (0.5 if not self.gate else 0.05)).tolist():
+                key = (target, e)
+                if not self._res[key] and key not in self._pending and not ctx.is_in_flight(key):
+                    candidates.append((float(row[e]), target, e))
+        if not candidates:
+            return []
+        candidates.sort(reverse=True)
+        free = ctx.capacity_slots - int(self._res.sum()) - len(self._pending)
+        victims = self._victim_order(free, len(candidates)) if self.gate else []
+        out = []
+        link_free = max(self._link_free, now_s)
+        for p, target, e in candidates:
+            if self.gate:
+                need = now_s + (target - current) * self._layer_s
+                arrive = link_free + load
+                saving = p * max(0.0, load - max(0.0, arrive - need))
+                victim_p = 0.0
+                if free <= 0:
+                    if not victims:
+                        self.declined += 1
+                        continue
+                    victim_p = float(self._p[victims[0]])
+                cost = (1.0 - p) * load * self._demand + victim_p * load
+                if saving <= cost:
+                    self.declined += 1
+                    continue
+                if free <= 0:
+                    victims.pop(0)
+                priority = (saving - cost) / load
+            else:
+                priority = p
+            free -= 1
+            link_free += load
+            self._pending.add((target, e))
+            out.append(Prefetch(priority, step.step, target, e))
+        self._link_free = link_free
+        self.issued += len(out)
+        return out
+
+    # --- caching ----------------------------------------------------------------------------------
+    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
+        self._clock += 1
+        self._last_use[layer, expert] = self._clock
+        if not hit:
+            self._misses += 1
+            self._pending.add((layer, expert))
+            self._link_free = max(self._link_free, now_s) + self.load_s
+
+    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
+        self._res[key] = True
+        self._pending.discard(key)
+        self._clock += 1
+        self._last_use[key] = self._clock
+
+    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
+        self._res[key] = False
+
+    def expected_next_use(self) -> np.ndarray:
+        """float [L, J]: expected layer visits until each expert is next used, from where the
+        step is now (the eviction score, largest evicted first)."""
+        position = (None if self._step is None else self._step.step, self._layer)
+        if self._score is not None and self._score[0] == position:
+            return self._score[1]
+        layers = np.arange(self.L)
+        d0 = np.where(layers > self._layer, layers - self._layer, layers - self._layer + self.L)[:, None]
+        p = np.maximum(self._p, 1e-6)
+        score = d0 + (1.0 - p) / p * self.L  # geometric: each later visit uses it with chance p
+        self._score = (position, score)
+        return score
+
+    def _victim_order(self, free: int, n: int) -> list[ExpertKey]:
+        """The victims the next `n` loads would take, after `free` free slots are used."""
+        need = n - max(0, free)
+        if need <= 0:
+            return []
+        score = np.where(self._res, self._rank_score(), -np.inf).ravel()
+        top = np.argsort(-score, kind="stable")[:need]
+        return [divmod(int(i), self.J) for i in top if score[i] > -np.inf]
+
+    def _rank_score(self) -> np.ndarray:
+        """Larger goes first: expected next use, ties by older use (or least recent use, for LRU)."""
+        if self.eviction == "lru":
+            return -self._last_use
+        return self.expected_next_use() - self._last_use * 1e-12
+
+    def choose_victim(
+        self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None, now_s: float
+    ) -> ExpertKey | None:
+        score = np.where(self._res, self._rank_score(), -np.inf)
+        while True:
+            flat = int(np.argmax(score))
+            if score.flat[flat] == -np.inf:
+                return None
+            key = divmod(flat, self.J)
+            if evictable(key):
+                if for_prefetch is not None and self.eviction == "next-use":
+                    # Never displace an expert expected sooner than the prefetch's own use.
+                    if score.flat[flat] < self.expected_next_use()[for_prefetch.key]:
+                        return None
+                return key
+            score[key] = -np.inf
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["stats"] = {"prefetches_issued": self.issued, "prefetches_declined": self.declined}
+        return d
+
+
+def _variant(name: str, doc: str, **defaults):
+    """A registered ablation: the same class with other defaults."""
+
+    def __init__(self, **params):
+        CostAware.__init__(self, **{**defaults, **params})
+
+    return register(type(f"CostAware_{name.replace('-', '_')}", (CostAware,), {"name": name, "__doc__": doc,
+                                                                             "__init__": __init__}))
+
+
+_variant("cost-aware-no-prefetch", "Ablation: eviction by expected next use only, no prefetching.", prefetch=False)
+_variant("cost-aware-no-gate", "Ablation: prefetch every prediction with p >= 0.5, no cost test.", gate=False)
+_variant("cost-aware-no-recency", "Ablation: p is the plain usage rate, not conditioned on the last token.",
+         recency=False)
+_variant("cost-aware-lru", "Ablation: the gated prefetch with LRU eviction.", eviction="lru")
+_variant("cost-aware-no-history", "Ablation: no history split; rates learned online only.", history=False)

@@ -1,0 +1,181 @@
+"""`cost-aware`: its learned rates, its eviction by expected next use and its prefetch gate,
+on hand-made cases whose numbers can be worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_policy_support import context, trace_from_probs
+
+from finemoe.errors import ConfigError
+from finemoe.policies.base import LayerRouting, Sequence, StepInfo
+from finemoe.policies.cost_aware import ReuseRates, one_hot
+from finemoe.policies.registry import make_policy, policy_names
+from finemoe.traces.synthetic import synthetic_trace
+
+
+def _probs(routes, J=4):
+    """Probability rows whose top-2 are the given expert pairs: routes[token][layer] = (a, b)."""
+    probs = np.full((len(routes), len(routes[0]), J), 0.01)
+    for t, layers in enumerate(routes):
+        for layer, (a, b) in enumerate(layers):
+            probs[t, layer, a], probs[t, layer, b] = 0.6, 0.3
+    return probs
+
+
+def test_one_hot_skips_missing_ids():
+    assert one_hot(np.array([[2, -1], [0, 1]]), 3).tolist() == [[False, False, True], [True, True, False]]
+
+
+def test_reuse_rates_count_consecutive_tokens_with_one_token_of_prior():
+    rates = ReuseRates(1, 4, 2)  # prior K/J = 0.5
+    before = one_hot(np.array([[[0, 1]], [[0, 1]]]), 4)
+    after = one_hot(np.array([[[0, 2]], [[1, 2]]]), 4)
+    rates.add_pairs(before, after)
+    # expert 0: used before twice, again once -> (1 + 0.5) / (2 + 1); expert 2: never before, twice after
+    assert rates.reuse()[0].tolist() == pytest.approx([1.5 / 3, 1.5 / 3, 0.5, 0.5])
+    assert rates.cold()[0].tolist() == pytest.approx([0.5, 0.5, 2.5 / 3, 0.5 / 3])
+
+
+def _fitted(routes, slots=4, **params):
+    trace = trace_from_probs(_probs(routes))
+    policy = make_policy("cost-aware", **params)
+    policy.bind(context(trace.geometry, capacity_slots=slots))
+    policy.fit(trace)
+    return policy, trace
+
+
+# Two layers, four experts; in the history layer 0 alternates (0,1),(2,3) token by token and
+# layer 1 always uses (0,1).
+HISTORY = [[(0, 1), (0, 1)], [(2, 3), (0, 1)]] * 4
+
+
+def test_fit_learns_reuse_from_the_history_split():
+    policy, _ = _fitted(HISTORY)
+    r, c = policy.rates.reuse(), policy.rates.cold()
+    assert r[0, 0] == pytest.approx(0.5 / 5)  # 4 times used, never the next token: (0 + 0.5) / (4 + 1)
+    assert c[0, 0] == pytest.approx((3 + 0.5) / (3 + 1))  # 3 times unused, always used by the next token
+    assert r[1, 0] == pytest.approx((7 + 0.5) / (7 + 1))
+
+
+def test_eviction_takes_the_farthest_expected_next_use():
+    policy, trace = _fitted(HISTORY)
+    step = StepInfo(0, 0.0, (Sequence(0, 1, 0, 1),), trace)  # the history's first token again
+    policy.on_step_start(step)
+    policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))  # layer 0 used 0, 1: next token 2, 3
+    for key in [(0, 0), (0, 2), (1, 0), (1, 2)]:
+        policy.on_loaded(key, 0.0)
+    score = policy.expected_next_use()
+    # At layer 0 of the step: layer 1 comes in 1 layer, layer 0 in 2 (L = 2). Layer 0 just used
+    # 0, 1: p(0, 0) is its reuse rate 0.1, p(0, 2) its cold rate 0.875; layer 1's last token used
+    # 0, 1 as well (the step's sequence is request 0, whose last token the policy has seen).
+    p = policy._p
+    assert score[0, 0] == pytest.approx(2 + (1 - p[0, 0]) / p[0, 0] * 2)
+    assert score[1, 0] == pytest.approx(1 + (1 - p[1, 0]) / p[1, 0] * 2)
+    assert p[0, 0] < p[0, 2] and p[1, 2] < p[1, 0]
+    assert policy.choose_victim(lambda k: True, None, 0.0) == max([(0, 0), (0, 2), (1, 0), (1, 2)],
+                                                                   key=lambda k: score[k])
+    assert policy.choose_victim(lambda k: True, None, 0.0) in [(0, 0), (1, 2)]  # the unlikely ones
+    assert policy.choose_victim(lambda k: False, None, 0.0) is None
+
+
+def test_lru_ablation_evicts_the_least_recently_used():
+    policy, trace = _fitted(HISTORY, eviction="lru")
+    for key in [(0, 0), (0, 2), (1, 0)]:
+        policy.on_loaded(key, 0.0)
+    policy.on_access(0, 0, True, 0.0)
+    assert policy.choose_victim(lambda k: True, None, 0.0) == (0, 2)
+
+
+def _decode(policy, trace, layer_s=1.0, demand=0.0):
+    """A decode step at layer 0 whose timing the policy has already observed."""
+    policy._layer_s, policy._demand = layer_s, demand
+    step = StepInfo(1, 0.0, (Sequence(0, 1, 0, 1),), trace)
+    policy.on_step_start(step)
+    return step
+
+
+def test_gate_prefetches_a_sure_expert_on_an_idle_link_and_not_a_doubtful_one():
+    # Layer 1 always uses (0, 1): p = 7.5/8 for both after a token that used them.
+    routes = [[(0, 1), (0, 1), (0, 1)]] * 8
+    trace = trace_from_probs(_probs(routes))
+    policy = make_policy("cost-aware", horizon=2)
+    policy.bind(context(trace.geometry, capacity_slots=12))  # expert_load_s 0.01
+    policy.fit(trace)
+    step = _decode(policy, trace, layer_s=0.05, demand=0.5)
+    before = policy.declined  # step start declined layers 0 and 1's experts 2 and 3 the same way
+    got = policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))
+    # Layer 0 + horizon 2 = layer 2: experts 0 and 1 have p = 8.5/9, 2 and 3 p = 0.5/9. Both land in
+    # time (behind the 4 copies step start queued, 0.05 s per layer), so saving = p x 0.01 s against
+    # cost = (1 - p) x 0.01 s x 0.5 (half the link's time taken by misses), no victim (free slots).
+    p = policy._p[2]
+    assert p[0] == pytest.approx(8.5 / 9) and p[2] == pytest.approx(0.5 / 9)
+    assert sorted((f.layer, f.expert) for f in got) == [(2, 0), (2, 1)]
+    assert policy.declined - before == 2
+
+
+def test_gate_declines_what_a_saturated_link_makes_costly():
+    # Layer 2 uses expert 0 or 2 with expert 1: p(2, 0) is about one half.
+    routes = [[(0, 1), (0, 1), (0, 1)], [(0, 1), (0, 1), (2, 1)]] * 4
+    trace = trace_from_probs(_probs(routes))
+    policy = make_policy("cost-aware", horizon=2)
+    policy.bind(context(trace.geometry, capacity_slots=12))
+    policy.fit(trace)
+    step = _decode(policy, trace, layer_s=0.05, demand=0.0)
+    idle = {(f.layer, f.expert) for f in policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))}
+    policy2 = make_policy("cost-aware", horizon=2)
+    policy2.bind(context(trace.geometry, capacity_slots=12))
+    policy2.fit(trace)
+    step = _decode(policy2, trace, layer_s=0.05, demand=1.0)  # every link second taken by misses
+    busy = {(f.layer, f.expert) for f in policy2.on_layer_routed(LayerRouting(step, 0, 0.0, trace))}
+    p = policy2._p[2]
+    assert (2, 1) in idle and (2, 1) in busy  # p > 1/2: saving beats cost even when saturated
+    doubtful = [e for e in range(4) if 0.05 <= p[e] < 0.5]
+    assert doubtful and all((2, e) in idle for e in doubtful)  # free link: any saving pays
+    assert not any((2, e) in busy for e in doubtful)  # saturated: (1 - p) x load > p x load
+
+
+def test_gate_declines_a_prefetch_that_would_land_after_its_layer():
+    routes = [[(0, 1), (0, 1), (0, 1)]] * 8
+    trace = trace_from_probs(_probs(routes))
+    policy = make_policy("cost-aware", horizon=2)
+    policy.bind(context(trace.geometry, capacity_slots=12))
+    policy.fit(trace)
+    step = _decode(policy, trace, layer_s=0.05)
+    policy._link_free = 10.0  # the link is busy for 10 s by the policy's view
+    assert list(policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))) == []
+
+
+def test_no_prefetch_ablation_prefetches_nothing_and_no_gate_takes_every_likely_one():
+    routes = [[(0, 1), (0, 1), (0, 1)], [(0, 1), (0, 1), (2, 1)]] * 4
+    trace = trace_from_probs(_probs(routes))
+    # Layer 2's usage rates: expert 0 and 2 (4 + 0.5) / 9 = 0.5, expert 1 8.5 / 9, expert 3 0.5 / 9.
+    for name, expect in (("cost-aware-no-prefetch", set()), ("cost-aware-no-gate", {(2, 0), (2, 1), (2, 2)})):
+        policy = make_policy(name, horizon=2)
+        policy.bind(context(trace.geometry, capacity_slots=12))
+        policy.fit(trace)
+        step = _decode(policy, trace, layer_s=0.0, demand=1.0)  # the gate would refuse: no time to land
+        got = {(f.layer, f.expert) for f in policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))}
+        assert got == expect, name
+
+
+def test_variants_registered_and_parameters_checked():
+    assert {"cost-aware", "cost-aware-no-prefetch", "cost-aware-no-gate", "cost-aware-no-recency",
+            "cost-aware-lru", "cost-aware-no-history"} <= set(policy_names())
+    assert make_policy("cost-aware-lru").params["eviction"] == "lru"
+    with pytest.raises(ConfigError, match="eviction"):
+        make_policy("cost-aware", eviction="mru")
+
+
+def test_runs_through_the_simulator_and_beats_lru_on_a_cyclic_pattern():
+    from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+    from finemoe.sim.hardware import PRESETS
+    from finemoe.sim.run import simulate
+
+    trace = synthetic_trace(num_requests=8, seed=2)
+    hits = {}
+    for name in ("lru", "cost-aware"):
+        cfg = SimConfig("synthetic", name, PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=6),
+                        workload=WorkloadConfig(history_fraction=0.5))
+        hits[name] = simulate(trace, cfg).summary["hit_rate"]
+    assert hits["cost-aware"] > hits["lru"]  # a small cache and a layer sweep: LRU evicts the next needed
