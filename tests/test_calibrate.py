@@ -107,7 +107,8 @@ def test_cli_calibrate_writes_profile(tmp_path):
     assert res.exit_code == 0, res.output
     assert "host->device" in res.output and "wrote" in res.output
     data = json.loads(out.read_text())
-    assert set(data) == {"hardware", "measurements"}
+    assert set(data) == {"hardware", "measurements", "warnings"}
+    assert isinstance(data["warnings"], list)
     assert load_hardware(str(out)).name.startswith("cpu-")
 
 

@@ -225,6 +225,11 @@ def test_fit_warnings_on_hand_made_measurements():
     assert fit_warnings(hand_made_profile(5.5, [3.0, 5.4], [0.1, -0.2])) == []  # within 10% and 25%
     assert len(fit_warnings(hand_made_profile(6.0, [5.4], [0.0]))) == 1  # 11% above the best copy
     assert fit_warnings(hand_made_profile(5.4, [5.4], [0.26]))[0].endswith("by +26% (limit 25%)")
+    # A CPU profile's link comes from the copy lane (expert-sized copies back to back): said so.
+    cpu = hand_made_profile(5.08, [3.01], [0.0])
+    cpu["measurements"]["copy_lane"] = {"gbps": 5.08}
+    assert fit_warnings(cpu) == ["the fitted host-to-device bandwidth 5.08 GB/s exceeds the best measured copy, "
+                                 "3.01 GB/s (the link is the 5.08 GB/s of expert-sized copies back to back)"]
 
 
 def test_calibrate_prints_one_warning_and_records_it(tmp_path, monkeypatch):
