@@ -52,6 +52,19 @@ SEARCH_S_DEFAULT = 50e-6
 SEARCH_TOKEN_S_DEFAULT = 4.5e-6
 
 CACHES = ("finemoe", "lru", "lfu")
+# Prefetch distance as the paper sets it per model (FINEMOE.md), by the geometry's model name;
+# DEFAULT_DISTANCE for any other model. An explicit `distance` always wins.
+PAPER_DISTANCES = (("mixtral", 3), ("qwen", 6), ("phi", 4))
+DEFAULT_DISTANCE = 3
+
+
+def paper_distance(model_name: str) -> int:
+    """The paper's prefetch distance for a model family, matched on its name (case-insensitive)."""
+    name = model_name.lower()
+    for family, distance in PAPER_DISTANCES:
+        if family in name:
+            return distance
+    return DEFAULT_DISTANCE
 # How map search time reaches the timeline. "exact": searches run one after another on a search
 # thread of their own (the paper's design), so a call's predictions are ready when the thread has
 # done its earlier searches and this call's, and the engine starts no copy for them before then
@@ -69,7 +82,7 @@ class FineMoE(Policy):
 
     def __init__(
         self,
-        distance: int = 3,
+        distance: int | None = None,
         capacity: int = 1000,
         semantic: bool = True,
         trajectory: bool = True,
@@ -81,7 +94,7 @@ class FineMoE(Policy):
         learn_online: bool = True,
     ) -> None:
         super().__init__()
-        if int(distance) < 1:
+        if distance is not None and int(distance) < 1:
             raise TypeError(f"distance must be at least 1 layer, got {distance}")
         if int(capacity) < 1:
             raise TypeError(f"capacity must be at least 1 map, got {capacity}")
@@ -93,7 +106,8 @@ class FineMoE(Policy):
             raise TypeError(f"search_s and search_token_s must not be negative, got {search_s}, {search_token_s}")
         if search_charge not in SEARCH_CHARGES:
             raise TypeError(f"search_charge must be one of {', '.join(SEARCH_CHARGES)}, got {search_charge!r}")
-        self.distance, self.capacity = int(distance), int(capacity)
+        self._distance_given = distance is not None
+        self.distance, self.capacity = int(distance) if distance is not None else DEFAULT_DISTANCE, int(capacity)
         self.semantic, self.trajectory, self.delta = bool(semantic), bool(trajectory), bool(delta)
         self.cache, self.learn_online = cache, bool(learn_online)
         self.search_s, self.search_token_s, self.search_charge = float(search_s), float(search_token_s), search_charge
@@ -115,6 +129,9 @@ class FineMoE(Policy):
         super().bind(ctx)
         g = ctx.geometry
         self.L, self.J, self.K = g.num_layers, g.num_experts, g.top_k
+        if not self._distance_given:
+            self.distance = paper_distance(g.model_name)
+            self.params["distance"] = self.distance
         self._p = np.zeros((self.L, self.J))  # latest predicted probability per expert
         self._p_step = np.full(self.L, -1)  # engine step whose predictions _p[layer] holds
         self._freq = np.zeros((self.L, self.J))
@@ -303,14 +320,15 @@ class FineMoE(Policy):
         self._res[key] = False
 
     def protected_mask(self) -> np.ndarray:
-        """bool [L, J]: experts predicted in this step for a layer not yet passed (FineMoE's cache
-        only). Read-only: it is kept until the step, the layer or the predictions change."""
+        """bool [L, J]: experts predicted in this step for a layer not yet passed (with every cache:
+        the LRU and LFU ablations change the score, not the protection). Read-only: it is kept until
+        the step, the layer or the predictions change."""
         return self._protection()[0]
 
     def _protection(self) -> tuple[np.ndarray, np.ndarray]:
         """The protected mask and its negation, rebuilt only when the step, the layer or the chosen
         experts have changed since the last call (evictions come many to a layer)."""
-        if self.cache != "finemoe" or self._step is None:
+        if self._step is None:  # every cache keeps the window's protection (the paper's ablations)
             state = None
         else:
             state = (self._step.step, self._layer, self._offers)

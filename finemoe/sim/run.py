@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from finemoe import __version__
-from finemoe.errors import MissingFieldError
 from finemoe.policies.registry import make_policy
+from finemoe.policies.support import check_support
 from finemoe.results import RunResult
 from finemoe.sim.config import SimConfig
 from finemoe.sim.costs import TICKS_PER_S, CostModel
@@ -27,6 +27,8 @@ def load_trace_for(config: SimConfig) -> Trace:
     from finemoe.traces.io import read_trace
 
     trace = read_trace(config.trace_path)
+    if config.layers_as_consecutive:
+        trace = trace.logged_layers_only()
     if config.model_profile:
         from finemoe.traces.profiles import get_profile
 
@@ -39,12 +41,9 @@ def run_config(config: SimConfig) -> RunResult:
 
 
 def check_fields(policy, trace: Trace) -> None:
-    """MissingFieldError naming the field and the policy when the trace lacks what the policy needs."""
-    for name in policy.needs:
-        if getattr(trace, name, None) is None:
-            raise MissingFieldError(
-                f"policy {policy.name} needs the trace field {name!r}, which this trace does not carry"
-            )
+    """MissingFieldError naming the policy and what the trace lacks for it (a field, or on a partial
+    log the layers its predictions reach)."""
+    check_support(policy, trace)
 
 
 def simulate(trace: Trace, config: SimConfig) -> RunResult:
