@@ -1,15 +1,23 @@
-"""The oracle: Belady (MIN) eviction with perfect prefetch under the same link. A bound, not a policy
-a server could run: it reads the future from the engine's OracleView (exact with all-at-once
-arrivals; with later arrivals it sees admitted and queued requests only, see docs/timing-model.md).
+"""The oracle's clairvoyant candidate schedules: Belady (MIN) eviction, with or without prefetch, on
+the same engine, link and (cold) start state as every policy. It reads the future from the engine's
+OracleView; given `planned_steps` (the steps an earlier run of the same workload took, which
+sim/offline.py supplies) that view holds every request, arrived or not.
 
-Prefetch: at each step start and each routed layer it asks for every expert used within the next
-`lookahead_layers` layers that is not resident or on the wire, nearest use first. Eviction: the
-evictable resident expert whose next use is farthest away. A prefetch that needs a victim is
-refused (dropped) rather than evict an expert needed no later than the one it would bring in, or
-when its copy, starting now, would land after it is needed (estimated with the shortest layer time
-seen so far): on a saturated link a late prefetch is a miss anyway, and its victim might have hit.
-Belady is optimal for demand paging; with prefetching under finite bandwidth no simple rule is, so
-this is a strong reference rather than a proof (the property tests check it against every policy).
+`prefetch`:
+- "none": demand loads only, evicting the resident expert needed farthest in the future (MIN when
+  the engine serves a layer's experts in MIN's order).
+- "conservative" (Cao et al. '95): at each step start and routed layer it asks for every expert used
+  within `lookahead_layers` layers that is neither resident nor on the wire, nearest use first; a
+  prefetch that needs a victim is refused unless the victim is needed later than the expert it
+  brings, and unless its copy, starting now, lands in time (estimated with the shortest layer time
+  seen so far): on a saturated link a late prefetch is a miss anyway, and its victim might have hit.
+- "aggressive": the same requests, refused only when the victim is needed no later.
+- "decode-first": aggressive, but during a step that runs a prefill, the experts of later steps
+  are asked for before the step's own: time before a request's first token does not count in its
+  time per output token, so loads moved into the prefill can shorten every decode step after it.
+
+Each candidate is a real schedule, not a bound; `oracle` as a policy name runs all of them and
+reports the best (sim/offline.py, docs/bounds.md). The provable side is sim/bounds.py.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from finemoe.policies.base import Policy, Prefetch
 from finemoe.policies.registry import register
 
 INF = float("inf")
+PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first")
 
 
 @register
@@ -28,11 +37,15 @@ class OraclePolicy(Policy):
     name = "oracle"
     is_oracle = True
 
-    def __init__(self, lookahead_layers: int | None = None) -> None:
+    def __init__(self, lookahead_layers: int | None = None, prefetch: str = "conservative") -> None:
         super().__init__()
         if lookahead_layers is not None and lookahead_layers < 1:
             raise ConfigError(f"oracle lookahead_layers must be at least 1, got {lookahead_layers}")
-        self.params = {"lookahead_layers": lookahead_layers}
+        if prefetch not in PREFETCH_MODES:
+            raise ConfigError(f"oracle prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
+        self.params = {"lookahead_layers": lookahead_layers, "prefetch": prefetch}
+        self.planned_steps: list | None = None  # the whole future, when an earlier run supplied it
+        self.observed_steps: list = []  # the steps this run took (each a tuple of Sequences)
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
@@ -48,11 +61,12 @@ class OraclePolicy(Policy):
         self._heap: list = []
         self._version = -1
         self._last_routed: tuple[int, float] | None = None  # (position, now_s)
+        self._prefill_step = False
         self.layer_s: float | None = None  # shortest interval seen between consecutive routed layers
 
     def describe(self) -> dict:
         d = super().describe()
-        d["bound"] = "upper bound on hit rate: Belady eviction with perfect prefetch"
+        d["bound"] = f"clairvoyant schedule: Belady eviction, {self.params['prefetch']} prefetch"
         return d
 
     # --- the future --------------------------------------------------------------------------------
@@ -68,35 +82,31 @@ class OraclePolicy(Policy):
         self.next_use[key] = nu
         heapq.heappush(self._heap, (-nu, key))
 
-    def initial_residents(self):
-        out, seen = [], set()
-        cap = self.ctx.capacity_slots
-        for _, layer, e in self.view.upcoming((0, -1), cap * self.L * 4):
-            if (layer, e) not in seen:
-                seen.add((layer, e))
-                out.append((layer, e))
-                if len(out) >= cap:
-                    break
-        return out
-
     def _prefetches(self) -> list[Prefetch]:
+        if self.params["prefetch"] == "none":
+            return []
         self._refresh()
         step, layer = self.pos
         L = self.L
         limit = step * L + layer + self.lookahead
         resident, in_flight = self.resident, self.ctx.is_in_flight
         out = []
-        for s, lay, e in self.view.upcoming(self.pos, self.lookahead * self.J):
+        boost = float(2 * (step + 1) * L) if self._prefill_step else 0.0  # later steps above this one
+        # Looking far ahead, no more accesses are read than a few cache-fulls (the rest could not land).
+        scan = min(self.lookahead * self.J, max(L * self.J, 4 * self.ctx.capacity_slots))
+        for s, lay, e in self.view.upcoming(self.pos, scan):
             p = s * L + lay
             if p > limit:
                 break
             if (lay, e) not in resident and not in_flight((lay, e)):
-                out.append(Prefetch(float(-p), s, lay, e))
+                out.append(Prefetch(float(-p) + (boost if s > step else 0.0), s, lay, e))
         return out
 
     # --- notifications -------------------------------------------------------------------------------
     def on_step_start(self, step):
         self.pos = (step.step, -1)
+        self.observed_steps.append(step.sequences)
+        self._prefill_step = self.params["prefetch"] == "decode-first" and any(q.is_prefill for q in step.sequences)
         return self._prefetches()
 
     def on_layer_routed(self, routing):
@@ -141,6 +151,8 @@ class OraclePolicy(Policy):
             wanted = self.view.next_use(for_prefetch.key, self.pos)
             if self.next_use[victim] <= wanted:
                 return None
+            if self.params["prefetch"] in ("aggressive", "decode-first"):
+                return victim
             here = self.pos[0] * self.L + self.pos[1]
             layers_ahead = for_prefetch.step * self.L + for_prefetch.layer - here
             time_left = layers_ahead * (self.layer_s or 0.0)

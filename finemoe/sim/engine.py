@@ -56,7 +56,8 @@ class _IterInfo:
     pairs: int  # (query, key) pairs scored
 
 
-def _iter_info(trace: Trace, start: int, stop: int) -> _IterInfo:
+def iter_info(trace: Trace, start: int, stop: int) -> _IterInfo:
+    """The routed experts and attention sizes of trace rows [start, stop) (one iteration)."""
     experts = trace.experts[start:stop]
     if stop - start == 1:
         layers = tuple(tuple((e, 1) for e in row if e >= 0) for row in experts[0].tolist())
@@ -70,6 +71,29 @@ def _iter_info(trace: Trace, start: int, stop: int) -> _IterInfo:
     context = int(pos.max()) + 1
     pairs = int(pos.astype(np.int64).sum()) + (stop - start)
     return _IterInfo(layers, stop - start, context, pairs)
+
+
+def step_work(infos: list[_IterInfo], num_layers: int, costs: CostModel):
+    """One engine step over the iterations `infos`: per layer the routed experts (ascending) and
+    their token counts, the dense ticks per layer and the step's token count (the engine's general
+    case; the lower bounds of sim/bounds.py read the same numbers)."""
+    tokens = sum(i.tokens for i in infos)
+    context = sum(i.context for i in infos)
+    pairs = sum(i.pairs for i in infos)
+    experts_l, counts_l = [], []
+    for layer in range(num_layers):
+        if len(infos) == 1:
+            items = infos[0].layers[layer]
+        else:
+            merged: dict[int, int] = {}
+            for i in infos:
+                for e, c in i.layers[layer]:
+                    merged[e] = merged.get(e, 0) + c
+            items = sorted(merged.items())
+        experts_l.append([e for e, _ in items])
+        counts_l.append([c for _, c in items])
+    dense = to_ticks(costs.dense_layer_s(tokens, context, pairs))
+    return experts_l, counts_l, dense, tokens
 
 
 class _PlanOracle(OracleView):
@@ -174,6 +198,9 @@ class SimEngine:
         self._releases = 0  # prefetches waiting for their `ready_s` (scheduled release events)
         self.step = 0
         self.oracle = _PlanOracle(self.L, self.J) if policy.is_oracle else None
+        # An oracle may bring the steps the run will take (from an earlier run of the same
+        # workload): then its view is that whole future, requests not yet arrived included.
+        self._scripted = getattr(policy, "planned_steps", None) if policy.is_oracle else None
         self._planned_known = -1
         cls = type(policy)
         self._wants_step = cls.on_step_start is not Policy.on_step_start
@@ -196,7 +223,7 @@ class SimEngine:
         k = (seq.start, seq.stop)
         got = self._info.get(k)
         if got is None:
-            got = self._info[k] = _iter_info(self.trace, seq.start, seq.stop)
+            got = self._info[k] = iter_info(self.trace, seq.start, seq.stop)
         return got
 
     def expert_ticks(self, tokens: int) -> int:
@@ -225,24 +252,7 @@ class SimEngine:
             if dense is None:
                 dense = self._dense_cache[(1, pos, pos)] = to_ticks(self.costs.dense_layer_s(1, pos, pos))
             return self._single_row(q.start), None, dense, 1
-        infos = [self.info(q) for q in seqs]
-        tokens = sum(i.tokens for i in infos)
-        context = sum(i.context for i in infos)
-        pairs = sum(i.pairs for i in infos)
-        experts_l, counts_l = [], []
-        for layer in range(self.L):
-            if len(infos) == 1:
-                items = infos[0].layers[layer]
-            else:
-                merged: dict[int, int] = {}
-                for i in infos:
-                    for e, c in i.layers[layer]:
-                        merged[e] = merged.get(e, 0) + c
-                items = sorted(merged.items())
-            experts_l.append([e for e, _ in items])
-            counts_l.append([c for _, c in items])
-        dense = to_ticks(self.costs.dense_layer_s(tokens, context, pairs))
-        return experts_l, counts_l, dense, tokens
+        return step_work([self.info(q) for q in seqs], self.L, self.costs)
 
     def _sync(self, t: int):
         """Bring SimPy's clock to the compute clock `t`, after every other event due at `t`."""
@@ -534,6 +544,8 @@ class SimEngine:
         return self._misses_inline(layer, experts, ticks, misses, t, None)
 
     def _replan(self, now: int) -> None:
+        if self._scripted:
+            return  # the oracle brought the whole future with it (`planned_steps`)
         known = self.batcher.arrived_count(now)
         if known != self._planned_known:
             self._planned_known = known
@@ -756,12 +768,15 @@ class SimEngine:
         """Run to completion; the makespan in seconds (first arrival at 0 to last token)."""
         env = self.env
         if self.oracle is not None:
+            if self._scripted:
+                self.oracle.rebuild(0, list(self._scripted), self.info)
             self._replan(0)
         if self.memory.all_resident:
             keys = [(layer, e) for layer in range(self.L) for e in range(self.J)]
         else:
             keys = list(self.policy.initial_residents())[: self.memory.expert_cache_slots]
         self.cache.preload(keys, 0.0)
+        self.start_residents = frozenset(self.cache.resident)  # the start state (what the bounds assume)
         for i in range(self.copy_engines):
             env.process(self._copier(i))
         main = env.process(self._compute())

@@ -1,0 +1,260 @@
+"""Lower bounds that hold for every schedule the engine can run, policies and oracle alike: expert
+loads (Belady's MIN), bytes moved, and per request TTFT, TPOT and end-to-end latency, and the
+makespan (from the compute critical path and the link time the minimum loads need). The arguments
+are in docs/bounds.md; the property tests (tests/test_bounds_properties.py) check them against
+every registered policy and, on small instances, against the exact optimum (sim/exact.py).
+
+Which accesses a run issues is fixed by the workload when every request arrives at once or the
+batch holds one sequence (the batcher's steps do not depend on timing then): the bounds use that
+exact step sequence. Otherwise (later arrivals and batches of several) the batches a run forms
+depend on its timing, so the bounds use each request's own accesses, which every batching contains.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from finemoe.policies.base import Sequence as Run
+from finemoe.results import latency_summary
+from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
+from finemoe.sim.engine import iter_info, step_work
+from finemoe.sim.workload import ContinuousBatcher
+
+INF = float("inf")
+_S = 1.0 / TICKS_PER_S
+
+
+def service_order(sets: Sequence[Sequence[Hashable]]) -> list[list[Hashable]]:
+    """Each position's set in the order that serves it best: the member needed again farthest in
+    the future first (so the one needed soonest is served last and stays). A schedule may serve a
+    layer's experts in any order; this one is optimal for MIN (docs/bounds.md)."""
+    later: dict = {}
+    out: list[list[Hashable]] = [[] for _ in sets]
+    for p in range(len(sets) - 1, -1, -1):
+        members = list(dict.fromkeys(sets[p]))
+        out[p] = sorted(members, key=lambda k: (-later.get(k, INF), repr(k)))
+        for k in members:
+            later[k] = p
+    return out
+
+
+def min_loads(sets: Sequence[Sequence[Hashable]], capacity: int, start: frozenset = frozenset()) -> list[int]:
+    """Belady's MIN over positions of sets of keys, `capacity` slots, `start` resident: the loads
+    done once position p is served, for every p (the prefix counts are MIN of each prefix)."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least one slot, got {capacity}")
+    flat = [k for members in service_order(sets) for k in members]
+    ends = []
+    n = 0
+    for members in sets:
+        n += len(dict.fromkeys(members))
+        ends.append(n)
+    nxt = [INF] * len(flat)
+    seen: dict = {}
+    for i in range(len(flat) - 1, -1, -1):
+        nxt[i] = seen.get(flat[i], INF)
+        seen[flat[i]] = i
+    if len(start) > capacity:
+        raise ValueError(f"{len(start)} experts resident at the start exceed {capacity} slots")
+    resident = set(start)
+    next_of = {k: seen.get(k, INF) for k in resident}  # first use of each start resident
+    heap = [(-v, repr(k), k) for k, v in next_of.items()]
+    heapq.heapify(heap)
+    loads, out, pos = 0, [], 0
+    for i, key in enumerate(flat):
+        if key not in resident:
+            loads += 1
+            if len(resident) >= capacity:
+                while True:
+                    neg, _, victim = heapq.heappop(heap)
+                    if victim in resident and next_of[victim] == -neg:
+                        break
+                resident.discard(victim)
+                del next_of[victim]
+            resident.add(key)
+        next_of[key] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], repr(key), key))
+        while pos < len(ends) and ends[pos] == i + 1:
+            out.append(loads)
+            pos += 1
+    while pos < len(ends):  # trailing empty positions
+        out.append(loads)
+        pos += 1
+    return out
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One engine step for the bounds: per layer the keys it needs, its compute ticks without any
+    wait (dense plus every routed expert), its cheapest expert, and when its last request arrived."""
+
+    keys: tuple[tuple[tuple[int, int], ...], ...]
+    layer_ticks: tuple[int, ...]
+    min_expert_ticks: tuple[int, ...]
+    arrival: int
+    requests: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Link:
+    """The link as the bounds see it: the shortest per-copy latency and wire time the engine uses,
+    and the factor below 1 by which copies can speed compute up (none: 1)."""
+
+    latency: int
+    wire: int
+    compute_factor: float
+
+
+def link_of(costs: CostModel, bytes_per_expert: int) -> Link:
+    hw = costs.hardware
+    wire = costs.wire_s(bytes_per_expert)
+    wire_ticks = min(to_ticks(wire), to_ticks(wire * getattr(hw, "compute_copy_slowdown", 1.0)))
+    factor = min(1.0, float(getattr(hw, "copy_compute_slowdown", 1.0)))
+    return Link(to_ticks(hw.transfer_latency_s), wire_ticks, factor)
+
+
+def step_costs(trace, costs: CostModel, steps, arrival_of: dict[int, int]) -> list[StepCost]:
+    """`StepCost` of each step (a tuple of Sequences), from the engine's own step arithmetic."""
+    L = trace.geometry.num_layers
+    memo: dict = {}
+    expert_ticks: dict[int, int] = {}
+    out = []
+    for seqs in steps:
+        infos = []
+        for q in seqs:
+            k = (q.start, q.stop)
+            if k not in memo:
+                memo[k] = iter_info(trace, q.start, q.stop)
+            infos.append(memo[k])
+        experts_l, counts_l, dense, _ = step_work(infos, L, costs)
+        keys, ticks, mins = [], [], []
+        for layer in range(L):
+            et = []
+            for c in counts_l[layer]:
+                if c not in expert_ticks:
+                    expert_ticks[c] = to_ticks(costs.expert_compute_s(c))
+                et.append(expert_ticks[c])
+            keys.append(tuple((layer, e) for e in experts_l[layer]))
+            ticks.append(dense + sum(et))
+            mins.append(min(et) if et else 0)
+        rids = tuple(q.request_id for q in seqs)
+        out.append(StepCost(tuple(keys), tuple(ticks), tuple(mins), max(arrival_of[r] for r in rids), rids))
+    return out
+
+
+def _scaled(ticks: int, f: float) -> int:
+    return ticks if f >= 1.0 else int(ticks * f)
+
+
+def step_end_bounds(steps: list[StepCost], capacity: int, start: frozenset, link: Link) -> tuple[list[int], int]:
+    """A lower bound on the time (ticks) each step ends, and the minimum loads over all steps.
+
+    Step s ends no earlier than (a) its compute after the previous step's end or its arrival,
+    whichever is later, and (b) for each of its layers l, the link time of the MIN loads of the
+    prefix through (s, l) (the k-th copy lands at latency + k wire times at the earliest) plus one
+    expert of l and the step's compute after l.
+    """
+    f = link.compute_factor
+    cum = min_loads([k for s in steps for k in s.keys], capacity, start)
+    ends, prev, p = [], 0, 0
+    for s in steps:
+        ticks = [_scaled(t, f) for t in s.layer_ticks]
+        end = max(prev, s.arrival) + sum(ticks)
+        after = sum(ticks)
+        for layer, t in enumerate(ticks):
+            after -= t
+            n = cum[p]
+            if n:
+                end = max(end, link.latency + n * link.wire + _scaled(s.min_expert_ticks[layer], f) + after)
+            p += 1
+        ends.append(end)
+        prev = end
+    return ends, (cum[-1] if cum else 0)
+
+
+def window_bound(steps: list[StepCost], capacity: int, link: Link) -> int:
+    """A lower bound on the time (ticks) the steps `steps` take after the step before them ends:
+    their compute, and for each position the link time of the copies that must land after that
+    moment (MIN of the window from cold, less the `capacity` experts the cache may hold already,
+    less one copy already on the wire) plus the compute that follows."""
+    if not steps:
+        return 0
+    f = link.compute_factor
+    cum = min_loads([k for s in steps for k in s.keys], capacity)
+    ticks = [_scaled(t, f) for s in steps for t in s.layer_ticks]
+    mins = [_scaled(m, f) for s in steps for m in s.min_expert_ticks]
+    total = sum(ticks)
+    best, after = total, total
+    for p, t in enumerate(ticks):
+        after -= t
+        n = cum[p] - capacity - 1
+        if n > 0:
+            best = max(best, n * link.wire + mins[p] + after)
+    return best
+
+
+def _request_bounds(steps: list[StepCost], capacity: int, start: frozenset, link: Link,
+                    arrival_of: dict[int, int], rids) -> tuple[dict[int, dict], list[int], int]:
+    """Per request of `rids` (each must appear in `steps`) its TTFT, TPOT and e2e bounds (s)."""
+    ends, loads = step_end_bounds(steps, capacity, start, link)
+    where: dict[int, list[int]] = {}
+    for i, s in enumerate(steps):
+        for r in s.requests:
+            where.setdefault(r, []).append(i)
+    out = {}
+    for r in rids:
+        idx = where[r]
+        first, last = idx[0], idx[-1]
+        a = arrival_of[r]
+        tpot = float("nan")
+        if len(idx) > 1:
+            tpot = window_bound(steps[first + 1 : last + 1], capacity, link) * _S / (len(idx) - 1)
+        out[r] = {"ttft_s": (ends[first] - a) * _S, "tpot_s": tpot, "e2e_s": (ends[last] - a) * _S}
+    return out, ends, loads
+
+
+def lower_bounds(trace, costs: CostModel, batcher: ContinuousBatcher, capacity: int, start: frozenset,
+                 fixed_steps: bool) -> dict:
+    """Every bound of one configuration, as `bound_*` summary fields (loads, bytes, seconds).
+
+    `batcher`: a fresh batcher of the measured requests (it is planned, not run); `start`: the
+    experts resident before the first step (empty: a cold start). `fixed_steps`:
+    whether the run's steps are the batcher's plan whatever the timing (all arrive at once, or a
+    batch of one); otherwise each request's own accesses are used (see the module docstring).
+    """
+    g = trace.geometry
+    link = link_of(costs, g.bytes_per_expert)
+    arrival_of = {rid: int(a) for rid, a, its in batcher.arrivals}
+    rids = [rid for rid, _, its in batcher.arrivals if its]
+    if fixed_steps:
+        steps = step_costs(trace, costs, batcher.plan(None), arrival_of)
+        per_req, ends, loads = _request_bounds(steps, capacity, start, link, arrival_of, rids)
+        makespan = ends[-1] if ends else 0
+    else:
+        per_req, makespan = {}, 0
+        loads = len({k for s in step_costs(trace, costs, batcher.plan(None), arrival_of) for lk in s.keys
+                     for k in lk} - start)  # every expert used is loaded once, unless resident from the start
+        by_req = trace.iterations_by_request
+        for r in rids:
+            alone = [(Run(r, it.iteration, it.start, it.stop),) for it in by_req[r]]
+            steps = step_costs(trace, costs, alone, arrival_of)
+            got, ends, n = _request_bounds(steps, capacity, start, link, arrival_of, [r])
+            per_req.update(got)
+            loads = max(loads, n)
+            makespan = max(makespan, ends[-1])
+        if loads:
+            makespan = max(makespan, link.latency + loads * link.wire)
+    frame = pd.DataFrame([per_req[r] for r in rids], columns=["ttft_s", "tpot_s", "e2e_s"])
+    out = {f"bound_{k}": v for k, v in latency_summary(frame).items()}
+    out.update(bound_loads=int(loads), bound_bytes_h2d=int(loads) * g.bytes_per_expert,
+               bound_makespan_s=makespan * _S, bound_steps_fixed=int(fixed_steps))
+    return out
+
+
+def steps_are_fixed(arrival: str, max_batch: int) -> bool:
+    """Whether the batcher's steps cannot depend on a run's timing (see the module docstring)."""
+    return arrival == "all" or max_batch == 1
