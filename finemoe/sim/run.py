@@ -13,6 +13,7 @@ from finemoe import __version__
 from finemoe.policies.registry import make_policy
 from finemoe.policies.support import check_support
 from finemoe.results import RunResult
+from finemoe.sim.bounds import lower_bounds, steps_are_fixed
 from finemoe.sim.config import SimConfig
 from finemoe.sim.costs import TICKS_PER_S, CostModel
 from finemoe.sim.engine import SimEngine
@@ -47,17 +48,42 @@ def check_fields(policy, trace: Trace) -> None:
 
 
 def simulate(trace: Trace, config: SimConfig) -> RunResult:
-    """Simulate `config` over `trace` (already projected if it should be)."""
-    wall0 = time.perf_counter()
-    policy = make_policy(config.policy, **dict(config.policy_params))
-    check_fields(policy, trace)
+    """Simulate `config` over `trace` (already projected if it should be); `oracle` without a
+    `prefetch` parameter is the offline schedule, the best of its clairvoyant candidates."""
+    from finemoe.sim.offline import is_offline_schedule, offline_schedule
+
+    if is_offline_schedule(config):
+        return offline_schedule(trace, config, simulate_policy)
+    return simulate_policy(trace, config, make_policy(config.policy, **dict(config.policy_params)), bounds=True)
+
+
+def _workload(trace: Trace, config: SimConfig):
+    """The configuration's split, memory plan, arrival ticks and a fresh batcher."""
     wl = config.workload
     split = split_requests(trace, wl, config.seed)
-    requests = {r.request_id: r for r in trace.requests}
     plan = plan_for_config(trace.geometry, trace.requests, config)
     arrivals_s = arrival_times(len(split.measure), wl, config.seed)
     ticks = [int(round(a * TICKS_PER_S)) for a in arrivals_s]
-    batcher = build_batcher(trace, split.measure, ticks, wl.max_batch)
+    return split, plan, ticks, build_batcher(trace, split.measure, ticks, wl.max_batch)
+
+
+def bounds_for(trace: Trace, config: SimConfig, start: frozenset) -> dict:
+    """The lower bounds of `config` from the start state `start` (sim/bounds.py): the same for every
+    policy that starts cold (a policy that starts warm, such as static-hot, gets its own)."""
+    _, plan, _, batcher = _workload(trace, config)
+    wl = config.workload
+    return lower_bounds(trace, CostModel(config.hardware, trace.geometry), batcher, plan.expert_cache_slots,
+                        start, steps_are_fixed(wl.arrival, wl.max_batch))
+
+
+def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = False) -> RunResult:
+    """One engine run of the policy object `policy` under `config`; `bounds`: with the lower bounds
+    for the start state it ran from as `bound_*` summary fields."""
+    wall0 = time.perf_counter()
+    check_fields(policy, trace)
+    wl = config.workload
+    split, plan, ticks, batcher = _workload(trace, config)
+    requests = {r.request_id: r for r in trace.requests}
     recorder = MetricsRecorder(trace.geometry.num_layers, config.timeline_steps)
     by_req = trace.iterations_by_request
     for rid, a in zip(split.measure, ticks, strict=True):
@@ -79,4 +105,8 @@ def simulate(trace: Trace, config: SimConfig) -> RunResult:
         expert_load_s=costs.expert_load_s,
         finemoe_version=__version__,
     )
-    return recorder.to_result(cfg, wall_s=time.perf_counter() - wall0, makespan_s=makespan_s)
+    cfg["start_residents"] = len(engine.start_residents)
+    result = recorder.to_result(cfg, wall_s=time.perf_counter() - wall0, makespan_s=makespan_s)
+    if bounds:
+        result.summary.update(bounds_for(trace, config, engine.start_residents))
+    return result
