@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from finemoe.cli.options import json_option, output_option, seed_option
+from finemoe.cli.partial import layers_as_consecutive_option
 from finemoe.cli.policy_file import policy_file_option
 
 EPILOG = """\b
@@ -43,11 +44,12 @@ alone; `finemoe simulate` scores it together with scheduling and eviction.
 @seed_option("Seed of the history/measure split.")
 @click.option("--max-requests", type=int, default=None, help="Measure at most this many requests (quick runs).")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
+@layers_as_consecutive_option
 @json_option("Print the reports as JSON instead of tables.")
 @output_option("out", kind="any",
                help="Write the per-layer table: .parquet (reports in the file metadata) or .json.")
 def predict_command(trace_path, policies, policy_params, history_fraction, online, seed, max_requests,
-                    per_layer, as_json, out) -> None:
+                    per_layer, as_json, out, layers_as_consecutive) -> None:
     """Score each policy's expert predictions against a trace: per-layer precision and recall.
 
     Uses the same history/measure split as `finemoe simulate` for the same seed and fraction.
@@ -56,11 +58,14 @@ def predict_command(trace_path, policies, policy_params, history_fraction, onlin
 
     from finemoe.errors import ConfigError
     from finemoe.policies.registry import make_policy, policy_names
+    from finemoe.policies.support import TraceShape, missing_fields, unsupported_reason
     from finemoe.sim.predict import evaluate_predictions
     from finemoe.sim.sweep import parse_policy_params
     from finemoe.traces.io import read_trace
 
     trace = read_trace(trace_path)
+    if layers_as_consecutive:
+        trace = trace.logged_layers_only()
     params = {}
     for name, values in parse_policy_params(policy_params).items():
         for key, vals in values.items():
@@ -69,15 +74,17 @@ def predict_command(trace_path, policies, policy_params, history_fraction, onlin
             params.setdefault(name, {})[key] = vals[0]
     known = policy_names()
     if policies.strip() == "all":
-        names, skipped = [], []
+        names, shape = [], TraceShape.of_trace(trace)
         for name in known:
             policy = make_policy(name, **params.get(name, {}))
             if policy.is_oracle:
                 continue
-            lacking = [f for f in policy.needs if getattr(trace, f, None) is None]
-            (skipped if lacking else names).append((name, lacking) if lacking else name)
-        for name, lacking in skipped:
-            click.echo(f"skipping {name}: trace lacks {', '.join(lacking)}", err=True)
+            lacking = missing_fields(policy, shape)
+            reason = f"trace lacks {', '.join(lacking)}" if lacking else unsupported_reason(policy, shape)
+            if reason:
+                click.echo(f"skipping {name}: {reason}", err=True)
+            else:
+                names.append(name)
     else:
         names = [n.strip() for n in policies.split(",") if n.strip()]
         unknown = [n for n in names if n not in known]

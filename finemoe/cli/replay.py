@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from finemoe.cli.options import output_option, quiet_option, seed_option
+from finemoe.cli.partial import layers_as_consecutive_option
 from finemoe.cli.policy_file import policy_file_option
 
 
@@ -29,6 +30,7 @@ from finemoe.cli.policy_file import policy_file_option
               help="Profile .json from `finemoe calibrate` (or a preset) for the memory plan, the policies' "
                    "load-time estimate and --compare [default: calibrate now, with this trace's expert shape].")
 @click.option("--model-profile", default=None, metavar="NAME", help="Project the trace onto another model's geometry.")
+@layers_as_consecutive_option
 @click.option("--expert-scale", type=float, default=1.0, show_default=True,
               help="Scale hidden and intermediate sizes by this factor so the experts fit this machine's RAM "
                    "(recorded; --compare simulates the same scaled geometry).")
@@ -51,8 +53,8 @@ from finemoe.cli.policy_file import policy_file_option
               help="Also write the on-the-fly calibration here (when --hardware is not given).")
 @quiet_option()
 def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, device, threads, hardware,
-                   model_profile, expert_scale, dtype, weights, arrival, rate, timestamps, batch_size,
-                   history_fraction, online, max_requests, seed, compare, out_dir, save_profile, quiet) -> None:
+                   model_profile, layers_as_consecutive, expert_scale, dtype, weights, arrival, rate, timestamps,
+                   batch_size, history_fraction, online, max_requests, seed, compare, out_dir, save_profile, quiet) -> None:
     """Execute a configuration with real expert copies and compute, timed by the clock.
 
     \b
@@ -86,10 +88,14 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
                          max_requests=max_requests)
     workload = WorkloadConfig(arrival=arrival, rate_rps=rate, timestamps_path=timestamps, max_batch=batch_size,
                               history_fraction=history_fraction, online=online, max_requests=max_requests)
-    loaded = prepare_trace(read_trace(trace), model_profile=model_profile, expert_scale=expert_scale, dtype=dtype)
+    recorded = read_trace(trace)
+    if layers_as_consecutive:
+        recorded = recorded.logged_layers_only()
+    loaded = prepare_trace(recorded, model_profile=model_profile, expert_scale=expert_scale, dtype=dtype)
     # The absolute path: `finemoe plot` finds the trace from wherever it runs, as for simulate's results.
     config = SimConfig(trace_path=str(Path(trace).expanduser().resolve()), policy=policy, hardware=spec,
-                       policy_params=params, memory=memory, workload=workload, model_profile=model_profile, seed=seed)
+                       policy_params=params, memory=memory, workload=workload, model_profile=model_profile, seed=seed,
+                       layers_as_consecutive=layers_as_consecutive)
     options = ReplayOptions(device=device, threads=threads, weights_path=weights, expert_scale=expert_scale)
     bar = None
 

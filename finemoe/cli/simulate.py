@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from finemoe.cli.options import json_option, output_option, quiet_option
+from finemoe.cli.partial import layers_as_consecutive_option
 from finemoe.cli.policy_file import policy_file_option
 
 EPILOG = """\b
@@ -108,6 +109,7 @@ def _hardware_options(fn):
 @_hardware_options
 @click.option("--model-profile", default=None, metavar="NAME",
               help="Project the trace onto another model's geometry (expert size, dense weights, KV).")
+@layers_as_consecutive_option
 @click.option("--arrival", type=click.Choice(["all", "poisson", "file"]), default="all", show_default=True,
               help="Request arrivals: all at time 0, Poisson at --rate, or --timestamps.")
 @click.option("--rate", default=None, metavar="LIST", help="Requests per second for --arrival poisson; list or range.")
@@ -140,7 +142,7 @@ def _hardware_options(fn):
 @quiet_option()
 @json_option("Print the summary rows (one per configuration) as a JSON list on stdout instead of the table.")
 def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
-                     model_profile, arrival, rate, timestamps, batch_size, history_fraction, online,
+                     model_profile, layers_as_consecutive, arrival, rate, timestamps, batch_size, history_fraction, online,
                      max_requests, seed, out_dir, resume, jobs, executor, ray_address, ray_trace_transport,
                      max_retries, dry_run, quiet, as_json, **hardware_overrides) -> None:
     """Simulate MoE expert offloading: which policy, memory budget and hardware give what latency.
@@ -151,14 +153,18 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
     copied to the GPU and stall time per configuration.
     """
     from finemoe.errors import ConfigError
-    from finemoe.sim.sweep import run_sweep
+    from finemoe.sim.sweep import run_sweep, supported_configs
 
     configs = build_configs(
         traces, policies=policies, policy_params=policy_params, gpu_mem=gpu_mem, expert_cache=expert_cache,
         reserve=reserve, kv_tokens=kv_tokens, hardware=hardware, hardware_overrides=hardware_overrides,
         model_profile=model_profile, arrival=arrival, rate=rate, timestamps=timestamps, batch_size=batch_size,
         history_fraction=history_fraction, online=online, max_requests=max_requests, seed=seed,
+        layers_as_consecutive=layers_as_consecutive,
     )
+    configs, skipped = supported_configs(configs, explicit={p.strip() for p in policies.split(",")} - {"all"})
+    for name, reason in skipped:
+        click.echo(f"skipped {name}: it {reason}", err=True)
     if jobs is not None and jobs < 1:
         raise ConfigError("--jobs must be at least 1")
     check_memory_plans(configs, say=lambda line: click.echo(line, err=True))
@@ -182,8 +188,10 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
     elif outcome.paths:
         click.echo(results_table(outcome.paths))
     done_before = f", {outcome.skipped} already there" if outcome.skipped else ""
+    left_out = f"; {len(skipped)} polic{'y' if len(skipped) == 1 else 'ies'} the trace cannot serve skipped " \
+        "(listed above)" if skipped else ""
     click.echo(f"{len(outcome.paths)} result(s) in {out_dir}{done_before}; configurations in "
-               f"{Path(out_dir) / 'sweep.json'}", err=True)
+               f"{Path(out_dir) / 'sweep.json'}{left_out}", err=True)
     if outcome.failures:
         for failure in outcome.failures:
             click.echo(f"failed: {failure.line()}", err=True)
@@ -193,7 +201,7 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
 
 def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
                   hardware_overrides, model_profile, arrival, rate, timestamps, batch_size, history_fraction,
-                  online, max_requests, seed) -> list:
+                  online, max_requests, seed, layers_as_consecutive=False) -> list:
     """Options as typed -> SimConfigs, checking everything that can be checked before running."""
     from finemoe.cli.options import size_option_value
     from finemoe.errors import ConfigError
@@ -251,6 +259,7 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
         max_requests=max_requests,
         model_profile=model_profile,
         seeds=parse_ints(seed, "--seed", minimum=0),
+        layers_as_consecutive=layers_as_consecutive,
     )
     known = policy_names()
     configs = []
@@ -284,6 +293,12 @@ def check_memory_plans(configs, say) -> None:
         if key not in metadata:
             meta = read_metadata(trace_files(c.trace_path)[0])
             geometry = meta["geometry"]
+            if c.layers_as_consecutive:
+                from dataclasses import replace
+
+                from finemoe.policies.support import TraceShape
+
+                geometry = replace(geometry, num_layers=TraceShape.of_metadata(meta).consecutive().num_layers)
             if c.model_profile:
                 from finemoe.traces.profiles import get_profile
 

@@ -242,6 +242,11 @@ class Policy:
         """
         raise NotImplementedError
 
+    def layers_ahead(self) -> int:
+        """How many layers past the current one this policy predicts (0: none); on a log of only some
+        layers those must be logged (finemoe/policies/support.py). Its `distance` parameter if it has one."""
+        return int(self.params.get("distance", 0))
+
     def describe(self) -> dict:
         """Name and parameters, as recorded in result files."""
         return {"name": self.name, "params": dict(self.params), "is_oracle": self.is_oracle}

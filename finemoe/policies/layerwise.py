@@ -19,6 +19,9 @@ class LayerwisePolicy(LRUPolicy):
         self.L = ctx.geometry.num_layers
         self.J = ctx.geometry.num_experts
 
+    def layers_ahead(self) -> int:
+        return 1  # the whole next layer
+
     def _layer(self, step: int, layer: int):
         return [Prefetch(1.0, step, layer, e) for e in range(self.J)]
 

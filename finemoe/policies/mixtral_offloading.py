@@ -25,6 +25,9 @@ class MixtralOffloading(TrackedCachePolicy):
         g = ctx.geometry
         self.L = g.num_layers
 
+    def layers_ahead(self) -> int:
+        return 1  # the speculative gate of the next layer
+
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
         target = routing.layer + 1
         if target >= self.L:

@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from finemoe.errors import ConfigError, MissingFieldError
+from finemoe.errors import ConfigError
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
 from finemoe.policies.registry import make_policy
+from finemoe.policies.support import check_support
 from finemoe.replay.compute import (
     KEY_BUCKET,
     AttentionMasks,
@@ -125,11 +126,7 @@ class _Replayer:
         w = config.workload
 
         self.policy = make_policy(config.policy, **config.policy_params)
-        missing = [f for f in self.policy.needs if getattr(trace, f, None) is None]
-        if missing:
-            raise MissingFieldError(
-                f"policy {self.policy.name} needs trace field(s) {', '.join(missing)}, which this trace lacks"
-            )
+        check_support(self.policy, trace)
         if self.policy.is_oracle:
             raise ConfigError(
                 f"policy {self.policy.name} is an oracle (a bound that sees the future); replay runs "

@@ -42,9 +42,15 @@ class SimConfig:
     model_profile: str | None = None  # project the trace onto this profile's geometry
     seed: int = 0
     timeline_steps: int = 8  # engine steps whose events are kept for the timeline plot
+    layers_as_consecutive: bool = False  # a partial-layer trace's logged layers run as layers 0..n-1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field; `layers_as_consecutive` only when set, so the keys of other configurations
+        (and the result files of earlier sweeps) stay what they were."""
+        out = asdict(self)
+        if not self.layers_as_consecutive:
+            del out["layers_as_consecutive"]
+        return out
 
     def key(self) -> str:
         """Stable id of this configuration: names its result file, so sweeps can resume."""

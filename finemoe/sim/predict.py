@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from finemoe.errors import ConfigError, MissingFieldError
+from finemoe.errors import ConfigError
 from finemoe.policies.base import LayerRouting, PolicyContext, Sequence, StepInfo
 from finemoe.policies.registry import make_policy
+from finemoe.policies.support import check_support
 from finemoe.traces.schema import Trace
 
 PER_LAYER_COLUMNS = ("policy", "layer", "steps", "routed", "predicted", "correct", "precision", "recall")
@@ -59,10 +60,6 @@ def split_request_ids(
     return list(split.history), list(split.measure)
 
 
-def _missing_fields(trace: Trace, needs) -> list[str]:
-    return [name for name in needs if getattr(trace, name, None) is None]
-
-
 def evaluate_predictions(
     trace: Trace,
     policy_name: str,
@@ -87,11 +84,7 @@ def score_policy(policy, trace: Trace, hist_ids, meas_ids, *, seed: int = 0) -> 
     """Bind `policy`, fit it on `hist_ids`, replay `meas_ids` one request at a time and score it."""
     if policy.is_oracle:
         raise ConfigError(f"policy {policy.name} is an oracle: its predictions are the trace itself")
-    missing = _missing_fields(trace, policy.needs)
-    if missing:
-        raise MissingFieldError(
-            f"policy {policy.name} needs trace field(s) {', '.join(missing)}, which this trace does not carry"
-        )
+    check_support(policy, trace)
     policy_name = policy.name
     hist_ids, meas_ids = [int(r) for r in hist_ids], [int(r) for r in meas_ids]
     g = trace.geometry

@@ -173,6 +173,7 @@ class SweepSpec:
     max_requests: int | None = None
     model_profile: str | None = None
     seeds: Sequence[int] = (0,)
+    layers_as_consecutive: bool = False  # a partial-layer trace's logged layers as layers 0..n-1
 
 
 def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -> list[SimConfig]:
@@ -208,6 +209,7 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
                     workload=workload,
                     model_profile=spec.model_profile,
                     seed=int(seed),
+                    layers_as_consecutive=spec.layers_as_consecutive,
                 )
                 configs.setdefault(config.key(), config)
     return list(configs.values())
@@ -226,6 +228,41 @@ def _resolve_policies(names: Sequence[str], known: Sequence[str]) -> list[str]:
     if not out:
         raise ConfigError("no policy given")
     return list(dict.fromkeys(out))
+
+
+def supported_configs(configs: Sequence[SimConfig], explicit: Iterable[str] = ()
+                      ) -> tuple[list[SimConfig], list[tuple[str, str]]]:
+    """The configurations whose trace can serve their policy, and (policy, why not) for each policy
+    left out because its trace cannot (what `--policy all` does). A policy in `explicit` (named by
+    the user) that a trace cannot serve is a MissingFieldError instead, as is a sweep left with
+    nothing to run. Reads the traces' metadata only."""
+    from finemoe.errors import MissingFieldError
+    from finemoe.policies.registry import make_policy
+    from finemoe.policies.support import TraceShape, unsupported_reason
+    from finemoe.traces.io import read_metadata, trace_files
+
+    shapes: dict[tuple, TraceShape] = {}
+    reasons: dict[tuple, str | None] = {}
+    kept, skipped = [], {}
+    for c in configs:
+        key = (c.trace_path, c.layers_as_consecutive)
+        if key not in shapes:
+            shape = TraceShape.of_metadata(read_metadata(trace_files(c.trace_path)[0]))
+            shapes[key] = shape.consecutive() if c.layers_as_consecutive else shape
+        pkey = (*key, c.policy, json.dumps(c.policy_params, sort_keys=True, default=str))
+        if pkey not in reasons:
+            reasons[pkey] = unsupported_reason(make_policy(c.policy, **c.policy_params), shapes[key])
+        reason = reasons[pkey]
+        if reason is None:
+            kept.append(c)
+        elif c.policy in explicit:
+            raise MissingFieldError(f"policy {c.policy} {reason}")
+        else:
+            skipped.setdefault((c.policy, reason), None)
+    if configs and not kept:
+        raise MissingFieldError("no policy can run on this trace: "
+                                + "; ".join(f"{name} {why}" for name, why in skipped))
+    return kept, list(skipped)
 
 
 def _memories(gpu_mem: Sequence[int | None], slots: Sequence[int | None], reserve_bytes: int | None,

@@ -60,7 +60,7 @@ def load_trace(config: SimConfig) -> Trace:
 
 def trace_identity(work: Work, config: SimConfig) -> tuple:
     """What makes two configurations share a loaded trace."""
-    return (_qualname(work.load), config.trace_path, config.model_profile)
+    return (_qualname(work.load), config.trace_path, config.model_profile, config.layers_as_consecutive)
 
 
 def cached_trace(work: Work, config: SimConfig) -> Trace:
