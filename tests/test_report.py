@@ -305,3 +305,17 @@ def test_no_odd_result_sentence_without_an_odd_result(tmp_path):
     calm = [(p, s, t, {**e, "hit_rate": 0.5, "ttft_p50_s": 0.05}) for p, s, t, e in ODD]
     runs = _hand_study(tmp_path, calm)
     assert odd_results(study_cells(runs), time_units(runs)) == []
+
+
+def test_best_cell_is_the_highest_hit_rate_and_the_lowest_time(tmp_path):
+    from finemoe.plots.report import write_report
+
+    _hand_study(tmp_path / "r", ODD)
+    text = write_report([tmp_path / "r"], tmp_path / "r.md")[0].read_text()
+    hits = text[text.index("### Expert hit rate"):text.index("### Time per output token")]
+    assert "| lfu | **30.0** | **60.0** |" in hits and "| layerwise | 0.3 | - |" in hits
+    assert "| lru | - | 40.0 |" in hits and "| oracle (bound) | 90.0 | - |" in hits  # a bound is never marked
+    tpot = text[text.index("### Time per output token"):text.index("### Time to first token")]
+    assert "| layerwise | **10** | - |" in tpot and "| lfu | 14 | 12 |" in tpot and "| lru | - | **10** |" in tpot
+    every = text[text.index("### Every configuration"):text.index("## Figures")]
+    assert "One row per engine (simulated or replayed), policy, hardware and budget (the expert cache column)" in every

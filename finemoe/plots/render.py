@@ -12,8 +12,8 @@ from finemoe.plots.data import PlotError, Run, load_runs
 
 # name -> one line for --help and the report
 FIGURES: dict[str, str] = {
-    "latency_memory": "time per output token and to first token against GPU memory, per policy",
-    "hit_rate_memory": "expert hit rate against GPU memory, per policy",
+    "latency_memory": "time per output token and to first token against the memory budget, per policy",
+    "hit_rate_memory": "expert hit rate against the memory budget, per policy",
     "prefetch_distance": "hit rate and latency against prefetch distance d (predictive policies)",
     "latency_bars": "TTFT and TPOT p50/p90/p99 per policy at one budget (--budget)",
     "routing_entropy": "coarse (per request) vs fine (per iteration) routing entropy per layer (--trace)",

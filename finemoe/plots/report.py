@@ -253,11 +253,12 @@ def _sections(runs: list[Run]) -> list[Section]:
     ):
         table = pivot(runs, column, units)
         mark = " The best policy per column is in bold (the oracle bound and the no-offload floor excluded)."
+        higher = _higher_is_better(column)  # the grid's columns are budgets: the metric sets the direction
         grids.append(Section(heading, sentence + mark, table, percent="(%)" in heading,
-                             best=best_cells(table, table.columns[1:])))
+                             best=best_cells(table, table.columns[1:], higher=lambda _, h=higher: h)))
     every = metrics_table(runs, units)
-    budget = every.columns[4]
-    sentence = (f"One row per engine (simulated or replayed), policy, hardware and budget ({budget}); bytes moved "
+    budget = budget_column(runs)
+    sentence = (f"One row per engine (simulated or replayed), policy, hardware and budget (the {budget} column); bytes moved "
                 f"is host-to-device traffic and stall the time compute waited for copies. The best value per "
                 f"engine, hardware and budget is in bold.")
     metric_cols = [c for c in cols if c != "bytes moved"]
