@@ -26,7 +26,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 @st.composite
 def traces(draw) -> Trace:
-    """Any valid trace: small geometry, 1-3 requests, optional arrays, gaps, empty requests."""
+    """Any valid trace: small geometry, 1-3 requests (each with a row), optional arrays, gaps."""
     J = draw(st.integers(2, 9))
     K = draw(st.integers(1, min(J, 3)))
     L = draw(st.integers(1, 4))
@@ -35,7 +35,8 @@ def traces(draw) -> Trace:
     requests, rid, its, pos = [], [], [], []
     for r in range(draw(st.integers(1, 3))):
         prefill = draw(st.booleans())
-        p_len, g_len = draw(st.integers(0, 4)), draw(st.integers(0, 4))
+        p_len = draw(st.integers(0, 4))
+        g_len = draw(st.integers(0 if prefill and p_len else 1, 4))  # a request listed without rows is invalid
         requests.append(RequestInfo(r * 7 + 1, p_len, g_len, prefill, label=f"r{r}", split=draw(st.sampled_from(["", "history", "measure"]))))
         rows = ([(0, p) for p in range(p_len)] if prefill else []) + [(i, p_len + i - 1) for i in range(1, g_len + 1)]
         for it, p in rows:

@@ -156,9 +156,11 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
 
     from finemoe.traces.importers import route_trace
     from finemoe.traces.importers.jsonl import FieldMap, explicit_geometry, import_jsonl, read_head
-    from finemoe.traces.io import write_trace
+    from finemoe.traces.io import require_regular_file, write_trace
     from finemoe.traces.profiles import get_profile
 
+    for log in (*logs, *prompt_tokens_from, *decode_tokens_from):
+        require_regular_file(log, "routing log")  # before anything opens it: a FIFO would block forever
     fields = FieldMap(
         request_key=tuple(k.strip() for k in request_key.split(",") if k.strip()),
         token_key=token_key, position_key=position_key, layer_key=layer_key,

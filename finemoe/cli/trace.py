@@ -47,6 +47,12 @@ def info_command(trace_path, as_json, decode_only, per_layer) -> None:
     A token's routing distribution is its full router softmax when the trace has
     router_probs, else its top-k gate weights renormalised (zero elsewhere), which
     reads lower because the tail is dropped. See docs/trace-format.md.
+
+    \b
+    Examples:
+      finemoe trace info trace.parquet
+      finemoe trace info trace.parquet --decode-only --per-layer
+      finemoe trace info parts-dir/ --json > info.json
     """
     import json
 
@@ -113,10 +119,18 @@ def info_command(trace_path, as_json, decode_only, per_layer) -> None:
 def validate_command(trace_path) -> None:
     """Read a trace with every check on; exit 0 if valid, 1 with the first problem if not.
 
-    Checks: readable Parquet, schema version, required columns and their types, geometry
-    (expert ids below the expert count, top-k width, layer count), rows sorted and
-    unique per (request, iteration, position), the requests table, and the declared
-    number of missing records.
+    Checks: a regular file (not a pipe or device), readable Parquet, schema version,
+    required columns and their types, geometry (expert ids below the expert count,
+    top-k width, layer count), at least one token row, rows sorted and unique per
+    (request, iteration, position), the requests table (every request listed has
+    rows), gate weights, router_probs and speculative weights finite and non-negative
+    (router_probs at most 1), semantic keys finite, and the declared number of missing
+    records.
+
+    \b
+    Examples:
+      finemoe trace validate trace.parquet
+      finemoe trace validate parts-dir/ && finemoe simulate parts-dir/ --gpu-mem 24G
     """
     from finemoe.traces.io import read_trace
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
@@ -90,9 +91,12 @@ def trace_files(path: str | os.PathLike) -> list[Path]:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The finemoe metadata of one file, checked for version and geometry, without reading rows."""
-    path = Path(path)
+    return _metadata_and_schema(Path(path))[0]
+
+
+def _metadata_and_schema(path: Path) -> tuple[dict, pa.Schema]:
     try:
-        return _read_metadata(path)[0]
+        return _read_metadata(path)
     except TraceError:
         raise
     except Exception as exc:  # noqa: BLE001 - foreign bytes can break a parser in any way
@@ -102,6 +106,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def _read_metadata(path: Path) -> tuple[dict, pa.Schema]:
     if path.is_dir():
         raise TraceError(f"{path}: is a directory; read it with read_trace or name one of its part files")
+    require_regular_file(path, "trace file")
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
@@ -143,6 +148,24 @@ def _read_metadata(path: Path) -> tuple[dict, pa.Schema]:
         raise TraceError(f"{path}: free-form metadata must be a JSON object")
     meta["columns"] = schema.names
     return meta, schema
+
+
+def require_regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path`, refused unless it is a regular file, before anything opens it: reading a FIFO blocks
+    until someone writes to it (forever, usually) and a device may never end. `what` names it."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot access the {what} ({exc.strerror or type(exc).__name__})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a special file")
+        raise TraceError(f"{path}: is {kind}, not a regular file; a {what} must be a regular file")
+    return path
 
 
 _JSON_TYPES = {int: (int,), str: (str,), bool: (bool,), float: (int, float)}
@@ -190,16 +213,17 @@ def _read_one_guarded(path: Path, columns: list[str] | None) -> Trace:
         raise TraceError(f"{path}: cannot read trace ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-def _read_one(path: Path, columns: list[str] | None) -> Trace:
-    meta, table_schema = _read_metadata(path)
-    g: Geometry = meta["geometry"]
-    required = ["request_id", "iteration", "position", "experts", "weights"]
-    missing = [c for c in required if c not in meta["columns"]]
+_REQUIRED = ["request_id", "iteration", "position", "experts", "weights"]
+
+
+def _check_columns(path: Path, meta: dict, table_schema: pa.Schema) -> None:
+    """The required columns are there, and the optional ones are those the metadata declares, at their widths."""
+    missing = [c for c in _REQUIRED if c not in meta["columns"]]
     if missing:
         raise TraceError(f"{path}: required column(s) {', '.join(missing)} missing")
     declared = meta.get("optional_columns")
     if declared is not None:  # absent in files written before it existed
-        present = {c for c in meta["columns"] if c not in required}
+        present = {c for c in meta["columns"] if c not in _REQUIRED}
         if not isinstance(declared, dict) or set(declared) != present:
             lost = sorted(set(declared) - present) if isinstance(declared, dict) else []
             raise TraceError(
@@ -210,6 +234,13 @@ def _read_one(path: Path, columns: list[str] | None) -> Trace:
             col_type = table_schema.field(name).type
             if not pa.types.is_fixed_size_list(col_type) or col_type.list_size != width:
                 raise TraceError(f"{path}: column {name} must be a fixed-size list of {width} values, found {col_type}")
+
+
+def _read_one(path: Path, columns: list[str] | None) -> Trace:
+    meta, table_schema = _read_metadata(path)
+    g: Geometry = meta["geometry"]
+    required = _REQUIRED
+    _check_columns(path, meta, table_schema)
     wanted = [c for c in _OPTIONAL_ROUTING if c in meta["columns"] and (columns is None or c in columns)]
     try:
         table = pq.read_table(path, columns=required + wanted, page_checksum_verification=True)
@@ -315,6 +346,8 @@ def validate(trace: Trace, *, where: str = "trace", declared_missing: int | None
             raise TraceError(f"{where}: {name} has {getattr(trace, name).shape[0]} rows, expected {n}")
     if trace.experts.shape != (n, L, K) or trace.weights.shape != (n, L, K):
         raise TraceError(f"{where}: routing arrays must have shape ({n}, {L}, {K}), top-k width {K}")
+    if n == 0:
+        raise _empty_trace(where)
     if n and (trace.iteration.min() < 0 or trace.position.min() < 0):
         raise TraceError(f"{where}: negative iteration or position")
     if n:
@@ -338,6 +371,7 @@ def validate(trace: Trace, *, where: str = "trace", declared_missing: int | None
         unknown = np.setdiff1d(present_ids, np.fromiter(known, np.int64, len(known)))
         if unknown.size:
             raise TraceError(f"{where}: rows reference request {int(unknown[0])}, absent from the requests table")
+        _check_every_request_has_rows(present_ids, trace.requests, where)
         rid = trace.request_id.astype(np.int64)
         d_r, d_i, d_p = np.diff(rid), np.diff(trace.iteration), np.diff(trace.position)
         order_ok = np.all((d_r > 0) | ((d_r == 0) & ((d_i > 0) | ((d_i == 0) & (d_p > 0)))))
@@ -362,11 +396,49 @@ def validate(trace: Trace, *, where: str = "trace", declared_missing: int | None
         raise TraceError(f"{where}: semantic_key must have one row per token")
     if trace.spec_experts is not None and n:
         _check_experts(trace.spec_experts, J, K, where, "speculative expert")
+    _check_optional_values(trace, where)
     if declared_missing is not None and trace.num_missing != declared_missing:
         raise TraceError(
             f"{where}: {trace.num_missing} (token, layer) records are missing but the file declares "
             f"{declared_missing}; the file is inconsistent"
         )
+
+
+def _empty_trace(where: str) -> TraceError:
+    return TraceError(f"{where}: the trace holds no token rows (an empty trace: nothing to inspect, simulate or replay)")
+
+
+def _check_every_request_has_rows(present_ids: np.ndarray, requests, where: str) -> None:
+    """A request listed without rows would be measured as nothing: simulate and replay need its routing."""
+    empty = np.setdiff1d(np.fromiter((r.request_id for r in requests), np.int64, len(requests)), present_ids)
+    if empty.size:
+        r = next(r for r in requests if r.request_id == int(empty[0]))
+        raise TraceError(
+            f"{where}: request {r.request_id}{f' ({r.label})' if r.label else ''} is listed in the requests "
+            f"table but has no token rows ({empty.size} such request(s))"
+        )
+
+
+def check_rows(path: str | os.PathLike) -> dict:
+    """The first file's metadata, once every file of the trace has its columns and rows for each request it lists.
+
+    Reads the metadata and the request_id column only (4 bytes a row), so a command that hands the
+    trace to workers (simulate) refuses a missing, foreign or empty one in one sentence before
+    starting any of them; the routing values are checked by read_trace in each worker.
+    """
+    first = None
+    for f in trace_files(path):
+        meta, schema = _metadata_and_schema(f)
+        _check_columns(f, meta, schema)
+        try:
+            rid = pq.read_table(f, columns=["request_id"]).column("request_id").to_numpy()
+        except Exception as exc:  # noqa: BLE001 - foreign bytes can break a parser in any way
+            raise TraceError(f"{f}: cannot read its request_id column ({_first_line(exc)})") from None
+        if rid.size == 0:
+            raise _empty_trace(str(f))
+        _check_every_request_has_rows(np.unique(rid), meta["requests"], str(f))
+        first = first or meta
+    return first
 
 
 def _check_experts(experts: np.ndarray, J: int, K: int, where: str, what: str,
@@ -397,19 +469,62 @@ def _check_experts(experts: np.ndarray, J: int, K: int, where: str, what: str,
 def _check_weights(weights: np.ndarray, missing: np.ndarray, n: int, L: int, K: int, where: str) -> None:
     """Gate weights finite and non-negative; zero where the record is missing."""
     w = weights.reshape(n * L, K)
+    bad = _bad_values(w, "non-negative").any(axis=1)
     if w.dtype == np.float16:
-        bits = w.view(np.uint16)
-        # exponent all ones: inf or NaN; above 0x8000: negative and non-zero
-        bad = (((bits & 0x7FFF) >= 0x7C00) | (bits > 0x8000)).any(axis=1)
-        nonzero_missing = (bits[missing] & 0x7FFF).any()
+        nonzero_missing = (w.view(np.uint16)[missing] & 0x7FFF).any()
     else:
-        bad = (~np.isfinite(w) | (w < 0)).any(axis=1)
         nonzero_missing = (w[missing] != 0).any()
     if bad.any():
         row, layer = divmod(int(np.flatnonzero(bad)[0]), L)
-        raise TraceError(f"{where}: token row {row} layer {layer} has a negative or non-finite gate weight")
+        record = w[row * L + layer]
+        value = float(record[_bad_values(record, "non-negative")][0])
+        raise TraceError(
+            f"{where}: column weights, token row {row} layer {layer} has a negative or non-finite gate weight ({value})"
+        )
     if nonzero_missing:
         raise TraceError(f"{where}: a missing (token, layer) record carries non-zero gate weights")
+
+
+# what each optional float column may hold; a NaN or a negative probability would change every
+# policy that reads it without a word
+_VALUE_RULES = {
+    "router_probs": ("probability", "router probabilities must be finite and within [0, 1]"),
+    "spec_weights": ("non-negative", "speculative gate weights must be finite and non-negative"),
+    "semantic_key": ("finite", "semantic keys must be finite"),
+}
+
+
+def _bad_values(a: np.ndarray, rule: str) -> np.ndarray:
+    """bool mask of the values of `a` that break `rule` ("finite", "non-negative" or "probability").
+
+    float16 columns are tested on their bits (one or two integer compares, no float conversion):
+    exponent all ones is inf or NaN, above 0x8000 negative and non-zero, above 0x3C00 more than 1.
+    """
+    if a.dtype == np.float16:
+        bits = a.view(np.uint16)
+        if rule == "probability":  # as unsigned: > 1.0, inf, NaN and every negative except -0.0
+            return (bits > 0x3C00) & (bits != 0x8000)
+        non_finite = (bits & 0x7FFF) >= 0x7C00
+        return non_finite if rule == "finite" else non_finite | (bits > 0x8000)
+    bad = ~np.isfinite(a)
+    if rule != "finite":
+        bad |= a < 0
+    if rule == "probability":
+        bad |= a > 1
+    return bad
+
+
+def _check_optional_values(trace: Trace, where: str) -> None:
+    """router_probs, spec_weights and semantic_key hold values their readers can use, else name the first bad one."""
+    for name, (rule, why) in _VALUE_RULES.items():
+        arr = getattr(trace, name)
+        if arr is None or arr.size == 0:
+            continue
+        bad = _bad_values(arr, rule)
+        if bad.any():
+            at = np.unravel_index(int(np.argmax(bad)), arr.shape)
+            place = f"token row {at[0]} layer {at[1]}" if arr.ndim == 3 else f"token row {at[0]}"
+            raise TraceError(f"{where}: column {name}, {place} holds {float(arr[at])}; {why}")
 
 
 def _first_line(exc: BaseException) -> str:

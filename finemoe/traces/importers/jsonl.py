@@ -37,6 +37,7 @@ from finemoe.errors import ConfigError, TraceError
 from finemoe.traces.geometry import DTYPE_BYTES, Geometry
 from finemoe.traces.importers.batched import map_batched, step_index
 from finemoe.traces.importers.bounds import check_token_span
+from finemoe.traces.io import require_regular_file
 from finemoe.traces.schema import LAYERS_LOGGED_KEY, MISSING_EXPERT, RequestInfo, Trace
 
 FILE_KEY = "@file"  # pseudo request-key field: the input file's name without extension
@@ -275,9 +276,7 @@ def read_log(path: str | os.PathLike, fields: FieldMap, layout: str = "auto",
     import pyarrow.json as pj
 
     path = Path(path)
-    if not path.is_file():  # a FIFO or a device would block the reader or never end
-        raise TraceError(f"{path}: no such routing log" if not path.exists() else
-                         f"{path}: not a regular file (a named pipe, directory or device); give a JSON Lines file")
+    require_regular_file(path, "routing log")
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     where = dict(where or {})
