@@ -28,63 +28,76 @@ INF = float("inf")
 _S = 1.0 / TICKS_PER_S
 
 
-def service_order(sets: Sequence[Sequence[Hashable]]) -> list[list[Hashable]]:
-    """Each position's set in the order that serves it best: the member needed again farthest in
-    the future first (so the one needed soonest is served last and stays). A schedule may serve a
-    layer's experts in any order; this one is optimal for MIN (docs/bounds.md)."""
+def _next_positions(sets: Sequence[Sequence[Hashable]]) -> tuple[list[list[Hashable]], list[dict], dict]:
+    """Each position's distinct members; per position, each member's next position after it
+    (`inf`: never again); and each key's first position."""
     later: dict = {}
-    out: list[list[Hashable]] = [[] for _ in sets]
+    members = [list(dict.fromkeys(s)) for s in sets]
+    after: list[dict] = [{} for _ in sets]
     for p in range(len(sets) - 1, -1, -1):
-        members = list(dict.fromkeys(sets[p]))
-        out[p] = sorted(members, key=lambda k: (-later.get(k, INF), repr(k)))
-        for k in members:
+        for k in members[p]:
+            after[p][k] = later.get(k, INF)
+        for k in members[p]:
             later[k] = p
-    return out
+    return members, after, later
 
 
 def min_loads(sets: Sequence[Sequence[Hashable]], capacity: int, start: frozenset = frozenset()) -> list[int]:
-    """Belady's MIN over positions of sets of keys, `capacity` slots, `start` resident: the loads
-    done once position p is served, for every p (the prefix counts are MIN of each prefix)."""
+    """A lower bound on the loads of any schedule with `capacity` slots and `start` resident, once
+    position p is served, for every p: Belady's MIN with each position's set resident at once, on
+    `capacity + m - 1` slots (m: the largest set). A schedule may serve a set's members one at a
+    time and evict a served one for the next; holding the served ones until the set is done needs
+    at most m - 1 more slots and no more loads, so MIN on those slots is below every schedule
+    (docs/bounds.md). The prefix counts are MIN of each prefix."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least one slot, got {capacity}")
-    flat = [k for members in service_order(sets) for k in members]
-    ends = []
-    n = 0
-    for members in sets:
-        n += len(dict.fromkeys(members))
-        ends.append(n)
-    nxt = [INF] * len(flat)
-    seen: dict = {}
-    for i in range(len(flat) - 1, -1, -1):
-        nxt[i] = seen.get(flat[i], INF)
-        seen[flat[i]] = i
     if len(start) > capacity:
         raise ValueError(f"{len(start)} experts resident at the start exceed {capacity} slots")
+    members, after, first = _next_positions(sets)
+    slots = capacity + max((len(m) for m in members), default=1) - 1
     resident = set(start)
-    next_of = {k: seen.get(k, INF) for k in resident}  # first use of each start resident
+    next_of = {k: first.get(k, INF) for k in resident}
     heap = [(-v, repr(k), k) for k, v in next_of.items()]
     heapq.heapify(heap)
-    loads, out, pos = 0, [], 0
-    for i, key in enumerate(flat):
-        if key not in resident:
+    loads, out = 0, []
+
+    def touch(key, nxt):
+        next_of[key] = nxt
+        heapq.heappush(heap, (-nxt, repr(key), key))
+
+    for p, mem in enumerate(members):
+        nu = after[p]
+        here = set(mem)
+        missing = [k for k in mem if k not in resident]
+        for k in mem:
+            if k in resident:
+                touch(k, nu[k])
+        for k in missing:
             loads += 1
-            if len(resident) >= capacity:
+            if len(resident) >= slots:
+                aside = []
                 while True:
-                    neg, _, victim = heapq.heappop(heap)
-                    if victim in resident and next_of[victim] == -neg:
-                        break
+                    item = heapq.heappop(heap)
+                    victim = item[2]
+                    if victim not in resident or next_of[victim] != -item[0]:
+                        continue  # stale
+                    if victim in here:
+                        aside.append(item)  # the set is held at once
+                        continue
+                    break
+                for item in aside:
+                    heapq.heappush(heap, item)
                 resident.discard(victim)
                 del next_of[victim]
-            resident.add(key)
-        next_of[key] = nxt[i]
-        heapq.heappush(heap, (-nxt[i], repr(key), key))
-        while pos < len(ends) and ends[pos] == i + 1:
-            out.append(loads)
-            pos += 1
-    while pos < len(ends):  # trailing empty positions
+            resident.add(k)
+            touch(k, nu[k])
         out.append(loads)
-        pos += 1
     return out
+
+
+def bound_slots(sets: Sequence[Sequence[Hashable]], capacity: int) -> int:
+    """The slots `min_loads` runs MIN on for `capacity` real ones (capacity + largest set - 1)."""
+    return capacity + max((len(set(s)) for s in sets), default=1) - 1
 
 
 @dataclass(frozen=True)
@@ -184,7 +197,9 @@ def window_bound(steps: list[StepCost], capacity: int, link: Link) -> int:
     if not steps:
         return 0
     f = link.compute_factor
-    cum = min_loads([k for s in steps for k in s.keys], capacity)
+    sets = [k for s in steps for k in s.keys]
+    cum = min_loads(sets, capacity)
+    capacity = bound_slots(sets, capacity)  # what the window may start with, on MIN's slots
     ticks = [_scaled(t, f) for s in steps for t in s.layer_ticks]
     mins = [_scaled(m, f) for s in steps for m in s.min_expert_ticks]
     total = sum(ticks)

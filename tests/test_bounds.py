@@ -1,0 +1,63 @@
+"""Unit tests of the lower bounds (hand-computable cases) and of MIN against the exact optimum."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from finemoe.sim.bounds import Link, StepCost, min_loads, step_end_bounds, window_bound
+from finemoe.sim.exact import exact_min_loads
+
+
+def test_min_loads_of_a_cyclic_sequence_by_hand():
+    # a b c a b c with 2 slots: LRU misses all 6; MIN: a, b, c (evicts b: a is needed sooner),
+    # a hits, b (evicts a: never needed again), c hits.
+    assert min_loads([["a"], ["b"], ["c"], ["a"], ["b"], ["c"]], 2) == [1, 2, 3, 3, 4, 4]
+
+
+def test_min_loads_counts_a_warm_start_and_sets_held_at_once():
+    assert min_loads([["a", "b"], ["a"]], 2, frozenset({"a"})) == [1, 1]
+    # One slot and the set {a, b}: MIN runs on 1 + 2 - 1 = 2 slots, as a schedule serving b
+    # first and a last keeps a with one slot (2 loads, not 3).
+    assert min_loads([["a", "b"], ["a"]], 1) == [2, 2]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_min_loads_equals_the_integer_program(seed):
+    rng = random.Random(seed)
+    single = seed % 2 == 0  # half plain paging (one key per position), where MIN is exact
+    keys = list(range(rng.randint(2, 5)))
+    sets = [rng.sample(keys, 1 if single else rng.randint(1, min(3, len(keys)))) for _ in range(rng.randint(1, 6))]
+    cap = rng.randint(1, len(keys))
+    exact = exact_min_loads(sets, cap)
+    assert min_loads(sets, cap)[-1] <= exact, (sets, cap)
+    if all(len(s) == 1 for s in sets):  # plain paging: MIN is the optimum
+        assert min_loads(sets, cap)[-1] == exact, (sets, cap)
+
+
+def _step(keys, ticks, arrival=0, rid=0):
+    return StepCost(tuple(tuple(k) for k in keys), tuple(ticks), tuple(1 for _ in ticks), arrival, (rid,))
+
+
+def test_step_end_bounds_by_hand():
+    link = Link(latency=5, wire=100, compute_factor=1.0)
+    # Two steps of one layer, 10 ticks each, each needing a new expert, 1 slot.
+    steps = [_step([[(0, 0)]], [10]), _step([[(0, 1)]], [10])]
+    ends, loads = step_end_bounds(steps, 1, frozenset(), link)
+    assert loads == 2
+    # step 0: latency + 1 wire + one expert (1) + nothing after = 106; step 1: 5 + 200 + 1 = 206
+    assert ends == [106, 206]
+    # Everything resident: compute only, and an arrival at 50 delays the second step.
+    warm = frozenset({(0, 0), (0, 1)})
+    steps[1] = _step([[(0, 1)]], [10], arrival=50)
+    assert step_end_bounds(steps, 2, warm, link) == ([10, 60], 0)
+
+
+def test_window_bound_by_hand():
+    link = Link(latency=5, wire=100, compute_factor=1.0)
+    steps = [_step([[(0, e)]], [10]) for e in range(5)]  # five new experts, 1 slot
+    # MIN from cold loads 5; less 1 slot, less 1 on the wire: 3 copies after the window starts,
+    # then the last position's expert (1 tick): 301 > the compute of 50.
+    assert window_bound(steps, 1, link) == 301
+    assert window_bound(steps, 10, link) == 50
