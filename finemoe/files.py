@@ -33,10 +33,12 @@ _REASONS = {
 _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)  # pyarrow's IOErrors carry it in the text
 
 
-def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
-    """One sentence naming `path` and why it cannot be written."""
+def output_error(path: str | os.PathLike, exc: OSError, *, folder: bool = False) -> OutputError:
+    """One sentence naming `path` (a `folder` to be made, or a file) and why it cannot be written."""
     path = Path(path)
-    blocker = _file_in_the_way(path)
+    blocker = _file_in_the_way(path, folder)
+    if blocker == path:
+        return OutputError(f"cannot write in {path}: it is a file, not a folder")
     if blocker is not None:
         return OutputError(f"cannot write {path}: {blocker} is a file, not a folder")
     code = exc.errno
@@ -47,31 +49,39 @@ def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {reason}")
 
 
-def _file_in_the_way(path: Path) -> Path | None:
-    """The nearest existing ancestor of `path` when it is not a folder (so nothing can go below it)."""
-    for parent in path.parents:
+def _file_in_the_way(path: Path, include_self: bool) -> Path | None:
+    """The nearest existing ancestor of `path` (or `path`) when it is not a folder: nothing can go below it."""
+    for parent in ([path] if include_self else []) + list(path.parents):
         if parent.exists():
             return None if parent.is_dir() else parent
     return None
 
 
 @contextmanager
-def output_errors(path: str | os.PathLike) -> Iterator[None]:
+def output_errors(path: str | os.PathLike, *, folder: bool = False) -> Iterator[None]:
     """Turn an OSError of the enclosed writes into an `OutputError` naming `path`."""
     try:
         yield
     except OutputError:
         raise
     except OSError as exc:
-        raise output_error(path, exc) from None
+        raise output_error(path, exc, folder=folder) from None
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
     """`path` as a folder (made, with its parents, when missing)."""
     path = Path(path)
-    with output_errors(path):
+    with output_errors(path, folder=True):
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Fail now, not after minutes of work, when nothing can be written in `folder` (made if missing)."""
+    folder = ensure_dir(folder)
+    with output_errors(folder):
+        _create_temp_file(folder / "write-check").unlink()
+    return folder
 
 
 def temp_name(path: Path, tag: str = "") -> Path:
@@ -105,8 +115,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` to write to (it exists, empty); renamed over `path` when the
     block ends, removed when it raises. Writers that take a file name (pyarrow, matplotlib) use this."""
     path = Path(path)
-    ensure_dir(path.parent)
     with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _create_temp_file(path)
         try:
             yield tmp

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finemoe.files import atomic_dir, atomic_write_json
+from finemoe.files import atomic_dir, atomic_write_json, check_writable
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, log=print) -> dict:
     from finemoe.demo_model.model import DEMO_MODEL_NAME, TRAINING_FILE, demo_config
     from finemoe.demo_model.tokenizer import ByteTokenizer
 
+    check_writable(Path(out_dir).parent)  # before the minutes of training, not after
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -6,18 +6,21 @@ that dies (killed, out of memory, a crash in native code) breaks the pool: unfin
 configurations are resubmitted to a new pool, up to `max_retries` times, and finished ones are kept.
 
 Workers die with the sweep: on an interrupt (Ctrl-C, or SIGTERM, which the CLI raises as one) the
-pool is shut down and its workers are killed instead of finishing their configurations, and on
-Linux each worker asks the kernel to kill it when its parent (the fork server, which exits when the
-sweep's process dies, even by SIGKILL) goes away, so no worker outlives the sweep.
+pool is shut down and its workers are killed instead of finishing their configurations; and each
+worker watches the sweep's process (a pidfd on Linux, else a poll each second) and exits when it is
+gone, even by SIGKILL. (PR_SET_PDEATHSIG would not do: a worker's parent is the fork server, which
+itself waits for every worker to close its copy of the server's pipe, and idle workers hold the
+task queue's write end, so without the watch they would wait for work forever.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
+import select
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -35,23 +38,35 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
 def die_with_parent(sweep_pid: int) -> None:
-    """Pool initializer: SIGKILL this worker when its parent dies (Linux), and exit now if the
-    sweep's process is already gone (it died between the fork and this call)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no libc prctl: the interrupt path still kills workers
-            pass
+    """Pool initializer: exit this worker as soon as the sweep's process is gone (now, if it
+    already is), from a daemon thread that waits on a pidfd of it."""
     try:
-        os.kill(sweep_pid, 0)
+        fd = os.pidfd_open(sweep_pid)
     except ProcessLookupError:
         os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3): poll instead
+        fd = None
+    threading.Thread(target=_exit_when_gone, args=(sweep_pid, fd), name="finemoe-sweep-watch", daemon=True).start()
+
+
+def _exit_when_gone(pid: int, pidfd: int | None) -> None:
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # readable once the process has exited
+    else:
+        while _alive(pid):
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
     except PermissionError:
-        pass
+        return True
+    return True
 
 
 def _kill_workers(workers) -> None:
