@@ -319,3 +319,31 @@ def test_best_cell_is_the_highest_hit_rate_and_the_lowest_time(tmp_path):
     assert "| layerwise | **10** | - |" in tpot and "| lfu | 14 | 12 |" in tpot and "| lru | - | **10** |" in tpot
     every = text[text.index("### Every configuration"):text.index("## Figures")]
     assert "One row per engine (simulated or replayed), policy, hardware and budget (the expert cache column)" in every
+
+
+def test_a_policy_faster_than_the_oracle_is_an_odd_result(tmp_path):
+    from finemoe.plots.common import time_units
+    from finemoe.plots.summary import odd_results, study_cells
+
+    rows = [("lru", 12, 0.010, {"stall_s": 0.003}), ("finemoe", 12, 0.004, {"hit_rate": 0.7, "stall_s": 0.002}),
+            ("oracle", 12, 0.005, {"hit_rate": 0.9, "stall_s": 0.001})]
+    runs = _hand_study(tmp_path, rows, extra_config={"policy_info": {"bound": "upper bound on hit rate"}})
+    assert odd_results(study_cells(runs), time_units(runs)) == [
+        "finemoe takes less time per output token than the oracle at 12 slots (4 ms against 5 ms): its hit rate "
+        "is 70.0% against 90.0%, its wait on copies 2 ms against 1 ms; the oracle's result records its bound as: "
+        "upper bound on hit rate."]
+
+
+def test_what_this_says_compares_a_replay_with_its_simulation(tmp_path):
+    from finemoe.plots.report import write_report
+
+    _hand_study(tmp_path / "r", PLAIN)
+    cpu = {"name": "cpu-xeon", "gpu_mem_bytes": 64 * GiB, "pcie_gbps": 8.0, "copy_engines": 1}
+    make_result("finemoe", 0, 0.8, slots=24, engine="replay", hardware=cpu,
+                extra_summary={"tpot_p50_s": 0.002, "sim_tpot_p50_s": 0.0015, "sim_hit_rate": 0.75},
+                extra_config={"replay": {"device": "cpu"}}).write(tmp_path / "r" / "replay.parquet")
+    text = write_report([tmp_path / "r"], tmp_path / "r.md")[0].read_text()
+    summary = text[:text.index("## Results per policy")]
+    assert ("- Replayed for real on cpu-xeon, finemoe @ 24 slots took 2 ms per output token against 1.5 ms "
+            "simulated (the simulator 25% optimistic); hit rate 80.0% measured, 75.0% simulated.") in summary
+    assert "24 slots" not in summary.split("The simulator against a real run")[0]  # the replay is no study budget

@@ -42,6 +42,7 @@ from finemoe.plots.summary import (
     findings,
     headline,
     odd_results,
+    replay_sentences,
     study_cells,
 )
 
@@ -177,11 +178,14 @@ def write_report(
 
 def _cell_text(value, percent: bool) -> str:
     """A table cell for people: percentages to 0.1, other numbers through format_number."""
+    if isinstance(value, np.integer):  # pandas hands back numpy scalars
+        value = int(value)
+    elif isinstance(value, np.floating):
+        value = float(value)
     if percent and isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.1f}"
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-        return format_number(float(value) if isinstance(value, np.floating) else int(value)
-                             if isinstance(value, np.integer) else value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format_number(value)
     return str(value)
 
 
@@ -271,22 +275,23 @@ def _files_section(runs: list[Run]) -> Section:
                    "and its file name.", _files(runs))
 
 
-def _summary(runs: list[Run]) -> tuple[str, list[tuple[str, str]], list[str], str]:
-    """(headline, [(budget, sentence)], odd-result sentences, where the numbers come from)."""
+def _summary(runs: list[Run]) -> tuple[str, list[tuple[str, str]], list[str], list[str], str]:
+    """(headline, [(budget, sentence)], odd-result sentences, replay sentences, where the numbers
+    come from)."""
     units = time_units(runs)
     cells = study_cells(runs)
     found = findings(cells)
     study = sim_runs(runs)
     source = (f"From the simulated runs on {', '.join(sorted({r.hardware for r in study}))}, per "
               f"{'expert-cache size' if budget_column(study) == 'expert cache' else memory_kind(study) + ' budget'}"
-              f" ({len(found)} budget{'s' if len(found) != 1 else ''}); replays are in the tables below.")
+              f" ({len(found)} budget{'s' if len(found) != 1 else ''}); every replay is in the tables below.")
     return (headline(found), [(f.budget, finding_sentence(f, units["tpot"])) for f in found],
-            odd_results(cells, units), source)
+            odd_results(cells, units), replay_sentences(runs, units), source)
 
 
 def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
     e = html.escape
-    head_line, per_budget, odd, source = _summary(runs)
+    head_line, per_budget, odd, replays, source = _summary(runs)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -308,6 +313,9 @@ def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
     if odd:
         parts += ["<p>Results that look odd, explained from the same result columns:</p>", '<ul class="summary">',
                   *[f"<li>{e(text)}</li>" for text in odd], "</ul>"]
+    if replays:
+        parts += ["<p>The simulator against a real run:</p>", '<ul class="summary">',
+                  *[f"<li>{e(text)}</li>" for text in replays], "</ul>"]
     parts += [f'<p class="note">{e(source)}</p>',
               f"<p>{len(runs)} result files; {len(outcome.rendered)} figures. {e(INTRO)}</p>",
               "<h2>Results per policy and memory budget</h2>"]
@@ -347,12 +355,14 @@ def _files(runs: list[Run]) -> pd.DataFrame:
 
 
 def _markdown(title: str, runs: list[Run], outcome: PlotOutcome, fig_dir: Path, base: Path) -> str:
-    head_line, per_budget, odd, source = _summary(runs)
+    head_line, per_budget, odd, replays, source = _summary(runs)
     lines = [f"# {title}", "", "## What this says", "", head_line, ""]
     lines += [f"- **{budget}**: {text}" for budget, text in per_budget] + [""]
     if odd:
         lines += ["Results that look odd, explained from the same result columns:", ""]
         lines += [f"- {text}" for text in odd] + [""]
+    if replays:
+        lines += ["The simulator against a real run:", ""] + [f"- {text}" for text in replays] + [""]
     lines += [f"*{source}*", "", f"{len(runs)} result files; {len(outcome.rendered)} figures. {INTRO}", "",
               "## Results per policy and memory budget", ""]
     for section in _sections(runs):

@@ -200,6 +200,7 @@ def odd_results(cells: Sequence[Cell], units: dict[str, tuple[str, float]]) -> l
         odd += _low_hit_winner(f, here, units)
         odd += _slower_than_lru(f, here, units)
         odd += _oracle_ttft(f, here, units)
+        odd += _beats_oracle(f, units)
     best: dict[tuple[str, str], list[_Odd]] = {}
     for o in odd:
         best.setdefault((o.rule, o.subject), []).append(o)
@@ -306,3 +307,37 @@ def _oracle_ttft(f: BudgetFinding, here: Sequence[Cell], units) -> list[_Odd]:
         text += (f"its hit rate is {format_percent(oracle.metric('hit_rate'))} against "
                  f"{format_percent(best.metric('hit_rate'))}.")
     return [_Odd("oracle-ttft", oracle.label, ratio, f.budget, text)]
+
+
+def _beats_oracle(f: BudgetFinding, units) -> list[_Odd]:
+    """A contender faster per token than the oracle, which is meant to be at or below every policy."""
+    w, oracle = f.winner, f.oracle
+    if oracle is None or not w.metric("tpot_p50_s") < oracle.metric("tpot_p50_s"):
+        return []
+    text = (f"{w.label} takes less time per output token than the oracle at {f.budget} "
+            f"({format_time(w.metric('tpot_p50_s'), units['tpot'])} against "
+            f"{format_time(oracle.metric('tpot_p50_s'), units['tpot'])}): its hit rate is "
+            f"{format_percent(w.metric('hit_rate'))} against {format_percent(oracle.metric('hit_rate'))}, its wait "
+            f"on copies {_stall(w, units)} against {_stall(oracle, units)}")
+    bound = oracle.runs[0].described.get("bound")
+    text += f"; the oracle's result records its bound as: {bound}." if bound else "."
+    return [_Odd("beats-oracle", w.label, oracle.metric("tpot_p50_s") / w.metric("tpot_p50_s"), f.budget, text)]
+
+
+def replay_sentences(runs: Sequence[Run], units: dict[str, tuple[str, float]]) -> list[str]:
+    """Per replayed configuration: measured against simulated time per token and hit rate."""
+    from finemoe.plots.fidelity import pair_runs
+
+    out = []
+    for pair in pair_runs(runs):
+        measured, simulated = pair.replay.get("tpot_p50_s", math.nan), pair.sim.get("tpot_p50_s", math.nan)
+        text = (f"Replayed for real on {pair.runs[0].hardware}, {pair.label} took "
+                f"{format_time(measured, units['tpot'])} per output token against "
+                f"{format_time(simulated, units['tpot'])} simulated")
+        err = pair.relative_error("tpot_p50_s")
+        if _finite(err) and err != 0:
+            text += f" (the simulator {_pct(abs(err))} {'optimistic' if err < 0 else 'pessimistic'})"
+        text += (f"; hit rate {format_percent(pair.replay.get('hit_rate', math.nan))} measured, "
+                 f"{format_percent(pair.sim.get('hit_rate', math.nan))} simulated.")
+        out.append(text)
+    return out
