@@ -335,6 +335,17 @@ def test_bad_routing_logs_are_one_sentence_naming_the_file(tmp_path, case, chunk
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option, value", [("--prompt-tokens", "1000000000000"), ("--prompt-tokens", "d/0=3000000000"),
+                                           ("--prompt-tokens", "-5")])
+def test_a_prompt_length_positions_cannot_hold_is_one_sentence(tmp_path, option, value):
+    """Positions are int32: 10^12 prompt tokens used to end in numpy's OverflowError."""
+    out = tmp_path / "t.parquet"
+    res = CliRunner().invoke(cli, ["import", str(_log(tmp_path, "d.jsonl", *_good_records())), *GEOMETRY,
+                                   f"{option}={value}", "-o", str(out)])
+    _one_error(res, option, "is not a length this format stores (0 to 2,147,483,647)")
+    assert not out.exists()
+
+
 def test_a_missing_routing_log(tmp_path):
     log = tmp_path / "absent.jsonl"
     _one_error(_import(log, tmp_path / "t.parquet"), str(log), "no such routing log")

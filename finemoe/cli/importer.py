@@ -155,6 +155,7 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
     from pathlib import Path
 
     from finemoe.traces.importers import route_trace
+    from finemoe.traces.importers.bounds import check_lengths
     from finemoe.traces.importers.jsonl import FieldMap, explicit_geometry, import_jsonl, read_head
     from finemoe.traces.io import require_regular_file, write_trace
     from finemoe.traces.profiles import get_profile
@@ -200,10 +201,11 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
         raise ConfigError(f"--skip-steps must not be negative, got {skip_steps}")
     trace, report = import_jsonl(
         logs, geometry, fields=fields, layout=layout,
-        prompt_tokens=_parse_prompt_tokens(prompt_tokens),
+        prompt_tokens=check_lengths(_parse_prompt_tokens(prompt_tokens), "--prompt-tokens"),
         prompt_tokens_from=prompt_tokens_from, decode_tokens_from=decode_tokens_from,
         progress=len(logs) > 3, where=where_map,
-        generated_tokens=_int_list(generated_tokens, "--generated-tokens") if generated_tokens else None,
+        generated_tokens=check_lengths(_int_list(generated_tokens, "--generated-tokens") if generated_tokens else None,
+                                       "--generated-tokens"),
         skip_steps=skip_steps, detect_warmup=warmup == "auto",
     )
     path = write_trace(trace, output)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finemoe.errors import TraceError
+from finemoe.errors import ConfigError, TraceError
 
 ROWS_PER_RECORD = 2
 MAX_ROWS = 2**31 - 1  # positions are stored as int32
@@ -54,3 +54,16 @@ def line_of_record(path: Path, record: int) -> int:
                 if seen == record:
                     return lineno
     return record
+
+
+def check_lengths(value, option: str):
+    """`value` (None, a length, a list of lengths or label -> length) with every length in [0, MAX_ROWS].
+
+    Positions are stored as int32, so a prompt longer than that is a typo that would otherwise end
+    in numpy's OverflowError deep in the importer.
+    """
+    lengths = value.values() if isinstance(value, dict) else [value] if isinstance(value, int) else value or ()
+    for n in lengths:
+        if not 0 <= n <= MAX_ROWS:
+            raise ConfigError(f"{option}: {n:,} tokens is not a length this format stores (0 to {MAX_ROWS:,})")
+    return value
