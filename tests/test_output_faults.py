@@ -274,6 +274,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 
 
 @needs_proc
+@pytest.mark.slow  # about 10 s: a model load and one request
 def test_sigterm_during_collect_keeps_the_finished_requests(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"prompt number {i} about the weather" for i in range(40)) + "\n")
