@@ -306,6 +306,7 @@ def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
         f"<h1>{e(title)}</h1>",
         '<h2 id="what-this-says">What this says</h2>',
         f"<p>{e(head_line)}</p>",
+        f'<p class="note">{e(source)}</p>',
         '<ul class="summary">',
         *[f"<li><b>{e(budget)}</b>: {e(text)}</li>" for budget, text in per_budget],
         "</ul>",
@@ -316,8 +317,7 @@ def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
     if replays:
         parts += ["<p>The simulator against a real run:</p>", '<ul class="summary">',
                   *[f"<li>{e(text)}</li>" for text in replays], "</ul>"]
-    parts += [f'<p class="note">{e(source)}</p>',
-              f"<p>{len(runs)} result files; {len(outcome.rendered)} figures. {e(INTRO)}</p>",
+    parts += [f"<p>{len(runs)} result files; {len(outcome.rendered)} figures. {e(INTRO)}</p>",
               "<h2>Results per policy and memory budget</h2>"]
     for section in _sections(runs):
         parts += [f"<h3>{e(section.heading)}</h3>", f'<p class="note">{e(section.sentence)}</p>', _html_table(section)]
@@ -356,14 +356,14 @@ def _files(runs: list[Run]) -> pd.DataFrame:
 
 def _markdown(title: str, runs: list[Run], outcome: PlotOutcome, fig_dir: Path, base: Path) -> str:
     head_line, per_budget, odd, replays, source = _summary(runs)
-    lines = [f"# {title}", "", "## What this says", "", head_line, ""]
+    lines = [f"# {title}", "", "## What this says", "", head_line, "", f"*{source}*", ""]
     lines += [f"- **{budget}**: {text}" for budget, text in per_budget] + [""]
     if odd:
         lines += ["Results that look odd, explained from the same result columns:", ""]
         lines += [f"- {text}" for text in odd] + [""]
     if replays:
         lines += ["The simulator against a real run:", ""] + [f"- {text}" for text in replays] + [""]
-    lines += [f"*{source}*", "", f"{len(runs)} result files; {len(outcome.rendered)} figures. {INTRO}", "",
+    lines += [f"{len(runs)} result files; {len(outcome.rendered)} figures. {INTRO}", "",
               "## Results per policy and memory budget", ""]
     for section in _sections(runs):
         table = section.table
