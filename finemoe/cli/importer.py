@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from finemoe.errors import ConfigError
+from finemoe.traces.importers.formats import FORMATS as ENGINE_FORMATS
 
 _SIZES = ("num_layers", "num_experts", "top_k", "hidden_size", "expert_intermediate_size")
 
@@ -94,8 +95,10 @@ def _parse_prompt_tokens(spec: str | None):
 @click.option("--weights-key", default="gating_probs", show_default=True)
 @click.option("--layout", type=click.Choice(["auto", "decode", "positions", "steps", "batched"]), default="auto",
               show_default=True, help="How the token field counts; see below.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "route-trace"]), default="auto",
-              show_default=True, help="Log format; auto: route-trace for a '# route_trace v1' file, else jsonl.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "route-trace", *ENGINE_FORMATS]),
+              default="auto", show_default=True,
+              help="Log format; auto: route-trace for a '# route_trace v1' file, an engine format when the "
+                   "file is unmistakably one (see below), else jsonl.")
 @click.option("--where", multiple=True, metavar="FIELD=VALUE",
               help="Keep only records whose FIELD has this value (e.g. type=route). Repeatable.")
 @click.option("--prompt-tokens", help="Prompt length: N for every request, LABEL=N,... per request, or "
@@ -148,6 +151,14 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
     give --prompt-tokens or --prompt-tokens-from, or it is recorded as unknown (0).
 
     \b
+    The engines' own formats (--format, or auto when a file is plainly one of them):
+      vllm-routed       vLLM's returned routed experts (JSON responses or .npz)
+      sglang-per-token  SGLang's expert distribution recorder dump, per_token mode (.pt/.json)
+      llama-moe-trace   llama.cpp moe-trace CSV (layer,expert rows; --prompt-tokens N)
+      megatron-router   Megatron-LM router_trace_rank*.jsonl (--prompt-tokens N)
+    They carry expert ids only; give the model (--model-profile or sizes).
+
+    \b
     Example (the real Mixtral logs):
       finemoe import gsm8k_2_routing.jsonl humaneval_2_routing.jsonl \\
           --model-profile mixtral-8x7b -o mixtral.parquet
@@ -180,8 +191,14 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
     if fmt == "route-trace" or (fmt == "auto" and len(logs) == 1 and route_trace.sniff(Path(logs[0]))):
         _import_route_trace(logs, output, model_profile, dtype, engine_cache, sizes)
         return
+    engine_format = fmt if fmt in ENGINE_FORMATS else None
+    if fmt == "auto":
+        from finemoe.traces.importers.formats import detect
+
+        found = {detect(Path(log)) for log in logs if Path(log).is_file()}
+        engine_format = found.pop() if len(found) == 1 else None
     given = {k: v for k, v in sizes.items() if v is not None}
-    if not model_profile and not given and Path(logs[0]).is_file():
+    if not model_profile and not given and not engine_format and Path(logs[0]).is_file():
         model_profile = _profile_from_header(read_head(logs[0], where_map).meta)
     if model_profile:
         if given:
@@ -197,6 +214,9 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
             )
         geometry = explicit_geometry(**given, dtype=dtype or "bfloat16", num_shared_experts=num_shared_experts,
                                      dense_bytes=dense_bytes, kv_bytes_per_token=kv_bytes_per_token)
+    if engine_format:
+        _import_engine_format(engine_format, logs, output, geometry, prompt_tokens)
+        return
     if skip_steps < 0:
         raise ConfigError(f"--skip-steps must not be negative, got {skip_steps}")
     trace, report = import_jsonl(
@@ -215,6 +235,40 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
     click.echo(f"wrote {path}: {trace.num_tokens:,} tokens, {geometry.num_layers} layers x "
                f"{geometry.num_experts} experts, top-{geometry.top_k}, {size / 1e6:.2f} MB")
 
+
+
+def _import_engine_format(name: str, logs, output, geometry, prompt_tokens: str | None) -> None:
+    """An engine's own format (vLLM, SGLang, llama.cpp, Megatron-LM) read by its module."""
+    from pathlib import Path
+
+    from finemoe.errors import TraceError
+    from finemoe.traces.io import write_trace
+
+    paths = [Path(p) for p in logs]
+    for p in paths:
+        if not p.is_file():
+            raise TraceError(f"{p}: no such routing log")
+    prompt = None
+    if prompt_tokens is not None:
+        prompt = _parse_prompt_tokens(prompt_tokens)
+        if not isinstance(prompt, int) or prompt < 1:
+            raise ConfigError(f"--format {name} takes --prompt-tokens N: one prompt length, at least 1")
+    fmt = ENGINE_FORMATS[name]
+    trace = fmt.load(paths, geometry, prompt)
+    path = write_trace(trace, output)
+    source = trace.metadata["source"]
+    dec = sum(r.generated_tokens - (1 if r.has_prefill else 0) for r in trace.requests)
+    click.echo(f"{len(paths)} file(s) as {fmt.what}: {len(trace.requests)} request(s), "
+               f"{sum(r.prompt_tokens for r in trace.requests):,} prompt and {dec:,} decode tokens, "
+               f"{trace.num_missing} (token, layer) records missing")
+    if trace.is_partial:
+        layers = trace.logged_layers
+        click.echo(f"layers logged: {len(layers)} ({', '.join(map(str, layers[:8]))}"
+                   f"{', ...' if len(layers) > 8 else ''}); the trace records which, the others are not in the log")
+    click.echo(f"the log lacks: {source['lacks']}; {source['gate']}")
+    g = trace.geometry
+    click.echo(f"wrote {path}: {trace.num_tokens:,} tokens, {g.num_layers} layers x {g.num_experts} experts, "
+               f"top-{g.top_k}, {Path(path).stat().st_size / 1e6:.2f} MB")
 
 
 def _profile_from_header(meta: dict) -> str | None:
