@@ -1,9 +1,11 @@
 """`cost-aware` (ours): prefetch only when it pays, evict the expert whose next use is farthest.
 
 The rule, per (layer l, expert e), with rates learned from the history split and kept learning online
-(per layer and expert: r = P(used | used by the previous token), c = P(used | not used by it)):
-- p(l, e), the chance it is used at layer l's next visit: r or c by the last token's routing there
-  (batch: 1 - prod(1 - p_i)); for layer l + 1, the speculative gate's pick when the trace has it.
+(per layer and expert: r = P(used | used by the previous token), c = P(used | not used by it); per
+layer: how the chance of use changes with the tokens since the last use, in buckets 2, 3-4, ..., 17+):
+- p(l, e), the chance it is used at layer l's next visit: r if the last token used it, else c scaled
+  by its recency bucket (batch: 1 - prod(1 - p_i)); for layer l + 1, the speculative gate's pick
+  when the trace has it.
 - Eviction: the resident with the largest expected time to next use, in layers, were each visit
   of its layer to use it with chance p: d0 + (1 - p) / p * L, d0 the layers until layer l comes
   round again (ties: least recently used).
@@ -25,6 +27,14 @@ from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext
 from finemoe.policies.registry import register
 
 EVICTIONS = ("next-use", "lru")
+# Recency buckets of "tokens since the expert was last used at this layer": 1, 2, 3-4, 5-8, 9-16, more.
+GAP_EDGES = np.array([1, 2, 4, 8, 16])
+NEVER = 10**9
+
+
+def gap_bucket(since: np.ndarray) -> np.ndarray:
+    """Bucket index (0..5) of each tokens-since-last-use count."""
+    return np.searchsorted(GAP_EDGES, since, side="left")
 
 
 def one_hot(experts: np.ndarray, num_experts: int) -> np.ndarray:
@@ -44,6 +54,27 @@ class ReuseRates:
         self.tokens = np.ones((L, 1))
         self.reuse_k, self.reuse_n = np.full((L, J), prior), np.ones((L, J))
         self.cold_k, self.cold_n = np.full((L, J), prior), np.ones((L, J))
+        nb = len(GAP_EDGES) + 1
+        self.gap_k, self.gap_n = np.full((L, nb), prior), np.ones((L, nb))  # per layer and recency bucket
+        self._layer_idx = np.arange(L)[:, None] * nb
+
+    def add_gaps(self, since: np.ndarray, used: np.ndarray) -> None:
+        """Tokens since last use (int [L, J], before a token) and that token's routing (bool [L, J])."""
+        flat = (self._layer_idx + gap_bucket(since)).ravel()
+        size = self.gap_n.size
+        self.gap_n += np.bincount(flat, minlength=size).reshape(self.gap_n.shape)
+        self.gap_k += np.bincount(flat[used.ravel()], minlength=size).reshape(self.gap_k.shape)
+
+    def recency_p(self, layers, since: np.ndarray) -> np.ndarray:
+        """p at the next visit of each layer in `layers`, given tokens since last use (int [n, J]):
+        the expert's own reuse rate if the last token used it, else its cold rate scaled by how much
+        more (or less) likely its layer's experts are at that distance than on average."""
+        layers = np.asarray(layers)
+        cold_layer = self.cold_k[layers].sum(axis=1) / self.cold_n[layers].sum(axis=1)
+        bucket = gap_bucket(since)
+        factor = (self.gap_k[layers] / self.gap_n[layers])[np.arange(len(layers))[:, None], bucket]
+        scaled = np.minimum(1.0, self.cold()[layers] * factor / cold_layer[:, None])
+        return np.where(since == 1, self.reuse()[layers], scaled)
 
     def add_pairs(self, before: np.ndarray, after: np.ndarray) -> None:
         """bool [n, L, J] routing of tokens and of each one's next token."""
@@ -65,6 +96,13 @@ class ReuseRates:
             self.reuse_k[layer] += before & after
             self.cold_n[layer] += ~before
             self.cold_k[layer] += ~before & after
+
+    def observe_gaps(self, layer: int, since: np.ndarray, used: np.ndarray) -> None:
+        """`add_gaps` for one token at one layer."""
+        b = gap_bucket(since)
+        nb = self.gap_n.shape[1]
+        self.gap_n[layer] += np.bincount(b, minlength=nb)
+        self.gap_k[layer] += np.bincount(b[used], minlength=nb)
 
     def reuse(self) -> np.ndarray:
         return self.reuse_k / self.reuse_n
@@ -108,7 +146,7 @@ class CostAware(Policy):
         self._clock = 0
         self._res = np.zeros((self.L, self.J), dtype=bool)
         self._pending: set[ExpertKey] = set()  # loads started (misses, issued prefetches), not landed
-        self._last: dict[int, np.ndarray] = {}  # request -> bool [L, J]: its last token's routing
+        self._since: dict[int, np.ndarray] = {}  # request -> int [L, J]: tokens since each expert's last use
         self._step: StepInfo | None = None
         self._layer = -1
         self._score: tuple | None = None  # (position, scores) cache for choose_victim
@@ -128,6 +166,13 @@ class CostAware(Policy):
         pairs = np.flatnonzero(same & nxt)
         if pairs.size:
             self.rates.add_pairs(used[pairs], used[pairs + 1])
+        since = np.full((self.L, self.J), NEVER)
+        for row in range(history.num_tokens):  # recency buckets, token by token within each request
+            if row == 0 or not (same[row - 1] and nxt[row - 1]):
+                since[:] = NEVER
+            self.rates.add_gaps(since, used[row])
+            since += 1
+            since[used[row]] = 1
         if history.spec_experts is not None and self.L > 1:
             picked = one_hot(history.spec_experts[:, :-1], self.J)  # layer l-1's gate guess for layer l
             truth = used[:, 1:]
@@ -136,21 +181,21 @@ class CostAware(Policy):
             self.spec_miss[1:] = ((truth & ~picked).sum(axis=(0, 2)) + 1) / ((~picked).sum(axis=(0, 2)) + self.J / self.K)
 
     def on_request_finished(self, request_id: int, trace) -> None:
-        self._last.pop(request_id, None)
+        self._since.pop(request_id, None)
 
     # --- prediction ------------------------------------------------------------------------------
     def _p_rows(self, step: StepInfo, layers) -> np.ndarray:
-        """p for the given layers from each sequence's last token (a new sequence: the usage rate
-        over its tokens), combined over the batch."""
+        """p for the given layers from each sequence's recency (a new sequence: the usage rate over
+        its tokens), combined over the batch."""
         layers = list(layers)
         miss = np.ones((len(layers), self.J))
-        reuse, cold, rate = self.rates.reuse()[layers], self.rates.cold()[layers], self.rates.rate()[layers]
+        rate = self.rates.rate()[layers]
         for seq in step.sequences:
-            last = self._last.get(seq.request_id)
-            if last is None or not self.recency:
+            since = self._since.get(seq.request_id)
+            if since is None or not self.recency:
                 miss *= (1.0 - rate) ** seq.num_tokens
             else:
-                miss *= 1.0 - np.where(last[layers], reuse, cold)
+                miss *= 1.0 - self.rates.recency_p(layers, since[layers])
         return 1.0 - miss
 
     def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
@@ -174,10 +219,14 @@ class CostAware(Policy):
             experts = routing.experts(i)
             if len(experts) == 0:
                 continue
-            last = self._last.setdefault(seq.request_id, np.zeros((self.L, self.J), dtype=bool))
+            since = self._since.setdefault(seq.request_id, np.full((self.L, self.J), NEVER))
             now_used = one_hot(np.asarray(experts[-1]), self.J)
-            self.rates.observe(layer, last[layer] if last.any() else None, now_used)
-            last[layer] = now_used
+            seen = since[layer] < NEVER
+            self.rates.observe(layer, since[layer] == 1 if seen.any() else None, now_used)
+            row = since[layer]
+            self.rates.observe_gaps(layer, row, now_used)
+            row += 1
+            row[now_used] = 1
             if self.spec and layer + 1 < self.L:
                 spec = routing.spec_experts(i)
                 if spec is not None:
