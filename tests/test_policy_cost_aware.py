@@ -188,4 +188,4 @@ def test_recency_buckets_and_the_scaled_cold_rate():
     rates = ReuseRates(1, 4, 2)  # every count at its prior: reuse = cold = bucket rates = 0.5
     rates.gap_k[0, 1], rates.gap_n[0, 1] = 3.0, 4.0  # two tokens back: 0.75, 1.5x the layer's cold rate
     p = rates.recency_p([0], np.array([[1, 2, 5, NEVER]]))
-    assert p.tolist() == pytest.approx([[0.5, 0.75, 0.5, 0.5]])
+    assert p[0].tolist() == pytest.approx([0.5, 0.75, 0.5, 0.5])
