@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from finemoe.cli.main import cli
 from finemoe.errors import TraceError
-from finemoe.traces.io import check_rows, read_trace, trace_to_table, validate, write_trace
+from finemoe.traces.io import read_trace, trace_to_table, validate, write_trace
 from finemoe.traces.schema import Trace
 from finemoe.traces.synthetic import synthetic_trace
 
@@ -129,6 +129,16 @@ def test_bad_values_are_rejected_naming_column_and_row(tmp_path, trace, good, co
         read_trace(bad)
 
 
+@pytest.mark.parametrize("command", ["simulate", "replay"])
+def test_a_nan_router_probability_is_one_sentence_before_any_work(tmp_path, trace, good, command):
+    """Not one failure per configuration from the workers: refused before the sweep or replay starts."""
+    bad = _set_value(good, tmp_path / "bad.parquet", "router_probs", _flat_index(trace, "router_probs"), np.nan)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, COMMANDS[command](str(bad), str(out)))
+    _one_error(res, str(bad), "column router_probs", "must be finite")
+    assert not out.exists()
+
+
 def test_negative_semantic_keys_and_probabilities_of_exactly_one_are_valid(tmp_path, trace, good):
     """An embedding projection is signed; a softmax rounded to float16 may be exactly 1 (or -0.0)."""
     path = _set_value(good, tmp_path / "a.parquet", "semantic_key", _flat_index(trace, "semantic_key"), -3.25)
@@ -211,13 +221,10 @@ def test_bad_traces_are_one_sentence_in_every_command(tmp_path, trace, good, com
     assert not out.exists()  # nothing started, nothing half-written
 
 
-def test_check_rows_reads_only_what_it_needs(tmp_path, trace, good):
-    assert check_rows(good)["geometry"] == trace.geometry
+def test_a_trace_part_without_rows_is_refused(tmp_path, trace):
     d = tmp_path / "parts"
     write_trace(trace.select_requests([0, 1]), d / "part-00000.parquet")
     _raw(_without_rows_of(trace.select_requests([2, 3]), [2]), d / "part-00001.parquet")
-    with pytest.raises(TraceError, match="part-00001.parquet: request 3 .* has no token rows"):
-        check_rows(d)
     with pytest.raises(TraceError, match="request 3 .* has no token rows"):
         read_trace(d)
 

@@ -216,10 +216,12 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
         parse_sizes,
         parse_values,
     )
-    from finemoe.traces.io import check_rows
+    from finemoe.traces.io import read_trace
 
     for trace in traces:
-        check_rows(trace)  # a missing, foreign or empty trace fails here, in one sentence
+        # Read and validated once here, before any worker starts: a missing, foreign or empty trace,
+        # or one with NaN router probabilities, is one sentence, not a failure per configuration.
+        read_trace(trace)
     if model_profile is not None:
         from finemoe.traces.profiles import get_profile
 

@@ -419,28 +419,6 @@ def _check_every_request_has_rows(present_ids: np.ndarray, requests, where: str)
         )
 
 
-def check_rows(path: str | os.PathLike) -> dict:
-    """The first file's metadata, once every file of the trace has its columns and rows for each request it lists.
-
-    Reads the metadata and the request_id column only (4 bytes a row), so a command that hands the
-    trace to workers (simulate) refuses a missing, foreign or empty one in one sentence before
-    starting any of them; the routing values are checked by read_trace in each worker.
-    """
-    first = None
-    for f in trace_files(path):
-        meta, schema = _metadata_and_schema(f)
-        _check_columns(f, meta, schema)
-        try:
-            rid = pq.read_table(f, columns=["request_id"]).column("request_id").to_numpy()
-        except Exception as exc:  # noqa: BLE001 - foreign bytes can break a parser in any way
-            raise TraceError(f"{f}: cannot read its request_id column ({_first_line(exc)})") from None
-        if rid.size == 0:
-            raise _empty_trace(str(f))
-        _check_every_request_has_rows(np.unique(rid), meta["requests"], str(f))
-        first = first or meta
-    return first
-
-
 def _check_experts(experts: np.ndarray, J: int, K: int, where: str, what: str,
                    slots: np.ndarray | None = None) -> None:
     """Ids in range and no expert twice in one (token, layer) record."""
