@@ -70,6 +70,7 @@ def offline_schedule(trace, config: SimConfig, run_policy: Callable) -> RunResul
     `run_policy(trace, config, policy, bounds=...)` runs one policy object (sim/run.py's
     `simulate_policy`); every candidate starts from the same state, so one run's bounds serve all.
     """
+    make_policy("oracle", **dict(config.policy_params))  # the parameters given are checked all the same
     runs: list[tuple[str, RunResult]] = []
     for params in CANDIDATES:
         planned = None
@@ -87,7 +88,8 @@ def offline_schedule(trace, config: SimConfig, run_policy: Callable) -> RunResul
     hits = max(runs, key=lambda r: r[1].summary["hit_rate"])
     info = dict(best.config["policy_info"])
     info.update(
-        bound="best known schedule: the best of clairvoyant candidates (not proven optimal)",
+        bound="best known schedule, not a proven optimum: the best of clairvoyant candidates "
+              "(the lower bounds are the bound_* summary fields)",
         chosen=label,
         candidates=[{"candidate": lab, "loads": loads(r), "hit_rate": r.summary["hit_rate"],
                      "tpot_mean_s": r.summary["tpot_mean_s"], "makespan_s": r.summary["makespan_s"]}
