@@ -147,7 +147,8 @@ def test_static_hot_pins_the_history_hot_set_and_uses_lru_for_the_rest():
     p = make_policy("static-hot", hot_fraction=0.5)
     p.bind(context(trace.geometry, capacity_slots=4))
     p.fit(trace)
-    assert p.initial_residents() == [(0, 0), (0, 1)]  # 2 tokens each vs 1: the two hottest
+    assert p.hot == {(0, 0), (0, 1)}  # 2 tokens each vs 1: the two hottest
+    assert p.initial_residents() == []  # a cold start, as every policy and the oracle get
     for key in [(0, 0), (0, 1), (0, 2), (0, 3)]:
         p.on_loaded(key, 0.0)
     p.on_access(0, 2, True, 0.0)

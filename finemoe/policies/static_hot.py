@@ -2,9 +2,11 @@
 caches of llama.cpp forks: profile a workload, keep its most used experts on the GPU).
 
 `fit` counts how many history tokens each (layer, expert) served; the `hot_fraction` x slots most
-used ones (ties: lower layer, then lower id) are resident from the start and are evicted only
-when every other resident is pinned by the engine. The remaining slots are an on-demand LRU cache.
-Without history (`--online`) the hot set is empty and this is plain LRU.
+used ones (ties: lower layer, then lower id) are the hot set: once loaded, a hot expert is evicted
+only when every other resident is pinned by the engine. The remaining slots are an on-demand LRU
+cache. The run starts cold like every other policy (and the oracle): preloading the hot set would
+be a start state the others do not get. Without history (`--online`) the hot set is empty and
+this is plain LRU.
 """
 
 from __future__ import annotations
@@ -45,16 +47,11 @@ class StaticHotPolicy(Policy):
         super().bind(ctx)
         self.order = LRUOrder()
         self.hot: set[ExpertKey] = set()
-        self._hot_list: list[ExpertKey] = []
 
     def fit(self, history) -> None:
         rows = np.arange(history.num_tokens)
         n = int(self.hot_fraction * self.ctx.capacity_slots)
-        self._hot_list = hottest(activation_matrix(history, rows), n)
-        self.hot = set(self._hot_list)
-
-    def initial_residents(self) -> list[ExpertKey]:
-        return list(self._hot_list)
+        self.hot = set(hottest(activation_matrix(history, rows), n))
 
     def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
         self.order.touch((layer, expert))
