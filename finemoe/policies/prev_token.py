@@ -13,7 +13,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from finemoe.policies.base import ExpertKey, LayerRouting, PolicyContext, Prefetch, StepInfo, ranked_prefetches
+from finemoe.policies.base import (
+    ExpertKey,
+    LayerRouting,
+    PolicyContext,
+    Prefetch,
+    StepInfo,
+    ranked_prefetches,
+)
 from finemoe.policies.caches import TrackedCachePolicy
 from finemoe.policies.registry import register
 
