@@ -156,11 +156,13 @@ def _commands(trace: Path, results: Path, blocker: Path, prompts: Path) -> dict[
                     "-o", f"{b}/t.parquet"],
         "import": ["import", str(prompts.with_name("log.jsonl")), "--model-profile", "mixtral-8x7b",
                    "--request-key", "request_id", "-o", f"{b}/t.parquet"],
+        "validate": ["validate", t, "--policy", "lru", "--expert-cache", "12", "--rounds", "1",
+                     "-o", f"{b}/v.json", "-q"],
     }
 
 
 @pytest.mark.parametrize("command", ["simulate", "predict", "plot", "report", "replay", "calibrate", "demo",
-                                     "train-demo-model", "collect", "import"])
+                                     "train-demo-model", "collect", "import", "validate"])
 def test_every_writing_command_refuses_a_path_under_a_file(tmp_path, trace_file, results_dir, command):
     blocker = tmp_path / "somefile.txt"
     blocker.write_text("not a folder")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from finemoe.cli.options import quiet_option
 from finemoe.errors import ConfigError
 from finemoe.traces.importers.formats import FORMATS as ENGINE_FORMATS
 
@@ -120,10 +121,11 @@ def _parse_prompt_tokens(spec: str | None):
 @click.option("--decode-tokens-from", multiple=True, type=click.Path(dir_okay=False),
               help="A decode-only log of the same requests: for a 'positions' log, prompt = positions "
               "- its decode tokens. Repeatable.")
+@quiet_option("No progress bar (shown on stderr for more than 3 logs otherwise).")
 def import_command(logs, output, model_profile, dtype, request_key, token_key, position_key, layer_key,
                    experts_key, weights_key, layout, prompt_tokens, prompt_tokens_from, decode_tokens_from,
                    num_shared_experts, dense_bytes, kv_bytes_per_token, fmt, where, generated_tokens,
-                   skip_steps, warmup, engine_cache, inspect_only, **sizes) -> None:
+                   skip_steps, warmup, engine_cache, inspect_only, quiet, **sizes) -> None:
     """Convert routing logs (JSON Lines, one record per token and layer) into a trace.
 
     \b
@@ -223,7 +225,7 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
         logs, geometry, fields=fields, layout=layout,
         prompt_tokens=check_lengths(_parse_prompt_tokens(prompt_tokens), "--prompt-tokens"),
         prompt_tokens_from=prompt_tokens_from, decode_tokens_from=decode_tokens_from,
-        progress=len(logs) > 3, where=where_map,
+        progress=not quiet and len(logs) > 3, where=where_map,
         generated_tokens=check_lengths(_int_list(generated_tokens, "--generated-tokens") if generated_tokens else None,
                                        "--generated-tokens"),
         skip_steps=skip_steps, detect_warmup=warmup == "auto",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from finemoe.cli.options import json_option, output_option, quiet_option
+
 
 @click.command("validate", context_settings={"max_content_width": 100})
 @click.argument("trace", type=click.Path(), required=False)
@@ -31,11 +33,12 @@ import click
 @click.option("--history-fraction", type=float, default=None, help="Share of TRACE's requests used as history [0.7].")
 @click.option("--tolerance", type=float, default=0.15, show_default=True,
               help="The verdict line's bound on the median TPOT p50 error (a fraction).")
-@click.option("-o", "--out", "out_path", default="validate.json", show_default=True, type=click.Path(dir_okay=False),
-              help="The JSON report (written atomically; the full configuration recorded).")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the table.")
+@output_option("out_path", default="validate.json",
+               help="The JSON report (written atomically; the full configuration recorded).")
+@json_option("Print the JSON report on stdout instead of the table.")
+@quiet_option("No progress lines (one per replay on stderr otherwise).")
 def validate_command(trace, policies, rounds, quick, expert_cache, hardware, device, threads, model_profile,
-                     expert_scale, dtype, history_fraction, tolerance, out_path, as_json) -> None:
+                     expert_scale, dtype, history_fraction, tolerance, out_path, as_json, quiet) -> None:
     """Do the simulator's numbers hold on this machine? Replay, simulate, compare, N times.
 
     \b
@@ -65,8 +68,13 @@ def validate_command(trace, policies, rounds, quick, expert_cache, hardware, dev
     if not tolerance > 0:
         raise ConfigError(f"--tolerance must be positive, got {tolerance}")
 
+    from finemoe.files import check_writable
+
+    check_writable(Path(out_path).resolve().parent)  # before minutes of replays, not after them
+
     def say(message: str) -> None:
-        click.echo(message, err=True)
+        if not quiet:
+            click.echo(message, err=True)
 
     settings = {"trace": trace, "policies": names, "quick": quick, "expert_cache": expert_cache}
     if trace is None:
