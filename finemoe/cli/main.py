@@ -39,6 +39,7 @@ def cli() -> None:
     Inspect a trace:           finemoe trace info TRACE
     Explore policies/budgets:  finemoe simulate TRACE --gpu-mem 24G --policy lru,finemoe
     Check against reality:     finemoe calibrate / finemoe replay TRACE --compare
+    Trust it on this machine?  finemoe validate --quick
     Look at the results:       finemoe plot RESULTS -o figs / finemoe report RESULTS
     Everything at once:        finemoe demo
     """

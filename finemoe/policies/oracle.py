@@ -12,9 +12,14 @@ sim/offline.py supplies) that view holds every request, arrived or not.
   brings, and unless its copy, starting now, lands in time (estimated with the shortest layer time
   seen so far): on a saturated link a late prefetch is a miss anyway, and its victim might have hit.
 - "aggressive": the same requests, refused only when the victim is needed no later.
-- "decode-first": aggressive, but during a step that runs a prefill, the experts of later steps
-  are asked for before the step's own: time before a request's first token does not count in its
-  time per output token, so loads moved into the prefill can shorten every decode step after it.
+- "decode-first": aggressive, but during a step that runs a prefill, the experts first needed by
+  later steps are asked for before the step's own: time before a request's first token does not
+  count in its time per output token, so loads moved into the prefill can shorten every decode step
+  after it (an expert the prefill needs itself comes in by its own demand load).
+
+`min_ahead` (default 1): no prefetch for an access nearer than this many layers; it is left to its
+demand load. On a slow link such a copy lands late anyway (a miss either way), and on the wire it
+would push the copies of farther accesses, which could still land in time, later.
 
 Each candidate is a real schedule, not a bound; `oracle` as a policy name runs all of them and
 reports the best (sim/offline.py, docs/bounds.md). The provable side is sim/bounds.py.
@@ -29,6 +34,7 @@ from finemoe.policies.base import Policy, Prefetch
 from finemoe.policies.registry import register
 
 INF = float("inf")
+BOOST = 1e15  # above every position's rank (-position): "later steps first" during a prefill
 PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first")
 
 
@@ -37,13 +43,16 @@ class OraclePolicy(Policy):
     name = "oracle"
     is_oracle = True
 
-    def __init__(self, lookahead_layers: int | None = None, prefetch: str = "conservative") -> None:
+    def __init__(self, lookahead_layers: int | None = None, prefetch: str = "conservative",
+                 min_ahead: int = 1) -> None:
         super().__init__()
         if lookahead_layers is not None and lookahead_layers < 1:
             raise ConfigError(f"oracle lookahead_layers must be at least 1, got {lookahead_layers}")
         if prefetch not in PREFETCH_MODES:
             raise ConfigError(f"oracle prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
-        self.params = {"lookahead_layers": lookahead_layers, "prefetch": prefetch}
+        if min_ahead < 1:
+            raise ConfigError(f"oracle min_ahead must be at least 1, got {min_ahead}")
+        self.params = {"lookahead_layers": lookahead_layers, "prefetch": prefetch, "min_ahead": min_ahead}
         self.planned_steps: list | None = None  # the whole future, when an earlier run supplied it
         self.observed_steps: list = []  # the steps this run took (each a tuple of Sequences)
 
@@ -88,17 +97,24 @@ class OraclePolicy(Policy):
         self._refresh()
         step, layer = self.pos
         L = self.L
-        limit = step * L + layer + self.lookahead
+        here = step * L + layer
+        limit = here + self.lookahead
+        nearest = here + self.params["min_ahead"]
         resident, in_flight = self.resident, self.ctx.is_in_flight
-        out = []
-        boost = float(2 * (step + 1) * L) if self._prefill_step else 0.0  # later steps above this one
+        out, seen = [], set()
+        # During a prefill (decode-first), every expert first needed by a later step ranks above the step's own.
+        boost = BOOST if self._prefill_step else 0.0
         # Looking far ahead, no more accesses are read than a few cache-fulls (the rest could not land).
         scan = min(self.lookahead * self.J, max(L * self.J, 4 * self.ctx.capacity_slots))
         for s, lay, e in self.view.upcoming(self.pos, scan):
             p = s * L + lay
             if p > limit:
                 break
-            if (lay, e) not in resident and not in_flight((lay, e)):
+            key = (lay, e)
+            if key in seen:
+                continue  # asked for at its first use already
+            seen.add(key)
+            if p >= nearest and key not in resident and not in_flight(key):
                 out.append(Prefetch(float(-p) + (boost if s > step else 0.0), s, lay, e))
         return out
 
