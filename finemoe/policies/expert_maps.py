@@ -1,8 +1,8 @@
 """FineMoE's expert map store and selection rules: pure functions and arrays, no engine, no timing.
 
-An expert map is the L x J stack of one token's router probability rows. The store keeps at most
-C maps, each with a semantic key (embedding output) and the map itself as its trajectory key. The
-functions here are what the unit tests pin: the delta rule, redundancy replacement, the trajectory
+An expert map is the L x J stack of one iteration's router probability rows (a prefill's: the mean
+over its tokens). The store keeps at most C maps, each with a semantic key (embedding output) and
+the map itself as its trajectory key. The functions here are what the unit tests pin: the delta rule, redundancy replacement, the trajectory
 cosine over the first rows, and the prefetch priority.
 """
 
@@ -46,24 +46,6 @@ def delta_prefix(values: list[float], similarity: float, top_k: int) -> list[int
     return order[: min(max(n, top_k), len(values))]
 
 
-def select_by_delta_rows(rows: np.ndarray, similarities: np.ndarray, top_k: int) -> np.ndarray:
-    """`select_by_delta` for many rows at once (a prefill's tokens): bool [n, J], True where chosen.
-
-    Same rule, same tolerance, row by row; vectorised because a prompt has hundreds of tokens and
-    the search's time is charged to the prefetches it produces."""
-    rows = np.asarray(rows, dtype=np.float64)
-    n, width = rows.shape
-    order = np.argsort(-rows, axis=1, kind="stable")
-    cum = np.cumsum(np.take_along_axis(rows, order, axis=1), axis=1)
-    total = cum[:, -1] if width else np.zeros(n)
-    delta = np.clip(1.0 - np.asarray(similarities, dtype=np.float64), 0.0, 1.0)
-    reach = (cum < (delta * total * (1.0 - 1e-9))[:, None]).sum(axis=1) + 1  # searchsorted, left
-    count = np.where(total > 0.0, np.minimum(np.maximum(reach, top_k), width), min(top_k, width))
-    chosen = np.zeros((n, width), dtype=bool)
-    np.put_along_axis(chosen, order, np.arange(width)[None, :] < count[:, None], axis=1)
-    return chosen
-
-
 def prefetch_priority(prob: float, target_layer: int, current_layer: int) -> float:
     """p / (l - l_now): likelier and nearer first. `current_layer` is -1 before layer 0 runs."""
     distance = target_layer - current_layer
@@ -93,6 +75,24 @@ def topk_map(experts: np.ndarray, weights: np.ndarray, num_experts: int) -> np.n
     # Ids within one top-k record are distinct, so no write overwrites another.
     np.put_along_axis(out, idx, w, axis=-1)
     return out
+
+
+def iteration_starts(request_id: np.ndarray, iteration: np.ndarray) -> np.ndarray:
+    """Row offsets where a new (request, iteration) begins, for rows sorted by both."""
+    request_id, iteration = np.asarray(request_id), np.asarray(iteration)
+    if request_id.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    change = (np.diff(request_id) != 0) | (np.diff(iteration) != 0)
+    return np.concatenate(([0], np.flatnonzero(change) + 1)).astype(np.int64)
+
+
+def iteration_means(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The mean of `values` (rows first) over each group of rows beginning at `starts`: one expert
+    map (or semantic key) per iteration, as the paper counts a prefill as one iteration."""
+    values = np.asarray(values, dtype=np.float32)
+    counts = np.diff(np.append(starts, values.shape[0]))
+    sums = np.add.reduceat(values.astype(np.float64), starts, axis=0)
+    return (sums / counts.reshape((-1,) + (1,) * (values.ndim - 1))).astype(np.float32)
 
 
 @dataclass

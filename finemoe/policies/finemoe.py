@@ -5,10 +5,11 @@ trajectory phase at every layer l (layer l + d from the stored map whose first l
 to the rows observed so far), delta rule for how many experts to take, priority p / (l - l_now),
 eviction of the lowest p x freq with the current window's predicted experts protected.
 
-Per token, not per step: each token of a sequence (a prefill has many) is matched on its own and
-the predictions of all tokens and all sequences of a batch are united (max priority), never
-replacing one another (a mistake of the released code, see FINEMOE.md). The store holds one map
-per token of the history (a decode iteration is one token; a prefill adds one per prompt token).
+Per iteration, as the paper counts them: the store holds one map per iteration of the history (a
+prefill's is the mean of its tokens' rows per layer, its key the mean of their embedding outputs)
+and a running iteration is matched the same way, as one map. The predictions of all sequences of a
+batch are united (max priority), never replacing one another (a mistake of the released code, see
+FINEMOE.md).
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ from finemoe.policies.expert_maps import (
     Match,
     TrajectoryQuery,
     delta_prefix,
+    iteration_means,
+    iteration_starts,
     prefetch_priority,
-    select_by_delta_rows,
     topk_map,
 )
 from finemoe.policies.registry import register
 
 # Modelled wall time of one map search: one sequence at one layer (the policy's whole call: the
 # incremental trajectory cosine against C=1000 stored maps, the argmax, the delta selection, the
-# prefetch list; the semantic match at step start counts as one), and of each further token of the
-# same sequence in that call (a prefill is matched token by token, vectorised). Set 2026-11-29 from
+# prefetch list; the semantic match at step start counts as one). Set 2026-11-29 from
 # `python3 benchmarks/bench_map_search.py` on the development machine (2 shared x86 cores,
 # numpy/OpenBLAS, load 1.4): 45-49 us per searched layer of a Mixtral (32 x 8) decode step and
 # 4.4-4.6 us per further prefill token (3.9-4.2 us for the demo model's 6 x 8, whose decode calls
@@ -48,8 +49,11 @@ from finemoe.policies.registry import register
 # per step charged against 240 us measured). The policy's code has become faster since (37-41 us
 # and 4.2-4.4 us, against 69-79 us and 5.2-5.4 us for the code before in the same runs); the
 # defaults stay, as this host's spread for one tree is wider than the change. See docs/policies.md.
+# The 4.4-4.6 us per further prefill token were for matching a prompt token by token; a prefill is
+# now one query (the mean of its rows), so further tokens cost only that mean and are not charged
+# by default (`search_token_s` charges them for a sensitivity run).
 SEARCH_S_DEFAULT = 50e-6
-SEARCH_TOKEN_S_DEFAULT = 4.5e-6
+SEARCH_TOKEN_S_DEFAULT = 0.0
 
 CACHES = ("finemoe", "lru", "lfu")
 # Prefetch distance as the paper sets it per model (FINEMOE.md), by the geometry's model name;
@@ -150,7 +154,7 @@ class FineMoE(Policy):
         self._searches = []
 
     def fit(self, history) -> None:
-        for expert_map, key in self._maps_of(history, range(history.num_tokens)):
+        for expert_map, key in self._maps_of(history, np.arange(history.num_tokens)):
             self._store_for(key).add(expert_map, key)
             self.fit_maps += 1
 
@@ -161,18 +165,24 @@ class FineMoE(Policy):
         # Applied at the next step start: a trajectory query must see a store that does not change.
         self._pending.extend(self._maps_of(trace, rows))
 
-    def _maps_of(self, trace, rows) -> Iterable[tuple[np.ndarray, np.ndarray | None]]:
-        rows = np.asarray(list(rows), dtype=np.int64)
+    def _maps_of(self, trace, rows) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """One (map, semantic key) per iteration among `rows` (row order): the paper treats a prefill
+        as one iteration, so its map is the mean of its tokens' rows per layer and its key the mean
+        of their embedding outputs, as `StepInfo.semantic_key` gives a query (a decode iteration is
+        one token)."""
+        rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return []
         if self.maps_from == "probs":
-            maps = np.nan_to_num(trace.router_probs[rows].astype(np.float32))
+            tokens = np.nan_to_num(trace.router_probs[rows].astype(np.float32))
         else:
-            maps = topk_map(trace.experts[rows], trace.weights[rows], trace.geometry.num_experts)
+            tokens = topk_map(trace.experts[rows], trace.weights[rows], trace.geometry.num_experts)
+        starts = iteration_starts(trace.request_id[rows], trace.iteration[rows])
+        maps = iteration_means(tokens, starts)
         keys = None
         if trace.semantic_key is not None:  # kept even when the phase is off: same store, fair ablation
-            keys = trace.semantic_key[rows].astype(np.float32)
-        return [(maps[i], None if keys is None else keys[i]) for i in range(rows.size)]
+            keys = iteration_means(trace.semantic_key[rows].astype(np.float32), starts)
+        return [(maps[i], None if keys is None else keys[i]) for i in range(len(starts))]
 
     def _store_for(self, key: np.ndarray | None) -> ExpertMapStore:
         if self.store is None:
@@ -189,9 +199,8 @@ class FineMoE(Policy):
         n = len(step.sequences)
         store = self.store
         ready = store is not None and store.size > 0
-        self._queries = [
-            store.trajectory(s.num_tokens) if ready and self.trajectory else None for s in step.sequences
-        ]
+        # One query per sequence: an iteration (a prefill too) is matched as one map, like the stored ones.
+        self._queries = [store.trajectory(1) if ready and self.trajectory else None for _ in step.sequences]
         self._sem = [None] * n
         self._abandon_unstarted(step.now_s)
         if not ready or not self.semantic:
@@ -222,15 +231,10 @@ class FineMoE(Policy):
         for i in range(len(step.sequences)):
             query = self._queries[i] if i < len(self._queries) else None
             if query is not None:
-                cos = query.observe(layer, self._observed_rows(routing, i))
-                if len(cos) == 1:  # a decode token: one best map (argmax takes the first of ties)
-                    best = int(cos[0].argmax())
-                    searched.append(1)
-                    self._predict(out, step.step, target, layer, self.store.maps[best, target], float(cos[0, best]))
-                    continue
-                idx, sim = query.best_arrays(cos)
-                searched.append(len(idx))
-                self._predict_rows(out, step.step, target, layer, self.store.maps[idx, target], sim)
+                cos = query.observe(layer, self._observed_row(routing, i))[0]
+                best = int(cos.argmax())  # the first of ties
+                searched.append(step.sequences[i].num_tokens)
+                self._predict(out, step.step, target, layer, self.store.maps[best, target], float(cos[best]))
             elif not self.trajectory and self._sem[i] is not None:
                 match = self._sem[i]
                 self._predict(out, step.step, target, layer, self.store.maps[match.index, target], match.similarity)
@@ -261,10 +265,14 @@ class FineMoE(Policy):
             ready = start + cost_s
         return ranked_prefetches(self._step.step, out, ready)
 
-    def _observed_rows(self, routing: LayerRouting, i: int) -> np.ndarray:
+    def _observed_row(self, routing: LayerRouting, i: int) -> np.ndarray:
+        """Sequence i's row of this layer as the stored maps hold it: [1, J], the mean over the
+        iteration's tokens (a decode step's one token as it is)."""
         if self.maps_from == "probs":
-            return routing.router_rows(i)
-        return topk_map(routing.experts(i), routing.weights(i), self.J)
+            rows = routing.router_rows(i)
+        else:
+            rows = topk_map(routing.experts(i), routing.weights(i), self.J)
+        return rows if len(rows) == 1 else rows.mean(axis=0, keepdims=True)
 
     def _predict(self, out: dict, step: int, target: int, current: int, row: np.ndarray, similarity: float) -> None:
         """Select experts of one predicted row, record p for eviction, add prefetches (max priority)."""
@@ -272,20 +280,6 @@ class FineMoE(Policy):
         values = row.tolist()
         for e in delta_prefix(values, similarity if self.delta else 1.0, self.K):
             self._offer(out, step, target, e, prefetch_priority(values[e], target, current))
-
-    def _predict_rows(self, out: dict, step: int, target: int, current: int, rows: np.ndarray,
-                      similarities: np.ndarray) -> None:
-        """`_predict` for each token's predicted row (a prefill's), vectorised; the same result. (A
-        decode token's single row goes to `_predict` directly, from `on_layer_routed`.)"""
-        if len(rows) == 0:
-            return
-        rows = np.asarray(rows, dtype=np.float64)
-        self._remember_p(step, target, rows.max(axis=0))
-        sims = similarities if self.delta else np.ones(len(rows))
-        chosen = select_by_delta_rows(rows, sims, self.K)
-        best = np.where(chosen, rows, -np.inf).max(axis=0)  # per expert, its likeliest choosing token
-        for e in np.flatnonzero(chosen.any(axis=0)).tolist():
-            self._offer(out, step, target, e, prefetch_priority(best[e], target, current))
 
     def _remember_p(self, step: int, target: int, row: np.ndarray) -> None:
         """The eviction score's p: the highest probability predicted for the target in this step."""
