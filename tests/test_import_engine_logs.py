@@ -91,8 +91,12 @@ def test_batched_log_with_meta_warmup_and_partial_layers_imports_from_flags(tmp_
                 assert sorted(t.experts[i, layer].tolist()) == sorted(_expert(q, pos, layer))
             else:
                 assert (t.experts[i, layer] == -1).all()
-    # unlogged layers are not counted as gaps
+    # unlogged layers are not counted as gaps, by the importer nor by `trace info`
     assert t.metadata["source"]["missing_records"] == 0
+    info = CliRunner().invoke(cli, ["trace", "info", str(out)])
+    assert info.exit_code == 0, info.output
+    assert "layers       2 of 4 logged (0, 2)" in info.output
+    assert "gaps         0 (token, layer) records missing in the logged layers" in info.output
 
 
 def test_the_naive_import_fails_with_a_hint_to_batched(tmp_path):

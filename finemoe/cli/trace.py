@@ -87,8 +87,13 @@ def info_command(trace_path, as_json, decode_only, per_layer) -> None:
         f"requests     {s['requests']} ({s['requests_with_prefill']} with prefill recorded)",
         f"tokens       prompt {prompt}; generated {s['generated_tokens']:,} ({gen_text}); "
         f"{s['token_rows']:,} token rows in {s['iterations']:,} iterations",
-        f"gaps         {s['missing_records']:,} (token, layer) records missing, in {s['tokens_with_missing_layers']:,} "
-        f"token(s) ({s['tokens_missing_every_layer']} missing every layer)",
+        *([] if not trace.is_partial else [
+            f"layers       {len(s['layers_logged'])} of {g.num_layers} logged "
+            f"({', '.join(map(str, s['layers_logged'][:12]))}{', ...' if len(s['layers_logged']) > 12 else ''}); "
+            "the others are not in the log"]),
+        f"gaps         {s['missing_records']:,} (token, layer) records missing{' in the logged layers' if trace.is_partial else ''}, "
+        f"in {s['tokens_with_missing_layers']:,} token(s) ({s['tokens_missing_every_layer']} missing every "
+        f"{'logged ' if trace.is_partial else ''}layer)",
         f"fields       experts, weights{''.join(', ' + f for f in s['optional_fields'])}",
         f"source       {s['source'] or 'not recorded'}",
         "",

@@ -241,7 +241,8 @@ def summarize(trace: Trace) -> dict:
     """Counts a person checks first: requests, tokens, geometry, gaps, optional fields."""
     g = trace.geometry
     reqs = trace.requests
-    missing = trace.missing_mask
+    logged = list(trace.logged_layers)  # a partial log's other layers are absent by design, not gaps
+    missing = trace.missing_mask[:, logged]
     per_token = missing.sum(axis=1)
     src = (trace.metadata or {}).get("source", {}) if isinstance(trace.metadata, dict) else {}
     unknown = set(src.get("prompt_tokens_unknown", []) or []) if isinstance(src, dict) else set()
@@ -257,7 +258,8 @@ def summarize(trace: Trace) -> dict:
         "geometry": g.to_dict(),
         "missing_records": int(missing.sum()),
         "tokens_with_missing_layers": int((per_token > 0).sum()),
-        "tokens_missing_every_layer": int((per_token == g.num_layers).sum()),
+        "tokens_missing_every_layer": int((per_token == len(logged)).sum()),
+        "layers_logged": logged,
         "optional_fields": [
             name for name in ("router_probs", "semantic_key", "spec_experts", "spec_weights")
             if getattr(trace, name) is not None
