@@ -118,18 +118,13 @@ def _check(case, oracle_claims: bool = True):
     assert violations(small_trace(*recipe), *rest, oracle_claims=oracle_claims) == []
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
+          database=None)
 @given(cases())
-def test_bounds_hold_for_the_oracle_and_every_policy(case):
-    """The lower bounds on everything (the oracle's own claims are the next test)."""
-    _check(case, oracle_claims=False)
-
-
-@pytest.mark.xfail(strict=False, reason="open: cost-aware-no-gate can beat every oracle candidate (OPEN below)")
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-@given(cases())
-def test_oracle_beats_every_policy(case):
-    _check(case)
+def test_bound_oracle_policies_bracket(case):
+    """bound <= oracle <= every policy; the oracle's claims are waived only on the cases named in
+    OPEN (each its own strict xfail below), never wholesale."""
+    _check(case, oracle_claims=case not in OPEN)
 
 
 @pytest.mark.bounds_slow
@@ -138,7 +133,7 @@ def test_oracle_beats_every_policy(case):
 @settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_bound_oracle_policies_bracket_5000(case):
-    _check(case)
+    _check(case, oracle_claims=case not in OPEN)
 
 
 # Counterexamples hypothesis found, kept: (recipe, slots, batch, GB/s, copy engines, arrival, seed).
@@ -147,17 +142,50 @@ REGRESSIONS = [
     # load) and so had a shorter time per output token than every oracle candidate then: time
     # before the first token does not count in TPOT. The "decode-first" candidate does the same.
     ((1, 3, 1, 3, 18), 2, 1, 0.25, 1, "all", 18),
-]
-
-
-# Found and not fixed yet: the oracle is wrong here (a policy has a higher hit rate than every
-# candidate); strict, so the test says so once a candidate covers it.
-OPEN = [
-    # cost-aware-no-gate 75% hits against the oracle's best 50% (2 layers x 2 experts, top-1, 2 slots).
+    # cost-aware-no-gate 75% hits against the oracle's best 50% (2 layers x 2 experts, top-1, 2
+    # slots): it left the first layer's expert to its demand load (late anyway on 0.25 GB/s) and
+    # prefetched the second layer's, which then hit. Fixed by the "aggressive/far+2" candidate.
     ((2, 2, 1, 2, 25), 2, 1, 0.25, 1, "all", 25),
-    # cost-aware-no-gate TPOT 11.5 us against the oracle's 104.9 us (1 layer x 3 experts, 2 slots).
+    # cost-aware-no-gate TPOT 11.5 us against the oracle's 104.9 us (1 layer x 3 experts, 2 slots):
+    # during the prefill it fetched the expert a decode step needs first and let the prefill's own
+    # come by demand. "decode-first" meant to, but ranked later steps too low and re-asked for the
+    # prefill's own expert at its later use; fixed (policies/oracle.py: BOOST, first uses only).
     ((1, 3, 1, 2, 888), 2, 1, 0.25, 1, "all", 888),
 ]
+
+
+# Found and not fixed: a policy beats every oracle candidate here, so the oracle is wrong on these
+# (docs/bounds.md, "Open counterexamples"). Strict: each says so once a candidate covers it. The
+# default property test holds the oracle to its claims on every other case.
+OPEN = {
+    # A tiny cache (slots = top-k = 3): every candidate hits 0%; policies spend extra loads on
+    # prefetches into slots freed mid-layer and hit 2-3%.
+    ((2, 5, 3, 3, 325), 3, 2, 32.0, 3, "poisson", 325): "hit rate on a cache of top-k slots",
+    ((3, 5, 3, 3, 325), 3, 2, 32.0, 3, "poisson", 325): "hit rate on a cache of top-k slots",
+    # A batch needs 4 experts of one layer on 3 slots: Belady's victim order while a layer's set
+    # is served one by one costs a load that finemoe's order does not (and with it hits and TPOT).
+    ((1, 4, 3, 4, 3), 3, 2, 0.25, 1, "all", 3): "loads when a batch's set exceeds the slots",
+    # Slow links, batch 1: one well-placed prefetch (or one declined) that no candidate makes.
+    ((2, 5, 2, 3, 1796), 6, 1, 0.25, 3, "all", 1796): "TPOT on a slow link",
+    ((3, 2, 2, 3, 5063), 3, 1, 0.25, 3, "file", 5063): "TPOT on a slow link",
+    ((3, 2, 1, 2, 824), 3, 1, 4.0, 3, "poisson", 824): "hit rate on three copy engines",
+    ((3, 2, 2, 2, 824), 3, 1, 4.0, 3, "poisson", 824): "TPOT (152 ps) on three copy engines",
+    ((3, 2, 2, 3, 3), 3, 1, 0.25, 2, "all", 3): "TPOT on a slow link",
+    # Found by a 200-example search with another seed (same strategy).
+    ((3, 5, 3, 4, 883), 3, 1, 4.0, 3, "all", 883): "hit rate on a cache of top-k slots",
+    ((3, 5, 3, 4, 5), 3, 1, 4.0, 3, "all", 5): "hit rate on a cache of top-k slots",
+    ((2, 5, 3, 3, 10), 3, 1, 1000.0, 3, "poisson", 10): "hit rate (and 12 ns of TPOT) on a cache of top-k slots",
+    ((3, 3, 2, 3, 1360), 2, 2, 4.0, 3, "poisson", 1360): "hit rate and TPOT on a cache of top-k slots",
+    # Batches of 2-3 under Poisson or file arrivals: the batches depend on the run's own timing,
+    # and a policy's timing gave batchings that need fewer loads or less time per token.
+    ((3, 3, 2, 4, 79), 3, 2, 4.0, 2, "poisson", 79): "loads under timing-dependent batching",
+    ((3, 3, 2, 4, 79), 3, 2, 4.0, 3, "poisson", 79): "loads under timing-dependent batching",
+    ((3, 2, 1, 3, 1), 2, 2, 4.0, 3, "poisson", 1): "TPOT under timing-dependent batching",
+    ((3, 2, 2, 4, 1844), 4, 2, 32.0, 1, "file", 1844): "TPOT under timing-dependent batching",
+    ((3, 2, 2, 2, 1844), 4, 2, 32.0, 1, "file", 1844): "TPOT under timing-dependent batching",
+    ((3, 2, 2, 2, 62), 3, 3, 32.0, 1, "poisson", 62): "TPOT under timing-dependent batching",
+    ((3, 3, 2, 2, 62), 3, 3, 32.0, 1, "poisson", 62): "hit rate under timing-dependent batching",
+}
 
 
 @pytest.mark.parametrize("case", REGRESSIONS)
@@ -165,7 +193,7 @@ def test_bracket_regressions(case):
     _check(case)
 
 
-@pytest.mark.xfail(strict=True, reason="open counterexample: a policy beats every oracle candidate")
-@pytest.mark.parametrize("case", OPEN)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=f"open: {why}"))
+                                   for c, why in OPEN.items()])
 def test_open_counterexamples(case):
     _check(case)

@@ -34,6 +34,7 @@ CANDIDATES: tuple[dict, ...] = (
     {"prefetch": "aggressive", "lookahead_layers": FAR},
     {"prefetch": "decode-first", "lookahead_layers": FAR},
     {"prefetch": "decode-first"},
+    {"prefetch": "aggressive", "lookahead_layers": FAR, "min_ahead": 2},
 )
 ROUNDS = 3
 
@@ -61,6 +62,8 @@ def _label(params: dict, round_: int) -> str:
     if mode != "none":
         ahead = params.get("lookahead_layers")
         mode += "/" + ("far" if ahead == FAR else str(ahead or "step"))
+        if params.get("min_ahead", 1) > 1:
+            mode += f"+{params['min_ahead']}"  # nearest layer it prefetches for
     return f"{mode}#{round_}"
 
 
