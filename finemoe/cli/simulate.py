@@ -382,7 +382,12 @@ def results_table(paths) -> str:
     cols.append(("hit rate", [_pct(v) for v in _first(df, ["hit_rate"])]))
     cols.append(("TTFT p50 ms", [_ms(v) for v in _first(df, ["ttft_p50_s"])]))
     cols.append(("TPOT p50 ms", [_ms(v) for v in _first(df, ["tpot_p50_s"])]))
+    cols.append(("bound TPOT p50", [_ms(v) for v in _first(df, ["bound_tpot_p50_s"])]))  # sim/bounds.py
     cols.append(("TPOT p99 ms", [_ms(v) for v in _first(df, ["tpot_p99_s"])]))
+    cols.append(("loads", [_num(a + b) if not (_missing(a) or _missing(b)) else "-"
+                           for a, b in zip(_first(df, ["ondemand_loads"]), _first(df, ["prefetch_started"]),
+                                           strict=True)]))
+    cols.append(("bound loads", [_num(v) for v in _first(df, ["bound_loads"])]))
     cols.append(("moved GB", [_gb(v) for v in _first(df, ["bytes_h2d"])]))
     cols.append(("stall s", [_fixed(v, 3) for v in _first(df, ["stall_s"])]))
     widths = [max(len(title), *(len(x) for x in values)) for title, values in cols]

@@ -37,6 +37,7 @@ from finemoe.plots.data import (
 from finemoe.plots.numbers import format_bytes, format_number
 from finemoe.plots.render import FIGURES, PlotOutcome, render_all
 from finemoe.plots.summary import (
+    bracket_sentence,
     budgets_of,
     finding_sentence,
     findings,
@@ -285,7 +286,9 @@ def _summary(runs: list[Run]) -> tuple[str, list[tuple[str, str]], list[str], li
     source = (f"From the simulated runs on {', '.join(sorted({r.hardware for r in study}))}, per "
               f"{'expert-cache size' if budget_column(study) == 'expert cache' else memory_kind(study) + ' budget'}"
               f" ({len(found)} budget{'s' if len(found) != 1 else ''}); every replay is in the tables below.")
-    return (headline(found), [(f.budget, finding_sentence(f, units["tpot"])) for f in found],
+    return (headline(found), [(f.budget, " ".join(filter(None, (finding_sentence(f, units["tpot"]),
+                                                                  bracket_sentence(f, units["tpot"])))))
+                              for f in found],
             odd_results(cells, units), replay_sentences(runs, units), source)
 
 

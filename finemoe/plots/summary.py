@@ -168,6 +168,33 @@ def finding_sentence(f: BudgetFinding, unit: tuple[str, float]) -> str:
     return text + "."
 
 
+def gap_share(worst: float, mine: float, reference: float) -> float:
+    """How much of the gap from `worst` down to `reference` a time `mine` closes (1 = all of it)."""
+    if not (_finite(worst) and _finite(mine) and _finite(reference)) or worst <= reference:
+        return math.nan
+    return (worst - mine) / (worst - reference)
+
+
+def bracket_sentence(f: BudgetFinding, unit: tuple[str, float]) -> str:
+    """'[bound, oracle]: [1 ms, 2 ms]; of the gap from lru to the oracle / to the bound, finemoe
+    closes 50% / 44%, ...': the lower bound the oracle's result records (sim/bounds.py) and every
+    contender's share of both gaps; empty without an oracle that records a bound."""
+    if f.oracle is None or not _finite(f.oracle.metric("bound_tpot_p50_s")):
+        return ""
+    bound, oracle = f.oracle.metric("bound_tpot_p50_s"), f.oracle.metric("tpot_p50_s")
+    text = f"[bound, oracle] on median time per output token: [{format_time(bound, unit)}, {format_time(oracle, unit)}]"
+    if f.worst is not None:
+        worst = f.worst.metric("tpot_p50_s")
+        shares = [f"{c.label} {_pct_or_dash(gap_share(worst, c.metric('tpot_p50_s'), oracle))} / "
+                  f"{_pct_or_dash(gap_share(worst, c.metric('tpot_p50_s'), bound))}" for c in f.ranked[:-1]]
+        text += f"; of the gap from {f.worst.label} to the oracle / to the bound: {', '.join(shares)}"
+    return text + "."
+
+
+def _pct_or_dash(fraction: float) -> str:
+    return _pct(fraction) if _finite(fraction) else "-"
+
+
 def headline(found: Sequence[BudgetFinding]) -> str:
     """Who wins how many budgets, most wins first."""
     if not found:
