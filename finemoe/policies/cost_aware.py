@@ -46,16 +46,21 @@ def one_hot(experts: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 class ReuseRates:
-    """Counts behind r and c per (layer, expert), over consecutive tokens of the same request."""
+    """Counts behind r and c per (layer, expert), over consecutive tokens of the same request.
 
-    def __init__(self, L: int, J: int, K: int) -> None:
-        prior = K / J
-        self.used = np.full((L, J), prior)  # pseudo-counts: one token of prior
-        self.tokens = np.ones((L, 1))
-        self.reuse_k, self.reuse_n = np.full((L, J), prior), np.ones((L, J))
-        self.cold_k, self.cold_n = np.full((L, J), prior), np.ones((L, J))
+    Each per-expert rate is shrunk toward its layer's pooled rate (empirical Bayes: a prior worth
+    `prior_tokens` tokens at the rate the layer's experts share): an expert seen once or never is
+    expected to behave like its layer's average, not like a flat K/J, which made a freshly used
+    expert look unlikely to be reused and put it first in line for eviction."""
+
+    def __init__(self, L: int, J: int, K: int, prior_tokens: float = 2.0) -> None:
+        self.base, self.m = K / J, float(prior_tokens)
+        self.used = np.zeros((L, J))  # raw counts; the pooled prior is applied when a rate is read
+        self.tokens = np.zeros((L, 1))
+        self.reuse_k, self.reuse_n = np.zeros((L, J)), np.zeros((L, J))
+        self.cold_k, self.cold_n = np.zeros((L, J)), np.zeros((L, J))
         nb = len(GAP_EDGES) + 1
-        self.gap_k, self.gap_n = np.full((L, nb), prior), np.ones((L, nb))  # per layer and recency bucket
+        self.gap_k, self.gap_n = np.full((L, nb), self.base), np.ones((L, nb))  # per layer and recency bucket
         self._layer_idx = np.arange(L)[:, None] * nb
 
     def add_gaps(self, since: np.ndarray, used: np.ndarray) -> None:
@@ -70,7 +75,7 @@ class ReuseRates:
         the expert's own reuse rate if the last token used it, else its cold rate scaled by how much
         more (or less) likely its layer's experts are at that distance than on average."""
         layers = np.asarray(layers)
-        cold_layer = self.cold_k[layers].sum(axis=1) / self.cold_n[layers].sum(axis=1)
+        cold_layer = (self.cold_k[layers].sum(axis=1) + self.base) / (self.cold_n[layers].sum(axis=1) + 1.0)
         bucket = gap_bucket(since)
         factor = (self.gap_k[layers] / self.gap_n[layers])[np.arange(len(layers))[:, None], bucket]
         scaled = np.minimum(1.0, self.cold()[layers] * factor / cold_layer[:, None])
@@ -104,14 +109,20 @@ class ReuseRates:
         self.gap_n[layer] += np.bincount(b, minlength=nb)
         self.gap_k[layer] += np.bincount(b[used], minlength=nb)
 
+    def shrunk(self, k: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """(k + m x pooled) / (n + m) per (layer, expert); pooled: the layer's sum k / sum n, itself
+        starting from K/J with one token's weight (so an empty layer reads K/J)."""
+        pooled = (k.sum(axis=1, keepdims=True) + self.base) / (n.sum(axis=1, keepdims=True) + 1.0)
+        return (k + self.m * pooled) / (n + self.m)
+
     def reuse(self) -> np.ndarray:
-        return self.reuse_k / self.reuse_n
+        return self.shrunk(self.reuse_k, self.reuse_n)
 
     def cold(self) -> np.ndarray:
-        return self.cold_k / self.cold_n
+        return self.shrunk(self.cold_k, self.cold_n)
 
     def rate(self) -> np.ndarray:
-        return self.used / self.tokens
+        return (self.used + self.m * self.base) / (self.tokens + self.m)
 
 
 @register
@@ -120,16 +131,19 @@ class CostAware(Policy):
     uses_history = True
 
     def __init__(self, prefetch: bool = True, gate: bool = True, recency: bool = True, eviction: str = "next-use",
-                 history: bool = True, spec: bool = True, horizon: int = 4) -> None:
+                 history: bool = True, spec: bool = True, horizon: int = 4, prior: float = 2.0) -> None:
         super().__init__()
         if eviction not in EVICTIONS:
             raise TypeError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         if int(horizon) < 1:
             raise TypeError(f"horizon must be at least 1 layer, got {horizon}")
+        if not float(prior) > 0:
+            raise TypeError(f"prior must be a positive number of tokens, got {prior}")
         self.prefetch, self.gate, self.recency = bool(prefetch), bool(gate), bool(recency)
         self.eviction, self.history, self.spec, self.horizon = eviction, bool(history), bool(spec), int(horizon)
         self.params = dict(prefetch=self.prefetch, gate=self.gate, recency=self.recency, eviction=self.eviction,
-                           history=self.history, spec=self.spec, horizon=self.horizon)
+                           history=self.history, spec=self.spec, horizon=self.horizon,
+                           prior=float(prior))
         self.issued = self.declined = 0
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -138,7 +152,7 @@ class CostAware(Policy):
         g = ctx.geometry
         self.L, self.J, self.K = g.num_layers, g.num_experts, g.top_k
         self.load_s = float(ctx.expert_load_s)
-        self.rates = ReuseRates(self.L, self.J, self.K)
+        self.rates = ReuseRates(self.L, self.J, self.K, self.params["prior"])
         self.spec_hit = np.full(self.L, self.K / self.J)  # P(used at l | the gate at l-1 picked it)
         self.spec_miss = np.full(self.L, self.K / self.J)
         self._p = np.full((self.L, self.J), self.K / self.J)  # p at each layer's next visit
@@ -201,6 +215,7 @@ class CostAware(Policy):
     def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
         self._step, self._layer, self._last_routed = step, -1, None
         self._pending = {k for k in self._pending if self.ctx.is_in_flight(k)}
+        self._link_free = min(self._link_free, step.now_s + len(self._pending) * self.load_s)
         self._p = self._p_rows(step, range(self.L))
         self._score = None
         return self._prefetches(step, range(min(self.horizon, self.L)), -1, step.now_s)
@@ -214,6 +229,8 @@ class CostAware(Policy):
             if gap > 0:
                 self._demand = 0.9 * self._demand + 0.1 * min(1.0, self._misses * self.load_s / gap)
         self._last_routed, self._misses = now, 0
+        self._pending = {k for k in self._pending if k[0] > layer or self.ctx.is_in_flight(k)}
+        self._link_free = min(self._link_free, now + len(self._pending) * self.load_s)
         spec_rows = None
         for i, seq in enumerate(step.sequences):
             experts = routing.experts(i)
@@ -263,16 +280,14 @@ class CostAware(Policy):
         link_free = max(self._link_free, now_s)
         for p, target, e in candidates:
             if self.gate:
-                need = now_s + (target - current) * self._layer_s
-                arrive = link_free + load
-                saving = p * max(0.0, load - max(0.0, arrive - need))
-                victim_p = 0.0
+                need = now_s + self._distance(target, current) * self._layer_s
+                victim = None
                 if free <= 0:
                     if not victims:
                         self.declined += 1
                         continue
-                    victim_p = float(self._p[victims[0]])
-                cost = (1.0 - p) * load * self._demand + victim_p * load
+                    victim = victims[0]
+                saving, cost = self._gate_terms(p, need - link_free, now_s, link_free + load, victim, current)
                 if saving <= cost:
                     self.declined += 1
                     continue
@@ -288,6 +303,30 @@ class CostAware(Policy):
         self._link_free = link_free
         self.issued += len(out)
         return out
+
+    def _distance(self, layer: int, current: int) -> int:
+        """Layers from `current` (-1: the step's start) until `layer` is next visited."""
+        return layer - current if layer > current else layer - current + self.L
+
+    def _gate_terms(self, p: float, lead_s: float, now_s: float, arrive_s: float, victim: ExpertKey | None,
+                    current: int) -> tuple[float, float]:
+        """(expected saving, expected cost) of a prefetch with chance p of use, starting `lead_s`
+        before its layer needs it (the link's queue ahead of it is the policy's view).
+        Saving: p x the stall it avoids, min(copy time, lead): a copy that lands late still saves
+        the part done before the layer asked (an on-demand load, served first, would start then).
+        Cost: a wrong copy (1 - p) adds a whole copy to the link's busy period, which delays the
+        on-demand loads queued behind it when the link is busy with them (chance rho, the share of
+        link time on-demand loads take); a right one only moves its own load earlier. The victim v,
+        used at its layer's next visit with
+        chance p_v, must come back by then; its reload hides in the link's free share (1 - rho)
+        of the time between this copy landing and that visit, and stalls for the rest of a copy."""
+        load, rho = self.load_s, self._demand
+        saving = p * min(load, max(0.0, lead_s))
+        cost = (1.0 - p) * rho * load
+        if victim is not None:
+            back_s = now_s + self._distance(victim[0], current) * self._layer_s - arrive_s
+            cost += float(self._p[victim]) * max(0.0, load - (1.0 - rho) * max(0.0, back_s))
+        return saving, cost
 
     # --- caching ----------------------------------------------------------------------------------
     def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
