@@ -27,14 +27,29 @@ def test_one_hot_skips_missing_ids():
     assert one_hot(np.array([[2, -1], [0, 1]]), 3).tolist() == [[False, False, True], [True, True, False]]
 
 
-def test_reuse_rates_count_consecutive_tokens_with_one_token_of_prior():
-    rates = ReuseRates(1, 4, 2)  # prior K/J = 0.5
+def test_reuse_rates_count_consecutive_tokens_shrunk_toward_the_layer_rate():
+    rates = ReuseRates(1, 4, 2)  # K/J = 0.5; prior worth 2 tokens at the layer's pooled rate
     before = one_hot(np.array([[[0, 1]], [[0, 1]]]), 4)
     after = one_hot(np.array([[[0, 2]], [[1, 2]]]), 4)
     rates.add_pairs(before, after)
-    # expert 0: used before twice, again once -> (1 + 0.5) / (2 + 1); expert 2: never before, twice after
-    assert rates.reuse()[0].tolist() == pytest.approx([1.5 / 3, 1.5 / 3, 0.5, 0.5])
-    assert rates.cold()[0].tolist() == pytest.approx([0.5, 0.5, 2.5 / 3, 0.5 / 3])
+    # pooled reuse: (2 reused + 0.5) / (4 used + 1) = 0.5; expert 0: (1 + 2 x 0.5) / (2 + 2)
+    assert rates.reuse()[0].tolist() == pytest.approx([0.5, 0.5, 0.5, 0.5])
+    # pooled cold: (2 + 0.5) / (4 + 1) = 0.5; expert 2 (2 of 2): (2 + 1) / 4, expert 3 (0 of 2): 1 / 4
+    assert rates.cold()[0].tolist() == pytest.approx([0.5, 0.5, 0.75, 0.25])
+
+
+def test_a_first_used_expert_gets_its_layers_reuse_rate_not_k_over_j():
+    rates = ReuseRates(1, 4, 1)  # K/J = 0.25
+    before = one_hot(np.array([[[0]], [[0]], [[1]]]), 4)
+    after = one_hot(np.array([[[0]], [[0]], [[2]]]), 4)
+    rates.add_pairs(before, after)
+    pooled = (2 + 0.25) / (3 + 1)  # 2 reuses in 3 uses, K/J worth one token
+    assert rates.reuse()[0].tolist() == pytest.approx(
+        [(2 + 2 * pooled) / (2 + 2), (0 + 2 * pooled) / (1 + 2), pooled, pooled])
+    assert pooled > 0.25  # the flat prior would have put experts 2 and 3 at 0.25
+    assert ReuseRates(1, 4, 1, prior_tokens=8.0).reuse()[0, 0] == pytest.approx(0.25)  # no counts: K/J
+    rates.add_tokens(one_hot(np.array([[[0]], [[0]]]), 4))
+    assert rates.rate()[0].tolist() == pytest.approx([(2 + 0.5) / 4, 0.5 / 4, 0.5 / 4, 0.5 / 4])
 
 
 def _fitted(routes, slots=4, **params):
@@ -53,9 +68,12 @@ HISTORY = [[(0, 1), (0, 1)], [(2, 3), (0, 1)]] * 4
 def test_fit_learns_reuse_from_the_history_split():
     policy, _ = _fitted(HISTORY)
     r, c = policy.rates.reuse(), policy.rates.cold()
-    assert r[0, 0] == pytest.approx(0.5 / 5)  # 4 times used, never the next token: (0 + 0.5) / (4 + 1)
-    assert c[0, 0] == pytest.approx((3 + 0.5) / (3 + 1))  # 3 times unused, always used by the next token
-    assert r[1, 0] == pytest.approx((7 + 0.5) / (7 + 1))
+    # Layer 0: 14 uses with a next token, none reused: pooled reuse (0 + 0.5) / (14 + 1); expert 0
+    # was used 4 times, never by the next token: (0 + 2 x pooled) / (4 + 2).
+    assert r[0, 0] == pytest.approx(2 / 30 / 6)
+    # 14 non-uses, all followed by a use: pooled cold 14.5 / 15; expert 0: 3 of 3
+    assert c[0, 0] == pytest.approx((3 + 2 * 14.5 / 15) / (3 + 2))
+    assert r[1, 0] == pytest.approx((7 + 2 * 14.5 / 15) / (7 + 2))  # layer 1: 14 of 14 reused
 
 
 def test_eviction_takes_the_farthest_expected_next_use():
@@ -105,11 +123,12 @@ def test_gate_prefetches_a_sure_expert_on_an_idle_link_and_not_a_doubtful_one():
     step = _decode(policy, trace, layer_s=0.05, demand=0.5)
     before = policy.declined  # step start declined layers 0 and 1's experts 2 and 3 the same way
     got = policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))
-    # Layer 0 + horizon 2 = layer 2: experts 0 and 1 have p = 8.5/9, 2 and 3 p = 0.5/9. Both land in
-    # time (behind the 4 copies step start queued, 0.05 s per layer), so saving = p x 0.01 s against
-    # cost = (1 - p) x 0.01 s x 0.5 (half the link's time taken by misses), no victim (free slots).
+    # Layer 0 + horizon 2 = layer 2: experts 0 and 1 have p = (8 + 2 x 0.5) / (8 + 2) = 0.9 (the usage
+    # rate: request 0 has no recency yet), 2 and 3 p = 1 / 10. Both land in time (behind the 4 copies
+    # step start queued, 0.05 s per layer), so saving = p x 0.01 s against cost = (1 - p) x 0.01 s x 0.5
+    # (half the link's time taken by misses), no victim (free slots).
     p = policy._p[2]
-    assert p[0] == pytest.approx(8.5 / 9) and p[2] == pytest.approx(0.5 / 9)
+    assert p[0] == pytest.approx(0.9) and p[2] == pytest.approx(0.1)
     assert sorted((f.layer, f.expert) for f in got) == [(2, 0), (2, 1)]
     assert policy.declined - before == 2
 
@@ -141,9 +160,40 @@ def test_gate_declines_a_prefetch_that_would_land_after_its_layer():
     policy = make_policy("cost-aware", horizon=2)
     policy.bind(context(trace.geometry, capacity_slots=12))
     policy.fit(trace)
-    step = _decode(policy, trace, layer_s=0.05)
-    policy._link_free = 10.0  # the link is busy for 10 s by the policy's view
+    step = _decode(policy, trace, layer_s=0.0)  # no time per layer: every target is needed now
     assert list(policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))) == []
+
+
+def test_the_link_view_is_bounded_by_the_loads_still_pending():
+    routes = [[(0, 1), (0, 1), (0, 1)]] * 8
+    trace = trace_from_probs(_probs(routes))
+    policy = make_policy("cost-aware", horizon=2)
+    policy.bind(context(trace.geometry, capacity_slots=12))  # nothing is ever in flight there
+    policy.fit(trace)
+    step = _decode(policy, trace, layer_s=0.05, demand=0.5)
+    policy._link_free = 10.0  # a stale view: loads counted that were dropped or have landed
+    got = {(f.layer, f.expert) for f in policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))}
+    assert got == {(2, 0), (2, 1)}  # the view fell back to now + 0 pending loads: both land in time
+
+
+def test_gate_terms_credit_a_late_copy_and_charge_only_the_victims_unhidden_reload():
+    policy, _ = _fitted(HISTORY)  # L = 2; expert_load_s 0.01
+    policy._layer_s, policy._demand = 0.004, 0.5
+    # p = 0.8, the copy starts 0.006 s before its layer asks: 0.006 of its 0.01 s is saved.
+    saving, cost = policy._gate_terms(0.8, 0.006, 0.0, 0.01, None, 0)
+    assert saving == pytest.approx(0.8 * 0.006)
+    assert cost == pytest.approx(0.2 * 0.5 * 0.01)  # (1 - p) x rho x copy
+    assert policy._gate_terms(0.8, -0.001, 0.0, 0.01, None, 0)[0] == 0.0  # starts after it is needed
+    assert policy._gate_terms(0.8, 0.5, 0.0, 0.01, None, 0)[0] == pytest.approx(0.8 * 0.01)  # at most a copy
+    # Victim (0, 3), from layer 0: its layer comes round in 2 layers = 0.008 s; this copy lands at
+    # 0.002 s, leaving 0.006 s, half of it free of on-demand loads: its reload stalls 0.01 - 0.003.
+    policy._p[0, 3] = 0.4
+    _, with_victim = policy._gate_terms(0.8, 0.006, 0.0, 0.002, (0, 3), 0)
+    assert with_victim - cost == pytest.approx(0.4 * (0.01 - 0.5 * 0.006))
+    _, hidden = policy._gate_terms(0.8, 0.006, 0.0, -1.0, (0, 3), 0)  # landed 1 s before: time to hide it all
+    assert hidden == pytest.approx(cost)
+    _, exposed = policy._gate_terms(0.8, 0.006, 0.0, 0.5, (0, 3), 0)  # lands after the victim's next use
+    assert exposed - cost == pytest.approx(0.4 * 0.01)
 
 
 def test_no_prefetch_ablation_prefetches_nothing_and_no_gate_takes_every_likely_one():
