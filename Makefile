@@ -29,13 +29,14 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/finemoe demo -o demo-out
 
-# Progress per file with a running percentage; the slowest tests listed at the end.
+# One worker per core (pytest-xdist), each test file kept on one worker so its fixtures are built
+# once; a running percentage as it goes, the slowest tests listed at the end.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest --durations=5
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto --dist loadfile --durations=10
 
 # The long property runs (thousands of random cases) that `make test` leaves out.
 test-slow: install
-	HF_HUB_OFFLINE=1 FINEMOE_SLOW_TESTS=1 $(PY) -m pytest -m slow_properties
+	HF_HUB_OFFLINE=1 FINEMOE_SLOW_PROPERTIES=1 $(PY) -m pytest -m bounds_slow tests/test_bounds_properties.py
 
 lint: install
 	$(VENV)/bin/ruff check finemoe tests benchmarks
