@@ -1,5 +1,5 @@
 """Properties of the simulator on random synthetic traces (hypothesis), and on the real Mixtral logs
-when they can be imported."""
+when they can be imported. The oracle and the lower bound against every policy: test_bounds_properties.py."""
 
 from __future__ import annotations
 
@@ -41,38 +41,9 @@ def config(policy, slots, batch, hw, seed, **workload):
                      timeline_steps=1000)
 
 
-def best_hit_rate(r):
-    """The oracle's hit rate: the highest of its candidate schedules (sim/offline.py)."""
-    return r.config["policy_info"]["best_hit_rate"]
-
-
 def comparable(r):
     summary = {k: v for k, v in r.summary.items() if "wall" not in k}
     return summary, r.requests.to_dict(), sorted(r.timeline, key=lambda e: tuple(str(v) for v in e.values()))
-
-
-@SETTINGS
-@given(cases())
-def test_oracle_hit_rate_is_never_below_a_baseline(case):
-    trace, slots, batch, hw, seed = case
-    oracle = best_hit_rate(simulate(trace, config("oracle", slots, batch, hw, seed)))
-    for p in BASELINES:
-        assert simulate(trace, config(p, slots, batch, hw, seed)).summary["hit_rate"] <= oracle + 1e-12, p
-
-
-@pytest.mark.slow
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases())
-def test_oracle_hit_rate_is_never_below_any_registered_policy(case):
-    trace, slots, batch, hw, seed = case
-    oracle = best_hit_rate(simulate(trace, config("oracle", slots, batch, hw, seed)))
-    for p in policy_names():
-        if p in ("oracle", "no-offload") or p.startswith("test-"):
-            continue
-        r = simulate(trace, config(p, slots, batch, hw, seed))
-        if r.config["start_residents"]:
-            continue  # starts warm for free (static-hot): the oracle starts cold
-        assert r.summary["hit_rate"] <= oracle + 1e-12, p
 
 
 @SETTINGS
@@ -159,13 +130,20 @@ def real_config(policy, slots, pcie_gbps=32.0, **kw):
                      workload=WorkloadConfig(history_fraction=0.4, **kw), seed=0, timeline_steps=4)
 
 
+def _is_ablation(name: str) -> bool:
+    """`finemoe-lru`, `cost-aware-no-gate`, ...: a registered policy's name plus a variant suffix
+    (finemoe-topk is kept: it is the FineMoE that traces without router probabilities can run)."""
+    names = set(policy_names())
+    return name != "finemoe-topk" and any(name.startswith(base + "-") for base in names if base != name)
+
+
 @pytest.mark.slow
 def test_real_mixtral_oracle_bounds_every_policy_and_lru_grows(mixtral_trace):
     rates = {}
     for slots in (48,):
         for p in policy_names():
-            if p in ("no-offload",) or p.startswith("test-"):
-                continue
+            if p in ("no-offload",) or p.startswith("test-") or _is_ablation(p):
+                continue  # ablations are variants of a policy run here; the synthetic property test runs them all
             if any(getattr(mixtral_trace, f) is None for f in make_policy(p).needs):
                 continue  # e.g. FineMoE needs router probabilities, which these logs lack
             rates[(p, slots)] = simulate(mixtral_trace, real_config(p, slots)).summary["hit_rate"]
