@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from finemoe.cli.options import output_option
+from finemoe.cli.options import output_option, quiet_option
 
 
 @click.command("calibrate")
@@ -19,8 +19,9 @@ from finemoe.cli.options import output_option
               help="torch CPU threads [default: cores - 1 on cpu]; use the same for replay.")
 @click.option("--hidden-size", type=int, default=1024, show_default=True, help="Expert GEMM shape to measure.")
 @click.option("--intermediate-size", type=int, default=2048, show_default=True, help="Expert GEMM shape to measure.")
+@quiet_option("No \"measuring ...\" progress lines on stderr.")
 def calibrate_cmd(device: str, output: str, quick: bool, dtype: str, threads: int | None, hidden_size: int,
-                  intermediate_size: int) -> None:
+                  intermediate_size: int, quiet: bool) -> None:
     """Measure copy bandwidth/latency, copy overlap, expert GEMMs and memory bandwidth.
 
     \b
@@ -28,14 +29,18 @@ def calibrate_cmd(device: str, output: str, quick: bool, dtype: str, threads: in
       finemoe calibrate --device cpu -o cpu.json
       finemoe simulate TRACE --hardware cpu.json --policy lru --gpu-mem 2G
     """
+    from pathlib import Path
+
     from finemoe.errors import ConfigError
+    from finemoe.files import check_writable
     from finemoe.replay.calibrate import calibrate, write_profile
     from finemoe.replay.compute import ExpertShape
 
     if hidden_size <= 0 or intermediate_size <= 0:
         raise ConfigError("--hidden-size and --intermediate-size must be positive")
+    check_writable(Path(output).parent)  # before the measurements, not after them
     profile = calibrate(device, dtype=dtype, thorough=not quick, shape=ExpertShape(hidden_size, intermediate_size), threads=threads,
-                        progress=lambda msg: click.echo(f"measuring {msg} ...", err=True))
+                        progress=None if quiet else lambda msg: click.echo(f"measuring {msg} ...", err=True))
     write_profile(profile, output)
     click.echo(format_profile(profile))
     click.echo(f"wrote {output}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from finemoe.cli.options import output_option
+from finemoe.cli.options import at_least, output_option, quiet_option
 from finemoe.errors import ConfigError
 from finemoe.files import atomic_write_json, atomic_write_text, ensure_dir
 
@@ -81,7 +81,7 @@ def prepare_out_dir(out: Path) -> None:
             p.unlink()
 
 
-def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.echo) -> dict:
+def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.echo, progress: bool = True) -> dict:
     """Run every stage into `out`; returns what was made (paths and timings per stage)."""
     prepare_out_dir(out)
     timings: dict[str, float] = {}
@@ -93,7 +93,7 @@ def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.e
         return time.perf_counter()
 
     t = stage(1, f"collect: the embedded MoE over {plan.prompts} ShareGPT prompts, {plan.max_new_tokens} new tokens each")
-    trace_path = _collect(out / "trace.parquet", plan)
+    trace_path = _collect(out / "trace.parquet", plan, progress)
     timings["collect"] = time.perf_counter() - t
     made["trace"] = str(trace_path)
 
@@ -108,7 +108,7 @@ def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.e
     t = stage(2, f"simulate: {len(plan.policies)} policies x expert caches of {','.join(map(str, slots))} of "
                  f"{total} experts, plus no-offload and FineMoE at d={','.join(map(str, plan.distances))} "
                  f"({plan.hardware} link)")
-    sim_paths = _simulate(trace_path, out / "results", plan, slots, total, geometry.num_layers, jobs)
+    sim_paths = _simulate(trace_path, out / "results", plan, slots, total, geometry.num_layers, jobs, progress)
     timings["simulate"] = time.perf_counter() - t
     made["results"] = [str(p) for p in sim_paths]
 
@@ -117,7 +117,7 @@ def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.e
         middle = slots[len(slots) // 2]
         t = stage(i, f"replay: {plan.replay_policy} with {middle} expert slots on this machine's CPU, "
                      "against the simulator on a calibrated profile")
-        made["replay"] = _replay(trace_path, out / "results", plan, middle)
+        made["replay"] = _replay(trace_path, out / "results", plan, middle, progress)
         timings["replay"] = time.perf_counter() - t
         i += 1
 
@@ -140,7 +140,7 @@ def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.e
     return made
 
 
-def _collect(path: Path, plan: DemoPlan) -> Path:
+def _collect(path: Path, plan: DemoPlan, progress: bool = True) -> Path:
     from finemoe.traces.collect import CollectConfig, collect
     from finemoe.traces.collect.loader import load_model
     from finemoe.traces.prompts import load_prompts
@@ -150,14 +150,14 @@ def _collect(path: Path, plan: DemoPlan) -> Path:
     config = CollectConfig(max_new_tokens=plan.max_new_tokens, batch_size=plan.batch_size, seed=plan.seed,
                            greedy=True, max_prompt_tokens=plan.max_prompt_tokens)
     settings = {"model": name, "prompts": "sharegpt", "limit": plan.prompts, "by": "finemoe demo"}
-    result = collect(model, tokenizer, prompts, path, config, model_name=name, metadata=settings, progress=True)
+    result = collect(model, tokenizer, prompts, path, config, model_name=name, metadata=settings, progress=progress)
     if result is None:
         raise ConfigError("collection finished no request; nothing to simulate")
     return Path(result)
 
 
 def _simulate(trace_path: Path, out: Path, plan: DemoPlan, slots: list[int], total: int, num_layers: int,
-              jobs: int) -> list[Path]:
+              jobs: int, progress: bool = True) -> list[Path]:
     from finemoe.policies.registry import policy_names
     from finemoe.sim.hardware import load_hardware
     from finemoe.sim.sweep import SweepSpec, expand_sweep, run_sweep
@@ -178,7 +178,7 @@ def _simulate(trace_path: Path, out: Path, plan: DemoPlan, slots: list[int], tot
         if c.key() not in seen:
             seen.add(c.key())
             unique.append(c)
-    outcome = run_sweep(unique, out, jobs=jobs, resume=False, progress=True)
+    outcome = run_sweep(unique, out, jobs=jobs, resume=False, progress=progress)
     if outcome.failures:
         lines = [f.line() for f in outcome.failures]
         more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
@@ -186,13 +186,15 @@ def _simulate(trace_path: Path, out: Path, plan: DemoPlan, slots: list[int], tot
     return outcome.paths
 
 
-def _replay(trace_path: Path, out: Path, plan: DemoPlan, slots: int) -> list[str]:
+def _replay(trace_path: Path, out: Path, plan: DemoPlan, slots: int, progress: bool = True) -> list[str]:
     """`finemoe replay --compare` on this CPU with the embedded model's real expert weights."""
     from finemoe.cli.replay import replay_command
 
     before = set(out.glob("*.parquet"))
     args = [str(trace_path), "--policy", plan.replay_policy, "--expert-cache", str(slots), "--device", "cpu",
             "--compare", "--max-requests", str(plan.replay_requests), "--seed", str(plan.seed), "-o", str(out)]
+    if not progress:
+        args.append("--quiet")
     weights = _demo_weights()
     if weights is not None:
         args += ["--weights", str(weights)]
@@ -228,7 +230,8 @@ Examples:
 @click.option("-j", "--jobs", type=int, default=None, help="Simulation worker processes [default: up to 2; 1 with --quick].")
 @click.option("--replay/--no-replay", default=True, show_default=True,
               help="Replay one configuration for real on this machine's CPU and compare with the simulator.")
-def demo_command(out_dir, quick, prompts, max_new_tokens, jobs, replay) -> None:
+@quiet_option("No progress bars (the stage lines still show; progress is on stderr otherwise).")
+def demo_command(out_dir, quick, prompts, max_new_tokens, jobs, replay, quiet) -> None:
     """Run the whole pipeline on the embedded MoE and real ShareGPT prompts, then open report.html.
 
     Records the embedded model's routing (`finemoe collect`), simulates every policy over a range
@@ -247,10 +250,11 @@ def demo_command(out_dir, quick, prompts, max_new_tokens, jobs, replay) -> None:
         if max_new_tokens < 1:
             raise ConfigError("--max-new-tokens must be positive")
         plan = replace(plan, max_new_tokens=max_new_tokens)
+    at_least(jobs, 1, "--jobs")
     if jobs is None:  # a quick sweep is over before a process pool has started
         jobs = 1 if quick else max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    made = run_demo(Path(out_dir), plan, jobs=jobs, replay=replay)
+    made = run_demo(Path(out_dir), plan, jobs=jobs, replay=replay, progress=not quiet)
     click.echo(click.style(f"done in {time.perf_counter() - t0:.0f} s: ", bold=True)
                + f"{len(made['results']) + len(made.get('replay', []))} result files, {len(made['figures'])} figures")
     click.echo(f"  open {made['report']}")

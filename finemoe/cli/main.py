@@ -24,6 +24,11 @@ class FinemoeGroup(click.Group):
         except FinemoeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except click.BadParameter as exc:
+            # a value click's own types refuse (not an integer, a folder where a file goes, a missing
+            # required option): the same one sentence as ours; unknown options keep click's usage (exit 2)
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt as exc:
             click.echo(f"{describe(exc)}; finished work is kept", err=True)
             sys.exit(exit_code(exc))

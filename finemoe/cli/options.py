@@ -26,21 +26,35 @@ class _Option(click.Option):
         super().__init__(*args, **kwargs)
         self.hidden_aliases = tuple(hidden_aliases)
 
-    def get_help_record(self, ctx: click.Context):
-        shown = [o for o in self.opts if o not in self.hidden_aliases]
-        saved, self.opts = self.opts, shown
+    def _without_aliases(self, method, ctx: click.Context | None):
+        """`method(ctx)` of the parent class, run while the hidden spellings are out of `opts`."""
+        saved, self.opts = self.opts, [o for o in self.opts if o not in self.hidden_aliases]
         try:
-            return super().get_help_record(ctx)
+            return method(ctx)
         finally:
             self.opts = saved
+
+    def get_help_record(self, ctx: click.Context):
+        return self._without_aliases(super().get_help_record, ctx)
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        return self._without_aliases(super().get_error_hint, ctx)
+
+
+def _check_output(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ConfigError("-o/--output: an empty path names nothing to write")
+    return value
 
 
 def output_option(dest: str = "output", *, help: str, default: str | None = None, kind: str = "file",
                   required: bool = False):
     """`-o/--output PATH` (`--out`, the old spelling, still parses). `kind` is "file", "dir" or "any"."""
     path = click.Path(file_okay=kind != "dir", dir_okay=kind != "file")
+    # an explicit default=None would satisfy `required` in click >= 8.3, so it is only passed when given
+    defaults = {} if default is None else {"default": default, "show_default": True}
     return click.option("-o", "--output", "--out", dest, cls=_Option, hidden_aliases=("--out",), type=path,
-                        default=default, required=required, show_default=default is not None, help=help)
+                        required=required, callback=_check_output, help=help, **defaults)
 
 
 def quiet_option(help: str = "No progress bars (shown on stderr otherwise, terminal or not)."):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from finemoe.cli.options import json_option, output_option, seed_option
+from finemoe.cli.options import json_option, output_option, quiet_option, seed_option
 from finemoe.cli.partial import layers_as_consecutive_option
 from finemoe.cli.policy_file import policy_file_option
 
@@ -48,8 +48,9 @@ alone; `finemoe simulate` scores it together with scheduling and eviction.
 @json_option("Print the reports as JSON instead of tables.")
 @output_option("out", kind="any",
                help="Write the per-layer table: .parquet (reports in the file metadata) or .json.")
+@quiet_option()
 def predict_command(trace_path, policies, policy_params, history_fraction, online, seed, max_requests,
-                    per_layer, as_json, out, layers_as_consecutive) -> None:
+                    per_layer, as_json, out, layers_as_consecutive, quiet) -> None:
     """Score each policy's expert predictions against a trace: per-layer precision and recall.
 
     Uses the same history/measure split as `finemoe simulate` for the same seed and fraction.
@@ -60,9 +61,14 @@ def predict_command(trace_path, policies, policy_params, history_fraction, onlin
     from finemoe.policies.registry import make_policy, policy_names
     from finemoe.policies.support import TraceShape, missing_fields, unsupported_reason
     from finemoe.sim.predict import evaluate_predictions
-    from finemoe.sim.sweep import parse_policy_params
+    from finemoe.files import check_writable
+    from finemoe.sim.sweep import check_split, parse_policy_params
     from finemoe.traces.io import read_trace
 
+    check_split(history_fraction, max_requests)
+    if out:
+        _check_suffix(Path(out))
+        check_writable(Path(out).parent)
     trace = read_trace(trace_path)
     if layers_as_consecutive:
         trace = trace.logged_layers_only()
@@ -97,7 +103,7 @@ def predict_command(trace_path, policies, policy_params, history_fraction, onlin
         raise ConfigError("no policy to score")
 
     reports = []
-    for name in tqdm(names, desc="policies", unit="policy", disable=as_json or len(names) < 2, leave=False):
+    for name in tqdm(names, desc="policies", unit="policy", disable=quiet or as_json or len(names) < 2, leave=False):
         reports.append(
             evaluate_predictions(
                 trace, name, params.get(name), history_fraction=history_fraction, online=online,
@@ -144,17 +150,22 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _check_suffix(path: Path) -> None:
+    from finemoe.errors import ConfigError
+
+    if path.suffix not in (".parquet", ".json"):
+        raise ConfigError(f"--output {path}: use a .parquet or .json file name")
+
+
 def _write(reports, path: Path) -> None:
     """One table of every policy's per-layer rows; atomic (temporary file, then rename)."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from finemoe.errors import ConfigError
     from finemoe.files import atomic_path, atomic_write_json
 
-    if path.suffix not in (".parquet", ".json"):
-        raise ConfigError(f"--output {path}: use a .parquet or .json file name")
+    _check_suffix(path)
     if path.suffix == ".json":
         atomic_write_json(path, [r.to_dict() for r in reports], default=_json_default)
         return

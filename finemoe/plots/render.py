@@ -52,12 +52,19 @@ def render_all(
     if unknown:
         raise PlotError(f"unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}")
     out_dir = Path(out_dir)
+    # bad --budget or --trace fails before any figure is written, not halfway through the folder
+    if budget is not None and "latency_bars" in wanted:
+        try:
+            bars.choose_budget(runs, budget)
+        except Skip:
+            pass  # a budget the results lack only skips the bars
+    given_trace = _read_entropy_trace(trace) if trace is not None and "routing_entropy" in wanted else None
     makers: dict[str, Callable[[], object]] = {
         "latency_memory": lambda: tradeoff.latency_memory(runs, out_dir),
         "hit_rate_memory": lambda: tradeoff.hit_rate_memory(runs, out_dir),
         "prefetch_distance": lambda: distance.prefetch_distance(runs, out_dir),
         "latency_bars": lambda: bars.latency_bars(runs, out_dir, budget=budget),
-        "routing_entropy": lambda: _entropy(entropy, trace or _recorded_trace(runs), out_dir),
+        "routing_entropy": lambda: _entropy(entropy, trace or _recorded_trace(runs), out_dir, given_trace),
         "sim_vs_replay": lambda: fidelity.sim_vs_replay(runs, out_dir),
         "engine_timeline": lambda: timeline.engine_timeline(runs, out_dir),
     }
@@ -97,10 +104,16 @@ def _existing_trace(path: Path, result_dir: Path) -> Path | None:
     return None
 
 
-def _entropy(entropy_module, trace_path, out_dir: Path):
-    if trace_path is None:
-        raise Skip("needs a trace (--trace TRACE): the results name none that exists here")
+def _read_entropy_trace(trace_path):
+    """The routing columns the entropy figure reads from `trace_path`."""
     from finemoe.traces.io import read_trace
 
-    trace = read_trace(trace_path, columns=["router_probs"])
+    return read_trace(trace_path, columns=["router_probs"])
+
+
+def _entropy(entropy_module, trace_path, out_dir: Path, trace=None):
+    if trace_path is None:
+        raise Skip("needs a trace (--trace TRACE): the results name none that exists here")
+    if trace is None:
+        trace = _read_entropy_trace(trace_path)
     return entropy_module.routing_entropy(trace, out_dir, trace_name=Path(trace_path).name)

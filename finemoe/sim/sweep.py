@@ -283,6 +283,14 @@ def _memories(gpu_mem: Sequence[int | None], slots: Sequence[int | None], reserv
     return [MemoryConfig(gpu_mem_bytes=None if m is None else int(m), **extra) for m in gpu_mem]
 
 
+def check_split(history_fraction: float, max_requests: int | None) -> None:
+    """The history/measure split options (simulate and predict share them), refused before any work."""
+    if not 0.0 <= history_fraction < 1.0:
+        raise ConfigError(f"--history-fraction {history_fraction} must be in [0, 1)")
+    if max_requests is not None and max_requests < 1:
+        raise ConfigError("--max-requests must be at least 1")
+
+
 def _workloads(spec: SweepSpec) -> list[WorkloadConfig]:
     if spec.arrival not in ARRIVALS:
         raise ConfigError(f"--arrival {spec.arrival!r}: choose one of {', '.join(ARRIVALS)}")
@@ -300,10 +308,7 @@ def _workloads(spec: SweepSpec) -> list[WorkloadConfig]:
         timestamps = str(Path(timestamps).expanduser().resolve())
     elif timestamps:
         raise ConfigError("--timestamps applies only to --arrival file")
-    if not 0.0 <= spec.history_fraction < 1.0:
-        raise ConfigError(f"--history-fraction {spec.history_fraction} must be in [0, 1)")
-    if spec.max_requests is not None and spec.max_requests < 1:
-        raise ConfigError("--max-requests must be at least 1")
+    check_split(spec.history_fraction, spec.max_requests)
     if any(b < 1 for b in spec.max_batch):
         raise ConfigError("--batch-size must be at least 1")
     return [
