@@ -130,3 +130,26 @@ def test_plot_refuses_bad_budget_or_trace_before_drawing_anything(trace_path, tm
     figs = tmp_path / "figs"
     _one_error(_run(["plot", str(results), "-o", str(figs), *args]), starts)
     assert not figs.exists() or not any(figs.iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_collect_refuses_prompts_that_are_not_utf8(tmp_path, suffix):
+    prompts = tmp_path / f"garbage{suffix}"
+    prompts.write_bytes(b'{"prompt": "\xd2\xff\xfe"}\n')
+    _one_error(_run(["collect", "--prompts", str(prompts), "-o", str(tmp_path / "c.parquet")]),
+               f"{prompts}: not UTF-8 text")
+    assert not (tmp_path / "c.parquet").exists()
+
+
+@pytest.mark.parametrize("args, starts", [
+    (["--policy", "nosuch"], "unknown policy 'nosuch'"),
+    (["--policy", "lru", "--policy-param", "lru.bogus=3"], "policy lru:"),
+])
+def test_replay_refuses_an_unknown_policy_before_calibrating(trace_path, monkeypatch, args, starts):
+    import finemoe.replay.calibrate as calibration
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("calibrated before checking the policy")
+
+    monkeypatch.setattr(calibration, "calibrate", never)
+    _one_error(_run(["replay", str(trace_path), *args, "--expert-cache", "4", "--device", "cpu"]), starts)

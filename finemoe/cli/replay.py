@@ -67,6 +67,7 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
     from tqdm import tqdm
 
     from finemoe.errors import ConfigError
+    from finemoe.policies.registry import make_policy
     from finemoe.replay.calibrate import write_profile
     from finemoe.replay.compare import format_comparison
     from finemoe.replay.executor import ReplayOptions
@@ -83,6 +84,7 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
             if len(v) != 1:
                 raise ConfigError(f"--policy-param {name}.{k}: replay takes one value, not a list")
             params[k] = v[0]
+    make_policy(policy, **params)  # an unknown policy or parameter fails here, not after calibrating
     memory, spec = replay_memory(gpu_mem, expert_cache, reserve, kv_tokens, hardware, device)
     check_replay_numbers(threads=threads, expert_scale=expert_scale, rate=rate, batch_size=batch_size,
                          max_requests=max_requests)

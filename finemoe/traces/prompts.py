@@ -57,11 +57,14 @@ def _load_file(path: Path, field: str | None) -> list[Prompt]:
     suffix = path.suffix.lower()
     if suffix == ".json":
         return _from_json(path, field)
-    if suffix == ".jsonl":
-        return _from_jsonl(path, field)
-    if suffix in (".txt", ".text"):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [Prompt(line, f"{path.name}/{i}") for i, line in enumerate(lines) if line.strip()]
+    try:
+        if suffix == ".jsonl":
+            return _from_jsonl(path, field)
+        if suffix in (".txt", ".text"):
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [Prompt(line, f"{path.name}/{i}") for i, line in enumerate(lines) if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     if suffix in (".parquet", ".csv"):
         return _from_table(path, field)
     raise ConfigError(
