@@ -375,7 +375,7 @@ def test_a_manifest_writer_waits_for_the_one_holding_the_lock(tmp_path, trace_fi
 
     first, second = configs("lru"), configs("lfu")
     manifest = tmp_path / "sweep.json"
-    with files.locked(tmp_path / "sweep.json.lock"):
+    with files.locked(tmp_path / ".sweep.json.lock"):
         other = threading.Thread(target=write_manifest, args=(second, tmp_path))
         other.start()
         other.join(timeout=0.5)

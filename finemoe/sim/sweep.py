@@ -359,10 +359,10 @@ def write_manifest(configs: Sequence[SimConfig], out_dir: Path) -> Path:
     """`sweep.json`: every configuration of the sweep with its key and file, merged with the
     configurations of earlier sweeps into the same folder (so the folder's manifest stays whole).
 
-    Read, merge and write happen under a lock on `sweep.json.lock`, so sweeps started together
+    Read, merge and write happen under a lock on `.sweep.json.lock`, so sweeps started together
     into one folder each add their entries instead of overwriting the other's."""
     path = ensure_dir(out_dir) / MANIFEST_NAME
-    with locked(path.with_name(MANIFEST_NAME + ".lock")):
+    with locked(path.with_name("." + MANIFEST_NAME + ".lock")):  # hidden: not a result
         entries = _manifest_entries(path)
         for c in configs:
             entries[c.key()] = {"key": c.key(), "file": result_filename(c), "config": c.to_dict()}
