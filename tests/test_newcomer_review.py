@@ -153,3 +153,18 @@ def test_replay_refuses_an_unknown_policy_before_calibrating(trace_path, monkeyp
 
     monkeypatch.setattr(calibration, "calibrate", never)
     _one_error(_run(["replay", str(trace_path), *args, "--expert-cache", "4", "--device", "cpu"]), starts)
+
+
+def test_collect_checks_its_output_before_loading_the_model(tmp_path, monkeypatch):
+    import finemoe.traces.collect.loader as loader
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(loader, "load_model", no_loading)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "t.parquet"
+    line = _one_error(_run(["collect", "--prompts", str(prompts), "-o", str(out), "-q"]), "cannot write")
+    assert "is a file, not a folder" in line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from finemoe.cli.options import output_option, quiet_option, seed_option
@@ -66,6 +68,9 @@ def collect_command(model_name, source, prompt_field, limit, seed, shuffle, max_
         max_prompt_tokens=max_prompt_tokens, chat_template=not no_chat_template,
     )
     prompts = load_prompts(source, field=prompt_field, limit=limit or None, seed=seed if shuffle else None)
+    from finemoe.files import check_writable
+
+    check_writable(Path(output).resolve().parent)  # before the model loads, not after
     model, tokenizer, name = load_model(model_name, dtype=dtype, device=device)
     settings = {"model": model_name or name, "prompts": str(source), "prompt_field": prompt_field,
                 "limit": limit, "shuffle": shuffle, "device": str(next(model.parameters()).device)}
