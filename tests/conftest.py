@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# A bug re-raised, not turned into an `error:` line: tests of faults must not pass on a bug.
+os.environ.setdefault("FINEMOE_DEBUG", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("FINEMOE_SHARED", REPO_ROOT.parent / "shared"))

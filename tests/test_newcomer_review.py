@@ -168,3 +168,21 @@ def test_collect_checks_its_output_before_loading_the_model(tmp_path, monkeypatc
     out = tmp_path / "afile" / "t.parquet"
     line = _one_error(_run(["collect", "--prompts", str(prompts), "-o", str(out), "-q"]), "cannot write")
     assert "is a file, not a folder" in line
+
+
+def test_a_bug_or_an_unforeseen_os_error_is_still_one_sentence(tmp_path, monkeypatch, trace_path):
+    import finemoe.traces.io as io
+
+    monkeypatch.delenv("FINEMOE_DEBUG")
+    monkeypatch.setattr(io, "read_trace", lambda *_a, **_k: [][1])  # a bug: IndexError
+    line = _one_error(_run(["trace", "validate", str(trace_path)]), "internal error, a bug in finemoe (IndexError")
+    assert "FINEMOE_DEBUG=1" in line
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(io, "read_trace", full)
+    line = _one_error(_run(["trace", "validate", str(trace_path)]), f"{tmp_path / 'x'}: No space left on device")
+    monkeypatch.setenv("FINEMOE_DEBUG", "1")
+    monkeypatch.setattr(io, "read_trace", lambda *_a, **_k: [][1])
+    assert isinstance(_run(["trace", "validate", str(trace_path)]).exception, IndexError)

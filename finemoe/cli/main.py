@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -15,7 +16,9 @@ from finemoe.errors import FinemoeError
 
 class FinemoeGroup(click.Group):
     """A group that turns library errors into one sentence and exit code 1, never a traceback;
-    Ctrl-C and SIGTERM stop a command the same way (finished work kept), exit 130 and 143."""
+    Ctrl-C and SIGTERM stop a command the same way (finished work kept), exit 130 and 143. An
+    unforeseen OSError is one sentence too, and so is a bug (FINEMOE_DEBUG=1 re-raises it, as the
+    tests do, so that a bug in a fault path fails a test instead of passing as an error line)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -32,6 +35,21 @@ class FinemoeGroup(click.Group):
         except KeyboardInterrupt as exc:
             click.echo(f"{describe(exc)}; finished work is kept", err=True)
             sys.exit(exit_code(exc))
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # --help, usage errors: click's own handling
+        except MemoryError:
+            click.echo("error: out of memory (a smaller trace, fewer --jobs or a smaller sweep may fit)", err=True)
+            sys.exit(1)
+        except OSError as exc:  # a file fault our writers and readers did not foresee: still one sentence
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
+        except Exception as exc:
+            if os.environ.get("FINEMOE_DEBUG") == "1":
+                raise
+            click.echo(f"error: internal error, a bug in finemoe ({type(exc).__name__}: {exc}); "
+                       "FINEMOE_DEBUG=1 shows the traceback", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=FinemoeGroup, context_settings={"help_option_names": ["-h", "--help"]})
