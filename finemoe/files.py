@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from finemoe.errors import OutputError
+from finemoe.interrupts import deferred
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device",
@@ -79,7 +80,7 @@ def ensure_dir(path: str | os.PathLike) -> Path:
 def check_writable(folder: str | os.PathLike) -> Path:
     """Fail now, not after minutes of work, when nothing can be written in `folder` (made if missing)."""
     folder = ensure_dir(folder)
-    with output_errors(folder):
+    with output_errors(folder), deferred():
         _create_temp_file(folder / "write-check").unlink()
     return folder
 
@@ -117,12 +118,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _create_temp_file(path)
+        tmp = None
         try:
+            with deferred():  # no interrupt between creating the temporary and knowing its name
+                tmp = _create_temp_file(path)
             yield tmp
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             raise
 
 
@@ -151,7 +155,7 @@ def atomic_write_json(path: str | os.PathLike, data, *, indent: int | None = 2, 
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """A new folder `<prefix><random>` in `parent`, with the umask's permissions (mkdtemp gives 0700)."""
     parent = ensure_dir(parent)
-    with output_errors(parent / prefix):
+    with output_errors(parent / prefix), deferred():  # the caller gets the folder, or none is made
         while True:
             tmp = parent / f"{prefix}{secrets.token_hex(4)}"
             try:
@@ -181,13 +185,17 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder beside `target` to fill; it replaces `target` when the block ends and is
     removed when it raises."""
     target = Path(target)
-    tmp = make_temp_dir(target.parent, f".{target.name}.")
+    tmp = None
     try:
+        with deferred():
+            tmp = make_temp_dir(target.parent, f".{target.name}.")
         with output_errors(target):
             yield tmp
-        replace_dir(tmp, target)
+        with deferred():  # the old folder or the new one, never neither
+            replace_dir(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -89,8 +89,8 @@ def _report_partial(output, exc: KeyboardInterrupt, read_metadata, trace_files) 
     import sys
     from pathlib import Path
 
-    from finemoe.cli.interrupts import describe, exit_code
     from finemoe.errors import TraceError
+    from finemoe.interrupts import describe, exit_code
 
     try:
         files = trace_files(Path(output))

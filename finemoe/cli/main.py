@@ -10,8 +10,8 @@ import sys
 import click
 
 from finemoe import __version__
-from finemoe.cli.interrupts import describe, exit_code, sigterm_as_interrupt
 from finemoe.errors import FinemoeError
+from finemoe.interrupts import describe, exit_code, interrupts_raised
 
 
 class FinemoeGroup(click.Group):
@@ -22,7 +22,7 @@ class FinemoeGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            with sigterm_as_interrupt():
+            with interrupts_raised():
                 return super().invoke(ctx)
         except FinemoeError as exc:
             click.echo(f"error: {exc}", err=True)

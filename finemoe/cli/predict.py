@@ -58,10 +58,10 @@ def predict_command(trace_path, policies, policy_params, history_fraction, onlin
     from tqdm import tqdm
 
     from finemoe.errors import ConfigError
+    from finemoe.files import check_writable
     from finemoe.policies.registry import make_policy, policy_names
     from finemoe.policies.support import TraceShape, missing_fields, unsupported_reason
     from finemoe.sim.predict import evaluate_predictions
-    from finemoe.files import check_writable
     from finemoe.sim.sweep import check_split, parse_policy_params
     from finemoe.traces.io import read_trace
 
