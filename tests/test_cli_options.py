@@ -298,8 +298,9 @@ def test_plot_draws_entropy_from_simulate_and_replay_results(tmp_path, trace_fil
     assert run("simulate", "t.parquet", "--policy", "lru", "--expert-cache", "8", "--jobs", "1", "-q",
                "-o", "res").exit_code == 0
     res = run("replay", "t.parquet", "--policy", "lru", "--expert-cache", "8", "--hardware", "rtx3090",
-              "--threads", "1", "-q", "-o", "res")
+              "--threads", "1", "-q", "-o", "res/")
     assert res.exit_code == 0, res.output
+    assert "wrote res/replay-" in res.output and "//" not in res.output  # the folder as typed, once
     # An older result recorded the path as typed, relative to where it ran (here: beside it).
     replayed = next(Path("res").glob("replay-*.parquet"))
     old = read_result(replayed)

@@ -186,3 +186,9 @@ def test_a_bug_or_an_unforeseen_os_error_is_still_one_sentence(tmp_path, monkeyp
     monkeypatch.setenv("FINEMOE_DEBUG", "1")
     monkeypatch.setattr(io, "read_trace", lambda *_a, **_k: [][1])
     assert isinstance(_run(["trace", "validate", str(trace_path)]).exception, IndexError)
+
+
+@pytest.mark.parametrize("command", [["trace", "info"], ["trace", "validate"], ["simulate"]])
+def test_an_empty_trace_path_says_so_not_that_the_current_folder_holds_no_parts(command, tmp_path):
+    _one_error(_run([*command, "", *(["-o", str(tmp_path / "res")] if command == ["simulate"] else [])]),
+               "no trace given: the path is empty")

@@ -129,7 +129,8 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
         click.echo(f"hit rate {s['hit_rate']:.1%}, time per output token p50 {s['tpot_p50_s'] * 1e3:.2f} ms, "
                    f"time to first token p50 {s['ttft_p50_s'] * 1e3:.2f} ms")
     key = outcome.result.config["replay_key"]
-    click.echo(f"wrote {out_dir}/replay-{key}.parquet" + (f" and {out_dir}/sim-{key}.parquet" if compare else ""))
+    folder = Path(out_dir)  # (as Path, `-o dir/` prints no double slash)
+    click.echo(f"wrote {folder / f'replay-{key}.parquet'}" + (f" and {folder / f'sim-{key}.parquet'}" if compare else ""))
 
 
 def replay_memory(gpu_mem: str | None, expert_cache: int | None, reserve: str | None, kv_tokens: int | None,

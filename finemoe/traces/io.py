@@ -78,6 +78,8 @@ def write_trace(trace: Trace, path: str | os.PathLike, *, row_group_size: int = 
 
 def trace_files(path: str | os.PathLike) -> list[Path]:
     """The Parquet files a trace path names: the file itself, or a directory's part files."""
+    if os.fspath(path) == "":  # Path("") is ".", which would be read as a folder of parts
+        raise TraceError("no trace given: the path is empty")
     path = Path(path)
     if not path.exists():
         raise TraceError(f"{path}: no such trace file or directory")
