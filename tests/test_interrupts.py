@@ -48,7 +48,15 @@ def test_only_the_outermost_deferred_block_raises_and_take_pending_clears():
         assert take_pending() is None
 
 
-def test_ctrl_c_is_deferred_too_and_sigterm_handler_is_restored():
+@pytest.fixture
+def sigint_as_python_sets_it():
+    """SIGINT as a Python program started from a terminal has it (a pytest-xdist worker ignores it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_is_deferred_too_and_the_handlers_are_restored(sigint_as_python_sets_it):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt) as caught, interrupts_raised():
         with deferred():
@@ -57,6 +65,20 @@ def test_ctrl_c_is_deferred_too_and_sigterm_handler_is_restored():
                 pass
     assert not isinstance(caught.value, Terminated)
     assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A shell script's background job starts with SIGINT ignored: the program must not take it back."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_raised():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):
+                pass
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_an_interrupt_while_the_temporary_is_made_leaves_no_temporary(tmp_path, monkeypatch):
