@@ -111,7 +111,10 @@ def _stop_workers(workers) -> None:
     there after `STOP_GRACE_S`."""
     for proc in workers:
         if proc.is_alive():
-            os.kill(proc.pid, STOP_SIGNAL)
+            try:
+                os.kill(proc.pid, STOP_SIGNAL)
+            except ProcessLookupError:  # it exited since
+                pass
     deadline = time.monotonic() + STOP_GRACE_S
     for proc in workers:
         proc.join(timeout=max(0.0, deadline - time.monotonic()))
