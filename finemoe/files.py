@@ -153,9 +153,12 @@ def atomic_write_json(path: str | os.PathLike, data, *, indent: int | None = 2, 
 
 
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
-    """A new folder `<prefix><random>` in `parent`, with the umask's permissions (mkdtemp gives 0700)."""
+    """A new folder `<prefix><random>` in `parent`, with the umask's permissions (mkdtemp gives 0700).
+    A caller that removes it on an interrupt makes it under `deferred()`, so that it has the name
+    (`atomic_dir`); collect's part folders are named by process instead, and a later run removes
+    those of a process that is gone."""
     parent = ensure_dir(parent)
-    with output_errors(parent / prefix), deferred():  # the caller gets the folder, or none is made
+    with output_errors(parent / prefix):
         while True:
             tmp = parent / f"{prefix}{secrets.token_hex(4)}"
             try:

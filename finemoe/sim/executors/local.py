@@ -171,7 +171,7 @@ class LocalExecutor:
                     if interrupt is not None:
                         raise interrupt
             except BaseException:
-                # An interrupt (or the consumer stopped): drop queued work and kill the running
+                # An interrupt (or the consumer stopped): drop queued work and stop the running
                 # configurations' workers; waiting could take as long as a configuration.
                 with deferred():
                     if pool is not None:
