@@ -44,6 +44,6 @@ def test_simulate_table_shows_the_bound_beside_the_policy(tmp_path):
     header, row = results_table([path]).splitlines()
     cells = dict(zip(header.replace("TPOT p50 ms", "TPOT_p50_ms").replace("bound TPOT p50", "bound_TPOT_p50")
                      .replace("bound loads", "bound_loads").replace("hit rate", "hit_rate").replace("gpu mem", "gpu_mem")
-                     .replace("TTFT p50 ms", "TTFT_p50").replace("TPOT p99 ms", "TPOT_p99").replace("moved GB", "moved")
+                     .replace("TTFT p50 ms", "TTFT_p50").replace("TPOT p99 ms", "TPOT_p99").replace("H2D GB", "h2d").replace("D2H GB", "d2h").replace("on cpu", "on_cpu")
                      .replace("stall s", "stall").split(), row.split(), strict=True))
     assert cells["bound_TPOT_p50"] == "1.50" and cells["loads"] == "42" and cells["bound_loads"] == "30"

@@ -87,7 +87,7 @@ def test_sweep_end_to_end_with_table_and_resume(trace_file, tmp_path):
     manifest = json.loads((tmp_path / "sweep.json").read_text())["configs"]
     assert sorted(e["file"] for e in manifest) == [f.name for f in files]
     header = next(line for line in first.output.splitlines() if line.startswith("policy"))
-    for col in ("slots", "hit rate", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "moved GB", "stall s"):
+    for col in ("slots", "hit rate", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "H2D GB", "D2H GB", "copied", "on cpu", "stall s"):
         assert col in header
     df = summary_frame(files)
     assert set(df["policy"]) == {"lru", "lfu"} and (df["hit_rate"].between(0, 1)).all()

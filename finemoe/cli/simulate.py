@@ -61,10 +61,12 @@ class SimulateCommand(click.Command):
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_epilog(ctx, formatter)
         from finemoe.policies.registry import policy_names
+        from finemoe.sim.cpu import CPU_PRESETS
         from finemoe.sim.hardware import PRESETS
 
         formatter.write_paragraph()
-        for title, names in (("Policies", policy_names()), ("Hardware presets", list(PRESETS))):
+        for title, names in (("Policies", policy_names()), ("Hardware presets", list(PRESETS)),
+                             ("CPU presets", list(CPU_PRESETS))):
             for line in _wrap_names(f"{title}: ", names, width=(formatter.width or 80) - 4):
                 formatter.write(f"  {line}\n")
 
@@ -107,6 +109,10 @@ def _hardware_options(fn):
 @click.option("--hardware", "hardware", default="rtx3090", show_default=True, metavar="LIST",
               help="Hardware presets or profile .json files from `finemoe calibrate`, comma-separated.")
 @_hardware_options
+@click.option("--cpu", "cpu", default="desktop-ddr5", show_default=True, metavar="LIST",
+              help="The host CPU for policies that compute experts there (static, cpu-all, fiddler, "
+                   "cache-cpu-miss): presets (listed at the end) or profile .json files from `finemoe calibrate "
+                   "--device cpu`, comma-separated. Other policies ignore it.")
 @click.option("--model-profile", default=None, metavar="NAME",
               help="Project the trace onto another model's geometry (expert size, dense weights, KV).")
 @layers_as_consecutive_option
@@ -141,7 +147,7 @@ def _hardware_options(fn):
 @click.option("--dry-run", is_flag=True, help="List the configurations and exit without running them.")
 @quiet_option()
 @json_option("Print the summary rows (one per configuration) as a JSON list on stdout instead of the table.")
-def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
+def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware, cpu,
                      model_profile, layers_as_consecutive, arrival, rate, timestamps, batch_size, history_fraction, online,
                      max_requests, seed, out_dir, resume, jobs, executor, ray_address, ray_trace_transport,
                      max_retries, dry_run, quiet, as_json, **hardware_overrides) -> None:
@@ -149,8 +155,9 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
 
     Replays each TRACE (from `finemoe collect` or `finemoe import`) through the discrete-event
     simulator for every combination of the options below and writes one result file per
-    configuration. Ends with a table: hit rate, time to first token, time per output token, bytes
-    copied to the GPU and stall time per configuration.
+    configuration. Ends with a table: where the routed experts ran (resident on the GPU, copied to
+    it, on the CPU), time to first token, time per output token, bytes moved each way and stall
+    time per configuration.
     """
     from finemoe.errors import ConfigError
     from finemoe.sim.sweep import run_sweep, supported_configs
@@ -160,7 +167,7 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
         reserve=reserve, kv_tokens=kv_tokens, hardware=hardware, hardware_overrides=hardware_overrides,
         model_profile=model_profile, arrival=arrival, rate=rate, timestamps=timestamps, batch_size=batch_size,
         history_fraction=history_fraction, online=online, max_requests=max_requests, seed=seed,
-        layers_as_consecutive=layers_as_consecutive,
+        layers_as_consecutive=layers_as_consecutive, cpu=cpu,
     )
     configs, skipped = supported_configs(configs, explicit={p.strip() for p in policies.split(",")} - {"all"})
     for name, reason in skipped:
@@ -201,11 +208,12 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
 
 def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
                   hardware_overrides, model_profile, arrival, rate, timestamps, batch_size, history_fraction,
-                  online, max_requests, seed, layers_as_consecutive=False) -> list:
+                  online, max_requests, seed, layers_as_consecutive=False, cpu="desktop-ddr5") -> list:
     """Options as typed -> SimConfigs, checking everything that can be checked before running."""
     from finemoe.cli.options import size_option_value
     from finemoe.errors import ConfigError
     from finemoe.policies.registry import make_policy, policy_names
+    from finemoe.sim.cpu import load_cpu
     from finemoe.sim.hardware import load_hardware
     from finemoe.sim.sweep import (
         SweepSpec,
@@ -262,6 +270,7 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
         model_profile=model_profile,
         seeds=parse_ints(seed, "--seed", minimum=0),
         layers_as_consecutive=layers_as_consecutive,
+        cpus=[load_cpu(c.strip()) for c in cpu.split(",") if c.strip()] or [None],
     )
     known = policy_names()
     configs = []
@@ -352,7 +361,8 @@ def _si_number(text: str) -> float:
 
 
 def results_table(paths) -> str:
-    """One line per result: the axes that vary, then hit rate, latency, bytes moved and stalls."""
+    """One line per result: the axes that vary, then where the experts ran (resident, copied, on the
+    CPU), latency, bytes moved per direction and stalls."""
     from finemoe.results import summary_frame
 
     df = summary_frame(paths)
@@ -363,6 +373,7 @@ def results_table(paths) -> str:
         ("hardware", "hardware.name", str),
         ("pcie GB/s", "hardware.pcie_gbps", _num),
         ("copy eng", "hardware.copy_engines", _num),
+        ("cpu", "cpu.name", _text),
         ("batch", "workload.max_batch", _num),
         ("rate/s", "workload.rate_rps", _num),
         ("seed", "seed", _num),
@@ -379,7 +390,13 @@ def results_table(paths) -> str:
     cols.append(("gpu mem", [_mem(v) for v in budget]))
     cols.append(("slots", [_num(v) for v in _first(df, ["memory_plan.expert_cache_slots", "expert_cache_slots",
                                                        "memory.expert_cache_slots"])]))
-    cols.append(("hit rate", [_pct(v) for v in _first(df, ["hit_rate"])]))
+    cols.append(("hit rate", [_pct(v) for v in _first(df, ["hit_rate"])]))  # ran resident on the GPU
+    # where the other routed experts ran: on the GPU after a copy, or on the CPU (docs/cpu-execution.md)
+    routed = [h + m if not (_missing(h) or _missing(m)) else None
+              for h, m in zip(_first(df, ["hits"]), _first(df, ["misses"]), strict=True)]
+    for title, name in (("copied", "ran_gpu_copied"), ("on cpu", "ran_cpu")):
+        cols.append((title, [_pct(v / n) if n and not _missing(v) else "-"
+                             for v, n in zip(_first(df, [name]), routed, strict=True)]))
     cols.append(("TTFT p50 ms", [_ms(v) for v in _first(df, ["ttft_p50_s"])]))
     cols.append(("TPOT p50 ms", [_ms(v) for v in _first(df, ["tpot_p50_s"])]))
     cols.append(("bound TPOT p50", [_ms(v) for v in _first(df, ["bound_tpot_p50_s"])]))  # sim/bounds.py
@@ -388,7 +405,10 @@ def results_table(paths) -> str:
                            for a, b in zip(_first(df, ["ondemand_loads"]), _first(df, ["prefetch_started"]),
                                            strict=True)]))
     cols.append(("bound loads", [_num(v) for v in _first(df, ["bound_loads"])]))
-    cols.append(("moved GB", [_gb(v) for v in _first(df, ["bytes_h2d"])]))
+    cols.append(("H2D GB", [_gb(a + (0 if _missing(b) else b)) if not _missing(a) else "-"
+                            for a, b in zip(_first(df, ["bytes_h2d"]), _first(df, ["bytes_h2d_activations"]),
+                                            strict=True)]))
+    cols.append(("D2H GB", [_gb(v) for v in _first(df, ["bytes_d2h"])]))
     cols.append(("stall s", [_fixed(v, 3) for v in _first(df, ["stall_s"])]))
     widths = [max(len(title), *(len(x) for x in values)) for title, values in cols]
     lines = ["  ".join(t.ljust(w) if i == 0 else t.rjust(w) for i, ((t, _), w) in enumerate(zip(cols, widths, strict=True)))]

@@ -11,6 +11,7 @@ Call order for one run:
       per layer:      on_layer_routed(routing)      -> prefetches
                       on_access(layer, expert, hit)    for each routed expert of the layer
     when a load needs a slot and the cache is full: choose_victim(evictable, for_prefetch)
+    (only if `executes_on_cpu`) place_misses(...) per layer with misses: where each missed expert runs
     on_loaded / on_evicted keep the policy's view of residency in step with the engine's
     on_request_finished(request) when a request completes (online learning)
 
@@ -30,10 +31,22 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 if TYPE_CHECKING:
+    from finemoe.sim.costs import CostModel
     from finemoe.traces.geometry import Geometry
     from finemoe.traces.schema import Trace
 
 ExpertKey = tuple[int, int]  # (layer, expert)
+
+# Where a missed expert runs (`Policy.place_misses`): copied to the GPU and computed there once it
+# has landed, staying cached (what every copy-on-miss policy does); copied and computed there, its
+# slot freed once the layer is done (a runtime's temporary buffer: llama.cpp's prompt offload,
+# Fiddler); computed on the CPU from host memory; or computed on the CPU now while a copy brings it
+# to the GPU for later steps.
+COPY = "copy"
+COPY_ONCE = "copy-once"
+CPU = "cpu"
+CPU_AND_COPY = "cpu+copy"
+PLACEMENTS = (COPY, COPY_ONCE, CPU, CPU_AND_COPY)
 
 
 @dataclass(frozen=True, order=True)
@@ -181,6 +194,7 @@ class PolicyContext:
     is_in_flight: Callable[[ExpertKey], bool]
     expert_load_s: float  # modelled time to copy one expert over the host-to-device link
     oracle: OracleView | None = None  # set only for policies with is_oracle = True
+    costs: CostModel | None = None  # the timing model's cost functions (GPU, link and, with --cpu, CPU)
 
 
 class Policy:
@@ -194,6 +208,9 @@ class Policy:
     is_oracle: ClassVar[bool] = False
     needs: ClassVar[tuple[str, ...]] = ()
     uses_history: ClassVar[bool] = False  # whether fit()/on_request_finished() learn anything
+    # Whether the policy may compute missed experts on the CPU: the engine then asks `place_misses`
+    # and needs a CPU profile (docs/cpu-execution.md).
+    executes_on_cpu: ClassVar[bool] = False
 
     def __init__(self, **params) -> None:
         if params:
@@ -241,6 +258,13 @@ class Policy:
         resident expert is evictable) or the prefetch asking (returning None drops it).
         """
         raise NotImplementedError
+
+    def place_misses(self, layer: int, misses: list[int], tokens: list[int], step_tokens: int,
+                     now_s: float) -> dict[int, str]:
+        """Where each missed expert of `layer` runs: COPY, CPU or CPU_AND_COPY (base.py), by expert id.
+        `tokens[i]`: the tokens routed to `misses[i]`; `step_tokens`: the step's batch. Asked only of
+        policies with `executes_on_cpu`; every other policy copies every miss."""
+        return dict.fromkeys(misses, COPY)
 
     def layers_ahead(self) -> int:
         """How many layers past the current one this policy predicts (0: none); on a log of only some

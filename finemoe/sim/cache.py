@@ -175,6 +175,25 @@ class ExpertCache:
         self._start_layer_loads(layer, experts, keys, now_s)
         return keys
 
+    def drop(self, keys: Iterable[ExpertKey], now_s: float) -> None:
+        """Free the slots of `keys` (computed from a temporary copy, `COPY_ONCE`): not an eviction
+        the policy chose, but it hears of it as one."""
+        for key in keys:
+            if key in self.resident:
+                self.resident.discard(key)
+                self._unused_prefetch.discard(key)
+                self.policy.on_evicted(key, now_s)
+
+    def withdraw_demands(self, keys: Iterable[ExpertKey]) -> None:
+        """Take queued on-demand loads back before they start: the policy computes those misses on
+        the CPU instead (`Policy.place_misses`)."""
+        drop = set(keys) & self._demand_set
+        if drop:
+            self._demand_set -= drop
+            kept = [k for k in self._demand if k not in drop]
+            self._demand.clear()  # in place: the engine's inline path holds the deque itself
+            self._demand.extend(kept)
+
     def pin(self, keys: Iterable[ExpertKey]) -> None:
         pinned = self.pinned
         for key in keys:

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from finemoe.sim.cpu import CpuSpec
 from finemoe.sim.hardware import HardwareSpec
 
 
@@ -43,13 +44,16 @@ class SimConfig:
     seed: int = 0
     timeline_steps: int = 8  # engine steps whose events are kept for the timeline plot
     layers_as_consecutive: bool = False  # a partial-layer trace's logged layers run as layers 0..n-1
+    cpu: CpuSpec | None = None  # the host CPU, for policies that compute experts there (None: the default preset)
 
     def to_dict(self) -> dict:
-        """Every field; `layers_as_consecutive` only when set, so the keys of other configurations
-        (and the result files of earlier sweeps) stay what they were."""
+        """Every field; `layers_as_consecutive` and `cpu` only when set, so the keys of other
+        configurations (and the result files of earlier sweeps) stay what they were."""
         out = asdict(self)
         if not self.layers_as_consecutive:
             del out["layers_as_consecutive"]
+        if self.cpu is None:
+            del out["cpu"]
         return out
 
     def key(self) -> str:

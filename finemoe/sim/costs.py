@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from finemoe.sim.cpu import CpuSpec
 from finemoe.sim.hardware import HardwareSpec
 from finemoe.traces.geometry import Geometry
 
@@ -21,6 +22,7 @@ class CostModel:
 
     hardware: HardwareSpec
     geometry: Geometry
+    cpu: CpuSpec | None = None  # the host's CPU, for policies that compute experts there
 
     def roofline_s(self, flops: float, nbytes: float) -> float:
         """One kernel: launch cost plus the slower of compute-bound and memory-bound time."""
@@ -59,3 +61,31 @@ class CostModel:
     @property
     def expert_load_s(self) -> float:
         return self.transfer_s(self.geometry.bytes_per_expert)
+
+    # --- experts computed on the CPU (docs/cpu-execution.md) ----------------------------------------
+    def cpu_expert_s(self, tokens: int) -> float:
+        """One routed expert over `tokens` tokens on the CPU: its weights read once from host memory
+        or its FLOPs, whichever binds, plus the dispatch cost."""
+        cpu = self._cpu()
+        g = self.geometry
+        flops = tokens * g.expert_flops_per_token
+        nbytes = g.bytes_per_expert + 2.0 * tokens * g.hidden_size * g.dtype_bytes
+        return cpu.expert_overhead_s + max(flops / cpu.compute_flops_per_s, nbytes / cpu.mem_bytes_per_s)
+
+    def activation_copy_s(self, tokens: int) -> float:
+        """One direction of a layer's hand-off to the CPU: `tokens` hidden states (to the CPU before
+        its experts, their combined outputs back after), one copy each way."""
+        g = self.geometry
+        return self.transfer_s(tokens * g.hidden_size * g.dtype_bytes)
+
+    def cpu_layer_s(self, tokens: int, expert_tokens) -> float:
+        """A layer's CPU side, from its router output to its result back on the GPU: the hidden
+        states out, the experts one after another (each over all cores), the outputs back and the
+        synchronisation. `expert_tokens`: the token count of each expert computed on the CPU."""
+        return (2.0 * self.activation_copy_s(tokens) + sum(self.cpu_expert_s(n) for n in expert_tokens)
+                + self._cpu().sync_s)
+
+    def _cpu(self) -> CpuSpec:
+        if self.cpu is None:
+            raise ValueError("this cost model has no CPU profile; CPU-executing policies need one (--cpu)")
+        return self.cpu

@@ -23,14 +23,19 @@ import numpy as np
 import simpy
 
 from finemoe.policies.base import (
+    COPY,
+    COPY_ONCE,
+    CPU,
+    CPU_AND_COPY,
     LayerRouting,
     OracleView,
     Policy,
     PolicyContext,
+    Prefetch,
     Sequence,
     StepInfo,
 )
-from finemoe.sim.cache import ExpertCache
+from finemoe.sim.cache import ExpertCache, PolicyError
 from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
 from finemoe.sim.memory import MemoryPlan
 from finemoe.sim.metrics import MetricsRecorder
@@ -206,6 +211,15 @@ class SimEngine:
         self._wants_step = cls.on_step_start is not Policy.on_step_start
         self._wants_layer = cls.on_layer_routed is not Policy.on_layer_routed
         self._wants_finished = cls.on_request_finished is not Policy.on_request_finished
+        # Misses this policy computes on the CPU (docs/cpu-execution.md): the layer's CPU side is
+        # analytic (it starts at the router output and ends before the next layer), no SimPy event.
+        self._cpu_exec = bool(policy.executes_on_cpu)
+        if self._cpu_exec and costs.cpu is None:
+            raise ValueError(f"policy {policy.name} computes experts on the CPU: its cost model needs a CPU profile")
+        self._cpu_ticks: dict[int, int] = {}
+        self._act_ticks: dict[int, int] = {}
+        self._sync_ticks = to_ticks(costs.cpu.sync_s) if costs.cpu is not None else 0
+        self._transient: list = []  # COPY_ONCE experts of the current layer: their slots free after it
         policy.bind(
             PolicyContext(
                 geometry=g,
@@ -215,6 +229,7 @@ class SimEngine:
                 is_in_flight=self.cache.is_in_flight,
                 expert_load_s=costs.expert_load_s,
                 oracle=self.oracle,
+                costs=costs,
             )
         )
 
@@ -231,6 +246,57 @@ class SimEngine:
         if got is None:
             got = self._expert_ticks[tokens] = to_ticks(self.costs.expert_compute_s(tokens))
         return got
+
+    def _place(self, step: int, layer: int, experts, counts, misses, step_tokens: int, t: int, keep: bool):
+        """The policy's placement of layer `layer`'s misses at compute time `t`: those it runs on the
+        CPU leave the on-demand queue (a CPU_AND_COPY one is queued as a prefetch for the next step's
+        same layer instead), and the CPU side is timed here. Returns the experts the GPU computes,
+        their token counts (None: one each), the misses it waits for (None: none) and the tick at
+        which the CPU's result is back on the GPU (0: no CPU work)."""
+        n_of = dict(zip(experts, counts, strict=True)) if counts is not None else None
+        tokens = [1] * len(misses) if n_of is None else [n_of[e] for e in misses]
+        where = self.policy.place_misses(layer, list(misses), tokens, step_tokens, t * _S)
+        cpu, copy, later = [], [], []
+        for e, n in zip(misses, tokens, strict=True):
+            w = where.get(e, COPY)
+            if w == COPY or w == COPY_ONCE:
+                copy.append(e)
+                if w == COPY_ONCE:
+                    self._transient.append((layer, e))
+                continue
+            if w not in (CPU, CPU_AND_COPY):
+                raise PolicyError(f"policy {self.policy.name} placed expert {e} of layer {layer} at {w!r}; "
+                                  f"place_misses returns {COPY!r}, {COPY_ONCE!r}, {CPU!r} or {CPU_AND_COPY!r}")
+            cpu.append((e, n))
+            if w == CPU_AND_COPY:
+                later.append(e)
+        if not cpu:
+            return experts, counts, misses, 0
+        self.cache.withdraw_demands([(layer, e) for e, _ in cpu])
+        if later:
+            self._submit([Prefetch(0.0, step + 1, layer, e) for e in later], t)
+        act = self._act_ticks.get(step_tokens)
+        if act is None:
+            act = self._act_ticks[step_tokens] = to_ticks(self.costs.activation_copy_s(step_tokens))
+        rec = self.rec
+        te = t + act  # the hidden states reach the CPU
+        for e, n in cpu:
+            c = self._cpu_ticks.get(n)
+            if c is None:
+                c = self._cpu_ticks[n] = to_ticks(self.costs.cpu_expert_s(n))
+            if keep:
+                rec.event("cpu", "expert", step, layer, e, te * _S, (te + c) * _S, True)
+            rec.cpu_busy_s += c * _S
+            te += c
+        g = self.trace.geometry
+        act_bytes = int(step_tokens * g.hidden_size * g.dtype_bytes)
+        rec.cpu_experts += len(cpu)
+        rec.bytes_d2h += act_bytes
+        rec.bytes_h2d_activations += act_bytes
+        on_cpu = {e for e, _ in cpu}
+        gpu = [e for e in experts if e not in on_cpu]
+        gpu_counts = None if counts is None else [c for e, c in zip(experts, counts, strict=True) if e not in on_cpu]
+        return gpu, gpu_counts, copy or None, te + act + self._sync_ticks
 
     def _single_row(self, row: int) -> list[list[int]]:
         """One token's routed experts per layer, ascending, missing records dropped."""
@@ -609,7 +675,11 @@ class SimEngine:
         stretch = self._stretch if self.slowdown != 1.0 else None
         capacity = cache.capacity
         # `_quiet_step` applies: no policy hook can queue a copy or needs the clock synced
-        hookless = not self._wants_step and not wants_layer and self.oracle is None and stretch is None
+        cpu_exec = self._cpu_exec
+        hookless = (not self._wants_step and not wants_layer and self.oracle is None and stretch is None
+                    and not cpu_exec)
+        cpu_done = 0  # when the CPU's share of the current layer is back on the GPU (0: none)
+        cpu_wait = 0
         while not batcher.done:
             seqs = batcher.next_step(t)
             if not seqs:
@@ -632,13 +702,21 @@ class SimEngine:
                     self._submit(pf, t)
             experts_l, counts_l, dense, tokens = self._prepare(seqs)
             keep = step < tl_steps
-            inline_now = inline and not keep  # `_misses_inline` keeps no timeline
+            inline_now = inline and not keep and not cpu_exec  # `_misses_inline` keeps no timeline
             layers = range(L)
             if hookless and inline_now and self._quiet(experts_l):
                 t, waited = self._quiet_step(step, experts_l, counts_l, dense, t)
                 stall += waited
                 layers = ()  # done
             for layer in layers:
+                if self._transient:  # the previous layer's temporary copies leave their slots
+                    cache.drop(self._transient, t * _S)
+                    self._transient = []
+                if cpu_done:  # the GPU waits for the previous layer's CPU experts
+                    if cpu_done > t:
+                        cpu_wait += cpu_done - t
+                        t = cpu_done
+                    cpu_done = 0
                 if stretch is not None and peek() <= t:
                     yield from sync(t)  # the stretch sees every copy started by `t`
                 t0 = t
@@ -654,8 +732,12 @@ class SimEngine:
                 misses = cache.access_layer(layer, experts, now_s)
                 if pf:
                     self._submit(pf, t)
+                counts = None if counts_l is None else counts_l[layer]
+                if cpu_exec and misses is not None:
+                    experts, counts, misses, cpu_done = self._place(step, layer, experts, counts, misses, tokens,
+                                                                    t, keep)
                 quiet = not cache.busy and not self._releases  # nothing can happen on the link
-                if counts_l is None:
+                if counts is None:
                     ticks = None
                     if misses is None and not keep and not always and quiet:
                         # Nothing can happen on the link: the layer's experts run back to back.
@@ -663,7 +745,7 @@ class SimEngine:
                         continue
                     ticks = [et1] * len(experts)
                 else:
-                    ticks = [etf(c) for c in counts_l[layer]]
+                    ticks = [etf(c) for c in counts]
                 if (misses is not None and inline_now and not self._releases
                         and cache.only_demands(len(misses)) and capacity >= len(experts)
                         and self._engines_idle()):
@@ -742,6 +824,14 @@ class SimEngine:
                                     self._notify()
                 if always:
                     yield from sync(t)
+            if self._transient:
+                cache.drop(self._transient, t * _S)
+                self._transient = []
+            if cpu_done:  # the last layer's CPU experts
+                if cpu_done > t:
+                    cpu_wait += cpu_done - t
+                    t = cpu_done
+                cpu_done = 0
             # The step is done: every sequence produced a token.
             end_s = t * _S
             rec.steps += 1
@@ -760,6 +850,7 @@ class SimEngine:
                     policy.on_request_finished(rid, trace)
             self.step += 1
         rec.stall_s = stall * _S
+        rec.cpu_wait_s = cpu_wait * _S
         yield from sync(t)
         return t
 
@@ -771,7 +862,7 @@ class SimEngine:
             if self._scripted:
                 self.oracle.rebuild(0, list(self._scripted), self.info)
             self._replan(0)
-        if self.memory.all_resident:
+        if self.memory.all_resident and not self._cpu_exec:  # (a placement on the CPU is the policy's choice)
             keys = [(layer, e) for layer in range(self.L) for e in range(self.J)]
         else:
             keys = list(self.policy.initial_residents())[: self.memory.expert_cache_slots]

@@ -16,7 +16,13 @@ class MetricsRecorder:
     misses: list[int] = field(init=False)
     ondemand_loads: int = 0
     stall_s: float = 0.0
-    bytes_h2d: int = 0
+    bytes_h2d: int = 0  # expert weights copied to the GPU
+    # Experts computed on the CPU (docs/cpu-execution.md) and the activations that cross for them.
+    cpu_experts: int = 0
+    cpu_busy_s: float = 0.0
+    cpu_wait_s: float = 0.0  # the GPU waiting for the CPU's result
+    bytes_d2h: int = 0  # hidden states to the CPU
+    bytes_h2d_activations: int = 0  # the CPU's expert outputs back to the GPU
     prefetch_issued: int = 0  # accepted into the queue (not resident, in flight or queued already)
     prefetch_started: int = 0  # copies begun
     prefetch_in_time: int = 0  # resident when first needed after being prefetched
@@ -82,6 +88,14 @@ class MetricsRecorder:
             "ondemand_loads": self.ondemand_loads,
             "stall_s": self.stall_s,
             "bytes_h2d": self.bytes_h2d,
+            # where each routed expert ran: resident on the GPU, on the GPU after its copy, on the CPU
+            "ran_gpu_resident": self.total_hits,
+            "ran_gpu_copied": self.total_misses - self.cpu_experts,
+            "ran_cpu": self.cpu_experts,
+            "cpu_busy_s": self.cpu_busy_s,
+            "cpu_wait_s": self.cpu_wait_s,
+            "bytes_d2h": self.bytes_d2h,
+            "bytes_h2d_activations": self.bytes_h2d_activations,
             "prefetch_issued": self.prefetch_issued,
             "prefetch_started": self.prefetch_started,
             "prefetch_in_time": self.prefetch_in_time,

@@ -76,6 +76,16 @@ def bounds_for(trace: Trace, config: SimConfig, start: frozenset) -> dict:
                         start, steps_are_fixed(wl.arrival, wl.max_batch))
 
 
+def cpu_for(config: SimConfig, policy):
+    """The configuration's CPU; for a policy that computes experts there and a configuration that
+    names none, the default preset (recorded with the result)."""
+    if config.cpu is not None or not policy.executes_on_cpu:
+        return config.cpu
+    from finemoe.sim.cpu import CPU_PRESETS, DEFAULT_CPU
+
+    return CPU_PRESETS[DEFAULT_CPU]
+
+
 def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = False) -> RunResult:
     """One engine run of the policy object `policy` under `config`; `bounds`: with the lower bounds
     for the start state it ran from as `bound_*` summary fields."""
@@ -89,7 +99,7 @@ def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = Fals
     for rid, a in zip(split.measure, ticks, strict=True):
         # Each iteration run emits one token (the prefill its first), so tpot = mean decode step.
         recorder.request_arrived(rid, a / TICKS_PER_S, requests[rid].prompt_tokens, len(by_req.get(rid, ())))
-    costs = CostModel(config.hardware, trace.geometry)
+    costs = CostModel(config.hardware, trace.geometry, cpu_for(config, policy))
     engine = SimEngine(trace, policy, costs, plan, batcher, recorder, seed=config.seed, online=wl.online)
     if policy.uses_history and not wl.online:
         policy.fit(trace.select_requests(split.history))
@@ -105,8 +115,11 @@ def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = Fals
         expert_load_s=costs.expert_load_s,
         finemoe_version=__version__,
     )
+    if costs.cpu is not None:
+        cfg["cpu"] = costs.cpu.to_dict()
     cfg["start_residents"] = len(engine.start_residents)
     result = recorder.to_result(cfg, wall_s=time.perf_counter() - wall0, makespan_s=makespan_s)
-    if bounds:
+    if bounds and not policy.executes_on_cpu:
+        # The bounds are of copy-on-miss (sim/bounds.py): computing a miss on the CPU can beat them.
         result.summary.update(bounds_for(trace, config, engine.start_residents))
     return result

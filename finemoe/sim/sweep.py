@@ -174,6 +174,7 @@ class SweepSpec:
     model_profile: str | None = None
     seeds: Sequence[int] = (0,)
     layers_as_consecutive: bool = False  # a partial-layer trace's logged layers as layers 0..n-1
+    cpus: Sequence = (None,)  # CpuSpecs, an axis of the policies that compute experts on the CPU only
 
 
 def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -> list[SimConfig]:
@@ -197,9 +198,16 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
     hardware = _hardware_variants(spec.hardware, spec.hardware_overrides)
     trace_path = str(Path(spec.trace_path).expanduser().resolve())
     configs: dict[str, SimConfig] = {}
+    from finemoe.policies.registry import POLICIES
+    from finemoe.sim.cpu import CPU_PRESETS, DEFAULT_CPU
+
     for policy in policies:
+        cls = POLICIES.get(policy)
+        # A CPU matters only to a policy that computes experts there: the others keep their keys.
+        cpus = ([c or CPU_PRESETS[DEFAULT_CPU] for c in spec.cpus] if cls is not None and cls.executes_on_cpu
+                else [None])
         for params in _param_grid(spec.policy_params.get(policy, {})):
-            for hw, memory, workload, seed in itertools.product(hardware, memories, workloads, spec.seeds):
+            for hw, memory, workload, seed, cpu in itertools.product(hardware, memories, workloads, spec.seeds, cpus):
                 config = SimConfig(
                     trace_path=trace_path,
                     policy=policy,
@@ -210,6 +218,7 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
                     model_profile=spec.model_profile,
                     seed=int(seed),
                     layers_as_consecutive=spec.layers_as_consecutive,
+                    cpu=cpu,
                 )
                 configs.setdefault(config.key(), config)
     return list(configs.values())
