@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from finemoe.errors import ConfigError
-
 from finemoe.policies.base import ExpertKey, PolicyContext
 from finemoe.policies.moe_infinity import activation_matrix
 from finemoe.policies.placement import CpuExecutingPolicy
