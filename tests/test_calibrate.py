@@ -98,6 +98,19 @@ def test_quick_cpu_calibration_writes_a_profile_simulate_reads(tmp_path):
     path = write_profile(profile, tmp_path / "p.json")
     assert load_hardware(str(path)) == hw
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # atomic: no temporary left behind
+    # The same measurements as the CPU that computes experts (--cpu): the expert FFN's two ends.
+    from finemoe.sim.costs import CostModel
+    from finemoe.sim.cpu import load_cpu
+    from finemoe.traces.geometry import Geometry
+
+    cpu = load_cpu(str(path))
+    assert (cpu.mem_gbps, cpu.flops, cpu.expert_overhead_s) == (hw.hbm_gbps, hw.flops, hw.kernel_launch_s)
+    g = Geometry("c", 1, 8, 2, 0, hidden_size=128, expert_intermediate_size=256, dtype="float32",
+                 bytes_per_expert=3 * 128 * 256 * 4, dense_bytes=1, kv_bytes_per_token=0)
+    one = CostModel(hw, g, cpu)
+    for tokens in (1, 64):  # the same roofline, without the replayer's own Python cost per expert
+        assert one.cpu_expert_s(tokens) == pytest.approx(one.expert_compute_s(tokens) - hw.expert_overhead_s,
+                                                         rel=1e-9)
 
 
 def test_cli_calibrate_writes_profile(tmp_path):
@@ -107,7 +120,7 @@ def test_cli_calibrate_writes_profile(tmp_path):
     assert res.exit_code == 0, res.output
     assert "host->device" in res.output and "wrote" in res.output
     data = json.loads(out.read_text())
-    assert set(data) == {"hardware", "measurements", "warnings"}
+    assert set(data) == {"hardware", "measurements", "cpu", "warnings"}
     assert isinstance(data["warnings"], list)
     assert load_hardware(str(out)).name.startswith("cpu-")
 

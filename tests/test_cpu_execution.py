@@ -325,3 +325,34 @@ def test_real_mixtral_static_spans_no_offload_to_cpu_all(mixtral_trace_path):
     # Between the two ends, each layer moved to the GPU saves time: TPOT falls as N falls.
     tpot = [summary("static", 256, cpu_layers=n)["tpot_p50_s"] for n in (32, 24, 16, 8, 0)]
     assert tpot == sorted(tpot, reverse=True) and tpot[0] > 10 * tpot[-1]
+
+
+def test_replay_and_validate_refuse_a_cpu_placement_in_one_sentence(tmp_path):
+    from click.testing import CliRunner
+
+    from finemoe.cli.main import cli
+    from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+
+    from finemoe.traces.io import write_trace
+
+    path = tmp_path / "t.parquet"
+    write_trace(synthetic_trace(tiny_geometry(), num_requests=2, seed=0), path)
+    for args in (["replay", str(path), "--policy", "static", "--expert-cache", "8"],
+                 ["validate", str(path), "--policy", "cpu-all"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code != 0 and "computes experts on the CPU" in res.output, res.output
+        assert "Traceback" not in res.output
+
+
+def test_the_placement_figure_shows_each_policy_where_its_experts_ran(tmp_path):
+    from finemoe.plots.render import render_all
+
+    trace = make_trace([[[[(0, 1)]], [[(0, 1)]]]], num_layers=1, num_experts=2, top_k=2)
+    paths = []
+    for policy in ("lru", "cpu-all", "cache-cpu-miss"):
+        path = tmp_path / f"{policy}.parquet"
+        run_cpu(trace, policy, slots=2).write(path)
+        paths.append(path)
+    out = render_all(paths, tmp_path / "figs", only=["expert_placement"])
+    assert [r.name for r in out.rendered] == ["expert_placement"] and not out.skipped
+    assert (tmp_path / "figs" / "expert_placement.png").stat().st_size > 0

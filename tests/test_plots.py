@@ -135,7 +135,7 @@ def rendered(study, trace_file, tmp_path_factory):
 
 # lines, bars or bar collections each figure must draw from the study below
 MIN_ARTISTS = {"latency_memory": 8, "hit_rate_memory": 4, "prefetch_distance": 2, "latency_bars": 24,
-               "routing_entropy": 9, "sim_vs_replay": 12, "engine_timeline": 20}
+               "routing_entropy": 9, "sim_vs_replay": 12, "engine_timeline": 20, "expert_placement": 6}
 
 
 @pytest.mark.slow

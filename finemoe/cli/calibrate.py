@@ -28,6 +28,9 @@ def calibrate_cmd(device: str, output: str, quick: bool, dtype: str, threads: in
     The profile holds the fitted HardwareSpec ("hardware") and the raw tables ("measurements"):
       finemoe calibrate --device cpu -o cpu.json
       finemoe simulate TRACE --hardware cpu.json --policy lru --gpu-mem 2G
+    On a CPU it also holds the CPU as `--cpu` reads it ("cpu"), for the policies that compute
+    experts there:
+      finemoe simulate TRACE --cpu cpu.json --policy static,cpu-all,fiddler
     """
     from pathlib import Path
 
@@ -67,6 +70,9 @@ def format_profile(profile: dict) -> str:
         f"compute           {hw['flops'] / 1e12:.3f} TFLOP/s best GEMM, expert GEMMs reach {hw['compute_efficiency']:.0%}",
         f"fixed cost        {hw['kernel_launch_s'] * 1e6:.1f} us per expert call",
     ]
+    if "cpu" in profile:
+        lines.append("as a CPU          `finemoe simulate --cpu PROFILE.json` computes experts at these figures "
+                     "(its \"cpu\" object)")
     if "replayer_dispatch" in m:
         lines.append(f"replayer's own    {hw['layer_overhead_s'] * 1e6:.1f} us per layer, "
                      f"{hw['expert_overhead_s'] * 1e6:.1f} us per expert, {hw['miss_overhead_s'] * 1e6:.1f} us per miss")

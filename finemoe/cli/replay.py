@@ -84,7 +84,10 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
             if len(v) != 1:
                 raise ConfigError(f"--policy-param {name}.{k}: replay takes one value, not a list")
             params[k] = v[0]
-    make_policy(policy, **params)  # an unknown policy or parameter fails here, not after calibrating
+    from finemoe.policies.placement import refuse_cpu_execution
+
+    # an unknown policy or parameter, or one the replayer cannot run, fails here, not after calibrating
+    refuse_cpu_execution(make_policy(policy, **params), "replay")
     memory, spec = replay_memory(gpu_mem, expert_cache, reserve, kv_tokens, hardware, device)
     check_replay_numbers(threads=threads, expert_scale=expert_scale, rate=rate, batch_size=batch_size,
                          max_requests=max_requests)

@@ -16,6 +16,8 @@ FIGURES: dict[str, str] = {
     "hit_rate_memory": "expert hit rate against the memory budget, per policy",
     "prefetch_distance": "hit rate and latency against prefetch distance d (predictive policies)",
     "latency_bars": "TTFT and TPOT p50/p90/p99 per policy at one budget (--budget)",
+    "expert_placement": "where the routed experts ran (GPU resident, GPU after a copy, CPU) and the bytes each way, "
+                        "per policy at one budget (--budget)",
     "routing_entropy": "coarse (per request) vs fine (per iteration) routing entropy per layer (--trace)",
     "sim_vs_replay": "simulated vs replayed metrics per configuration (fidelity)",
     "engine_timeline": "a few engine steps: compute and copy engines as lanes, misses marked",
@@ -43,7 +45,7 @@ def render_all(
     Raises PlotError when there are no results at all or an unknown figure is asked for; a figure
     the results cannot support is recorded in `skipped` with its reason.
     """
-    from finemoe.plots import bars, distance, entropy, fidelity, timeline, tradeoff
+    from finemoe.plots import bars, distance, entropy, fidelity, placement, timeline, tradeoff
 
     results = list(results)
     runs = results if results and all(isinstance(r, Run) for r in results) else load_runs(results)
@@ -53,7 +55,7 @@ def render_all(
         raise PlotError(f"unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}")
     out_dir = Path(out_dir)
     # bad --budget or --trace fails before any figure is written, not halfway through the folder
-    if budget is not None and "latency_bars" in wanted:
+    if budget is not None and ("latency_bars" in wanted or "expert_placement" in wanted):
         try:
             bars.choose_budget(runs, budget)
         except Skip:
@@ -64,6 +66,7 @@ def render_all(
         "hit_rate_memory": lambda: tradeoff.hit_rate_memory(runs, out_dir),
         "prefetch_distance": lambda: distance.prefetch_distance(runs, out_dir),
         "latency_bars": lambda: bars.latency_bars(runs, out_dir, budget=budget),
+        "expert_placement": lambda: placement.expert_placement(runs, out_dir, budget=budget),
         "routing_entropy": lambda: _entropy(entropy, trace or _recorded_trace(runs), out_dir, given_trace),
         "sim_vs_replay": lambda: fidelity.sim_vs_replay(runs, out_dir),
         "engine_timeline": lambda: timeline.engine_timeline(runs, out_dir),

@@ -34,6 +34,16 @@ def offload_threshold(rule, num_experts: int, top_k: int) -> int | None:
     return rule
 
 
+def refuse_cpu_execution(policy: Policy, command: str) -> None:
+    """ConfigError for a policy the command cannot run: the replayer copies every miss and has no
+    CPU expert path yet, so a CPU placement would be replayed as something it is not."""
+    if policy.executes_on_cpu:
+        from finemoe.errors import ConfigError
+
+        raise ConfigError(f"policy {policy.name} computes experts on the CPU, which {command} cannot run yet "
+                          "(it copies every miss); simulate it instead")
+
+
 class CpuExecutingPolicy(Policy):
     """A static GPU placement (`static_placement`), every other expert computed on the CPU
     (`place`), and with `offload_batch` a batch that large copied to the GPU instead. Copies go to

@@ -614,8 +614,21 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
         "duration_s": time.perf_counter() - t0,
     }
     profile = {"hardware": hw.to_dict(), "measurements": measurements}
+    if not cuda:
+        profile["cpu"] = cpu_of(hw).to_dict()
     profile["warnings"] = fit_warnings(profile)
     return profile
+
+
+def cpu_of(hw: HardwareSpec):
+    """The measured CPU as `--cpu` reads it (docs/cpu-execution.md): the expert FFN's memory-bound
+    and compute-bound ends and fixed cost of a profile measured on the CPU. Its `sync_s` (the
+    GPU's wait on the CPU's result) cannot be measured without a GPU and keeps the default."""
+    from finemoe.sim.cpu import CpuSpec
+
+    return CpuSpec(name=f"{hw.name} (measured)", mem_gbps=hw.hbm_gbps, flops=hw.flops,
+                   memory_efficiency=hw.memory_efficiency, compute_efficiency=hw.compute_efficiency,
+                   expert_overhead_s=hw.kernel_launch_s, source=hw.source)
 
 
 # A fit that says more than was measured: the fitted link faster than any copy actually timed (by

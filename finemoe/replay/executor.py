@@ -31,6 +31,7 @@ import numpy as np
 
 from finemoe.errors import ConfigError
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
+from finemoe.policies.placement import refuse_cpu_execution
 from finemoe.policies.registry import make_policy
 from finemoe.policies.support import check_support
 from finemoe.replay.compute import (
@@ -127,6 +128,7 @@ class _Replayer:
 
         self.policy = make_policy(config.policy, **config.policy_params)
         check_support(self.policy, trace)
+        refuse_cpu_execution(self.policy, "replay")
         if self.policy.is_oracle:
             raise ConfigError(
                 f"policy {self.policy.name} is an oracle (a bound that sees the future); replay runs "

@@ -115,7 +115,9 @@ def _case(name: str, trace: Trace, path: str, policy: str, slots: int, workload:
           source: dict) -> Case:
     from finemoe.policies.registry import make_policy
 
-    make_policy(policy)  # an unknown name fails here, before anything runs
+    from finemoe.policies.placement import refuse_cpu_execution
+
+    refuse_cpu_execution(make_policy(policy), "validate")  # an unknown name fails here, before anything runs
     if slots < 1:
         raise ConfigError(f"--expert-cache must be at least 1, got {slots}")
     # The preset is a placeholder: `run_replay` replaces it with the calibrated (or given) profile.
