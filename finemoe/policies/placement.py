@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from finemoe.policies.base import COPY_ONCE, CPU, ExpertKey, Policy, PolicyContext, Prefetch
-from finemoe.policies.caches import LRUOrder
+from finemoe.policies.caches import TrackedCachePolicy
 
 # llama.cpp copies the weights of an operation to the GPU once a batch has at least 32 tokens
 # (ggml-cuda's offload threshold); ik_llama.cpp PR #520 scales it for MoE layers by the experts
@@ -44,10 +44,11 @@ def refuse_cpu_execution(policy: Policy, command: str) -> None:
                           "(it copies every miss); simulate it instead")
 
 
-class CpuExecutingPolicy(Policy):
-    """A static GPU placement (`static_placement`), every other expert computed on the CPU
-    (`place`), and with `offload_batch` a batch that large copied to the GPU instead. Copies go to
-    `scratch_slots()` slots kept out of the placement, freed once their layer is done (`COPY_ONCE`)."""
+class CpuExecutingPolicy(TrackedCachePolicy):
+    """A static GPU placement (`self.static`, set at bind or fit), every other expert computed on the
+    CPU (`place`), and with `offload_batch` a batch that large copied to the GPU instead. Copies go to
+    `scratch_slots()` slots kept out of the placement, freed once their layer is done (`COPY_ONCE`);
+    what else the slots hold is evicted in `cache_order` (LRU unless a subclass says otherwise)."""
 
     executes_on_cpu = True
 
@@ -61,7 +62,6 @@ class CpuExecutingPolicy(Policy):
         super().bind(ctx)
         g = ctx.geometry
         self.threshold = offload_threshold(self.offload_batch, g.num_experts, g.top_k)
-        self.order = LRUOrder()
         self.static: list[ExpertKey] = []
 
     def scratch_slots(self) -> int:
@@ -84,21 +84,12 @@ class CpuExecutingPolicy(Policy):
             return dict.fromkeys(misses, COPY_ONCE)
         return {e: self.place(layer, e, n) for e, n in zip(misses, tokens, strict=True)}
 
-    def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
-        self.order.touch((layer, expert))
-
-    def on_loaded(self, key: ExpertKey, now_s: float) -> None:
-        self.order.loaded(key)
-
-    def on_evicted(self, key: ExpertKey, now_s: float) -> None:
-        self.order.evicted(key)
-
     def choose_victim(self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None,
                       now_s: float) -> ExpertKey | None:
         static = self._static_set()
-        victim = self.order.victim(lambda key: key not in static and evictable(key))
+        victim = self._cache.victim(lambda key: key not in static and evictable(key))
         if victim is None and for_prefetch is None:
-            victim = self.order.victim(evictable)  # only when every copied expert is still needed
+            victim = self._cache.victim(evictable)  # only when every copied expert is still needed
         return victim
 
     def _static_set(self) -> set[ExpertKey]:
