@@ -285,6 +285,11 @@ def test_cpu_policies_are_deterministic_the_fast_path_agrees_and_every_expert_ru
     assert comparable(simulate(trace, cfg)) == a
     assert comparable(simulate_general_path(trace, cfg)) == a
     s = r.summary
+    # Every routed expert of every step computed exactly once, on the GPU or the CPU (the timeline
+    # keeps every step here), and every GPU expert not marked a miss resident while it ran.
+    ran = [(e["step"], e["layer"], e["expert"]) for e in r.timeline if e["kind"] == "expert"]
+    assert len(ran) == len(set(ran)) == s["hits"] + s["misses"]
+    assert sum(e["lane"] == "cpu" for e in r.timeline if e["kind"] == "expert") == s["ran_cpu"]
     assert s["ran_gpu_resident"] + s["ran_gpu_copied"] + s["ran_cpu"] == s["hits"] + s["misses"]
     assert s["ran_gpu_resident"] == s["hits"] and s["ran_cpu"] >= 0 and s["ran_gpu_copied"] >= 0
     assert (s["cpu_busy_s"] > 0) == (s["ran_cpu"] > 0) and (s["bytes_d2h"] > 0) == (s["ran_cpu"] > 0)
@@ -356,3 +361,32 @@ def test_the_placement_figure_shows_each_policy_where_its_experts_ran(tmp_path):
     out = render_all(paths, tmp_path / "figs", only=["expert_placement"])
     assert [r.name for r in out.rendered] == ["expert_placement"] and not out.skipped
     assert (tmp_path / "figs" / "expert_placement.png").stat().st_size > 0
+
+
+def test_a_copy_for_later_never_evicts_an_expert_the_layer_computes_on_the_gpu():
+    # LFU, 2 slots, one layer: at the last step expert 2 is resident and hit with the lowest count,
+    # expert 3 misses, and its copy for later must not take expert 2's slot while the GPU computes it.
+    from finemoe.policies.cache_cpu_miss import CacheCpuMissPolicy
+
+    evictions = []
+
+    class Recording(CacheCpuMissPolicy):
+        name = "test-recording-cpu-miss"
+
+        def on_evicted(self, key, now_s):
+            evictions.append((key, now_s))
+            super().on_evicted(key, now_s)
+
+    POLICIES[Recording.name] = Recording
+    try:
+        trace = make_trace([[[[(0, 1)]], [[(0, 1)]], [[(0, 1)]], [[(0, 2)]], [[(2, 3)]]]], num_layers=1,
+                           num_experts=4, top_k=2)
+        r = run_cpu(trace, Recording.name, slots=2, cache="lfu")
+    finally:
+        del POLICIES[Recording.name]
+    gpu = [e for e in r.timeline if e["lane"] == "compute" and e["kind"] == "expert"]
+    assert any(e["expert"] == 2 for e in gpu) and evictions
+    for (layer, expert), at in evictions:
+        for e in gpu:
+            assert not (e["layer"] == layer and e["expert"] == expert and e["start_s"] <= at < e["end_s"]), \
+                f"expert {expert} evicted at {at} while the GPU computed it"

@@ -274,7 +274,14 @@ class SimEngine:
             return experts, counts, misses, 0
         self.cache.withdraw_demands([(layer, e) for e, _ in cpu])
         if later:
+            # The copies may start now, choosing victims: not among the experts this layer computes
+            # on the GPU (the general path pins those next, before any other copy can start).
+            on_cpu = {e for e, _ in cpu}
+            held = [(layer, e) for e in experts if e not in on_cpu and (layer, e) in self.cache.resident]
+            self.cache.pin(held)
             self._submit([Prefetch(0.0, step + 1, layer, e) for e in later], t)
+            for key in held:
+                self.cache.unpin(key)
         act = self._act_ticks.get(step_tokens)
         if act is None:
             act = self._act_ticks[step_tokens] = to_ticks(self.costs.activation_copy_s(step_tokens))
@@ -710,6 +717,8 @@ class SimEngine:
                 layers = ()  # done
             for layer in layers:
                 if self._transient:  # the previous layer's temporary copies leave their slots
+                    if peek() <= t:
+                        yield from sync(t)  # no copy due before `t` may see the freed slots
                     cache.drop(self._transient, t * _S)
                     self._transient = []
                 if cpu_done:  # the GPU waits for the previous layer's CPU experts
@@ -825,6 +834,8 @@ class SimEngine:
                 if always:
                     yield from sync(t)
             if self._transient:
+                if peek() <= t:
+                    yield from sync(t)
                 cache.drop(self._transient, t * _S)
                 self._transient = []
             if cpu_done:  # the last layer's CPU experts
