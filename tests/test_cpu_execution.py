@@ -336,9 +336,8 @@ def test_replay_and_validate_refuse_a_cpu_placement_in_one_sentence(tmp_path):
     from click.testing import CliRunner
 
     from finemoe.cli.main import cli
-    from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
-
     from finemoe.traces.io import write_trace
+    from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
 
     path = tmp_path / "t.parquet"
     write_trace(synthetic_trace(tiny_geometry(), num_requests=2, seed=0), path)

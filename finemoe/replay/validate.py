@@ -113,9 +113,8 @@ def trace_cases(trace: Trace, path: str, policies: Sequence[str], slots: int | N
 
 def _case(name: str, trace: Trace, path: str, policy: str, slots: int, workload: WorkloadConfig, seed: int,
           source: dict) -> Case:
-    from finemoe.policies.registry import make_policy
-
     from finemoe.policies.placement import refuse_cpu_execution
+    from finemoe.policies.registry import make_policy
 
     refuse_cpu_execution(make_policy(policy), "validate")  # an unknown name fails here, before anything runs
     if slots < 1:
