@@ -63,6 +63,7 @@ class CpuExecutingPolicy(TrackedCachePolicy):
         g = ctx.geometry
         self.threshold = offload_threshold(self.offload_batch, g.num_experts, g.top_k)
         self.static: list[ExpertKey] = []
+        self._placed: set[ExpertKey] = set()  # `static` as loaded (`initial_residents`): evicted last
 
     def scratch_slots(self) -> int:
         """Slots left out of the static placement for copies: a whole layer's experts when large
@@ -73,7 +74,10 @@ class CpuExecutingPolicy(TrackedCachePolicy):
         return max(0, self.ctx.capacity_slots - self.scratch_slots())
 
     def initial_residents(self) -> list[ExpertKey]:
-        return list(self.static[: self.placement_slots()])
+        """The placement, loaded before the first step (after `fit`, which may choose it)."""
+        placed = self.static[: self.placement_slots()]
+        self._placed = set(placed)
+        return list(placed)
 
     def place(self, layer: int, expert: int, tokens: int) -> str:
         """Where a missed expert runs when the batch is not offloaded: on the CPU by default."""
@@ -86,14 +90,8 @@ class CpuExecutingPolicy(TrackedCachePolicy):
 
     def choose_victim(self, evictable: Callable[[ExpertKey], bool], for_prefetch: Prefetch | None,
                       now_s: float) -> ExpertKey | None:
-        static = self._static_set()
-        victim = self._cache.victim(lambda key: key not in static and evictable(key))
+        placed = self._placed
+        victim = self._cache.victim(lambda key: key not in placed and evictable(key))
         if victim is None and for_prefetch is None:
             victim = self._cache.victim(evictable)  # only when every copied expert is still needed
         return victim
-
-    def _static_set(self) -> set[ExpertKey]:
-        got = getattr(self, "_static_cache", None)
-        if got is None or got[0] is not self.static:
-            got = self._static_cache = (self.static, set(self.static))
-        return got[1]

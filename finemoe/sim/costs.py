@@ -78,13 +78,6 @@ class CostModel:
         g = self.geometry
         return self.transfer_s(tokens * g.hidden_size * g.dtype_bytes)
 
-    def cpu_layer_s(self, tokens: int, expert_tokens) -> float:
-        """A layer's CPU side, from its router output to its result back on the GPU: the hidden
-        states out, the experts one after another (each over all cores), the outputs back and the
-        synchronisation. `expert_tokens`: the token count of each expert computed on the CPU."""
-        return (2.0 * self.activation_copy_s(tokens) + sum(self.cpu_expert_s(n) for n in expert_tokens)
-                + self._cpu().sync_s)
-
     def _cpu(self) -> CpuSpec:
         if self.cpu is None:
             raise ValueError("this cost model has no CPU profile; CPU-executing policies need one (--cpu)")

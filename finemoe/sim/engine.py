@@ -220,6 +220,7 @@ class SimEngine:
         self._act_ticks: dict[int, int] = {}
         self._sync_ticks = to_ticks(costs.cpu.sync_s) if costs.cpu is not None else 0
         self._transient: list = []  # COPY_ONCE experts of the current layer: their slots free after it
+        self._cpu_wait = 0  # ticks the GPU waited for the CPU's experts
         policy.bind(
             PolicyContext(
                 geometry=g,
@@ -273,10 +274,10 @@ class SimEngine:
         if not cpu:
             return experts, counts, misses, 0
         self.cache.withdraw_demands([(layer, e) for e, _ in cpu])
+        on_cpu = {e for e, _ in cpu}
         if later:
             # The copies may start now, choosing victims: not among the experts this layer computes
             # on the GPU (the general path pins those next, before any other copy can start).
-            on_cpu = {e for e, _ in cpu}
             held = [(layer, e) for e in experts if e not in on_cpu and (layer, e) in self.cache.resident]
             self.cache.pin(held)
             self._submit([Prefetch(0.0, step + 1, layer, e) for e in later], t)
@@ -300,10 +301,23 @@ class SimEngine:
         rec.cpu_experts += len(cpu)
         rec.bytes_d2h += act_bytes
         rec.bytes_h2d_activations += act_bytes
-        on_cpu = {e for e, _ in cpu}
         gpu = [e for e in experts if e not in on_cpu]
         gpu_counts = None if counts is None else [c for e, c in zip(experts, counts, strict=True) if e not in on_cpu]
         return gpu, gpu_counts, copy or None, te + act + self._sync_ticks
+
+    def _layer_done(self, t: int, cpu_done: int):
+        """After a layer of a CPU-executing policy: its temporary copies leave their slots (once no
+        copy due before `t` can still see them), then the GPU waits for the layer's CPU experts
+        (`cpu_done`, 0: none). Returns the compute clock."""
+        if self._transient:
+            if self.env.peek() <= t:
+                yield from self._sync(t)
+            self.cache.drop(self._transient, t * _S)
+            self._transient = []
+        if cpu_done > t:
+            self._cpu_wait += cpu_done - t
+            t = cpu_done
+        return t
 
     def _single_row(self, row: int) -> list[list[int]]:
         """One token's routed experts per layer, ascending, missing records dropped."""
@@ -686,7 +700,6 @@ class SimEngine:
         hookless = (not self._wants_step and not wants_layer and self.oracle is None and stretch is None
                     and not cpu_exec)
         cpu_done = 0  # when the CPU's share of the current layer is back on the GPU (0: none)
-        cpu_wait = 0
         while not batcher.done:
             seqs = batcher.next_step(t)
             if not seqs:
@@ -716,15 +729,8 @@ class SimEngine:
                 stall += waited
                 layers = ()  # done
             for layer in layers:
-                if self._transient:  # the previous layer's temporary copies leave their slots
-                    if peek() <= t:
-                        yield from sync(t)  # no copy due before `t` may see the freed slots
-                    cache.drop(self._transient, t * _S)
-                    self._transient = []
-                if cpu_done:  # the GPU waits for the previous layer's CPU experts
-                    if cpu_done > t:
-                        cpu_wait += cpu_done - t
-                        t = cpu_done
+                if cpu_done or self._transient:  # the previous layer's CPU side and temporary copies
+                    t = yield from self._layer_done(t, cpu_done)
                     cpu_done = 0
                 if stretch is not None and peek() <= t:
                     yield from sync(t)  # the stretch sees every copy started by `t`
@@ -833,15 +839,8 @@ class SimEngine:
                                     self._notify()
                 if always:
                     yield from sync(t)
-            if self._transient:
-                if peek() <= t:
-                    yield from sync(t)
-                cache.drop(self._transient, t * _S)
-                self._transient = []
-            if cpu_done:  # the last layer's CPU experts
-                if cpu_done > t:
-                    cpu_wait += cpu_done - t
-                    t = cpu_done
+            if cpu_done or self._transient:  # the last layer's
+                t = yield from self._layer_done(t, cpu_done)
                 cpu_done = 0
             # The step is done: every sequence produced a token.
             end_s = t * _S
@@ -861,7 +860,7 @@ class SimEngine:
                     policy.on_request_finished(rid, trace)
             self.step += 1
         rec.stall_s = stall * _S
-        rec.cpu_wait_s = cpu_wait * _S
+        rec.cpu_wait_s = self._cpu_wait * _S
         yield from sync(t)
         return t
 

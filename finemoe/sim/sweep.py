@@ -199,13 +199,12 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
     trace_path = str(Path(spec.trace_path).expanduser().resolve())
     configs: dict[str, SimConfig] = {}
     from finemoe.policies.registry import POLICIES
-    from finemoe.sim.cpu import CPU_PRESETS, DEFAULT_CPU
 
     for policy in policies:
         cls = POLICIES.get(policy)
         # A CPU matters only to a policy that computes experts there: the others keep their keys.
-        cpus = ([c or CPU_PRESETS[DEFAULT_CPU] for c in spec.cpus] if cls is not None and cls.executes_on_cpu
-                else [None])
+        # (None: the default preset, which `sim/run.py: cpu_for` supplies and records.)
+        cpus = list(spec.cpus) if cls is not None and cls.executes_on_cpu else [None]
         for params in _param_grid(spec.policy_params.get(policy, {})):
             for hw, memory, workload, seed, cpu in itertools.product(hardware, memories, workloads, spec.seeds, cpus):
                 config = SimConfig(
