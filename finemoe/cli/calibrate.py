@@ -28,8 +28,8 @@ def calibrate_cmd(device: str, output: str, quick: bool, dtype: str, threads: in
     The profile holds the fitted HardwareSpec ("hardware") and the raw tables ("measurements"):
       finemoe calibrate --device cpu -o cpu.json
       finemoe simulate TRACE --hardware cpu.json --policy lru --gpu-mem 2G
-    On a CPU it also holds the CPU as `--cpu` reads it ("cpu"), for the policies that compute
-    experts there:
+    It also holds the host CPU as `--cpu` reads it ("cpu": experts timed on the replayer's own
+    CPU thread), for the policies that compute experts there:
       finemoe simulate TRACE --cpu cpu.json --policy static,cpu-all,fiddler
     """
     from pathlib import Path
@@ -71,8 +71,10 @@ def format_profile(profile: dict) -> str:
         f"fixed cost        {hw['kernel_launch_s'] * 1e6:.1f} us per expert call",
     ]
     if "cpu" in profile:
-        lines.append("as a CPU          `finemoe simulate --cpu PROFILE.json` computes experts at these figures "
-                     "(its \"cpu\" object)")
+        cpu = profile["cpu"]
+        lines.append(f"host CPU thread   experts from host memory at {cpu['mem_gbps'] * cpu['memory_efficiency']:.1f} GB/s, "
+                     f"{cpu['expert_overhead_s'] * 1e6:.1f} us per expert, {cpu['sync_s'] * 1e6:.1f} us per layer's "
+                     "hand-off (`--cpu PROFILE.json`)")
     if "replayer_dispatch" in m:
         lines.append(f"replayer's own    {hw['layer_overhead_s'] * 1e6:.1f} us per layer, "
                      f"{hw['expert_overhead_s'] * 1e6:.1f} us per expert, {hw['miss_overhead_s'] * 1e6:.1f} us per miss")

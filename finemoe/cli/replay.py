@@ -84,10 +84,8 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
             if len(v) != 1:
                 raise ConfigError(f"--policy-param {name}.{k}: replay takes one value, not a list")
             params[k] = v[0]
-    from finemoe.policies.placement import refuse_cpu_execution
-
-    # an unknown policy or parameter, or one the replayer cannot run, fails here, not after calibrating
-    refuse_cpu_execution(make_policy(policy, **params), "replay")
+    # an unknown policy or parameter fails here, not after calibrating
+    make_policy(policy, **params)
     memory, spec = replay_memory(gpu_mem, expert_cache, reserve, kv_tokens, hardware, device)
     check_replay_numbers(threads=threads, expert_scale=expert_scale, rate=rate, batch_size=batch_size,
                          max_requests=max_requests)
@@ -131,6 +129,10 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
     else:
         click.echo(f"hit rate {s['hit_rate']:.1%}, time per output token p50 {s['tpot_p50_s'] * 1e3:.2f} ms, "
                    f"time to first token p50 {s['ttft_p50_s'] * 1e3:.2f} ms")
+    if s.get("ran_cpu"):
+        click.echo(f"where experts ran: {s['ran_gpu_resident']} resident on the device, {s['ran_gpu_copied']} after a "
+                   f"copy, {s['ran_cpu']} on the CPU (busy {s['cpu_busy_s'] * 1e3:.1f} ms; the device waited "
+                   f"{s['cpu_wait_s'] * 1e3:.1f} ms for it)")
     key = outcome.result.config["replay_key"]
     folder = Path(out_dir)  # (as Path, `-o dir/` prints no double slash)
     click.echo(f"wrote {folder / f'replay-{key}.parquet'}" + (f" and {folder / f'sim-{key}.parquet'}" if compare else ""))

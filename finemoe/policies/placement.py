@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from finemoe.policies.base import COPY_ONCE, CPU, ExpertKey, Policy, PolicyContext, Prefetch
+from finemoe.policies.base import COPY_ONCE, CPU, ExpertKey, PolicyContext, Prefetch
 from finemoe.policies.caches import TrackedCachePolicy
 
 # llama.cpp copies the weights of an operation to the GPU once a batch has at least 32 tokens
@@ -32,16 +32,6 @@ def offload_threshold(rule, num_experts: int, top_k: int) -> int | None:
     if isinstance(rule, bool) or not isinstance(rule, int) or rule < 1:
         raise TypeError(f"offload_batch is off, llama.cpp, ik_llama.cpp or a whole number of tokens, got {rule!r}")
     return rule
-
-
-def refuse_cpu_execution(policy: Policy, command: str) -> None:
-    """ConfigError for a policy the command cannot run: the replayer copies every miss and has no
-    CPU expert path yet, so a CPU placement would be replayed as something it is not."""
-    if policy.executes_on_cpu:
-        from finemoe.errors import ConfigError
-
-        raise ConfigError(f"policy {policy.name} computes experts on the CPU, which {command} cannot run yet "
-                          "(it copies every miss); simulate it instead")
 
 
 class CpuExecutingPolicy(TrackedCachePolicy):

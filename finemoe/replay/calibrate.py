@@ -459,6 +459,25 @@ def predict_expert_s(hw: HardwareSpec, shape: ExpertShape, dtype_bytes: float, t
     return hw.kernel_launch_s + max(flops / hw.compute_flops_per_s, nbytes / hw.hbm_bytes_per_s)
 
 
+def fit_roofline(expert_rows: list[dict], shape: ExpertShape, dtype_bytes: float, launch_s: float,
+                 stream_gbps: float, peak_flops: float) -> dict[str, float]:
+    """The roofline through measured expert FFN rows: the memory-bound end (bytes/s, and its share
+    of the streamed peak) from the few-token rows, the compute-bound end (FLOP/s, and its share of
+    the peak GEMM) from the largest; `launch_s`, the fixed cost, taken off both."""
+    nbytes = shape.numel * dtype_bytes
+    # Memory-bound end: a few tokens read the whole expert and do little arithmetic; the median
+    # over those rows resists the odd slow sample of a shared machine.
+    small = [r for r in expert_rows if r["tokens"] <= 4] or [min(expert_rows, key=lambda r: r["tokens"])]
+    weight_bps = float(np.median([nbytes / max(r["time_s"] - launch_s, 1e-9) for r in small]))
+    mem_bps = max(stream_gbps * 1e9, weight_bps)
+    big = max(expert_rows, key=lambda r: r["tokens"])
+    big_flops = 2.0 * 3 * shape.hidden_size * shape.intermediate_size * big["tokens"]
+    expert_fps = big_flops / max(big["time_s"] - launch_s, 1e-9)
+    flops = max(peak_flops, expert_fps)
+    return {"mem_bps": mem_bps, "memory_efficiency": weight_bps / mem_bps, "flops": flops,
+            "compute_efficiency": expert_fps / flops}
+
+
 def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dict], overlap_rows: list[dict],
                  expert_rows: list[dict], shape: ExpertShape, dtype_bytes: float, launch_s: float,
                  stream_gbps: float, peak_flops: float, copy_cores: int = 0,
@@ -477,28 +496,17 @@ def fit_hardware(name: str, device: str, gpu_mem_bytes: int, link_rows: list[dic
     elif engines > 1:  # the simulator's copy engines share one link: its bandwidth is the aggregate
         agg = max(r["aggregate_gbps"] for r in overlap_rows if r["engines"] == engines) * 1e9
         link_bps = max(link_bps, agg)
-    nbytes = shape.numel * dtype_bytes
-    # Memory-bound end: a few tokens read the whole expert and do little arithmetic; the median
-    # over those rows resists the odd slow sample of a shared machine.
-    small = [r for r in expert_rows if r["tokens"] <= 4] or [min(expert_rows, key=lambda r: r["tokens"])]
-    weight_bps = float(np.median([nbytes / max(r["time_s"] - launch_s, 1e-9) for r in small]))
-    hbm_bps = max(stream_gbps * 1e9, weight_bps)
-    memory_eff = weight_bps / hbm_bps
-    # Compute-bound end: the largest token count.
-    big = max(expert_rows, key=lambda r: r["tokens"])
-    big_flops = 2.0 * 3 * shape.hidden_size * shape.intermediate_size * big["tokens"]
-    expert_fps = big_flops / max(big["time_s"] - launch_s, 1e-9)
-    flops = max(peak_flops, expert_fps)
+    roof = fit_roofline(expert_rows, shape, dtype_bytes, launch_s, stream_gbps, peak_flops)
     hw = HardwareSpec(
         name=name,
         gpu_mem_bytes=int(gpu_mem_bytes),
-        flops=float(flops),
-        hbm_gbps=float(hbm_bps / 1e9),
+        flops=float(roof["flops"]),
+        hbm_gbps=float(roof["mem_bps"] / 1e9),
         pcie_gbps=float(link_bps / 1e9),
         transfer_latency_s=float(latency_s),
         copy_engines=int(engines),
-        compute_efficiency=float(expert_fps / flops),
-        memory_efficiency=float(memory_eff),
+        compute_efficiency=float(roof["compute_efficiency"]),
+        memory_efficiency=float(roof["memory_efficiency"]),
         pcie_efficiency=1.0,  # pcie_gbps is the achieved bandwidth, not a datasheet peak
         kernel_launch_s=float(launch_s),
         source=f"finemoe calibrate on {device} ({time.strftime('%Y-%m-%d %H:%M:%S')})",
@@ -590,6 +598,16 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
     overheads = fit_dispatch(probes)
     hw = replace(hw, **overheads)
     dispatch = {"probes": probes, "fit": overheads}
+    say("experts on the host CPU thread (CPU placement)")
+    from finemoe.replay.calibrate_cpu import fit_cpu, measure_cpu_side
+
+    cpu_side = measure_cpu_side(device, dtype, shape, plan.token_counts, plan.gemm_repeats, pool)
+    # On a CPU "device" the host's memory and GEMM peaks are those just measured; under CUDA they
+    # are the GPU's, so the host's expert rows stand alone (efficiencies of 1).
+    activation_s = hw.transfer_latency_s + shape.hidden_size * dtype_bytes / hw.link_bytes_per_s
+    cpu = fit_cpu(f"{name} (measured)", cpu_side, shape, dtype_bytes, 0.0 if cuda else stream_gbps,
+                  0.0 if cuda else peak, activation_s, f"finemoe calibrate on {device}: host CPU thread "
+                  f"({time.strftime('%Y-%m-%d %H:%M:%S')})")
     measurements = {
         "device": device,
         "device_name": device_name(device),
@@ -607,28 +625,16 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
         "copy_pool_bytes": int(pool),
         "expert_fixed_cost_s": launch_s,
         "replayer_dispatch": dispatch,
+        "cpu_side": cpu_side,
         "copy_interference": interference,
         "memory_stream_gbps": stream_gbps,
         "square_gemm": {"n": plan.square_gemm, "flops": peak},
         "fit": fit,
         "duration_s": time.perf_counter() - t0,
     }
-    profile = {"hardware": hw.to_dict(), "measurements": measurements}
-    if not cuda:
-        profile["cpu"] = cpu_of(hw).to_dict()
+    profile = {"hardware": hw.to_dict(), "measurements": measurements, "cpu": cpu.to_dict()}
     profile["warnings"] = fit_warnings(profile)
     return profile
-
-
-def cpu_of(hw: HardwareSpec):
-    """The measured CPU as `--cpu` reads it (docs/cpu-execution.md): the expert FFN's memory-bound
-    and compute-bound ends and fixed cost of a profile measured on the CPU. Its `sync_s` (the
-    GPU's wait on the CPU's result) cannot be measured without a GPU and keeps the default."""
-    from finemoe.sim.cpu import CpuSpec
-
-    return CpuSpec(name=f"{hw.name} (measured)", mem_gbps=hw.hbm_gbps, flops=hw.flops,
-                   memory_efficiency=hw.memory_efficiency, compute_efficiency=hw.compute_efficiency,
-                   expert_overhead_s=hw.kernel_launch_s, source=hw.source)
 
 
 # A fit that says more than was measured: the fitted link faster than any copy actually timed (by
@@ -671,9 +677,10 @@ def profile_hardware(profile: dict) -> HardwareSpec:
     return HardwareSpec(**profile["hardware"])
 
 
-def mean_hardware(a: HardwareSpec, b: HardwareSpec) -> HardwareSpec:
+def mean_hardware(a, b):
     """Field-wise mean of two calibrations of one machine (e.g. before and after a replay), so a
-    comparison uses the machine as it was over the whole replay, not at one moment before it."""
+    comparison uses the machine as it was over the whole replay, not at one moment before it
+    (a HardwareSpec, or the CpuSpec of its host CPU)."""
     from dataclasses import fields, replace
 
     means = {f.name: (getattr(a, f.name) + getattr(b, f.name)) / 2 for f in fields(a)

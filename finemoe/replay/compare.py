@@ -25,6 +25,12 @@ COMPARE_METRICS = (
     ("ondemand_loads", "on-demand loads", "count"),
     ("prefetch_in_time", "prefetches in time", "count"),
 )
+# For a policy that computes experts on the CPU (rows left out when neither side ran one there).
+CPU_METRICS = (
+    ("ran_cpu", "experts run on the CPU", "count"),
+    ("cpu_busy_s", "CPU busy with experts", "time"),
+    ("cpu_wait_s", "device waiting for the CPU", "time"),
+)
 
 
 def simulate_same(trace: Trace, config: SimConfig) -> RunResult:
@@ -37,7 +43,8 @@ def simulate_same(trace: Trace, config: SimConfig) -> RunResult:
 def comparison_rows(replayed: RunResult, simulated: RunResult) -> list[dict]:
     """Per metric: replay, simulation, and the simulator's error (points for rates, relative otherwise)."""
     rows = []
-    for key, label, kind in COMPARE_METRICS:
+    on_cpu = any(float(res.summary.get("ran_cpu", 0) or 0) > 0 for res in (replayed, simulated))
+    for key, label, kind in COMPARE_METRICS + (CPU_METRICS if on_cpu else ()):
         r = float(replayed.summary.get(key, math.nan))
         s = float(simulated.summary.get(key, math.nan))
         if kind == "rate":

@@ -30,8 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from finemoe.errors import ConfigError
-from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
-from finemoe.policies.placement import refuse_cpu_execution
+from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch, StepInfo
 from finemoe.policies.registry import make_policy
 from finemoe.policies.support import check_support
 from finemoe.replay.compute import (
@@ -42,6 +41,7 @@ from finemoe.replay.compute import (
     expert_ffn,
     swiglu,
 )
+from finemoe.replay.cpu_worker import CpuJob, CpuWorker, job_spans
 from finemoe.replay.device import check_device, cpu_threads, split_cores, synchronize, torch_threads
 from finemoe.replay.engines import CopyEngines
 from finemoe.replay.modelled import ModelledMachine
@@ -51,8 +51,10 @@ from finemoe.results import RunResult
 from finemoe.sim.cache import ExpertCache
 from finemoe.sim.config import SimConfig
 from finemoe.sim.costs import TICKS_PER_S, CostModel
+from finemoe.sim.cpu_side import CpuTimer, record_cpu_layer, split_misses
 from finemoe.sim.memory import plan_memory
 from finemoe.sim.metrics import MetricsRecorder
+from finemoe.sim.run import cpu_for
 from finemoe.sim.workload import arrival_times, build_batcher, split_requests
 from finemoe.traces.schema import Trace
 
@@ -128,7 +130,6 @@ class _Replayer:
 
         self.policy = make_policy(config.policy, **config.policy_params)
         check_support(self.policy, trace)
-        refuse_cpu_execution(self.policy, "replay")
         if self.policy.is_oracle:
             raise ConfigError(
                 f"policy {self.policy.name} is an oracle (a bound that sees the future); replay runs "
@@ -139,7 +140,14 @@ class _Replayer:
         longest = max((r.prompt_tokens + r.generated_tokens for r in measured), default=1)
         self.plan = plan_memory(g, config.hardware, config.memory, max_batch=w.max_batch,
                                 longest_request_tokens=longest)
-        self.costs = CostModel(config.hardware, g)
+        self.costs = CostModel(config.hardware, g, cpu_for(config, self.policy))
+        # Misses the policy computes on the CPU (docs/cpu-execution.md): a host thread runs them
+        # (measured) or the simulator's CPU timing does (modelled).
+        self.cpu_exec = bool(self.policy.executes_on_cpu)
+        self.cpu_timer = CpuTimer(self.costs) if self.cpu_exec else None
+        self.cpu_worker: CpuWorker | None = None
+        self.cpu_pending: CpuJob | int | None = None  # this layer's CPU side (a job, or its modelled end tick)
+        self.transient: list = []  # COPY_ONCE experts of this layer: their slots free after it
         self.rec = MetricsRecorder(g.num_layers, config.timeline_steps)
         self.cache = ExpertCache(self.plan.expert_cache_slots, self.policy, self.rec, g.bytes_per_expert)
         self.arrivals = arrival_times(len(self.split.measure), w, config.seed)
@@ -151,6 +159,7 @@ class _Replayer:
         self.inline_copies = 0
         self.wakeup_s: list[float] = []  # stalled compute thread: copy landed -> it runs again
         self.policy_s = 0.0  # wall time inside the policy's step and layer calls, on the critical path
+        self.cpu_wait_s = 0.0  # the compute thread waiting for the CPU's experts
         self.engines: CopyEngines | ModelledMachine | None = None
         self.t0 = 0.0
         self._step = 0
@@ -172,6 +181,7 @@ class _Replayer:
         max_tokens = max((r.prompt_tokens for r in measured), default=1) * w.max_batch + w.max_batch
         gen = torch.Generator().manual_seed(config.seed + 2)
         self.x = (torch.randn((max_tokens, g.hidden_size), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
+        self.out = torch.zeros_like(self.x)  # where the CPU's expert outputs come back to
         self.q = (torch.randn((max_tokens, self.dense.kv_width), generator=gen) * 0.1).to(device=device, dtype=self.host.dtype)
 
     # --- clock ----------------------------------------------------------------------------------
@@ -197,7 +207,7 @@ class _Replayer:
 
     def _preload(self) -> None:
         """Initial residents, copied before the clock starts (the simulator starts with them in place)."""
-        if self.plan.all_resident:
+        if self.plan.all_resident and not self.cpu_exec:  # (a placement on the CPU is the policy's choice)
             keys = [(la, e) for la in range(self.geometry.num_layers) for e in range(self.geometry.num_experts)]
         else:
             keys = list(self.policy.initial_residents())[: self.plan.expert_cache_slots]
@@ -257,6 +267,9 @@ class _Replayer:
         for rid in self.split.measure:
             it = self.trace.iterations_by_request[rid][0]
             self._dense(0, (Sequence(it.request_id, it.iteration, it.start, it.stop),))
+        if self.cpu_worker is not None:  # the CPU side's shapes, on its own thread
+            self.cpu_worker.start(CpuJob([((0, 0), c) for c in sorted(counts)], max(counts)))
+            self.cpu_worker.finish()
         synchronize(self.device)
         del scratch
 
@@ -266,7 +279,7 @@ class _Replayer:
         g = self.geometry
         ctx = PolicyContext(geometry=g, capacity_slots=self.plan.expert_cache_slots, seed=self.config.seed,
                             is_resident=cache.is_resident, is_in_flight=cache.is_in_flight,
-                            expert_load_s=self.costs.expert_load_s)
+                            expert_load_s=self.costs.expert_load_s, costs=self.costs)
         policy.bind(ctx)
         if policy.uses_history and not self.config.workload.online:
             policy.fit(trace.select_requests(self.split.history))
@@ -276,6 +289,8 @@ class _Replayer:
             rec.request_arrived(rid, float(t), r.prompt_tokens, r.generated_tokens)
         batcher = build_batcher(trace, self.split.measure, self.arrivals, self.config.workload.max_batch)
         total_steps = sum(len(v) for k, v in trace.iterations_by_request.items() if k in set(self.split.measure))
+        if self.cpu_exec and not self.modelled:
+            self.cpu_worker = CpuWorker(self.host.expert, self.shape, self.x, self.out, self.now)
         if self.options.warmup and not self.modelled:
             self._warmup()
 
@@ -324,6 +339,9 @@ class _Replayer:
             self._check()
         finally:
             self.engines.close()
+            if self.cpu_worker is not None:
+                self.cpu_worker.close()
+        rec.cpu_wait_s = self.cpu_wait_s
         wall = time.perf_counter() - wall0
         config = self.config.to_dict()
         config.update({
@@ -397,6 +415,7 @@ class _Replayer:
                 self._submit(pf)
             self.kick()
         timeline = step < self.config.timeline_steps
+        step_tokens = sum(s.num_tokens for s in seqs)
         attention = None if self.modelled else self._attention(seqs)
         for layer in range(self.geometry.num_layers):
             t = self.now()
@@ -407,22 +426,28 @@ class _Replayer:
                     rec.event("compute", "dense", step, layer, -1, t, self._stamp(), False)
             needed = needed_experts(trace, seqs, layer)
             keys = [(layer, e) for e, _ in needed]
+            counts = dict(needed)
             with lock:
                 now = self.now()
                 cache.set_position(step, layer)
                 # The simulator's order: the policy sees the routing, the experts are accessed (hits,
-                # misses -> on-demand loads), pinned, and only then are the new prefetches queued.
+                # misses -> on-demand loads), those the CPU computes leave the queue, the rest are
+                # pinned, and only then are the new prefetches queued.
                 p0 = time.perf_counter()
                 pf = policy.on_layer_routed(LayerRouting(info, layer, now, trace))
                 self.policy_s += time.perf_counter() - p0
                 missing = {k for k in keys if not cache.access(k[0], k[1], now)}
+                later = ()
+                if self.cpu_exec and missing:
+                    keys, later = self._place(step, layer, keys, missing, counts, step_tokens, now, timeline)
                 cache.pin(keys)
                 if pf:
                     self._submit(pf)
+                if later:
+                    self._submit([Prefetch(0.0, step + 1, layer, e) for e in later])
                 self.kick()
                 if self.modelled:
                     self.engines.missed(len(missing))
-            counts = dict(needed)
             # As the simulator: the resident experts first (pinned since their access), in access
             # order; then the missed ones, each batch that has landed in access order.
             for key in keys:
@@ -439,6 +464,65 @@ class _Replayer:
                 for key in ready:
                     pending.remove(key)
                     self._compute_expert(step, layer, key, counts[key[1]], timeline, True)
+            if self.cpu_pending is not None or self.transient:
+                self._layer_done(step, layer, timeline)
+
+    def _place(self, step: int, layer: int, keys, missing: set, counts: dict, step_tokens: int, now: float,
+               timeline: bool):
+        """The policy's placement of this layer's misses (lock held): those the CPU computes leave
+        the on-demand queue and `missing`, and the CPU side starts. Returns the keys the device
+        computes and the experts to copy for the next step (CPU_AND_COPY)."""
+        misses = [k[1] for k in keys if k in missing]
+        p0 = time.perf_counter()
+        split = split_misses(self.policy, layer, misses, [counts[e] for e in misses], step_tokens, now)
+        self.policy_s += time.perf_counter() - p0
+        self.transient.extend((layer, e) for e in split.once)
+        if not split.cpu:
+            return keys, ()
+        on_cpu = {(layer, e) for e, _ in split.cpu}
+        self.cache.withdraw_demands(on_cpu)
+        missing -= on_cpu
+        if self.modelled:
+            spans, self.cpu_pending = self.cpu_timer.schedule(self.engines.t, step_tokens, [n for _, n in split.cpu])
+            busy = sum(b - a for a, b in spans) * _S
+            if timeline:
+                for (e, _), (a, b) in zip(split.cpu, spans, strict=True):
+                    self.rec.event("cpu", "expert", step, layer, e, a * _S, b * _S, True)
+            record_cpu_layer(self.rec, self.geometry, len(split.cpu), step_tokens, busy)
+        else:
+            self.cpu_pending = CpuJob([((layer, e), n) for e, n in split.cpu], step_tokens)
+            self.cpu_worker.start(self.cpu_pending)
+        return [k for k in keys if k not in on_cpu], split.later
+
+    def _layer_done(self, step: int, layer: int, timeline: bool) -> None:
+        """The layer's end on the device: its temporary copies leave their slots, then it waits for
+        the layer's CPU experts (the wait is `cpu_wait_s`)."""
+        if self.transient:
+            with self.lock:
+                self._observe()  # (modelled) the copies due by now land first, as in the simulator
+                for key in self.transient:
+                    if key in self.cache.resident and not self.modelled:
+                        self.pool.release(key)
+                self.cache.drop(self.transient, self.now())
+                self.transient = []
+                self.kick()
+        pending, self.cpu_pending = self.cpu_pending, None
+        if pending is None:
+            return
+        t = self.now()
+        if self.modelled:
+            if pending > self.engines.t:
+                self.engines.advance(pending - self.engines.t)
+        else:
+            job = self.cpu_worker.finish()
+            synchronize(self.device)
+            with self.lock:
+                if timeline:
+                    for key, a, b in job_spans(job):
+                        self.rec.event("cpu", "expert", step, layer, key[1], a, b, True)
+                record_cpu_layer(self.rec, self.geometry, len(job.experts), job.step_tokens,
+                                 job.end_s - job.start_s)
+        self.cpu_wait_s += self.now() - t
 
     def _wait_for(self, pending) -> None:
         """Block (lock held) until a copy makes one of `pending` resident: the simulator's stall.

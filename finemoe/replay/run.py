@@ -68,6 +68,32 @@ def _slots(trace: Trace, config: SimConfig) -> int:
     return plan_for_config(trace.geometry, trace.requests, config).expert_cache_slots
 
 
+def replay_cpu(config: SimConfig, profile: dict | None, hardware: str | None):
+    """The CPU a replay of a CPU-executing policy runs its host experts on: this machine's, as the
+    calibration made now measured it, or as the given profile's "cpu" object holds it (None for a
+    policy that copies every miss, or a CPU the configuration names itself)."""
+    from finemoe.policies.registry import make_policy
+    from finemoe.sim.cpu import cpu_from_profile
+
+    if config.cpu is not None or not make_policy(config.policy, **config.policy_params).executes_on_cpu:
+        return config.cpu
+    if profile is not None:
+        return cpu_from_profile(profile, "calibration")
+    data = None
+    if hardware is not None and Path(hardware).is_file():
+        import json
+
+        try:
+            data = json.loads(Path(hardware).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+    if not isinstance(data, dict) or "cpu" not in data:
+        raise ConfigError(f"policy {config.policy} computes experts on this machine's CPU, and --hardware {hardware} "
+                          "holds no measured CPU (a \"cpu\" object); omit --hardware to calibrate now, or pass a "
+                          "profile written by this version of `finemoe calibrate`")
+    return cpu_from_profile(data, str(hardware))
+
+
 def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     """The simulation of a replay on the CPU charges, per layer, the time the replay measured inside
     the policy's calls (the replayer makes them on the compute path; the simulator's policy costs
@@ -125,9 +151,9 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
     else:
         hw = load_hardware(hardware)
     calibrate_s = time.perf_counter() - t0
-    config = replace(config, hardware=hw)
     if config.policy == "all" or "," in config.policy:
         raise ConfigError("replay runs one policy at a time; pass a single --policy")
+    config = replace(config, hardware=hw, cpu=replay_cpu(config, profile, hardware))
     result = replay(trace, config, options, progress=progress)
     result.config["replay"]["hardware_from"] = "calibrated now" if profile else hardware
     simulated, rows = None, []
@@ -145,6 +171,10 @@ def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardw
 
             hw_after, after = calibrated_hardware(trace, options, slots=slots)
             sim_config = replace(config, hardware=mean_hardware(hw, hw_after))
+            if config.cpu is not None:
+                from finemoe.sim.cpu import cpu_from_profile
+
+                sim_config = replace(sim_config, cpu=mean_hardware(config.cpu, cpu_from_profile(after, "calibration")))
         sim_config = with_policy_time(sim_config, result)
         say("simulating the same configuration ...")
         simulated = simulate_same(trace, sim_config)

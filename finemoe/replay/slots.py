@@ -47,6 +47,10 @@ class SlotPool:
         self.slot_of[key] = slot
         return slot
 
+    def release(self, key: ExpertKey) -> None:
+        """`key` leaves the pool without a successor (a temporary copy): its slot is free again."""
+        self._free.append(self.slot_of.pop(key))
+
     def buffer(self, key: ExpertKey) -> Any:
         return self.buffers[self.slot_of[key]]
 

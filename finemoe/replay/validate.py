@@ -113,10 +113,9 @@ def trace_cases(trace: Trace, path: str, policies: Sequence[str], slots: int | N
 
 def _case(name: str, trace: Trace, path: str, policy: str, slots: int, workload: WorkloadConfig, seed: int,
           source: dict) -> Case:
-    from finemoe.policies.placement import refuse_cpu_execution
     from finemoe.policies.registry import make_policy
 
-    refuse_cpu_execution(make_policy(policy), "validate")  # an unknown name fails here, before anything runs
+    make_policy(policy)  # an unknown name fails here, before anything runs
     if slots < 1:
         raise ConfigError(f"--expert-cache must be at least 1, got {slots}")
     # The preset is a placeholder: `run_replay` replaces it with the calibrated (or given) profile.

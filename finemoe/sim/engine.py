@@ -23,10 +23,6 @@ import numpy as np
 import simpy
 
 from finemoe.policies.base import (
-    COPY,
-    COPY_ONCE,
-    CPU,
-    CPU_AND_COPY,
     LayerRouting,
     OracleView,
     Policy,
@@ -35,8 +31,9 @@ from finemoe.policies.base import (
     Sequence,
     StepInfo,
 )
-from finemoe.sim.cache import ExpertCache, PolicyError
+from finemoe.sim.cache import ExpertCache
 from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
+from finemoe.sim.cpu_side import CpuTimer, record_cpu_layer, split_misses
 from finemoe.sim.memory import MemoryPlan
 from finemoe.sim.metrics import MetricsRecorder
 from finemoe.sim.workload import ContinuousBatcher
@@ -216,9 +213,7 @@ class SimEngine:
         self._cpu_exec = bool(policy.executes_on_cpu)
         if self._cpu_exec and costs.cpu is None:
             raise ValueError(f"policy {policy.name} computes experts on the CPU: its cost model needs a CPU profile")
-        self._cpu_ticks: dict[int, int] = {}
-        self._act_ticks: dict[int, int] = {}
-        self._sync_ticks = to_ticks(costs.cpu.sync_s) if costs.cpu is not None else 0
+        self._cpu_timer = CpuTimer(costs) if self._cpu_exec else None
         self._transient: list = []  # COPY_ONCE experts of the current layer: their slots free after it
         self._cpu_wait = 0  # ticks the GPU waited for the CPU's experts
         policy.bind(
@@ -256,54 +251,29 @@ class SimEngine:
         which the CPU's result is back on the GPU (0: no CPU work)."""
         n_of = dict(zip(experts, counts, strict=True)) if counts is not None else None
         tokens = [1] * len(misses) if n_of is None else [n_of[e] for e in misses]
-        where = self.policy.place_misses(layer, list(misses), tokens, step_tokens, t * _S)
-        cpu, copy, later = [], [], []
-        for e, n in zip(misses, tokens, strict=True):
-            w = where.get(e, COPY)
-            if w == COPY or w == COPY_ONCE:
-                copy.append(e)
-                if w == COPY_ONCE:
-                    self._transient.append((layer, e))
-                continue
-            if w not in (CPU, CPU_AND_COPY):
-                raise PolicyError(f"policy {self.policy.name} placed expert {e} of layer {layer} at {w!r}; "
-                                  f"place_misses returns {COPY!r}, {COPY_ONCE!r}, {CPU!r} or {CPU_AND_COPY!r}")
-            cpu.append((e, n))
-            if w == CPU_AND_COPY:
-                later.append(e)
-        if not cpu:
+        split = split_misses(self.policy, layer, list(misses), tokens, step_tokens, t * _S)
+        self._transient.extend((layer, e) for e in split.once)
+        if not split.cpu:
             return experts, counts, misses, 0
-        self.cache.withdraw_demands([(layer, e) for e, _ in cpu])
-        on_cpu = {e for e, _ in cpu}
-        if later:
+        self.cache.withdraw_demands([(layer, e) for e, _ in split.cpu])
+        on_cpu = {e for e, _ in split.cpu}
+        if split.later:
             # The copies may start now, choosing victims: not among the experts this layer computes
             # on the GPU (the general path pins those next, before any other copy can start).
             held = [(layer, e) for e in experts if e not in on_cpu and (layer, e) in self.cache.resident]
             self.cache.pin(held)
-            self._submit([Prefetch(0.0, step + 1, layer, e) for e in later], t)
+            self._submit([Prefetch(0.0, step + 1, layer, e) for e in split.later], t)
             for key in held:
                 self.cache.unpin(key)
-        act = self._act_ticks.get(step_tokens)
-        if act is None:
-            act = self._act_ticks[step_tokens] = to_ticks(self.costs.activation_copy_s(step_tokens))
-        rec = self.rec
-        te = t + act  # the hidden states reach the CPU
-        for e, n in cpu:
-            c = self._cpu_ticks.get(n)
-            if c is None:
-                c = self._cpu_ticks[n] = to_ticks(self.costs.cpu_expert_s(n))
-            if keep:
-                rec.event("cpu", "expert", step, layer, e, te * _S, (te + c) * _S, True)
-            rec.cpu_busy_s += c * _S
-            te += c
-        g = self.trace.geometry
-        act_bytes = int(step_tokens * g.hidden_size * g.dtype_bytes)
-        rec.cpu_experts += len(cpu)
-        rec.bytes_d2h += act_bytes
-        rec.bytes_h2d_activations += act_bytes
+        spans, done = self._cpu_timer.schedule(t, step_tokens, [n for _, n in split.cpu])
+        if keep:
+            for (e, _), (a, b) in zip(split.cpu, spans, strict=True):
+                self.rec.event("cpu", "expert", step, layer, e, a * _S, b * _S, True)
+        busy = sum(b - a for a, b in spans)
+        record_cpu_layer(self.rec, self.trace.geometry, len(split.cpu), step_tokens, busy * _S)
         gpu = [e for e in experts if e not in on_cpu]
         gpu_counts = None if counts is None else [c for e, c in zip(experts, counts, strict=True) if e not in on_cpu]
-        return gpu, gpu_counts, copy or None, te + act + self._sync_ticks
+        return gpu, gpu_counts, split.copy or None, done
 
     def _layer_done(self, t: int, cpu_done: int):
         """After a layer of a CPU-executing policy: its temporary copies leave their slots (once no
@@ -745,12 +715,14 @@ class SimEngine:
                 pf = policy.on_layer_routed(LayerRouting(step_info, layer, now_s, trace)) if wants_layer else None
                 experts = experts_l[layer]
                 misses = cache.access_layer(layer, experts, now_s)
-                if pf:
-                    self._submit(pf, t)
                 counts = None if counts_l is None else counts_l[layer]
                 if cpu_exec and misses is not None:
+                    # Placed before the policy's prefetches can start a copy: no miss the CPU
+                    # computes is copied on demand (the replayer's order, too).
                     experts, counts, misses, cpu_done = self._place(step, layer, experts, counts, misses, tokens,
                                                                     t, keep)
+                if pf:
+                    self._submit(pf, t)
                 quiet = not cache.busy and not self._releases  # nothing can happen on the link
                 if counts is None:
                     ticks = None
