@@ -27,7 +27,6 @@ class CpuJob:
 
     experts: list[tuple[tuple[int, int], int]]
     step_tokens: int
-    posted_s: float = 0.0
     start_s: float = float("nan")  # the worker picked it up
     spans: list[tuple[float, float]] = field(default_factory=list)  # each expert's (start, end)
     end_s: float = float("nan")  # the output is back in the device buffer
@@ -69,7 +68,6 @@ class CpuWorker:
         with self._cond:
             if self._job is not None or self._done is not None:
                 raise RuntimeError("a CPU job was posted before the previous one was collected")
-            job.posted_s = self.clock()
             self._job = job
             self._cond.notify()
 
@@ -136,6 +134,6 @@ class CpuWorker:
         self.jobs += 1
 
 
-def job_spans(job: CpuJob) -> list[tuple[tuple[int, int], float, float]]:
-    """(expert key, start, end) of a finished job, for the timeline."""
-    return [(key, a, b) for (key, _), (a, b) in zip(job.experts, job.spans, strict=True)]
+def job_spans(job: CpuJob) -> list[tuple[int, float, float]]:
+    """(expert, start, end) of a finished job's experts, as the run's counters take them."""
+    return [(key[1], a, b) for (key, _), (a, b) in zip(job.experts, job.spans, strict=True)]

@@ -360,6 +360,8 @@ class _Replayer:
         info = {**self.options.to_dict(), "device": self.device, "threads": self.threads,
                 "copy_engines": self.engines.engines, "copy_busy_s": list(self.engines.busy_s),
                 "inline_copies": self.inline_copies, "policy_s": self.policy_s, "lane_copies": self.engines.copies}
+        if self.cpu_worker is not None:  # the CPU thread's jobs, hand-off copies included
+            info |= {"cpu_jobs": self.cpu_worker.jobs, "cpu_thread_busy_s": self.cpu_worker.busy_s}
         if self.modelled:  # no weights, no threads: the copy threads' own work is nil
             return info | {"weights": None, "host_pinned": False, "lane_cache_s": 0.0, "lane_work_s": 0.0,
                            "handoff_mean_s": 0.0, "handoffs": 0, "wakeup_mean_s": 0.0, "wakeups": 0}
@@ -483,12 +485,8 @@ class _Replayer:
         self.cache.withdraw_demands(on_cpu)
         missing -= on_cpu
         if self.modelled:
-            spans, self.cpu_pending = self.cpu_timer.schedule(self.engines.t, step_tokens, [n for _, n in split.cpu])
-            busy = sum(b - a for a, b in spans) * _S
-            if timeline:
-                for (e, _), (a, b) in zip(split.cpu, spans, strict=True):
-                    self.rec.event("cpu", "expert", step, layer, e, a * _S, b * _S, True)
-            record_cpu_layer(self.rec, self.geometry, len(split.cpu), step_tokens, busy)
+            spans, self.cpu_pending = self.cpu_timer.schedule(self.engines.t, step_tokens, split.cpu)
+            record_cpu_layer(self.rec, self.geometry, step, layer, spans, step_tokens, timeline)
         else:
             self.cpu_pending = CpuJob([((layer, e), n) for e, n in split.cpu], step_tokens)
             self.cpu_worker.start(self.cpu_pending)
@@ -517,11 +515,7 @@ class _Replayer:
             job = self.cpu_worker.finish()
             synchronize(self.device)
             with self.lock:
-                if timeline:
-                    for key, a, b in job_spans(job):
-                        self.rec.event("cpu", "expert", step, layer, key[1], a, b, True)
-                record_cpu_layer(self.rec, self.geometry, len(job.experts), job.step_tokens,
-                                 job.end_s - job.start_s)
+                record_cpu_layer(self.rec, self.geometry, step, layer, job_spans(job), job.step_tokens, timeline)
         self.cpu_wait_s += self.now() - t
 
     def _wait_for(self, pending) -> None:

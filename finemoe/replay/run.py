@@ -73,25 +73,17 @@ def replay_cpu(config: SimConfig, profile: dict | None, hardware: str | None):
     calibration made now measured it, or as the given profile's "cpu" object holds it (None for a
     policy that copies every miss, or a CPU the configuration names itself)."""
     from finemoe.policies.registry import make_policy
-    from finemoe.sim.cpu import cpu_from_profile
+    from finemoe.sim.cpu import cpu_from_profile, load_cpu
 
     if config.cpu is not None or not make_policy(config.policy, **config.policy_params).executes_on_cpu:
         return config.cpu
     if profile is not None:
         return cpu_from_profile(profile, "calibration")
-    data = None
-    if hardware is not None and Path(hardware).is_file():
-        import json
-
-        try:
-            data = json.loads(Path(hardware).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            data = None
-    if not isinstance(data, dict) or "cpu" not in data:
+    if hardware is None or not Path(hardware).is_file():
         raise ConfigError(f"policy {config.policy} computes experts on this machine's CPU, and --hardware {hardware} "
                           "holds no measured CPU (a \"cpu\" object); omit --hardware to calibrate now, or pass a "
                           "profile written by this version of `finemoe calibrate`")
-    return cpu_from_profile(data, str(hardware))
+    return load_cpu(hardware)  # the file's "cpu" object, checked field by field
 
 
 def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 from finemoe.policies.base import COPY, COPY_ONCE, CPU, CPU_AND_COPY, Policy
 from finemoe.sim.cache import PolicyError
-from finemoe.sim.costs import CostModel, to_ticks
+from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
 from finemoe.sim.metrics import MetricsRecorder
 from finemoe.traces.geometry import Geometry
+
+_S = 1.0 / TICKS_PER_S
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,18 @@ def activation_bytes(geometry: Geometry, step_tokens: int) -> int:
     return int(step_tokens * geometry.hidden_size * geometry.dtype_bytes)
 
 
-def record_cpu_layer(rec: MetricsRecorder, geometry: Geometry, experts: int, step_tokens: int, busy_s: float) -> None:
-    """A layer's CPU side in the run's counters: experts run there, their busy time, bytes each way."""
+def record_cpu_layer(rec: MetricsRecorder, geometry: Geometry, step: int, layer: int,
+                     spans: list[tuple[int, float, float]], step_tokens: int, timeline: bool) -> None:
+    """A layer's CPU side in the run's counters: each expert's (expert, start_s, end_s) on the
+    timeline, the experts run there, their busy time (the experts' own spans), bytes each way."""
+    busy = 0.0
+    for e, a, b in spans:
+        if timeline:
+            rec.event("cpu", "expert", step, layer, e, a, b, True)
+        busy += b - a
     nbytes = activation_bytes(geometry, step_tokens)
-    rec.cpu_experts += experts
-    rec.cpu_busy_s += busy_s
+    rec.cpu_experts += len(spans)
+    rec.cpu_busy_s += busy
     rec.bytes_d2h += nbytes
     rec.bytes_h2d_activations += nbytes
 
@@ -85,14 +94,16 @@ class CpuTimer:
             got = self._act[step_tokens] = to_ticks(self.costs.activation_copy_s(step_tokens))
         return got
 
-    def schedule(self, start: int, step_tokens: int, tokens: list[int]) -> tuple[list[tuple[int, int]], int]:
-        """Each CPU expert's (start, end) and the tick at which the layer's CPU result is back on
-        the GPU: hand-off, experts back to back, hand-off back, synchronisation."""
+    def schedule(self, start: int, step_tokens: int,
+                 experts: list[tuple[int, int]]) -> tuple[list[tuple[int, float, float]], int]:
+        """Each CPU expert's (expert, start_s, end_s) for `experts` as (expert, tokens), and the tick
+        at which the layer's CPU result is back on the GPU: hand-off, experts back to back, hand-off
+        back, synchronisation."""
         act = self.activation_ticks(step_tokens)
         t = start + act
         spans = []
-        for n in tokens:
+        for e, n in experts:
             c = self.expert_ticks(n)
-            spans.append((t, t + c))
+            spans.append((e, t * _S, (t + c) * _S))
             t += c
         return spans, t + act + self.sync

@@ -265,12 +265,8 @@ class SimEngine:
             self._submit([Prefetch(0.0, step + 1, layer, e) for e in split.later], t)
             for key in held:
                 self.cache.unpin(key)
-        spans, done = self._cpu_timer.schedule(t, step_tokens, [n for _, n in split.cpu])
-        if keep:
-            for (e, _), (a, b) in zip(split.cpu, spans, strict=True):
-                self.rec.event("cpu", "expert", step, layer, e, a * _S, b * _S, True)
-        busy = sum(b - a for a, b in spans)
-        record_cpu_layer(self.rec, self.trace.geometry, len(split.cpu), step_tokens, busy * _S)
+        spans, done = self._cpu_timer.schedule(t, step_tokens, split.cpu)
+        record_cpu_layer(self.rec, self.trace.geometry, step, layer, spans, step_tokens, keep)
         gpu = [e for e in experts if e not in on_cpu]
         gpu_counts = None if counts is None else [c for e, c in zip(experts, counts, strict=True) if e not in on_cpu]
         return gpu, gpu_counts, split.copy or None, done
