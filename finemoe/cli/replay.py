@@ -63,6 +63,9 @@ def replay_command(trace, policy, policy_params, gpu_mem, expert_cache, reserve,
       finemoe replay trace.parquet --policy lru --gpu-mem 2G --device cpu --compare
       finemoe replay gsm8k.parquet --policy lru --expert-cache 96 --expert-scale 0.05 --compare
     --gpu-mem is checked against the memory of --hardware (or of --device when calibrating now).
+  Policies that compute experts on the CPU (static, cpu-all, fiddler, cache-cpu-miss) run them on
+  a host thread, timed against this machine's CPU as calibrated through that thread:
+    finemoe replay trace.parquet --policy static --expert-cache 20 --compare
     """
     from tqdm import tqdm
 
