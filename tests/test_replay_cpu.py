@@ -62,6 +62,41 @@ def test_a_measured_cpu_replay_runs_the_policys_placement(trace, policy, params,
     assert rep.summary["ran_cpu"] > 0 and rep.summary["cpu_busy_s"] > 0 and rep.summary["cpu_wait_s"] >= 0
     on_cpu = [e for e in rep.timeline if e["lane"] == "cpu"]
     assert on_cpu and all(e["end_s"] >= e["start_s"] for e in on_cpu)
+    info = rep.config["replay"]  # each measured job's hand-off (the warm-up job is not one)
+    assert info["cpu_handoffs"] == info["cpu_jobs"] - 1 and info["cpu_handoff_mean_s"] > 0
+
+
+def test_a_cpu_jobs_hand_off_is_what_it_cost_the_device_beyond_its_experts():
+    from finemoe.replay.cpu_worker import CpuJob
+
+    # Posted at 0, experts 1-3 and 3-4, output back at 5: 2 s of the worker's own (wake-up, copies);
+    # the compute thread waiting since 2 and running again at 6 adds its 1 s wake-up.
+    job = CpuJob([((0, 1), 1), ((0, 2), 1)], 1, posted_s=0.0, start_s=0.5, spans=[(1.0, 3.0), (3.0, 4.0)],
+                 end_s=5.0, waited_s=2.0, resumed_s=6.0)
+    assert job.handoff_s == pytest.approx(3.0)
+    # A compute thread that came for it after it was done did not wait to be woken.
+    assert replace(job, waited_s=7.0, resumed_s=7.1).handoff_s == pytest.approx(2.0)
+
+
+def test_the_comparison_charges_the_cpu_hand_off_the_replay_measured():
+    from types import SimpleNamespace
+
+    from finemoe.replay.run import with_policy_time
+    from finemoe.sim.config import SimConfig
+    from finemoe.sim.costs import CostModel
+
+    g = geometry()
+    cfg = SimConfig(trace_path="t", policy="cpu-all", hardware=HW, cpu=CPU_PRESETS["desktop-ddr5"])
+    info = {"device": "cpu", "policy_s": 0.003, "cpu_handoffs": 100, "cpu_handoff_mean_s": 4e-4,
+            "cpu_handoff_tokens_mean": 2.2}
+    got = with_policy_time(cfg, SimpleNamespace(config={"replay": info, "geometry": g.to_dict()},
+                                                summary={"layer_steps": 300}))
+    act = CostModel(got.hardware, g).activation_copy_s(2)
+    assert got.cpu.sync_s == pytest.approx(4e-4 - 2 * act) and "hand-offs" in got.cpu.source
+    # Without CPU jobs the CPU is left as it was.
+    none = with_policy_time(cfg, SimpleNamespace(config={"replay": {**info, "cpu_handoffs": 0}, "geometry": g.to_dict()},
+                                                 summary={"layer_steps": 300}))
+    assert none.cpu == cfg.cpu
 
 
 def test_a_cache_cpu_miss_replay_copies_for_later(trace):
@@ -89,6 +124,7 @@ def test_the_cpu_worker_computes_each_expert_from_host_weights():
         # The last expert's output for its tokens came back to the device buffer.
         torch.testing.assert_close(out[:3], expert_ffn(x[:3], weights[1, 2], shape))
         assert len(job.spans) == 1 and job.start_s < job.spans[0][0] < job.spans[0][1] < job.end_s
+        assert job.posted_s < job.start_s and job.end_s < job.resumed_s and job.handoff_s > 0
         assert worker.busy_s == job.end_s - job.start_s and worker.jobs == 1
         worker.start(CpuJob([((5, 0), 1)], step_tokens=1))  # no such layer: the thread's error surfaces
         with pytest.raises(RuntimeError, match="CPU expert thread failed"):

@@ -27,9 +27,19 @@ class CpuJob:
 
     experts: list[tuple[tuple[int, int], int]]
     step_tokens: int
+    posted_s: float = float("nan")  # the compute thread posted it
     start_s: float = float("nan")  # the worker picked it up
     spans: list[tuple[float, float]] = field(default_factory=list)  # each expert's (start, end)
     end_s: float = float("nan")  # the output is back in the device buffer
+    waited_s: float = float("nan")  # the compute thread asked for it (`finish`)
+    resumed_s: float = float("nan")  # the compute thread had it
+
+    @property
+    def handoff_s(self) -> float:
+        """What the job cost the device beyond its experts: the worker's wake-up and activation
+        copies, and the compute thread's wake-up after it when it was waiting."""
+        worker = self.end_s - self.posted_s - sum(b - a for a, b in self.spans)
+        return worker + (self.resumed_s - self.end_s if self.waited_s < self.end_s else 0.0)
 
 
 class CpuWorker:
@@ -68,11 +78,13 @@ class CpuWorker:
         with self._cond:
             if self._job is not None or self._done is not None:
                 raise RuntimeError("a CPU job was posted before the previous one was collected")
+            job.posted_s = self.clock()
             self._job = job
             self._cond.notify()
 
     def finish(self) -> CpuJob:
         """The posted job, once done (blocks until then)."""
+        waited = self.clock()
         with self._cond:
             while self._done is None:
                 if self.error is not None:
@@ -81,7 +93,8 @@ class CpuWorker:
                     raise RuntimeError("no CPU job was posted")
                 self._cond.wait(0.5)
             job, self._done = self._done, None
-            return job
+        job.waited_s, job.resumed_s = waited, self.clock()
+        return job
 
     def close(self) -> None:
         with self._cond:

@@ -160,6 +160,7 @@ class _Replayer:
         self.wakeup_s: list[float] = []  # stalled compute thread: copy landed -> it runs again
         self.policy_s = 0.0  # wall time inside the policy's step and layer calls, on the critical path
         self.cpu_wait_s = 0.0  # the compute thread waiting for the CPU's experts
+        self.cpu_handoffs: list[tuple[float, int]] = []  # per CPU job: (hand-off s, step tokens)
         self.engines: CopyEngines | ModelledMachine | None = None
         self.t0 = 0.0
         self._step = 0
@@ -361,7 +362,10 @@ class _Replayer:
                 "copy_engines": self.engines.engines, "copy_busy_s": list(self.engines.busy_s),
                 "inline_copies": self.inline_copies, "policy_s": self.policy_s, "lane_copies": self.engines.copies}
         if self.cpu_worker is not None:  # the CPU thread's jobs, hand-off copies included
-            info |= {"cpu_jobs": self.cpu_worker.jobs, "cpu_thread_busy_s": self.cpu_worker.busy_s}
+            handoffs = np.array(self.cpu_handoffs or [(0.0, 0)], dtype=float)
+            info |= {"cpu_jobs": self.cpu_worker.jobs, "cpu_thread_busy_s": self.cpu_worker.busy_s,
+                     "cpu_handoffs": len(self.cpu_handoffs), "cpu_handoff_mean_s": float(handoffs[:, 0].mean()),
+                     "cpu_handoff_tokens_mean": float(handoffs[:, 1].mean())}
         if self.modelled:  # no weights, no threads: the copy threads' own work is nil
             return info | {"weights": None, "host_pinned": False, "lane_cache_s": 0.0, "lane_work_s": 0.0,
                            "handoff_mean_s": 0.0, "handoffs": 0, "wakeup_mean_s": 0.0, "wakeups": 0}
@@ -514,6 +518,7 @@ class _Replayer:
         else:
             job = self.cpu_worker.finish()
             synchronize(self.device)
+            self.cpu_handoffs.append((job.handoff_s, job.step_tokens))
             with self.lock:
                 record_cpu_layer(self.rec, self.geometry, step, layer, job_spans(job), job.step_tokens, timeline)
         self.cpu_wait_s += self.now() - t

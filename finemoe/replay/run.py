@@ -93,6 +93,11 @@ def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
     threads' own work around it (the lock, the cache's and policy's calls that start and land it,
     the slot: `lane_work_s` per copy, added to `transfer_latency_s`), and as `copy_start_delay_s`
     the replay's mean hand-off to a sleeping copy thread. Recorded in the hardware's source.
+    With CPU jobs, the CPU's `sync_s` is their measured mean hand-off (`CpuJob.handoff_s`: the
+    host thread's wake-up and copies, the compute thread's wake-up after it) less the two activation
+    copies the cost model charges apart: a Python thread's wake-up is not what the calibration's
+    isolated round trip measures (there the poster blocks at once; in a replay it first runs the
+    layer's bookkeeping, and the woken thread waits for the GIL).
     A policy that models its own search time on a thread of its own (FineMoE's `search_charge`) is
     simulated without it, as the replay ran it: on the compute path, already charged."""
     from finemoe.policies.registry import make_policy
@@ -113,10 +118,20 @@ def with_policy_time(config: SimConfig, replayed: RunResult) -> SimConfig:
                  source=f"{hw.source}; + {per_layer * 1e6:.1f} us per layer of policy time and {per_copy * 1e6:.1f} us "
                         "per copy of the copy threads' own work, measured in the replay"
                         + ("" if handoff is None else f", hand-offs of {handoff * 1e6:.0f} us as measured there"))
+    cpu = config.cpu
+    if cpu is not None and int(info.get("cpu_handoffs", 0) or 0):
+        from finemoe.sim.costs import CostModel
+        from finemoe.traces.geometry import Geometry
+
+        costs = CostModel(hw, Geometry.from_dict(replayed.config["geometry"]), cpu)
+        tokens = max(1, round(float(info["cpu_handoff_tokens_mean"])))
+        measured = float(info["cpu_handoff_mean_s"])
+        cpu = replace(cpu, sync_s=max(0.0, measured - 2 * costs.activation_copy_s(tokens)),
+                      source=f"{cpu.source}; hand-offs of {measured * 1e6:.0f} us per layer as measured in the replay")
     params = dict(config.policy_params)
     if "search_charge" in make_policy(config.policy, **params).params:
         params["search_charge"] = "none"
-    return replace(config, hardware=hw, policy_params=params)
+    return replace(config, hardware=hw, cpu=cpu, policy_params=params)
 
 
 def run_replay(trace: Trace, config: SimConfig, options: ReplayOptions, *, hardware: str | None = None,
