@@ -115,6 +115,10 @@ def _hardware_options(fn):
                    "--device cpu`, comma-separated. Other policies ignore it.")
 @click.option("--model-profile", default=None, metavar="NAME",
               help="Project the trace onto another model's geometry (expert size, dense weights, KV).")
+@click.option("--expert-dtype", "expert_dtype", default=None, metavar="LIST",
+              help="Store the routed experts as bf16, fp16, fp8, int8 (GGUF Q8_0), q6_k, int4 (GGUF Q4_0), "
+                   "q4_k or mxfp4, block scales counted; a list is a sweep axis. Below 16 bits it is lossy "
+                   "and labelled so [default: the trace's dtype].")
 @layers_as_consecutive_option
 @click.option("--arrival", type=click.Choice(["all", "poisson", "file"]), default="all", show_default=True,
               help="Request arrivals: all at time 0, Poisson at --rate, or --timestamps.")
@@ -148,7 +152,7 @@ def _hardware_options(fn):
 @quiet_option()
 @json_option("Print the summary rows (one per configuration) as a JSON list on stdout instead of the table.")
 def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware, cpu,
-                     model_profile, layers_as_consecutive, arrival, rate, timestamps, batch_size, history_fraction, online,
+                     model_profile, expert_dtype, layers_as_consecutive, arrival, rate, timestamps, batch_size, history_fraction, online,
                      max_requests, seed, out_dir, resume, jobs, executor, ray_address, ray_trace_transport,
                      max_retries, dry_run, quiet, as_json, **hardware_overrides) -> None:
     """Simulate MoE expert offloading: which policy, memory budget and hardware give what latency.
@@ -167,7 +171,7 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
         reserve=reserve, kv_tokens=kv_tokens, hardware=hardware, hardware_overrides=hardware_overrides,
         model_profile=model_profile, arrival=arrival, rate=rate, timestamps=timestamps, batch_size=batch_size,
         history_fraction=history_fraction, online=online, max_requests=max_requests, seed=seed,
-        layers_as_consecutive=layers_as_consecutive, cpu=cpu,
+        layers_as_consecutive=layers_as_consecutive, cpu=cpu, expert_dtype=expert_dtype,
     )
     configs, skipped = supported_configs(configs, explicit={p.strip() for p in policies.split(",")} - {"all"})
     for name, reason in skipped:
@@ -208,7 +212,8 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
 
 def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
                   hardware_overrides, model_profile, arrival, rate, timestamps, batch_size, history_fraction,
-                  online, max_requests, seed, layers_as_consecutive=False, cpu="desktop-ddr5") -> list:
+                  online, max_requests, seed, layers_as_consecutive=False, cpu="desktop-ddr5",
+                  expert_dtype: str | None = None) -> list:
     """Options as typed -> SimConfigs, checking everything that can be checked before running."""
     from finemoe.cli.options import size_option_value
     from finemoe.errors import ConfigError
@@ -271,6 +276,7 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
         seeds=parse_ints(seed, "--seed", minimum=0),
         layers_as_consecutive=layers_as_consecutive,
         cpus=[load_cpu(c.strip()) for c in cpu.split(",") if c.strip()] or [None],
+        expert_dtypes=_expert_dtypes(expert_dtype),
     )
     known = policy_names()
     configs = []
@@ -288,6 +294,19 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"policy {c.policy} with {c.policy_params}: {exc}") from None
     return configs
+
+
+def _expert_dtypes(text: str | None) -> list[str | None]:
+    """--expert-dtype as typed -> format names, each checked (one sentence for an unknown one)."""
+    if text is None:
+        return [None]
+    from finemoe.errors import ConfigError
+    from finemoe.traces.precision import expert_format
+
+    names = [expert_format(t).name for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError("--expert-dtype names no format")
+    return list(dict.fromkeys(names))
 
 
 def check_memory_plans(configs, say) -> None:
@@ -316,7 +335,8 @@ def check_memory_plans(configs, say) -> None:
                 geometry = get_profile(c.model_profile).geometry()
             requests = [r for f in trace_files(c.trace_path) for r in read_metadata(f)["requests"]]
             metadata[key] = geometry, requests
-        plan_for_config(*metadata[key], c)
+        geometry, requests = metadata[key]
+        plan_for_config(c.run_geometry(geometry), requests, c)
         above = budget_above_card(c.memory.gpu_mem_bytes, c.hardware)
         if above and above not in warned:
             warned.add(above)
@@ -344,6 +364,16 @@ def _json_value(v):
     if isinstance(v, (list, tuple)):
         return [_json_value(x) for x in v]
     return str(v)
+
+
+def _expert_label(name) -> str:
+    """A result's expert format as the table shows it: `int4 (lossy)`, or `as traced`."""
+    if _missing(name):
+        return "as traced"
+    from finemoe.traces.precision import EXPERT_FORMATS
+
+    fmt = EXPERT_FORMATS.get(str(name))
+    return f"{name} (lossy)" if fmt is None or fmt.lossy else str(name)
 
 
 def _si_number(text: str) -> float:
@@ -380,6 +410,8 @@ def results_table(paths) -> str:
     ]
     axes += [(col.split(".", 1)[1], col, _text) for col in df.columns if col.startswith("policy_params.")]
     cols: list[tuple[str, list[str]]] = [("policy", [str(v) for v in df["policy"]])]
+    if "expert_dtype" in df.columns and df["expert_dtype"].notna().any():  # always shown: lossy is said
+        cols.append(("experts", [_expert_label(v) for v in df["expert_dtype"]]))
     for title, col, fmt in axes:
         if col in df.columns and df[col].astype(str).nunique() > 1:
             cols.append((title, [fmt(v) for v in df[col]]))

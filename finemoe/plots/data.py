@@ -71,6 +71,17 @@ class Run:
         return out
 
     @property
+    def expert_label(self) -> str | None:
+        """The experts' storage format when the run set one (`int4 experts (lossy)`), else None."""
+        name = self.config.get("expert_dtype")
+        if not name:
+            return None
+        from finemoe.traces.precision import EXPERT_FORMATS
+
+        fmt = EXPERT_FORMATS.get(str(name))
+        return fmt.label if fmt is not None else f"{name} experts (lossy)"
+
+    @property
     def is_bound(self) -> bool:
         return self.policy in BOUND_POLICIES or bool(self.described.get("is_oracle"))
 
@@ -224,6 +235,8 @@ def series_label(run: Run, varying: dict[str, set[str]], multi_hardware: bool = 
     names = sorted(varying.get(run.policy, ()))
     if names:
         label += " " + ",".join(f"{k}={_short(run.params.get(k, '-'))}" for k in names)
+    if run.expert_label:  # lossy formats say so in every legend, table and report
+        label += f", {run.expert_label}"
     if multi_hardware:
         label += f" @ {run.hardware}"
     if run.is_floor:

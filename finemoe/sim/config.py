@@ -45,16 +45,27 @@ class SimConfig:
     timeline_steps: int = 8  # engine steps whose events are kept for the timeline plot
     layers_as_consecutive: bool = False  # a partial-layer trace's logged layers run as layers 0..n-1
     cpu: CpuSpec | None = None  # the host CPU, for policies that compute experts there (None: the default preset)
+    expert_dtype: str | None = None  # routed experts stored in this format (traces/precision.py); None: the trace's
 
     def to_dict(self) -> dict:
-        """Every field; `layers_as_consecutive` and `cpu` only when set, so the keys of other
-        configurations (and the result files of earlier sweeps) stay what they were."""
+        """Every field; `layers_as_consecutive`, `cpu` and `expert_dtype` only when set, so the keys
+        of other configurations (and the result files of earlier sweeps) stay what they were."""
         out = asdict(self)
+        if self.expert_dtype is None:
+            del out["expert_dtype"]
         if not self.layers_as_consecutive:
             del out["layers_as_consecutive"]
         if self.cpu is None:
             del out["cpu"]
         return out
+
+    def run_geometry(self, geometry):
+        """The geometry this configuration runs: `geometry` with its experts in `expert_dtype`."""
+        if self.expert_dtype is None:
+            return geometry
+        from finemoe.traces.precision import with_expert_format
+
+        return with_expert_format(geometry, self.expert_dtype)
 
     def key(self) -> str:
         """Stable id of this configuration: names its result file, so sweeps can resume."""

@@ -52,6 +52,8 @@ def simulate(trace: Trace, config: SimConfig) -> RunResult:
     `prefetch` parameter is the offline schedule, the best of its clairvoyant candidates."""
     from finemoe.sim.offline import is_offline_schedule, offline_schedule
 
+    if config.expert_dtype is not None:
+        trace = trace.with_geometry(config.run_geometry(trace.geometry))
     if is_offline_schedule(config):
         return offline_schedule(trace, config, simulate_policy)
     return simulate_policy(trace, config, make_policy(config.policy, **dict(config.policy_params)), bounds=True)

@@ -175,6 +175,7 @@ class SweepSpec:
     seeds: Sequence[int] = (0,)
     layers_as_consecutive: bool = False  # a partial-layer trace's logged layers as layers 0..n-1
     cpus: Sequence = (None,)  # CpuSpecs, an axis of the policies that compute experts on the CPU only
+    expert_dtypes: Sequence[str | None] = (None,)  # routed experts' storage formats (traces/precision.py)
 
 
 def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -> list[SimConfig]:
@@ -206,7 +207,8 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
         # (None: the default preset, which `sim/run.py: cpu_for` supplies and records.)
         cpus = list(spec.cpus) if cls is not None and cls.executes_on_cpu else [None]
         for params in _param_grid(spec.policy_params.get(policy, {})):
-            for hw, memory, workload, seed, cpu in itertools.product(hardware, memories, workloads, spec.seeds, cpus):
+            for dtype, hw, memory, workload, seed, cpu in itertools.product(spec.expert_dtypes, hardware, memories,
+                                                                            workloads, spec.seeds, cpus):
                 config = SimConfig(
                     trace_path=trace_path,
                     policy=policy,
@@ -218,6 +220,7 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
                     seed=int(seed),
                     layers_as_consecutive=spec.layers_as_consecutive,
                     cpu=cpu,
+                    expert_dtype=dtype,
                 )
                 configs.setdefault(config.key(), config)
     return list(configs.values())

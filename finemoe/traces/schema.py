@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -99,7 +99,6 @@ class Trace:
         layers = list(self.logged_layers)
         if len(layers) == self.geometry.num_layers:
             return self
-        from dataclasses import replace
 
         def take(a):
             return None if a is None else np.ascontiguousarray(a[:, layers])
@@ -182,7 +181,7 @@ class Trace:
             )
         meta = dict(self.metadata)
         meta["projected_from"] = g.to_dict()
-        return Trace(**{**self.__dict__, "geometry": geometry, "metadata": meta})
+        return replace(self, geometry=geometry, metadata=meta)  # (not __dict__: it holds cached properties)
 
     def content_hash(self) -> str:
         """Stable short hash of geometry, requests and routing: identifies a trace in results."""
