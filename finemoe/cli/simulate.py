@@ -119,6 +119,11 @@ def _hardware_options(fn):
               help="Store the routed experts as bf16, fp16, fp8, int8 (GGUF Q8_0), q6_k, int4 (GGUF Q4_0), "
                    "q4_k or mxfp4, block scales counted; a list is a sweep axis. Below 16 bits it is lossy "
                    "and labelled so [default: the trace's dtype].")
+@click.option("--layer-capacity", "layer_capacity", default=None, metavar="LIST",
+              help="How the expert slots split between layers: shared (one pool, the default), uniform, "
+                   "demand (by each layer's effective number of experts on the history split), dp (the split "
+                   "maximising a per-layer LRU's hits on the history split) or a file of one size per layer; "
+                   "a list is a sweep axis.")
 @layers_as_consecutive_option
 @click.option("--arrival", type=click.Choice(["all", "poisson", "file"]), default="all", show_default=True,
               help="Request arrivals: all at time 0, Poisson at --rate, or --timestamps.")
@@ -152,7 +157,7 @@ def _hardware_options(fn):
 @quiet_option()
 @json_option("Print the summary rows (one per configuration) as a JSON list on stdout instead of the table.")
 def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware, cpu,
-                     model_profile, expert_dtype, layers_as_consecutive, arrival, rate, timestamps, batch_size, history_fraction, online,
+                     model_profile, expert_dtype, layer_capacity, layers_as_consecutive, arrival, rate, timestamps, batch_size, history_fraction, online,
                      max_requests, seed, out_dir, resume, jobs, executor, ray_address, ray_trace_transport,
                      max_retries, dry_run, quiet, as_json, **hardware_overrides) -> None:
     """Simulate MoE expert offloading: which policy, memory budget and hardware give what latency.
@@ -172,6 +177,7 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
         model_profile=model_profile, arrival=arrival, rate=rate, timestamps=timestamps, batch_size=batch_size,
         history_fraction=history_fraction, online=online, max_requests=max_requests, seed=seed,
         layers_as_consecutive=layers_as_consecutive, cpu=cpu, expert_dtype=expert_dtype,
+        layer_capacity=layer_capacity,
     )
     configs, skipped = supported_configs(configs, explicit={p.strip() for p in policies.split(",")} - {"all"})
     for name, reason in skipped:
@@ -213,7 +219,7 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
 def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
                   hardware_overrides, model_profile, arrival, rate, timestamps, batch_size, history_fraction,
                   online, max_requests, seed, layers_as_consecutive=False, cpu="desktop-ddr5",
-                  expert_dtype: str | None = None) -> list:
+                  expert_dtype: str | None = None, layer_capacity: str | None = None) -> list:
     """Options as typed -> SimConfigs, checking everything that can be checked before running."""
     from finemoe.cli.options import size_option_value
     from finemoe.errors import ConfigError
@@ -277,6 +283,7 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
         layers_as_consecutive=layers_as_consecutive,
         cpus=[load_cpu(c.strip()) for c in cpu.split(",") if c.strip()] or [None],
         expert_dtypes=_expert_dtypes(expert_dtype),
+        layer_capacities=_layer_capacities(layer_capacity),
     )
     known = policy_names()
     configs = []
@@ -309,6 +316,25 @@ def _expert_dtypes(text: str | None) -> list[str | None]:
     return list(dict.fromkeys(names))
 
 
+def _layer_capacities(text: str | None) -> list[str | None]:
+    """--layer-capacity as typed -> modes (None for shared) or files, checked now (one sentence)."""
+    if text is None:
+        return [None]
+    from finemoe.errors import ConfigError
+    from finemoe.sim.layer_capacity import MODES
+
+    out: list[str | None] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item not in MODES and not Path(item).is_file():
+            raise ConfigError(f"--layer-capacity: {item!r} is none of {', '.join(MODES)} and no such file")
+        out.append(None if item == "shared" else (item if item in MODES else str(Path(item).resolve())))
+    if not out:
+        raise ConfigError("--layer-capacity names nothing")
+    return list(dict.fromkeys(out))
+
+
 def check_memory_plans(configs, say) -> None:
     """Plan every configuration's memory from its trace's metadata before anything runs: a budget
     that cannot hold the model is one error now, not a failure per configuration later; a budget
@@ -336,7 +362,12 @@ def check_memory_plans(configs, say) -> None:
             requests = [r for f in trace_files(c.trace_path) for r in read_metadata(f)["requests"]]
             metadata[key] = geometry, requests
         geometry, requests = metadata[key]
-        plan_for_config(c.run_geometry(geometry), requests, c)
+        g = c.run_geometry(geometry)
+        plan = plan_for_config(g, requests, c)
+        if c.memory.layer_capacity is not None and not plan.all_resident:
+            from finemoe.sim.layer_capacity import check_split_fits
+
+            check_split_fits(c.memory.layer_capacity, plan.expert_cache_slots, g, c.workload.max_batch)
         above = budget_above_card(c.memory.gpu_mem_bytes, c.hardware)
         if above and above not in warned:
             warned.add(above)
@@ -376,6 +407,11 @@ def _expert_label(name) -> str:
     return f"{name} (lossy)" if fmt is None or fmt.lossy else str(name)
 
 
+def _layer_label(mode) -> str:
+    """A result's per-layer split as the table shows it: `dp`, a file's name, or `shared`."""
+    return "shared" if _missing(mode) else Path(str(mode)).name
+
+
 def _si_number(text: str) -> float:
     """'71T' -> 71e12, '1.5P' -> 1.5e15, '71e12' -> 71e12 (decimal, as FLOP/s are quoted)."""
     scale = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
@@ -412,6 +448,8 @@ def results_table(paths) -> str:
     cols: list[tuple[str, list[str]]] = [("policy", [str(v) for v in df["policy"]])]
     if "expert_dtype" in df.columns and df["expert_dtype"].notna().any():  # always shown: lossy is said
         cols.append(("experts", [_expert_label(v) for v in df["expert_dtype"]]))
+    if "memory.layer_capacity" in df.columns and df["memory.layer_capacity"].notna().any():
+        cols.append(("layers", [_layer_label(v) for v in df["memory.layer_capacity"]]))
     for title, col, fmt in axes:
         if col in df.columns and df[col].astype(str).nunique() > 1:
             cols.append((title, [fmt(v) for v in df[col]]))

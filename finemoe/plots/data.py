@@ -82,6 +82,13 @@ class Run:
         return fmt.label if fmt is not None else f"{name} experts (lossy)"
 
     @property
+    def layer_split(self) -> str | None:
+        """How the run split its slots between layers (uniform, demand, dp, a file), else None (shared)."""
+        mem = self.config.get("memory") or {}
+        mode = mem.get("layer_capacity") if isinstance(mem, dict) else None
+        return Path(str(mode)).name if mode else None
+
+    @property
     def is_bound(self) -> bool:
         return self.policy in BOUND_POLICIES or bool(self.described.get("is_oracle"))
 
@@ -235,6 +242,8 @@ def series_label(run: Run, varying: dict[str, set[str]], multi_hardware: bool = 
     names = sorted(varying.get(run.policy, ()))
     if names:
         label += " " + ",".join(f"{k}={_short(run.params.get(k, '-'))}" for k in names)
+    if run.layer_split:
+        label += f", {run.layer_split} layers"
     if run.expert_label:  # lossy formats say so in every legend, table and report
         label += f", {run.expert_label}"
     if multi_hardware:

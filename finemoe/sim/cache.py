@@ -37,10 +37,16 @@ class PolicyError(RuntimeError):
 
 
 class ExpertCache:
-    def __init__(self, capacity: int, policy: Policy, recorder: MetricsRecorder, bytes_per_expert: int) -> None:
+    def __init__(self, capacity: int, policy: Policy, recorder: MetricsRecorder, bytes_per_expert: int,
+                 layer_capacity: tuple[int, ...] | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"cache capacity must be at least one slot, got {capacity}")
+        if layer_capacity is not None and sum(layer_capacity) > capacity:
+            raise ValueError(f"per-layer capacities sum to {sum(layer_capacity)}, more than the {capacity} slots")
         self.capacity = capacity
+        # Per-layer capacities (sim/layer_capacity.py): a layer's copies then take slots of its own
+        # share only, evicting within the layer; None: one pool shared by every layer.
+        self.layer_capacity = layer_capacity
         self.policy = policy
         self.rec = recorder
         self.bytes_per_expert = bytes_per_expert
@@ -94,6 +100,11 @@ class ExpertCache:
         """Whether exactly `n` on-demand loads are queued and nothing else is queued or on the wire."""
         return not self.in_flight and not self._queued and len(self._demand) == n
 
+    def fits(self, layer: int, n: int) -> bool:
+        """Whether `n` experts of `layer` can be resident at once (its share, or the whole pool):
+        what the engine's inline paths need to start a layer's loads together."""
+        return n <= (self.capacity if self.layer_capacity is None else self.layer_capacity[layer])
+
     def queued_prefetches(self) -> int:
         return len(self._queued)
 
@@ -102,6 +113,8 @@ class ExpertCache:
         for key in keys:
             if len(self.resident) >= self.capacity:
                 break
+            if self.layer_capacity is not None and self._held(key[0]) >= self.layer_capacity[key[0]]:
+                continue
             if key not in self.resident:
                 self.resident.add(key)
                 self.policy.on_loaded(key, now_s)
@@ -252,7 +265,7 @@ class ExpertCache:
         if self._unpins:
             self._apply_unpins(now_s)
         if self._demand:
-            room = self._make_room(None, now_s)
+            room = self._make_room(None, now_s, self._demand[0])
             if room is _NO_ROOM:
                 self.blocked = True
                 return None
@@ -333,6 +346,15 @@ class ExpertCache:
         start, and `complete_landed` lands it soon). (`_make_room` and `_start` for demands,
         inlined: once per miss.)"""
         in_flight = self.in_flight
+        if self.layer_capacity is not None:
+            for key in keys:
+                if self._layer_room(key[0], None, now_s) is _NO_ROOM:
+                    self.blocked = True
+                    raise PolicyError(f"policy {self.policy.name}: no slot of layer {key[0]} for an on-demand load")
+                in_flight[key] = None
+            self.rec.bytes_h2d += self.bytes_per_expert * len(keys)
+            self.rec.ondemand_loads += len(keys)
+            return
         free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
         for key in keys:
             if free > 0:
@@ -357,18 +379,37 @@ class ExpertCache:
             self._unused_prefetch.add(key)
         return t
 
-    def _make_room(self, p: Prefetch | None, now_s: float):
-        """A slot for a copy: None when one is free, else the victim evicted, or `_NO_ROOM`."""
+    def _make_room(self, p: Prefetch | None, now_s: float, key: ExpertKey | None = None):
+        """A slot for a copy (of `key`, or of the prefetch `p`): None when one is free, else the
+        victim evicted, or `_NO_ROOM`."""
+        if self.layer_capacity is not None:
+            return self._layer_room(p.layer if p is not None else key[0], p, now_s)
         if len(self.resident) + len(self.in_flight) < self.capacity:
             return None
         return self._evict_for(p, now_s)
 
-    def _evict_for(self, p: Prefetch | None, now_s: float):
-        """Every slot is taken: evict the policy's victim (returned) for a copy, or `_NO_ROOM`."""
+    def _held(self, layer: int) -> int:
+        """Slots layer `layer` holds: resident or on the wire. (Counted when asked: per-layer
+        capacities are the rarer case, and every path that fills or frees a slot stays as it is.)"""
+        return sum(1 for k in self.resident if k[0] == layer) + sum(1 for k in self.in_flight if k[0] == layer)
+
+    def _layer_room(self, layer: int, p: Prefetch | None, now_s: float):
+        """`_make_room` under per-layer capacities: a free slot of the layer's share, or the policy's
+        victim among the layer's own evictable experts."""
+        if self._held(layer) < self.layer_capacity[layer]:
+            return None
+        evictable = self._evictable
+        return self._evict_for(p, now_s, lambda k: k[0] == layer and evictable(k), layer)
+
+    def _evict_for(self, p: Prefetch | None, now_s: float, evictable=None, layer: int | None = None):
+        """Every slot is taken: evict the policy's victim (returned) for a copy, or `_NO_ROOM`.
+        `evictable`/`layer`: the victim must be of this layer (per-layer capacities)."""
         policy, resident, unused = self.policy, self.resident, self._unused_prefetch
-        victim = policy.choose_victim(self._evictable, p, now_s)
+        victim = policy.choose_victim(evictable or self._evictable, p, now_s)
+        if victim is not None and layer is not None and victim[0] != layer:
+            raise PolicyError(f"policy {policy.name} chose {victim} for a slot of layer {layer}")
         if victim is None:
-            if p is None and any(k not in self.pinned for k in resident):
+            if p is None and any(k not in self.pinned and (layer is None or k[0] == layer) for k in resident):
                 raise PolicyError(
                     f"policy {policy.name} returned no victim for an on-demand load although "
                     "evictable experts exist"

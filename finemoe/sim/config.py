@@ -19,6 +19,9 @@ class MemoryConfig:
     expert_cache_slots: int | None = None  # set directly, overriding the budget arithmetic
     reserve_bytes: int = 512 * 1024**2  # activations, allocator slack, CUDA context
     kv_tokens: int | None = None  # KV cache sized for this many tokens; None: batch x longest request
+    # How the slots split between layers (sim/layer_capacity.py: uniform, demand, dp or a file);
+    # None: one pool shared by every layer
+    layer_capacity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,14 @@ class SimConfig:
     expert_dtype: str | None = None  # routed experts stored in this format (traces/precision.py); None: the trace's
 
     def to_dict(self) -> dict:
-        """Every field; `layers_as_consecutive`, `cpu` and `expert_dtype` only when set, so the keys
+        """Every field; `layers_as_consecutive`, `cpu`, `expert_dtype` and `memory.layer_capacity`
+        only when set, so the keys
         of other configurations (and the result files of earlier sweeps) stay what they were."""
         out = asdict(self)
         if self.expert_dtype is None:
             del out["expert_dtype"]
+        if self.memory.layer_capacity is None:
+            del out["memory"]["layer_capacity"]
         if not self.layers_as_consecutive:
             del out["layers_as_consecutive"]
         if self.cpu is None:

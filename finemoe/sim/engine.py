@@ -175,7 +175,8 @@ class SimEngine:
         self.L, self.J = g.num_layers, g.num_experts
         hw = costs.hardware
         self.env = simpy.Environment()
-        self.cache = ExpertCache(memory.expert_cache_slots, policy, recorder, g.bytes_per_expert)
+        self.cache = ExpertCache(memory.expert_cache_slots, policy, recorder, g.bytes_per_expert,
+                                 memory.layer_capacity)
         self.wire = simpy.Resource(self.env, capacity=1)
         self.copy_engines = max(1, int(hw.copy_engines))
         self.latency_ticks = to_ticks(hw.transfer_latency_s)
@@ -550,7 +551,9 @@ class SimEngine:
         (The caller checks the rest: a policy without step or layer hooks, no compute stretch, no
         timeline, the inline miss path on.) Each layer then leaves the link quiet again."""
         return (not self.cache.busy and not self._releases and self.env.peek() == simpy.core.Infinity
-                and self._engines_idle() and max(map(len, experts_l)) <= self.cache.capacity)
+                and self._engines_idle() and (max(map(len, experts_l)) <= self.cache.capacity
+                                              if self.cache.layer_capacity is None
+                                              else all(map(self.cache.fits, range(len(experts_l)), map(len, experts_l)))))
 
     def _quiet_step(self, step: int, experts_l, counts_l, dense: int, t: int) -> tuple[int, int]:
         """One step's layers while the link stays quiet (`_quiet`), without SimPy: what `_compute`'s
@@ -661,6 +664,7 @@ class SimEngine:
         t = env.now
         stretch = self._stretch if self.slowdown != 1.0 else None
         capacity = cache.capacity
+        shared = cache.layer_capacity is None  # one pool (else each layer's share bounds what fits)
         # `_quiet_step` applies: no policy hook can queue a copy or needs the clock synced
         cpu_exec = self._cpu_exec
         hookless = (not self._wants_step and not wants_layer and self.oracle is None and stretch is None
@@ -730,7 +734,8 @@ class SimEngine:
                 else:
                     ticks = [etf(c) for c in counts]
                 if (misses is not None and inline_now and not self._releases
-                        and cache.only_demands(len(misses)) and capacity >= len(experts)
+                        and cache.only_demands(len(misses)) and (capacity >= len(experts) if shared
+                                                                 else cache.fits(layer, len(experts)))
                         and self._engines_idle()):
                     # Only this layer's misses will cross the link: play their copies out here, in
                     # the order SimPy would, without an event per copy (the same times and calls).

@@ -65,6 +65,8 @@ class MemoryPlan:
     expert_cache_slots: int
     total_experts: int
     source: str  # "budget" (derived from GPU memory) or "explicit" (MemoryConfig.expert_cache_slots)
+    # Each layer's own share of the slots (sim/layer_capacity.py); None: one pool for every layer.
+    layer_capacity: tuple[int, ...] | None = None
 
     @property
     def all_resident(self) -> bool:

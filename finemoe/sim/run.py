@@ -8,6 +8,7 @@ builds the workload, runs the SimPy engine and records everything the run depend
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from finemoe import __version__
 from finemoe.policies.registry import make_policy
@@ -95,6 +96,12 @@ def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = Fals
     check_fields(policy, trace)
     wl = config.workload
     split, plan, ticks, batcher = _workload(trace, config)
+    if config.memory.layer_capacity is not None:
+        from finemoe.sim.layer_capacity import resolve
+
+        caps = resolve(config.memory.layer_capacity, trace, [] if wl.online else list(split.history),
+                       plan.expert_cache_slots, wl.max_batch)
+        plan = replace(plan, layer_capacity=caps)
     requests = {r.request_id: r for r in trace.requests}
     recorder = MetricsRecorder(trace.geometry.num_layers, config.timeline_steps)
     by_req = trace.iterations_by_request

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finemoe.errors import ConfigError
@@ -176,6 +176,7 @@ class SweepSpec:
     layers_as_consecutive: bool = False  # a partial-layer trace's logged layers as layers 0..n-1
     cpus: Sequence = (None,)  # CpuSpecs, an axis of the policies that compute experts on the CPU only
     expert_dtypes: Sequence[str | None] = (None,)  # routed experts' storage formats (traces/precision.py)
+    layer_capacities: Sequence[str | None] = (None,)  # per-layer splits of the slots (sim/layer_capacity.py)
 
 
 def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -> list[SimConfig]:
@@ -194,7 +195,9 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
             )
     if not spec.hardware:
         raise ConfigError("no hardware given")
-    memories = _memories(spec.gpu_mem_bytes, spec.expert_cache_slots, spec.reserve_bytes, spec.kv_tokens)
+    memories = [replace(m, layer_capacity=lc) for m in _memories(spec.gpu_mem_bytes, spec.expert_cache_slots,
+                                                                  spec.reserve_bytes, spec.kv_tokens)
+                for lc in spec.layer_capacities]
     workloads = _workloads(spec)
     hardware = _hardware_variants(spec.hardware, spec.hardware_overrides)
     trace_path = str(Path(spec.trace_path).expanduser().resolve())
