@@ -138,6 +138,11 @@ def test_cli_sweeps_layer_splits(tmp_path):
     header, *rows = [line for line in run.output.splitlines() if line.startswith(("policy", "lru"))]
     assert "layers" in header and len(rows) == 3
     assert {r.split()[1] for r in rows} == {"shared", "uniform", "dp"}
+    # A budget that cannot give every layer its share is skipped with one line; the rest runs.
+    mixed = CliRunner().invoke(cli, ["simulate", str(path), "--policy", "lru", "--expert-cache", "2,16",
+                                     "--layer-capacity", "uniform", "-o", str(tmp_path / "m"), "-q"])
+    assert mixed.exit_code == 0 and "skipped lru-2slots" in mixed.output and "cannot give each of" in mixed.output
+    assert len(list((tmp_path / "m").glob("*.parquet"))) == 1
     for bad, words in ((["--layer-capacity", "greedy"], "'greedy' is none of shared, uniform, demand, dp"),
                        (["--layer-capacity", "uniform", "--expert-cache", "2"], "cannot give each of")):
         res = CliRunner().invoke(cli, ["simulate", str(path), "-q", "-o", str(tmp_path / "b"), *bad])

@@ -184,7 +184,7 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
         click.echo(f"skipped {name}: it {reason}", err=True)
     if jobs is not None and jobs < 1:
         raise ConfigError("--jobs must be at least 1")
-    check_memory_plans(configs, say=lambda line: click.echo(line, err=True))
+    configs = check_memory_plans(configs, say=lambda line: click.echo(line, err=True))
     if dry_run:
         from finemoe.sim.sweep import result_filename
 
@@ -335,15 +335,20 @@ def _layer_capacities(text: str | None) -> list[str | None]:
     return list(dict.fromkeys(out))
 
 
-def check_memory_plans(configs, say) -> None:
+def check_memory_plans(configs, say) -> list:
     """Plan every configuration's memory from its trace's metadata before anything runs: a budget
     that cannot hold the model is one error now, not a failure per configuration later; a budget
-    above the card's own memory is simulated (a hypothetical bigger card) with one warning."""
+    above the card's own memory is simulated (a hypothetical bigger card) with one warning. A
+    per-layer split a budget's slots cannot give every layer is skipped with one line (a sweep of
+    budgets and splits keeps the rest), and is the error when nothing else is left. Returns the
+    configurations to run."""
+    from finemoe.errors import ConfigError
     from finemoe.sim.memory import budget_above_card, plan_for_config
     from finemoe.traces.io import read_metadata, trace_files
 
     metadata: dict[tuple, tuple] = {}
     warned = set()
+    kept, unfit = [], []
     for c in configs:
         key = (c.trace_path, c.model_profile)
         if key not in metadata:
@@ -367,11 +372,23 @@ def check_memory_plans(configs, say) -> None:
         if c.memory.layer_capacity is not None and not plan.all_resident:
             from finemoe.sim.layer_capacity import check_split_fits
 
-            check_split_fits(c.memory.layer_capacity, plan.expert_cache_slots, g, c.workload.max_batch)
+            try:
+                check_split_fits(c.memory.layer_capacity, plan.expert_cache_slots, g, c.workload.max_batch)
+            except ConfigError as exc:
+                unfit.append((c, str(exc)))
+                continue
+        kept.append(c)
         above = budget_above_card(c.memory.gpu_mem_bytes, c.hardware)
         if above and above not in warned:
             warned.add(above)
             say(f"warning: {above}; simulated as a card with that much memory")
+    if unfit and not kept:
+        raise ConfigError(unfit[0][1])
+    for c, why in unfit:
+        from finemoe.sim.sweep import result_filename
+
+        say(f"skipped {result_filename(c)}: {why}")
+    return kept
 
 
 def summary_rows(paths) -> list[dict]:
