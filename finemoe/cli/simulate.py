@@ -124,6 +124,13 @@ def _hardware_options(fn):
                    "demand (by each layer's effective number of experts on the history split), dp (the split "
                    "maximising a per-layer LRU's hits on the history split) or a file of one size per layer; "
                    "a list is a sweep axis.")
+@click.option("--host-mem", "host_mem", default=None, metavar="SIZES",
+              help="Host memory for experts, e.g. 32G; experts beyond it live on --storage and are read into "
+                   "host memory (an LRU) before their copy to the GPU; a list is a sweep axis "
+                   "[default: every expert in host memory].")
+@click.option("--storage", "storage", default=None, metavar="NAME",
+              help="The SSD behind --host-mem: pcie4-ssd or pcie5-ssd (sequential-read presets, with sources) "
+                   "[default: pcie4-ssd].")
 @layers_as_consecutive_option
 @click.option("--arrival", type=click.Choice(["all", "poisson", "file"]), default="all", show_default=True,
               help="Request arrivals: all at time 0, Poisson at --rate, or --timestamps.")
@@ -157,7 +164,7 @@ def _hardware_options(fn):
 @quiet_option()
 @json_option("Print the summary rows (one per configuration) as a JSON list on stdout instead of the table.")
 def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware, cpu,
-                     model_profile, expert_dtype, layer_capacity, layers_as_consecutive, arrival, rate, timestamps, batch_size, history_fraction, online,
+                     model_profile, expert_dtype, layer_capacity, host_mem, storage, layers_as_consecutive, arrival, rate, timestamps, batch_size, history_fraction, online,
                      max_requests, seed, out_dir, resume, jobs, executor, ray_address, ray_trace_transport,
                      max_retries, dry_run, quiet, as_json, **hardware_overrides) -> None:
     """Simulate MoE expert offloading: which policy, memory budget and hardware give what latency.
@@ -177,7 +184,7 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
         model_profile=model_profile, arrival=arrival, rate=rate, timestamps=timestamps, batch_size=batch_size,
         history_fraction=history_fraction, online=online, max_requests=max_requests, seed=seed,
         layers_as_consecutive=layers_as_consecutive, cpu=cpu, expert_dtype=expert_dtype,
-        layer_capacity=layer_capacity,
+        layer_capacity=layer_capacity, host_mem=host_mem, storage=storage,
     )
     configs, skipped = supported_configs(configs, explicit={p.strip() for p in policies.split(",")} - {"all"})
     for name, reason in skipped:
@@ -219,13 +226,15 @@ def simulate_command(traces, policies, policy_params, gpu_mem, expert_cache, res
 def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, reserve, kv_tokens, hardware,
                   hardware_overrides, model_profile, arrival, rate, timestamps, batch_size, history_fraction,
                   online, max_requests, seed, layers_as_consecutive=False, cpu="desktop-ddr5",
-                  expert_dtype: str | None = None, layer_capacity: str | None = None) -> list:
+                  expert_dtype: str | None = None, layer_capacity: str | None = None, host_mem: str | None = None,
+                  storage: str | None = None) -> list:
     """Options as typed -> SimConfigs, checking everything that can be checked before running."""
     from finemoe.cli.options import size_option_value
     from finemoe.errors import ConfigError
     from finemoe.policies.registry import make_policy, policy_names
     from finemoe.sim.cpu import load_cpu
     from finemoe.sim.hardware import load_hardware
+    from finemoe.sim.storage import load_storage
     from finemoe.sim.sweep import (
         SweepSpec,
         expand_sweep,
@@ -237,6 +246,8 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
     )
     from finemoe.traces.io import read_trace
 
+    if storage is not None and host_mem is None:
+        raise ConfigError("--storage is the tier behind --host-mem; give --host-mem too")
     for trace in traces:
         # Read and validated once here, before any worker starts: a missing, foreign or empty trace,
         # or one with NaN router probabilities, is one sentence, not a failure per configuration.
@@ -284,6 +295,8 @@ def build_configs(traces, *, policies, policy_params, gpu_mem, expert_cache, res
         cpus=[load_cpu(c.strip()) for c in cpu.split(",") if c.strip()] or [None],
         expert_dtypes=_expert_dtypes(expert_dtype),
         layer_capacities=_layer_capacities(layer_capacity),
+        host_mem_bytes=parse_sizes(host_mem, "--host-mem") if host_mem is not None else (None,),
+        storage=load_storage(storage or "pcie4-ssd"),
     )
     known = policy_names()
     configs = []
@@ -377,6 +390,9 @@ def check_memory_plans(configs, say) -> list:
             except ConfigError as exc:
                 unfit.append((c, str(exc)))
                 continue
+        if c.host_mem_bytes is not None and c.host_mem_bytes < g.bytes_per_expert:
+            raise ConfigError(f"--host-mem {c.host_mem_bytes / 2**30:.3g} GiB holds no expert of "
+                              f"{g.bytes_per_expert / 2**30:.3g} GiB")
         kept.append(c)
         above = budget_above_card(c.memory.gpu_mem_bytes, c.hardware)
         if above and above not in warned:
@@ -496,6 +512,9 @@ def results_table(paths) -> str:
                             for a, b in zip(_first(df, ["bytes_h2d"]), _first(df, ["bytes_h2d_activations"]),
                                             strict=True)]))
     cols.append(("D2H GB", [_gb(v) for v in _first(df, ["bytes_d2h"])]))
+    if "host_mem_bytes" in df.columns and df["host_mem_bytes"].notna().any():  # the SSD tier
+        cols.append(("host mem", [_mem(v) if not _missing(v) else "all" for v in df["host_mem_bytes"]]))
+        cols.append(("SSD GB", [_gb(v) for v in _first(df, ["bytes_ssd"])]))
     cols.append(("stall s", [_fixed(v, 3) for v in _first(df, ["stall_s"])]))
     widths = [max(len(title), *(len(x) for x in values)) for title, values in cols]
     lines = ["  ".join(t.ljust(w) if i == 0 else t.rjust(w) for i, ((t, _), w) in enumerate(zip(cols, widths, strict=True)))]

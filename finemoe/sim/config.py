@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from finemoe.sim.cpu import CpuSpec
 from finemoe.sim.hardware import HardwareSpec
+from finemoe.sim.storage import StorageSpec
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,22 @@ class SimConfig:
     layers_as_consecutive: bool = False  # a partial-layer trace's logged layers run as layers 0..n-1
     cpu: CpuSpec | None = None  # the host CPU, for policies that compute experts there (None: the default preset)
     expert_dtype: str | None = None  # routed experts stored in this format (traces/precision.py); None: the trace's
+    # Host memory for experts, the rest on `storage` (sim/storage.py); None: every expert in host RAM
+    host_mem_bytes: int | None = None
+    storage: StorageSpec | None = None
 
     def to_dict(self) -> dict:
-        """Every field; `layers_as_consecutive`, `cpu`, `expert_dtype` and `memory.layer_capacity`
-        only when set, so the keys
+        """Every field; `layers_as_consecutive`, `cpu`, `expert_dtype`, `memory.layer_capacity`,
+        `host_mem_bytes` and `storage` only when set, so the keys
         of other configurations (and the result files of earlier sweeps) stay what they were."""
         out = asdict(self)
         if self.expert_dtype is None:
             del out["expert_dtype"]
         if self.memory.layer_capacity is None:
             del out["memory"]["layer_capacity"]
+        for name in ("host_mem_bytes", "storage"):
+            if getattr(self, name) is None:
+                del out[name]
         if not self.layers_as_consecutive:
             del out["layers_as_consecutive"]
         if self.cpu is None:

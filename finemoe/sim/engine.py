@@ -161,6 +161,7 @@ class SimEngine:
         online: bool = False,
         fast_path: bool = True,
         inline_misses: bool = True,
+        host_tier=None,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -169,8 +170,11 @@ class SimEngine:
         self.batcher = batcher
         self.rec = recorder
         self.online = online
-        self.fast_path = fast_path
-        self.inline_misses = inline_misses and fast_path  # `_misses_inline`; off: every copy a SimPy event
+        # Host memory in front of an SSD (sim/storage.py): every copy asks it when its expert is in
+        # host RAM, so copies run as SimPy events (`_reserve`), not on the inline paths.
+        self.host_tier = host_tier
+        self.fast_path = fast_path and host_tier is None
+        self.inline_misses = inline_misses and self.fast_path  # `_misses_inline`; off: every copy a SimPy event
         g = trace.geometry
         self.L, self.J = g.num_layers, g.num_experts
         hw = costs.hardware
@@ -337,7 +341,7 @@ class SimEngine:
             if tr is None:
                 break
             del sleeping[i]
-            end = self._reserve(t)
+            end = self._reserve(t, key=tr.key)
             wake._ok = True
             wake._value = (tr, t, end)
             self.env.schedule(wake, simpy.core.NORMAL, end - self.env.now)
@@ -376,12 +380,15 @@ class SimEngine:
         if self.cache.add_prefetches(event.value):
             self._wake_at(self.env.now)
 
-    def _reserve(self, start: int, handed: bool = True) -> int:
+    def _reserve(self, start: int, handed: bool = True, key=None) -> int:
         """The copy starting at `start` crosses the shared link after its latency, in start order.
         `handed`: given to an engine that slept; while the compute runs, such a copy also waits
         `copy_start_delay_s` (waking a CPU copy thread), one that an engine takes on its own right
-        after landing its last copy does not."""
+        after landing its last copy does not. With an SSD tier, the copy of `key` starts once the
+        expert is in host memory (read from the SSD first when it is not)."""
         latency = self.busy_latency_ticks if handed and not self._stalled else self.latency_ticks
+        if self.host_tier is not None:
+            start = self.host_tier.ready_at(key, start)
         wire_start = max(start + latency, self._wire_free)
         self._wire_free = end = wire_start + (self.wire_ticks if self._stalled else self.busy_wire_ticks)
         return end
@@ -632,7 +639,7 @@ class SimEngine:
                 tr, start, end = handed  # started at `start` by the hand-off; it has landed now
             else:
                 start = env.now
-                end = self._reserve(start, woke)
+                end = self._reserve(start, woke, tr.key)
                 done = env.timeout(end - start)
                 self._arriving[tr.key] = (end, done)  # the compute process may wait on this very event
                 if self._sleeping and cache.has_work:

@@ -23,6 +23,11 @@ class MetricsRecorder:
     cpu_wait_s: float = 0.0  # the GPU waiting for the CPU's result
     bytes_d2h: int = 0  # hidden states to the CPU
     bytes_h2d_activations: int = 0  # the CPU's expert outputs back to the GPU
+    # The SSD tier behind host memory (sim/storage.py): copies that found their expert in host RAM,
+    # reads from the SSD, and their bytes.
+    host_hits: int = 0
+    ssd_reads: int = 0
+    bytes_ssd: int = 0
     prefetch_issued: int = 0  # accepted into the queue (not resident, in flight or queued already)
     prefetch_started: int = 0  # copies begun
     prefetch_in_time: int = 0  # resident when first needed after being prefetched
@@ -96,6 +101,9 @@ class MetricsRecorder:
             "cpu_wait_s": self.cpu_wait_s,
             "bytes_d2h": self.bytes_d2h,
             "bytes_h2d_activations": self.bytes_h2d_activations,
+            "host_hits": self.host_hits,
+            "ssd_reads": self.ssd_reads,
+            "bytes_ssd": self.bytes_ssd,
             "prefetch_issued": self.prefetch_issued,
             "prefetch_started": self.prefetch_started,
             "prefetch_in_time": self.prefetch_in_time,

@@ -89,6 +89,28 @@ def cpu_for(config: SimConfig, policy):
     return CPU_PRESETS[DEFAULT_CPU]
 
 
+def host_tier_for(config: SimConfig, policy, trace: Trace, recorder):
+    """Host memory in front of the SSD when `--host-mem` limits it (sim/storage.py), else None."""
+    if config.host_mem_bytes is None:
+        return None
+    from finemoe.errors import ConfigError
+    from finemoe.sim.storage import HostTier
+
+    if policy.executes_on_cpu:
+        raise ConfigError(f"--host-mem with {policy.name}: experts computed on the CPU from an SSD tier "
+                          "are not modelled yet (only copies to the GPU read through host memory)")
+    g = trace.geometry
+    return HostTier(int(config.host_mem_bytes // max(g.bytes_per_expert, 1)),
+                    config.storage or _default_storage(), g.bytes_per_expert, g.num_layers,
+                    g.num_experts, recorder)
+
+
+def _default_storage():
+    from finemoe.sim.storage import DEFAULT_STORAGE, STORAGE_PRESETS
+
+    return STORAGE_PRESETS[DEFAULT_STORAGE]
+
+
 def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = False) -> RunResult:
     """One engine run of the policy object `policy` under `config`; `bounds`: with the lower bounds
     for the start state it ran from as `bound_*` summary fields."""
@@ -109,7 +131,8 @@ def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = Fals
         # Each iteration run emits one token (the prefill its first), so tpot = mean decode step.
         recorder.request_arrived(rid, a / TICKS_PER_S, requests[rid].prompt_tokens, len(by_req.get(rid, ())))
     costs = CostModel(config.hardware, trace.geometry, cpu_for(config, policy))
-    engine = SimEngine(trace, policy, costs, plan, batcher, recorder, seed=config.seed, online=wl.online)
+    engine = SimEngine(trace, policy, costs, plan, batcher, recorder, seed=config.seed, online=wl.online,
+                       host_tier=host_tier_for(config, policy, trace, recorder))
     if policy.uses_history and not wl.online:
         policy.fit(trace.select_requests(split.history))
     makespan_s = engine.run()
@@ -126,6 +149,9 @@ def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = Fals
     )
     if costs.cpu is not None:
         cfg["cpu"] = costs.cpu.to_dict()
+    if engine.host_tier is not None:
+        cfg["storage"] = (config.storage or _default_storage()).to_dict()
+        cfg["host_expert_slots"] = engine.host_tier.slots
     cfg["start_residents"] = len(engine.start_residents)
     result = recorder.to_result(cfg, wall_s=time.perf_counter() - wall0, makespan_s=makespan_s)
     if bounds and not policy.executes_on_cpu:

@@ -177,6 +177,8 @@ class SweepSpec:
     cpus: Sequence = (None,)  # CpuSpecs, an axis of the policies that compute experts on the CPU only
     expert_dtypes: Sequence[str | None] = (None,)  # routed experts' storage formats (traces/precision.py)
     layer_capacities: Sequence[str | None] = (None,)  # per-layer splits of the slots (sim/layer_capacity.py)
+    host_mem_bytes: Sequence[int | None] = (None,)  # host memory for experts; the rest on `storage`
+    storage: object = None  # StorageSpec (sim/storage.py), with host_mem_bytes only
 
 
 def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -> list[SimConfig]:
@@ -210,8 +212,8 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
         # (None: the default preset, which `sim/run.py: cpu_for` supplies and records.)
         cpus = list(spec.cpus) if cls is not None and cls.executes_on_cpu else [None]
         for params in _param_grid(spec.policy_params.get(policy, {})):
-            for dtype, hw, memory, workload, seed, cpu in itertools.product(spec.expert_dtypes, hardware, memories,
-                                                                            workloads, spec.seeds, cpus):
+            for dtype, host, hw, memory, workload, seed, cpu in itertools.product(
+                    spec.expert_dtypes, spec.host_mem_bytes, hardware, memories, workloads, spec.seeds, cpus):
                 config = SimConfig(
                     trace_path=trace_path,
                     policy=policy,
@@ -224,6 +226,8 @@ def expand_sweep(spec: SweepSpec, known_policies: Sequence[str] | None = None) -
                     layers_as_consecutive=spec.layers_as_consecutive,
                     cpu=cpu,
                     expert_dtype=dtype,
+                    host_mem_bytes=None if host is None else int(host),
+                    storage=None if host is None else spec.storage,
                 )
                 configs.setdefault(config.key(), config)
     return list(configs.values())
@@ -267,6 +271,8 @@ def supported_configs(configs: Sequence[SimConfig], explicit: Iterable[str] = ()
         if pkey not in reasons:
             reasons[pkey] = unsupported_reason(make_policy(c.policy, **c.policy_params), shapes[key])
         reason = reasons[pkey]
+        if reason is None and c.host_mem_bytes is not None and make_policy(c.policy, **c.policy_params).executes_on_cpu:
+            reason = "computes experts on the CPU, which an SSD tier (--host-mem) does not model yet"
         if reason is None:
             kept.append(c)
         elif c.policy in explicit:
