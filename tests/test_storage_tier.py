@@ -86,3 +86,26 @@ def test_cli_host_memory_sweep_and_its_errors(tmp_path):
                         (["--host-mem", "1G", "--policy", "cpu-all"], "does not model yet")):
         bad = run(*args)
         assert bad.exit_code == 1 and words in bad.output and "Traceback" not in bad.output, (args, bad.output)
+
+
+def test_a_measured_read_path_becomes_a_storage_profile(tmp_path):
+    import json
+
+    from finemoe.replay.calibrate_storage import fit_storage, measure_storage
+    from finemoe.sim.storage import load_storage
+
+    m = measure_storage(tmp_path, 64 * 1024, 8)
+    assert m["cold_gbps"] > 0 and m["cached_gbps"] > 0 and m["latency_s"] > 0 and len(m["cold_chunk_s"]) == 8
+    assert list(tmp_path.iterdir()) == []  # the test file is gone
+    spec = fit_storage(m, "here")
+    assert spec.read_gbps == m["cold_gbps"] and spec.efficiency == 1.0
+    profile = tmp_path / "me.json"
+    profile.write_text(json.dumps({"hardware": {}, "storage": spec.to_dict()}))
+    assert load_storage(str(profile)) == spec
+    profile.write_text(json.dumps({"hardware": {}}))
+    with pytest.raises(ConfigError, match='not a profile with a "storage" object'):
+        load_storage(str(profile))
+    with pytest.raises(ConfigError, match="no such folder"):
+        measure_storage(tmp_path / "nope", 4096, 2)
+    bad = CliRunner().invoke(cli, ["calibrate", "-o", str(tmp_path / "p.json"), "--storage-dir", str(tmp_path / "nope")])
+    assert bad.exit_code == 1 and "no such folder" in bad.output and "Traceback" not in bad.output

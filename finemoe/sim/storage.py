@@ -17,8 +17,10 @@ copies on one thread). Presets cite their drives' sequential-read ratings.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from finemoe.errors import ConfigError
 from finemoe.sim.costs import to_ticks
@@ -54,10 +56,18 @@ DEFAULT_STORAGE = "pcie4-ssd"
 
 
 def load_storage(name: str) -> StorageSpec:
-    try:
-        return STORAGE_PRESETS[name.strip()]
-    except KeyError:
-        raise ConfigError(f"unknown storage {name!r}; presets: {', '.join(STORAGE_PRESETS)}") from None
+    """A preset, or the "storage" object of a profile from `finemoe calibrate --storage-dir`."""
+    name = name.strip()
+    if name in STORAGE_PRESETS:
+        return STORAGE_PRESETS[name]
+    if name.endswith(".json") and Path(name).is_file():
+        try:
+            data = json.loads(Path(name).read_text())["storage"]
+            return StorageSpec(**{f.name: data[f.name] for f in fields(StorageSpec) if f.name in data})
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"--storage {name}: not a profile with a \"storage\" object "
+                              "(from `finemoe calibrate --storage-dir`)") from None
+    raise ConfigError(f"unknown storage {name!r}; presets: {', '.join(STORAGE_PRESETS)}, or a profile .json")
 
 
 class HostTier:
