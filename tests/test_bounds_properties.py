@@ -40,11 +40,12 @@ _STAMPS = Path(tempfile.mkdtemp(prefix="finemoe-bounds-"))
 
 def online_policies(trace) -> list[str]:
     """Every registered non-oracle copy-on-miss policy this trace has the fields for (no-offload only
-    fits a full cache). The bounds are of copy-on-miss: a policy that computes misses on the CPU
-    carries none (tests/test_cpu_execution.py), as it may beat them."""
+    fits a full cache). The bounds are of lossless copy-on-miss: a policy that computes misses on
+    the CPU, or copies some at a lower precision (hobbit), carries none, as it may beat them."""
     out = []
     for p in policy_names():
-        if p in ("oracle", "no-offload") or p.startswith("test-") or make_policy(p).executes_on_cpu:
+        if p in ("oracle", "no-offload") or p.startswith("test-") or make_policy(p).executes_on_cpu \
+                or make_policy(p).lossy:
             continue
         if all(getattr(trace, f, None) is not None for f in make_policy(p).needs):
             out.append(p)

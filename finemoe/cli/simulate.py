@@ -478,7 +478,9 @@ def results_table(paths) -> str:
         ("seed", "seed", _num),
     ]
     axes += [(col.split(".", 1)[1], col, _text) for col in df.columns if col.startswith("policy_params.")]
-    cols: list[tuple[str, list[str]]] = [("policy", [str(v) for v in df["policy"]])]
+    lossy = df["policy_info.lossy"] if "policy_info.lossy" in df.columns else [None] * len(df)
+    cols: list[tuple[str, list[str]]] = [("policy", [f"{v} (lossy)" if not _missing(x) else str(v)
+                                                     for v, x in zip(df["policy"], lossy, strict=True)])]
     if "expert_dtype" in df.columns and df["expert_dtype"].notna().any():  # always shown: lossy is said
         cols.append(("experts", [_expert_label(v) for v in df["expert_dtype"]]))
     if "memory.layer_capacity" in df.columns and df["memory.layer_capacity"].notna().any():

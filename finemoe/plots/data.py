@@ -246,6 +246,8 @@ def series_label(run: Run, varying: dict[str, set[str]], multi_hardware: bool = 
         label += f", {run.layer_split} layers"
     if run.expert_label:  # lossy formats say so in every legend, table and report
         label += f", {run.expert_label}"
+    elif run.described.get("lossy"):  # a lossy policy (hobbit)
+        label += " (lossy)"
     if multi_hardware:
         label += f" @ {run.hardware}"
     if run.is_floor:

@@ -211,6 +211,9 @@ class Policy:
     # Whether the policy may compute missed experts on the CPU: the engine then asks `place_misses`
     # and needs a CPU profile (docs/cpu-execution.md).
     executes_on_cpu: ClassVar[bool] = False
+    # The format (traces/precision.py) a policy may fetch unimportant misses in (HOBBIT): the cache
+    # then asks `fetch_low` per copy, and the policy is lossy. None: every copy at full precision.
+    low_precision: str | None = None
 
     def __init__(self, **params) -> None:
         if params:
@@ -271,6 +274,20 @@ class Policy:
         layers those must be logged (finemoe/policies/support.py). Its `distance` parameter if it has one."""
         return int(self.params.get("distance", 0))
 
+    def fetch_low(self, key: ExpertKey) -> bool:
+        """Whether `key`, needed now, may be (or stay) at `low_precision`: asked for each routed
+        expert of a policy with `low_precision`. A resident low-precision copy that may not stay
+        is a miss, reloaded at full precision."""
+        return False
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the policy changes the model's outputs (a lower precision for some experts)."""
+        return self.low_precision is not None
+
     def describe(self) -> dict:
         """Name and parameters, as recorded in result files."""
-        return {"name": self.name, "params": dict(self.params), "is_oracle": self.is_oracle}
+        out = {"name": self.name, "params": dict(self.params), "is_oracle": self.is_oracle}
+        if self.lossy:
+            out["lossy"] = f"fetches unimportant misses as {self.low_precision}"
+        return out

@@ -135,6 +135,13 @@ class _Replayer:
                 f"policy {self.policy.name} is an oracle (a bound that sees the future); replay runs "
                 "realisable policies only, simulate it instead"
             )
+        if self.policy.lossy:
+            raise ConfigError(f"policy {self.policy.name} {self.policy.describe()['lossy']}: the replayer has no "
+                              "low-precision expert kernels; simulate it instead")
+        for what, value in (("--expert-dtype", config.expert_dtype), ("--host-mem", config.host_mem_bytes),
+                            ("--layer-capacity", config.memory.layer_capacity)):
+            if value is not None:
+                raise ConfigError(f"replay does not run {what} yet; simulate it instead")
         self.split = split_requests(trace, w, config.seed)
         measured = [trace.request(r) for r in self.split.measure]
         longest = max((r.prompt_tokens + r.generated_tokens for r in measured), default=1)

@@ -47,6 +47,10 @@ class ExpertCache:
         # Per-layer capacities (sim/layer_capacity.py): a layer's copies then take slots of its own
         # share only, evicting within the layer; None: one pool shared by every layer.
         self.layer_capacity = layer_capacity
+        # Experts resident or on the wire at the policy's low precision (HOBBIT), and their bytes.
+        self.low: set[ExpertKey] = set()
+        self.low_bytes = bytes_per_expert
+        self._mixed = policy.low_precision is not None
         self.policy = policy
         self.rec = recorder
         self.bytes_per_expert = bytes_per_expert
@@ -133,6 +137,8 @@ class ExpertCache:
         resident, unused, on_access, rec = self.resident, self._unused_prefetch, self.policy.on_access, self.rec
         in_flight, demand, demand_set, queued = self.in_flight, self._demand, self._demand_set, self._queued
         misses = None
+        if self._mixed:
+            self._upgrade(layer, experts, now_s)
         for expert in experts:
             key = (layer, expert)
             if key in resident:
@@ -159,6 +165,28 @@ class ExpertCache:
             rec.hits[layer] += len(experts) - len(misses)
             rec.misses[layer] += len(misses)
         return misses
+
+    def _upgrade(self, layer: int, experts, now_s: float) -> None:
+        """A low-precision resident copy that the policy wants at full precision now leaves its
+        slot (heard as an eviction): the access then misses and reloads it in full."""
+        low, fetch_low = self.low, self.policy.fetch_low
+        for expert in experts:
+            key = (layer, expert)
+            if key in low and key in self.resident and key not in self.pinned and not fetch_low(key):
+                self.resident.discard(key)
+                low.discard(key)
+                self._unused_prefetch.discard(key)
+                self.rec.low_upgrades += 1
+                self.policy.on_evicted(key, now_s)
+
+    def _bytes_of(self, key: ExpertKey) -> int:
+        """A copy's bytes: at the policy's low precision when it asks (recorded in `low`)."""
+        if self._mixed and self.policy.fetch_low(key):
+            self.low.add(key)
+            self.rec.low_loads += 1
+            return self.low_bytes
+        self.low.discard(key)
+        return self.bytes_per_expert
 
     def access_and_start(self, layer: int, experts, now_s: float) -> list[ExpertKey] | None:
         """`access_layer`, then `start_demands`, for a layer that finds the link quiet (nothing
@@ -194,6 +222,7 @@ class ExpertCache:
         for key in keys:
             if key in self.resident:
                 self.resident.discard(key)
+                self.low.discard(key)
                 self._unused_prefetch.discard(key)
                 self.policy.on_evicted(key, now_s)
 
@@ -352,7 +381,7 @@ class ExpertCache:
                     self.blocked = True
                     raise PolicyError(f"policy {self.policy.name}: no slot of layer {key[0]} for an on-demand load")
                 in_flight[key] = None
-            self.rec.bytes_h2d += self.bytes_per_expert * len(keys)
+            self.rec.bytes_h2d += sum(map(self._bytes_of, keys)) if self._mixed else self.bytes_per_expert * len(keys)
             self.rec.ondemand_loads += len(keys)
             return
         free = self.capacity - len(self.resident) - len(in_flight)  # an eviction keeps it, a start on a free slot lowers it
@@ -365,19 +394,27 @@ class ExpertCache:
             in_flight[key] = None
         rec = self.rec
         started = len(keys)
-        rec.bytes_h2d += self.bytes_per_expert * started
+        rec.bytes_h2d += sum(map(self._bytes_of, keys)) if self._mixed else self.bytes_per_expert * started
         rec.ondemand_loads += started
 
     def _start(self, key: ExpertKey, p: Prefetch | None, victim: ExpertKey | None) -> Transfer:
         t = _new_tuple(Transfer, (key, p, victim))  # built directly: a named tuple's `__new__` is a Python call
         self.in_flight[key] = t
-        self.rec.bytes_h2d += self.bytes_per_expert
+        if self._mixed:
+            self.rec.bytes_h2d += self._bytes_of(key) if p is None else self._full(key)
+        else:
+            self.rec.bytes_h2d += self.bytes_per_expert
         if p is None:
             self.rec.ondemand_loads += 1
         else:
             self.rec.prefetch_started += 1
             self._unused_prefetch.add(key)
         return t
+
+    def _full(self, key: ExpertKey) -> int:
+        """A prefetch's bytes: prefetches copy at full precision."""
+        self.low.discard(key)
+        return self.bytes_per_expert
 
     def _make_room(self, p: Prefetch | None, now_s: float, key: ExpertKey | None = None):
         """A slot for a copy (of `key`, or of the prefetch `p`): None when one is free, else the
@@ -418,6 +455,8 @@ class ExpertCache:
         if victim not in resident or victim in self.pinned:
             raise PolicyError(f"policy {policy.name} chose {victim}, which is not evictable")
         resident.discard(victim)  # `_evict`, inlined: once per eviction
+        if self._mixed:
+            self.low.discard(victim)
         if unused and victim in unused:
             unused.discard(victim)
             self.rec.prefetch_unused_evicted += 1

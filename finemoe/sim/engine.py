@@ -173,7 +173,10 @@ class SimEngine:
         # Host memory in front of an SSD (sim/storage.py): every copy asks it when its expert is in
         # host RAM, so copies run as SimPy events (`_reserve`), not on the inline paths.
         self.host_tier = host_tier
-        self.fast_path = fast_path and host_tier is None
+        # A policy that fetches some misses at a lower precision (HOBBIT): copies and computes of
+        # those experts take the format's bytes, per expert, so every copy runs as a SimPy event.
+        self._low = policy.low_precision is not None
+        self.fast_path = fast_path and host_tier is None and not self._low
         self.inline_misses = inline_misses and self.fast_path  # `_misses_inline`; off: every copy a SimPy event
         g = trace.geometry
         self.L, self.J = g.num_layers, g.num_experts
@@ -189,6 +192,17 @@ class SimEngine:
         self.miss_ticks = to_ticks(getattr(hw, "miss_overhead_s", 0.0))
         # While compute runs (not stalled), copies cross slower where they share its cores (CPU).
         self.busy_wire_ticks = to_ticks(costs.wire_s(g.bytes_per_expert) * getattr(hw, "compute_copy_slowdown", 1.0))
+        if self._low:
+            from finemoe.sim.costs import CostModel
+            from finemoe.traces.precision import with_expert_format
+
+            low_g = with_expert_format(g, policy.low_precision)
+            self.cache.low_bytes = low_g.bytes_per_expert
+            self._low_costs = CostModel(hw, low_g, costs.cpu)
+            self.low_wire_ticks = to_ticks(costs.wire_s(low_g.bytes_per_expert))
+            self.low_busy_wire_ticks = to_ticks(costs.wire_s(low_g.bytes_per_expert)
+                                                * getattr(hw, "compute_copy_slowdown", 1.0))
+            self._low_expert_ticks: dict[int, int] = {}
         self._stalled = False
         self.busy_latency_ticks = self.latency_ticks + to_ticks(getattr(hw, "copy_start_delay_s", 0.0))
         self._expert_ticks: dict[int, int] = {}
@@ -390,8 +404,26 @@ class SimEngine:
         if self.host_tier is not None:
             start = self.host_tier.ready_at(key, start)
         wire_start = max(start + latency, self._wire_free)
-        self._wire_free = end = wire_start + (self.wire_ticks if self._stalled else self.busy_wire_ticks)
+        if self._low and key in self.cache.low:
+            self._wire_free = end = wire_start + (self.low_wire_ticks if self._stalled else self.low_busy_wire_ticks)
+        else:
+            self._wire_free = end = wire_start + (self.wire_ticks if self._stalled else self.busy_wire_ticks)
         return end
+
+    def _low_ticks(self, layer: int, experts, ticks, counts, misses):
+        """The layer's expert times with those at low precision (resident so, or a miss the policy
+        fetches so) at the low format's cost."""
+        low, fetch_low = self.cache.low, self.policy.fetch_low
+        out = list(ticks)
+        for i, e in enumerate(experts):
+            key = (layer, e)
+            if key in low or (misses is not None and e in misses and fetch_low(key)):
+                n = 1 if counts is None else counts[i]
+                got = self._low_expert_ticks.get(n)
+                if got is None:
+                    got = self._low_expert_ticks[n] = to_ticks(self._low_costs.expert_compute_s(n))
+                out[i] = got
+        return out
 
     def _stretch(self, t: int, ticks: int) -> int:
         """Compute of `ticks` starting at `t`, run `copy_compute_slowdown` times slower while copies are
@@ -740,6 +772,8 @@ class SimEngine:
                     ticks = [et1] * len(experts)
                 else:
                     ticks = [etf(c) for c in counts]
+                if self._low:
+                    ticks = self._low_ticks(layer, experts, ticks, counts, misses)
                 if (misses is not None and inline_now and not self._releases
                         and cache.only_demands(len(misses)) and (capacity >= len(experts) if shared
                                                                  else cache.fits(layer, len(experts)))

@@ -25,6 +25,9 @@ class MetricsRecorder:
     bytes_h2d_activations: int = 0  # the CPU's expert outputs back to the GPU
     # The SSD tier behind host memory (sim/storage.py): copies that found their expert in host RAM,
     # reads from the SSD, and their bytes.
+    # Copies at a policy's low precision (HOBBIT), and low copies reloaded in full for an important use.
+    low_loads: int = 0
+    low_upgrades: int = 0
     host_hits: int = 0
     ssd_reads: int = 0
     bytes_ssd: int = 0
@@ -101,6 +104,8 @@ class MetricsRecorder:
             "cpu_wait_s": self.cpu_wait_s,
             "bytes_d2h": self.bytes_d2h,
             "bytes_h2d_activations": self.bytes_h2d_activations,
+            "low_loads": self.low_loads,
+            "low_upgrades": self.low_upgrades,
             "host_hits": self.host_hits,
             "ssd_reads": self.ssd_reads,
             "bytes_ssd": self.bytes_ssd,

@@ -154,7 +154,8 @@ def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = Fals
         cfg["host_expert_slots"] = engine.host_tier.slots
     cfg["start_residents"] = len(engine.start_residents)
     result = recorder.to_result(cfg, wall_s=time.perf_counter() - wall0, makespan_s=makespan_s)
-    if bounds and not policy.executes_on_cpu:
-        # The bounds are of copy-on-miss (sim/bounds.py): computing a miss on the CPU can beat them.
+    if bounds and not policy.executes_on_cpu and not policy.lossy:
+        # The bounds are of lossless copy-on-miss (sim/bounds.py): computing a miss on the CPU, or
+        # copying it at a lower precision, can beat them.
         result.summary.update(bounds_for(trace, config, engine.start_residents))
     return result
