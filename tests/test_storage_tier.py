@@ -109,3 +109,13 @@ def test_a_measured_read_path_becomes_a_storage_profile(tmp_path):
         measure_storage(tmp_path / "nope", 4096, 2)
     bad = CliRunner().invoke(cli, ["calibrate", "-o", str(tmp_path / "p.json"), "--storage-dir", str(tmp_path / "nope")])
     assert bad.exit_code == 1 and "no such folder" in bad.output and "Traceback" not in bad.output
+
+
+def test_queue_depth_one_pays_each_reads_latency_after_the_last():
+    serial = StorageSpec("qd1", read_gbps=1.0, latency_s=1e-4, efficiency=1.0, queue_depth=1)
+    tier = HostTier(1, serial, 10**6, num_layers=1, num_experts=4, recorder=MetricsRecorder(num_layers=1))
+    read, lat = to_ticks(1e-3), to_ticks(1e-4)
+    assert tier.ready_at((0, 1), 0) == lat + read
+    assert tier.ready_at((0, 2), 0) == 2 * (lat + read)  # against lat + 2 x read at a deeper queue
+    with pytest.raises(ConfigError, match="queue_depth >= 1"):
+        StorageSpec("bad", 1.0, 1e-4, queue_depth=0)

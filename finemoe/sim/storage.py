@@ -8,9 +8,10 @@ memory holds the first experts in (layer, expert) order, as a loader filling RAM
 would; the rest are on the SSD.
 
 The SSD is modelled like the link: a read waits the drive's latency and then occupies its
-bandwidth, reads back to back in the order they start (one expert is tens to hundreds of MB: a
-read is bound by bandwidth at any queue depth a runtime uses, so the queue depth is not a
-parameter). The copy engine that asked holds the expert through the read and then copies it over
+bandwidth, reads back to back in the order they start. With a queue depth above 1 the next read's
+latency passes while the last one's bytes flow; at depth 1 (a runtime that reads one expert at a
+time) each read waits for the last and then pays its latency. (One expert is tens to hundreds of
+MB, so deeper queues change nothing more: the reads are bound by bandwidth.) The copy engine that asked holds the expert through the read and then copies it over
 the link, so a copy behind an SSD read waits for it (head-of-line, as a runtime that reads and
 copies on one thread). Presets cite their drives' sequential-read ratings.
 """
@@ -32,11 +33,13 @@ class StorageSpec:
     read_gbps: float  # rated sequential read, GB/s (1e9 bytes/s)
     latency_s: float  # a read's fixed cost before its bytes flow
     efficiency: float = 0.85  # achieved / rated for expert-sized reads through the file system (assumed)
+    queue_depth: int = 32  # reads in flight at once; 1: each read waits for the last (no latency hidden)
     source: str = ""
 
     def __post_init__(self) -> None:
-        if not (self.read_gbps > 0 and 0 < self.efficiency <= 1 and self.latency_s >= 0):
-            raise ConfigError(f"storage {self.name!r}: read_gbps > 0, 0 < efficiency <= 1 and latency_s >= 0")
+        if not (self.read_gbps > 0 and 0 < self.efficiency <= 1 and self.latency_s >= 0 and self.queue_depth >= 1):
+            raise ConfigError(f"storage {self.name!r}: read_gbps > 0, 0 < efficiency <= 1, latency_s >= 0 "
+                              "and queue_depth >= 1")
 
     @property
     def read_bytes_per_s(self) -> float:
@@ -82,6 +85,7 @@ class HostTier:
         self.bytes_per_expert = bytes_per_expert
         self.latency_ticks = to_ticks(spec.latency_s)
         self.read_ticks = to_ticks(bytes_per_expert / spec.read_bytes_per_s)
+        self.serial = spec.queue_depth == 1
         keys = [(la, e) for la in range(num_layers) for e in range(num_experts)][:slots]
         self.lru: OrderedDict = OrderedDict((k, None) for k in keys)
         self._free = 0  # the tick the SSD's bandwidth is free again
@@ -93,7 +97,10 @@ class HostTier:
             lru.move_to_end(key)
             self.rec.host_hits += 1
             return start
-        read_start = max(start + self.latency_ticks, self._free)
+        if self.serial:  # queue depth 1: the drive takes the next read only once the last is done
+            read_start = max(start, self._free) + self.latency_ticks
+        else:  # the next read's latency passes while the last one's bytes flow
+            read_start = max(start + self.latency_ticks, self._free)
         self._free = end = read_start + self.read_ticks
         if len(lru) >= self.slots:
             lru.popitem(last=False)
