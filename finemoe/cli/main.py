@@ -63,6 +63,7 @@ def cli() -> None:
     Explore policies/budgets:  finemoe simulate TRACE --gpu-mem 24G --policy lru,finemoe
     Check against reality:     finemoe calibrate / finemoe replay TRACE --compare
     Trust it on this machine?  finemoe validate --quick
+    What should I run?         finemoe plan TRACE --hardware rtx3090 --gpu-mem 24G
     Look at the results:       finemoe plot RESULTS -o figs / finemoe report RESULTS
     Everything at once:        finemoe demo
     """

@@ -28,6 +28,15 @@ class ModelProfile:
     default_dtype: str
     expert_dtype: str | None = None  # when experts are stored differently from the rest (GPT-OSS)
     source: str = ""
+    leading_dense_layers: int = 0  # dense blocks before the first MoE layer (DeepSeek's first_k_dense_replace)
+    moe_blocks_: tuple[int, ...] | None = None  # each MoE layer's block index, when not contiguous
+
+    @property
+    def moe_blocks(self) -> tuple[int, ...]:
+        """The model's block index of each MoE layer (what llama.cpp's blk.N and --n-cpu-moe count)."""
+        if self.moe_blocks_ is not None:
+            return self.moe_blocks_
+        return tuple(range(self.leading_dense_layers, self.leading_dense_layers + self.num_layers))
 
     @property
     def params_per_expert(self) -> int:
@@ -88,12 +97,14 @@ PROFILES: dict[str, ModelProfile] = {
         # layers; hidden 2048, moe_intermediate 1408, 64 routed experts, top-6, 2 shared experts;
         # MLA cache of kv_lora_rank 512 + rope 64 per layer; 15.7B parameters.
         ModelProfile("deepseek-v2-lite", 26, 64, 6, 2, 2048, 1408, 15_706_484_224 - 26 * 64 * 3 * 2048 * 1408,
-                     27 * (512 + 64) * 2, "bfloat16", source="deepseek-ai/DeepSeek-V2-Lite config.json"),
+                     27 * (512 + 64) * 2, "bfloat16", source="deepseek-ai/DeepSeek-V2-Lite config.json",
+                     leading_dense_layers=1),
         # deepseek-ai/DeepSeek-V3: 61 layers, the first 3 dense, so 58 MoE layers; hidden 7168,
         # moe_intermediate 2048, 256 routed experts, top-8, 1 shared expert; FP8 weights; MLA cache
         # 512 + 64 per layer; 671B parameters in the main model (technical report, arXiv 2412.19437).
         ModelProfile("deepseek-v3", 58, 256, 8, 1, 7168, 2048, 671_026_419_200 - 58 * 256 * 3 * 7168 * 2048,
-                     61 * (512 + 64) * 2, "fp8", source="deepseek-ai/DeepSeek-V3 config.json"),
+                     61 * (512 + 64) * 2, "fp8", source="deepseek-ai/DeepSeek-V3 config.json",
+                     leading_dense_layers=3),
         # openai/gpt-oss-20b: 24 layers, hidden 2880, intermediate 2880, 32 experts, top-4, 8 KV heads
         # x 64; experts in MXFP4, the rest bf16; 20.9B parameters (model card).
         ModelProfile("gpt-oss-20b", 24, 32, 4, 0, 2880, 2880, 20_914_757_184 - 24 * 32 * 3 * 2880 * 2880,

@@ -1,0 +1,91 @@
+"""Closed-form time of a placement over the measured accesses, from the cost model's own terms
+(sim/costs.py), for the plan's curve: no events, no queues, one vector pass per strategy and budget.
+
+Per layer-step (dense part, then the routed experts, as in docs/timing-model.md):
+  * experts resident on the GPU compute back to back;
+  * copied experts (on-demand misses) cross the link one after another while the resident ones
+    compute, and each computes once it has landed: dense + max(resident compute, copies) + copied compute;
+  * experts on the CPU run beside the GPU's: a hand-off each way, the experts back to back, a sync;
+    the layer ends when both sides have: dense + max(GPU side, CPU side).
+A request's TTFT is the time of every step before its first plus that step (batch 1, all arriving at
+once: requests run one after another); its TPOT is the mean of its later steps. The simulator is the
+reference: the plan confirms the points near the front with it and prints which numbers are which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from finemoe.plan.accesses import Accesses
+from finemoe.sim.costs import CostModel
+
+GPU, COPY, CPU = 0, 1, 2  # where an access's expert runs
+
+
+@dataclass(frozen=True)
+class Estimate:
+    ttft_p50_s: float
+    tpot_p50_s: float
+    prefill_step_s: float  # mean time of a request's first step
+    decode_step_s: float  # mean time of the other steps
+    loads: int  # experts copied to the GPU
+    ran_gpu_resident: int
+    ran_gpu_copied: int
+    ran_cpu: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _per_tokens(fn, tokens: np.ndarray) -> np.ndarray:
+    """fn(t) for each access's token count, computed once per distinct count."""
+    values, inverse = np.unique(tokens, return_inverse=True)
+    return np.array([fn(int(t)) for t in values])[inverse]
+
+
+def estimate(acc: Accesses, costs: CostModel, where: np.ndarray) -> Estimate:
+    """The estimate when each access runs where `where` (GPU, COPY or CPU per access) says."""
+    L = acc.num_layers
+    groups = acc.step * L + acc.layer
+    size = acc.num_steps * L
+    gpu_s = _per_tokens(costs.expert_compute_s, acc.tokens)
+    resident = np.bincount(groups, weights=np.where(where == GPU, gpu_s, 0.0), minlength=size)
+    copied = np.bincount(groups, weights=np.where(where == COPY, gpu_s, 0.0), minlength=size)
+    copies = np.bincount(groups, weights=(where == COPY).astype(float), minlength=size) * costs.expert_load_s
+    gpu_side = np.maximum(resident, copies) + copied
+    cpu_side = np.zeros(size)
+    on_cpu = where == CPU
+    if on_cpu.any():
+        cpu_s = _per_tokens(costs.cpu_expert_s, acc.tokens)
+        work = np.bincount(groups, weights=np.where(on_cpu, cpu_s, 0.0), minlength=size)
+        used = np.bincount(groups, weights=on_cpu.astype(float), minlength=size) > 0
+        hand_off = np.array([2 * costs.activation_copy_s(int(t)) + costs.cpu.sync_s for t in acc.step_tokens])
+        cpu_side = np.where(used, work + np.repeat(hand_off, L), 0.0)
+    dense = np.array([costs.dense_layer_s(int(t), int(c), int(p))
+                      for t, c, p in zip(acc.step_tokens, acc.step_context, acc.step_pairs, strict=True)])
+    step_s = dense * L + np.maximum(gpu_side, cpu_side).reshape(acc.num_steps, L).sum(axis=1)
+    return _latencies(acc, step_s, where)
+
+
+def _latencies(acc: Accesses, step_s: np.ndarray, where: np.ndarray) -> Estimate:
+    ends = np.cumsum(step_s)
+    ttft, tpot = [], []
+    for rid in dict.fromkeys(acc.step_request.tolist()):
+        steps = np.flatnonzero(acc.step_request == rid)
+        first = steps[0]
+        ttft.append(ends[first])
+        if len(steps) > 1:
+            tpot.append(float(step_s[steps[1:]].mean()))
+    first = acc.step_first
+    return Estimate(
+        ttft_p50_s=float(np.median(ttft)) if ttft else float("nan"),
+        tpot_p50_s=float(np.median(tpot)) if tpot else float("nan"),
+        prefill_step_s=float(step_s[first].mean()) if first.any() else float("nan"),
+        decode_step_s=float(step_s[~first].mean()) if (~first).any() else float("nan"),
+        loads=int((where == COPY).sum()),
+        ran_gpu_resident=int((where == GPU).sum()),
+        ran_gpu_copied=int((where == COPY).sum()),
+        ran_cpu=int((where == CPU).sum()),
+    )

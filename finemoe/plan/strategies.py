@@ -1,0 +1,132 @@
+"""What a plan compares: every way finemoe can run a model that does not fit, as a policy of the
+simulator, and where it has one, the placement its closed-form estimate assumes (plan/estimate.py).
+
+A strategy's `place` returns, per measured access, where its expert runs (GPU, COPY or CPU); None
+means it has no closed form (its choices depend on timing or on its own counts: LFU, FineMoE,
+cost-aware) and the plan simulates it at every budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from finemoe.plan.accesses import Accesses
+from finemoe.plan.curves import misses_at
+from finemoe.plan.estimate import COPY, CPU, GPU
+from finemoe.policies.static import hot_placement
+from finemoe.policies.static_hot import hottest
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What one pass over the trace gives every strategy: the accesses, their LRU and MIN stack
+    distances, and the history split's expert counts [L, J] (None without a history)."""
+
+    acc: Accesses
+    lru: np.ndarray
+    min: np.ndarray
+    history_counts: np.ndarray | None
+    costs: object  # CostModel
+
+
+Placer = Callable[[PlanInputs, int], "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str  # the plan's label for it
+    policy: str  # the simulator's policy
+    params: dict = field(default_factory=dict)
+    family: str = "copy"  # "copy" (copy-on-miss), "cpu" (misses computed on the CPU), "stream"
+    what: str = ""
+    place: Placer | None = None
+    layer_capacity: str | None = None
+    needs_history: bool = False
+
+
+def _cached(distances: str, miss: int) -> Placer:
+    def place(inp: PlanInputs, slots: int) -> np.ndarray:
+        return np.where(misses_at(getattr(inp, distances), slots), miss, GPU)
+    return place
+
+
+def _layers_on(where_cpu: str, miss: int) -> Placer:
+    """Whole layers off the GPU, the fewest that let the others fit (llama.cpp's --fit), first or last."""
+    def place(inp: PlanInputs, slots: int) -> np.ndarray:
+        acc = inp.acc
+        L, J = acc.num_layers, acc.num_experts
+        if miss == COPY:
+            slots -= J  # one layer's experts of scratch for the streamed copies (policies/placement.py)
+        n = L - min(L, max(slots, 0) // J)
+        off = np.arange(n) if where_cpu == "first" else np.arange(L - n, L)
+        return np.where(np.isin(acc.layer, off), miss, GPU)
+    return place
+
+
+def _resident_set(keys: list, acc: Accesses) -> np.ndarray:
+    mask = np.zeros(acc.num_layers * acc.num_experts, dtype=bool)
+    for layer, e in keys:
+        mask[layer * acc.num_experts + e] = True
+    return mask[acc.key]
+
+
+def _hot(inp: PlanInputs, slots: int) -> np.ndarray:
+    return np.where(_resident_set(hot_placement(inp.history_counts, slots), inp.acc), GPU, CPU)
+
+
+def _fiddler(inp: PlanInputs, slots: int) -> np.ndarray:
+    acc, costs = inp.acc, inp.costs
+    scratch = min(slots, costs.geometry.top_k)  # the copies' buffer (policies/fiddler.py)
+    resident = _resident_set(hottest(inp.history_counts, slots - scratch), acc)
+    tokens, inverse = np.unique(acc.tokens, return_inverse=True)
+    copy_wins = np.array([costs.expert_load_s + costs.expert_compute_s(int(t))
+                          < costs.cpu_expert_s(int(t)) + 2.0 * costs.activation_copy_s(int(t)) for t in tokens])
+    return np.where(resident, GPU, np.where(copy_wins[inverse], COPY, CPU))
+
+
+def _all_cpu(inp: PlanInputs, slots: int) -> np.ndarray:
+    return np.full(len(inp.acc.key), CPU)
+
+
+STRATEGIES: tuple[Strategy, ...] = (
+    Strategy("lru", "lru", what="copy each miss to the GPU, evict the least recently used", place=_cached("lru", COPY)),
+    Strategy("lfu", "lfu", what="copy each miss, evict the least frequently used"),
+    Strategy("lru per-layer dp", "lru", layer_capacity="dp", needs_history=True,
+             what="copy each miss, slots split between layers by a DP over the history's hit curves"),
+    Strategy("cost-aware", "cost-aware", needs_history=True,
+             what="finemoe's own: prefetch only when the saving beats the link time, evict by next use"),
+    Strategy("finemoe", "finemoe", needs_history=True, what="FineMoE's expert maps: prefetch the predicted experts"),
+    Strategy("static first", "static", {"placement": "first", "cpu_layers": "fit"}, "cpu",
+             "the first layers' experts on the CPU, the rest resident (llama.cpp --n-cpu-moe)",
+             _layers_on("first", CPU)),
+    Strategy("static last", "static", {"placement": "last", "cpu_layers": "fit"}, "cpu",
+             "the last layers' experts on the CPU, the rest resident (llama.cpp -ot)", _layers_on("last", CPU)),
+    Strategy("static hot", "static", {"placement": "hot"}, "cpu",
+             "each layer's most used experts resident, the rest on the CPU (per-expert -ot rules, forks)",
+             _hot, needs_history=True),
+    Strategy("fiddler", "fiddler", family="cpu", needs_history=True,
+             what="popular experts resident; each miss copied or computed on the CPU, whichever is sooner",
+             place=_fiddler),
+    Strategy("cache-cpu-miss", "cache-cpu-miss", {"cache": "lru"}, "cpu",
+             # no closed form: a miss's copy lands later, or not at all while the link is busy, so the
+             # cache's contents depend on timing (LRU's stack distances were 36% off at 24G on Mixtral)
+             "an LRU cache whose misses run on the CPU while they are copied for later (HybriMoE)"),
+    Strategy("cpu-all", "cpu-all", family="cpu", what="every routed expert on the CPU (ktransformers)",
+             place=_all_cpu),
+    Strategy("stream first", "static", {"placement": "first", "cpu_layers": "fit", "offload_batch": 1}, "stream",
+             "the first layers' weights in host memory, copied to the GPU in every forward pass "
+             "(vLLM --cpu-offload-gb)", _layers_on("first", COPY)),
+)
+
+# The ideal of copy-on-miss without prefetching, for the curve's lower edge: Belady's MIN.
+BELADY = Strategy("belady (ideal demand)", "oracle", {"prefetch": "none"}, place=_cached("min", COPY))
+
+
+def by_name(name: str) -> Strategy:
+    for s in STRATEGIES:
+        if s.name == name:
+            return s
+    raise KeyError(name)
