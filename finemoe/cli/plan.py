@@ -115,14 +115,14 @@ def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=No
 
     check_split(history_fraction, None)
     hw = load_hardware(hardware)
-    if cpu is None:
-        say(f"--cpu not given: planning with the {DEFAULT_CPU} preset (see `finemoe simulate --help` for others)")
     cpu_spec = load_cpu(cpu or DEFAULT_CPU)
     if expert_dtype is not None:
         expert_format(expert_dtype)
+    trace = read_trace(trace_path)
+    if cpu is None:
+        say(f"--cpu not given: planning with the {DEFAULT_CPU} preset (see `finemoe simulate --help` for others)")
     out_dir = ensure_dir(out_dir)
     check_writable(out_dir)
-    trace = read_trace(trace_path)
     geometry, expert_tensors, moe_blocks = None, None, None
     if model_profile or model_config:
         if model_profile:
@@ -162,8 +162,8 @@ def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=No
 
 
 def default_curve(trace, hw, memory, workload, seed, expert_dtype, points: int = 8) -> tuple[int, ...]:
-    """Whole-GiB budgets from the smallest that holds the dense part and one layer's experts to the
-    smallest that holds every expert, `points` of them."""
+    """Round budgets (whole GiB; MiB for a model under 4 GiB) from the smallest that holds the dense
+    part and one layer's experts to the smallest that holds every expert, about `points` of them."""
     from dataclasses import replace
 
     from finemoe.sim.config import SimConfig
@@ -174,9 +174,10 @@ def default_curve(trace, hw, memory, workload, seed, expert_dtype, points: int =
     g = config.run_geometry(trace.geometry) if expert_dtype else trace.geometry
     probe = plan_for_config(g, trace.requests, config)
     fixed = probe.dense_bytes + probe.kv_bytes + probe.reserve_bytes
-    gib = 2**30
+    full = fixed + g.num_layers * g.num_experts * g.bytes_per_expert
+    gib = 2**30 if full >= 4 * 2**30 else 2**20
     low = math.ceil((fixed + g.top_k * g.bytes_per_expert) / gib)
-    high = math.ceil((fixed + g.num_layers * g.num_experts * g.bytes_per_expert) / gib)
+    high = math.ceil(full / gib)
     raw = max(1, math.ceil((high - low) / (points - 1)))
     step = next(s for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 10**9) if s >= raw)
     values = [low] + [v for v in range(step * (low // step + 1), high + step, step) if v - low >= step / 2]
@@ -184,14 +185,17 @@ def default_curve(trace, hw, memory, workload, seed, expert_dtype, points: int =
 
 
 def _ms(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1e3:,.0f}"
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v * 1e3:,.0f}" if v >= 0.0995 else f"{v * 1e3:.3g}"
 
 
 def plan_text(plan: dict) -> str:
     """The curve as a table (ms per output token; * simulated), then the recommendation and settings."""
-    gib = 2**30
+    from finemoe.plan.planner import size_label
+
     budgets = sorted({p["budget"] for p in plan["points"]})
-    head = f"{'time per output token (ms)':28s}" + "".join(f"{b / gib:>8.0f}G" for b in budgets)
+    head = f"{'time per output token (ms)':28s}" + "".join(f"{size_label(b):>9s}" for b in budgets)
     lines = [f"finemoe plan: {plan['model']} on {plan['request']['hardware']['name']} + "
              f"{plan['request']['cpu']['name']}" + ("; experts at a lossy precision" if plan.get("lossy") else ""),
              f"{len(plan['split']['measure'])} measured request(s), {len(plan['split']['history'])} for history; "
@@ -209,7 +213,7 @@ def plan_text(plan: dict) -> str:
         f"{_ms(br[b]['oracle_tpot_p50_s']) + ('*' if br.get(b, {}).get('oracle_tpot_p50_s') else ' ') if b in br else '- ':>9s}"
         for b in budgets))
     rec = plan["recommendation"]
-    lines += ["", f"At {rec['budget'] / gib:.0f}G ({rec['slots']} expert slots): run {rec['strategy']}: {rec['what']}.",
+    lines += ["", f"At {size_label(rec['budget'])} ({rec['slots']} expert slots): run {rec['strategy']}: {rec['what']}.",
               f"  time per output token {_ms(rec['tpot_p50_s'])} ms, time to first token {_ms(rec['ttft_p50_s'])} ms"]
     if rec["runner_up"]:
         r = rec["runner_up"]

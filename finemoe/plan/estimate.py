@@ -4,7 +4,8 @@
 Per layer-step (dense part, then the routed experts, as in docs/timing-model.md):
   * experts resident on the GPU compute back to back;
   * copied experts (on-demand misses) cross the link one after another while the resident ones
-    compute, and each computes once it has landed: dense + max(resident compute, copies) + copied compute;
+    compute (with two or more copy engines one copy's latency overlaps the last one's bytes), and
+    each computes once it has landed and the GPU is free;
   * experts on the CPU run beside the GPU's: a hand-off each way, the experts back to back, a sync;
     the layer ends when both sides have: dense + max(GPU side, CPU side).
 A request's TTFT is the time of every step before its first plus that step (batch 1, all arriving at
@@ -53,8 +54,16 @@ def estimate(acc: Accesses, costs: CostModel, where: np.ndarray) -> Estimate:
     gpu_s = _per_tokens(costs.expert_compute_s, acc.tokens)
     resident = np.bincount(groups, weights=np.where(where == GPU, gpu_s, 0.0), minlength=size)
     copied = np.bincount(groups, weights=np.where(where == COPY, gpu_s, 0.0), minlength=size)
-    copies = np.bincount(groups, weights=(where == COPY).astype(float), minlength=size) * costs.expert_load_s
-    gpu_side = np.maximum(resident, copies) + copied
+    n = np.bincount(groups, weights=(where == COPY).astype(float), minlength=size)
+    hw = costs.hardware
+    first = costs.expert_load_s  # the first copy lands after its latency and its bytes
+    wire = costs.wire_s(costs.geometry.bytes_per_expert)
+    step = wire if hw.copy_engines > 1 else first  # each later one, one wire time apart (or a whole copy)
+    last_lands = first + np.maximum(n - 1, 0) * step
+    mean_copied = np.divide(copied, n, out=np.zeros(size), where=n > 0)
+    # the GPU runs the resident experts, then each copied one once it has landed
+    gpu_side = np.where(n > 0, np.maximum.reduce([resident + copied, last_lands + mean_copied, first + copied]),
+                        resident) + n * hw.miss_overhead_s
     cpu_side = np.zeros(size)
     on_cpu = where == CPU
     if on_cpu.any():

@@ -202,6 +202,14 @@ def make_plan(trace: Trace, req: PlanRequest, out_dir: Path, *, jobs: int = 1, p
     }
 
 
+def size_label(nbytes: int) -> str:
+    """'24G', '96M', '300K' where whole, else bytes: what --gpu-mem reads back as the same size."""
+    for unit, letter in ((2**30, "G"), (2**20, "M"), (2**10, "K")):
+        if nbytes >= unit and nbytes % unit == 0:
+            return f"{nbytes // unit}{letter}"
+    return str(nbytes)
+
+
 def _lossy(dtype: str) -> bool:
     from finemoe.traces.precision import expert_format
 
@@ -262,7 +270,7 @@ def recommend(req, strategies, points, brackets, slots_at, g, ctx) -> dict:
     def realise(s: Strategy) -> list[dict]:
         layers = _cpu_layers(s, slots, g.num_layers, g.num_experts)
         return settings(s, cpu_layers=layers, offloaded_bytes=len(layers) * g.num_experts * g.bytes_per_expert,
-                        trace=ctx.get("trace", req.trace_path), gpu_mem=format_gib(req.budget).replace(" GiB", "G"),
+                        trace=ctx.get("trace", req.trace_path), gpu_mem=size_label(req.budget),
                         hardware=ctx.get("hardware", req.hardware.name), expert_tensors=ctx.get("expert_tensors"),
                         moe_blocks=ctx.get("moe_blocks"))
 

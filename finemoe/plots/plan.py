@@ -9,12 +9,13 @@ import matplotlib.pyplot as plt
 
 from finemoe.plots.style import Rendered, finish, new_figure
 
-GIB = 2**30
 FAMILY_STYLE = {"copy": "-", "cpu": "--", "stream": ":"}
 
 
 def plan_figure(plan: dict, out_dir: Path) -> Rendered:
     """Solid markers: simulated points; hollow: closed-form estimates."""
+    top = max(p["budget"] for p in plan["points"])
+    GIB, unit = (2**30, "GiB") if top >= 4 * 2**30 else (2**20, "MiB")  # noqa: N806 (a unit, as a constant)
     fig, axes = new_figure(9.0, 5.0)
     ax = axes[0][0]
     by_strategy: dict[str, list[dict]] = {}
@@ -47,7 +48,7 @@ def plan_figure(plan: dict, out_dir: Path) -> Rendered:
     ax.plot([rec["budget"] / GIB], [rec["tpot_p50_s"] * 1e3], "*", color="crimson", markersize=16,
             markeredgecolor="black", label=f"recommended: {rec['strategy']}", zorder=5)
     ax.axvline(rec["budget"] / GIB, color="crimson", linewidth=0.8, alpha=0.4)
-    ax.set_xlabel("GPU memory (GiB)")
+    ax.set_xlabel(f"GPU memory ({unit})")
     ax.set_ylabel("time per output token, median (ms)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper right", ncol=2)

@@ -1,0 +1,145 @@
+"""`finemoe plan` end to end, its runtime settings, and its checks on the real Mixtral logs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from finemoe.cli.main import cli
+from finemoe.plan.runtimes import layer_regex, settings
+from finemoe.plan.strategies import by_name
+
+
+def _plan(*args):
+    res = CliRunner().invoke(cli, ["plan", *map(str, args)])
+    return res
+
+
+@pytest.fixture
+def syn_path(small_trace, tmp_path):
+    from finemoe.traces.io import write_trace
+
+    return write_trace(small_trace, tmp_path / "syn.parquet")
+
+
+def test_plan_recommends_the_fastest_simulated_strategy(syn_path, tmp_path):
+    out = tmp_path / "plan"
+    res = _plan(syn_path, "--gpu-mem", "4M", "--reserve", "0", "-o", out, "-q", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan == json.loads((out / "plan.json").read_text())
+    assert (out / "plan.png").is_file() and (out / "plan.svg").is_file()
+    rec = plan["recommendation"]
+    at = [p for p in plan["points"] if p["budget"] == 4 * 2**20]
+    simulated = [p for p in at if p["source"] == "simulated"]
+    assert {p["strategy"] for p in simulated} == {s["name"] for s in plan["strategies"]}  # all of them at the budget
+    assert rec["tpot_p50_s"] == min(p["tpot_p50_s"] for p in simulated)
+    assert rec["runner_up"]["tpot_p50_s"] >= rec["tpot_p50_s"]
+    # the bound holds for every copy-on-miss strategy simulated, at every budget
+    bound = {b["budget"]: b["bound_tpot_p50_s"] for b in plan["brackets"]}
+    for p in plan["points"]:
+        if p["family"] == "copy" and p["source"] == "simulated":
+            assert p["tpot_p50_s"] >= bound[p["budget"]] * (1 - 1e-9), p
+    assert any(b["oracle_tpot_p50_s"] for b in plan["brackets"])
+    # every point is either simulated or an estimate, and says which
+    assert {p["source"] for p in plan["points"]} == {"simulated", "estimated"}
+    assert plan["request"]["seed"] == 0 and plan["request"]["hardware"]["name"] == "rtx3090"
+
+
+def test_plan_text_names_the_settings(syn_path, tmp_path):
+    res = _plan(syn_path, "--gpu-mem", "4M", "--reserve", "0", "-o", tmp_path / "p", "-q",
+                "--strategy", "static first,lru,stream first")
+    assert res.exit_code == 0, res.output
+    assert "Settings for" in res.output and "finemoe replay" in res.output
+    assert "--n-cpu-moe" in res.output and "--cpu-offload-gb" in res.output
+    assert "lower bound (copy-on-miss)" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu-mem", "24Q"], "--gpu-mem"),
+    (["--model-profile", "mixtral-8x7b", "--model-config", "x.json"], "one of --model-profile"),
+    (["--strategy", "nope"], "unknown strategy 'nope'"),
+    (["--model-profile", "qwen3-30b-a3b"], "cannot project"),
+    (["--expert-dtype", "int3"], "unknown expert dtype"),
+    (["--hardware", "nope"], "nope"),
+])
+def test_bad_input_is_one_line(syn_path, tmp_path, args, message):
+    res = _plan(syn_path, "-o", tmp_path / "p", "-q", *args)
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("error: ") and message in res.output and "Traceback" not in res.output
+
+
+def test_missing_trace(tmp_path):
+    res = _plan(tmp_path / "absent.parquet", "-o", tmp_path / "p")
+    assert res.exit_code == 1 and res.output.startswith("error: ") and "no such trace" in res.output
+    assert not (tmp_path / "p").exists()  # nothing written
+
+
+def test_list_strategies():
+    res = _plan("x", "--list")
+    assert res.exit_code == 0 and "static first" in res.output and "cache-cpu-miss" in res.output
+
+
+def test_llama_cpp_settings_count_blocks():
+    """--n-cpu-moe counts blocks from 0, dense ones included: DeepSeek-V3's first 3 are dense."""
+    got = settings(by_name("static first"), cpu_layers=[0, 1], offloaded_bytes=0, trace="t", gpu_mem="24G",
+                   hardware="rtx3090", moe_blocks=list(range(3, 61)))
+    llama = next(r for r in got if r["runtime"] == "llama.cpp")
+    assert llama["args"] == "-ngl 999 --n-cpu-moe 5"
+    assert layer_regex([3, 4]) in llama["note"]
+    last = settings(by_name("static last"), cpu_layers=[30, 31], offloaded_bytes=0, trace="t", gpu_mem="24G",
+                    hardware="h")
+    assert next(r for r in last if r["runtime"] == "llama.cpp")["args"] == \
+        r'-ngl 999 -ot "blk\.(30|31)\.ffn_(up|down|gate)_exps=CPU"'
+    stream = settings(by_name("stream first"), cpu_layers=[0, 1], offloaded_bytes=int(2.5 * 2**30), trace="t",
+                      gpu_mem="24G", hardware="h")
+    assert next(r for r in stream if r["runtime"] == "vLLM")["args"] == "--cpu-offload-gb 3"
+    hot = settings(by_name("static hot"), cpu_layers=[], offloaded_bytes=0, trace="t", gpu_mem="24G", hardware="h")
+    assert next(r for r in hot if r["runtime"] == "llama.cpp")["args"] is None
+    assert next(r for r in hot if r["runtime"] == "finemoe replay")["args"].startswith("finemoe replay t --policy static")
+
+
+def test_plan_from_a_gguf_index(syn_path, tmp_path):
+    """A GGUF's exact bytes replace the trace's, and the -ot rules use its block numbers."""
+    from tests.test_model_sources import write_gguf
+
+    gguf = write_gguf(tmp_path / "m.gguf", blocks=5, experts=8, top_k=2, leading_dense=1)
+    res = _plan(syn_path, "--model-gguf", gguf, "--gpu-mem", "300K", "--reserve", "0", "-o", tmp_path / "p", "-q",
+                "--json", "--strategy", "static first,lru")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["geometry"]["bytes_per_expert"] == 3 * 64 * 128 // 32 * 18
+    assert plan["model"] == "tiny-moe"
+    best = plan["recommendation"]["best_per_runtime"]["llama.cpp"]["settings"]
+    # n of the 4 MoE layers on the CPU are blocks 1..n (block 0 is dense), so --n-cpu-moe counts n + 1
+    n = 4 - plan["recommendation"]["slots"] // 8
+    assert 0 < n < 4
+    assert best["args"] == f"-ngl 999 --n-cpu-moe {n + 1}"  # (lru: no llama.cpp setting)
+    assert "blk\\.(" + "|".join(str(b) for b in range(1, n + 1)) + ")\\.ffn_(down|gate|up)_exps=CPU" in best["note"]
+
+
+@pytest.mark.shared
+def test_mixtral_plan_brackets_every_copy_strategy(mixtral_trace_path, tmp_path):
+    """The real Mixtral logs at 24G: every strategy at the budget, bound <= oracle, bound <= every
+    copy-on-miss strategy at every budget, and the CPU strategies ahead (copying an expert costs
+    13.8 ms, computing it on the CPU 5.6 ms)."""
+    res = _plan(mixtral_trace_path, "--model-profile", "mixtral-8x7b", "--gpu-mem", "24G", "--curve", "12G,24G,48G",
+                "-o", tmp_path / "p", "-q", "--json", "-j", "1")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    bracket = next(b for b in plan["brackets"] if b["budget"] == 24 * 2**30)
+    assert bracket["bound_tpot_p50_s"] <= bracket["oracle_tpot_p50_s"]
+    bound = {b["budget"]: b["bound_tpot_p50_s"] for b in plan["brackets"]}
+    for p in plan["points"]:
+        if p["family"] == "copy" and p["source"] == "simulated":
+            assert p["tpot_p50_s"] >= bound[p["budget"]], p
+    rec = plan["recommendation"]
+    assert rec["family"] == "cpu" and not rec["bound_applies"]
+    assert rec["runtime_defaults"]["llama.cpp"]["settings"]["args"] == "-ngl 999 --n-cpu-moe 25"
+    assert rec["runtime_defaults"]["llama.cpp"]["speedup"] >= 1.0
+    # the closed form of LRU and of the static placements against the simulator at 24G
+    for p in plan["points"]:
+        if p["budget"] == 24 * 2**30 and p["estimate"] and p["strategy"] in ("lru", "static first", "static hot"):
+            assert p["estimate"]["tpot_p50_s"] == pytest.approx(p["simulated"]["tpot_p50_s"], rel=0.03)
