@@ -44,8 +44,9 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    for stage in ("[1/5] collect", "[2/5] simulate", "[3/5] replay", "[4/5] plot", "[5/5] report"):
+    for stage in ("[1/6] collect", "[2/6] simulate", "[3/6] replay", "[4/6] plan", "[5/6] plot", "[6/6] report"):
         assert stage in result.output
+    assert "run " in result.output and "llama.cpp's way" in result.output  # the plan's recommendation
     made = json.loads((out / "demo.json").read_text())
     from finemoe.results import read_result
     from finemoe.traces.io import read_trace
@@ -62,5 +63,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert figures >= {"latency_memory.png", "hit_rate_memory.png", "latency_bars.png", "routing_entropy.png",
                        "sim_vs_replay.png", "engine_timeline.png", "prefetch_distance.png"}
     html = (out / "report.html").read_text()
-    assert len(re.findall(r"data:image/png;base64,", html)) == len(made["figures"])
-    assert sum(made["timings_s"].values()) < 120
+    assert len(re.findall(r"data:image/png;base64,", html)) == len(made["figures"]) + 1  # and the plan's
+    assert "Plan: what to run" in html
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    assert plan["recommendation"]["strategy"] in html
+    assert set(made["timings_s"]) >= {"collect", "simulate", "replay", "plan", "plot", "report"}  # (times: not asserted)

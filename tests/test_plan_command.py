@@ -71,6 +71,19 @@ def test_bad_input_is_one_line(syn_path, tmp_path, args, message):
     assert res.output.startswith("error: ") and message in res.output and "Traceback" not in res.output
 
 
+def test_report_with_a_plan_section(syn_path, tmp_path):
+    out = tmp_path / "p"
+    assert _plan(syn_path, "--gpu-mem", "4M", "--reserve", "0", "-o", out, "-q", "--strategy", "lru,cpu-all").exit_code == 0
+    for name in ("r.html", "r.md"):
+        res = CliRunner().invoke(cli, ["report", str(out / "results"), "--plan", str(out / "plan.json"),
+                                       "-o", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        text = (tmp_path / name).read_text()
+        assert "Plan: what to run" in text and "time per output token (ms)" in text and "Settings for" in text
+    res = CliRunner().invoke(cli, ["report", str(out / "results"), "--plan", str(syn_path), "-o", str(tmp_path / "x.html")])
+    assert res.exit_code == 1 and "not a plan.json" in res.output
+
+
 def test_missing_trace(tmp_path):
     res = _plan(tmp_path / "absent.parquet", "-o", tmp_path / "p")
     assert res.exit_code == 1 and res.output.startswith("error: ") and "no such trace" in res.output

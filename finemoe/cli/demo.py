@@ -20,7 +20,7 @@ from finemoe.errors import ConfigError
 from finemoe.files import atomic_write_json, atomic_write_text, ensure_dir
 
 MARKER = ".finemoe-demo"
-OWN_ENTRIES = ("trace.parquet", "results", "figures", "report.html", "demo.json", "replay")
+OWN_ENTRIES = ("trace.parquet", "results", "figures", "report.html", "demo.json", "replay", "plan")
 HARDWARE = "rtx3090"  # the paper's testbed: PCIe 4.0 at 32 GB/s
 
 
@@ -39,6 +39,7 @@ class DemoPlan:
     replay_requests: int = 4
     seed: int = 0
     hardware: str = HARDWARE
+    plan_strategies: tuple[str, ...] | None = None  # `finemoe plan`'s strategies (None: every one)
     extra: dict = field(default_factory=dict)
 
 
@@ -56,6 +57,7 @@ QUICK = DemoPlan(
     policies=("lru", "finemoe", "oracle"),
     distances=(1, 2),
     replay_requests=2,
+    plan_strategies=("lru", "static first", "fiddler", "cache-cpu-miss", "stream first"),
 )
 
 
@@ -85,7 +87,7 @@ def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.e
     """Run every stage into `out`; returns what was made (paths and timings per stage)."""
     prepare_out_dir(out)
     timings: dict[str, float] = {}
-    stages = 5 if replay else 4
+    stages = 6 if replay else 5
     made: dict = {"plan": asdict(plan), "timings_s": timings}
 
     def stage(i: int, text: str) -> float:
@@ -121,6 +123,16 @@ def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.e
         timings["replay"] = time.perf_counter() - t
         i += 1
 
+    middle = slots[len(slots) // 2]
+    t = stage(i, f"plan: what to run on {plan.hardware} with GPU memory for {middle} of the {total} experts")
+    plan_made = _plan(trace_path, out / "plan", plan, middle, progress)
+    for line in plan_made["lines"]:
+        echo(f"      {line}")
+    timings["plan"] = time.perf_counter() - t
+    made["plan_json"] = plan_made["path"]
+    i += 1
+
+    from finemoe.plan.io import read_plan
     from finemoe.plots.render import render_all
     from finemoe.plots.report import write_report
 
@@ -133,7 +145,8 @@ def run_demo(out: Path, plan: DemoPlan, *, jobs: int, replay: bool, echo=click.e
     timings["plot"] = time.perf_counter() - t
     t = stage(i + 1, "report")
     report, _ = write_report([out / "results"], out / "report.html", trace=trace_path,
-                             title=f"finemoe demo: {geometry.model_name} on ShareGPT prompts")
+                             title=f"finemoe demo: {geometry.model_name} on ShareGPT prompts",
+                             plan=read_plan(plan_made["path"]))
     timings["report"] = time.perf_counter() - t
     made.update(figures=[str(f.png) for f in outcome.rendered], skipped=outcome.skipped, report=str(report))
     _write_json(out / "demo.json", made)
@@ -184,6 +197,32 @@ def _simulate(trace_path: Path, out: Path, plan: DemoPlan, slots: list[int], tot
         more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
         raise ConfigError(f"{len(lines)} simulations failed: " + "; ".join(lines[:3]) + more)
     return outcome.paths
+
+
+def _plan(trace_path: Path, out: Path, demo: DemoPlan, slots: int, progress: bool = True) -> dict:
+    """`finemoe plan` at the budget that holds `slots` experts beside the dense part (no reserve:
+    the embedded model is tiny), over the curve from one layer's experts to all of them."""
+    from dataclasses import replace
+
+    from finemoe.cli.plan import run_plan
+    from finemoe.plan.text import plan_text
+    from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+    from finemoe.sim.hardware import load_hardware
+    from finemoe.sim.memory import plan_for_config
+    from finemoe.traces.io import read_trace
+
+    trace = read_trace(trace_path)
+    probe = plan_for_config(trace.geometry, trace.requests, SimConfig(
+        str(trace_path), "lru", load_hardware(demo.hardware), memory=replace(MemoryConfig(), gpu_mem_bytes=2**62,
+                                                                            reserve_bytes=0),
+        workload=WorkloadConfig(), seed=demo.seed))
+    budget = probe.dense_bytes + probe.kv_bytes + slots * probe.bytes_per_expert
+    result = run_plan(trace_path, hardware=demo.hardware, gpu_mem=budget, reserve="0", seed=demo.seed,
+                      strategies=",".join(demo.plan_strategies) if demo.plan_strategies else None, jobs=1,
+                      out_dir=out, progress=progress, say=lambda _m: None)
+    text = plan_text(result).splitlines()
+    start = next(n for n, line in enumerate(text) if line.startswith("At "))
+    return {"path": str(out / "plan.json"), "lines": text[start:start + 4]}
 
 
 def _replay(trace_path: Path, out: Path, plan: DemoPlan, slots: int, progress: bool = True) -> list[str]:

@@ -92,6 +92,8 @@ def plan_command(trace_path, hardware, cpu, gpu_mem, curve, model_profile, model
     if as_json:
         click.echo(json.dumps(plan, indent=2, default=str))
     else:
+        from finemoe.plan.text import plan_text
+
         click.echo(plan_text(plan))
         click.echo(f"\nwrote {Path(out_dir) / 'plan.json'} and {Path(out_dir) / 'plan.png'}")
 
@@ -102,7 +104,8 @@ def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=No
              progress=True, say=print) -> dict:
     """Read, project, plan, write plan.json and the figure; the plan as a dict."""
     from finemoe.cli.options import size_option_value
-    from finemoe.files import atomic_path, check_writable, ensure_dir
+    from finemoe.files import check_writable, ensure_dir
+    from finemoe.plan.io import write_plan
     from finemoe.plan.planner import PlanRequest, make_plan
     from finemoe.plots.plan import plan_figure
     from finemoe.sim.config import MemoryConfig, WorkloadConfig
@@ -155,8 +158,7 @@ def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=No
     plan = make_plan(trace, req, out_dir, jobs=jobs or default_jobs(), progress=progress, say=say, model=model,
                      settings_context={"trace": sim_trace_path, "hardware": hardware,
                                        "expert_tensors": expert_tensors, "moe_blocks": moe_blocks})
-    with atomic_path(out_dir / "plan.json") as tmp:
-        Path(tmp).write_text(json.dumps(plan, indent=2, default=str))
+    write_plan(plan, out_dir / "plan.json")
     plan_figure(plan, out_dir)
     return plan
 
@@ -182,65 +184,6 @@ def default_curve(trace, hw, memory, workload, seed, expert_dtype, points: int =
     step = next(s for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 10**9) if s >= raw)
     values = [low] + [v for v in range(step * (low // step + 1), high + step, step) if v - low >= step / 2]
     return tuple(gib * v for v in values if v <= high + step - 1)
-
-
-def _ms(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v * 1e3:,.0f}" if v >= 0.0995 else f"{v * 1e3:.3g}"
-
-
-def plan_text(plan: dict) -> str:
-    """The curve as a table (ms per output token; * simulated), then the recommendation and settings."""
-    from finemoe.plan.planner import size_label
-
-    budgets = sorted({p["budget"] for p in plan["points"]})
-    head = f"{'time per output token (ms)':28s}" + "".join(f"{size_label(b):>9s}" for b in budgets)
-    lines = [f"finemoe plan: {plan['model']} on {plan['request']['hardware']['name']} + "
-             f"{plan['request']['cpu']['name']}" + ("; experts at a lossy precision" if plan.get("lossy") else ""),
-             f"{len(plan['split']['measure'])} measured request(s), {len(plan['split']['history'])} for history; "
-             "* simulated, the rest estimated in closed form", "", head]
-    cells: dict = {}
-    for p in plan["points"]:
-        mark = "*" if p["source"] == "simulated" else " "
-        cells.setdefault(p["strategy"], {})[p["budget"]] = _ms(p["tpot_p50_s"]) + mark
-    for name, row in cells.items():
-        lines.append(f"{name:28s}" + "".join(f"{row.get(b, '- '):>9s}" for b in budgets))
-    br = {b["budget"]: b for b in plan["brackets"]}
-    lines.append(f"{'lower bound (copy-on-miss)':28s}" + "".join(
-        f"{_ms(br[b]['bound_tpot_p50_s']) if b in br else '-':>8s} " for b in budgets))
-    lines.append(f"{'oracle (offline schedule)':28s}" + "".join(
-        f"{_ms(br[b]['oracle_tpot_p50_s']) + ('*' if br.get(b, {}).get('oracle_tpot_p50_s') else ' ') if b in br else '- ':>9s}"
-        for b in budgets))
-    rec = plan["recommendation"]
-    lines += ["", f"At {size_label(rec['budget'])} ({rec['slots']} expert slots): run {rec['strategy']}: {rec['what']}.",
-              f"  time per output token {_ms(rec['tpot_p50_s'])} ms, time to first token {_ms(rec['ttft_p50_s'])} ms"]
-    if rec["runner_up"]:
-        r = rec["runner_up"]
-        lines.append(f"  {r['speedup']:.2f}x the runner-up, {r['strategy']} ({_ms(r['tpot_p50_s'])} ms)")
-    for runtime, d in rec["runtime_defaults"].items():
-        if d.get("tpot_p50_s"):
-            args = d["settings"]["args"] or "-"
-            lines.append(f"  {d['speedup']:.2f}x {runtime}'s way ({d['strategy']}, {args}: {_ms(d['tpot_p50_s'])} ms)")
-    if rec["bound_tpot_p50_s"]:
-        if rec["bound_applies"]:
-            share = rec["share_of_gap_to_bound"]
-            lines.append(f"  {rec['over_bound']:.2f}x the lower bound ({_ms(rec['bound_tpot_p50_s'])} ms)"
-                         + (f"; it closes {share:.0%} of the gap from the slowest strategy to the bound" if share is not None else ""))
-        else:
-            lines.append(f"  the lower bound ({_ms(rec['bound_tpot_p50_s'])} ms) is of copy-on-miss schedules; "
-                         f"computing misses on the CPU is outside it ({rec['over_bound']:.2f}x it)")
-    lines += ["", f"Settings for {rec['strategy']}:"]
-    for s in rec["settings"]:
-        lines.append(f"  {s['runtime']:15s} {s['args'] or '-'}")
-        lines.append(f"  {'':15s} {s['note']} [{s['applies_to']}]")
-    others = {r: b for r, b in rec.get("best_per_runtime", {}).items() if b["strategy"] != rec["strategy"]}
-    if others:
-        lines += ["", "The best each runtime can express here:"]
-        for runtime, b in others.items():
-            lines.append(f"  {runtime:15s} {b['strategy']}: {b['settings']['args']}  ({_ms(b['tpot_p50_s'])} ms, "
-                         f"{b['speedup']:.2f}x slower than {rec['strategy']})")
-    return "\n".join(lines)
 
 
 COMMANDS = [plan_command]

@@ -202,12 +202,15 @@ def make_plan(trace: Trace, req: PlanRequest, out_dir: Path, *, jobs: int = 1, p
     }
 
 
-def size_label(nbytes: int) -> str:
-    """'24G', '96M', '300K' where whole, else bytes: what --gpu-mem reads back as the same size."""
+def size_label(nbytes: int, exact: bool = False) -> str:
+    """'24G', '96M', '300K' where whole; otherwise GiB or MiB with two decimals, or with `exact` the
+    byte count (for a command line, which must read back the same size)."""
     for unit, letter in ((2**30, "G"), (2**20, "M"), (2**10, "K")):
         if nbytes >= unit and nbytes % unit == 0:
             return f"{nbytes // unit}{letter}"
-    return str(nbytes)
+    if exact:
+        return str(nbytes)
+    return f"{nbytes / 2**30:.2f}G" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f}M"
 
 
 def _lossy(dtype: str) -> bool:
@@ -270,7 +273,7 @@ def recommend(req, strategies, points, brackets, slots_at, g, ctx) -> dict:
     def realise(s: Strategy) -> list[dict]:
         layers = _cpu_layers(s, slots, g.num_layers, g.num_experts)
         return settings(s, cpu_layers=layers, offloaded_bytes=len(layers) * g.num_experts * g.bytes_per_expert,
-                        trace=ctx.get("trace", req.trace_path), gpu_mem=size_label(req.budget),
+                        trace=ctx.get("trace", req.trace_path), gpu_mem=size_label(req.budget, exact=True),
                         hardware=ctx.get("hardware", req.hardware.name), expert_tensors=ctx.get("expert_tensors"),
                         moe_blocks=ctx.get("moe_blocks"))
 

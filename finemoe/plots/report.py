@@ -155,8 +155,10 @@ def write_report(
     budget: str | None = None,
     title: str = "finemoe study",
     progress: Callable[[str], None] | None = None,
+    plan: dict | None = None,
 ) -> tuple[Path, PlotOutcome]:
-    """Write an .html (self-contained) or .md report of the given results; returns its path."""
+    """Write an .html (self-contained) or .md report of the given results; returns its path.
+    `plan`: a `finemoe plan` result (plan.json), shown as its own section with its figure."""
     out_path = Path(out_path)
     fmt = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md"}.get(out_path.suffix.lower())
     if fmt is None:
@@ -168,13 +170,28 @@ def write_report(
             scratch = tempfile.TemporaryDirectory(prefix=".figs-", dir=out_path.parent)
         with scratch as tmp:
             outcome = render_all(runs, tmp, trace=trace, budget=budget, progress=progress)
-            text = _html(title, runs, outcome)
+            plan_fig = _plan_figure(plan, Path(tmp))
+            text = _html(title, runs, outcome, plan, plan_fig)
     else:
         fig_dir = out_path.with_name(out_path.stem + "-figures")
         outcome = render_all(runs, fig_dir, trace=trace, budget=budget, progress=progress)
-        text = _markdown(title, runs, outcome, fig_dir, out_path.parent)
+        text = _markdown(title, runs, outcome, fig_dir, out_path.parent, plan, _plan_figure(plan, fig_dir))
     _write_atomic(out_path, text)
     return out_path, outcome
+
+
+def _plan_figure(plan: dict | None, out_dir: Path):
+    if plan is None:
+        return None
+    from finemoe.plots.plan import plan_figure
+
+    return plan_figure(plan, out_dir)
+
+
+PLAN_INTRO = ("What to run at the budget, from `finemoe plan`: every strategy's time per output token and "
+              "to first token over GPU memory (* simulated, the rest closed-form estimates), the lower bound "
+              "of copy-on-miss schedules and the offline schedule, the recommendation and the runtime "
+              "settings that realise it.")
 
 
 def _cell_text(value, percent: bool) -> str:
@@ -292,7 +309,7 @@ def _summary(runs: list[Run]) -> tuple[str, list[tuple[str, str]], list[str], li
             odd_results(cells, units), replay_sentences(runs, units), source)
 
 
-def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
+def _html(title: str, runs: list[Run], outcome: PlotOutcome, plan: dict | None = None, plan_fig=None) -> str:
     e = html.escape
     head_line, per_budget, odd, replays, source = _summary(runs)
     parts = [
@@ -320,6 +337,14 @@ def _html(title: str, runs: list[Run], outcome: PlotOutcome) -> str:
     if replays:
         parts += ["<p>The simulator against a real run:</p>", '<ul class="summary">',
                   *[f"<li>{e(text)}</li>" for text in replays], "</ul>"]
+    if plan is not None:
+        from finemoe.plan.text import plan_text
+
+        data = base64.b64encode(plan_fig.png.read_bytes()).decode("ascii")
+        parts += ['<h2 id="plan">Plan: what to run</h2>', f'<p class="note">{e(PLAN_INTRO)}</p>',
+                  f'<pre style="font-size:12px">{e(plan_text(plan))}</pre>',
+                  f'<figure id="plan-figure"><img alt="{e(plan_fig.title)}" src="data:image/png;base64,{data}">'
+                  f"<figcaption><b>{e(plan_fig.title)}</b>. {e(plan_fig.caption)}</figcaption></figure>"]
     parts += [f"<p>{len(runs)} result files; {len(outcome.rendered)} figures. {e(INTRO)}</p>",
               "<h2>Results per policy and memory budget</h2>"]
     for section in _sections(runs):
@@ -357,7 +382,8 @@ def _files(runs: list[Run]) -> pd.DataFrame:
     return df.rename(columns={"budget": budget_column(runs)})
 
 
-def _markdown(title: str, runs: list[Run], outcome: PlotOutcome, fig_dir: Path, base: Path) -> str:
+def _markdown(title: str, runs: list[Run], outcome: PlotOutcome, fig_dir: Path, base: Path, plan: dict | None = None,
+              plan_fig=None) -> str:
     head_line, per_budget, odd, replays, source = _summary(runs)
     lines = [f"# {title}", "", "## What this says", "", head_line, "", f"*{source}*", ""]
     lines += [f"- **{budget}**: {text}" for budget, text in per_budget] + [""]
@@ -366,6 +392,11 @@ def _markdown(title: str, runs: list[Run], outcome: PlotOutcome, fig_dir: Path, 
         lines += [f"- {text}" for text in odd] + [""]
     if replays:
         lines += ["The simulator against a real run:", ""] + [f"- {text}" for text in replays] + [""]
+    if plan is not None:
+        from finemoe.plan.text import plan_text
+
+        lines += ["## Plan: what to run", "", PLAN_INTRO, "", "```text", plan_text(plan), "```", "",
+                  f"![{plan_fig.title}]({os.path.relpath(plan_fig.png, base)})", ""]
     lines += [f"{len(runs)} result files; {len(outcome.rendered)} figures. {INTRO}", "",
               "## Results per policy and memory budget", ""]
     for section in _sections(runs):
