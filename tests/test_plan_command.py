@@ -26,26 +26,50 @@ def syn_path(small_trace, tmp_path):
 
 def test_plan_recommends_the_fastest_simulated_strategy(syn_path, tmp_path):
     out = tmp_path / "plan"
-    res = _plan(syn_path, "--gpu-mem", "4M", "--reserve", "0", "-o", out, "-q", "--json")
+    res = _plan(syn_path, "--gpu-mem", "4M", "--reserve", "0", "-o", out, "-q", "--json", "--oracle", "budget")
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)
     assert plan == json.loads((out / "plan.json").read_text())
     assert (out / "plan.png").is_file() and (out / "plan.svg").is_file()
     rec = plan["recommendation"]
     at = [p for p in plan["points"] if p["budget"] == 4 * 2**20]
-    simulated = [p for p in at if p["source"] == "simulated"]
-    assert {p["strategy"] for p in simulated} == {s["name"] for s in plan["strategies"]}  # all of them at the budget
-    assert rec["tpot_p50_s"] == min(p["tpot_p50_s"] for p in simulated)
+    ranked = [p for p in at if p["source"] in ("simulated", "exact")]
+    assert rec["tpot_p50_s"] == min(p["tpot_p50_s"] for p in ranked)
+    leader = next(p for p in at if p["strategy"] == rec["strategy"])
+    assert leader["source"] == "simulated" and (out / "results" / rec["result"]).is_file()
     assert rec["runner_up"]["tpot_p50_s"] >= rec["tpot_p50_s"]
-    # the bound holds for every copy-on-miss strategy simulated, at every budget
+    # away from the budget nothing is simulated by default; the costly strategies only with --thorough
+    assert all(p["source"] != "simulated" for p in plan["points"] if p["budget"] != 4 * 2**20)
+    assert not {"cost-aware", "finemoe"} & {s["name"] for s in plan["strategies"]}
+    # the bound holds for every copy-on-miss strategy simulated, at every budget that has one
     bound = {b["budget"]: b["bound_tpot_p50_s"] for b in plan["brackets"]}
+    assert bound[4 * 2**20] is not None and sum(v is not None for v in bound.values()) <= 5
     for p in plan["points"]:
-        if p["family"] == "copy" and p["source"] == "simulated":
+        if p["family"] == "copy" and p["source"] == "simulated" and bound[p["budget"]] is not None:
             assert p["tpot_p50_s"] >= bound[p["budget"]] * (1 - 1e-9), p
-    assert any(b["oracle_tpot_p50_s"] for b in plan["brackets"])
-    # every point is either simulated or an estimate, and says which
-    assert {p["source"] for p in plan["points"]} == {"simulated", "estimated"}
+    oracle = next(b for b in plan["brackets"] if b["budget"] == 4 * 2**20)["oracle_tpot_p50_s"]
+    assert oracle >= bound[4 * 2**20] * (1 - 1e-9)
+    assert {p["source"] for p in plan["points"]} <= {"simulated", "exact", "estimated"}
     assert plan["request"]["seed"] == 0 and plan["request"]["hardware"]["name"] == "rtx3090"
+
+
+def test_exact_points_are_the_simulators_numbers(syn_path, tmp_path):
+    """With --confirm-everywhere and a wide margin every strategy is simulated at every budget, so
+    each point the plan calls exact can be checked against its simulation."""
+    res = _plan(syn_path, "--curve", "2M,3M,4M", "--gpu-mem", "3M", "--reserve", "0", "-o", tmp_path / "p", "-q",
+                "--json", "--confirm-everywhere", "--margin", "9", "--thorough", "-j", "1")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert {"cost-aware", "finemoe"} <= {s["name"] for s in plan["strategies"]}
+    checked = 0
+    for p in plan["points"]:
+        e, sim = p["estimate"], p["simulated"]
+        assert sim is not None, p  # everything confirmed
+        if e and by_name(p["strategy"]).exact and e["ran_gpu_copied"] == 0:
+            assert e["tpot_p50_s"] == pytest.approx(sim["tpot_p50_s"], rel=1e-6), p
+            assert e["ttft_p50_s"] == pytest.approx(sim["ttft_p50_s"], rel=1e-6), p
+            checked += 1
+    assert checked >= 9  # static first, last and hot and cpu-all at three budgets at least
 
 
 def test_plan_text_names_the_settings(syn_path, tmp_path):
@@ -135,11 +159,12 @@ def test_plan_from_a_gguf_index(syn_path, tmp_path):
 
 @pytest.mark.shared
 def test_mixtral_plan_brackets_every_copy_strategy(mixtral_trace_path, tmp_path):
-    """The real Mixtral logs at 24G: every strategy at the budget, bound <= oracle, bound <= every
-    copy-on-miss strategy at every budget, and the CPU strategies ahead (copying an expert costs
-    13.8 ms, computing it on the CPU 5.6 ms)."""
+    """The real Mixtral logs at 24G with every strategy simulated at three budgets: bound <= oracle,
+    bound <= every copy-on-miss strategy, the closed forms against the simulator, and the CPU
+    strategies ahead (copying an expert costs 13.8 ms, computing it on the CPU 5.6 ms)."""
     res = _plan(mixtral_trace_path, "--model-profile", "mixtral-8x7b", "--gpu-mem", "24G", "--curve", "12G,24G,48G",
-                "-o", tmp_path / "p", "-q", "--json", "-j", "1")
+                "-o", tmp_path / "p", "-q", "--json", "-j", "1", "--oracle", "budget", "--confirm-everywhere",
+                "--margin", "9")
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)
     bracket = next(b for b in plan["brackets"] if b["budget"] == 24 * 2**30)
@@ -152,7 +177,26 @@ def test_mixtral_plan_brackets_every_copy_strategy(mixtral_trace_path, tmp_path)
     assert rec["family"] == "cpu" and not rec["bound_applies"]
     assert rec["runtime_defaults"]["llama.cpp"]["settings"]["args"] == "-ngl 999 --n-cpu-moe 25"
     assert rec["runtime_defaults"]["llama.cpp"]["speedup"] >= 1.0
-    # the closed form of LRU and of the static placements against the simulator at 24G
+    # the closed forms against the simulator at 24G: LRU to 3%, the static placements exactly
     for p in plan["points"]:
-        if p["budget"] == 24 * 2**30 and p["estimate"] and p["strategy"] in ("lru", "static first", "static hot"):
-            assert p["estimate"]["tpot_p50_s"] == pytest.approx(p["simulated"]["tpot_p50_s"], rel=0.03)
+        if p["budget"] == 24 * 2**30 and p["strategy"] in ("lru", "static first", "static hot"):
+            rel = 0.03 if p["strategy"] == "lru" else 1e-6
+            assert p["estimate"]["tpot_p50_s"] == pytest.approx(p["simulated"]["tpot_p50_s"], rel=rel)
+
+
+@pytest.mark.shared
+def test_mixtral_default_plan_prints_the_recommendation(mixtral_trace_path, tmp_path):
+    """The plan as a user runs it first (issue #20's check): the curve over 20+ budgets, the
+    recommendation at 24G confirmed by a simulation, its llama.cpp and vLLM settings, the bound."""
+    res = _plan(mixtral_trace_path, "--model-profile", "mixtral-8x7b", "--hardware", "rtx3090", "--cpu", "desktop-ddr5",
+                "--gpu-mem", "24G", "-o", tmp_path / "p", "-q", "-j", "1")
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert len(plan["brackets"]) >= 20
+    rec = plan["recommendation"]
+    assert (tmp_path / "p" / "results" / rec["result"]).is_file()
+    assert f"At 24G ({rec['slots']} expert slots): run {rec['strategy']}" in res.output
+    assert "--n-cpu-moe 25" in res.output and "--cpu-offload-gb" in res.output
+    assert "the lower bound (" in res.output and "lower bound (copy-on-miss)" in res.output
+    assert rec["tpot_p50_s"] <= min(p["tpot_p50_s"] for p in plan["points"]
+                                    if p["budget"] == 24 * 2**30 and p["source"] != "estimated")

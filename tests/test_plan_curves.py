@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from finemoe.plan.accesses import Accesses, measured_accesses
 from finemoe.plan.curves import COLD, lru_distances, min_distances, misses_at
 from finemoe.plan.estimate import COPY, CPU, GPU, estimate
+from finemoe.plan.strategies import STRATEGIES
 from finemoe.sim.costs import CostModel
 from finemoe.sim.cpu import CPU_PRESETS
 from finemoe.sim.hardware import load_hardware
@@ -99,7 +100,7 @@ def test_accesses_follow_the_measured_requests(small_trace):
     assert acc.tokens[acc.step_request[acc.step] == 2].sum() == int((ex[rows] >= 0).sum())
 
 
-@pytest.mark.parametrize("name", ["static first", "static last", "static hot", "fiddler", "cpu-all"])
+@pytest.mark.parametrize("name", [s.name for s in STRATEGIES if s.exact])
 def test_placements_without_timing_choices_equal_the_simulator(name, small_trace, tmp_path):
     """Where a strategy's placement does not depend on the clock, the closed form is the engine's
     own arithmetic: the same TTFT and TPOT to rounding. Fiddler's copies (this tiny model's experts
@@ -128,3 +129,32 @@ def test_placements_without_timing_choices_equal_the_simulator(name, small_trace
         assert got.ttft_p50_s == pytest.approx(sim["ttft_p50_s"], rel=2.5 * rel), slots
         if not got.ran_gpu_copied:  # (a prefill's copies beyond the scratch slots evict placed experts)
             assert got.ran_cpu == sim["ran_cpu"] and got.ran_gpu_resident == sim["ran_gpu_resident"]
+
+
+def lfu_misses(keys, slots):
+    counts, last, cache, misses = {}, {}, set(), 0
+    for i, k in enumerate(keys):
+        counts[k] = counts.get(k, 0) + 1
+        if k not in cache:
+            misses += 1
+            if len(cache) == slots:
+                cache.remove(min(cache, key=lambda x: (counts[x], last[x])))
+            cache.add(k)
+        last[k] = i
+    return misses
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=50))
+def test_lfu_and_per_layer_lru_in_one_pass(seq):
+    from finemoe.plan.curves import lfu_distances, per_group_lru_distances
+
+    keys = np.array(seq)
+    lfu = lfu_distances(keys)
+    layers = keys % 2
+    per = per_group_lru_distances(keys, layers)
+    for slots in range(1, 9):
+        assert int(misses_at(lfu, slots).sum()) == lfu_misses(seq, slots)
+        for layer in (0, 1):
+            mine = [k for k in seq if k % 2 == layer]
+            assert int(misses_at(per[layers == layer], slots).sum()) == lru_misses(mine, slots)

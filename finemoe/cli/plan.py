@@ -19,17 +19,18 @@ Examples:
   finemoe plan trace.parquet --model-config path/to/config.json --cpu server-8ch-ddr5
   finemoe plan trace.parquet --model-gguf model-Q4_K_M.gguf --gpu-mem 12G
 \b
-  # the oracle at every budget of the curve (slower), as JSON
-  finemoe plan trace.parquet --oracle all --json
+  # also the offline schedule at your budget and the strategies with no closed form (slower), as JSON
+  finemoe plan trace.parquet --oracle budget --thorough --json
 \b
-What it does: one pass over the measured requests gives LRU's and Belady MIN's misses at every cache
-size (stack distances) and each layer's expert counts, from which every strategy with a closed form
-(LRU, static placements, Fiddler, CPU-only, vLLM-style streaming) gets an estimate at every budget.
-The simulator then runs every strategy at your budget, and elsewhere those near the front and those
-with no closed form (LFU, cost-aware, FineMoE, HybriMoE-style). The lower bound is computed at every
-budget, the offline schedule (oracle) at yours (--oracle all: everywhere). The recommendation is the
-simulated strategy with the lowest time per output token at your budget, with the llama.cpp, vLLM
-and finemoe settings that realise it. Writes plan.json, plan.png/.svg, the simulations' results and
+What it does: one pass over the measured requests gives LRU's, LFU's, per-layer LRU's and Belady
+MIN's misses at every cache size (stack distances) and each layer's expert counts, from which every
+strategy with a closed form (caches, static placements, Fiddler, CPU-on-miss, CPU-only, vLLM-style
+streaming) gets an estimate at every budget of the curve. The simulator then confirms, at your
+budget, the strategies within --margin of the best estimate and the runtimes' own defaults
+(--confirm-everywhere: at every budget). The lower bound is computed at your budget and four others;
+the offline schedule only with --oracle. The recommendation is the simulated strategy with the
+lowest time per output token at your budget, with the llama.cpp, vLLM and finemoe settings that
+realise it. Writes plan.json, plan.png/.svg, the simulations' results and
 (when the model was changed) the projected trace into -o.
 """
 
@@ -51,8 +52,12 @@ and finemoe settings that realise it. Writes plan.json, plan.png/.svg, the simul
 @click.option("--strategy", "strategies", default=None, metavar="LIST",
               help="Only these strategies (comma-separated; the list is in --help's epilog of `finemoe plan --list`).")
 @click.option("--list", "list_only", is_flag=True, help="List the strategies and exit.")
-@click.option("--oracle", "oracle_at", type=click.Choice(["budget", "all"]), default="budget", show_default=True,
-              help="Run the offline schedule at your budget only, or at every budget of the curve.")
+@click.option("--oracle", "oracle_at", type=click.Choice(["none", "budget", "all"]), default="none", show_default=True,
+              help="Also run the offline schedule (a full simulation each): nowhere, at your budget, or everywhere.")
+@click.option("--thorough", is_flag=True,
+              help="Also the strategies with no closed form (cost-aware, FineMoE): a simulation each, slower.")
+@click.option("--confirm-everywhere", is_flag=True,
+              help="Confirm the front with the simulator at every budget of the curve, not only at yours.")
 @click.option("--margin", type=float, default=0.15, show_default=True,
               help="Simulate, away from your budget, the estimated strategies within this share of the best estimate.")
 @click.option("--reserve", default="512M", show_default=True, help="GPU memory kept for activations and the context.")
@@ -64,7 +69,7 @@ and finemoe settings that realise it. Writes plan.json, plan.png/.svg, the simul
 @json_option("Print the plan as JSON on stdout.")
 @quiet_option()
 def plan_command(trace_path, hardware, cpu, gpu_mem, curve, model_profile, model_config, model_gguf, expert_dtype,
-                 strategies, list_only, oracle_at, margin, reserve, history_fraction, seed, jobs, out_dir, as_json,
+                 strategies, list_only, oracle_at, thorough, confirm_everywhere, margin, reserve, history_fraction, seed, jobs, out_dir, as_json,
                  quiet) -> None:
     """What to put where for this workload on this machine, how fast it runs, and how far that is from the best.
 
@@ -86,7 +91,8 @@ def plan_command(trace_path, hardware, cpu, gpu_mem, curve, model_profile, model
         raise ConfigError(f"--margin must be between 0 and 10, got {margin}")
     plan = run_plan(trace_path, hardware=hardware, cpu=cpu, gpu_mem=gpu_mem, curve=curve, model_profile=model_profile,
                     model_config=model_config, model_gguf=model_gguf, expert_dtype=expert_dtype, strategies=strategies,
-                    oracle_everywhere=oracle_at == "all", margin=margin, reserve=reserve,
+                    oracle=oracle_at, thorough=thorough,
+                    confirm_everywhere=confirm_everywhere, margin=margin, reserve=reserve,
                     history_fraction=history_fraction, seed=seed, jobs=jobs, out_dir=Path(out_dir),
                     progress=not quiet, say=say)
     if as_json:
@@ -99,7 +105,8 @@ def plan_command(trace_path, hardware, cpu, gpu_mem, curve, model_profile, model
 
 
 def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=None, model_profile=None,
-             model_config=None, model_gguf=None, expert_dtype=None, strategies=None, oracle_everywhere=False,
+             model_config=None, model_gguf=None, expert_dtype=None, strategies=None, oracle="none",
+             thorough=False, confirm_everywhere=False,
              margin=0.15, reserve="512M", history_fraction=0.7, seed=0, jobs=None, out_dir=Path("plan-out"),
              progress=True, say=print) -> dict:
     """Read, project, plan, write plan.json and the figure; the plan as a dict."""
@@ -154,7 +161,7 @@ def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=No
                                                                                  expert_dtype)
     names = tuple(n.strip() for n in strategies.split(",") if n.strip()) if strategies else None
     req = PlanRequest(sim_trace_path, hw, cpu_spec, budget, budgets, memory, workload, seed, expert_dtype, margin,
-                      oracle_everywhere, names)
+                      oracle, names, thorough, confirm_everywhere)
     plan = make_plan(trace, req, out_dir, jobs=jobs or default_jobs(), progress=progress, say=say, model=model,
                      settings_context={"trace": sim_trace_path, "hardware": hardware,
                                        "expert_tensors": expert_tensors, "moe_blocks": moe_blocks})
@@ -163,9 +170,9 @@ def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=No
     return plan
 
 
-def default_curve(trace, hw, memory, workload, seed, expert_dtype, points: int = 8) -> tuple[int, ...]:
+def default_curve(trace, hw, memory, workload, seed, expert_dtype, points: int = 20) -> tuple[int, ...]:
     """Round budgets (whole GiB; MiB for a model under 4 GiB) from the smallest that holds the dense
-    part and one layer's experts to the smallest that holds every expert, about `points` of them."""
+    part and one layer's experts to the smallest that holds every expert, at least `points` of them where the range allows."""
     from dataclasses import replace
 
     from finemoe.sim.config import SimConfig
@@ -180,8 +187,8 @@ def default_curve(trace, hw, memory, workload, seed, expert_dtype, points: int =
     gib = 2**30 if full >= 4 * 2**30 else 2**20
     low = math.ceil((fixed + g.top_k * g.bytes_per_expert) / gib)
     high = math.ceil(full / gib)
-    raw = max(1, math.ceil((high - low) / (points - 1)))
-    step = next(s for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 10**9) if s >= raw)
+    nice = (1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 64, 80, 128, 160, 256, 320, 512)
+    step = max([s for s in nice if (high - low) / s >= points - 1] or [1])  # the coarsest giving `points`
     values = [low] + [v for v in range(step * (low // step + 1), high + step, step) if v - low >= step / 2]
     return tuple(gib * v for v in values if v <= high + step - 1)
 

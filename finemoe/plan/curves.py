@@ -4,9 +4,9 @@ LRU and Belady's MIN are stack algorithms (Mattson, Gecsei, Slutz & Traiger, "Ev
 for storage hierarchies", IBM Systems Journal 9(2), 1970): the cache of c slots always holds the top
 c entries of one priority stack, so an access hits a cache of c slots iff its stack distance is
 below c, and one pass yields the hit curve for every c at once. For LRU the priority is recency;
-for MIN it is the next use (soonest first), and an access updates the stack by moving the accessed
-key to the top and shifting the "records" above its old place (the entries whose next use is later
-than every entry above them) down by one.
+for MIN the next use (soonest first); for LFU the use count, then recency. An access moves the
+accessed key to the top and shifts the "records" above its old place (the entries of lower
+priority than every entry above them) down by one.
 
 Keys are accessed one at a time here; the simulator serves a layer-step's experts as a set, which
 these curves approximate (the plan confirms its front with the simulator).
@@ -47,33 +47,63 @@ def next_uses(keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def min_distances(keys: np.ndarray) -> np.ndarray:
-    """Belady MIN's stack distance of each access, COLD for first uses: a cache of c slots run by MIN
-    (evict the key needed farthest ahead) hits exactly the accesses with distance < c."""
-    nxt = next_uses(keys)
-    stack_keys = np.empty(0, dtype=np.int64)
-    stack_next = np.empty(0, dtype=np.int64)  # each entry's next use, as of now
+def priority_distances(keys: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """The stack distance of each access under a priority stack algorithm (Mattson et al. §3): the
+    cache keeps the highest-priority keys, `priority[i]` is the accessed key's priority from access
+    i on, and no other key's priority changes at access i. COLD for first uses."""
+    distinct = len(np.unique(keys)) if len(keys) else 0
+    stack_keys = np.empty(distinct, dtype=np.int64)
+    stack_prio = np.empty(distinct, dtype=priority.dtype)
+    level: dict[int, int] = {}  # each key's place in the stack
+    size = 0
     out = np.empty(len(keys), dtype=np.int64)
     for i, key in enumerate(keys.tolist()):
-        where = np.flatnonzero(stack_keys == key)
-        if where.size:
-            d = int(where[0])
-            out[i] = d
+        d = level.get(key)
+        if d is None:
+            d, out[i] = size, COLD
+            size += 1
         else:
-            d = len(stack_keys)
-            out[i] = COLD
-            stack_keys = np.append(stack_keys, key)
-            stack_next = np.append(stack_next, 0)
+            out[i] = d
         if d > 0:
-            # The entries 0..d-1 shift: at each level the entry with the later next use moves down.
-            # The ones that move are the records of a running maximum over the next uses from the top.
-            above = stack_next[:d]
-            records = np.flatnonzero(above >= np.maximum.accumulate(above))
-            # the last record drops to level d (the accessed key's old place), each other record to the next
-            moved_keys, moved_next = stack_keys[records].copy(), above[records].copy()
+            # The entries 0..d-1 shift: at each level the lower-priority of (the entry carried down,
+            # the entry there) moves on; the ones that move are the records of a running minimum.
+            above = stack_prio[:d]
+            records = np.flatnonzero(above <= np.minimum.accumulate(above))
+            # the last record drops to level d (the accessed key's old place), each other to the next
+            moved_keys, moved_prio = stack_keys[records], above[records]
             targets = np.append(records[1:], d)
-            stack_keys[targets], stack_next[targets] = moved_keys, moved_next
-        stack_keys[0], stack_next[0] = key, nxt[i]
+            stack_keys[targets], stack_prio[targets] = moved_keys, moved_prio
+            for k, t in zip(moved_keys.tolist(), targets.tolist(), strict=True):
+                level[k] = t
+        stack_keys[0], stack_prio[0] = key, priority[i]
+        level[key] = 0
+    return out
+
+
+def min_distances(keys: np.ndarray) -> np.ndarray:
+    """Belady MIN's stack distances: a cache of c slots run by MIN (evict the key needed farthest
+    ahead) hits exactly the accesses with distance < c. Priority: the sooner the next use, the higher."""
+    return priority_distances(keys, -next_uses(keys))
+
+
+def lfu_distances(keys: np.ndarray) -> np.ndarray:
+    """LFU's stack distances, with use counts kept across evictions and the least recently used
+    first among equals (policies/caches.py LFUCounts): priority = (uses so far, last use)."""
+    n = len(keys)
+    counts: dict[int, int] = {}
+    prio = np.empty(n, dtype=np.int64)
+    for i, k in enumerate(keys.tolist()):
+        counts[k] = counts.get(k, 0) + 1
+        prio[i] = counts[k] * (n + 1) + i
+    return priority_distances(keys, prio)
+
+
+def per_group_lru_distances(keys: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """LRU stack distances within each group's own subsequence (a cache per layer)."""
+    out = np.empty(len(keys), dtype=np.int64)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        out[idx] = lru_distances(keys[idx])
     return out
 
 

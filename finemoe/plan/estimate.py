@@ -46,36 +46,53 @@ def _per_tokens(fn, tokens: np.ndarray) -> np.ndarray:
     return np.array([fn(int(t)) for t in values])[inverse]
 
 
+class Estimator:
+    """The closed form over one trace's accesses: the terms that do not depend on the placement
+    (compute per access, hand-offs and dense time per step) are computed once, so a plan's hundreds
+    of (strategy, budget) estimates each cost a few vector operations."""
+
+    def __init__(self, acc: Accesses, costs: CostModel) -> None:
+        self.acc, self.costs = acc, costs
+        L = acc.num_layers
+        self.groups = acc.step * L + acc.layer
+        self.size = acc.num_steps * L
+        self.gpu_s = _per_tokens(costs.expert_compute_s, acc.tokens)
+        self.cpu_s = _per_tokens(costs.cpu_expert_s, acc.tokens) if costs.cpu is not None else None
+        self.hand_off = (np.repeat([2 * costs.activation_copy_s(int(t)) + costs.cpu.sync_s for t in acc.step_tokens], L)
+                         if costs.cpu is not None else None)
+        self.dense_s = L * np.array([costs.dense_layer_s(int(t), int(c), int(p)) for t, c, p
+                                     in zip(acc.step_tokens, acc.step_context, acc.step_pairs, strict=True)])
+
+    def __call__(self, where: np.ndarray) -> Estimate:
+        """The estimate when each access runs where `where` (GPU, COPY or CPU per access) says."""
+        acc, costs, groups, size = self.acc, self.costs, self.groups, self.size
+        resident = np.bincount(groups, weights=np.where(where == GPU, self.gpu_s, 0.0), minlength=size)
+        copied = np.bincount(groups, weights=np.where(where == COPY, self.gpu_s, 0.0), minlength=size)
+        n = np.bincount(groups, weights=(where == COPY).astype(float), minlength=size)
+        hw = costs.hardware
+        first = costs.expert_load_s  # the first copy lands after its latency and its bytes
+        wire = costs.wire_s(costs.geometry.bytes_per_expert)
+        step = wire if hw.copy_engines > 1 else first  # each later one, one wire time apart (or a whole copy)
+        last_lands = first + np.maximum(n - 1, 0) * step
+        mean_copied = np.divide(copied, n, out=np.zeros(size), where=n > 0)
+        # the GPU runs the resident experts, then each copied one once it has landed
+        gpu_side = np.where(n > 0, np.maximum.reduce([resident + copied, last_lands + mean_copied, first + copied]),
+                            resident) + n * hw.miss_overhead_s
+        cpu_side = np.zeros(size)
+        on_cpu = where == CPU
+        if on_cpu.any():
+            if self.cpu_s is None:
+                raise ValueError("a placement with experts on the CPU needs a cost model with a CPU")
+            work = np.bincount(groups, weights=np.where(on_cpu, self.cpu_s, 0.0), minlength=size)
+            used = np.bincount(groups, weights=on_cpu.astype(float), minlength=size) > 0
+            cpu_side = np.where(used, work + self.hand_off, 0.0)
+        step_s = self.dense_s + np.maximum(gpu_side, cpu_side).reshape(acc.num_steps, acc.num_layers).sum(axis=1)
+        return _latencies(acc, step_s, where)
+
+
 def estimate(acc: Accesses, costs: CostModel, where: np.ndarray) -> Estimate:
     """The estimate when each access runs where `where` (GPU, COPY or CPU per access) says."""
-    L = acc.num_layers
-    groups = acc.step * L + acc.layer
-    size = acc.num_steps * L
-    gpu_s = _per_tokens(costs.expert_compute_s, acc.tokens)
-    resident = np.bincount(groups, weights=np.where(where == GPU, gpu_s, 0.0), minlength=size)
-    copied = np.bincount(groups, weights=np.where(where == COPY, gpu_s, 0.0), minlength=size)
-    n = np.bincount(groups, weights=(where == COPY).astype(float), minlength=size)
-    hw = costs.hardware
-    first = costs.expert_load_s  # the first copy lands after its latency and its bytes
-    wire = costs.wire_s(costs.geometry.bytes_per_expert)
-    step = wire if hw.copy_engines > 1 else first  # each later one, one wire time apart (or a whole copy)
-    last_lands = first + np.maximum(n - 1, 0) * step
-    mean_copied = np.divide(copied, n, out=np.zeros(size), where=n > 0)
-    # the GPU runs the resident experts, then each copied one once it has landed
-    gpu_side = np.where(n > 0, np.maximum.reduce([resident + copied, last_lands + mean_copied, first + copied]),
-                        resident) + n * hw.miss_overhead_s
-    cpu_side = np.zeros(size)
-    on_cpu = where == CPU
-    if on_cpu.any():
-        cpu_s = _per_tokens(costs.cpu_expert_s, acc.tokens)
-        work = np.bincount(groups, weights=np.where(on_cpu, cpu_s, 0.0), minlength=size)
-        used = np.bincount(groups, weights=on_cpu.astype(float), minlength=size) > 0
-        hand_off = np.array([2 * costs.activation_copy_s(int(t)) + costs.cpu.sync_s for t in acc.step_tokens])
-        cpu_side = np.where(used, work + np.repeat(hand_off, L), 0.0)
-    dense = np.array([costs.dense_layer_s(int(t), int(c), int(p))
-                      for t, c, p in zip(acc.step_tokens, acc.step_context, acc.step_pairs, strict=True)])
-    step_s = dense * L + np.maximum(gpu_side, cpu_side).reshape(acc.num_steps, L).sum(axis=1)
-    return _latencies(acc, step_s, where)
+    return Estimator(acc, costs)(where)
 
 
 def _latencies(acc: Accesses, step_s: np.ndarray, where: np.ndarray) -> Estimate:

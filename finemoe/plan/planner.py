@@ -2,13 +2,15 @@
 recommendation at the user's budget, with the settings that realise it.
 
 How the numbers are made, cheapest first:
-  1. one pass over the measured accesses gives LRU's and MIN's stack distances and the history's
-     expert counts; every strategy with a closed form gets an estimate at every budget from them
-     (plan/estimate.py);
-  2. the discrete-event simulator runs every strategy at the user's budget, and at the other budgets
-     those whose estimate is within `margin` of the best estimate there, plus those with no closed form;
-  3. the lower bound (sim/bounds.py) at every budget; the offline schedule (`oracle`) at the user's
-     budget, or at every budget with `oracle_everywhere`.
+  1. one pass over the measured accesses gives LRU's, LFU's, MIN's and per-layer LRU's stack
+     distances and the history's expert counts; every strategy with a closed form gets an estimate at
+     every budget from them (plan/estimate.py);
+  2. the discrete-event simulator confirms, at the user's budget, the strategies whose estimate is
+     within `margin` of the best, the runtimes' own ways (llama.cpp's, vLLM's) and, when asked for
+     (`thorough`), the costly ones with no closed form; `confirm_everywhere` does so at every budget;
+  3. the lower bound (sim/bounds.py) at the user's budget and at a few others spread over the curve;
+     the offline schedule (`oracle`) only when asked for, at the budget or everywhere; the curve's
+     upper edge otherwise is Belady MIN's closed form (a real schedule's estimate).
 Every point says whether it was simulated or estimated; the recommendation uses simulated points only.
 """
 
@@ -22,8 +24,8 @@ import numpy as np
 
 from finemoe.errors import ConfigError
 from finemoe.plan.accesses import measured_accesses
-from finemoe.plan.curves import lru_distances, min_distances
-from finemoe.plan.estimate import estimate
+from finemoe.plan.curves import lfu_distances, lru_distances, min_distances, per_group_lru_distances
+from finemoe.plan.estimate import Estimate, Estimator
 from finemoe.plan.runtimes import settings
 from finemoe.plan.strategies import BELADY, STRATEGIES, PlanInputs, Strategy
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
@@ -50,8 +52,11 @@ class PlanRequest:
     seed: int = 0
     expert_dtype: str | None = None
     margin: float = 0.15
-    oracle_everywhere: bool = False
-    strategies: tuple[str, ...] | None = None  # names to keep (default: every one)
+    oracle: str = "none"  # run the offline schedule at: "none", "budget" or "all" budgets
+    strategies: tuple[str, ...] | None = None  # names to keep (default: every one not costly)
+    thorough: bool = False  # also the costly strategies (no closed form, several LRU runs each)
+    confirm_everywhere: bool = False  # confirm the front with the simulator at every budget
+    bound_budgets: int = 5  # budgets with a computed lower bound (the user's among them)
 
     def config(self, strategy: Strategy | None, budget: int) -> SimConfig:
         memory = replace(self.memory, gpu_mem_bytes=budget,
@@ -64,7 +69,8 @@ class PlanRequest:
         return {"trace_path": self.trace_path, "hardware": self.hardware.to_dict(), "cpu": self.cpu.to_dict(),
                 "budget": self.budget, "curve": list(self.curve), "memory": self.memory.__dict__,
                 "workload": self.workload.__dict__, "seed": self.seed, "expert_dtype": self.expert_dtype,
-                "margin": self.margin, "oracle_everywhere": self.oracle_everywhere,
+                "margin": self.margin, "oracle": self.oracle, "thorough": self.thorough,
+                "confirm_everywhere": self.confirm_everywhere, "bound_budgets": self.bound_budgets,
                 "strategies": list(self.strategies) if self.strategies else None}
 
 
@@ -75,28 +81,32 @@ def chosen_strategies(req: PlanRequest, has_history: bool) -> list[Strategy]:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ConfigError(f"unknown strategy {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    return [s for s in STRATEGIES if (not names or s.name in names) and (has_history or not s.needs_history)]
+    return [s for s in STRATEGIES if (s.name in names if names else req.thorough or not s.costly)
+            and (has_history or not s.needs_history)]
 
 
 def one_pass(trace: Trace, req: PlanRequest, history: list[int], measure: list[int]) -> PlanInputs:
     from finemoe.policies.moe_infinity import activation_matrix
+    from finemoe.sim.layer_capacity import dp_sizer
 
     acc = measured_accesses(trace, measure)
-    counts = None
+    counts, caps = None, None
     if history:
         past = trace.select_requests(history)
         counts = activation_matrix(past, np.arange(past.num_tokens))
+        caps = dp_sizer(trace, history, req.workload.max_batch)
     costs = CostModel(req.hardware, trace.geometry, req.cpu)
-    return PlanInputs(acc, lru_distances(acc.key), min_distances(acc.key), counts, costs)
+    return PlanInputs(acc, lru_distances(acc.key), min_distances(acc.key), lfu_distances(acc.key),
+                      per_group_lru_distances(acc.key, acc.layer), counts, costs, caps)
 
 
 def estimates(inputs: PlanInputs, strategies: list[Strategy], slots_at: dict[int, int]) -> dict:
     """{(strategy name, budget): Estimate} for every strategy with a closed form, and MIN's."""
-    out = {}
+    out, of = {}, Estimator(inputs.acc, inputs.costs)
     for budget, slots in slots_at.items():
         for s in [*strategies, BELADY]:
-            if s.place is not None:
-                out[s.name, budget] = estimate(inputs.acc, inputs.costs, s.place(inputs, slots))
+            if s.place is not None and fits(s, slots, inputs.costs.geometry, 1):
+                out[s.name, budget] = of(s.place(inputs, slots))
     return out
 
 
@@ -118,17 +128,72 @@ def to_simulate(req: PlanRequest, strategies: list[Strategy], est: dict, budgets
     """(strategy or None for the oracle, budget) pairs the simulator runs."""
     runs = []
     for b in budgets:
-        scored = [est[s.name, b].tpot_p50_s for s in strategies if (s.name, b) in est]
-        best = min(scored) if scored else math.inf
-        for s in strategies:
-            if not fits(s, slots_at[b], geometry, req.workload.max_batch):
-                continue
-            e = est.get((s.name, b))
-            if b == req.budget or e is None or e.tpot_p50_s <= best * (1 + req.margin):
-                runs.append((s, b))
-        if b == req.budget or req.oracle_everywhere:
+        here = b == req.budget
+        if here or req.confirm_everywhere:
+            scored = [est[s.name, b].tpot_p50_s for s in strategies if (s.name, b) in est]
+            best = min(scored) if scored else math.inf
+            for s in strategies:
+                if not fits(s, slots_at[b], geometry, req.workload.max_batch):
+                    continue
+                e = est.get((s.name, b))
+                default = here and s.name in (LLAMA_CPP_DEFAULT, VLLM_DEFAULT)
+                if is_exact(req, s, e) and not req.confirm_everywhere:
+                    continue  # its closed form is the simulator's arithmetic (simulated if it leads)
+                if e is None or default or s.loose or e.tpot_p50_s <= best * (1 + req.margin):
+                    runs.append((s, b))
+        if req.oracle == "all" or (req.oracle == "budget" and here):
             runs.append((None, b))
     return runs
+
+
+def is_exact(req: PlanRequest, s: Strategy, e: Estimate | None) -> bool:
+    """Whether the estimate `e` of `s` is the simulator's own number: `s`'s placement does not
+    depend on the clock, it copies nothing, and the workload runs requests one at a time, all
+    arrived (batch 1, arrival "all"), as the closed form does."""
+    return (s.exact and e is not None and e.ran_gpu_copied == 0 and req.workload.max_batch == 1
+            and req.workload.arrival == "all")
+
+
+def unconfirmed_best(req: PlanRequest, strategies: list[Strategy], est: dict, sims: dict) -> Strategy | None:
+    """The exact strategy, not yet simulated, whose closed form beats every simulated point at the
+    user's budget (the recommendation must be a simulated point), or None."""
+    done = [v["tpot_p50_s"] for (name, b), v in sims.items() if b == req.budget and name != "oracle"]
+    best = min(done, default=math.inf)
+    waiting = [(est[s.name, req.budget].tpot_p50_s, s) for s in strategies
+               if is_exact(req, s, est.get((s.name, req.budget))) and (s.name, req.budget) not in sims]
+    top = min(waiting, key=lambda t: t[0], default=None)
+    return top[1] if top is not None and top[0] < best else None
+
+
+def simulate_runs(req: PlanRequest, runs: list[tuple], out_dir: Path, jobs: int, progress: bool,
+                  say) -> tuple[dict, list]:
+    """Run (strategy or None for the oracle, budget) pairs (results already in `out_dir` are kept):
+    their summaries by (name, budget), and the (policy, why) pairs the simulator cannot run."""
+    from finemoe.results import read_result
+    from finemoe.sim.sweep import run_sweep, supported_configs
+
+    configs = [req.config(s, b) for s, b in runs]
+    kept, unsupported = supported_configs(configs)
+    for policy, why in unsupported:
+        say(f"{policy} left out: it {why}")
+    kept_ids = {id(c) for c in kept}
+    pairs = [(r, c) for r, c in zip(runs, configs, strict=True) if id(c) in kept_ids]
+    outcome = run_sweep([c for _, c in pairs], out_dir / "results", jobs=jobs, progress=progress)
+    if outcome.failures:
+        raise ConfigError("simulation failed: " + outcome.failures[0].line())
+    sims = {}
+    for ((s, b), _config), path in zip(pairs, outcome.paths, strict=True):
+        summary = read_result(path).summary
+        sims[(s.name if s else "oracle"), b] = {k: summary.get(k) for k in SIM_FIELDS} | {"result": path.name}
+    return sims, unsupported
+
+
+def bound_budgets(req: PlanRequest, budgets: list[int]) -> list[int]:
+    """The user's budget and `req.bound_budgets - 1` others spread evenly over the curve."""
+    others = [b for b in budgets if b != req.budget]
+    k = max(0, min(len(others), req.bound_budgets - 1))
+    picked = {others[round(i * (len(others) - 1) / max(k - 1, 1))] for i in range(k)} if k else set()
+    return sorted(picked | {req.budget})
 
 
 SIM_FIELDS = ("tpot_p50_s", "ttft_p50_s", "tpot_mean_s", "hit_rate", "bytes_h2d", "bytes_d2h", "ran_gpu_resident",
@@ -138,9 +203,7 @@ SIM_FIELDS = ("tpot_p50_s", "ttft_p50_s", "tpot_mean_s", "hit_rate", "bytes_h2d"
 def make_plan(trace: Trace, req: PlanRequest, out_dir: Path, *, jobs: int = 1, progress: bool = True,
               say=print, model: str = "", settings_context: dict | None = None) -> dict:
     """The plan as a JSON-ready dict; simulation results are kept in `out_dir`/results."""
-    from finemoe.results import read_result
-    from finemoe.sim.run import bounds_for
-    from finemoe.sim.sweep import run_sweep, supported_configs
+    from finemoe.sim.run import bounds_over
     from finemoe.sim.workload import split_requests
 
     base = req.config(None, req.budget)
@@ -162,28 +225,24 @@ def make_plan(trace: Trace, req: PlanRequest, out_dir: Path, *, jobs: int = 1, p
     inputs = one_pass(trace, req, list(split.history), list(split.measure))
     est = estimates(inputs, strategies, slots_at)
     runs = to_simulate(req, strategies, est, budgets, slots_at, g)
-    configs = [req.config(s, b) for s, b in runs]
-    kept, unsupported = supported_configs(configs)
-    for policy, why in unsupported:
-        say(f"{policy} left out: it {why}")
-    kept_ids = {id(c) for c in kept}
-    runs = [(r, c) for r, c in zip(runs, configs, strict=True) if id(c) in kept_ids]
-    outcome = run_sweep([c for _, c in runs], out_dir / "results", jobs=jobs, progress=progress)
-    if outcome.failures:
-        raise ConfigError("simulation failed: " + outcome.failures[0].line())
-    sims = {}
-    for ((s, b), _config), path in zip(runs, outcome.paths, strict=True):
-        summary = read_result(path).summary
-        sims[(s.name if s else "oracle"), b] = {k: summary.get(k) for k in SIM_FIELDS} | {"result": path.name}
-    points = _points(strategies, budgets, est, sims, slots_at)
+    sims, unsupported = simulate_runs(req, runs, out_dir, jobs, progress, say)
+    while (extra := unconfirmed_best(req, strategies, est, sims)) is not None:  # an exact one leads: confirm it
+        runs.append((extra, req.budget))
+        sims, unsupported = simulate_runs(req, runs, out_dir, jobs, progress, say=lambda _m: None)
+    exact = {(s.name, b) for s in strategies for b in budgets if is_exact(req, s, est.get((s.name, b)))}
+    points = _points(strategies, budgets, est, sims, slots_at, exact)
+    with_bound = bound_budgets(req, budgets)
+    bound_at = dict(zip(with_bound, bounds_over(trace, [req.config(None, b) for b in with_bound], frozenset()),
+                        strict=True))
     brackets = []
     for b in budgets:
-        bound = bounds_for(trace, req.config(None, b), frozenset())
+        bound = bound_at.get(b, {})
         oracle = sims.get(("oracle", b))
         brackets.append({"budget": b, "slots": slots_at[b], "bound_tpot_p50_s": bound.get("bound_tpot_p50_s"),
                          "bound_ttft_p50_s": bound.get("bound_ttft_p50_s"), "bound_loads": bound.get("bound_loads"),
                          "oracle_tpot_p50_s": oracle["tpot_p50_s"] if oracle else None,
-                         "belady_tpot_p50_s": est[BELADY.name, b].tpot_p50_s})
+                         "belady_tpot_p50_s": est[BELADY.name, b].tpot_p50_s,
+                         "belady_ttft_p50_s": est[BELADY.name, b].ttft_p50_s})
     rec = recommend(req, strategies, points, brackets, slots_at, g, settings_context or {})
     return {
         "plan_version": PLAN_VERSION,
@@ -219,7 +278,7 @@ def _lossy(dtype: str) -> bool:
     return expert_format(dtype).lossy
 
 
-def _points(strategies, budgets, est, sims, slots_at) -> list[dict]:
+def _points(strategies, budgets, est, sims, slots_at, exact: set[tuple]) -> list[dict]:
     out = []
     for s in strategies:
         for b in budgets:
@@ -231,7 +290,7 @@ def _points(strategies, budgets, est, sims, slots_at) -> list[dict]:
             chosen = sim or {}
             row["tpot_p50_s"] = chosen.get("tpot_p50_s", e.tpot_p50_s if e else None)
             row["ttft_p50_s"] = chosen.get("ttft_p50_s", e.ttft_p50_s if e else None)
-            row["source"] = "simulated" if sim else "estimated"
+            row["source"] = "simulated" if sim else ("exact" if (s.name, b) in exact else "estimated")
             out.append(row)
     return out
 
@@ -248,11 +307,12 @@ def _cpu_layers(strategy: Strategy, slots: int, L: int, J: int) -> list[int]:
 
 
 def recommend(req, strategies, points, brackets, slots_at, g, ctx) -> dict:
-    at = {p["strategy"]: p for p in points if p["budget"] == req.budget and p["source"] == "simulated"}
+    at = {p["strategy"]: p for p in points if p["budget"] == req.budget and p["source"] in ("simulated", "exact")}
     ranked = sorted(at.values(), key=lambda p: (p["tpot_p50_s"], p["ttft_p50_s"] or 0.0))
     if not ranked:
         raise ConfigError("no strategy could be simulated at this budget")
     best, slots = ranked[0], slots_at[req.budget]
+    assert best["source"] == "simulated", "make_plan confirms the leader by simulation"
     by_name = {s.name: s for s in strategies}
     bracket = next(b for b in brackets if b["budget"] == req.budget)
 
@@ -260,7 +320,7 @@ def recommend(req, strategies, points, brackets, slots_at, g, ctx) -> dict:
         p = at.get(name) if name else None
         if p is None:
             return None
-        return {"strategy": name, "tpot_p50_s": p["tpot_p50_s"], "ttft_p50_s": p["ttft_p50_s"],
+        return {"strategy": name, "tpot_p50_s": p["tpot_p50_s"], "ttft_p50_s": p["ttft_p50_s"], "source": p["source"],
                 "speedup": p["tpot_p50_s"] / best["tpot_p50_s"] if best["tpot_p50_s"] else None}
 
     strategy = by_name[best["strategy"]]
@@ -294,6 +354,7 @@ def recommend(req, strategies, points, brackets, slots_at, g, ctx) -> dict:
         "what": strategy.what,
         "tpot_p50_s": best["tpot_p50_s"],
         "ttft_p50_s": best["ttft_p50_s"],
+        "result": best["simulated"]["result"],
         "runner_up": versus(ranked[1]["strategy"]) if len(ranked) > 1 else None,
         "runtime_defaults": defaults,
         "best_per_runtime": best_in,

@@ -2,8 +2,8 @@
 simulator, and where it has one, the placement its closed-form estimate assumes (plan/estimate.py).
 
 A strategy's `place` returns, per measured access, where its expert runs (GPU, COPY or CPU); None
-means it has no closed form (its choices depend on timing or on its own counts: LFU, FineMoE,
-cost-aware) and the plan simulates it at every budget.
+means it has no closed form (its prefetches depend on timing and predictions: FineMoE, cost-aware)
+and the plan can only simulate it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ class PlanInputs:
     acc: Accesses
     lru: np.ndarray
     min: np.ndarray
+    lfu: np.ndarray
+    layer_lru: np.ndarray  # LRU distances within each layer (a cache per layer)
     history_counts: np.ndarray | None
     costs: object  # CostModel
+    layer_caps: Callable[[int], tuple[int, ...]] | None = None  # the DP split of the slots (None: no history)
 
 
 Placer = Callable[[PlanInputs, int], "np.ndarray | None"]
@@ -45,12 +48,20 @@ class Strategy:
     place: Placer | None = None
     layer_capacity: str | None = None
     needs_history: bool = False
+    costly: bool = False  # its simulation costs several LRU runs: in a plan only when asked for
+    loose: bool = False  # its closed form can be far off: always simulated at the user's budget
+    exact: bool = False  # where it copies nothing, its closed form is the simulator's arithmetic (tests/test_plan_curves.py)
 
 
 def _cached(distances: str, miss: int) -> Placer:
     def place(inp: PlanInputs, slots: int) -> np.ndarray:
         return np.where(misses_at(getattr(inp, distances), slots), miss, GPU)
     return place
+
+
+def _per_layer(inp: PlanInputs, slots: int) -> np.ndarray:
+    caps = np.asarray(inp.layer_caps(slots))
+    return np.where(inp.layer_lru >= caps[inp.acc.layer], COPY, GPU)
 
 
 def _layers_on(where_cpu: str, miss: int) -> Placer:
@@ -93,29 +104,32 @@ def _all_cpu(inp: PlanInputs, slots: int) -> np.ndarray:
 
 STRATEGIES: tuple[Strategy, ...] = (
     Strategy("lru", "lru", what="copy each miss to the GPU, evict the least recently used", place=_cached("lru", COPY)),
-    Strategy("lfu", "lfu", what="copy each miss, evict the least frequently used"),
-    Strategy("lru per-layer dp", "lru", layer_capacity="dp", needs_history=True,
+    Strategy("lfu", "lfu", what="copy each miss, evict the least frequently used", place=_cached("lfu", COPY)),
+    Strategy("lru per-layer dp", "lru", layer_capacity="dp", needs_history=True, place=_per_layer,
              what="copy each miss, slots split between layers by a DP over the history's hit curves"),
-    Strategy("cost-aware", "cost-aware", needs_history=True,
+    Strategy("cost-aware", "cost-aware", needs_history=True, costly=True,
              what="finemoe's own: prefetch only when the saving beats the link time, evict by next use"),
-    Strategy("finemoe", "finemoe", needs_history=True, what="FineMoE's expert maps: prefetch the predicted experts"),
+    Strategy("finemoe", "finemoe", needs_history=True, costly=True,
+             what="FineMoE's expert maps: prefetch the predicted experts"),
     Strategy("static first", "static", {"placement": "first", "cpu_layers": "fit"}, "cpu",
              "the first layers' experts on the CPU, the rest resident (llama.cpp --n-cpu-moe)",
-             _layers_on("first", CPU)),
+             _layers_on("first", CPU), exact=True),
     Strategy("static last", "static", {"placement": "last", "cpu_layers": "fit"}, "cpu",
-             "the last layers' experts on the CPU, the rest resident (llama.cpp -ot)", _layers_on("last", CPU)),
+             "the last layers' experts on the CPU, the rest resident (llama.cpp -ot)", _layers_on("last", CPU), exact=True),
     Strategy("static hot", "static", {"placement": "hot"}, "cpu",
              "each layer's most used experts resident, the rest on the CPU (per-expert -ot rules, forks)",
-             _hot, needs_history=True),
+             _hot, needs_history=True, exact=True),
     Strategy("fiddler", "fiddler", family="cpu", needs_history=True,
              what="popular experts resident; each miss copied or computed on the CPU, whichever is sooner",
-             place=_fiddler),
+             place=_fiddler, exact=True),
     Strategy("cache-cpu-miss", "cache-cpu-miss", {"cache": "lru"}, "cpu",
-             # no closed form: a miss's copy lands later, or not at all while the link is busy, so the
-             # cache's contents depend on timing (LRU's stack distances were 36% off at 24G on Mixtral)
-             "an LRU cache whose misses run on the CPU while they are copied for later (HybriMoE)"),
+             "an LRU cache whose misses run on the CPU while they are copied for later (HybriMoE)",
+             # loose: a copy the link cannot start in time is dropped, so the cache thrashes less than
+             # LRU's (36% slower than the simulator at 24G on Mixtral, where LRU's 62 slots face a
+             # 64-expert cycle; 5-10% elsewhere)
+             _cached("lru", CPU), loose=True),
     Strategy("cpu-all", "cpu-all", family="cpu", what="every routed expert on the CPU (ktransformers)",
-             place=_all_cpu),
+             place=_all_cpu, exact=True),
     Strategy("stream first", "static", {"placement": "first", "cpu_layers": "fit", "offload_batch": 1}, "stream",
              "the first layers' weights in host memory, copied to the GPU in every forward pass "
              "(vLLM --cpu-offload-gb)", _layers_on("first", COPY)),

@@ -14,19 +14,28 @@ def _ms(v) -> str:
     return f"{v * 1e3:,.0f}" if v >= 0.0995 else f"{v * 1e3:.3g}"
 
 
+MARKS = {"simulated": "*", "exact": "=", "estimated": " "}
+
+
+def _how(d: dict) -> str:
+    return {"simulated": "simulated", "exact": "exact closed form"}.get(d.get("source", ""), "estimated")
+
+
 def curve_rows(plan: dict, metric: str) -> tuple[list[int], list[tuple[str, list[str]]]]:
     """The budgets and, per strategy then the bound and the oracle, the metric's cells in ms
-    ('*' marks a simulated point); `metric` is "tpot" or "ttft"."""
+    (MARKS: '*' simulated, '=' a closed form that is the simulator's arithmetic); `metric` is "tpot" or "ttft"."""
     budgets = sorted({p["budget"] for p in plan["points"]})
     cells: dict = {}
     for p in plan["points"]:
-        mark = "*" if p["source"] == "simulated" else " "
+        mark = MARKS[p["source"]]
         cells.setdefault(p["strategy"], {})[p["budget"]] = _ms(p[f"{metric}_p50_s"]) + mark
     rows = [(name, [row.get(b, "- ") for b in budgets]) for name, row in cells.items()]
     br = {b["budget"]: b for b in plan["brackets"]}
+    rows.append(("offline MIN (copy-on-miss)", [_ms(br[b].get(f"belady_{metric}_p50_s")) + " " if b in br else "- "
+                                               for b in budgets]))
     rows.append(("lower bound (copy-on-miss)", [_ms(br[b][f"bound_{metric}_p50_s"]) + " " if b in br else "- "
                                                 for b in budgets]))
-    if metric == "tpot":
+    if metric == "tpot" and any(b["oracle_tpot_p50_s"] for b in plan["brackets"]):
         rows.append(("oracle (offline schedule)", [_ms(br[b]["oracle_tpot_p50_s"]) + "*" if b in br and
                                                    br[b]["oracle_tpot_p50_s"] else "- " for b in budgets]))
     return budgets, rows
@@ -37,21 +46,24 @@ def plan_text(plan: dict) -> str:
     lines = [f"finemoe plan: {plan['model']} on {plan['request']['hardware']['name']} + "
              f"{plan['request']['cpu']['name']}" + ("; experts at a lossy precision" if plan.get("lossy") else ""),
              f"{len(plan['split']['measure'])} measured request(s), {len(plan['split']['history'])} for history; "
-             "* simulated, the rest estimated in closed form"]
+             "* simulated; = closed form equal to the simulator's (a placement that copies nothing); the rest "
+             "estimated in closed form; offline MIN: Belady's eviction, no prefetch"]
     for metric, title in (("tpot", "time per output token (ms)"), ("ttft", "time to first token (ms)")):
         budgets, rows = curve_rows(plan, metric)
         lines += ["", f"{title:28s}" + "".join(f"{size_label(b):>9s}" for b in budgets)]
         lines += [f"{name:28s}" + "".join(f"{c:>9s}" for c in cells) for name, cells in rows]
     rec = plan["recommendation"]
     lines += ["", f"At {size_label(rec['budget'])} ({rec['slots']} expert slots): run {rec['strategy']}: {rec['what']}.",
-              f"  time per output token {_ms(rec['tpot_p50_s'])} ms, time to first token {_ms(rec['ttft_p50_s'])} ms"]
+              f"  time per output token {_ms(rec['tpot_p50_s'])} ms, time to first token {_ms(rec['ttft_p50_s'])} ms "
+              f"(simulated: results/{rec['result']})"]
     if rec["runner_up"]:
         r = rec["runner_up"]
-        lines.append(f"  {r['speedup']:.2f}x the runner-up, {r['strategy']} ({_ms(r['tpot_p50_s'])} ms)")
+        lines.append(f"  {r['speedup']:.2f}x the runner-up, {r['strategy']} ({_ms(r['tpot_p50_s'])} ms, {_how(r)})")
     for runtime, d in rec["runtime_defaults"].items():
         if d.get("tpot_p50_s"):
             args = d["settings"]["args"] or "-"
-            lines.append(f"  {d['speedup']:.2f}x {runtime}'s way ({d['strategy']}, {args}: {_ms(d['tpot_p50_s'])} ms)")
+            lines.append(f"  {d['speedup']:.2f}x {runtime}'s way ({d['strategy']}, {args}: {_ms(d['tpot_p50_s'])} ms, "
+                         f"{_how(d)})")
     if rec["bound_tpot_p50_s"]:
         if rec["bound_applies"]:
             share = rec["share_of_gap_to_bound"]

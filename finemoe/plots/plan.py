@@ -35,8 +35,12 @@ def plan_figure(plan: dict, out_dir: Path) -> Rendered:
     brackets = sorted(plan["brackets"], key=lambda b: b["budget"])
     bx = [b["budget"] / GIB for b in brackets if b["bound_tpot_p50_s"] is not None]
     by = [b["bound_tpot_p50_s"] * 1e3 for b in brackets if b["bound_tpot_p50_s"] is not None]
+    mins = [(b["budget"] / GIB, b["belady_tpot_p50_s"] * 1e3) for b in brackets if b.get("belady_tpot_p50_s")]
+    if mins:
+        ax.plot(*zip(*mins, strict=True), color="grey", linewidth=1.0, linestyle=(0, (1, 1)),
+                label="offline MIN (estimated)")
     if bx:
-        ax.plot(bx, by, color="black", linewidth=1.0, label="lower bound (copy-on-miss)")
+        ax.plot(bx, by, "k.-", linewidth=1.0, markersize=5, label="lower bound (copy-on-miss)")
     ox = [(b["budget"] / GIB, b["oracle_tpot_p50_s"] * 1e3) for b in brackets if b["oracle_tpot_p50_s"] is not None]
     if ox:
         ax.plot(*zip(*ox, strict=True), "k^", markersize=6, label="oracle (offline schedule)")

@@ -13,6 +13,7 @@ depend on its timing, so the bounds use each request's own accesses, which every
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -57,13 +58,16 @@ def min_loads(sets: Sequence[Sequence[Hashable]], capacity: int, start: frozense
     slots = capacity + max((len(m) for m in members), default=1) - 1
     resident = set(start)
     next_of = {k: first.get(k, INF) for k in resident}
-    heap = [(-v, repr(k), k) for k, v in next_of.items()]
+    # ties in next use are broken by push order: the keys tied are needed at the same position (or
+    # never), so which of them goes does not change the count
+    order = itertools.count()
+    heap = [(-v, next(order), k) for k, v in sorted(next_of.items(), key=lambda kv: repr(kv[0]))]
     heapq.heapify(heap)
     loads, out = 0, []
 
     def touch(key, nxt):
         next_of[key] = nxt
-        heapq.heappush(heap, (-nxt, repr(key), key))
+        heapq.heappush(heap, (-nxt, next(order), key))
 
     for p, mem in enumerate(members):
         nu = after[p]
@@ -241,33 +245,46 @@ def lower_bounds(trace, costs: CostModel, batcher: ContinuousBatcher, capacity: 
     whether the run's steps are the batcher's plan whatever the timing (all arrive at once, or a
     batch of one); otherwise each request's own accesses are used (see the module docstring).
     """
+    return lower_bounds_at(trace, costs, batcher, [capacity], start, fixed_steps)[0]
+
+
+def lower_bounds_at(trace, costs: CostModel, batcher: ContinuousBatcher, capacities, start: frozenset,
+                    fixed_steps: bool) -> list[dict]:
+    """`lower_bounds` at each cache size of `capacities`: the steps' compute is costed once (a plan's
+    curve asks for several sizes of one workload)."""
     g = trace.geometry
     link = link_of(costs, g.bytes_per_expert)
     arrival_of = {rid: int(a) for rid, a, its in batcher.arrivals}
     rids = [rid for rid, _, its in batcher.arrivals if its]
-    if fixed_steps:
-        steps = step_costs(trace, costs, batcher.plan(None), arrival_of)
-        per_req, ends, loads = _request_bounds(steps, capacity, start, link, arrival_of, rids)
-        makespan = ends[-1] if ends else 0
-    else:
-        per_req, makespan = {}, 0
-        loads = len({k for s in step_costs(trace, costs, batcher.plan(None), arrival_of) for lk in s.keys
-                     for k in lk} - start)  # every expert used is loaded once, unless resident from the start
+    plan = batcher.plan(None)
+    all_steps = step_costs(trace, costs, plan, arrival_of)
+    alone: dict = {}
+    if not fixed_steps:
         by_req = trace.iterations_by_request
-        for r in rids:
-            alone = [(Run(r, it.iteration, it.start, it.stop),) for it in by_req[r]]
-            steps = step_costs(trace, costs, alone, arrival_of)
-            got, ends, n = _request_bounds(steps, capacity, start, link, arrival_of, [r])
-            per_req.update(got)
-            loads = max(loads, n)
-            makespan = max(makespan, ends[-1])
-        if loads:
-            makespan = max(makespan, link.latency + loads * link.wire)
-    frame = pd.DataFrame([per_req[r] for r in rids], columns=["ttft_s", "tpot_s", "e2e_s"])
-    out = {f"bound_{k}": v for k, v in latency_summary(frame).items()}
-    out.update(bound_loads=int(loads), bound_bytes_h2d=int(loads) * g.bytes_per_expert,
-               bound_makespan_s=makespan * _S, bound_steps_fixed=int(fixed_steps))
-    return out
+        alone = {r: step_costs(trace, costs, [(Run(r, it.iteration, it.start, it.stop),) for it in by_req[r]],
+                               arrival_of) for r in rids}
+    results = []
+    for capacity in capacities:
+        if fixed_steps:
+            per_req, ends, loads = _request_bounds(all_steps, capacity, start, link, arrival_of, rids)
+            makespan = ends[-1] if ends else 0
+        else:
+            per_req, makespan = {}, 0
+            loads = len({k for s in all_steps for lk in s.keys for k in lk} - start)  # every expert used is
+            # loaded once, unless resident from the start
+            for r in rids:
+                got, ends, n = _request_bounds(alone[r], capacity, start, link, arrival_of, [r])
+                per_req.update(got)
+                loads = max(loads, n)
+                makespan = max(makespan, ends[-1])
+            if loads:
+                makespan = max(makespan, link.latency + loads * link.wire)
+        frame = pd.DataFrame([per_req[r] for r in rids], columns=["ttft_s", "tpot_s", "e2e_s"])
+        out = {f"bound_{k}": v for k, v in latency_summary(frame).items()}
+        out.update(bound_loads=int(loads), bound_bytes_h2d=int(loads) * g.bytes_per_expert,
+                   bound_makespan_s=makespan * _S, bound_steps_fixed=int(fixed_steps))
+        results.append(out)
+    return results
 
 
 def steps_are_fixed(arrival: str, max_batch: int) -> bool:

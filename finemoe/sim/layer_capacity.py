@@ -62,11 +62,28 @@ def resolve(mode: str, trace: Trace, history: list[str], slots: int, max_batch: 
         if not history:
             raise ConfigError(f"--layer-capacity {mode} sizes layers from the history split, and this run has "
                               "none (--online or --history-fraction 0); use uniform or a file")
-        experts = trace.select_requests(history).experts
         if mode == "demand":
-            return proportional(effective_experts(experts, J), slots, low, J)
-        return best_split([lru_hit_curve(experts[:, layer], J) for layer in range(L)], slots, low, J)
+            return proportional(effective_experts(trace.select_requests(history).experts, J), slots, low, J)
+        return dp_sizer(trace, history, max_batch)(slots)
     return from_file(mode, L, slots, low, J)
+
+
+def dp_sizer(trace: Trace, history: list[str], max_batch: int):
+    """`dp`'s capacities as a function of the slots: the layers' hit curves are measured once, so a
+    caller sizing many budgets (`finemoe plan`) pays the pass over the history once."""
+    g = trace.geometry
+    L, J = g.num_layers, g.num_experts
+    low = layer_floor(J, g.top_k, max_batch)
+    experts = trace.select_requests(history).experts
+    curves = [lru_hit_curve(experts[:, layer], J) for layer in range(L)]
+
+    def capacities(slots: int) -> tuple[int, ...]:
+        if slots >= L * J:
+            return (J,) * L
+        check_split_fits("dp", slots, g, max_batch)
+        return best_split(curves, slots, low, J)
+
+    return capacities
 
 
 def effective_experts(experts: np.ndarray, num_experts: int) -> np.ndarray:

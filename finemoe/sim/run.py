@@ -14,7 +14,7 @@ from finemoe import __version__
 from finemoe.policies.registry import make_policy
 from finemoe.policies.support import check_support
 from finemoe.results import RunResult
-from finemoe.sim.bounds import lower_bounds, steps_are_fixed
+from finemoe.sim.bounds import lower_bounds, lower_bounds_at, steps_are_fixed
 from finemoe.sim.config import SimConfig
 from finemoe.sim.costs import TICKS_PER_S, CostModel
 from finemoe.sim.engine import SimEngine
@@ -77,6 +77,18 @@ def bounds_for(trace: Trace, config: SimConfig, start: frozenset) -> dict:
     wl = config.workload
     return lower_bounds(trace, CostModel(config.hardware, trace.geometry), batcher, plan.expert_cache_slots,
                         start, steps_are_fixed(wl.arrival, wl.max_batch))
+
+
+def bounds_over(trace: Trace, configs: list[SimConfig], start: frozenset) -> list[dict]:
+    """`bounds_for` of configurations that differ only in their GPU memory (a plan's curve): the
+    workload is planned and its compute costed once."""
+    if not configs:
+        return []
+    _, _, _, batcher = _workload(trace, configs[0])
+    wl = configs[0].workload
+    slots = [plan_for_config(trace.geometry, trace.requests, c).expert_cache_slots for c in configs]
+    return lower_bounds_at(trace, CostModel(configs[0].hardware, trace.geometry), batcher, slots, start,
+                           steps_are_fixed(wl.arrival, wl.max_batch))
 
 
 def cpu_for(config: SimConfig, policy):
