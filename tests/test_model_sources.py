@@ -46,6 +46,30 @@ def _configs() -> dict:
     }
 
 
+def tiny_configs() -> dict:
+    """A small config of each architecture --model-config reads: 3 blocks (DeepSeek's first dense),
+    8 experts, top-2, hidden size 64, so a plan of it runs in seconds."""
+    t = transformers
+    common = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+    mla = dict(moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+               first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+               n_group=1, topk_group=1, intermediate_size=128)
+    return {
+        "mixtral": t.MixtralConfig(**common, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+        "qwen2_moe": t.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2),
+        "qwen3_moe": t.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32, head_dim=16,
+                                      num_experts=8, num_experts_per_tok=2),
+        "olmoe": t.OlmoeConfig(**common, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                               eos_token_id=1),
+        "phimoe": t.PhimoeConfig(**common, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+        "deepseek_v2": t.DeepseekV2Config(**common, **mla, q_lora_rank=None),
+        "deepseek_v3": t.DeepseekV3Config(**common, **mla, q_lora_rank=24),
+        "gpt_oss": t.GptOssConfig(**common, intermediate_size=32, head_dim=16, num_local_experts=8,
+                                  num_experts_per_tok=2),
+    }
+
+
 @pytest.mark.parametrize("name", list(_configs()))
 def test_a_config_gives_the_published_sizes(name, tmp_path):
     """Counted tensor by tensor, the dense part matches the built-in profiles, which come from the

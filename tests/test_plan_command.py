@@ -200,3 +200,82 @@ def test_mixtral_default_plan_prints_the_recommendation(mixtral_trace_path, tmp_
     assert "the lower bound (" in res.output and "lower bound (copy-on-miss)" in res.output
     assert rec["tpot_p50_s"] <= min(p["tpot_p50_s"] for p in plan["points"]
                                     if p["budget"] == 24 * 2**30 and p["source"] != "estimated")
+
+
+def _routing_log(path, layers: int, experts: int, top_k: int, requests: int = 4, tokens: int = 12, seed: int = 0):
+    """A routing log in the Mixtral logs' JSON Lines shape (one record per decode token and layer),
+    skewed so that placement matters."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    weights = np.arange(experts, 0, -1, dtype=float) ** 1.5
+    with open(path, "w") as f:
+        for r in range(requests):
+            for tok in range(tokens):
+                for layer in range(layers):
+                    chosen = rng.choice(experts, size=top_k, replace=False, p=weights / weights.sum())
+                    probs = rng.dirichlet(np.ones(top_k))
+                    f.write(json.dumps({"dataset": "syn", "problem_id": r, "layer": layer, "token_idx": tok,
+                                        "experts": chosen.tolist(), "gating_probs": probs.tolist()}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2",
+                                  "deepseek_v3", "gpt_oss"])
+def test_a_config_json_and_an_imported_log_give_a_plan(arch, tmp_path):
+    """All a user has is the model's config.json and an engine's routing log: import it with the
+    config's sizes, then plan with the same config, at a budget holding half of the experts."""
+    pytest.importorskip("transformers")
+    from tests.test_model_sources import tiny_configs
+
+    from finemoe.traces.model_config import profile_from_config
+
+    config = tiny_configs()[arch].to_dict()
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(config))
+    profile = profile_from_config(str(cfg))
+    g = profile.geometry()
+    log = _routing_log(tmp_path / "log.jsonl", g.num_layers, g.num_experts, g.top_k)
+    trace = tmp_path / "t.parquet"
+    res = CliRunner().invoke(cli, ["import", str(log), "--model-config", str(cfg), "--prompt-tokens", "6",
+                                   "-o", str(trace)])
+    assert res.exit_code == 0, res.output
+    from dataclasses import replace
+
+    from finemoe.sim.config import MemoryConfig, SimConfig
+    from finemoe.sim.hardware import load_hardware
+    from finemoe.sim.memory import plan_for_config
+    from finemoe.traces.io import read_trace
+
+    t = read_trace(trace)
+    assert t.geometry == g  # the log took the config's sizes
+    probe = plan_for_config(g, t.requests, SimConfig(str(trace), "lru", load_hardware("rtx3090"),
+                                                     memory=replace(MemoryConfig(), gpu_mem_bytes=2**62,
+                                                                    reserve_bytes=0)))
+    budget = probe.dense_bytes + probe.kv_bytes + (g.num_layers * g.num_experts // 2) * g.bytes_per_expert
+    res = _plan(trace, "--model-config", cfg, "--gpu-mem", budget, "--reserve", "0", "-o", tmp_path / "p", "-q",
+                "--json", "-j", "1")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["geometry"]["num_layers"] == g.num_layers and plan["geometry"]["bytes_per_expert"] == g.bytes_per_expert
+    assert plan["model"] == profile.name
+    rec = plan["recommendation"]
+    assert 0 < rec["slots"] < g.num_layers * g.num_experts and rec["tpot_p50_s"] > 0
+    assert (tmp_path / "p" / "results" / rec["result"]).is_file()
+    # llama.cpp's --n-cpu-moe N puts blocks 0..N-1 on the CPU: DeepSeek's first block is dense, so
+    # its first n MoE layers are blocks 1..n and N = n + 1
+    n = g.num_layers - rec["slots"] // g.num_experts
+    llama = rec["runtime_defaults"]["llama.cpp"]["settings"]["args"]
+    assert llama == f"-ngl 999 --n-cpu-moe {list(profile.moe_blocks)[n - 1] + 1}"
+
+
+def test_import_takes_one_model_source(tmp_path):
+    log = _routing_log(tmp_path / "log.jsonl", 2, 4, 2, requests=1, tokens=2)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "mixtral"}))
+    res = CliRunner().invoke(cli, ["import", str(log), "--model-config", str(cfg), "--model-profile", "mixtral-8x7b",
+                                   "-o", str(tmp_path / "t.parquet")])
+    assert res.exit_code == 1 and "give one of --model-profile, --model-config" in res.output
+    res = CliRunner().invoke(cli, ["import", str(log), "--model-config", str(cfg), "-o", str(tmp_path / "t.parquet")])
+    assert res.exit_code == 1 and res.output.startswith("error: ") and "Traceback" not in res.output
+    assert not (tmp_path / "t.parquet").exists()

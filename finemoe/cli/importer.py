@@ -77,6 +77,9 @@ def _parse_prompt_tokens(spec: str | None):
               help="Trace file to write (Parquet; written atomically).")
 @click.option("--model-profile", help="Built-in model geometry, e.g. mixtral-8x7b (see the list in the error "
               "message of an unknown name). Routing logs rarely say which model wrote them.")
+@click.option("--model-config", type=click.Path(dir_okay=False),
+              help="The model's Hugging Face config.json (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, "
+              "GPT-OSS), for a model with no built-in profile.")
 @click.option("--dtype", help="Weight dtype for expert/dense bytes (default: the profile's, or bfloat16).")
 @click.option("--num-layers", type=int, help="Explicit geometry: MoE layers (instead of --model-profile).")
 @click.option("--num-experts", type=int, help="Explicit geometry: routed experts per layer.")
@@ -122,7 +125,7 @@ def _parse_prompt_tokens(spec: str | None):
               help="A decode-only log of the same requests: for a 'positions' log, prompt = positions "
               "- its decode tokens. Repeatable.")
 @quiet_option("No progress bar (shown on stderr for more than 3 logs otherwise).")
-def import_command(logs, output, model_profile, dtype, request_key, token_key, position_key, layer_key,
+def import_command(logs, output, model_profile, model_config, dtype, request_key, token_key, position_key, layer_key,
                    experts_key, weights_key, layout, prompt_tokens, prompt_tokens_from, decode_tokens_from,
                    num_shared_experts, dense_bytes, kv_bytes_per_token, fmt, where, generated_tokens,
                    skip_steps, warmup, engine_cache, inspect_only, quiet, **sizes) -> None:
@@ -158,7 +161,7 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
       sglang-per-token  SGLang's expert distribution recorder dump, per_token mode (.pt/.json)
       llama-moe-trace   llama.cpp moe-trace CSV (layer,expert rows; --prompt-tokens N)
       megatron-router   Megatron-LM router_trace_rank*.jsonl (--prompt-tokens N)
-    They carry expert ids only; give the model (--model-profile or sizes).
+    They carry expert ids only; give the model (--model-profile, --model-config or sizes).
 
     \b
     Example (the real Mixtral logs):
@@ -190,8 +193,18 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
         return
     if not output:
         raise ConfigError("give the trace to write with -o/--output (or --inspect to only look at the logs)")
+    given = {k: v for k, v in sizes.items() if v is not None}
+    if model_config and (model_profile or given):
+        raise ConfigError("give one of --model-profile, --model-config and explicit sizes")
+    profile = None
+    if model_config:
+        from finemoe.traces.model_config import profile_from_config
+
+        profile = profile_from_config(model_config)
+    elif model_profile:
+        profile = get_profile(model_profile)
     if fmt == "route-trace" or (fmt == "auto" and len(logs) == 1 and route_trace.sniff(Path(logs[0]))):
-        _import_route_trace(logs, output, model_profile, dtype, engine_cache, sizes)
+        _import_route_trace(logs, output, profile, dtype, engine_cache, sizes)
         return
     engine_format = fmt if fmt in ENGINE_FORMATS else None
     if fmt == "auto":
@@ -199,18 +212,18 @@ def import_command(logs, output, model_profile, dtype, request_key, token_key, p
 
         found = {detect(Path(log)) for log in logs if Path(log).is_file()}
         engine_format = found.pop() if len(found) == 1 else None
-    given = {k: v for k, v in sizes.items() if v is not None}
-    if not model_profile and not given and not engine_format and Path(logs[0]).is_file():
-        model_profile = _profile_from_header(read_head(logs[0], where_map).meta)
-    if model_profile:
+    if not profile and not given and not engine_format and Path(logs[0]).is_file():
+        named = _profile_from_header(read_head(logs[0], where_map).meta)
+        profile = get_profile(named) if named else None
+    if profile:
         if given:
             raise ConfigError(f"give either --model-profile or explicit sizes, not both (got --{next(iter(given)).replace('_', '-')})")
-        geometry = get_profile(model_profile).geometry(dtype)
+        geometry = profile.geometry(dtype)
     else:
         lacking = [k for k in _SIZES if k not in given]
         if lacking:
             raise ConfigError(
-                "routing logs do not say which model wrote them: give --model-profile NAME or all of "
+                "routing logs do not say which model wrote them: give --model-profile NAME, --model-config config.json or all of "
                 + ", ".join("--" + k.replace("_", "-") for k in _SIZES)
                 + f" (missing {', '.join('--' + k.replace('_', '-') for k in lacking)})"
             )
@@ -286,20 +299,18 @@ def _profile_from_header(meta: dict) -> str | None:
     return None
 
 
-def _import_route_trace(logs, output, model_profile, dtype, engine_cache, sizes) -> None:
+def _import_route_trace(logs, output, prof, dtype, engine_cache, sizes) -> None:
     """A route_trace v1 CSV: geometry from its header; hidden sizes from a profile or the options."""
     from pathlib import Path
 
     from finemoe.sim.sweep import parse_sizes
     from finemoe.traces.importers.route_trace import import_route_trace
     from finemoe.traces.io import write_trace
-    from finemoe.traces.profiles import get_profile
 
     if len(logs) != 1:
         raise ConfigError("import one route_trace file at a time")
     hidden, inter = sizes.get("hidden_size"), sizes.get("expert_intermediate_size")
-    if model_profile:
-        prof = get_profile(model_profile)
+    if prof is not None:
         hidden, inter = hidden or prof.hidden_size, inter or prof.expert_intermediate_size
     if not hidden or not inter:
         raise ConfigError("a route_trace header gives layers, experts, top-k and bytes but not the model's widths: "
