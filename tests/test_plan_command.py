@@ -226,9 +226,8 @@ def test_a_config_json_and_an_imported_log_give_a_plan(arch, tmp_path):
     """All a user has is the model's config.json and an engine's routing log: import it with the
     config's sizes, then plan with the same config, at a budget holding half of the experts."""
     pytest.importorskip("transformers")
-    from tests.test_model_sources import tiny_configs
-
     from finemoe.traces.model_config import profile_from_config
+    from tests.test_model_sources import tiny_configs
 
     config = tiny_configs()[arch].to_dict()
     cfg = tmp_path / "config.json"
