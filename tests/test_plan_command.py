@@ -60,7 +60,8 @@ def test_exact_points_are_the_simulators_numbers(syn_path, tmp_path):
                 "--json", "--confirm-everywhere", "--margin", "9", "--thorough", "-j", "1")
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)
-    assert {"cost-aware", "finemoe"} <= {s["name"] for s in plan["strategies"]}
+    assert {"cost-aware", "finemoe", "arc", "slru", "least-stale", "moe-infinity"} <= {s["name"] for s in plan["strategies"]}
+    assert not {"oracle", "no-offload", "finemoe-topk"} & {s["name"] for s in plan["strategies"]}
     checked = 0
     for p in plan["points"]:
         e, sim = p["estimate"], p["simulated"]

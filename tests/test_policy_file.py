@@ -145,3 +145,23 @@ def test_a_bad_policy_file_is_one_sentence(tmp_path, monkeypatch, trace_file, te
     assert "Traceback" not in res.output
     assert not (tmp_path / "res").exists()  # nothing started
     assert os.environ[user.ENV_VAR] == ""  # a file that failed is not handed to workers
+
+
+def test_plan_takes_a_policy_file(policy_file, small_trace, tmp_path):
+    """A loaded policy joins the plan as a strategy with no closed form: simulated at the budget,
+    ranked with the others, and its replay command names the file."""
+    trace = write_trace(small_trace, tmp_path / "syn.parquet")
+    res = CliRunner().invoke(cli, ["plan", str(trace), "--policy-file", str(policy_file), "--gpu-mem", "4M",
+                                   "--reserve", "0", "-o", str(tmp_path / "p"), "-q", "--json", "-j", "1"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    mine = [p for p in plan["points"] if p["strategy"] == "test-mru"]
+    assert [p["source"] for p in mine] == ["simulated"] and mine[0]["budget"] == 4 * 2**20
+    assert mine[0]["estimate"] is None and mine[0]["tpot_p50_s"] > 0
+    from finemoe.plan.runtimes import settings
+    from finemoe.plan.strategies import by_name
+
+    rows = settings(by_name("test-mru"), cpu_layers=[], offloaded_bytes=0, trace="t", gpu_mem="4M", hardware="h")
+    replay = next(r for r in rows if r["runtime"] == "finemoe replay")["args"]
+    assert f"--policy test-mru --policy-file {policy_file.resolve()}" in replay
+    assert "test-mru" in CliRunner().invoke(cli, ["plan", "x", "--policy-file", str(policy_file), "--list"]).output

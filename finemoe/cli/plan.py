@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from finemoe.cli.options import json_option, output_option, quiet_option, seed_option
+from finemoe.cli.policy_file import policy_file_option
 
 EPILOG = """\b
 Examples:
@@ -52,10 +53,11 @@ realise it. Writes plan.json, plan.png/.svg, the simulations' results and
 @click.option("--strategy", "strategies", default=None, metavar="LIST",
               help="Only these strategies (comma-separated; the list is in --help's epilog of `finemoe plan --list`).")
 @click.option("--list", "list_only", is_flag=True, help="List the strategies and exit.")
+@policy_file_option
 @click.option("--oracle", "oracle_at", type=click.Choice(["none", "budget", "all"]), default="none", show_default=True,
               help="Also run the offline schedule (a full simulation each): nowhere, at your budget, or everywhere.")
 @click.option("--thorough", is_flag=True,
-              help="Also the strategies with no closed form (cost-aware, FineMoE): a simulation each, slower.")
+              help="Also every other policy of the simulator (cost-aware, FineMoE, ARC, SLRU, ...): a simulation each, slower.")
 @click.option("--confirm-everywhere", is_flag=True,
               help="Confirm the front with the simulator at every budget of the curve, not only at yours.")
 @click.option("--margin", type=float, default=0.15, show_default=True,
@@ -78,11 +80,13 @@ def plan_command(trace_path, hardware, cpu, gpu_mem, curve, model_profile, model
     budget, and writes the runtime settings that realise it.
     """
     from finemoe.errors import ConfigError
-    from finemoe.plan.strategies import STRATEGIES
+    from finemoe.plan.strategies import all_strategies
 
     if list_only:
-        for s in STRATEGIES:
-            click.echo(f"{s.name:18s} {s.what}")
+        for s in all_strategies():
+            how = ("simulated only" if s.place is None else "exact closed form where it copies nothing" if s.exact
+                   else "closed form, always simulated" if s.loose else "closed form") + (", --thorough" if s.costly else "")
+            click.echo(f"{s.name:18s} {s.what} [{how}]")
         return
     say = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
     if sum(x is not None for x in (model_profile, model_config, model_gguf)) > 1:

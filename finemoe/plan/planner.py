@@ -27,7 +27,7 @@ from finemoe.plan.accesses import measured_accesses
 from finemoe.plan.curves import lfu_distances, lru_distances, min_distances, per_group_lru_distances
 from finemoe.plan.estimate import Estimate, Estimator
 from finemoe.plan.runtimes import settings
-from finemoe.plan.strategies import BELADY, STRATEGIES, PlanInputs, Strategy
+from finemoe.plan.strategies import BELADY, PlanInputs, Strategy, all_strategies
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.costs import CostModel
 from finemoe.sim.cpu import CpuSpec
@@ -75,13 +75,14 @@ class PlanRequest:
 
 
 def chosen_strategies(req: PlanRequest, has_history: bool) -> list[Strategy]:
-    names = req.strategies
+    """The named strategies, or every one that is not costly (with `thorough`: every one)."""
+    names, candidates = req.strategies, all_strategies()
     if names:
-        known = {s.name for s in STRATEGIES}
+        known = {s.name for s in candidates}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ConfigError(f"unknown strategy {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    return [s for s in STRATEGIES if (s.name in names if names else req.thorough or not s.costly)
+    return [s for s in candidates if (s.name in names if names else req.thorough or not s.costly)
             and (has_history or not s.needs_history)]
 
 

@@ -95,6 +95,8 @@ def _finemoe(s: Strategy, *, trace: str, gpu_mem: str, hardware: str) -> dict:
         return row | {"args": None, "note": "the replayer has no per-layer split yet; simulate it with "
                                             f"--layer-capacity {s.layer_capacity}"}
     params = "".join(f" --policy-param {s.policy}.{k}={v}" for k, v in s.params.items())
+    if s.policy_file:
+        params += f" --policy-file {s.policy_file}"
     return row | {"args": f"finemoe replay {trace} --policy {s.policy}{params} --gpu-mem {gpu_mem} "
                           f"--hardware {hardware} --compare",
                   "note": "replays it with real copies and compute on this machine, against the simulator"}

@@ -8,6 +8,7 @@ and the plan can only simulate it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class Strategy:
     needs_history: bool = False
     costly: bool = False  # its simulation costs several LRU runs: in a plan only when asked for
     loose: bool = False  # its closed form can be far off: always simulated at the user's budget
+    policy_file: str | None = None  # the user's file that defines its policy (`--policy-file`)
     exact: bool = False  # where it copies nothing, its closed form is the simulator's arithmetic (tests/test_plan_curves.py)
 
 
@@ -139,8 +141,37 @@ STRATEGIES: tuple[Strategy, ...] = (
 BELADY = Strategy("belady (ideal demand)", "oracle", {"prefetch": "none"}, place=_cached("min", COPY))
 
 
+def policy_strategies() -> tuple[Strategy, ...]:
+    """Every other registered online policy at its defaults, as a strategy with no closed form: the
+    built-in ones are costly (in a plan with `thorough`, or when named), a `--policy-file`'s are not
+    (the user loaded them to see them). Left out: the oracle, no-offload (a reference, not a way to
+    run a model that does not fit) and ablations (a subclass of a registered policy named after it,
+    such as finemoe-topk)."""
+    from finemoe.policies.registry import POLICIES, policy_names
+    from finemoe.policies.user import user_policies
+
+    names = policy_names()
+    covered = {s.policy for s in STRATEGIES} | {"no-offload"}
+    files = user_policies()
+    out = []
+    for name in names:
+        cls = POLICIES[name]
+        variant = any(name.startswith(base + "-") and issubclass(cls, POLICIES[base]) for base in names if base != name)
+        if name in covered or cls.is_oracle or variant:
+            continue
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        out.append(Strategy(name, name, family="cpu" if cls.executes_on_cpu else "copy",
+                            what=doc[0].rstrip(".") if doc else name, needs_history=cls.uses_history,
+                            costly=name not in files, policy_file=files.get(name)))
+    return tuple(out)
+
+
+def all_strategies() -> tuple[Strategy, ...]:
+    return STRATEGIES + policy_strategies()
+
+
 def by_name(name: str) -> Strategy:
-    for s in STRATEGIES:
+    for s in all_strategies():
         if s.name == name:
             return s
     raise KeyError(name)

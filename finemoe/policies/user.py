@@ -55,6 +55,11 @@ def load_policy_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
+def user_policies() -> dict[str, str]:
+    """The policies loaded from files in this process: name -> the file's path."""
+    return {name: path for path, names in _loaded.items() for name in names}
+
+
 def register_classes(candidates, module_name: str, source: str) -> list[str]:
     """Register the Policy subclasses among `candidates` defined in `module_name`; their names."""
     names = []
