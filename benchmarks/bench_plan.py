@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from finemoe.cli.plan import default_curve
-from finemoe.plan.planner import PlanRequest, estimates, make_plan, one_pass
+from finemoe.plan.planner import PlanRequest, chosen_strategies, estimates, make_plan, one_pass
 from finemoe.plan.strategies import STRATEGIES
 from finemoe.sim.cpu import CPU_PRESETS
 from finemoe.sim.hardware import load_hardware
@@ -78,6 +78,7 @@ def main() -> None:
         curve = default_curve(trace, hw, probe.memory, probe.workload, probe.seed, None)
         req = replace(probe, curve=curve)
         lru = next(s for s in STRATEGIES if s.name == "lru")
+        planned = chosen_strategies(req, True)
         split = split_requests(trace, req.workload, req.seed)
         slots_at = {b: plan_for_config(trace.geometry, trace.requests, req.config(None, b)).expert_cache_slots
                     for b in sorted(set(curve) | {budget})}
@@ -85,13 +86,13 @@ def main() -> None:
         for n in range(args.repeat):
             rows["one LRU simulation"].append(timed(lambda: simulate(trace, req.config(lru, budget))))
             rows["one pass + every estimate"].append(timed(lambda: estimates(
-                one_pass(trace, req, list(split.history), list(split.measure)), list(STRATEGIES), slots_at)))
+                one_pass(trace, req, list(split.history), list(split.measure)), planned, slots_at)))
             rows["whole plan"].append(timed(lambda n=n: make_plan(trace, req, tmp / f"plan{n}", jobs=1,
                                                                    progress=False, say=lambda _m: None)))
         base = statistics.median(rows["one LRU simulation"])
         print(f"trace {path.name}: {trace.num_tokens} tokens, {trace.geometry.num_layers} layers x "
               f"{trace.geometry.num_experts} experts; budget {args.gpu_mem:g} GiB, curve of {len(slots_at)} budgets "
-              f"({min(slots_at) / GIB:g}-{max(slots_at) / GIB:g} GiB), {len(STRATEGIES)} strategies")
+              f"({min(slots_at) / GIB:g}-{max(slots_at) / GIB:g} GiB), {len(planned)} strategies planned")
         print(f"load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
         print(f"{'':28s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'x LRU sim':>10s}")
         for name, times in rows.items():

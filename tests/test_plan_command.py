@@ -133,7 +133,7 @@ def test_llama_cpp_settings_count_blocks():
         r'-ngl 999 -ot "blk\.(30|31)\.ffn_(up|down|gate)_exps=CPU"'
     stream = settings(by_name("stream first"), cpu_layers=[0, 1], offloaded_bytes=int(2.5 * 2**30), trace="t",
                       gpu_mem="24G", hardware="h")
-    assert next(r for r in stream if r["runtime"] == "vLLM")["args"] == "--cpu-offload-gb 3"
+    assert next(r for r in stream if r["runtime"] == "vLLM")["args"] == "--cpu-offload-gb 2.5"
     hot = settings(by_name("static hot"), cpu_layers=[], offloaded_bytes=0, trace="t", gpu_mem="24G", hardware="h")
     assert next(r for r in hot if r["runtime"] == "llama.cpp")["args"] is None
     assert next(r for r in hot if r["runtime"] == "finemoe replay")["args"].startswith("finemoe replay t --policy static")
@@ -279,3 +279,20 @@ def test_import_takes_one_model_source(tmp_path):
     res = CliRunner().invoke(cli, ["import", str(log), "--model-config", str(cfg), "-o", str(tmp_path / "t.parquet")])
     assert res.exit_code == 1 and res.output.startswith("error: ") and "Traceback" not in res.output
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_plan_faults_are_one_line_and_leave_nothing(small_trace, tmp_path):
+    from finemoe.traces.io import write_trace
+    from finemoe.traces.synthetic import synthetic_trace
+
+    syn = write_trace(small_trace, tmp_path / "syn.parquet")
+    out = tmp_path / "p"
+    for args, message in [(["--gpu-mem", "1K"], "cannot hold"), (["--curve", "nope"], "--curve"),
+                          (["--strategy", "static hot", "--history-fraction", "0"], "learns from the history")]:
+        res = _plan(syn, "--reserve", "0", "-o", out, "-q", *args)
+        assert res.exit_code == 1 and res.output.startswith("error: ") and message in res.output, res.output
+        assert not out.exists(), args  # a failed plan leaves no folder behind
+    prompts_only = write_trace(synthetic_trace(small_trace.geometry, num_requests=4, generated_tokens=(0, 0), seed=1),
+                               tmp_path / "prefill.parquet")
+    res = _plan(prompts_only, "--gpu-mem", "4M", "--reserve", "0", "-o", out, "-q")
+    assert res.exit_code == 1 and "no decode steps" in res.output and not out.exists(), res.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import click
@@ -61,7 +62,7 @@ realise it. Writes plan.json, plan.png/.svg, the simulations' results and
 @click.option("--confirm-everywhere", is_flag=True,
               help="Confirm the front with the simulator at every budget of the curve, not only at yours.")
 @click.option("--margin", type=float, default=0.15, show_default=True,
-              help="Simulate, away from your budget, the estimated strategies within this share of the best estimate.")
+              help="Simulate, at your budget, the estimated strategies within this share of the best estimate.")
 @click.option("--reserve", default="512M", show_default=True, help="GPU memory kept for activations and the context.")
 @click.option("--history-fraction", type=float, default=0.7, show_default=True,
               help="Share of requests whose routing the strategies learn from; the rest are measured.")
@@ -132,46 +133,52 @@ def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=No
     cpu_spec = load_cpu(cpu or DEFAULT_CPU)
     if expert_dtype is not None:
         expert_format(expert_dtype)
+    memory = MemoryConfig(reserve_bytes=size_option_value(reserve, "--reserve", positive=False))
+    budget = size_option_value(gpu_mem, "--gpu-mem") if gpu_mem else hw.gpu_mem_bytes
+    curve_sizes = tuple(parse_sizes(curve, "--curve")) if curve else None
     trace = read_trace(trace_path)
     if cpu is None:
         say(f"--cpu not given: planning with the {DEFAULT_CPU} preset (see `finemoe simulate --help` for others)")
+    created = not Path(out_dir).exists()
     out_dir = ensure_dir(out_dir)
-    check_writable(out_dir)
-    geometry, expert_tensors, moe_blocks = None, None, None
-    if model_profile or model_config:
-        if model_profile:
-            from finemoe.traces.profiles import get_profile
+    try:
+        check_writable(out_dir)
+        geometry, expert_tensors, moe_blocks = None, None, None
+        if model_profile or model_config:
+            if model_profile:
+                from finemoe.traces.profiles import get_profile
 
-            profile = get_profile(model_profile)
-        else:
-            from finemoe.traces.model_config import profile_from_config
+                profile = get_profile(model_profile)
+            else:
+                from finemoe.traces.model_config import profile_from_config
 
-            profile = profile_from_config(model_config)
-        geometry, moe_blocks = profile.geometry(), list(profile.moe_blocks)
-    elif model_gguf:
-        from finemoe.traces.gguf_index import read_gguf_index
+                profile = profile_from_config(model_config)
+            geometry, moe_blocks = profile.geometry(), list(profile.moe_blocks)
+        elif model_gguf:
+            from finemoe.traces.gguf_index import read_gguf_index
 
-        index = read_gguf_index(model_gguf)
-        geometry, expert_tensors, moe_blocks = index.geometry(), index.expert_tensor_regex, list(index.moe_blocks)
-    sim_trace_path = str(trace_path)
-    if geometry is not None:
-        trace = trace.with_geometry(geometry)
-        sim_trace_path = str(write_trace(trace, out_dir / "trace.parquet"))
-    model = trace.geometry.model_name
-    memory = MemoryConfig(reserve_bytes=size_option_value(reserve, "--reserve", positive=False))
-    budget = size_option_value(gpu_mem, "--gpu-mem") if gpu_mem else hw.gpu_mem_bytes
-    workload = WorkloadConfig(history_fraction=history_fraction)
-    budgets = tuple(parse_sizes(curve, "--curve")) if curve else default_curve(trace, hw, memory, workload, seed,
-                                                                                 expert_dtype)
-    names = tuple(n.strip() for n in strategies.split(",") if n.strip()) if strategies else None
-    req = PlanRequest(sim_trace_path, hw, cpu_spec, budget, budgets, memory, workload, seed, expert_dtype, margin,
-                      oracle, names, thorough, confirm_everywhere)
-    plan = make_plan(trace, req, out_dir, jobs=jobs or default_jobs(), progress=progress, say=say, model=model,
-                     settings_context={"trace": sim_trace_path, "hardware": hardware,
-                                       "expert_tensors": expert_tensors, "moe_blocks": moe_blocks})
-    write_plan(plan, out_dir / "plan.json")
-    plan_figure(plan, out_dir)
-    return plan
+            index = read_gguf_index(model_gguf)
+            geometry, expert_tensors, moe_blocks = index.geometry(), index.expert_tensor_regex, list(index.moe_blocks)
+        sim_trace_path = str(trace_path)
+        if geometry is not None:
+            trace = trace.with_geometry(geometry)
+            sim_trace_path = str(write_trace(trace, out_dir / "trace.parquet"))
+        model = trace.geometry.model_name
+        workload = WorkloadConfig(history_fraction=history_fraction)
+        budgets = curve_sizes or default_curve(trace, hw, memory, workload, seed, expert_dtype)
+        names = tuple(n.strip() for n in strategies.split(",") if n.strip()) if strategies else None
+        req = PlanRequest(sim_trace_path, hw, cpu_spec, budget, budgets, memory, workload, seed, expert_dtype, margin,
+                          oracle, names, thorough, confirm_everywhere)
+        plan = make_plan(trace, req, out_dir, jobs=jobs or default_jobs(), progress=progress, say=say, model=model,
+                         settings_context={"trace": sim_trace_path, "hardware": hardware,
+                                           "expert_tensors": expert_tensors, "moe_blocks": moe_blocks})
+        write_plan(plan, out_dir / "plan.json")
+        plan_figure(plan, out_dir)
+        return plan
+    except BaseException:
+        if created:  # a plan that failed leaves no folder behind (a rerun's folder keeps what it had)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def default_curve(trace, hw, memory, workload, seed, expert_dtype, points: int = 20) -> tuple[int, ...]:

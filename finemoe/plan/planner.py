@@ -32,7 +32,7 @@ from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.costs import CostModel
 from finemoe.sim.cpu import CpuSpec
 from finemoe.sim.hardware import HardwareSpec
-from finemoe.sim.memory import format_gib, plan_for_config
+from finemoe.sim.memory import plan_for_config
 from finemoe.traces.schema import Trace
 
 PLAN_VERSION = 1
@@ -82,6 +82,11 @@ def chosen_strategies(req: PlanRequest, has_history: bool) -> list[Strategy]:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ConfigError(f"unknown strategy {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    if names and not has_history:
+        blind = [n for n in names if next(s for s in candidates if s.name == n).needs_history]
+        if blind:
+            raise ConfigError(f"{blind[0]} learns from the history split, and this plan has none: give "
+                              "--history-fraction above 0 (and enough requests for both splits)")
     return [s for s in candidates if (s.name in names if names else req.thorough or not s.costly)
             and (has_history or not s.needs_history)]
 
@@ -156,14 +161,15 @@ def is_exact(req: PlanRequest, s: Strategy, e: Estimate | None) -> bool:
 
 
 def unconfirmed_best(req: PlanRequest, strategies: list[Strategy], est: dict, sims: dict) -> Strategy | None:
-    """The exact strategy, not yet simulated, whose closed form beats every simulated point at the
-    user's budget (the recommendation must be a simulated point), or None."""
-    done = [v["tpot_p50_s"] for (name, b), v in sims.items() if b == req.budget and name != "oracle"]
-    best = min(done, default=math.inf)
-    waiting = [(est[s.name, req.budget].tpot_p50_s, s) for s in strategies
-               if is_exact(req, s, est.get((s.name, req.budget))) and (s.name, req.budget) not in sims]
+    """The exact strategy, not yet simulated, whose closed form ranks at or above every simulated
+    point at the user's budget by `recommend`'s order (the recommendation must be simulated), or None."""
+    done = [(v["tpot_p50_s"], v["ttft_p50_s"] or 0.0) for (name, b), v in sims.items()
+            if b == req.budget and name != "oracle"]
+    best = min(done, default=(math.inf, math.inf))
+    waiting = [((e.tpot_p50_s, e.ttft_p50_s), s) for s in strategies
+               if is_exact(req, s, e := est.get((s.name, req.budget))) and (s.name, req.budget) not in sims]
     top = min(waiting, key=lambda t: t[0], default=None)
-    return top[1] if top is not None and top[0] < best else None
+    return top[1] if top is not None and top[0] <= best else None
 
 
 def simulate_runs(req: PlanRequest, runs: list[tuple], out_dir: Path, jobs: int, progress: bool,
@@ -221,13 +227,18 @@ def make_plan(trace: Trace, req: PlanRequest, out_dir: Path, *, jobs: int = 1, p
                 raise
             skipped.append({"budget": b, "why": str(exc)})
     for row in skipped:
-        say(f"budget {format_gib(row['budget'])} left out: {row['why']}")
+        say(f"budget {size_label(row['budget'])} left out: {row['why']}")
     strategies = chosen_strategies(req, bool(split.history) and not req.workload.online)
     inputs = one_pass(trace, req, list(split.history), list(split.measure))
+    if inputs.acc.step_first.all():
+        raise ConfigError("the measured requests have no decode steps, so time per output token, which a plan "
+                          "ranks by, is undefined; plan a trace with generated tokens (or a lower --history-fraction)")
     est = estimates(inputs, strategies, slots_at)
     runs = to_simulate(req, strategies, est, budgets, slots_at, g)
     sims, unsupported = simulate_runs(req, runs, out_dir, jobs, progress, say)
     while (extra := unconfirmed_best(req, strategies, est, sims)) is not None:  # an exact one leads: confirm it
+        if (extra, req.budget) in runs:
+            raise ConfigError(f"{extra.name} leads at this budget and the simulator cannot run it here")
         runs.append((extra, req.budget))
         sims, unsupported = simulate_runs(req, runs, out_dir, jobs, progress, say=lambda _m: None)
     exact = {(s.name, b) for s in strategies for b in budgets if is_exact(req, s, est.get((s.name, b)))}

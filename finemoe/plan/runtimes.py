@@ -79,10 +79,10 @@ def _llama_cpp(s: Strategy, cpu_layers: list[int], tensor: str) -> dict:
 def _vllm(s: Strategy, offloaded_bytes: int) -> dict:
     row = {"runtime": VLLM, "applies_to": VLLM_VERSION}
     if s.family == "stream":
-        gib = math.ceil(offloaded_bytes / 2**30) if offloaded_bytes else 0
+        gib = math.ceil(offloaded_bytes / 2**30 * 10) / 10 if offloaded_bytes else 0  # a float, GiB
         if gib == 0:
             return row | {"args": "(no offload)", "note": "every expert fits on the GPU"}
-        return row | {"args": f"--cpu-offload-gb {gib}",
+        return row | {"args": f"--cpu-offload-gb {gib:g}",
                       "note": "vLLM takes parameters in module order, so the offload also covers those layers' "
                               "attention weights: a few more expert layers stay on the GPU than modelled"}
     return row | {"args": None, "note": "not expressible: vLLM's offload streams weights every forward pass; it "

@@ -145,9 +145,10 @@ def policy_strategies() -> tuple[Strategy, ...]:
     """Every other registered online policy at its defaults, as a strategy with no closed form: the
     built-in ones are costly (in a plan with `thorough`, or when named), a `--policy-file`'s are not
     (the user loaded them to see them). Left out: the oracle, no-offload (a reference, not a way to
-    run a model that does not fit) and ablations (a subclass of a registered policy named after it,
-    such as finemoe-topk)."""
-    from finemoe.policies.registry import POLICIES, policy_names
+    run a model that does not fit), ablations (a subclass of a registered policy named after it,
+    such as finemoe-topk) and lossy ones (hobbit: they change the model's outputs, which a plan of
+    one model at one precision does not weigh; --expert-dtype plans at a lower precision)."""
+    from finemoe.policies.registry import POLICIES, make_policy, policy_names
     from finemoe.policies.user import user_policies
 
     names = policy_names()
@@ -157,7 +158,7 @@ def policy_strategies() -> tuple[Strategy, ...]:
     for name in names:
         cls = POLICIES[name]
         variant = any(name.startswith(base + "-") and issubclass(cls, POLICIES[base]) for base in names if base != name)
-        if name in covered or cls.is_oracle or variant:
+        if name in covered or cls.is_oracle or variant or make_policy(name).lossy:
             continue
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         out.append(Strategy(name, name, family="cpu" if cls.executes_on_cpu else "copy",
