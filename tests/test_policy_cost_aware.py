@@ -107,7 +107,7 @@ def test_lru_ablation_evicts_the_least_recently_used():
 
 def _decode(policy, trace, layer_s=1.0, demand=0.0):
     """A decode step at layer 0 whose timing the policy has already observed."""
-    policy._layer_s, policy._demand = layer_s, demand
+    policy._layer_s, policy._busy = layer_s, demand
     step = StepInfo(1, 0.0, (Sequence(0, 1, 0, 1),), trace)
     policy.on_step_start(step)
     return step
@@ -154,6 +154,23 @@ def test_gate_declines_what_a_saturated_link_makes_costly():
     assert not any((2, e) in busy for e in doubtful)  # saturated: (1 - p) x load > p x load
 
 
+def test_the_links_load_counts_the_gates_own_prefetches():
+    # On an idle link (rho 0) layer 0 prefetches all 4 experts of layer 2, no misses; layer 1 routed
+    # 0.05 s later: the link was asked for 4 x 0.01 s in 0.05 s, so rho moves 1/10 of the way to 0.8.
+    # Counting misses alone (rho 0 here) read a link busy with the gate's own copies as idle.
+    routes = [[(0, 1), (0, 1), (0, 1)]] * 8
+    trace = trace_from_probs(_probs(routes))
+    policy = make_policy("cost-aware", horizon=2)
+    policy.bind(context(trace.geometry, capacity_slots=12))
+    policy.fit(trace)
+    step = _decode(policy, trace, layer_s=0.05, demand=0.0)
+    policy._last_routed = None  # layer 0 is the step's first routed layer: no gap to measure yet
+    got = list(policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace)))
+    assert len(got) == 4 and policy._busy == 0.0
+    policy.on_layer_routed(LayerRouting(step, 1, 0.05, trace))
+    assert policy._busy == pytest.approx(0.1 * 4 * 0.01 / 0.05)
+
+
 def test_gate_declines_a_prefetch_that_would_land_after_its_layer():
     routes = [[(0, 1), (0, 1), (0, 1)]] * 8
     trace = trace_from_probs(_probs(routes))
@@ -178,7 +195,7 @@ def test_the_link_view_is_bounded_by_the_loads_still_pending():
 
 def test_gate_terms_credit_a_late_copy_and_charge_only_the_victims_unhidden_reload():
     policy, _ = _fitted(HISTORY)  # L = 2; expert_load_s 0.01
-    policy._layer_s, policy._demand = 0.004, 0.5
+    policy._layer_s, policy._busy = 0.004, 0.5
     # p = 0.8, the copy starts 0.006 s before its layer asks: 0.006 of its 0.01 s is saved.
     saving, cost = policy._gate_terms(0.8, 0.006, 0.0, 0.01, None, 0)
     assert saving == pytest.approx(0.8 * 0.006)

@@ -11,8 +11,9 @@ layer: how the chance of use changes with the tokens since the last use, in buck
   round again (ties: least recently used).
 - Prefetch of (l, e) for this step, l within `horizon` layers: issued only when
   p x (the stall it avoids: the load time, less how late it would land by the policy's view of the
-  link's queue and of the time per layer) exceeds (1 - p) x load time x the link's demand load
-  (the share of link time on-demand loads need) + the victim's p x load time (0 with a free slot).
+  link's queue and of the time per layer) exceeds (1 - p) x load time x the link's load rho
+  (the share of time it spends copying: on-demand loads and prefetches both) + the part of the
+  victim's reload, at its chance p_v of use, that cannot hide in the link's free time.
 Ablations (params, and registered variants): prefetch off, the gate off (prefetch whenever p >= 0.5),
 recency off (p is the plain usage rate), LRU eviction, no history (online rates only), no spec gate.
 """
@@ -166,8 +167,8 @@ class CostAware(Policy):
         self._score: tuple | None = None  # (position, scores) cache for choose_victim
         self._link_free = 0.0  # the policy's view of when the link has done what it was given
         self._layer_s = 0.0  # time per layer (EWMA of the gaps between routed layers)
-        self._demand = 0.0  # EWMA of on-demand link time per unit of time (0..1)
-        self._misses = 0
+        self._busy = 0.0  # EWMA of link time asked per unit of time (0..1): on-demand loads and prefetches
+        self._copies = 0  # copies asked of the link since the last routed layer (misses, issued prefetches)
         self._last_routed: float | None = None
 
     def fit(self, history) -> None:
@@ -227,8 +228,8 @@ class CostAware(Policy):
             gap = now - self._last_routed
             self._layer_s = gap if self._layer_s == 0 else 0.9 * self._layer_s + 0.1 * gap
             if gap > 0:
-                self._demand = 0.9 * self._demand + 0.1 * min(1.0, self._misses * self.load_s / gap)
-        self._last_routed, self._misses = now, 0
+                self._busy = 0.9 * self._busy + 0.1 * min(1.0, self._copies * self.load_s / gap)
+        self._last_routed, self._copies = now, 0
         self._pending = {k for k in self._pending if k[0] > layer or self.ctx.is_in_flight(k)}
         self._link_free = min(self._link_free, now + len(self._pending) * self.load_s)
         spec_rows = None
@@ -302,6 +303,7 @@ class CostAware(Policy):
             out.append(Prefetch(priority, step.step, target, e))
         self._link_free = link_free
         self.issued += len(out)
+        self._copies += len(out)
         return out
 
     def _distance(self, layer: int, current: int) -> int:
@@ -315,12 +317,13 @@ class CostAware(Policy):
         Saving: p x the stall it avoids, min(copy time, lead): a copy that lands late still saves
         the part done before the layer asked (an on-demand load, served first, would start then).
         Cost: a wrong copy (1 - p) adds a whole copy to the link's busy period, which delays the
-        on-demand loads queued behind it when the link is busy with them (chance rho, the share of
-        link time on-demand loads take); a right one only moves its own load earlier. The victim v,
+        on-demand loads queued behind it when the link is busy (chance rho, the share of time it
+        spends copying, prefetches included: counting on-demand loads alone read a link saturated
+        by the gate's own prefetches as idle); a right one only moves its own load earlier. The victim v,
         used at its layer's next visit with
         chance p_v, must come back by then; its reload hides in the link's free share (1 - rho)
         of the time between this copy landing and that visit, and stalls for the rest of a copy."""
-        load, rho = self.load_s, self._demand
+        load, rho = self.load_s, self._busy
         saving = p * min(load, max(0.0, lead_s))
         cost = (1.0 - p) * rho * load
         if victim is not None:
@@ -333,7 +336,7 @@ class CostAware(Policy):
         self._clock += 1
         self._last_use[layer, expert] = self._clock
         if not hit:
-            self._misses += 1
+            self._copies += 1
             self._pending.add((layer, expert))
             self._link_free = max(self._link_free, now_s) + self.load_s
 
