@@ -105,6 +105,15 @@ def test_lru_ablation_evicts_the_least_recently_used():
     assert policy.choose_victim(lambda k: True, None, 0.0) == (0, 2)
 
 
+def _gated(routes):
+    """cost-aware, horizon 2 and 12 slots, fitted on a trace of these routes."""
+    trace = trace_from_probs(_probs(routes))
+    policy = make_policy("cost-aware", horizon=2)
+    policy.bind(context(trace.geometry, capacity_slots=12))
+    policy.fit(trace)
+    return policy, trace
+
+
 def _decode(policy, trace, layer_s=1.0, demand=0.0):
     """A decode step at layer 0 whose timing the policy has already observed."""
     policy._layer_s, policy._busy = layer_s, demand
@@ -158,11 +167,7 @@ def test_the_links_load_counts_the_gates_own_prefetches():
     # On an idle link (rho 0) layer 0 prefetches all 4 experts of layer 2, no misses; layer 1 routed
     # 0.05 s later: the link was asked for 4 x 0.01 s in 0.05 s, so rho moves 1/10 of the way to 0.8.
     # Counting misses alone (rho 0 here) read a link busy with the gate's own copies as idle.
-    routes = [[(0, 1), (0, 1), (0, 1)]] * 8
-    trace = trace_from_probs(_probs(routes))
-    policy = make_policy("cost-aware", horizon=2)
-    policy.bind(context(trace.geometry, capacity_slots=12))
-    policy.fit(trace)
+    policy, trace = _gated([[(0, 1), (0, 1), (0, 1)]] * 8)
     step = _decode(policy, trace, layer_s=0.05, demand=0.0)
     policy._last_routed = None  # layer 0 is the step's first routed layer: no gap to measure yet
     got = list(policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace)))
@@ -172,11 +177,7 @@ def test_the_links_load_counts_the_gates_own_prefetches():
 
 
 def test_gate_declines_a_prefetch_that_would_land_after_its_layer():
-    routes = [[(0, 1), (0, 1), (0, 1)]] * 8
-    trace = trace_from_probs(_probs(routes))
-    policy = make_policy("cost-aware", horizon=2)
-    policy.bind(context(trace.geometry, capacity_slots=12))
-    policy.fit(trace)
+    policy, trace = _gated([[(0, 1), (0, 1), (0, 1)]] * 8)
     step = _decode(policy, trace, layer_s=0.0)  # no time per layer: every target is needed now
     assert list(policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))) == []
 
