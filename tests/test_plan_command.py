@@ -281,6 +281,17 @@ def test_import_takes_one_model_source(tmp_path):
     assert not (tmp_path / "t.parquet").exists()
 
 
+def test_a_plan_that_fails_after_its_simulations_keeps_them(syn_path, tmp_path, monkeypatch):
+    def full_disk(plan, out_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("finemoe.plots.plan.plan_figure", full_disk)
+    out = tmp_path / "p"
+    res = _plan(syn_path, "--gpu-mem", "4M", "--reserve", "0", "-o", out, "-q")
+    assert res.exit_code == 1 and res.output.startswith("error: ") and "space" in res.output, res.output
+    assert list((out / "results").glob("*.parquet")), "the finished simulations were removed"
+
+
 def test_plan_faults_are_one_line_and_leave_nothing(small_trace, tmp_path):
     from finemoe.traces.io import write_trace
     from finemoe.traces.synthetic import synthetic_trace

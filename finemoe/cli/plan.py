@@ -176,7 +176,9 @@ def run_plan(trace_path, *, hardware="rtx3090", cpu=None, gpu_mem=None, curve=No
         plan_figure(plan, out_dir)
         return plan
     except BaseException:
-        if created:  # a plan that failed leaves no folder behind (a rerun's folder keeps what it had)
+        # A plan that failed leaves no folder behind, unless simulations finished in it (a rerun
+        # reuses them; a rerun's folder keeps what it had).
+        if created and not any((out_dir / "results").glob("*.parquet")):
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 

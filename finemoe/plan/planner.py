@@ -78,12 +78,11 @@ def chosen_strategies(req: PlanRequest, has_history: bool) -> list[Strategy]:
     """The named strategies, or every one that is not costly (with `thorough`: every one)."""
     names, candidates = req.strategies, all_strategies()
     if names:
-        known = {s.name for s in candidates}
-        unknown = [n for n in names if n not in known]
+        by_name = {s.name: s for s in candidates}
+        unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise ConfigError(f"unknown strategy {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    if names and not has_history:
-        blind = [n for n in names if next(s for s in candidates if s.name == n).needs_history]
+            raise ConfigError(f"unknown strategy {unknown[0]!r}; known: {', '.join(sorted(by_name))}")
+        blind = [n for n in names if by_name[n].needs_history] if not has_history else []
         if blind:
             raise ConfigError(f"{blind[0]} learns from the history split, and this plan has none: give "
                               "--history-fraction above 0 (and enough requests for both splits)")

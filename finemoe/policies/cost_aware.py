@@ -319,10 +319,10 @@ class CostAware(Policy):
         Cost: a wrong copy (1 - p) adds a whole copy to the link's busy period, which delays the
         on-demand loads queued behind it when the link is busy (chance rho, the share of time it
         spends copying, prefetches included: counting on-demand loads alone read a link saturated
-        by the gate's own prefetches as idle); a right one only moves its own load earlier. The victim v,
-        used at its layer's next visit with
-        chance p_v, must come back by then; its reload hides in the link's free share (1 - rho)
-        of the time between this copy landing and that visit, and stalls for the rest of a copy."""
+        by the gate's own prefetches as idle); a right one only moves its own load earlier. The
+        victim v, used at its layer's next visit with chance p_v, must come back by then; its reload
+        hides in the link's free share (1 - rho) of the time between this copy landing and that
+        visit, and stalls for the rest of a copy."""
         load, rho = self.load_s, self._busy
         saving = p * min(load, max(0.0, lead_s))
         cost = (1.0 - p) * rho * load
