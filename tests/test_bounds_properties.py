@@ -181,6 +181,10 @@ REGRESSIONS = [
     ((3, 2, 2, 3, 5063), 3, 1, 0.25, 3, "file", 5063),
     ((3, 2, 2, 3, 3), 3, 1, 0.25, 2, "all", 3),
     ((3, 3, 2, 2, 62), 3, 3, 32.0, 1, "poisson", 62),
+    # Open ("hit rate on three copy engines") until cost-aware's gate counted only the link's free
+    # share of a right copy's lead as saved and a throttle chose its prefetch mode (section 4d of
+    # docs/evaluation.md): no policy beats the oracle here now.
+    ((3, 2, 1, 2, 824), 3, 1, 4.0, 3, "poisson", 824),
 ]
 
 
@@ -213,7 +217,6 @@ OPEN = {
     ((1, 4, 3, 4, 3), 3, 2, 0.25, 1, "all", 3): "loads when a batch's set exceeds the slots",
     # Slow links, batch 1: one well-placed prefetch (or one declined) that no candidate makes.
     ((3, 2, 1, 3, 0), 3, 1, 0.25, 1, "all", 0): "TPOT on a slow link (cost-aware-no-recency, since 486621a)",
-    ((3, 2, 1, 2, 824), 3, 1, 4.0, 3, "poisson", 824): "hit rate on three copy engines",
     ((3, 2, 2, 2, 824), 3, 1, 4.0, 3, "poisson", 824): "TPOT (152 ps) on three copy engines",
     # Found by a 200-example search with another seed (same strategy).
     ((3, 5, 3, 4, 883), 3, 1, 4.0, 3, "all", 883): "hit rate on a cache of top-k slots",

@@ -154,13 +154,20 @@ def test_gate_declines_what_a_saturated_link_makes_costly():
     policy2 = make_policy("cost-aware", horizon=2)
     policy2.bind(context(trace.geometry, capacity_slots=12))
     policy2.fit(trace)
-    step = _decode(policy2, trace, layer_s=0.05, demand=1.0)  # every link second taken by misses
+    step = _decode(policy2, trace, layer_s=0.05, demand=0.8)  # 80% of the link's time taken by copies
     busy = {(f.layer, f.expert) for f in policy2.on_layer_routed(LayerRouting(step, 0, 0.0, trace))}
     p = policy2._p[2]
-    assert (2, 1) in idle and (2, 1) in busy  # p > 1/2: saving beats cost even when saturated
+    # Busy: a right copy saves p x load x 0.2 (the link's free share), a wrong one costs
+    # (1 - p) x load x 0.8: only p > 0.8 pays.
+    assert p[1] > 0.8 and (2, 1) in idle and (2, 1) in busy
     doubtful = [e for e in range(4) if 0.05 <= p[e] < 0.5]
     assert doubtful and all((2, e) in idle for e in doubtful)  # free link: any saving pays
-    assert not any((2, e) in busy for e in doubtful)  # saturated: (1 - p) x load > p x load
+    assert not any((2, e) in busy for e in doubtful)
+    policy3 = make_policy("cost-aware", horizon=2)
+    policy3.bind(context(trace.geometry, capacity_slots=12))
+    policy3.fit(trace)
+    step = _decode(policy3, trace, layer_s=0.05, demand=1.0)  # saturated: a right copy saves nothing
+    assert list(policy3.on_layer_routed(LayerRouting(step, 0, 0.0, trace))) == []
 
 
 def test_the_links_load_counts_the_gates_own_prefetches():
@@ -197,12 +204,13 @@ def test_the_link_view_is_bounded_by_the_loads_still_pending():
 def test_gate_terms_credit_a_late_copy_and_charge_only_the_victims_unhidden_reload():
     policy, _ = _fitted(HISTORY)  # L = 2; expert_load_s 0.01
     policy._layer_s, policy._busy = 0.004, 0.5
-    # p = 0.8, the copy starts 0.006 s before its layer asks: 0.006 of its 0.01 s is saved.
+    # p = 0.8, the copy starts 0.006 s before its layer asks: 0.006 of its 0.01 s is saved, in the
+    # link's free half.
     saving, cost = policy._gate_terms(0.8, 0.006, 0.0, 0.01, None, 0)
-    assert saving == pytest.approx(0.8 * 0.006)
+    assert saving == pytest.approx(0.8 * 0.006 * 0.5)
     assert cost == pytest.approx(0.2 * 0.5 * 0.01)  # (1 - p) x rho x copy
     assert policy._gate_terms(0.8, -0.001, 0.0, 0.01, None, 0)[0] == 0.0  # starts after it is needed
-    assert policy._gate_terms(0.8, 0.5, 0.0, 0.01, None, 0)[0] == pytest.approx(0.8 * 0.01)  # at most a copy
+    assert policy._gate_terms(0.8, 0.5, 0.0, 0.01, None, 0)[0] == pytest.approx(0.8 * 0.01 * 0.5)  # at most a copy
     # Victim (0, 3), from layer 0: its layer comes round in 2 layers = 0.008 s; this copy lands at
     # 0.002 s, leaving 0.006 s, half of it free of on-demand loads: its reload stalls 0.01 - 0.003.
     policy._p[0, 3] = 0.4
@@ -229,8 +237,13 @@ def test_no_prefetch_ablation_prefetches_nothing_and_no_gate_takes_every_likely_
 
 def test_variants_registered_and_parameters_checked():
     assert {"cost-aware", "cost-aware-no-prefetch", "cost-aware-no-gate", "cost-aware-no-recency",
-            "cost-aware-lru", "cost-aware-no-history"} <= set(policy_names())
+            "cost-aware-lru", "cost-aware-no-history", "cost-aware-fixed"} <= set(policy_names())
     assert make_policy("cost-aware-lru").params["eviction"] == "lru"
+    modes = {name: make_policy(name).mode() for name in
+             ("cost-aware", "cost-aware-fixed", "cost-aware-no-gate", "cost-aware-no-prefetch")}
+    assert modes == {"cost-aware": "gated", "cost-aware-fixed": "gated", "cost-aware-no-gate": "eager",
+                     "cost-aware-no-prefetch": "off"}
+    assert make_policy("cost-aware")._throttle is None  # made when bound to a run
     with pytest.raises(ConfigError, match="eviction"):
         make_policy("cost-aware", eviction="mru")
 
@@ -257,3 +270,31 @@ def test_recency_buckets_and_the_scaled_cold_rate():
     rates.gap_k[0, 1], rates.gap_n[0, 1] = 3.0, 4.0  # two tokens back: 0.75, 1.5x the layer's cold rate
     p = rates.recency_p([0], np.array([[1, 2, 5, NEVER]]))
     assert p[0].tolist() == pytest.approx([0.5, 0.75, 0.5, 0.5])
+
+
+def test_the_pooled_table_counts_reuse_by_recency_and_uses_so_far():
+    from finemoe.policies.cost_aware import NEVER, count_bucket
+
+    assert count_bucket(np.array([0, 1, 2, 3, 4, 7, 8, 50])).tolist() == [0, 1, 2, 2, 3, 3, 4, 4]
+    rates = ReuseRates(2, 2, 1)  # K/J = 0.5: every cell starts at 0.5 with one token's weight
+    since = np.array([[1, NEVER], [1, 3]])
+    count = np.array([[5, 0], [5, 1]])
+    rates.add_counts(since, count, np.array([[True, False], [True, True]]))
+    # Cells (last token, 4-7 uses): 2 of 2 used, (0.5 + 2) / 3; (never, 0 uses): 0 of 1, 0.5 / 2;
+    # (3-4 back, 1 use): 1 of 1, 1.5 / 2. Pooled over both layers.
+    assert rates.table_p(np.array([1, NEVER, 4, 2]), np.array([6, 0, 1, 1])).tolist() == pytest.approx(
+        [2.5 / 3, 0.25, 0.75, 0.5])
+
+
+def test_p_is_the_mean_of_the_per_expert_forecast_and_the_pooled_table():
+    with_table, trace = _fitted(HISTORY)
+    alone, _ = _fitted(HISTORY, table=False)
+    assert make_policy("cost-aware-no-table").params["table"] is False
+    step = StepInfo(0, 0.0, (Sequence(0, 1, 0, 1),), trace)
+    for policy in (with_table, alone):
+        policy.on_step_start(step)
+        policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))
+    since, count = with_table._since[0][:1], with_table._count[0][:1]
+    assert count[0].tolist() == [1, 1, 0, 0]  # layer 0 of this token used experts 0 and 1
+    table = with_table.rates.table_p(since, count)
+    assert with_table._p[0] == pytest.approx(0.5 * (alone._p[0] + table[0]))

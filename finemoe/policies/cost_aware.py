@@ -2,20 +2,28 @@
 
 The rule, per (layer l, expert e), with rates learned from the history split and kept learning online
 (per layer and expert: r = P(used | used by the previous token), c = P(used | not used by it); per
-layer: how the chance of use changes with the tokens since the last use, in buckets 2, 3-4, ..., 17+):
-- p(l, e), the chance it is used at layer l's next visit: r if the last token used it, else c scaled
-  by its recency bucket (batch: 1 - prod(1 - p_i)); for layer l + 1, the speculative gate's pick
-  when the trace has it.
+layer: how the chance of use changes with the tokens since the last use, in buckets 2, 3-4, ..., 17+;
+pooled over all: the chance of use by tokens since the last use x uses so far in the request):
+- p(l, e), the chance it is used at layer l's next visit: the mean of two forecasts, r if the last
+  token used it, else c scaled by its recency bucket, and the pooled table's cell (batch:
+  1 - prod(1 - p_i)); for layer l + 1, the speculative gate's pick when the trace has it.
 - Eviction: the resident with the largest expected time to next use, in layers, were each visit
   of its layer to use it with chance p: d0 + (1 - p) / p * L, d0 the layers until layer l comes
   round again (ties: least recently used).
 - Prefetch of (l, e) for this step, l within `horizon` layers: issued only when
   p x (the stall it avoids: the load time, less how late it would land by the policy's view of the
-  link's queue and of the time per layer) exceeds (1 - p) x load time x the link's load rho
-  (the share of time it spends copying: on-demand loads and prefetches both) + the part of the
-  victim's reload, at its chance p_v of use, that cannot hide in the link's free time.
+  link's queue and of the time per layer) x the link's free share (1 - rho) exceeds
+  (1 - p) x load time x rho (rho: the share of time the link spends copying, on-demand loads and
+  prefetches both) + the part of the victim's reload, at its chance p_v of use, that cannot hide in
+  the link's free time.
+- How eagerly to prefetch is chosen by the clock (policies/throttle.py): epochs of a few decode
+  steps run the gate, every prediction with p >= 0.5, or no prefetching, and the mode with the
+  lowest measured time per token runs, the others retried at doubling intervals. The gate's costs
+  are estimates; which regime a trace and a machine are in (a link already saturated by on-demand
+  loads, or idle enough that eager prefetching pays) is measured.
 Ablations (params, and registered variants): prefetch off, the gate off (prefetch whenever p >= 0.5),
-recency off (p is the plain usage rate), LRU eviction, no history (online rates only), no spec gate.
+the gate always (no choice of mode), no pooled table, recency off (p is the plain usage rate), LRU
+eviction, no history (online rates only), no spec gate.
 """
 
 from __future__ import annotations
@@ -26,16 +34,25 @@ import numpy as np
 
 from finemoe.policies.base import ExpertKey, LayerRouting, Policy, PolicyContext, Prefetch, StepInfo
 from finemoe.policies.registry import register
+from finemoe.policies.throttle import PrefetchThrottle
 
 EVICTIONS = ("next-use", "lru")
+MODES = ("gated", "eager", "off")  # the throttle's order of first tries
 # Recency buckets of "tokens since the expert was last used at this layer": 1, 2, 3-4, 5-8, 9-16, more.
 GAP_EDGES = np.array([1, 2, 4, 8, 16])
+# Uses of the expert at this layer so far in the request: 0, 1, 2-3, 4-7, 8 or more.
+COUNT_EDGES = np.array([0, 1, 3, 7])
 NEVER = 10**9
 
 
 def gap_bucket(since: np.ndarray) -> np.ndarray:
     """Bucket index (0..5) of each tokens-since-last-use count."""
     return np.searchsorted(GAP_EDGES, since, side="left")
+
+
+def count_bucket(count: np.ndarray) -> np.ndarray:
+    """Bucket index (0..4) of each uses-so-far count."""
+    return np.searchsorted(COUNT_EDGES, count, side="left")
 
 
 def one_hot(experts: np.ndarray, num_experts: int) -> np.ndarray:
@@ -52,7 +69,12 @@ class ReuseRates:
     Each per-expert rate is shrunk toward its layer's pooled rate (empirical Bayes: a prior worth
     `prior_tokens` tokens at the rate the layer's experts share): an expert seen once or never is
     expected to behave like its layer's average, not like a flat K/J, which made a freshly used
-    expert look unlikely to be reused and put it first in line for eviction."""
+    expert look unlikely to be reused and put it first in line for eviction.
+
+    Beside them, one table pooled over every layer and expert: the chance of use given the tokens
+    since the last use and the uses so far in the request (`table_p`). The per-expert rates know
+    which experts are popular but learn slowly (one count per token per expert); the table knows
+    how recency and repetition within a request predict reuse and fills in a few tokens."""
 
     def __init__(self, L: int, J: int, K: int, prior_tokens: float = 2.0) -> None:
         self.base, self.m = K / J, float(prior_tokens)
@@ -63,6 +85,8 @@ class ReuseRates:
         nb = len(GAP_EDGES) + 1
         self.gap_k, self.gap_n = np.full((L, nb), self.base), np.ones((L, nb))  # per layer and recency bucket
         self._layer_idx = np.arange(L)[:, None] * nb
+        nc = len(COUNT_EDGES) + 1
+        self.table_k, self.table_n = np.full((nb, nc), self.base), np.ones((nb, nc))
 
     def add_gaps(self, since: np.ndarray, used: np.ndarray) -> None:
         """Tokens since last use (int [L, J], before a token) and that token's routing (bool [L, J])."""
@@ -70,6 +94,18 @@ class ReuseRates:
         size = self.gap_n.size
         self.gap_n += np.bincount(flat, minlength=size).reshape(self.gap_n.shape)
         self.gap_k += np.bincount(flat[used.ravel()], minlength=size).reshape(self.gap_k.shape)
+
+    def add_counts(self, since: np.ndarray, count: np.ndarray, used: np.ndarray) -> None:
+        """Tokens since last use and uses so far (int arrays, before a token) and that token's
+        routing (bool, the same shape), into the pooled table."""
+        cells = (gap_bucket(since) * self.table_n.shape[1] + count_bucket(count)).ravel()
+        size, shape = self.table_n.size, self.table_n.shape
+        self.table_n += np.bincount(cells, minlength=size).reshape(shape)
+        self.table_k += np.bincount(cells[used.ravel()], minlength=size).reshape(shape)
+
+    def table_p(self, since: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """The pooled table's chance of use for each (tokens since last use, uses so far)."""
+        return (self.table_k / self.table_n)[gap_bucket(since), count_bucket(count)]
 
     def recency_p(self, layers, since: np.ndarray) -> np.ndarray:
         """p at the next visit of each layer in `layers`, given tokens since last use (int [n, J]):
@@ -132,7 +168,8 @@ class CostAware(Policy):
     uses_history = True
 
     def __init__(self, prefetch: bool = True, gate: bool = True, recency: bool = True, eviction: str = "next-use",
-                 history: bool = True, spec: bool = True, horizon: int = 4, prior: float = 2.0) -> None:
+                 history: bool = True, spec: bool = True, horizon: int = 4, prior: float = 2.0,
+                 adapt: bool = True, table: bool = True) -> None:
         super().__init__()
         if eviction not in EVICTIONS:
             raise TypeError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
@@ -142,10 +179,13 @@ class CostAware(Policy):
             raise TypeError(f"prior must be a positive number of tokens, got {prior}")
         self.prefetch, self.gate, self.recency = bool(prefetch), bool(gate), bool(recency)
         self.eviction, self.history, self.spec, self.horizon = eviction, bool(history), bool(spec), int(horizon)
+        self.adapt = bool(adapt) and self.prefetch and self.gate
+        self.table = bool(table)
         self.params = dict(prefetch=self.prefetch, gate=self.gate, recency=self.recency, eviction=self.eviction,
                            history=self.history, spec=self.spec, horizon=self.horizon,
-                           prior=float(prior))
+                           prior=float(prior), adapt=bool(adapt), table=self.table)
         self.issued = self.declined = 0
+        self._throttle: PrefetchThrottle | None = None  # made when bound to a run
 
     # --- life cycle ----------------------------------------------------------------------------
     def bind(self, ctx: PolicyContext) -> None:
@@ -162,6 +202,7 @@ class CostAware(Policy):
         self._res = np.zeros((self.L, self.J), dtype=bool)
         self._pending: set[ExpertKey] = set()  # loads started (misses, issued prefetches), not landed
         self._since: dict[int, np.ndarray] = {}  # request -> int [L, J]: tokens since each expert's last use
+        self._count: dict[int, np.ndarray] = {}  # request -> int [L, J]: each expert's uses so far
         self._step: StepInfo | None = None
         self._layer = -1
         self._score: tuple | None = None  # (position, scores) cache for choose_victim
@@ -170,6 +211,8 @@ class CostAware(Policy):
         self._busy = 0.0  # EWMA of link time asked per unit of time (0..1): on-demand loads and prefetches
         self._copies = 0  # copies asked of the link since the last routed layer (misses, issued prefetches)
         self._last_routed: float | None = None
+        self._throttle = PrefetchThrottle(MODES) if self.adapt else None
+        self._step_start_s = 0.0
 
     def fit(self, history) -> None:
         if not self.history or history.num_tokens == 0:
@@ -182,12 +225,16 @@ class CostAware(Policy):
         if pairs.size:
             self.rates.add_pairs(used[pairs], used[pairs + 1])
         since = np.full((self.L, self.J), NEVER)
+        count = np.zeros((self.L, self.J), dtype=np.int64)
         for row in range(history.num_tokens):  # recency buckets, token by token within each request
             if row == 0 or not (same[row - 1] and nxt[row - 1]):
                 since[:] = NEVER
+                count[:] = 0
             self.rates.add_gaps(since, used[row])
+            self.rates.add_counts(since, count, used[row])
             since += 1
             since[used[row]] = 1
+            count += used[row]
         if history.spec_experts is not None and self.L > 1:
             picked = one_hot(history.spec_experts[:, :-1], self.J)  # layer l-1's gate guess for layer l
             truth = used[:, 1:]
@@ -197,6 +244,7 @@ class CostAware(Policy):
 
     def on_request_finished(self, request_id: int, trace) -> None:
         self._since.pop(request_id, None)
+        self._count.pop(request_id, None)
 
     # --- prediction ------------------------------------------------------------------------------
     def _p_rows(self, step: StepInfo, layers) -> np.ndarray:
@@ -210,10 +258,19 @@ class CostAware(Policy):
             if since is None or not self.recency:
                 miss *= (1.0 - rate) ** seq.num_tokens
             else:
-                miss *= 1.0 - self.rates.recency_p(layers, since[layers])
+                p = self.rates.recency_p(layers, since[layers])
+                if self.table:  # the two forecasts averaged
+                    p = 0.5 * (p + self.rates.table_p(since[layers], self._count[seq.request_id][layers]))
+                miss *= 1.0 - p
         return 1.0 - miss
 
     def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
+        previous = self._step
+        if self._throttle is not None and previous is not None and self._last_routed is not None \
+                and not any(seq.is_prefill for seq in previous.sequences):
+            # Up to the last layer's routing: an idle wait for the next arrival is not the mode's.
+            self._throttle.step_done(self._last_routed - self._step_start_s, len(previous.sequences))
+        self._step_start_s = step.now_s
         self._step, self._layer, self._last_routed = step, -1, None
         self._pending = {k for k in self._pending if self.ctx.is_in_flight(k)}
         self._link_free = min(self._link_free, step.now_s + len(self._pending) * self.load_s)
@@ -238,13 +295,16 @@ class CostAware(Policy):
             if len(experts) == 0:
                 continue
             since = self._since.setdefault(seq.request_id, np.full((self.L, self.J), NEVER))
+            count = self._count.setdefault(seq.request_id, np.zeros((self.L, self.J), dtype=np.int64))
             now_used = one_hot(np.asarray(experts[-1]), self.J)
             seen = since[layer] < NEVER
             self.rates.observe(layer, since[layer] == 1 if seen.any() else None, now_used)
             row = since[layer]
             self.rates.observe_gaps(layer, row, now_used)
+            self.rates.add_counts(row, count[layer], now_used)
             row += 1
             row[now_used] = 1
+            count[layer] += now_used
             if self.spec and layer + 1 < self.L:
                 spec = routing.spec_experts(i)
                 if spec is not None:
@@ -262,13 +322,15 @@ class CostAware(Policy):
         return self._prefetches(step, targets, layer, now)
 
     def _prefetches(self, step: StepInfo, targets, current: int, now_s: float) -> list[Prefetch]:
-        if not self.prefetch or self.ctx is None:
+        mode = self.mode()
+        if mode == "off" or self.ctx is None:
             return []
+        gated = mode == "gated"
         ctx, load = self.ctx, self.load_s
         candidates = []
         for target in targets:
             row = self._p[target]
-            for e in np.flatnonzero(row >= (0.5 if not self.gate else 0.05)).tolist():
+            for e in np.flatnonzero(row >= (0.05 if gated else 0.5)).tolist():
                 key = (target, e)
                 if not self._res[key] and key not in self._pending and not ctx.is_in_flight(key):
                     candidates.append((float(row[e]), target, e))
@@ -276,11 +338,11 @@ class CostAware(Policy):
             return []
         candidates.sort(reverse=True)
         free = ctx.capacity_slots - int(self._res.sum()) - len(self._pending)
-        victims = self._victim_order(free, len(candidates)) if self.gate else []
+        victims = self._victim_order(free, len(candidates)) if gated else []
         out = []
         link_free = max(self._link_free, now_s)
         for p, target, e in candidates:
-            if self.gate:
+            if gated:
                 need = now_s + self._distance(target, current) * self._layer_s
                 victim = None
                 if free <= 0:
@@ -306,6 +368,12 @@ class CostAware(Policy):
         self._copies += len(out)
         return out
 
+    def mode(self) -> str:
+        """How this step prefetches: 'gated' (the cost test), 'eager' (every p >= 0.5) or 'off'."""
+        if self._throttle is not None:
+            return self._throttle.mode
+        return "off" if not self.prefetch else "gated" if self.gate else "eager"
+
     def _distance(self, layer: int, current: int) -> int:
         """Layers from `current` (-1: the step's start) until `layer` is next visited."""
         return layer - current if layer > current else layer - current + self.L
@@ -314,8 +382,10 @@ class CostAware(Policy):
                     current: int) -> tuple[float, float]:
         """(expected saving, expected cost) of a prefetch with chance p of use, starting `lead_s`
         before its layer needs it (the link's queue ahead of it is the policy's view).
-        Saving: p x the stall it avoids, min(copy time, lead): a copy that lands late still saves
-        the part done before the layer asked (an on-demand load, served first, would start then).
+        Saving: p x the stall it avoids, min(copy time, lead), in the link's free share (1 - rho):
+        a copy that lands late still saves the part done before the layer asked (an on-demand load,
+        served first, would start then), and on a busy link a right copy mostly takes the place of
+        the on-demand load it replaces instead of overlapping compute.
         Cost: a wrong copy (1 - p) adds a whole copy to the link's busy period, which delays the
         on-demand loads queued behind it when the link is busy (chance rho, the share of time it
         spends copying, prefetches included: counting on-demand loads alone read a link saturated
@@ -324,7 +394,7 @@ class CostAware(Policy):
         hides in the link's free share (1 - rho) of the time between this copy landing and that
         visit, and stalls for the rest of a copy."""
         load, rho = self.load_s, self._busy
-        saving = p * min(load, max(0.0, lead_s))
+        saving = p * min(load, max(0.0, lead_s)) * (1.0 - rho)
         cost = (1.0 - p) * rho * load
         if victim is not None:
             back_s = now_s + self._distance(victim[0], current) * self._layer_s - arrive_s
@@ -397,6 +467,9 @@ class CostAware(Policy):
     def describe(self) -> dict:
         d = super().describe()
         d["stats"] = {"prefetches_issued": self.issued, "prefetches_declined": self.declined}
+        if self._throttle is not None:
+            d["stats"]["prefetch_mode"] = self._throttle.best()
+            d["stats"]["prefetch_mode_switches"] = self._throttle.switches
         return d
 
 
@@ -412,6 +485,9 @@ def _variant(name: str, doc: str, **defaults):
 
 _variant("cost-aware-no-prefetch", "Ablation: eviction by expected next use only, no prefetching.", prefetch=False)
 _variant("cost-aware-no-gate", "Ablation: prefetch every prediction with p >= 0.5, no cost test.", gate=False)
+_variant("cost-aware-fixed", "Ablation: the gated prefetch always, no choice of mode by the clock.", adapt=False)
+_variant("cost-aware-no-table", "Ablation: p from the per-expert rates alone, without the pooled table of "
+         "recency x uses so far.", table=False)
 _variant("cost-aware-no-recency", "Ablation: p is the plain usage rate, not conditioned on the last token.",
          recency=False)
 _variant("cost-aware-lru", "Ablation: the gated prefetch with LRU eviction.", eviction="lru")
