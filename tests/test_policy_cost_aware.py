@@ -265,7 +265,8 @@ def test_runs_through_the_simulator_and_beats_lru_on_a_cyclic_pattern():
 def test_recency_buckets_and_the_scaled_cold_rate():
     from finemoe.policies.cost_aware import NEVER, gap_bucket
 
-    assert gap_bucket(np.array([1, 2, 3, 4, 5, 8, 9, 16, 17, NEVER])).tolist() == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert gap_bucket(np.array([1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, NEVER])).tolist() == [
+        0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
     rates = ReuseRates(1, 4, 2)  # every count at its prior: reuse = cold = bucket rates = 0.5
     rates.gap_k[0, 1], rates.gap_n[0, 1] = 3.0, 4.0  # two tokens back: 0.75, 1.5x the layer's cold rate
     p = rates.recency_p([0], np.array([[1, 2, 5, NEVER]]))
