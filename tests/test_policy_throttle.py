@@ -20,14 +20,15 @@ def _epochs(throttle: PrefetchThrottle, per_token_s, epochs: int) -> list[str]:
     return modes
 
 
-def test_each_mode_once_then_the_fastest_with_the_losers_retried_at_doubling_waits():
+def test_each_mode_once_then_the_fastest_with_the_losers_retried_at_growing_waits():
     throttle = PrefetchThrottle(("a", "b", "c"), epoch_steps=2, first_wait=2)
     times = {"a": 3.0, "b": 1.0, "c": 2.0}
-    # a, b, c once; then b. After epoch 3, a has waited 4 - 0 > 2 epochs: retried, loses, waits 4;
-    # c (last tried at epoch 2, its wait doubled to 4 when it lost) comes due after epoch 6.
-    assert _epochs(throttle, lambda m, e: times[m], 9) == ["a", "b", "c", "b", "a", "b", "b", "c", "b"]
+    # a, b, c once; then b. Both lose by more than 10%: c's wait goes 2 -> 8 when it loses at
+    # epoch 2; after epoch 3, a has waited 4 - 0 > 2 epochs: retried, loses, waits 8 too. Neither
+    # is due again before epoch 11 (11 - 2 > 8: c).
+    assert _epochs(throttle, lambda m, e: times[m], 12) == ["a", "b", "c", "b", "a"] + ["b"] * 6 + ["c"]
     assert throttle.best() == "b"
-    assert throttle.records["a"].wait == 4 and throttle.records["c"].wait == 8
+    assert throttle.records["a"].wait == 8 and throttle.records["c"].wait == 8
 
 
 def test_the_first_step_after_a_switch_is_not_measured():
@@ -42,12 +43,13 @@ def test_the_first_step_after_a_switch_is_not_measured():
 
 def test_a_retried_mode_that_now_wins_takes_over():
     throttle = PrefetchThrottle(("a", "b"), epoch_steps=2, first_wait=1)
-    # b (1.5 s) beats a (2 s) until a turns fast (0.1 s) at epoch 3. a is retried at epoch 2 (still
-    # slow: its wait doubles to 2) and at 5, where its mean (2 + 0.1) / 2 beats b: a runs from then,
-    # b retried once at once (its wait is 1) and losing.
-    modes = _epochs(throttle, lambda m, e: (2.0 if e < 3 else 0.1) if m == "a" else 1.5, 9)
+    # b (1.9 s) beats a (2 s) until a turns fast (0.1 s) at epoch 3. a is retried at epoch 2 (still
+    # slow, within 10%: its wait doubles to 2) and at 5, where its mean (2 + 0.1) / 2 beats b: a
+    # runs from then, b retried once at once (its wait is 1) and losing by far (wait 4).
+    modes = _epochs(throttle, lambda m, e: (2.0 if e < 3 else 0.1) if m == "a" else 1.9, 9)
     assert modes == ["a", "b", "a", "b", "b", "a", "b", "a", "a"]
     assert throttle.best() == "a" and throttle.records["a"].per_token_s == pytest.approx((1.05 + 0.1) / 2)
+    assert throttle.records["b"].wait == 4
 
 
 def test_bad_measurements_and_settings():

@@ -11,8 +11,9 @@ quantity being optimised: the measured time per decoded token under each mode.
 The schedule: epochs of `epoch_steps` decode steps, each under one mode; the first step after a
 switch is not measured (it pays for the last mode's cache). Each mode is tried once, in order;
 then the mode with the lowest time per token runs, and every other mode is tried again for one epoch
-after `wait` epochs, its wait doubling each time it loses again (so a mode that keeps losing costs a
-logarithmic share of the run) and starting over when it wins.
+after `wait` epochs, its wait doubling each time it loses again (quadrupling when it loses by more
+than `far_margin`), so a mode that keeps losing costs a logarithmic share of the run, and starting
+over when it wins.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class PrefetchThrottle:
     modes: tuple[str, ...]
     epoch_steps: int = 4
     first_wait: int = 4
+    far_margin: float = 0.1  # a mode losing by more than this share waits four times as long, not twice
     records: dict[str, ModeRecord] = field(init=False)
     mode: str = field(init=False)
     epoch: int = field(default=0, init=False)
@@ -96,7 +98,9 @@ class PrefetchThrottle:
         best = self.best()
         self.records[best].wait = self.first_wait
         if self.mode != best:  # the mode just explored lost: wait twice as long to try it again
-            self.records[self.mode].wait *= 2
+            lost = self.records[self.mode].per_token_s or 0.0
+            far = lost > (1.0 + self.far_margin) * self.records[best].per_token_s
+            self.records[self.mode].wait *= 4 if far else 2
             return best
         due = [m for m in self.modes if m != best and self.epoch - self.records[m].last_epoch > self.records[m].wait]
         return min(due, key=lambda m: self.records[m].last_epoch) if due else best
