@@ -15,7 +15,9 @@ sim/offline.py supplies) that view holds every request, arrived or not.
 - "decode-first": aggressive, but during a step that runs a prefill, the experts first needed by
   later steps are asked for before the step's own: time before a request's first token does not
   count in its time per output token, so loads moved into the prefill can shorten every decode step
-  after it (an expert the prefill needs itself comes in by its own demand load).
+  after it (an expert the prefill needs itself comes in by its own demand load). During a prefill it
+  reads ahead until it has seen a cache-full of different experts, however far: an expert a later
+  request's decode needs is best loaded before this request's first token, not during that decode.
 
 `min_ahead` (default 1): no prefetch for an access nearer than this many layers; it is left to its
 demand load. On a slow link such a copy lands late anyway (a miss either way), and on the wire it
@@ -106,7 +108,7 @@ class OraclePolicy(Policy):
         boost = BOOST if self._prefill_step else 0.0
         # Looking far ahead, no more accesses are read than a few cache-fulls (the rest could not land).
         scan = min(self.lookahead * self.J, max(L * self.J, 4 * self.ctx.capacity_slots))
-        for s, lay, e in self.view.upcoming(self.pos, scan):
+        for s, lay, e in self._upcoming(scan):
             p = s * L + lay
             if p > limit:
                 break
@@ -117,6 +119,19 @@ class OraclePolicy(Policy):
             if p >= nearest and key not in resident and not in_flight(key):
                 out.append(Prefetch(float(-p) + (boost if s > step else 0.0), s, lay, e))
         return out
+
+    def _upcoming(self, scan: int) -> list:
+        """The next `scan` accesses; during a decode-first prefill, as many more as it takes to
+        reach a cache-full of different experts: a schedule minding time per output token fills
+        the cache before the first token, with experts a later request's decode needs too."""
+        accesses = self.view.upcoming(self.pos, scan)
+        if not self._prefill_step:
+            return accesses
+        want = self.ctx.capacity_slots
+        while len(accesses) == scan and len({(lay, e) for _, lay, e in accesses}) < want:
+            scan *= 2
+            accesses = self.view.upcoming(self.pos, scan)
+        return accesses
 
     # --- notifications -------------------------------------------------------------------------------
     def on_step_start(self, step):
