@@ -68,3 +68,17 @@ def test_no_policy_beats_the_oracle_on_the_real_mixtral_trace(mixtral_trace_path
     for policy in ("finemoe-topk", "promoe", "moe-infinity", "lfu", "lru", "layerwise"):
         got = hit_rate(policy)
         assert got <= bound + 1e-12, f"{policy} hit rate {got:.4f} above the oracle's {bound:.4f}"
+
+
+def test_the_oracles_wall_time_is_every_candidates():
+    """A sweep's timing of the oracle is what finding it cost: the sum over its candidate runs."""
+    trace = synthetic_trace(tiny_geometry(num_layers=3, num_experts=4), num_requests=4, prompt_tokens=(2, 3),
+                            generated_tokens=(2, 4), seed=1)
+    config = SimConfig(trace_path="<memory>", policy="oracle", hardware=PRESETS["rtx3090"],
+                       memory=MemoryConfig(expert_cache_slots=5))
+    result = simulate(trace, config)
+    candidates = result.config["policy_info"]["candidates"]
+    assert len(candidates) >= 12 and all(c["wall_s"] > 0 for c in candidates)
+    assert result.summary["wall_s"] == pytest.approx(sum(c["wall_s"] for c in candidates))
+    assert result.summary["layer_steps_per_wall_s"] == pytest.approx(
+        result.summary["layer_steps"] / result.summary["wall_s"])
