@@ -15,7 +15,8 @@ sim/offline.py supplies) that view holds every request, arrived or not.
 - "decode-first": aggressive, but during a step that runs a prefill, the experts first needed by
   later steps are asked for before the step's own: time before a request's first token does not
   count in its time per output token, so loads moved into the prefill can shorten every decode step
-  after it (an expert the prefill needs itself comes in by its own demand load). During a prefill it
+  after it (an expert the prefill needs itself comes in by its own demand load, never a prefetch
+  whose slot could push out a decode step's expert brought earlier). During a prefill it
   reads ahead until it has seen a cache-full of different experts, however far: an expert a later
   request's decode needs is best loaded before this request's first token, not during that decode.
 
@@ -116,6 +117,8 @@ class OraclePolicy(Policy):
             if key in seen:
                 continue  # asked for at its first use already
             seen.add(key)
+            if boost and s == step:
+                continue  # the prefill's own experts come by their demand loads
             if p >= nearest and key not in resident and not in_flight(key):
                 out.append(Prefetch(float(-p) + (boost if s > step else 0.0), s, lay, e))
         return out
