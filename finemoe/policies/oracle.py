@@ -109,7 +109,7 @@ class OraclePolicy(Policy):
         boost = BOOST if self._prefill_step else 0.0
         # Looking far ahead, no more accesses are read than a few cache-fulls (the rest could not land).
         scan = min(self.lookahead * self.J, max(L * self.J, 4 * self.ctx.capacity_slots))
-        for s, lay, e in self._upcoming(scan):
+        for s, lay, e in self._upcoming(scan, limit):
             p = s * L + lay
             if p > limit:
                 break
@@ -123,15 +123,17 @@ class OraclePolicy(Policy):
                 out.append(Prefetch(float(-p) + (boost if s > step else 0.0), s, lay, e))
         return out
 
-    def _upcoming(self, scan: int) -> list:
-        """The next `scan` accesses; during a decode-first prefill, as many more as it takes to
-        reach a cache-full of different experts: a schedule minding time per output token fills
-        the cache before the first token, with experts a later request's decode needs too."""
+    def _upcoming(self, scan: int, limit: int) -> list:
+        """The next `scan` accesses, or as many more as it takes to reach a cache-full of different
+        experts within the lookahead (`limit`, a position): when a few experts repeat, a count of
+        accesses reaches only a few of them, and an expert needed far ahead but within a cache-full
+        (a later request's decode, say) is best brought while the link is free."""
         accesses = self.view.upcoming(self.pos, scan)
-        if not self._prefill_step:
+        if self.params["prefetch"] == "none":
             return accesses
-        want = self.ctx.capacity_slots
-        while len(accesses) == scan and len({(lay, e) for _, lay, e in accesses}) < want:
+        want, L = self.ctx.capacity_slots, self.L
+        while (len(accesses) == scan and accesses[-1][0] * L + accesses[-1][1] <= limit
+               and len({(lay, e) for _, lay, e in accesses}) < want):
             scan *= 2
             accesses = self.view.upcoming(self.pos, scan)
         return accesses
