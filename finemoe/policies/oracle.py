@@ -124,16 +124,19 @@ class OraclePolicy(Policy):
         return out
 
     def _upcoming(self, scan: int, limit: int) -> list:
-        """The next `scan` accesses, or as many more as it takes to reach a cache-full of different
-        experts within the lookahead (`limit`, a position): when a few experts repeat, a count of
-        accesses reaches only a few of them, and an expert needed far ahead but within a cache-full
-        (a later request's decode, say) is best brought while the link is free."""
+        """The next `scan` accesses, or, while the cache has free slots, as many more (within the
+        lookahead `limit`, a position) as it takes to see enough experts not resident to fill them:
+        when a few experts repeat, a count of accesses reaches only those, and an expert needed
+        far ahead (a later request's decode, say) costs nothing to bring into a free slot while the
+        link is free. Past the warm-up the cache is full and this reads no further."""
         accesses = self.view.upcoming(self.pos, scan)
-        if self.params["prefetch"] == "none":
+        free = self.ctx.capacity_slots - len(self.resident)
+        if self.params["prefetch"] == "none" or free <= 0:
             return accesses
-        want, L = self.ctx.capacity_slots, self.L
-        while (len(accesses) == scan and accesses[-1][0] * L + accesses[-1][1] <= limit
-               and len({(lay, e) for _, lay, e in accesses}) < want):
+        L, resident = self.L, self.resident
+        while len(accesses) == scan and accesses[-1][0] * L + accesses[-1][1] <= limit:
+            if len({(lay, e) for _, lay, e in accesses} - resident) >= free:
+                break
             scan *= 2
             accesses = self.view.upcoming(self.pos, scan)
         return accesses
