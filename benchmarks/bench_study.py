@@ -4,9 +4,8 @@
 router probabilities, semantic keys and speculative outputs, so every policy runs), 8 policies x
 10 expert-cache sizes, through `finemoe simulate --jobs N`, as a user would run it. Prints the wall
 time, then per policy the worker seconds (sum of its runs' `wall_s`) and layer-steps per second,
-each as a ratio to on-demand LRU and to a bare Python LRU loop (an OrderedDict over the same
-measured accesses, no timing model: the floor a pure-Python engine cannot beat), both measured in
-the same run.
+each as a ratio to on-demand LRU and to a bare Python LRU loop (bench_sim_throughput.py's: an
+OrderedDict over the same measured accesses, no timing model), both measured in the same run.
 
     python3 benchmarks/bench_study.py                 # the full study (about 10 minutes on 2 cores)
     python3 benchmarks/bench_study.py --requests 20   # a smaller one
@@ -19,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+from bench_sim_throughput import bare_lru
 
 from finemoe.results import summary_frame
 from finemoe.sim.config import WorkloadConfig
@@ -32,36 +31,6 @@ from finemoe.traces.profiles import get_profile
 from finemoe.traces.synthetic import synthetic_trace
 
 POLICIES = "lru,lfu,oracle,layerwise,promoe,mixtral-offloading,finemoe,moe-infinity"
-
-
-def layer_accesses(trace, request_ids) -> list[list[int]]:
-    """Per (measured iteration, layer), in engine order for batch 1: the experts it routes to."""
-    by_req = trace.iterations_by_request
-    out = []
-    for rid in request_ids:
-        for it in by_req[rid]:
-            rows = trace.experts[it.start:it.stop]  # [tokens, L, K]
-            for layer in range(trace.geometry.num_layers):
-                ids = np.unique(rows[:, layer])
-                out.append([int(layer * trace.geometry.num_experts + e) for e in ids if e >= 0])
-    return out
-
-
-def bare_lru_layer_steps_per_s(accesses: list[list[int]], slots: int) -> tuple[float, int]:
-    """Layer-steps per second of an OrderedDict LRU over `accesses`, and its misses."""
-    cache: OrderedDict[int, None] = OrderedDict()
-    misses = 0
-    t0 = time.perf_counter()
-    for experts in accesses:
-        for key in experts:
-            if key in cache:
-                cache.move_to_end(key)
-            else:
-                misses += 1
-                if len(cache) >= slots:
-                    cache.popitem(last=False)
-                cache[key] = None
-    return len(accesses) / (time.perf_counter() - t0), misses
 
 
 def main() -> None:
@@ -84,10 +53,10 @@ def main() -> None:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         df = summary_frame([out])
-        measured = split_requests(trace, WorkloadConfig(history_fraction=0.3), seed=0).measure
-        accesses = layer_accesses(trace, measured)
+        measured = trace.select_requests(split_requests(trace, WorkloadConfig(history_fraction=0.3), seed=0).measure)
         sizes = sorted(set(int(x) for x in df["memory_plan.expert_cache_slots"]))
-        bare = float(np.median([bare_lru_layer_steps_per_s(accesses, n)[0] for n in sizes]))
+        layer_steps = len(measured.iterations) * measured.geometry.num_layers
+        bare = float(np.median([layer_steps / bare_lru(measured, n)[2] for n in sizes]))
     per = df.groupby("policy").agg(worker_s=("wall_s", "sum"), layer_steps=("layer_steps", "sum"), runs=("seed", "count"))
     per["ls_per_s"] = per.layer_steps / per.worker_s
     base = per.loc["lru", "ls_per_s"]
