@@ -249,6 +249,7 @@ OPEN = {
     # slots, prefills of 2-3 tokens on a slow link); no candidate aims at hits as such.
     ((2, 4, 1, 3, 981), 3, 1, 0.25, 2, "all", 981): "hit rate (moe-infinity) on 3 slots",
     ((2, 4, 1, 3, 981), 3, 1, 0.25, 2, "poisson", 981): "hit rate (moe-infinity) on 3 slots",
+    ((2, 4, 1, 3, 981), 3, 1, 0.5, 2, "all", 981): "hit rate (moe-infinity) on 3 slots",
 }
 
 
