@@ -97,13 +97,19 @@ def test_heap_only_for_more_misses_than_copy_engines_or_a_stretch(copy_engines, 
             assert used[0] > len(heap_misses)
 
 
-# The oracle runs a dozen clairvoyant schedules per configuration: it gets the two rows that hold
-# every CPU term between them, the cheap policies every row.
-@pytest.mark.parametrize("policy, copy_engines, cpu_terms", [
-    *((p, c, t) for p in ("lru", "finemoe") for c in (1, 2) for t in range(len(CPU_TERMS))),
-    *(("oracle", c, t) for c in (1, 2) for t in (3, 5)),
+# The oracle is a dozen clairvoyant candidate schedules, each an engine run of its own (the ensemble
+# only picks among them): two of them, the one that prefetches into prefills and the one that leaves
+# the nearest layer to its demand load, get the two rows that hold every CPU term between them; the
+# cheap policies every row.
+ORACLE_CANDIDATES = ({"prefetch": "decode-first", "lookahead_layers": 10**9},
+                     {"prefetch": "aggressive", "lookahead_layers": 10**9, "min_ahead": 2})
+
+
+@pytest.mark.parametrize("policy, params, copy_engines, cpu_terms", [
+    *((p, {}, c, t) for p in ("lru", "finemoe") for c in (1, 2) for t in range(len(CPU_TERMS))),
+    *(("oracle", params, c, t) for params in ORACLE_CANDIDATES for c in (1, 2) for t in (3, 5)),
 ])
-def test_fast_path_equals_general_path_with_cpu_terms(policy, copy_engines, cpu_terms):
+def test_fast_path_equals_general_path_with_cpu_terms(policy, params, copy_engines, cpu_terms):
     """The fast path (clock synced only when another event is due) and the general path (synced at
     every step) give identical results with every CPU-host term; `copy_compute_slowdown` once differed:
     the fast path stretched compute by a wire reservation that missed copies started by then."""
@@ -112,7 +118,7 @@ def test_fast_path_equals_general_path_with_cpu_terms(policy, copy_engines, cpu_
     for slots, batch, arrival in ((8, 1, "all"), (14, 3, "poisson"), (30, 2, "poisson")):
         wl = WorkloadConfig(max_batch=batch, history_fraction=0.3, arrival=arrival, rate_rps=3000.0)
         cfg = SimConfig(trace_path="x", policy=policy, hardware=hw, memory=MemoryConfig(expert_cache_slots=slots),
-                        workload=wl, timeline_steps=0)
+                        workload=wl, timeline_steps=0, policy_params=params)
         general = _run(cfg, False, [0], fast_path=False)
         assert _run(cfg, True, [0]) == general
         assert _run(cfg, False, [0]) == general
