@@ -12,13 +12,16 @@ sim/offline.py supplies) that view holds every request, arrived or not.
   brings, and unless its copy, starting now, lands in time (estimated with the shortest layer time
   seen so far): on a saturated link a late prefetch is a miss anyway, and its victim might have hit.
 - "aggressive": the same requests, refused only when the victim is needed no later.
-- "decode-first": aggressive, but during a step that runs a prefill, the experts first needed by
-  later steps are asked for before the step's own: time before a request's first token does not
-  count in its time per output token, so loads moved into the prefill can shorten every decode step
-  after it (an expert the prefill needs itself comes in by its own demand load, never a prefetch
-  whose slot could push out a decode step's expert brought earlier). During a prefill it
-  reads ahead until it has seen a cache-full of different experts, however far: an expert a later
-  request's decode needs is best loaded before this request's first token, not during that decode.
+- "decode-first": aggressive, but during a step that runs a prefill, only the experts first needed
+  by later steps are asked for: time before a request's first token does not count in its time per
+  output token, so loads moved into the prefill can shorten every decode step after it (an expert
+  the prefill needs itself comes in by its own demand load, never a prefetch whose slot could push
+  out a decode step's expert brought earlier).
+
+Every prefetching mode reads a few cache-fulls of accesses ahead (within its lookahead) and, while
+the cache has free slots, on until it has seen enough experts not resident to fill them: an expert a
+later request's decode needs is best loaded before this request's first token, not during that
+decode, and when a few experts repeat, a count of accesses reaches only those.
 
 `min_ahead` (default 1): no prefetch for an access nearer than this many layers; it is left to its
 demand load. On a slow link such a copy lands late anyway (a miss either way), and on the wire it
