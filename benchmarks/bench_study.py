@@ -31,6 +31,7 @@ from finemoe.traces.profiles import get_profile
 from finemoe.traces.synthetic import synthetic_trace
 
 POLICIES = "lru,lfu,oracle,layerwise,promoe,mixtral-offloading,finemoe,moe-infinity"
+HISTORY_FRACTION = 0.3
 
 
 def main() -> None:
@@ -47,13 +48,13 @@ def main() -> None:
         write_trace(trace, trace_path)
         out = Path(tmp) / "results"
         cmd = [sys.executable, "-c", "from finemoe.cli.main import cli; cli()", "simulate", str(trace_path),
-               "--policy", POLICIES, "--expert-cache", args.expert_cache, "--history-fraction", "0.3",
+               "--policy", POLICIES, "--expert-cache", args.expert_cache, "--history-fraction", str(HISTORY_FRACTION),
                "--hardware", "rtx3090", "--jobs", str(args.jobs), "-q", "-o", str(out)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         df = summary_frame([out])
-        measured = trace.select_requests(split_requests(trace, WorkloadConfig(history_fraction=0.3), seed=0).measure)
+        measured = trace.select_requests(split_requests(trace, WorkloadConfig(history_fraction=HISTORY_FRACTION), seed=0).measure)
         sizes = sorted(set(int(x) for x in df["memory_plan.expert_cache_slots"]))
         layer_steps = len(measured.iterations) * measured.geometry.num_layers
         bare = float(np.median([layer_steps / bare_lru(measured, n)[2] for n in sizes]))

@@ -18,7 +18,7 @@ pooled over all: the chance of use by tokens since the last use x uses so far in
   the link's free time.
 - How eagerly to prefetch is chosen by the clock (policies/throttle.py): epochs of a few decode
   steps run the gate, every prediction with p >= 0.5, or no prefetching, and the mode with the
-  lowest measured time per token runs, the others retried at doubling intervals. The gate's costs
+  lowest measured time per token runs, the others retried at growing intervals. The gate's costs
   are estimates; which regime a trace and a machine are in (a link already saturated by on-demand
   loads, or idle enough that eager prefetching pays) is measured.
 Ablations (params, and registered variants): prefetch off, the gate off (prefetch whenever p >= 0.5),

@@ -134,7 +134,7 @@ class OraclePolicy(Policy):
         link is free. Past the warm-up the cache is full and this reads no further."""
         accesses = self.view.upcoming(self.pos, scan)
         free = self.ctx.capacity_slots - len(self.resident)
-        if self.params["prefetch"] == "none" or free <= 0:
+        if free <= 0:
             return accesses
         L, resident = self.L, self.resident
         while len(accesses) == scan and accesses[-1][0] * L + accesses[-1][1] <= limit:

@@ -26,7 +26,6 @@ class ModeRecord:
     """What one mode has measured: time per token (a mean weighted toward its latest epoch)."""
 
     per_token_s: float | None = None
-    epochs: int = 0
     last_epoch: int = -1
     wait: int = 0
 
@@ -71,10 +70,8 @@ class PrefetchThrottle:
 
     def _end_epoch(self) -> None:
         record = self.records[self.mode]
-        if self._tokens:
-            measured = self._time_s / self._tokens
-            record.per_token_s = measured if record.per_token_s is None else 0.5 * (record.per_token_s + measured)
-            record.epochs += 1
+        measured = self._time_s / self._tokens  # an epoch measures all its steps but at most one
+        record.per_token_s = measured if record.per_token_s is None else 0.5 * (record.per_token_s + measured)
         record.last_epoch = self.epoch
         self.epoch += 1
         self._steps, self._time_s, self._tokens = 0, 0.0, 0
@@ -97,9 +94,8 @@ class PrefetchThrottle:
                 return m  # not tried yet
         best = self.best()
         self.records[best].wait = self.first_wait
-        if self.mode != best:  # the mode just explored lost: wait twice as long to try it again
-            lost = self.records[self.mode].per_token_s or 0.0
-            far = lost > (1.0 + self.far_margin) * self.records[best].per_token_s
+        if self.mode != best:  # the mode just explored lost: wait two (or four) times as long to retry it
+            far = self.records[self.mode].per_token_s > (1.0 + self.far_margin) * self.records[best].per_token_s
             self.records[self.mode].wait *= 4 if far else 2
             return best
         due = [m for m in self.modes if m != best and self.epoch - self.records[m].last_epoch > self.records[m].wait]
