@@ -208,6 +208,9 @@ REGRESSIONS = [
     ((3, 2, 2, 2, 824), 3, 1, 4.0, 3, "poisson", 824),
     ((3, 2, 1, 3, 1), 2, 2, 4.0, 3, "poisson", 1),
     ((3, 2, 2, 4, 1844), 4, 2, 32.0, 1, "file", 1844),
+    # Open ("tpot, cost-aware") until cost-aware counted a prefill's prompt tokens one by one
+    # (docs/evaluation.md 4e): its batch-of-2 time per token is no longer below the oracle's.
+    ((2, 2, 1, 4, 2), 2, 2, 0.25, 1, "all", 2),
 ]
 
 
@@ -223,7 +226,6 @@ OPEN = {
     ((3, 2, 1, 2, 0), 2, 1, 4.0, 2, "poisson", 0): "tpot (cost-aware-no-gate; found after 486621a)",
     ((3, 2, 1, 2, 0), 2, 1, 4.0, 2, "all", 0): "tpot (cost-aware-no-gate; found after 486621a)",
     ((2, 2, 1, 4, 2), 3, 1, 0.25, 1, "all", 2): "hit (cost-aware-no-gate; found after 486621a)",
-    ((2, 2, 1, 4, 2), 2, 2, 0.25, 1, "all", 2): "tpot (cost-aware; found after 486621a)",
     ((3, 2, 2, 3, 0), 3, 1, 0.25, 1, "file", 0): "hit (cost-aware; found after 486621a)",
     ((3, 2, 2, 3, 0), 3, 1, 0.25, 1, "poisson", 0): "hit (cost-aware; found after 486621a)",
     ((3, 2, 2, 3, 0), 3, 1, 0.25, 1, "all", 0): "hit (cost-aware; found after 486621a)",

@@ -299,3 +299,24 @@ def test_p_is_the_mean_of_the_per_expert_forecast_and_the_pooled_table():
     assert count[0].tolist() == [1, 1, 0, 0]  # layer 0 of this token used experts 0 and 1
     table = with_table.rates.table_p(since, count)
     assert with_table._p[0] == pytest.approx(0.5 * (alone._p[0] + table[0]))
+
+
+def test_a_prefill_updates_recency_and_counts_token_by_token_as_the_history_fit_does():
+    # A 3-token prompt at layer 0: (0, 1), (2, 3), (0, 2). Token by token, expert 0 was last used
+    # by the last token (1 back) twice, expert 1 three tokens back once, 2 and 3 as the mixtures
+    # say; reading only the last prompt token (the old rule) would have called 1 and 3 never used.
+    trace = trace_from_probs(_probs([[(0, 1)], [(2, 3)], [(0, 2)]]))
+    policy = make_policy("cost-aware")
+    policy.bind(context(trace.geometry, capacity_slots=4))
+    step = StepInfo(0, 0.0, (Sequence(0, 0, 0, 3),), trace)
+    policy.on_step_start(step)
+    policy.on_layer_routed(LayerRouting(step, 0, 0.0, trace))
+    assert policy._since[0][0].tolist() == [1, 3, 1, 2]
+    assert policy._count[0][0].tolist() == [2, 1, 2, 1]
+    # The online rates count the prompt's two consecutive pairs, its recency buckets and its table
+    # cells exactly as `fit` counts the same three tokens read as a history.
+    fitted = make_policy("cost-aware")
+    fitted.bind(context(trace.geometry, capacity_slots=4))
+    fitted.fit(trace)
+    for name in ("used", "tokens", "reuse_k", "reuse_n", "cold_k", "cold_n", "gap_k", "gap_n", "table_k", "table_n"):
+        assert getattr(policy.rates, name).tolist() == getattr(fitted.rates, name).tolist(), name

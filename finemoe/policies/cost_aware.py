@@ -3,7 +3,8 @@
 The rule, per (layer l, expert e), with rates learned from the history split and kept learning online
 (per layer and expert: r = P(used | used by the previous token), c = P(used | not used by it); per
 layer: how the chance of use changes with the tokens since the last use, in buckets 2, 3-4, ..., 33+;
-pooled over all: the chance of use by tokens since the last use x uses so far in the request):
+pooled over all: the chance of use by tokens since the last use x uses so far in the request;
+a prefill's prompt tokens count one by one, in order, as they do when the history is read):
 - p(l, e), the chance it is used at layer l's next visit: the mean of two forecasts, r if the last
   token used it, else c scaled by its recency bucket, and the pooled table's cell (batch:
   1 - prod(1 - p_i)); for layer l + 1, the speculative gate's pick when the trace has it.
@@ -306,15 +307,15 @@ class CostAware(Policy):
                 continue
             since = self._since.setdefault(seq.request_id, np.full((self.L, self.J), NEVER))
             count = self._count.setdefault(seq.request_id, np.zeros((self.L, self.J), dtype=np.int64))
-            now_used = one_hot(np.asarray(experts[-1]), self.J)
-            seen = since[layer] < NEVER
-            self.rates.observe(layer, since[layer] == 1 if seen.any() else None, now_used)
             row = since[layer]
-            self.rates.observe_gaps(layer, row, now_used)
-            self.rates.add_counts(row, count[layer], now_used)
-            row += 1
-            row[now_used] = 1
-            count[layer] += now_used
+            for token_used in one_hot(np.asarray(experts), self.J):  # a prefill's tokens in order, as `fit` reads them
+                seen = row < NEVER
+                self.rates.observe(layer, row == 1 if seen.any() else None, token_used)
+                self.rates.observe_gaps(layer, row, token_used)
+                self.rates.add_counts(row, count[layer], token_used)
+                row += 1
+                row[token_used] = 1
+                count[layer] += token_used
             if self.spec and layer + 1 < self.L:
                 spec = routing.spec_experts(i)
                 if spec is not None:
