@@ -33,7 +33,8 @@ def _run(cfg: SimConfig, inline: bool, counter: list[int], fast_path: bool = Tru
     original, lands, heap = cls.__init__, cls._lands_inline, cls._misses_inline_heap
 
     def init(self, *args, **kw):
-        original(self, *args, **{**kw, "inline_misses": inline, "fast_path": fast_path})
+        # The reference's own paths (sim/compiled.py, which would take these runs over, has its tests).
+        original(self, *args, **{**kw, "inline_misses": inline, "fast_path": fast_path, "compiled": False})
 
     def counted(method):
         def call(self, *args):

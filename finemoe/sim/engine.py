@@ -162,6 +162,7 @@ class SimEngine:
         fast_path: bool = True,
         inline_misses: bool = True,
         host_tier=None,
+        compiled: bool = True,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -178,6 +179,9 @@ class SimEngine:
         self._low = policy.low_precision is not None
         self.fast_path = fast_path and host_tier is None and not self._low
         self.inline_misses = inline_misses and self.fast_path  # `_misses_inline`; off: every copy a SimPy event
+        # sim/compiled.py takes over the quiet steps of LRU and LFU runs (where it `supports` them).
+        self.compiled = compiled
+        self.path = "reference"  # which ran the run's last steps: "reference" or "compiled"
         g = trace.geometry
         self.L, self.J = g.num_layers, g.num_experts
         hw = costs.hardware
@@ -584,6 +588,11 @@ class SimEngine:
             del sleeping[:k]
         return t, waited
 
+    def _link_idle(self) -> bool:
+        """Nothing queued, on the wire, due in SimPy or waiting for a pin: every engine asleep."""
+        return (not self.cache.busy and not self._releases and self.env.peek() == simpy.core.Infinity
+                and self._engines_idle())
+
     def _quiet(self, experts_l) -> bool:
         """Whether a step can run as `_quiet_step`: nothing is queued, on the wire or due in SimPy,
         every copy engine sleeps until work is handed to it, and every layer fits in the cache.
@@ -709,7 +718,17 @@ class SimEngine:
         hookless = (not self._wants_step and not wants_layer and self.oracle is None and stretch is None
                     and not cpu_exec)
         cpu_done = 0  # when the CPU's share of the current layer is back on the GPU (0: none)
+        fast = None
+        if self.compiled and hookless and inline:
+            from finemoe.sim.compiled import CompiledSteps, supports
+
+            fast = CompiledSteps(self) if supports(self) else None
         while not batcher.done:
+            if fast is not None and self.step >= tl_steps and self._link_idle():
+                # The rest of the run is quiet steps: the compiled path plays them with the same results.
+                t, stall = fast.run(t, stall, first_seen)
+                self.path = "compiled"
+                break
             seqs = batcher.next_step(t)
             if not seqs:
                 t = max(t, int(batcher.next_arrival()))

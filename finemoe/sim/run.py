@@ -123,9 +123,10 @@ def _default_storage():
     return STORAGE_PRESETS[DEFAULT_STORAGE]
 
 
-def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = False) -> RunResult:
+def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = False, compiled: bool = True) -> RunResult:
     """One engine run of the policy object `policy` under `config`; `bounds`: with the lower bounds
-    for the start state it ran from as `bound_*` summary fields."""
+    for the start state it ran from as `bound_*` summary fields; `compiled`: let sim/compiled.py
+    run the steps it supports (the same results; False: the reference engine throughout)."""
     wall0 = time.perf_counter()
     check_fields(policy, trace)
     wl = config.workload
@@ -144,13 +145,14 @@ def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = Fals
         recorder.request_arrived(rid, a / TICKS_PER_S, requests[rid].prompt_tokens, len(by_req.get(rid, ())))
     costs = CostModel(config.hardware, trace.geometry, cpu_for(config, policy))
     engine = SimEngine(trace, policy, costs, plan, batcher, recorder, seed=config.seed, online=wl.online,
-                       host_tier=host_tier_for(config, policy, trace, recorder))
+                       host_tier=host_tier_for(config, policy, trace, recorder), compiled=compiled)
     if policy.uses_history and not wl.online:
         policy.fit(trace.select_requests(split.history))
     makespan_s = engine.run()
     cfg = config.to_dict()
     cfg.update(
         engine="sim",
+        engine_path=engine.path,
         trace_hash=trace.content_hash(),
         geometry=trace.geometry.to_dict(),
         split=split.to_dict(),

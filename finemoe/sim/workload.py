@@ -148,6 +148,11 @@ class ContinuousBatcher:
         """When the next not yet admitted request arrives (None if none is left)."""
         return self._queue[0][1] if self._queue else None
 
+    def last_arrival(self) -> float | None:
+        """When the last not yet admitted request arrives (None if none is left): from then on the
+        steps no longer depend on the clock."""
+        return self._queue[-1][1] if self._queue else None
+
     def arrived_count(self, now: float) -> int:
         """Requests admitted so far plus those queued and already arrived at `now`."""
         return self.admitted + sum(1 for a in self._queue if a[1] <= now)

@@ -1,0 +1,120 @@
+"""The compiled path (sim/compiled.py) gives the reference engine's results, field by field: on
+random workloads (hypothesis) and on the real Mixtral logs, for LRU and LFU."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from finemoe.policies.registry import make_policy
+from finemoe.sim import compiled
+from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+from finemoe.sim.hardware import PRESETS
+from finemoe.sim.run import load_trace_for, simulate_policy
+from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+
+pytestmark = pytest.mark.skipif(compiled.numba is None, reason="numba is not importable here")
+_STAMPS = Path(tempfile.mkdtemp(prefix="finemoe-compiled-"))
+
+
+def _both(trace, config):
+    """(reference, compiled) results of one configuration."""
+    ref = simulate_policy(trace, config, make_policy(config.policy), compiled=False)
+    fast = simulate_policy(trace, config, make_policy(config.policy), compiled=True)
+    return ref, fast
+
+
+def assert_same(ref, fast) -> None:
+    """Every summary field, every request's times and the configuration agree, but wall-clock ones."""
+    assert ref.config["engine_path"] == "reference"
+    timed = {k for k in ref.summary if "wall" in k}
+    for key, value in ref.summary.items():
+        if key in timed:
+            continue
+        got = fast.summary[key]
+        assert got == value or (isinstance(value, float) and math.isnan(value) and math.isnan(got)), key
+    assert set(fast.summary) == set(ref.summary)
+    assert ref.requests.equals(fast.requests)
+    assert ref.timeline == fast.timeline
+    strip = lambda c: {k: v for k, v in c.items() if k != "engine_path"}  # noqa: E731
+    assert strip(ref.config) == strip(fast.config)
+
+
+@st.composite
+def workloads(draw):
+    L, J = draw(st.integers(1, 4)), draw(st.integers(2, 8))
+    K = draw(st.integers(1, min(J, 3)))
+    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=K),
+                            num_requests=draw(st.integers(2, 6)), prompt_tokens=(1, 4), generated_tokens=(1, 6),
+                            seed=draw(st.integers(0, 10_000)))
+    hw = PRESETS["rtx3090"].with_overrides(
+        pcie_gbps=draw(st.sampled_from([0.25, 4.0, 32.0, 1000.0])), copy_engines=draw(st.integers(1, 3)),
+        miss_overhead_s=draw(st.sampled_from([0.0, 2e-6])), copy_start_delay_s=draw(st.sampled_from([0.0, 1e-6])),
+        compute_copy_slowdown=draw(st.sampled_from([1.0, 1.5])))
+    arrival = draw(st.sampled_from(["all", "poisson", "file"]))
+    batch = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 50))
+    if arrival == "file":
+        path = _STAMPS / f"stamps-{seed}.txt"
+        path.write_text("\n".join(f"{0.001 * i * (1 + seed % 3):.6f}" for i in range(len(trace.requests))) + "\n")
+        wl = WorkloadConfig(max_batch=batch, history_fraction=0.4, arrival="file", timestamps_path=str(path))
+    else:
+        wl = WorkloadConfig(max_batch=batch, history_fraction=0.4, arrival=arrival, rate_rps=300.0,
+                            online=draw(st.booleans()))
+    config = SimConfig("synthetic", draw(st.sampled_from(["lru", "lfu"])), hw,
+                       memory=MemoryConfig(expert_cache_slots=draw(st.integers(J, L * J + 1))), workload=wl,
+                       seed=seed, timeline_steps=draw(st.sampled_from([0, 2, 8])))
+    return trace, config
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_compiled_path_gives_the_reference_results_on_random_workloads(case):
+    trace, config = case
+    ref, fast = _both(trace, config)
+    assert_same(ref, fast)
+    steps = fast.summary["steps"] if "steps" in fast.summary else None
+    if config.timeline_steps == 0 or (steps is not None and steps > config.timeline_steps):
+        assert fast.config["engine_path"] == "compiled"
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_compiled_path_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path, policy):
+    for gpu_mem in ("12G", "24G", "48G", "64G"):
+        for seed in (0, 3):
+            from finemoe.sim.memory import parse_size
+
+            config = SimConfig(str(mixtral_trace_path), policy, PRESETS["rtx3090"],
+                               memory=MemoryConfig(gpu_mem_bytes=parse_size(gpu_mem)), seed=seed,
+                               workload=WorkloadConfig(history_fraction=0.0))
+            ref, fast = _both(load_trace_for(config), config)
+            assert fast.config["engine_path"] == "compiled"
+            assert_same(ref, fast)
+
+
+def test_outside_its_rules_the_reference_runs():
+    trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=6, top_k=2), num_requests=3, seed=1)
+
+    def path(policy="lru", slots=6, **hw):
+        config = SimConfig("synthetic", policy, PRESETS["rtx3090"].with_overrides(**hw),
+                           memory=MemoryConfig(expert_cache_slots=slots), timeline_steps=0)
+        return simulate_policy(trace, config, make_policy(policy)).config["engine_path"]
+
+    assert path() == "compiled"
+    assert path(slots=5) == "reference"  # a prefill may need all 6 experts of a layer at once
+    assert path(policy="slru") == "reference"  # not a policy the kernel reproduces
+    assert path(copy_compute_slowdown=2.0) == "reference"  # copies stretch the compute
+
+
+def test_without_numba_the_reference_runs(monkeypatch):
+    monkeypatch.setattr(compiled, "numba", None)
+    trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=4, top_k=2), num_requests=3, seed=2)
+    config = SimConfig("synthetic", "lfu", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=6),
+                       timeline_steps=0)
+    assert simulate_policy(trace, config, make_policy("lfu")).config["engine_path"] == "reference"
+
