@@ -158,3 +158,27 @@ def test_lfu_and_per_layer_lru_in_one_pass(seq):
         for layer in (0, 1):
             mine = [k for k in seq if k % 2 == layer]
             assert int(misses_at(per[layers == layer], slots).sum()) == lru_misses(mine, slots)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 12), max_size=120), st.integers(0, 3))
+def test_the_compiled_passes_agree_with_the_plain_ones(values, spread):
+    from finemoe.plan.curves import (
+        lfu_distances,
+        lru_distances_plain,
+        next_uses,
+        priority_distances,
+        priority_distances_plain,
+    )
+
+    keys = np.asarray(values, dtype=np.int64) * (10**spread) + 7  # sparse key values, renumbered inside
+    assert lru_distances(keys).tolist() == lru_distances_plain(keys).tolist()
+    belady = -next_uses(keys)
+    assert priority_distances(keys, belady).tolist() == priority_distances_plain(keys, belady).tolist()
+    n = len(keys)
+    counts: dict[int, int] = {}
+    prio = np.empty(n, dtype=np.int64)
+    for i, k in enumerate(keys.tolist()):
+        counts[k] = counts.get(k, 0) + 1
+        prio[i] = counts[k] * (n + 1) + i
+    assert lfu_distances(keys).tolist() == priority_distances_plain(keys, prio).tolist()

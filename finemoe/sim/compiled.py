@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from finemoe.jit import jit as _jit
+from finemoe.jit import numba
 from finemoe.policies.lfu import LFUPolicy
 from finemoe.policies.lru import LRUPolicy
 from finemoe.sim.costs import TICKS_PER_S, to_ticks
@@ -33,17 +35,6 @@ POLICIES = {LRUPolicy: 0, LFUPolicy: 1}
 # State slots of the int64 `state` array the kernel updates in place.
 N_RESIDENT, WIRE_FREE, CLOCK, LOADS, ERROR = range(5)
 NO_VICTIM, DEADLOCK = 1, 2  # error codes: the reference raises PolicyError / DeadlockError there
-
-
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; a broken install runs the reference
-    numba = None
-
-
-def _jit(fn):
-    """Compiled with numba (cached on disk beside the module) where it imports; plain otherwise."""
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
 
 
 def supports(engine) -> bool:
