@@ -165,6 +165,7 @@ def test_lfu_and_per_layer_lru_in_one_pass(seq):
 def test_the_compiled_passes_agree_with_the_plain_ones(values, spread):
     from finemoe.plan.curves import (
         lfu_distances,
+        lfu_priority,
         lru_distances_plain,
         next_uses,
         priority_distances,
@@ -175,10 +176,4 @@ def test_the_compiled_passes_agree_with_the_plain_ones(values, spread):
     assert lru_distances(keys).tolist() == lru_distances_plain(keys).tolist()
     belady = -next_uses(keys)
     assert priority_distances(keys, belady).tolist() == priority_distances_plain(keys, belady).tolist()
-    n = len(keys)
-    counts: dict[int, int] = {}
-    prio = np.empty(n, dtype=np.int64)
-    for i, k in enumerate(keys.tolist()):
-        counts[k] = counts.get(k, 0) + 1
-        prio[i] = counts[k] * (n + 1) + i
-    assert lfu_distances(keys).tolist() == priority_distances_plain(keys, prio).tolist()
+    assert lfu_distances(keys).tolist() == priority_distances_plain(keys, lfu_priority(keys)).tolist()

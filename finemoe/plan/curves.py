@@ -187,16 +187,21 @@ def min_distances(keys: np.ndarray) -> np.ndarray:
     return priority_distances(keys, -next_uses(keys))
 
 
-def lfu_distances(keys: np.ndarray) -> np.ndarray:
-    """LFU's stack distances, with use counts kept across evictions and the least recently used
-    first among equals (policies/caches.py LFUCounts): priority = (uses so far, last use)."""
+def lfu_priority(keys: np.ndarray) -> np.ndarray:
+    """LFU's priority from each access on: (uses so far, last use) as one integer."""
     n = len(keys)
     counts: dict[int, int] = {}
     prio = np.empty(n, dtype=np.int64)
     for i, k in enumerate(keys.tolist()):
         counts[k] = counts.get(k, 0) + 1
         prio[i] = counts[k] * (n + 1) + i
-    return priority_distances(keys, prio)
+    return prio
+
+
+def lfu_distances(keys: np.ndarray) -> np.ndarray:
+    """LFU's stack distances, with use counts kept across evictions and the least recently used
+    first among equals (policies/caches.py LFUCounts): priority = (uses so far, last use)."""
+    return priority_distances(keys, lfu_priority(keys))
 
 
 def per_group_lru_distances(keys: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -154,17 +154,13 @@ def layer_step(experts, ticks, dense, t, num_experts, capacity, engines, ticks_p
             on_wire[m] = False
             pending[m] = True
         while sleeping > 0 and head < k:  # `_wake_at(t)`
-            uh = _apply_unpins(u_time, u_key, uh, un, t, pinned)
-            if state[N_RESIDENT] + in_flight >= capacity and _evict(resident, stamp, count, pinned, lfu, state) < 0:
+            uh, in_flight, hn, head, order = _start_next(
+                t, True, stalled, u_time, u_key, uh, un, capacity, in_flight, lfu, resident, stamp, count, pinned,
+                state, busy_latency, latency, busy_wire, wire, h_end, h_ord, h_miss, hn, arr_end, arr_ord, on_wire,
+                head, order)
+            if uh < 0:
                 state[ERROR] = DEADLOCK
                 return t, waited
-            in_flight += 1
-            end = _reserve(t, True, stalled, busy_latency, latency, busy_wire, wire, state)
-            h_end[hn], h_ord[hn], h_miss[hn] = end, order, head
-            arr_end[head], arr_ord[head], on_wire[head] = end, order, True
-            hn += 1
-            order += 1
-            head += 1
             sleeping -= 1
         t += miss_ticks * k
         for i in range(n):
@@ -310,6 +306,22 @@ def _apply_unpins(u_time, u_key, uh, un, now, pinned):
 
 
 @_jit
+def _start_next(at, handed, stalled, u_time, u_key, uh, un, capacity, in_flight, lfu, resident, stamp, count, pinned,
+                state, busy_latency, latency, busy_wire, wire, h_end, h_ord, h_miss, hn, arr_end, arr_ord, on_wire,
+                head, order):
+    """The queue's next on-demand load at time `at`, as `next_transfer` and `_reserve` start it:
+    the pins due released, a slot made (the policy's victim when none is free), the copy on the
+    wire. Returns (uh, in_flight, hn, head, order), uh = -1 when no slot can be made."""
+    uh = _apply_unpins(u_time, u_key, uh, un, at, pinned)
+    if state[N_RESIDENT] + in_flight >= capacity and _evict(resident, stamp, count, pinned, lfu, state) < 0:
+        return -1, in_flight, hn, head, order
+    end = _reserve(at, handed, stalled, busy_latency, latency, busy_wire, wire, state)
+    h_end[hn], h_ord[hn], h_miss[hn] = end, order, head
+    arr_end[head], arr_ord[head], on_wire[head] = end, order, True
+    return uh, in_flight + 1, hn + 1, head + 1, order + 1
+
+
+@_jit
 def _land(until_end, until_ord, h_end, h_ord, h_miss, hn, arr_end, arr_ord, on_wire, miss_keys, k, head, sleeping,
           order, in_flight, u_time, u_key, uh, un, stalled, capacity, busy_latency, latency, busy_wire, wire, lfu,
           resident, stamp, count, pinned, state):
@@ -335,16 +347,12 @@ def _land(until_end, until_ord, h_end, h_ord, h_miss, hn, arr_end, arr_ord, on_w
             continue
         handed = False  # the engine goes on to the next copy itself, then wakes the sleeping ones
         while True:
-            uh = _apply_unpins(u_time, u_key, uh, un, end, pinned)
-            if state[N_RESIDENT] + in_flight >= capacity and _evict(resident, stamp, count, pinned, lfu, state) < 0:
+            uh, in_flight, hn, head, order = _start_next(
+                end, handed, stalled, u_time, u_key, uh, un, capacity, in_flight, lfu, resident, stamp, count,
+                pinned, state, busy_latency, latency, busy_wire, wire, h_end, h_ord, h_miss, hn, arr_end, arr_ord,
+                on_wire, head, order)
+            if uh < 0:
                 return hn, head, sleeping, order, in_flight, uh, True
-            in_flight += 1
-            e2 = _reserve(end, handed, stalled, busy_latency, latency, busy_wire, wire, state)
-            h_end[hn], h_ord[hn], h_miss[hn] = e2, order, head
-            arr_end[head], arr_ord[head], on_wire[head] = e2, order, True
-            hn += 1
-            order += 1
-            head += 1
             if handed:
                 sleeping -= 1
             if not (sleeping > 0 and head < k):
