@@ -173,6 +173,8 @@ class LayerRouting:
 class OracleView:
     """The future, for oracle policies only. Engines implement it; see sim/engine.py."""
 
+    num_layers: int = 0  # set by the engine: a position is step x num_layers + layer
+
     def next_use(self, key: ExpertKey, after: tuple[int, int]) -> float:
         """Engine (step, layer) index of the next use of `key` strictly after `after`, as a
         monotone float position; `inf` if never used again."""
@@ -181,6 +183,18 @@ class OracleView:
     def upcoming(self, after: tuple[int, int], limit: int) -> list[tuple[int, int, int]]:
         """Up to `limit` future accesses (step, layer, expert), in order, strictly after `after`."""
         raise NotImplementedError
+
+    def first_uses(self, after: tuple[int, int], limit: int) -> tuple[list[tuple[int, int, int]], int, int]:
+        """Of `upcoming(after, limit)`: each expert's first access, in order; how many accesses the
+        window held; the position (step x layers + layer) of its last one (-1: none). An engine
+        may answer it faster than this, which reads the window."""
+        window = self.upcoming(after, limit)
+        seen, first = set(), []
+        for s, layer, e in window:
+            if (layer, e) not in seen:
+                seen.add((layer, e))
+                first.append((s, layer, e))
+        return first, len(window), (window[-1][0] * self.num_layers + window[-1][1]) if window else -1
 
 
 @dataclass(frozen=True)

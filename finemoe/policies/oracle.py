@@ -78,6 +78,7 @@ class OraclePolicy(Policy):
         self._last_routed: tuple[int, float] | None = None  # (position, now_s)
         self._prefill_step = False
         self.layer_s: float | None = None  # shortest interval seen between consecutive routed layers
+        self._asks: dict = {}  # (step, layer, expert, boosted) -> its Prefetch (immutable, so shared)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -106,43 +107,45 @@ class OraclePolicy(Policy):
         here = step * L + layer
         limit = here + self.lookahead
         nearest = here + self.params["min_ahead"]
-        resident, in_flight = self.resident, self.ctx.is_in_flight
-        out, seen = [], set()
+        resident, in_flight, asks = self.resident, self.ctx.is_in_flight, self._asks
+        out = []
         # During a prefill (decode-first), every expert first needed by a later step ranks above the step's own.
         boost = BOOST if self._prefill_step else 0.0
         # Looking far ahead, no more accesses are read than a few cache-fulls (the rest could not land).
         scan = min(self.lookahead * self.J, max(L * self.J, 4 * self.ctx.capacity_slots))
-        for s, lay, e in self._upcoming(scan, limit):
+        for s, lay, e in self._first_uses(scan, limit):  # each expert asked for at its first use
             p = s * L + lay
             if p > limit:
                 break
-            key = (lay, e)
-            if key in seen:
-                continue  # asked for at its first use already
-            seen.add(key)
             if boost and s == step:
                 continue  # the prefill's own experts come by their demand loads
+            key = (lay, e)
             if p >= nearest and key not in resident and not in_flight(key):
-                out.append(Prefetch(float(-p) + (boost if s > step else 0.0), s, lay, e))
+                ask = (s, lay, e, bool(boost) and s > step)
+                prefetch = asks.get(ask)
+                if prefetch is None:  # asked again at every layer until it lands: made once
+                    prefetch = asks[ask] = Prefetch(float(-p) + (boost if ask[3] else 0.0), s, lay, e)
+                out.append(prefetch)
         return out
 
-    def _upcoming(self, scan: int, limit: int) -> list:
-        """The next `scan` accesses, or, while the cache has free slots, as many more (within the
-        lookahead `limit`, a position) as it takes to see enough experts not resident to fill them:
-        when a few experts repeat, a count of accesses reaches only those, and an expert needed
-        far ahead (a later request's decode, say) costs nothing to bring into a free slot while the
-        link is free. Past the warm-up the cache is full and this reads no further."""
-        accesses = self.view.upcoming(self.pos, scan)
+    def _first_uses(self, scan: int, limit: int) -> list:
+        """Each expert's first access among the next `scan` accesses, or, while the cache has free
+        slots, among as many more (within the lookahead `limit`, a position) as it takes to see
+        enough experts not resident to fill them: when a few experts repeat, a count of accesses
+        reaches only those, and an expert needed far ahead (a later request's decode, say) costs
+        nothing to bring into a free slot while the link is free. Past the warm-up the cache is
+        full and this reads no further."""
+        first, count, last = self.view.first_uses(self.pos, scan)
         free = self.ctx.capacity_slots - len(self.resident)
         if free <= 0:
-            return accesses
-        L, resident = self.L, self.resident
-        while len(accesses) == scan and accesses[-1][0] * L + accesses[-1][1] <= limit:
-            if len({(lay, e) for _, lay, e in accesses} - resident) >= free:
+            return first
+        resident = self.resident
+        while count == scan and last <= limit:
+            if sum(1 for _, lay, e in first if (lay, e) not in resident) >= free:
                 break
             scan *= 2
-            accesses = self.view.upcoming(self.pos, scan)
-        return accesses
+            first, count, last = self.view.first_uses(self.pos, scan)
+        return first
 
     # --- notifications -------------------------------------------------------------------------------
     def on_step_start(self, step):

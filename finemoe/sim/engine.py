@@ -103,11 +103,12 @@ class _PlanOracle(OracleView):
     arrivals; re-planned whenever a request arrives otherwise)."""
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
-        self.L = num_layers
+        self.L = self.num_layers = num_layers
         self.J = num_experts
         self._per_key: dict[tuple[int, int], list[int]] = {}
         self._pos: list[int] = []
         self._entries: list[tuple[int, int, int]] = []
+        self._prev = np.zeros(0, dtype=np.int64)  # per entry: the index of its expert's previous entry (-1: none)
         self.version = 0  # bumped on every re-plan, so policies can refresh derived state
 
     def rebuild(self, base_step: int, steps: list[tuple[Sequence, ...]], info) -> None:
@@ -115,6 +116,8 @@ class _PlanOracle(OracleView):
         pos_list: list[int] = []
         entries: list[tuple[int, int, int]] = []
         per_key: dict[tuple[int, int], list[int]] = {}
+        prev: list[int] = []
+        last: dict[tuple[int, int], int] = {}
         for i, seqs in enumerate(steps):
             s = base_step + i
             if len(seqs) == 1:
@@ -124,10 +127,14 @@ class _PlanOracle(OracleView):
             for layer, experts in enumerate(layer_sets):
                 p = s * L + layer
                 for e in experts:
+                    key = (layer, e)
+                    prev.append(last.get(key, -1))
+                    last[key] = len(entries)
                     pos_list.append(p)
                     entries.append((s, layer, e))
-                    per_key.setdefault((layer, e), []).append(p)
+                    per_key.setdefault(key, []).append(p)
         self._pos, self._entries, self._per_key = pos_list, entries, per_key
+        self._prev = np.array(prev, dtype=np.int64)
         self.version += 1
 
     def position(self, after: tuple[int, int]) -> int:
@@ -143,6 +150,17 @@ class _PlanOracle(OracleView):
     def upcoming(self, after, limit):
         i = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
         return self._entries[i : i + limit]
+
+    def first_uses(self, after, limit):
+        """`OracleView.first_uses` without reading the window: an entry is its expert's first in a
+        window starting at entry i0 exactly when its expert's previous entry lies before i0."""
+        i0 = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
+        i1 = min(i0 + limit, len(self._entries))
+        if i1 <= i0:
+            return [], 0, -1
+        entries = self._entries
+        first = [entries[i] for i in (np.flatnonzero(self._prev[i0:i1] < i0) + i0).tolist()]
+        return first, i1 - i0, self._pos[i1 - 1]
 
 
 class SimEngine:
