@@ -103,7 +103,7 @@ def test_outside_its_rules_the_reference_runs():
     def path(policy="lru", slots=6, **hw):
         config = SimConfig("synthetic", policy, PRESETS["rtx3090"].with_overrides(**hw),
                            memory=MemoryConfig(expert_cache_slots=slots), timeline_steps=0)
-        return simulate_policy(trace, config, make_policy(policy)).config["engine_path"]
+        return simulate_policy(trace, config, make_policy(policy), compiled=True).config["engine_path"]
 
     assert path() == "compiled"
     assert path(slots=5) == "reference"  # a prefill may need all 6 experts of a layer at once
@@ -116,5 +116,26 @@ def test_without_numba_the_reference_runs(monkeypatch):
     trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=4, top_k=2), num_requests=3, seed=2)
     config = SimConfig("synthetic", "lfu", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=6),
                        timeline_steps=0)
-    assert simulate_policy(trace, config, make_policy("lfu")).config["engine_path"] == "reference"
+    assert simulate_policy(trace, config, make_policy("lfu"), compiled=True).config["engine_path"] == "reference"
+
+
+def test_by_default_it_starts_where_it_pays(monkeypatch):
+    """Cold (numba not yet run in this process) only for a run of enough layer-steps; warm, always."""
+    from finemoe.sim import engine
+
+    trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=4, top_k=2), num_requests=3, seed=2)
+    config = SimConfig("synthetic", "lru", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=6),
+                       timeline_steps=0)
+    layer_steps = 2 * sum(len(its) for its in trace.iterations_by_request.values())
+
+    def path():
+        return simulate_policy(trace, config, make_policy("lru")).config["engine_path"]
+
+    monkeypatch.setattr(compiled, "warm", False)
+    monkeypatch.setattr(engine, "COMPILED_MIN_LAYER_STEPS", layer_steps + 1)
+    assert path() == "reference"
+    monkeypatch.setattr(engine, "COMPILED_MIN_LAYER_STEPS", 1)
+    assert path() == "compiled" and compiled.warm
+    monkeypatch.setattr(engine, "COMPILED_MIN_LAYER_STEPS", layer_steps + 1)
+    assert path() == "compiled"  # warm now
 

@@ -35,6 +35,7 @@ POLICIES = {LRUPolicy: 0, LFUPolicy: 1}
 # State slots of the int64 `state` array the kernel updates in place.
 N_RESIDENT, WIRE_FREE, CLOCK, LOADS, ERROR = range(5)
 NO_VICTIM, DEADLOCK = 1, 2  # error codes: the reference raises PolicyError / DeadlockError there
+warm = False  # the kernels have run in this process: numba is imported and their machine code loaded
 
 
 def supports(engine) -> bool:
@@ -470,6 +471,8 @@ class CompiledSteps:
         ticks so far, with the recorder's counts, the engine's step and link brought up to date.
         Once every request has arrived the steps no longer depend on the clock: they are planned
         first and run in one kernel call (`run_steps`)."""
+        global warm
+        warm = True
         self._take_over()
         eng = self.engine
         batcher, rec, cache = eng.batcher, eng.rec, eng.cache

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import operator
+import sys
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -40,6 +41,7 @@ from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.schema import Trace
 
 _S = 1.0 / TICKS_PER_S
+COMPILED_MIN_LAYER_STEPS = 300_000  # `SimEngine._compiled_pays`
 _PLAIN = operator.itemgetter(1)  # of a `_sleeping` entry: the engine sleeps until work is handed to it
 _LAST = 2  # SimPy priority below NORMAL: the compute clock syncs after every other event at that time
 
@@ -180,7 +182,7 @@ class SimEngine:
         fast_path: bool = True,
         inline_misses: bool = True,
         host_tier=None,
-        compiled: bool = True,
+        compiled: bool | None = None,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -197,7 +199,8 @@ class SimEngine:
         self._low = policy.low_precision is not None
         self.fast_path = fast_path and host_tier is None and not self._low
         self.inline_misses = inline_misses and self.fast_path  # `_misses_inline`; off: every copy a SimPy event
-        # sim/compiled.py takes over the quiet steps of LRU and LFU runs (where it `supports` them).
+        # sim/compiled.py takes over the quiet steps of LRU and LFU runs (where it `supports` them):
+        # True whenever it can, False never, None where it pays (`_compiled_pays`).
         self.compiled = compiled
         self.path = "reference"  # which ran the run's last steps: "reference" or "compiled"
         g = trace.geometry
@@ -606,6 +609,16 @@ class SimEngine:
             del sleeping[:k]
         return t, waited
 
+    def _compiled_pays(self) -> bool:
+        """Whether the compiled path is worth starting: once it has run in this process, always;
+        before, only for a run of at least COMPILED_MIN_LAYER_STEPS layer-steps, as importing numba
+        and loading its cached machine code take about 0.7 s, what the reference needs for a few
+        hundred thousand layer-steps."""
+        loaded = sys.modules.get("finemoe.sim.compiled")
+        if loaded is not None and loaded.warm:
+            return True
+        return self.L * sum(len(its) for _, _, its in self.batcher.arrivals) >= COMPILED_MIN_LAYER_STEPS
+
     def _link_idle(self) -> bool:
         """Nothing queued, on the wire, due in SimPy or waiting for a pin: every engine asleep."""
         return (not self.cache.busy and not self._releases and self.env.peek() == simpy.core.Infinity
@@ -737,7 +750,7 @@ class SimEngine:
                     and not cpu_exec)
         cpu_done = 0  # when the CPU's share of the current layer is back on the GPU (0: none)
         fast = None
-        if self.compiled and hookless and inline:
+        if self.compiled is not False and hookless and inline and (self.compiled or self._compiled_pays()):
             from finemoe.sim.compiled import CompiledSteps, supports
 
             fast = CompiledSteps(self) if supports(self) else None

@@ -123,10 +123,12 @@ def _default_storage():
     return STORAGE_PRESETS[DEFAULT_STORAGE]
 
 
-def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = False, compiled: bool = True) -> RunResult:
+def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = False,
+                    compiled: bool | None = None) -> RunResult:
     """One engine run of the policy object `policy` under `config`; `bounds`: with the lower bounds
-    for the start state it ran from as `bound_*` summary fields; `compiled`: let sim/compiled.py
-    run the steps it supports (the same results; False: the reference engine throughout)."""
+    for the start state it ran from as `bound_*` summary fields; `compiled`: whether sim/compiled.py
+    runs the steps it supports (the same results): True whenever it can, False never (the
+    reference throughout), None where it pays (`SimEngine._compiled_pays`)."""
     wall0 = time.perf_counter()
     check_fields(policy, trace)
     wl = config.workload
