@@ -68,9 +68,14 @@ class RunResult:
 
 def latency_summary(requests: pd.DataFrame) -> dict[str, float]:
     """p50/p90/p99 and mean of ttft, tpot and e2e over the measured requests (NaNs ignored)."""
+    return latency_stats({m: requests[f"{m}_s"].to_numpy(dtype=float) for m in ("ttft", "tpot", "e2e")})
+
+
+def latency_stats(times: dict[str, np.ndarray]) -> dict[str, float]:
+    """`latency_summary` of per-request ttft, tpot and e2e arrays (seconds, NaN: none)."""
     out: dict[str, float] = {}
     for metric in ("ttft", "tpot", "e2e"):
-        values = requests[f"{metric}_s"].to_numpy(dtype=float)
+        values = times[metric]
         values = values[~np.isnan(values)]
         for q in (50, 90, 99):
             out[f"{metric}_p{q}_s"] = float(np.percentile(values, q)) if values.size else float("nan")
@@ -78,14 +83,25 @@ def latency_summary(requests: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def request_times(arrival, first_token, finish, generated) -> dict[str, np.ndarray]:
+    """ttft, tpot and e2e per request from its timestamps and token count (float arrays; tpot is
+    NaN for a request of one token)."""
+    arrival, first_token, finish = (np.asarray(a, dtype=float) for a in (arrival, first_token, finish))
+    generated = np.asarray(generated)
+    decode = np.where(generated > 1, generated - 1, np.nan)
+    return {"ttft": first_token - arrival, "tpot": (finish - first_token) / decode, "e2e": finish - arrival}
+
+
 def requests_frame(rows: list[dict]) -> pd.DataFrame:
     """Per-request table from raw timestamps, deriving ttft/tpot/e2e."""
     df = pd.DataFrame(rows, columns=list(REQUEST_COLUMNS[:6]))
-    df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
-    decode = (df["generated_tokens"] - 1).where(df["generated_tokens"] > 1)
-    df["tpot_s"] = (df["finish_s"] - df["first_token_s"]) / decode
-    df["e2e_s"] = df["finish_s"] - df["arrival_s"]
-    return df[list(REQUEST_COLUMNS)]
+    if df.empty:
+        for name in ("ttft_s", "tpot_s", "e2e_s"):
+            df[name] = np.zeros(0)
+        return df[list(REQUEST_COLUMNS)]
+    times = request_times(df["arrival_s"].to_numpy(), df["first_token_s"].to_numpy(), df["finish_s"].to_numpy(),
+                          df["generated_tokens"].to_numpy())
+    return df.assign(ttft_s=times["ttft"], tpot_s=times["tpot"], e2e_s=times["e2e"])[list(REQUEST_COLUMNS)]
 
 
 def write_result(result: RunResult, path: str | os.PathLike) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finemoe.results import TIMELINE_FIELDS, RunResult, latency_summary, requests_frame
+from finemoe.results import TIMELINE_FIELDS, RunResult, latency_stats, request_times, requests_frame
 
 
 @dataclass
@@ -88,7 +88,9 @@ class MetricsRecorder:
         return [h / (h + m) if h + m else float("nan") for h, m in zip(self.hits, self.misses, strict=True)]
 
     def summary(self, wall_s: float, makespan_s: float) -> dict:
-        frame = requests_frame(list(self.requests.values()))
+        rows = list(self.requests.values())  # in arrival order, as the latency figures have always been taken
+        times = request_times(*([r[k] for r in rows] for k in ("arrival_s", "first_token_s", "finish_s",
+                                                               "generated_tokens")))
         out = {
             "hit_rate": self.hit_rate,
             "hits": self.total_hits,
@@ -123,7 +125,7 @@ class MetricsRecorder:
             "wall_s": wall_s,
             "layer_steps_per_wall_s": self.layer_steps / wall_s if wall_s > 0 else float("nan"),
         }
-        out.update(latency_summary(frame))
+        out.update(latency_stats(times))
         return out
 
     def to_result(self, config: dict, *, wall_s: float, makespan_s: float) -> RunResult:
