@@ -95,10 +95,6 @@ def request_times(arrival, first_token, finish, generated) -> dict[str, np.ndarr
 def requests_frame(rows: list[dict]) -> pd.DataFrame:
     """Per-request table from raw timestamps, deriving ttft/tpot/e2e."""
     df = pd.DataFrame(rows, columns=list(REQUEST_COLUMNS[:6]))
-    if df.empty:
-        for name in ("ttft_s", "tpot_s", "e2e_s"):
-            df[name] = np.zeros(0)
-        return df[list(REQUEST_COLUMNS)]
     times = request_times(df["arrival_s"].to_numpy(), df["first_token_s"].to_numpy(), df["finish_s"].to_numpy(),
                           df["generated_tokens"].to_numpy())
     return df.assign(ttft_s=times["ttft"], tpot_s=times["tpot"], e2e_s=times["e2e"])[list(REQUEST_COLUMNS)]

@@ -45,6 +45,7 @@ def test_lfu_counts_with_lru_tie_break():
     c.touch((0, 2))
     c.touch((0, 1))
     assert c.victim(lambda k: True) == (0, 2)  # (0,1) and (0,2) used once; (0,2) less recently
+    assert c.keys() == [(0, 2), (0, 1), (0, 0)]  # the victim order: fewest uses, then least recent
     c.evicted((0, 2))
     c.loaded((0, 2))
     assert c.count((0, 2)) == 1  # counts survive eviction

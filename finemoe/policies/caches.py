@@ -109,6 +109,10 @@ class LFUCounts:
     def count(self, key: ExpertKey) -> int:
         return self.counts.get(key, 0)
 
+    def keys(self) -> list[ExpertKey]:
+        """Residents in eviction order: least used first, the least recently used among equals."""
+        return [key for count in sorted(self._buckets) for key in self._buckets[count]]
+
     def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
         """The least used evictable expert, the least recently used among equals."""
         heap, buckets = self._heap, self._buckets

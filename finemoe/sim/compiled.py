@@ -26,7 +26,7 @@ from finemoe.jit import numba
 from finemoe.policies.lfu import LFUPolicy
 from finemoe.policies.lru import LRUPolicy
 from finemoe.sim.costs import TICKS_PER_S, to_ticks
-from finemoe.sim.engine import DeadlockError
+from finemoe.sim.engine import DeadlockError, one_token
 
 _S = 1.0 / TICKS_PER_S
 # The policies whose victim order `layer_step` reproduces: LRU (least recent use or load first) and
@@ -392,12 +392,11 @@ class CompiledSteps:
             self.resident[layer * J + e] = True
         policy = eng.policy
         if self.lfu:
-            lfu = policy.lfu
-            for (layer, e), c in lfu.counts.items():
+            for (layer, e), c in policy.lfu.counts.items():
                 self.count[layer * J + e] = c
-            ordered = [key for c in sorted(lfu._buckets) for key in lfu._buckets[c]]
+            ordered = policy.lfu.keys()
         else:
-            ordered = list(policy._recency)
+            ordered = policy.order.keys()
         for i, (layer, e) in enumerate(ordered, start=1):
             self.stamp[layer * J + e] = i
         self.state[CLOCK] = len(ordered)
@@ -430,7 +429,7 @@ class CompiledSteps:
         eng = self.engine
         rows = self._rows()
         position = eng.trace.position
-        if len(seqs) == 1 and seqs[0].stop - seqs[0].start == 1:
+        if one_token(seqs):
             row = seqs[0].start
             pos = int(position[row]) + 1
             return rows[row], self._one_tick, self._dense_of(1, pos, pos), 1
@@ -453,18 +452,6 @@ class CompiledSteps:
         for c in np.unique(counts[used]).tolist():
             ticks[counts == c] = eng.expert_ticks(c)
         return experts, ticks, self._dense_of(tokens, context, pairs), tokens
-
-    def _record(self, seqs, finished, end_s: float, first_seen: set[int]) -> None:
-        """A step's end in the recorder, as the reference's `_compute` records it."""
-        rec = self.engine.rec
-        rec.steps += 1
-        rec.layer_steps += self.engine.L * len(seqs)
-        for q in seqs:
-            if q.request_id not in first_seen:
-                first_seen.add(q.request_id)
-                rec.first_token(q.request_id, end_s)
-        for rid in finished:
-            rec.finished(rid, end_s)
 
     def run(self, t: int, stall: int, first_seen: set[int]) -> tuple[int, int]:
         """Every remaining step from compute clock `t`; returns the clock at the end and the stall
@@ -493,8 +480,7 @@ class CompiledSteps:
                 if self.state[ERROR]:
                     self._raise()
                 stall += waited
-                rec.tokens += tokens
-                self._record(seqs, batcher.finish_step(), t * _S, first_seen)
+                eng.record_step(seqs, tokens, batcher.finish_step(), t * _S, first_seen)
                 eng.step += 1
             return t, stall
         finally:
@@ -517,20 +503,18 @@ class CompiledSteps:
         rows = np.full(n, -1, np.int64)
         multi = np.zeros(n, np.int64)
         dense = np.zeros(n, np.int64)
+        tokens = np.ones(n, np.int64)
         multi_experts, multi_ticks = [], []
-        tokens = 0
         for s, (seqs, _) in enumerate(steps):
-            if len(seqs) == 1 and seqs[0].stop - seqs[0].start == 1:
+            if one_token(seqs):
                 rows[s] = seqs[0].start
                 continue
-            experts, ticks, dense[s], k = self._prepare(seqs)
+            experts, ticks, dense[s], tokens[s] = self._prepare(seqs)
             multi[s] = len(multi_experts)
             multi_experts.append(experts)
             multi_ticks.append(ticks)
-            tokens += k
         single = rows >= 0
         if single.any():
-            tokens += int(single.sum())
             pos = eng.trace.position[rows[single]].astype(np.int64) + 1
             dense_of = {p: self._dense_of(1, p, p) for p in np.unique(pos).tolist()}
             dense[single] = [dense_of[p] for p in pos.tolist()]
@@ -542,9 +526,8 @@ class CompiledSteps:
                                       t, ends, *args)
         done = n if failed < 0 else failed
         for s in range(done):
-            self._record(steps[s][0], steps[s][1], int(ends[s]) * _S, first_seen)
+            eng.record_step(steps[s][0], int(tokens[s]), steps[s][1], int(ends[s]) * _S, first_seen)
         eng.step += done
-        eng.rec.tokens += tokens
         if failed >= 0:
             self._raise()
         return t, stall + waited

@@ -77,6 +77,11 @@ def iter_info(trace: Trace, start: int, stop: int) -> _IterInfo:
     return _IterInfo(layers, stop - start, context, pairs)
 
 
+def one_token(seqs: tuple[Sequence, ...]) -> bool:
+    """Whether a step is one sequence's one token (a decode step at batch 1): the engines' cheap case."""
+    return len(seqs) == 1 and seqs[0].stop - seqs[0].start == 1
+
+
 def step_work(infos: list[_IterInfo], num_layers: int, costs: CostModel):
     """One engine step over the iterations `infos`: per layer the routed experts (ascending) and
     their token counts, the dense ticks per layer and the step's token count (the engine's general
@@ -339,10 +344,24 @@ class SimEngine:
             got = [[e for e in lay if e >= 0] for lay in got]
         return got
 
+    def record_step(self, seqs, tokens: int, finished, end_s: float, first_seen: set[int]) -> None:
+        """A step that ended at `end_s`, in the recorder: its counts, the first token of each request
+        not seen before (added to `first_seen`) and the finish of those in `finished`."""
+        rec = self.rec
+        rec.steps += 1
+        rec.layer_steps += self.L * len(seqs)
+        rec.tokens += tokens
+        for q in seqs:
+            if q.request_id not in first_seen:
+                first_seen.add(q.request_id)
+                rec.first_token(q.request_id, end_s)
+        for rid in finished:
+            rec.finished(rid, end_s)
+
     def _prepare(self, seqs: tuple[Sequence, ...]):
         """Per layer the routed experts (ascending) and their token counts (None: one token each),
         the dense ticks per layer and the step's token count."""
-        if len(seqs) == 1 and seqs[0].stop - seqs[0].start == 1:
+        if one_token(seqs):
             q = seqs[0]
             pos = int(self.trace.position[q.start]) + 1
             dense = self._dense_cache.get((1, pos, pos))
@@ -907,18 +926,10 @@ class SimEngine:
                 t = yield from self._layer_done(t, cpu_done)
                 cpu_done = 0
             # The step is done: every sequence produced a token.
-            end_s = t * _S
-            rec.steps += 1
-            rec.layer_steps += L * len(seqs)
-            rec.tokens += tokens
-            for q in seqs:
-                if q.request_id not in first_seen:
-                    first_seen.add(q.request_id)
-                    rec.first_token(q.request_id, end_s)
             finished = batcher.finish_step()
-            for rid in finished:
-                rec.finished(rid, end_s)
-                if self.online and self._wants_finished:
+            self.record_step(seqs, tokens, finished, t * _S, first_seen)
+            if self.online and self._wants_finished:
+                for rid in finished:
                     if always or peek() <= t:
                         yield from sync(t)
                     policy.on_request_finished(rid, trace)
