@@ -40,13 +40,12 @@ warm = False  # the kernels have run in this process: numba is imported and thei
 
 def supports(engine) -> bool:
     """Whether a `SimEngine` as built would run every step as a quiet step of a policy this path
-    reproduces (the reference's own conditions for `_quiet_step`, made to hold for the whole run)."""
-    policy, cache = engine.policy, engine.cache
-    return (type(policy) in POLICIES and engine.inline_misses and engine.slowdown == 1.0
-            and not engine._cpu_exec and engine.oracle is None
-            and cache.layer_capacity is None and cache.capacity >= engine.J
-            and not engine._wants_step and not engine._wants_layer and not engine._wants_finished
-            and numba is not None)
+    reproduces (the reference's own conditions for `_quiet_step`, made to hold for the whole run).
+    Exactly LRU or LFU: neither has a step, layer or finish hook, sees the future or computes on
+    the CPU, and a subclass might change any of that."""
+    cache = engine.cache
+    return (type(engine.policy) in POLICIES and engine.inline_misses and engine.slowdown == 1.0
+            and cache.layer_capacity is None and cache.capacity >= engine.J and numba is not None)
 
 
 @_jit
