@@ -1,5 +1,5 @@
-"""The engine's view of the future: its vectorised `first_uses` equals the interface's plain one
-(each expert's first access in the window, read access by access)."""
+"""The engine's view of the future: its vectorised `first_uses` and `first_use_arrays` equal the
+interface's plain ones (each expert's first access in the window, read access by access)."""
 
 from __future__ import annotations
 
@@ -27,4 +27,9 @@ def test_first_uses_equal_the_plain_reading_of_the_window(L, J, batch, seed, str
     for step in range(0, len(steps) + 1, stride):
         for layer in (-1, int(rng.integers(0, L))):
             for limit in (1, 3, L * J, 10 * L * J):
-                assert view.first_uses((step, layer), limit) == OracleView.first_uses(view, (step, layer), limit)
+                after = (step, layer)
+                assert view.first_uses(after, limit) == OracleView.first_uses(view, after, limit)
+                pos, keys, count, last = view.first_use_arrays(after, limit, J)
+                plain_pos, plain_keys, plain_count, plain_last = OracleView.first_use_arrays(view, after, limit, J)
+                assert pos.tolist() == plain_pos.tolist() and keys.tolist() == plain_keys.tolist()
+                assert (count, last) == (plain_count, plain_last)

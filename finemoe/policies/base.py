@@ -196,6 +196,15 @@ class OracleView:
                 first.append((s, layer, e))
         return first, len(window), (window[-1][0] * self.num_layers + window[-1][1]) if window else -1
 
+    def first_use_arrays(self, after: tuple[int, int], limit: int, num_experts: int):
+        """`first_uses` as int64 arrays, for a policy that filters them with numpy: each first
+        access's position and key (layer x `num_experts` + expert), in order; then how many
+        accesses the window held and the position of its last one (-1: none)."""
+        first, count, last = self.first_uses(after, limit)
+        pos = np.array([s * self.num_layers + layer for s, layer, _ in first], dtype=np.int64)
+        keys = np.array([layer * num_experts + e for _, layer, e in first], dtype=np.int64)
+        return pos, keys, count, last
+
 
 @dataclass(frozen=True)
 class PolicyContext:
@@ -209,6 +218,8 @@ class PolicyContext:
     expert_load_s: float  # modelled time to copy one expert over the host-to-device link
     oracle: OracleView | None = None  # set only for policies with is_oracle = True
     costs: CostModel | None = None  # the timing model's cost functions (GPU, link and, with --cpu, CPU)
+    # The prefetch queued (not yet started) for an expert, or None; None where the engine keeps no queue.
+    queued: Callable[[ExpertKey], Prefetch | None] | None = None
 
 
 class Policy:

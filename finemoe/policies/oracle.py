@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
+
 from finemoe.errors import ConfigError
 from finemoe.policies.base import Policy, Prefetch
 from finemoe.policies.registry import register
 
 INF = float("inf")
 BOOST = 1e15  # above every position's rank (-position): "later steps first" during a prefill
+_NOTHING_QUEUED = {}.get  # `PolicyContext.queued` of an engine without a prefetch queue
 PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first")
 
 
@@ -70,6 +73,7 @@ class OraclePolicy(Policy):
         g = ctx.geometry
         self.L, self.J = g.num_layers, g.num_experts
         self.lookahead = self.params["lookahead_layers"] or self.L
+        self._checks_time = self.params["prefetch"] == "conservative"  # a victim only if the copy lands in time
         self.pos = (0, -1)
         self.resident: set = set()
         self.next_use: dict = {}
@@ -78,7 +82,11 @@ class OraclePolicy(Policy):
         self._last_routed: tuple[int, float] | None = None  # (position, now_s)
         self._prefill_step = False
         self.layer_s: float | None = None  # shortest interval seen between consecutive routed layers
-        self._asks: dict = {}  # (step, layer, expert, boosted) -> its Prefetch (immutable, so shared)
+        self._asks: dict = {}  # (position x experts + expert) x 2 + boosted -> its Prefetch (immutable, so shared)
+        self._res = np.zeros(self.L * self.J, dtype=bool)  # `resident` as a mask over keys (layer x J + expert)
+        self._keys = [(layer, e) for layer in range(self.L) for e in range(self.J)]  # key index -> key
+        self._epoch = 0  # bumped whenever a next use is set or a resident leaves: what the victim memo checks
+        self._victim: tuple | None = None  # (epoch, evictable, victim, the pinned keys passed over)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -90,6 +98,7 @@ class OraclePolicy(Policy):
         if self.view.version != self._version:
             self._version = self.view.version
             self._heap = []
+            self._epoch += 1
             for key in self.resident:
                 self._set_next(key)
 
@@ -97,55 +106,64 @@ class OraclePolicy(Policy):
         nu = self.view.next_use(key, self.pos)
         self.next_use[key] = nu
         heapq.heappush(self._heap, (-nu, key))
+        self._epoch += 1
 
     def _prefetches(self) -> list[Prefetch]:
         if self.params["prefetch"] == "none":
             return []
         self._refresh()
         step, layer = self.pos
-        L = self.L
+        L, J = self.L, self.J
         here = step * L + layer
         limit = here + self.lookahead
-        nearest = here + self.params["min_ahead"]
-        resident, in_flight, asks = self.resident, self.ctx.is_in_flight, self._asks
-        out = []
-        # During a prefill (decode-first), every expert first needed by a later step ranks above the step's own.
-        boost = BOOST if self._prefill_step else 0.0
+        # During a prefill (decode-first), every expert first needed by a later step ranks above the
+        # step's own, which come by their demand loads.
+        boosted = self._prefill_step
+        nearest = max(here + self.params["min_ahead"], (step + 1) * L if boosted else 0)
         # Looking far ahead, no more accesses are read than a few cache-fulls (the rest could not land).
-        scan = min(self.lookahead * self.J, max(L * self.J, 4 * self.ctx.capacity_slots))
-        for s, lay, e in self._first_uses(scan, limit):  # each expert asked for at its first use
-            p = s * L + lay
-            if p > limit:
-                break
-            if boost and s == step:
-                continue  # the prefill's own experts come by their demand loads
-            key = (lay, e)
-            if p >= nearest and key not in resident and not in_flight(key):
-                ask = (s, lay, e, bool(boost) and s > step)
-                prefetch = asks.get(ask)
-                if prefetch is None:  # asked again at every layer until it lands: made once
-                    prefetch = asks[ask] = Prefetch(float(-p) + (boost if ask[3] else 0.0), s, lay, e)
-                out.append(prefetch)
+        scan = min(self.lookahead * J, max(L * J, 4 * self.ctx.capacity_slots))
+        pos, keys = self._first_uses(scan, limit)  # each expert asked for at its first use, in order
+        lo, hi = int(pos.searchsorted(nearest)), int(pos.searchsorted(limit, "right"))
+        if hi <= lo:
+            return []
+        pos, keys = pos[lo:hi], keys[lo:hi]
+        absent = ~self._res[keys]
+        in_flight, asks, key_of = self.ctx.is_in_flight, self._asks, self._keys
+        queued = self.ctx.queued or _NOTHING_QUEUED
+        flag, boost = (1, BOOST) if boosted else (0, 0.0)
+        out = []
+        for p, k in zip(pos[absent].tolist(), keys[absent].tolist()):  # noqa: B905 (equal lengths)
+            key = key_of[k]
+            if in_flight(key):
+                continue
+            ask = (p * J + key[1]) * 2 + flag
+            prefetch = asks.get(ask)
+            if prefetch is None:  # asked again at every layer until it lands: made once
+                prefetch = asks[ask] = Prefetch(float(-p) + boost, p // L, key[0], key[1])
+            elif queued(key) is prefetch:
+                continue  # still waiting in the queue: asking again would change nothing
+            out.append(prefetch)
         return out
 
-    def _first_uses(self, scan: int, limit: int) -> list:
-        """Each expert's first access among the next `scan` accesses, or, while the cache has free
-        slots, among as many more (within the lookahead `limit`, a position) as it takes to see
-        enough experts not resident to fill them: when a few experts repeat, a count of accesses
-        reaches only those, and an expert needed far ahead (a later request's decode, say) costs
-        nothing to bring into a free slot while the link is free. Past the warm-up the cache is
-        full and this reads no further."""
-        first, count, last = self.view.first_uses(self.pos, scan)
+    def _first_uses(self, scan: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and keys of each expert's first access among the next `scan` accesses, or,
+        while the cache has free slots, among as many more (within the lookahead `limit`, a
+        position) as it takes to see enough experts not resident to fill them: when a few experts
+        repeat, a count of accesses reaches only those, and an expert needed far ahead (a later
+        request's decode, say) costs nothing to bring into a free slot while the link is free.
+        Past the warm-up the cache is full and this reads no further."""
+        view, J = self.view, self.J
+        pos, keys, count, last = view.first_use_arrays(self.pos, scan, J)
         free = self.ctx.capacity_slots - len(self.resident)
         if free <= 0:
-            return first
-        resident = self.resident
+            return pos, keys
+        res = self._res
         while count == scan and last <= limit:
-            if sum(1 for _, lay, e in first if (lay, e) not in resident) >= free:
+            if keys.size - int(np.count_nonzero(res[keys])) >= free:
                 break
             scan *= 2
-            first, count, last = self.view.first_uses(self.pos, scan)
-        return first
+            pos, keys, count, last = view.first_use_arrays(self.pos, scan, J)
+        return pos, keys
 
     # --- notifications -------------------------------------------------------------------------------
     def on_step_start(self, step):
@@ -170,14 +188,47 @@ class OraclePolicy(Policy):
 
     def on_loaded(self, key, now_s) -> None:
         self.resident.add(key)
+        self._res[key[0] * self.J + key[1]] = True
         self._set_next(key)
 
     def on_evicted(self, key, now_s) -> None:
         self.resident.discard(key)
+        self._res[key[0] * self.J + key[1]] = False
         self.next_use.pop(key, None)
+        self._epoch += 1
 
     def choose_victim(self, evictable, for_prefetch, now_s):
         self._refresh()
+        victim = self._farthest(evictable)
+        if victim is None:
+            return None
+        if for_prefetch is not None:
+            wanted = self.view.next_use(for_prefetch.key, self.pos)
+            if self.next_use[victim] <= wanted:
+                return None
+            if not self._checks_time:
+                return victim
+            here = self.pos[0] * self.L + self.pos[1]
+            layers_ahead = for_prefetch.step * self.L + for_prefetch.layer - here
+            time_left = layers_ahead * (self.layer_s or 0.0)
+            if self.ctx.expert_load_s > time_left:
+                return None
+        return victim
+
+    def _farthest(self, evictable):
+        """The resident expert needed farthest ahead that `evictable` allows (None: none): the last
+        scan's answer while it still holds, else a new scan. Until a next use is set or a resident
+        leaves (`_epoch`) the heap's valid entries stay as they are, so the scan gives the same
+        victim for as long as it is evictable and the pinned ones it passed over are not (a copy
+        engine asks once per queued prefetch, and the oracle's queue holds dozens)."""
+        memo = self._victim
+        if (memo is not None and memo[0] == self._epoch and memo[1] is evictable
+                and (memo[2] is None or evictable(memo[2])) and not any(map(evictable, memo[3]))):
+            return memo[2]
+        return self._scan_victim(evictable)
+
+    def _scan_victim(self, evictable):
+        """`_farthest` read from the heap (the plain version), remembered for the next ask."""
         heap, aside, victim = self._heap, [], None
         while heap:
             neg, key = heap[0]
@@ -190,17 +241,5 @@ class OraclePolicy(Policy):
             aside.append(heapq.heappop(heap))
         for item in aside:
             heapq.heappush(heap, item)
-        if victim is None:
-            return None
-        if for_prefetch is not None:
-            wanted = self.view.next_use(for_prefetch.key, self.pos)
-            if self.next_use[victim] <= wanted:
-                return None
-            if self.params["prefetch"] in ("aggressive", "decode-first"):
-                return victim
-            here = self.pos[0] * self.L + self.pos[1]
-            layers_ahead = for_prefetch.step * self.L + for_prefetch.layer - here
-            time_left = layers_ahead * (self.layer_s or 0.0)
-            if self.ctx.expert_load_s > time_left:
-                return None
+        self._victim = (self._epoch, evictable, victim, tuple(key for _, key in aside))
         return victim

@@ -66,6 +66,7 @@ class ExpertCache:
         self._demand_set: set[ExpertKey] = set()
         self._heap: list = []
         self._queued: dict[ExpertKey, Prefetch] = {}
+        self.queued_prefetch = self._queued.get  # the prefetch queued for a key, not yet started, or None
         self._seq = 0
         self._unused_prefetch: set[ExpertKey] = set()  # prefetched (in flight or resident), not yet used
         self._unpins: deque[tuple[float, ExpertKey]] = deque()  # (time, key), time non-decreasing

@@ -43,6 +43,8 @@ from finemoe.traces.schema import Trace
 _S = 1.0 / TICKS_PER_S
 COMPILED_MIN_LAYER_STEPS = 300_000  # `SimEngine._compiled_pays`
 _PLAIN = operator.itemgetter(1)  # of a `_sleeping` entry: the engine sleeps until work is handed to it
+_NONE = np.zeros(0, dtype=np.int64)
+_INF = float("inf")
 _LAST = 2  # SimPy priority below NORMAL: the compute clock syncs after every other event at that time
 
 
@@ -116,6 +118,7 @@ class _PlanOracle(OracleView):
         self._pos: list[int] = []
         self._entries: list[tuple[int, int, int]] = []
         self._prev = np.zeros(0, dtype=np.int64)  # per entry: the index of its expert's previous entry (-1: none)
+        self._pos_arr = self._key_arr = _NONE  # per entry: its position, its key (layer x experts + expert)
         self.version = 0  # bumped on every re-plan, so policies can refresh derived state
 
     def rebuild(self, base_step: int, steps: list[tuple[Sequence, ...]], info) -> None:
@@ -142,17 +145,19 @@ class _PlanOracle(OracleView):
                     per_key.setdefault(key, []).append(p)
         self._pos, self._entries, self._per_key = pos_list, entries, per_key
         self._prev = np.array(prev, dtype=np.int64)
+        self._pos_arr = np.array(pos_list, dtype=np.int64)
+        self._key_arr = np.array([layer * self.J + e for _, layer, e in entries], dtype=np.int64)
         self.version += 1
 
     def position(self, after: tuple[int, int]) -> int:
         return after[0] * self.L + after[1]
 
     def next_use(self, key, after):
-        arr = self._per_key.get(tuple(key))
+        arr = self._per_key.get(key)
         if not arr:
-            return float("inf")
+            return _INF
         i = bisect.bisect_right(arr, after[0] * self.L + after[1])
-        return float(arr[i]) if i < len(arr) else float("inf")
+        return float(arr[i]) if i < len(arr) else _INF
 
     def upcoming(self, after, limit):
         i = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
@@ -168,6 +173,17 @@ class _PlanOracle(OracleView):
         entries = self._entries
         first = [entries[i] for i in (np.flatnonzero(self._prev[i0:i1] < i0) + i0).tolist()]
         return first, i1 - i0, self._pos[i1 - 1]
+
+    def first_use_arrays(self, after, limit, num_experts):
+        """`OracleView.first_use_arrays` from the plan's own arrays (as `first_uses` finds them)."""
+        if num_experts != self.J:
+            return super().first_use_arrays(after, limit, num_experts)
+        i0 = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
+        i1 = min(i0 + limit, len(self._entries))
+        if i1 <= i0:
+            return _NONE, _NONE, 0, -1
+        idx = (self._prev[i0:i1] < i0).nonzero()[0] + i0
+        return self._pos_arr[idx], self._key_arr[idx], i1 - i0, self._pos[i1 - 1]
 
 
 class SimEngine:
@@ -275,6 +291,7 @@ class SimEngine:
                 expert_load_s=costs.expert_load_s,
                 oracle=self.oracle,
                 costs=costs,
+                queued=self.cache.queued_prefetch,
             )
         )
 
