@@ -61,3 +61,30 @@ def test_window_bound_by_hand():
     # then the last position's expert (1 tick): 301 > the compute of 50.
     assert window_bound(steps, 1, link) == 301
     assert window_bound(steps, 10, link) == 50
+
+
+def test_remembered_bounds_are_the_bounds_computed_afresh():
+    """A sweep's policies share one budget's bounds (`bounds_for`): what it hands back, the first time
+    and the next, equals a fresh computation, and a different budget or start state gets its own."""
+    from dataclasses import replace
+
+    from finemoe.sim import run
+    from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+    from finemoe.sim.hardware import PRESETS
+    from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+
+    trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=4, top_k=2), num_requests=5,
+                            prompt_tokens=(1, 3), generated_tokens=(2, 5), seed=4)
+    config = SimConfig("synthetic", "lru", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=3),
+                       workload=WorkloadConfig(history_fraction=0.4))
+    run._BOUNDS.clear()
+    first = run.bounds_for(trace, config, frozenset())
+    assert first == run.compute_bounds(trace, config, frozenset())
+    assert run.bounds_for(trace, replace(config, policy="finemoe"), frozenset()) == first
+    first["bound_loads"] = -1  # a caller's copy: the remembered bounds stay as they were
+    assert run.bounds_for(trace, config, frozenset()) == run.compute_bounds(trace, config, frozenset())
+    wider = replace(config, memory=MemoryConfig(expert_cache_slots=6))
+    assert run.bounds_for(trace, wider, frozenset()) == run.compute_bounds(trace, wider, frozenset())
+    assert run.bounds_for(trace, wider, frozenset()) != run.bounds_for(trace, config, frozenset())
+    warm = frozenset({(0, 0), (1, 1)})
+    assert run.bounds_for(trace, config, warm) == run.compute_bounds(trace, config, warm)

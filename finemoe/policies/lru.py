@@ -9,33 +9,24 @@ from finemoe.policies.registry import register
 
 @register
 class LRUPolicy(Policy):
-    """No prediction; a miss loads the expert, the least recently used evictable expert makes room."""
+    """No prediction; a miss loads the expert, the least recently used evictable expert makes room.
+    (Long runs go through sim/compiled.py, which reproduces this order; this is its reference.)"""
 
     name = "lru"
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
         self.order = LRUOrder()
-        self._move = self.order._move
-        # Loads and evictions (one each per miss) change the order's dict here, not through a second call.
-        self._recency = self.order._order
 
     def on_access(self, layer, expert, hit, now_s) -> None:
-        if hit:  # the hot path of every simulation: one dict operation (`LRUOrder.touch`, inlined)
-            try:
-                self._move((layer, expert))
-            except KeyError:
-                pass
+        if hit:
+            self.order.touch((layer, expert))
 
     def on_loaded(self, key, now_s) -> None:
-        self._recency[key] = None  # `LRUOrder.loaded`
-        self._recency.move_to_end(key)
+        self.order.loaded(key)
 
     def on_evicted(self, key, now_s) -> None:
-        self._recency.pop(key, None)  # `LRUOrder.evicted`
+        self.order.evicted(key)
 
     def choose_victim(self, evictable, for_prefetch, now_s):
-        for key in self._recency:  # `LRUOrder.victim`: once per miss, so without a second call
-            if evictable(key):
-                return key
-        return None
+        return self.order.victim(evictable)
