@@ -6,7 +6,7 @@ layer l's gate has run. Only policies with `is_oracle = True` get an `OracleView
 and their results are labelled as bounds.
 
 Call order for one run:
-    bind(ctx) -> fit(history) -> initial_residents()
+    bind(ctx) -> fit(history) -> prepare(trace, measured requests) (offline simulation only) -> initial_residents()
     per engine step:  on_step_start(step)           -> prefetches
       per layer:      on_layer_routed(routing)      -> prefetches
                       on_access(layer, expert, hit)    for each routed expert of the layer
@@ -252,6 +252,12 @@ class Policy:
 
     def fit(self, history: Trace) -> None:
         """Learn from the history split before measurement starts (no-op by default)."""
+
+    def prepare(self, trace: Trace, measure: list[int]) -> None:
+        """An offline run (the history fixed before it starts) is about to measure these requests of
+        `trace`: predictions that depend only on the trace and the history, not on the cache or
+        the clock, may be computed for all of them now, once for every budget of a sweep (FineMoE's
+        map matches). Online runs and the replayer never call it (no-op by default)."""
 
     def initial_residents(self) -> list[ExpertKey]:
         """Experts resident before the first step (at most capacity_slots of them)."""

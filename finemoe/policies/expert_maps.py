@@ -9,6 +9,7 @@ cosine over the first rows, and the prefetch priority.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 from dataclasses import dataclass
 from itertools import accumulate
@@ -16,6 +17,7 @@ from itertools import accumulate
 import numpy as np
 
 _EPS = 1e-12
+_BATCH_ELEMENTS = 1 << 17  # query x map cosines per batch of `trajectory_matches` (1 MB: cache-sized)
 
 
 def select_by_delta(row: np.ndarray, similarity: float, top_k: int) -> np.ndarray:
@@ -177,6 +179,45 @@ class ExpertMapStore:
         sims = self._unit_keys[: self.size] @ _unit(np.asarray(key, dtype=np.float32))
         i = int(np.argmax(sims))
         return Match(i, float(sims[i]))
+
+    def trajectory_matches(self, rows: np.ndarray, layers: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each of n one-token queries (`rows` [n, L, J]: a query's observed row per layer) and
+        each layer l < `layers`: the best stored map over rows 0..l and its cosine, as a
+        `trajectory(1)` query fed layers 0..l and its argmax would give them, bit for bit; all
+        queries at once, a hundred or so at a time."""
+        n, s = rows.shape[0], self.size
+        best = np.zeros((n, layers), dtype=np.int64)
+        sims = np.zeros((n, layers))
+        if s == 0:
+            return best, sims
+        chunk = max(1, _BATCH_ELEMENTS // s)
+        for lo in range(0, n, chunk):
+            part = np.asarray(rows[lo : lo + chunk], dtype=np.float64)
+            dot = np.zeros((part.shape[0], s))
+            q_norm2 = np.zeros(part.shape[0])
+            pick = np.arange(part.shape[0])
+            for layer in range(layers):
+                r = part[:, layer]
+                # One [1, J] x [J, size] product per query, stacked: numpy's matmul runs each as the
+                # query's own `observe` runs it (the same BLAS call), where one [n, J] x [J, size]
+                # product would sum in another order (for J > 8 its last bits differ).
+                dot += (r[:, None, :] @ self._layer_maps[layer, :s].astype(np.float64).T)[:, 0]
+                q_norm2 += (r**2).sum(axis=1)
+                cos = dot * self._inv_cum_norm[layer, :s]
+                cos *= _inverse_norms(q_norm2)[:, None]
+                idx = np.argmax(cos, axis=1)
+                best[lo : lo + chunk, layer] = idx
+                sims[lo : lo + chunk, layer] = cos[pick, idx]
+        return best, sims
+
+    def digest(self) -> str:
+        """A hash of what the store holds (maps and semantic keys): what its matches depend on."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(np.int64(self.size).tobytes())
+        h.update(np.ascontiguousarray(self.maps[: self.size]).tobytes())
+        if self.keys is not None:
+            h.update(np.ascontiguousarray(self.keys[: self.size]).tobytes())
+        return h.hexdigest()
 
     def trajectory(self, num_tokens: int) -> TrajectoryQuery:
         """An incremental trajectory match for `num_tokens` tokens, fed one layer at a time."""

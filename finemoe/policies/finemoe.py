@@ -37,6 +37,7 @@ from finemoe.policies.expert_maps import (
     prefetch_priority,
     topk_map,
 )
+from finemoe.policies.map_matches import MapMatches, matches_for
 from finemoe.policies.registry import register
 
 # Modelled wall time of one map search: one sequence at one layer (the policy's whole call: the
@@ -127,6 +128,9 @@ class FineMoE(Policy):
         self.searches = 0  # (sequence, layer) map searches asked for
         self.search_busy_s = 0.0  # modelled search thread time of the searches it ran
         self.searches_abandoned = 0
+        self.searches_planned = 0  # of them, answered from the matches `prepare` computed
+        self._matches: MapMatches | None = None  # every measured iteration's matches (`prepare`)
+        self._matches_inserted = -1  # the store's `inserted` when they were computed
 
     # --- life cycle ----------------------------------------------------------------------------
     def bind(self, ctx: PolicyContext) -> None:
@@ -149,7 +153,7 @@ class FineMoE(Policy):
         self._ahead = [np.repeat(np.arange(self.L)[:, None] >= layer, self.J, axis=1) for layer in range(-1, self.L)]
         self._step: StepInfo | None = None
         self._layer = -1
-        self._queries: list[TrajectoryQuery | None] = []
+        self._queries: list[TrajectoryQuery | tuple[list[int], list[float]] | None] = []
         self._sem: list[Match | None] = []
         self._searches = []
 
@@ -164,6 +168,23 @@ class FineMoE(Policy):
         rows = np.flatnonzero(trace.request_id == request_id)
         # Applied at the next step start: a trajectory query must see a store that does not change.
         self._pending.extend(self._maps_of(trace, rows))
+
+    def prepare(self, trace, measure: list[int]) -> None:
+        """Every measured iteration's map matches, computed at once (policies/map_matches.py): the
+        store is fixed for an offline run, so they are what the searches would return."""
+        if self.store is None or self.store.size == 0:
+            return
+        its = [it for rid in measure for it in trace.iterations_by_request.get(rid, ())]
+        starts = np.array([it.start for it in its], dtype=np.int64)
+        stops = np.array([it.stop for it in its], dtype=np.int64)
+        layers = self.L - self.distance if self.trajectory else 0
+        self._matches = matches_for(self.store, trace, starts, stops, self.maps_from, layers, self.semantic)
+        self._matches_inserted = self.store.inserted
+
+    def _planned(self) -> MapMatches | None:
+        """The matches `prepare` computed, while the store is still the one they were computed on."""
+        m = self._matches
+        return m if m is not None and self.store is not None and self.store.inserted == self._matches_inserted else None
 
     def _maps_of(self, trace, rows) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """One (map, semantic key) per iteration among `rows` (row order): the paper treats a prefill
@@ -199,8 +220,10 @@ class FineMoE(Policy):
         n = len(step.sequences)
         store = self.store
         ready = store is not None and store.size > 0
-        # One query per sequence: an iteration (a prefill too) is matched as one map, like the stored ones.
-        self._queries = [store.trajectory(1) if ready and self.trajectory else None for _ in step.sequences]
+        planned = self._planned() if ready else None
+        # One query per sequence: an iteration (a prefill too) is matched as one map, like the stored
+        # ones; its matches read from `prepare`'s table where it has them, else searched as it goes.
+        self._queries = [self._query(planned, q) if ready and self.trajectory else None for q in step.sequences]
         self._sem = [None] * n
         self._abandon_unstarted(step.now_s)
         if not ready or not self.semantic:
@@ -208,11 +231,17 @@ class FineMoE(Policy):
         out: dict[ExpertKey, float] = {}  # the call's prefetches: key -> highest priority
         searched: list[int] = []  # tokens of each sequence searched
         for i in range(n):
-            key = step.semantic_key(i)
-            match = store.match_semantic(key) if key is not None else None
+            first = step.sequences[i].start
+            read = planned is not None and first in planned.index_of
+            if read:
+                match = planned.semantic[planned.index_of[first]]
+            else:
+                key = step.semantic_key(i)
+                match = store.match_semantic(key) if key is not None else None
             self._sem[i] = match
             if match is None:
                 continue
+            self.searches_planned += read
             searched.append(1)  # one key per sequence
             # Semantic phase: layers 0..d-1. Semantic-only mode also serves later layers (below).
             for target in range(min(self.distance, self.L)):
@@ -231,14 +260,24 @@ class FineMoE(Policy):
         for i in range(len(step.sequences)):
             query = self._queries[i] if i < len(self._queries) else None
             if query is not None:
-                cos = query.observe(layer, self._observed_row(routing, i))[0]
-                best = int(cos.argmax())  # the first of ties
+                if isinstance(query, TrajectoryQuery):
+                    cos = query.observe(layer, self._observed_row(routing, i))[0]
+                    best = int(cos.argmax())  # the first of ties
+                    similarity = float(cos[best])
+                else:  # `prepare`'s: (best map per layer, its cosine per layer)
+                    best, similarity = query[0][layer], query[1][layer]
+                    self.searches_planned += 1
                 searched.append(step.sequences[i].num_tokens)
-                self._predict(out, step.step, target, layer, self.store.maps[best, target], float(cos[best]))
+                self._predict(out, step.step, target, layer, self.store.maps[best, target], similarity)
             elif not self.trajectory and self._sem[i] is not None:
                 match = self._sem[i]
                 self._predict(out, step.step, target, layer, self.store.maps[match.index, target], match.similarity)
         return self._searched(routing.now_s, out, searched)
+
+    def _query(self, planned: MapMatches | None, seq) -> TrajectoryQuery | tuple[list[int], list[float]]:
+        """Sequence `seq`'s trajectory query: its row of `prepare`'s table, or an incremental search."""
+        rows = planned.trajectory(seq.start) if planned is not None else None
+        return rows if rows is not None else self.store.trajectory(1)
 
     # --- search time -------------------------------------------------------------------------------
     def _abandon_unstarted(self, now_s: float) -> None:
@@ -398,6 +437,7 @@ class FineMoE(Policy):
             "store_bytes": 0 if self.store is None else self.store.nbytes,
             "searches": self.searches,
             "searches_abandoned": self.searches_abandoned,
+            "searches_planned": self.searches_planned,
             "modelled_search_s": self.search_busy_s,
             "semantic_phase_ran": bool(self.store is not None and self.store.keys is not None and self.semantic),
         }

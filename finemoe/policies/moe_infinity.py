@@ -18,6 +18,7 @@ import numpy as np
 
 from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch, StepInfo, ranked_prefetches
 from finemoe.policies.caches import TrackedCachePolicy
+from finemoe.policies.memo import ContentMemo, digest
 from finemoe.policies.registry import register
 
 
@@ -51,6 +52,9 @@ class _Partial:
                 self.norm2 += 2.0 * c + 1.0  # (c + 1)^2 - c^2: integers, so the sum stays exact
 
 
+_MATCHES: ContentMemo[dict[int, list[int]]] = ContentMemo(4)  # by stored EAMs and measured routing
+
+
 @register
 class MoEInfinity(TrackedCachePolicy):
     cache_order = "lfu"
@@ -68,6 +72,10 @@ class MoEInfinity(TrackedCachePolicy):
         self.learn_online = bool(learn_online)
         self.params = dict(distance=self.distance, num_prefetch=self.num_prefetch, learn_online=self.learn_online)
         self.history: list[np.ndarray] = []
+        self.matches_planned = 0  # calls whose match `prepare` computed
+        self._planned: dict[int, list[int]] | None = None  # every measured iteration's matches (`prepare`)
+        self._planned_history = -1  # stored EAMs when they were computed
+        self._seq_planned: list[list[int] | None] = []
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
@@ -114,6 +122,46 @@ class MoEInfinity(TrackedCachePolicy):
         cos = (self._flat @ partial.eam.reshape(-1)) / np.maximum(self._norms * qn, 1e-12)
         return int(np.argmax(cos))
 
+    def prepare(self, trace, measure: list[int]) -> None:
+        """Every measured request's matches at each of its calls, computed at once: the stored
+        EAMs are fixed for an offline run, and a request's partial EAM grows with its own
+        routing only (`_matches_for`)."""
+        if self._flat is None:
+            return
+        by_request = trace.iterations_by_request
+        its = {rid: by_request.get(rid, ()) for rid in measure}
+        key = digest(self._flat, trace.content_hash(), self.L, self.J,
+                     np.array([(it.start, it.stop) for rid in measure for it in its[rid]]))
+        self._planned = _MATCHES.get(key, lambda: self._matches_for(trace, its))
+        self._planned_history = len(self.history)
+
+    def _matches_for(self, trace, its: dict) -> dict[int, list[int]]:
+        """By an iteration's first trace row: its match at step start, then after each layer, as
+        `_match` returns them. Counts are integers, so every product and sum is exact, in any
+        order: all of a request's partial EAMs go through one matrix product."""
+        out: dict[int, list[int]] = {}
+        layers_so_far = (np.arange(self.L)[None, :] <= np.arange(self.L)[:, None]).astype(np.float64)  # [after, row]
+        for request_its in its.values():
+            if not request_its:
+                continue
+            counts = np.stack([activation_matrix(trace, np.arange(it.start, it.stop)) for it in request_its])
+            before = np.cumsum(counts, axis=0) - counts  # [iterations, L, J]: the earlier iterations'
+            partial = np.concatenate(
+                [before[:, None], before[:, None] + counts[:, None] * layers_so_far[None, :, :, None]], axis=1)
+            flat = partial.reshape(-1, self.L * self.J)  # [iterations x (1 + L), L x J]
+            norm2 = (flat**2).sum(axis=1)
+            cos = (flat @ self._flat.T) / np.maximum(self._norms[None, :] * np.sqrt(norm2)[:, None], 1e-12)
+            matches = np.where(norm2 == 0.0, -1, np.argmax(cos, axis=1)).reshape(len(request_its), 1 + self.L)
+            for it, row in zip(request_its, matches.tolist(), strict=True):
+                out[it.start] = row
+        return out
+
+    def _planned_of(self, seq) -> list[int] | None:
+        """`prepare`'s matches of sequence `seq`'s iteration (None: it searches as it goes)."""
+        if self._planned is None or len(self.history) != self._planned_history:
+            return None
+        return self._planned.get(seq.start)
+
     def _predictions_of(self, match: int, current: int) -> list[tuple[float, int, int]]:
         """(priority, target layer, expert) for the layers after `current` from stored EAM `match`
         (-1: popularity). Memoised: they depend on nothing else until the history changes."""
@@ -148,15 +196,26 @@ class MoEInfinity(TrackedCachePolicy):
 
     def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
         self._step = step
+        self._seq_planned = [self._planned_of(s) for s in step.sequences]
         out: dict = {}
-        for s in step.sequences:
-            self._predict(out, -1, self._match(self._partial_of(s.request_id)))
+        for s, planned in zip(step.sequences, self._seq_planned, strict=True):
+            if planned is not None:
+                self.matches_planned += 1
+                self._predict(out, -1, planned[0])
+            else:
+                self._predict(out, -1, self._match(self._partial_of(s.request_id)))
         return ranked_prefetches(step.step, out)
 
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
         out: dict = {}
         layer = routing.layer
         for i, s in enumerate(routing.step.sequences):
+            planned = self._seq_planned[i] if i < len(self._seq_planned) else None
+            if planned is not None:
+                if layer + 1 < self.L:
+                    self.matches_planned += 1
+                    self._predict(out, layer, planned[layer + 1])
+                continue
             partial = self._partial_of(s.request_id)
             partial.count(layer, routing.experts(i))
             if layer + 1 < self.L:
@@ -165,5 +224,5 @@ class MoEInfinity(TrackedCachePolicy):
 
     def describe(self) -> dict:
         d = super().describe()
-        d["stats"] = {"history_matrices": len(self.history)}
+        d["stats"] = {"history_matrices": len(self.history), "matches_planned": self.matches_planned}
         return d

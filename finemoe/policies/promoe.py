@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from finemoe.policies.base import (
 )
 from finemoe.policies.caches import TrackedCachePolicy
 from finemoe.policies.expert_maps import topk_map
+from finemoe.policies.memo import ContentMemo, digest
 from finemoe.policies.registry import register
 
 
@@ -53,6 +55,22 @@ def train_logistic(
             v[k] = 0.999 * v[k] + 0.001 * g * g
             param -= lr * (m[k] / (1 - 0.9**t)) / (np.sqrt(v[k] / (1 - 0.999**t)) + 1e-8)
     return w, b
+
+
+_MODELS: ContentMemo[tuple[dict, float]] = ContentMemo(8)  # trained predictors, by what they were trained on
+_PREDICTIONS: ContentMemo[_Predictions] = ContentMemo(2)
+
+
+@dataclass(frozen=True)
+class _Predictions:
+    """Per measured iteration (by its first trace row; a prefill's index is -1 - i): a decode
+    token's K experts and priorities per source layer, a prefill's merged (target, expert) ->
+    priority per source layer (plain lists: read per call)."""
+
+    index_of: dict[int, int]
+    experts: list[list[list[int]]]
+    prios: list[list[list[float]]]
+    prefill: list[dict[int, dict[ExpertKey, float]]]
 
 
 @register
@@ -90,6 +108,11 @@ class ProMoE(TrackedCachePolicy):
         self.inputs_used: str | None = None
         self._seen: list[np.ndarray] = []  # rows of finished requests, for online retraining
         self._fitted = False
+        self.predictions_planned = 0  # sequence-layers whose predictions `prepare` computed
+        self._models_key = ""  # content hash of what the predictors were trained on
+        self._planned: _Predictions | None = None  # every measured iteration's predictions (`prepare`)
+        self._planned_trainings = -1  # `trainings` when they were computed
+        self._seq_planned: list[int | None] = []  # per sequence of the step: its index in `_planned`
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
@@ -121,30 +144,40 @@ class ProMoE(TrackedCachePolicy):
         return np.concatenate(parts, axis=1).astype(np.float64)
 
     def _train(self, trace, rows: np.ndarray) -> None:
-        t0 = time.perf_counter()
+        """Train the predictors on `rows` of `trace`, or take those trained on the same rows with
+        the same parameters and seed earlier in this process (a sweep's other budgets):
+        `train_s` is what their training took."""
+        seed = self.ctx.seed if self.ctx else 0
         if rows.size > self.max_train_tokens:
-            rng = np.random.default_rng(self.ctx.seed if self.ctx else 0)
+            rng = np.random.default_rng(seed)
             rows = np.sort(rng.choice(rows, self.max_train_tokens, replace=False))
         maps = self._maps(trace, rows)
         experts = trace.experts[rows]
-        self.models = {}
+        key = digest(maps, experts, self.L, self.distance, self.window, self.epochs, self.lr, self.l2, seed)
+        self.models, took = _MODELS.get(key, lambda: self._trained(maps, experts, seed))
+        self._models_key = key
+        self.train_s += took
+        self.train_tokens = int(rows.size)
+        self.trainings += 1
+
+    def _trained(self, maps: np.ndarray, experts: np.ndarray, seed: int) -> tuple[dict, float]:
+        """(source layer -> (W, b), seconds the training took)."""
+        t0 = time.perf_counter()
+        n = maps.shape[0]
+        models = {}
         for layer in range(self.L - self.distance):
             target = layer + self.distance
-            y = np.zeros((rows.size, self.J))
+            y = np.zeros((n, self.J))
             ids = experts[:, target]
             valid = ids >= 0
-            r = np.broadcast_to(np.arange(rows.size)[:, None], ids.shape)
+            r = np.broadcast_to(np.arange(n)[:, None], ids.shape)
             y[r[valid], ids[valid].astype(np.int64)] = 1.0
             keep = valid.any(axis=1) & (maps[:, layer].sum(axis=1) > 0)
             if not keep.any():
                 continue
             x = self._features(maps[keep], layer)
-            self.models[layer] = train_logistic(
-                x, y[keep], epochs=self.epochs, lr=self.lr, l2=self.l2, seed=(self.ctx.seed if self.ctx else 0) + layer
-            )
-        self.train_s += time.perf_counter() - t0
-        self.train_tokens = int(rows.size)
-        self.trainings += 1
+            models[layer] = train_logistic(x, y[keep], epochs=self.epochs, lr=self.lr, l2=self.l2, seed=seed + layer)
+        return models, time.perf_counter() - t0
 
     def fit(self, history) -> None:
         if history.num_tokens:
@@ -159,9 +192,60 @@ class ProMoE(TrackedCachePolicy):
         if len(self._seen) % self.retrain_every == 0:
             self._train(trace, np.concatenate(self._seen))
 
+    def prepare(self, trace, measure: list[int]) -> None:
+        """Every measured iteration's predictions, computed at once: the predictors are fixed for
+        an offline run and read only the iteration's own rows (`_predictions_for`)."""
+        if not self.models:
+            return
+        its = [it for rid in measure for it in trace.iterations_by_request.get(rid, ())]
+        self._planned = _PREDICTIONS.get(
+            digest(self._models_key, self.inputs_used, self.K, trace.content_hash(),
+                   trace.router_probs if self.inputs_used == "probs" else None,
+                   np.array([(it.start, it.stop) for it in its])),
+            lambda: self._predictions_for(trace, its))
+        self._planned_trainings = self.trainings
+
+    def _predictions_for(self, trace, its) -> _Predictions:
+        """What `on_layer_routed` computes per sequence, for the iterations `its`, bit for bit: a
+        decode token's features times W as a [1, F] x [F, J] product, stacked (numpy's matmul runs
+        each as that call does; one [n, F] product would sum in another order), a prefill's as
+        its [tokens, F] call; then the K likeliest per token, ties to the lower id."""
+        decode = [it for it in its if it.stop - it.start == 1]
+        prefill = [it for it in its if it.stop - it.start > 1]
+        index_of = {it.start: i for i, it in enumerate(decode)}
+        index_of.update({it.start: -1 - i for i, it in enumerate(prefill)})
+        maps = self._maps(trace, np.array([it.start for it in decode], dtype=np.int64))
+        experts = np.full((len(decode), self.L, self.K), -1, dtype=np.int64)
+        prios = np.zeros((len(decode), self.L, self.K))
+        merged: list[dict[int, dict[ExpertKey, float]]] = [{} for _ in prefill]
+        for layer, (w, b) in self.models.items():
+            if decode:
+                prob = _sigmoid((self._features(maps, layer)[:, None, :] @ w)[:, 0] + b)
+                top = np.argsort(-prob, axis=1, kind="stable")[:, : self.K]
+                experts[:, layer] = top
+                prios[:, layer] = np.take_along_axis(prob, top, axis=1) / self.distance
+            for out, it in zip(merged, prefill, strict=True):
+                rows = self._maps(trace, np.arange(it.start, it.stop))
+                prob = _sigmoid(self._features(rows, layer) @ w + b)
+                out[layer] = self._ranked(prob, layer + self.distance, {})
+        return _Predictions(index_of, experts.tolist(), prios.tolist(), merged)
+
+    def _ranked(self, prob: np.ndarray, target: int, out: dict[ExpertKey, float]) -> dict[ExpertKey, float]:
+        """Add each token's K likeliest experts of `prob` [tokens, J] to `out` (highest priority)."""
+        for p in prob.tolist():
+            # The K likeliest, ties to the lower id (as a stable argsort of -p).
+            for e in sorted(range(len(p)), key=p.__getitem__, reverse=True)[: self.K]:
+                prio = p[e] / self.distance
+                if (target, e) not in out or out[(target, e)] < prio:
+                    out[(target, e)] = prio
+        return out
+
     def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
         self._step = step
-        self._rows = [np.zeros((s.num_tokens, self.L, self.J), np.float32) for s in step.sequences]
+        planned = self._planned if self.trainings == self._planned_trainings else None
+        self._seq_planned = [None if planned is None else planned.index_of.get(s.start) for s in step.sequences]
+        self._rows = [None if i is not None else np.zeros((s.num_tokens, self.L, self.J), np.float32)
+                      for i, s in zip(self._seq_planned, step.sequences, strict=True)]
         return []
 
     def on_layer_routed(self, routing: LayerRouting) -> Iterable[Prefetch]:
@@ -170,6 +254,12 @@ class ProMoE(TrackedCachePolicy):
         out: dict[ExpertKey, float] = {}  # (target, expert) -> highest priority among the tokens
         target = layer + self.distance
         for i in range(len(routing.step.sequences)):
+            index = self._seq_planned[i] if i < len(self._seq_planned) else None
+            if index is not None:  # `prepare`'s
+                if model is not None:
+                    self._merge_planned(out, index, layer, target)
+                    self.predictions_planned += 1
+                continue
             if i >= len(self._rows):
                 break
             if self.inputs_used == "topk" or self.inputs_used is None:
@@ -180,14 +270,18 @@ class ProMoE(TrackedCachePolicy):
             if model is None:
                 continue
             w, b = model
-            prob = _sigmoid(self._features(self._rows[i], layer) @ w + b)  # [tokens, J]
-            for p in prob.tolist():
-                # The K likeliest, ties to the lower id (as a stable argsort of -p).
-                for e in sorted(range(len(p)), key=p.__getitem__, reverse=True)[: self.K]:
-                    prio = p[e] / self.distance
-                    if (target, e) not in out or out[(target, e)] < prio:
-                        out[(target, e)] = prio
+            self._ranked(_sigmoid(self._features(self._rows[i], layer) @ w + b), target, out)  # [tokens, J]
         return ranked_prefetches(routing.step.step, out)
+
+    def _merge_planned(self, out: dict[ExpertKey, float], index: int, layer: int, target: int) -> None:
+        planned = self._planned
+        if index >= 0:  # a decode token: its K experts
+            pairs = zip(planned.experts[index][layer], planned.prios[index][layer], strict=True)
+        else:
+            pairs = ((e, prio) for (_, e), prio in planned.prefill[-1 - index][layer].items())
+        for e, prio in pairs:
+            if (target, e) not in out or out[(target, e)] < prio:
+                out[(target, e)] = prio
 
     def describe(self) -> dict:
         d = super().describe()
@@ -197,5 +291,6 @@ class ProMoE(TrackedCachePolicy):
             "trainings": self.trainings,
             "predictors": len(self.models),
             "inputs_used": self.inputs_used,
+            "predictions_planned": self.predictions_planned,
         }
         return d

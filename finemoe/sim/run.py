@@ -173,6 +173,8 @@ def simulate_policy(trace: Trace, config: SimConfig, policy, bounds: bool = Fals
                        host_tier=host_tier_for(config, policy, trace, recorder), compiled=compiled)
     if policy.uses_history and not wl.online:
         policy.fit(trace.select_requests(split.history))
+    if not wl.online:
+        policy.prepare(trace, list(split.measure))
     makespan_s = engine.run()
     cfg = config.to_dict()
     cfg.update(

@@ -1,0 +1,88 @@
+"""FineMoE's map matches for a whole run at once: what its searches return depends on the trace and
+the store the history built, not on the cache or the clock, so an offline run (a store fixed
+before it starts) can have every measured iteration's matches computed in one vectorised pass, and
+every budget and hardware of a sweep read the same ones (`matches_for` remembers them per process,
+keyed by their inputs' content).
+
+Bit for bit what the incremental path returns (`ExpertMapStore.trajectory_matches`, and the same
+`match_semantic` call per iteration); tests/test_map_matches.py runs both. An online run (the store
+grows as requests finish) and the replayer keep the incremental path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from finemoe.policies.expert_maps import ExpertMapStore, Match, topk_map
+from finemoe.policies.memo import ContentMemo, digest
+
+MATCHES_KEPT = 4  # tables remembered per process: a sweep's FineMoE variants on one trace
+
+
+@dataclass(frozen=True)
+class MapMatches:
+    """Per iteration (by its first trace row): its semantic match (None: none) and, per layer
+    l < `layers`, the best stored map over rows 0..l and its cosine (plain lists: read per call)."""
+
+    index_of: dict[int, int]  # first trace row of an iteration -> its index below
+    semantic: list[Match | None]
+    best: list[list[int]]
+    cosine: list[list[float]]
+    store_digest: str
+
+    def trajectory(self, first_row: int) -> tuple[list[int], list[float]] | None:
+        i = self.index_of.get(first_row)
+        return None if i is None else (self.best[i], self.cosine[i])
+
+
+_MATCHES: ContentMemo[MapMatches] = ContentMemo(MATCHES_KEPT)
+
+
+def observed_rows(trace, starts: np.ndarray, stops: np.ndarray, maps_from: str) -> np.ndarray:
+    """[n, L, J] float64: iteration [start, stop)'s row per layer as FineMoE observes it (its router
+    rows, or the top-k map; a prefill's the mean over its tokens, as `FineMoE._observed_row`)."""
+    J = trace.geometry.num_experts
+    if maps_from == "probs":
+        rows = np.nan_to_num(trace.router_probs[starts].astype(np.float32))
+    else:
+        rows = topk_map(trace.experts[starts], trace.weights[starts], J)
+    rows = rows.astype(np.float64)
+    for i in np.flatnonzero(stops - starts > 1).tolist():
+        lo, hi = int(starts[i]), int(stops[i])
+        for layer in range(trace.geometry.num_layers):
+            if maps_from == "probs":
+                tokens = np.nan_to_num(trace.router_probs[lo:hi, layer].astype(np.float32))
+            else:
+                tokens = topk_map(trace.experts[lo:hi, layer], trace.weights[lo:hi, layer], J)
+            rows[i, layer] = tokens.mean(axis=0, keepdims=True)[0]
+    return rows
+
+
+def semantic_keys(trace, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray] | None:
+    """Each iteration's semantic key as `StepInfo.semantic_key` gives it (None: the trace has none)."""
+    if trace.semantic_key is None:
+        return None
+    return [trace.semantic_key[lo:hi].astype(np.float32).mean(axis=0) for lo, hi in
+            zip(starts.tolist(), stops.tolist(), strict=True)]
+
+
+def matches_for(store: ExpertMapStore, trace, starts: np.ndarray, stops: np.ndarray, maps_from: str,
+                layers: int, semantic: bool) -> MapMatches:
+    """The matches of iterations [starts[i], stops[i]) of `trace` against `store`: computed once
+    per process for the same store, rows and keys (a content hash of them all)."""
+    rows = observed_rows(trace, starts, stops, maps_from)
+    keys = semantic_keys(trace, starts, stops) if semantic else None
+    key = digest(store.digest(), layers, semantic, np.asarray(starts, dtype=np.int64), rows,
+                 None if not keys else np.stack(keys))
+    return _MATCHES.get(key, lambda: compute_matches(store, starts, rows, keys, layers))
+
+
+def compute_matches(store: ExpertMapStore, starts: np.ndarray, rows: np.ndarray,
+                    keys: list[np.ndarray] | None, layers: int) -> MapMatches:
+    """`matches_for` computed afresh."""
+    best, cos = store.trajectory_matches(rows, max(layers, 0))
+    semantic = [None] * len(starts) if keys is None else [store.match_semantic(k) for k in keys]
+    return MapMatches({int(s): i for i, s in enumerate(starts.tolist())}, semantic, best.tolist(), cos.tolist(),
+                      store.digest())
