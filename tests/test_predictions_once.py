@@ -146,7 +146,7 @@ def test_matches_are_computed_once_per_store_and_iterations(monkeypatch):
     computed = []
     real = map_matches.compute_matches
     monkeypatch.setattr(map_matches, "compute_matches", lambda *a: computed.append(1) or real(*a))
-    monkeypatch.setattr(map_matches, "_MATCHES", map_matches.ContentMemo(map_matches.MATCHES_KEPT))
+    map_matches._MATCHES.clear()
     wl = WorkloadConfig(history_fraction=0.5)
     for slots in (8, 12, 20):  # a budget sweep: one table
         simulate_policy(trace, SimConfig("t", "finemoe", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=slots),
@@ -183,11 +183,59 @@ def test_promoe_ties_go_to_the_lower_id_either_way(monkeypatch):
         return np.zeros((x.shape[1], y.shape[1])), np.where(high, 1.0, 0.0)
 
     monkeypatch.setattr(promoe, "train_logistic", two_valued)
-    monkeypatch.setattr(promoe, "_MODELS", promoe.ContentMemo(2))
-    monkeypatch.setattr(promoe, "_PREDICTIONS", promoe.ContentMemo(2))
+    for memo in ("_MODELS", "_PREDICTIONS"):  # none of these predictors may reach another test
+        fresh = promoe.ContentMemo(2, "test", getattr(promoe, memo)._to_arrays, getattr(promoe, memo)._from_arrays)
+        monkeypatch.setattr(promoe, memo, fresh)
     trace = synthetic_trace(tiny_geometry(num_layers=5, num_experts=40, top_k=2), num_requests=6, prompt_tokens=(1, 4),
                             generated_tokens=(2, 6), seed=4)
     config = SimConfig("t", "promoe", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=60),
                        workload=WorkloadConfig(history_fraction=0.5, max_batch=2), policy_params={"distance": 1})
     planned, searched = _runs(trace, config)
     _assert_same(planned, searched)
+
+
+def _memos():
+    from finemoe.policies import moe_infinity, promoe
+    return [map_matches._MATCHES, promoe._MODELS, promoe._PREDICTIONS, moe_infinity._MATCHES]
+
+
+def test_a_sweep_keeps_its_predictions_beside_its_results_and_reads_them_again(tmp_path):
+    """Each value is computed once for the sweep and kept in `predictions/`; a later sweep into the
+    same folder (with nothing in memory) reads them and gets the same results; a corrupt file is
+    computed again; a folder it cannot write to only costs the sharing."""
+    from finemoe.results import read_result
+    from finemoe.sim.sweep import PREDICTIONS_DIR, run_sweep
+
+    trace_path = tmp_path / "t.parquet"
+    from finemoe.traces.io import write_trace
+    write_trace(synthetic_trace(tiny_geometry(num_layers=4, num_experts=8, top_k=2), num_requests=8,
+                                prompt_tokens=(2, 4), generated_tokens=(3, 6), seed=3, semantic_dim=6), trace_path)
+    configs = [SimConfig(str(trace_path), p, PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=slots),
+                         workload=WorkloadConfig(history_fraction=0.5), policy_params={"epochs": 5} if p == "promoe" else {})
+               for p in ("finemoe", "promoe", "moe-infinity") for slots in (8, 16)]
+
+    def sweep(out):
+        for memo in _memos():
+            memo.clear()
+        before = [m.computed for m in _memos()]
+        done = run_sweep(configs, out, progress=False, resume=False)
+        assert done.ok, done.failures
+        return [m.computed - b for m, b in zip(_memos(), before, strict=True)], \
+            [read_result(p).summary["tpot_mean_s"] for p in done.paths]
+
+    computed, first = sweep(tmp_path / "a")
+    assert computed == [1, 1, 1, 1]  # once each for the two budgets
+    kept = sorted(p.name.split("-")[0] for p in (tmp_path / "a" / PREDICTIONS_DIR).glob("*.npz"))
+    assert kept == ["finemoe", "moe", "promoe", "promoe"]
+    computed, again = sweep(tmp_path / "a")
+    assert computed == [0, 0, 0, 0] and again == first
+    for path in (tmp_path / "a" / PREDICTIONS_DIR).glob("*.npz"):
+        path.write_bytes(b"not an npz")
+    computed, again = sweep(tmp_path / "a")
+    assert computed == [1, 1, 1, 1] and again == first
+    computed, again = sweep(tmp_path / "a")
+    assert computed == [0, 0, 0, 0] and again == first  # the corrupt files were replaced
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / PREDICTIONS_DIR).write_text("a file where the folder would go")
+    computed, again = sweep(tmp_path / "b")
+    assert computed == [1, 1, 1, 1] and again == first  # shared in memory only

@@ -37,7 +37,25 @@ class MapMatches:
         return None if i is None else (self.best[i], self.cosine[i])
 
 
-_MATCHES: ContentMemo[MapMatches] = ContentMemo(MATCHES_KEPT)
+def _to_arrays(m: MapMatches) -> dict[str, np.ndarray]:
+    n = len(m.best)
+    layers = len(m.best[0]) if n else 0
+    return {"starts": np.array(sorted(m.index_of, key=m.index_of.get), dtype=np.int64).reshape(n),
+            "semantic_index": np.array([-1 if s is None else s.index for s in m.semantic], dtype=np.int64).reshape(n),
+            "semantic_similarity": np.array([0.0 if s is None else s.similarity for s in m.semantic]).reshape(n),
+            "best": np.array(m.best, dtype=np.int64).reshape(n, layers),
+            "cosine": np.array(m.cosine, dtype=np.float64).reshape(n, layers),
+            "store_digest": np.array(m.store_digest)}
+
+
+def _from_arrays(a: dict[str, np.ndarray]) -> MapMatches:
+    semantic = [None if i < 0 else Match(int(i), float(s))
+                for i, s in zip(a["semantic_index"].tolist(), a["semantic_similarity"].tolist(), strict=True)]
+    return MapMatches({s: i for i, s in enumerate(a["starts"].tolist())}, semantic, a["best"].tolist(),
+                      a["cosine"].tolist(), str(a["store_digest"]))
+
+
+_MATCHES: ContentMemo[MapMatches] = ContentMemo(MATCHES_KEPT, "finemoe-matches", _to_arrays, _from_arrays)
 
 
 def observed_rows(trace, starts: np.ndarray, stops: np.ndarray, maps_from: str) -> np.ndarray:

@@ -1,17 +1,32 @@
 """Results a policy computed from content alone (the trace, the history, its parameters), remembered
-per process under a hash of that content: what every budget and hardware of a sweep can share
-(FineMoE's map matches, ProMoE's trained predictors and their predictions)."""
+under a hash of that content: what every budget and hardware of a sweep can share (FineMoE's map
+matches, ProMoE's trained predictors and their outputs, MoE-Infinity's matches).
+
+Per process, the last few in memory. Within `stored_in(folder)` (a sweep's `predictions/` folder
+beside its results) also on disk, one `.npz` of plain arrays per value (no pickles: a results folder
+may come from someone else), written atomically under a lock so that a sweep's workers compute
+each value once between them, and a later sweep into the same folder reads them. A file that
+cannot be read is computed again; one that cannot be written is not kept (the run goes on).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
 
+from finemoe.errors import FinemoeError
+
 T = TypeVar("T")
+Arrays = dict[str, np.ndarray]
+
+_folder: Path | None = None  # where values are also kept, while `stored_in` holds
 
 
 def digest(*parts) -> str:
@@ -27,22 +42,71 @@ def digest(*parts) -> str:
     return h.hexdigest()
 
 
-class ContentMemo(Generic[T]):
-    """The last `kept` values by content hash, least recently used dropped first."""
+@contextmanager
+def stored_in(folder: str | Path | None) -> Iterator[None]:
+    """Keep values on disk in `folder` too for the block (None: memory only)."""
+    global _folder
+    before, _folder = _folder, None if folder is None else Path(folder)
+    try:
+        yield
+    finally:
+        _folder = before
 
-    def __init__(self, kept: int) -> None:
-        self.kept = kept
+
+class ContentMemo(Generic[T]):
+    """The last `kept` values by content hash, least recently used dropped first; on disk too (as
+    `name-<hash>.npz`) within `stored_in`, for values `to_arrays` / `from_arrays` convert."""
+
+    def __init__(self, kept: int, name: str, to_arrays: Callable[[T], Arrays], from_arrays: Callable[[Arrays], T]):
+        self.kept, self.name = kept, name
+        self._to_arrays, self._from_arrays = to_arrays, from_arrays
         self._values: OrderedDict[str, T] = OrderedDict()
+        self.computed = 0  # values computed here (not read from memory or disk)
 
     def get(self, key: str, compute: Callable[[], T]) -> T:
         value = self._values.get(key)
-        if value is None:
-            value = self._values[key] = compute()
-            while len(self._values) > self.kept:
-                self._values.popitem(last=False)
-        else:
+        if value is not None:
             self._values.move_to_end(key)
+            return value
+        value = self._from_disk_or(key, compute) if _folder is not None else self._compute(compute)
+        self._values[key] = value
+        while len(self._values) > self.kept:
+            self._values.popitem(last=False)
         return value
+
+    def _compute(self, compute: Callable[[], T]) -> T:
+        self.computed += 1
+        return compute()
+
+    def _from_disk_or(self, key: str, compute: Callable[[], T]) -> T:
+        from finemoe.files import atomic_write_bytes, ensure_dir, locked
+
+        path = _folder / f"{self.name}-{key}.npz"
+        with ExitStack() as held:
+            try:
+                ensure_dir(_folder)
+                held.enter_context(locked(path.with_suffix(".lock")))  # a sweep's workers take turns
+            except (FinemoeError, OSError):
+                return self._compute(compute)  # a folder it cannot write to: memory only
+            value = self._read(path)
+            if value is None:
+                value = self._compute(compute)
+                buffer = io.BytesIO()
+                np.savez(buffer, **self._to_arrays(value))
+                try:
+                    atomic_write_bytes(path, buffer.getvalue())
+                except (FinemoeError, OSError):
+                    pass  # a full disk: not kept, the run goes on
+            return value
+
+    def _read(self, path: Path) -> T | None:
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return self._from_arrays({k: data[k] for k in data.files})
+        except Exception:  # noqa: BLE001 - a corrupt or foreign file: computed again and replaced
+            return None
 
     def clear(self) -> None:
         self._values.clear()

@@ -52,7 +52,18 @@ class _Partial:
                 self.norm2 += 2.0 * c + 1.0  # (c + 1)^2 - c^2: integers, so the sum stays exact
 
 
-_MATCHES: ContentMemo[dict[int, list[int]]] = ContentMemo(4)  # by stored EAMs and measured routing
+def _to_arrays(matches: dict[int, list[int]]) -> dict[str, np.ndarray]:
+    width = len(next(iter(matches.values()))) if matches else 0
+    return {"starts": np.array(list(matches), dtype=np.int64),
+            "matches": np.array(list(matches.values()), dtype=np.int64).reshape(len(matches), width)}
+
+
+def _from_arrays(a: dict[str, np.ndarray]) -> dict[int, list[int]]:
+    return dict(zip(a["starts"].tolist(), a["matches"].tolist(), strict=True))
+
+
+# By stored EAMs and measured routing.
+_MATCHES: ContentMemo[dict[int, list[int]]] = ContentMemo(4, "moe-infinity-matches", _to_arrays, _from_arrays)
 
 
 @register

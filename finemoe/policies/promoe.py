@@ -57,10 +57,6 @@ def train_logistic(
     return w, b
 
 
-_MODELS: ContentMemo[tuple[dict, float]] = ContentMemo(8)  # trained predictors, by what they were trained on
-_PREDICTIONS: ContentMemo[_Predictions] = ContentMemo(2)
-
-
 @dataclass(frozen=True)
 class _Predictions:
     """Per measured iteration (by its first trace row; a prefill's index is -1 - i): a decode
@@ -71,6 +67,46 @@ class _Predictions:
     experts: list[list[list[int]]]
     prios: list[list[list[float]]]
     prefill: list[dict[int, dict[ExpertKey, float]]]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        n = len(self.experts)
+        L, K = (len(self.experts[0]), len(self.experts[0][0])) if n else (0, 0)
+        rows = [(i, layer, target, e) for i, layers in enumerate(self.prefill) for layer, out in layers.items()
+                for target, e in out]
+        prios = [prio for layers in self.prefill for out in layers.values() for prio in out.values()]
+        return {"starts": np.array(list(self.index_of), dtype=np.int64),
+                "indices": np.array(list(self.index_of.values()), dtype=np.int64),
+                "experts": np.array(self.experts, dtype=np.int64).reshape(n, L, K),
+                "prios": np.array(self.prios, dtype=np.float64).reshape(n, L, K),
+                "prefills": np.array(len(self.prefill)),
+                "prefill_keys": np.array(rows, dtype=np.int64).reshape(len(rows), 4),
+                "prefill_prios": np.array(prios, dtype=np.float64)}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> _Predictions:
+        prefill: list[dict[int, dict[ExpertKey, float]]] = [{} for _ in range(int(a["prefills"]))]
+        for (i, layer, target, e), prio in zip(a["prefill_keys"].tolist(), a["prefill_prios"].tolist(), strict=True):
+            prefill[i].setdefault(layer, {})[(target, e)] = prio
+        return cls(dict(zip(a["starts"].tolist(), a["indices"].tolist(), strict=True)), a["experts"].tolist(),
+                   a["prios"].tolist(), prefill)
+
+
+def _models_to_arrays(value: tuple[dict, float]) -> dict[str, np.ndarray]:
+    models, took = value
+    out = {"layers": np.array(sorted(models), dtype=np.int64), "took": np.array(took)}
+    for layer, (w, b) in models.items():
+        out[f"w{layer}"], out[f"b{layer}"] = w, b
+    return out
+
+
+def _models_from_arrays(a: dict[str, np.ndarray]) -> tuple[dict, float]:
+    return {layer: (a[f"w{layer}"], a[f"b{layer}"]) for layer in a["layers"].tolist()}, float(a["took"])
+
+
+# Trained predictors, by what they were trained on; their outputs on the measured iterations.
+_MODELS: ContentMemo[tuple[dict, float]] = ContentMemo(8, "promoe-models", _models_to_arrays, _models_from_arrays)
+_PREDICTIONS: ContentMemo[_Predictions] = ContentMemo(2, "promoe-predictions", _Predictions.to_arrays,
+                                                      _Predictions.from_arrays)
 
 
 @register

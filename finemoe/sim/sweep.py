@@ -26,6 +26,7 @@ from finemoe.sim.hardware import HardwareSpec
 from finemoe.sim.memory import parse_size
 
 MANIFEST_NAME = "sweep.json"
+PREDICTIONS_DIR = "predictions"  # what policies computed from content alone, shared by the sweep (policies/memo.py)
 MANIFEST_VERSION = 1
 MAX_SWEEP_VALUES = 10_000  # per axis: a range this long is almost surely a typo
 ARRIVALS = ("all", "poisson", "file")
@@ -498,7 +499,8 @@ def run_sweep(
         bar = _progress_bar(len(todo), skipped, enabled=progress)
         # closing: an interrupt while a result is written stops the executor (and its workers) now
         try:
-            with closing(runner.map([configs[i] for i in todo], work or Work.default())) as outcomes:
+            work = replace(work or Work.default(), predictions_dir=str(out / PREDICTIONS_DIR))
+            with closing(runner.map([configs[i] for i in todo], work)) as outcomes:
                 for j, outcome in outcomes:
                     i = todo[j]
                     if isinstance(outcome, TaskFailure):

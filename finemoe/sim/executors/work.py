@@ -39,6 +39,9 @@ class Work:
 
     run: Callable[[Trace, SimConfig], RunResult]
     load: Callable[[SimConfig], Trace]
+    # Where policies keep what they computed from content alone, for the sweep's other runs
+    # (policies/memo.py; a sweep's `predictions/` beside its results); None: memory only.
+    predictions_dir: str | None = None
 
     @classmethod
     def default(cls) -> Work:
@@ -83,10 +86,13 @@ def clear_trace_cache() -> None:
 
 def execute(work: Work, config: SimConfig, trace: Trace | None = None) -> RunResult | TaskFailure:
     """Run one configuration; `trace` is given when the executor shipped it (Ray's object store)."""
+    from finemoe.policies.memo import stored_in
+
     try:
         if trace is None:
             trace = cached_trace(work, config)
-        return work.run(trace, config)
+        with stored_in(work.predictions_dir):
+            return work.run(trace, config)
     except FinemoeError as exc:
         return TaskFailure(str(exc))
     except Exception as exc:  # noqa: BLE001 - a bug in one configuration must not stop the sweep
