@@ -281,6 +281,11 @@ class SimEngine:
         self._cpu_timer = CpuTimer(costs) if self._cpu_exec else None
         self._transient: list = []  # COPY_ONCE experts of the current layer: their slots free after it
         self._cpu_wait = 0  # ticks the GPU waited for the CPU's experts
+        self._always = not self.fast_path  # sync SimPy at every layer and expert (the fast path's check)
+        self._stretch_fn = self._stretch if self.slowdown != 1.0 else None  # compute slowed by busy copies
+        # No policy hook can queue a copy or needs the clock synced: quiet steps run as `_quiet_step`.
+        self._hookless = (not self._wants_step and not self._wants_layer and self.oracle is None
+                          and self._stretch_fn is None and not self._cpu_exec)
         policy.bind(
             PolicyContext(
                 geometry=g,
@@ -764,34 +769,18 @@ class SimEngine:
                 self._loaded = env.event()
 
     def _compute(self):
-        env, cache, rec, policy, batcher = self.env, self.cache, self.rec, self.policy, self.batcher
-        trace, L = self.trace, self.L
-        always = not self.fast_path
-        inline = self.inline_misses
-        sync = self._sync
-        peek = env.peek
-        tl_steps = rec.timeline_steps
-        wants_layer = self._wants_layer
-        etf = self.expert_ticks
-        et1 = etf(1)
+        """The GPU's process: step after step, layer after layer, as the batcher forms the steps.
+        A step whose layers nothing can disturb runs as `_quiet_step` (or, once every remaining
+        step is such, on the compiled path); any other runs its layers one by one (`_layer`)."""
+        batcher, cache, policy, trace = self.batcher, self.cache, self.policy, self.trace
+        peek, sync = self.env.peek, self._sync
         first_seen: set[int] = set()
         stall = 0
-        t = env.now
-        stretch = self._stretch if self.slowdown != 1.0 else None
-        capacity = cache.capacity
-        shared = cache.layer_capacity is None  # one pool (else each layer's share bounds what fits)
-        # `_quiet_step` applies: no policy hook can queue a copy or needs the clock synced
-        cpu_exec = self._cpu_exec
-        hookless = (not self._wants_step and not wants_layer and self.oracle is None and stretch is None
-                    and not cpu_exec)
+        t = self.env.now
         cpu_done = 0  # when the CPU's share of the current layer is back on the GPU (0: none)
-        fast = None
-        if self.compiled is not False and hookless and inline and (self.compiled or self._compiled_pays()):
-            from finemoe.sim.compiled import CompiledSteps, supports
-
-            fast = CompiledSteps(self) if supports(self) else None
+        fast = self._compiled_steps()
         while not batcher.done:
-            if fast is not None and self.step >= tl_steps and self._link_idle():
+            if fast is not None and self.step >= self.rec.timeline_steps and self._link_idle():
                 # The rest of the run is quiet steps: the compiled path plays them with the same results.
                 t, stall = fast.run(t, stall, first_seen)
                 self.path = "compiled"
@@ -807,138 +796,29 @@ class SimEngine:
                 self._replan(t)
             cache.set_position(step, -1)
             step_info = None
-            if self._wants_step or wants_layer:
+            if self._wants_step or self._wants_layer:
                 step_info = StepInfo(step, t * _S, seqs, trace)
             if self._wants_step:
-                if always or peek() <= t:
+                if self._always or peek() <= t:
                     yield from sync(t)
                 pf = policy.on_step_start(step_info)
                 if pf:
                     self._submit(pf, t)
             experts_l, counts_l, dense, tokens = self._prepare(seqs)
-            keep = step < tl_steps
-            inline_now = inline and not keep and not cpu_exec  # `_misses_inline` keeps no timeline
-            layers = range(L)
-            if hookless and inline_now and self._quiet(experts_l):
+            keep = step < self.rec.timeline_steps
+            inline_now = self.inline_misses and not keep and not self._cpu_exec  # `_misses_inline` keeps no timeline
+            if self._hookless and inline_now and self._quiet(experts_l):
                 t, waited = self._quiet_step(step, experts_l, counts_l, dense, t)
                 stall += waited
-                layers = ()  # done
-            for layer in layers:
-                if cpu_done or self._transient:  # the previous layer's CPU side and temporary copies
-                    t = yield from self._layer_done(t, cpu_done)
-                    cpu_done = 0
-                if stretch is not None and peek() <= t:
-                    yield from sync(t)  # the stretch sees every copy started by `t`
-                t0 = t
-                t += dense if stretch is None else stretch(t, dense)
-                if keep:
-                    rec.event("compute", "dense", step, layer, -1, t0 * _S, t * _S, False)
-                if always or peek() <= t:
-                    yield from sync(t)
-                cache.position = (step, layer)
-                now_s = t * _S
-                pf = policy.on_layer_routed(LayerRouting(step_info, layer, now_s, trace)) if wants_layer else None
-                experts = experts_l[layer]
-                misses = cache.access_layer(layer, experts, now_s)
-                counts = None if counts_l is None else counts_l[layer]
-                if cpu_exec and misses is not None:
-                    # Placed before the policy's prefetches can start a copy: no miss the CPU
-                    # computes is copied on demand (the replayer's order, too).
-                    experts, counts, misses, cpu_done = self._place(step, layer, experts, counts, misses, tokens,
-                                                                    t, keep)
-                if pf:
-                    self._submit(pf, t)
-                quiet = not cache.busy and not self._releases  # nothing can happen on the link
-                if counts is None:
-                    ticks = None
-                    if misses is None and not keep and not always and quiet:
-                        # Nothing can happen on the link: the layer's experts run back to back.
-                        t += et1 * len(experts)
-                        continue
-                    ticks = [et1] * len(experts)
-                else:
-                    ticks = [etf(c) for c in counts]
-                if self._low:
-                    ticks = self._low_ticks(layer, experts, ticks, counts, misses)
-                if (misses is not None and inline_now and not self._releases
-                        and cache.only_demands(len(misses)) and (capacity >= len(experts) if shared
-                                                                 else cache.fits(layer, len(experts)))
-                        and self._engines_idle()):
-                    # Only this layer's misses will cross the link: play their copies out here, in
-                    # the order SimPy would, without an event per copy (the same times and calls).
-                    t, waited = self._misses_inline(layer, experts, ticks, misses, t, stretch)
+            else:
+                for layer in range(self.L):
+                    if cpu_done or self._transient:  # the previous layer's CPU side and temporary copies
+                        t = yield from self._layer_done(t, cpu_done)
+                        cpu_done = 0
+                    counts = None if counts_l is None else counts_l[layer]
+                    t, waited, cpu_done = yield from self._layer(step_info, step, layer, experts_l[layer], counts,
+                                                                 dense, tokens, keep, inline_now, t)
                     stall += waited
-                    continue
-                if misses is None and quiet:
-                    for e, c in zip(experts, ticks, strict=True):
-                        t0 = t
-                        t += c
-                        if keep:
-                            rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, False)
-                    if always:
-                        yield from sync(t)
-                    continue
-                # Copies are queued or on the wire: pin what this layer needs until it is computed.
-                cache.pin([(layer, e) for e in experts])
-                if misses is not None:
-                    self._wake_at(t)
-                    t += self.miss_ticks * len(misses)  # the host's own work per on-demand load
-                # Resident experts first, in expert order; then the misses as they arrive.
-                for e, c in zip(experts, ticks, strict=True):
-                    if misses is not None and e in misses:
-                        continue
-                    if stretch is not None and peek() <= t:
-                        yield from sync(t)
-                    t0 = t
-                    t += c if stretch is None else stretch(t, c)
-                    cache.unpin((layer, e), t * _S)
-                    if keep:
-                        rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, False)
-                    if always or cache.blocked:
-                        yield from sync(t)
-                        if cache.blocked:
-                            self._notify()
-                if misses is not None:
-                    pending = list(misses)
-                    while pending:
-                        if always or peek() <= t:
-                            yield from sync(t)
-                        ready = [e for e in pending if (layer, e) in cache.resident]
-                        if not ready:
-                            # Wait for the first of the missing experts on the wire to land (its
-                            # copy engine resumes first and marks it resident), else for any copy.
-                            first = None
-                            for e in pending:
-                                a = self._arriving.get((layer, e))
-                                if a is not None and (first is None or a[0] < first[0]):
-                                    first = a
-                            self._stalled = True
-                            if first is not None:
-                                yield first[1]
-                            else:
-                                self._loaded_waited = True
-                                yield self._loaded
-                                self._loaded_waited = False
-                            self._stalled = False
-                            stall += env.now - t
-                            t = env.now
-                            continue
-                        for e in ready:
-                            pending.remove(e)
-                            if stretch is not None and peek() <= t:
-                                yield from sync(t)
-                            t0 = t
-                            c = ticks[experts.index(e)]
-                            t += c if stretch is None else stretch(t, c)
-                            cache.unpin((layer, e), t * _S)
-                            if keep:
-                                rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, True)
-                            if always or cache.blocked:
-                                yield from sync(t)
-                                if cache.blocked:
-                                    self._notify()
-                if always:
-                    yield from sync(t)
             if cpu_done or self._transient:  # the last layer's
                 t = yield from self._layer_done(t, cpu_done)
                 cpu_done = 0
@@ -947,14 +827,140 @@ class SimEngine:
             self.record_step(seqs, tokens, finished, t * _S, first_seen)
             if self.online and self._wants_finished:
                 for rid in finished:
-                    if always or peek() <= t:
+                    if self._always or peek() <= t:
                         yield from sync(t)
                     policy.on_request_finished(rid, trace)
             self.step += 1
-        rec.stall_s = stall * _S
-        rec.cpu_wait_s = self._cpu_wait * _S
+        self.rec.stall_s = stall * _S
+        self.rec.cpu_wait_s = self._cpu_wait * _S
         yield from sync(t)
         return t
+
+    def _compiled_steps(self):
+        """sim/compiled.py's player for this run, where it applies and pays; else None."""
+        if self.compiled is False or not (self._hookless and self.inline_misses):
+            return None
+        if not (self.compiled or self._compiled_pays()):
+            return None
+        from finemoe.sim.compiled import CompiledSteps, supports
+
+        return CompiledSteps(self) if supports(self) else None
+
+    def _layer(self, step_info, step: int, layer: int, experts, counts, dense: int, tokens: int, keep: bool,
+               inline_now: bool, t: int):
+        """One layer of a step: its dense part, its routing (the policy's prefetches), its experts.
+        Returns (time, stall, when the CPU's share is back: 0 for none)."""
+        cache, rec, stretch, peek, sync = self.cache, self.rec, self._stretch_fn, self.env.peek, self._sync
+        if stretch is not None and peek() <= t:
+            yield from sync(t)  # the stretch sees every copy started by `t`
+        t0 = t
+        t += dense if stretch is None else stretch(t, dense)
+        if keep:
+            rec.event("compute", "dense", step, layer, -1, t0 * _S, t * _S, False)
+        if self._always or peek() <= t:
+            yield from sync(t)
+        cache.position = (step, layer)
+        now_s = t * _S
+        pf = self.policy.on_layer_routed(LayerRouting(step_info, layer, now_s, self.trace)) if self._wants_layer else None
+        misses = cache.access_layer(layer, experts, now_s)
+        cpu_done = 0
+        if self._cpu_exec and misses is not None:
+            # Placed before the policy's prefetches can start a copy: no miss the CPU computes is
+            # copied on demand (the replayer's order, too).
+            experts, counts, misses, cpu_done = self._place(step, layer, experts, counts, misses, tokens, t, keep)
+        if pf:
+            self._submit(pf, t)
+        quiet = not cache.busy and not self._releases  # nothing can happen on the link
+        et1 = self.expert_ticks(1)
+        if counts is None:
+            if misses is None and not keep and not self._always and quiet:
+                return t + et1 * len(experts), 0, cpu_done  # the layer's experts run back to back
+            ticks = [et1] * len(experts)
+        else:
+            ticks = [self.expert_ticks(c) for c in counts]
+        if self._low:
+            ticks = self._low_ticks(layer, experts, ticks, counts, misses)
+        if (misses is not None and inline_now and not self._releases and cache.only_demands(len(misses))
+                and (cache.capacity >= len(experts) if cache.layer_capacity is None else cache.fits(layer, len(experts)))
+                and self._engines_idle()):
+            # Only this layer's misses will cross the link: play their copies out here, in the order
+            # SimPy would, without an event per copy (the same times and calls).
+            t, waited = self._misses_inline(layer, experts, ticks, misses, t, stretch)
+            return t, waited, cpu_done
+        if misses is None and quiet:
+            for e, c in zip(experts, ticks, strict=True):
+                t0 = t
+                t += c
+                if keep:
+                    rec.event("compute", "expert", step, layer, e, t0 * _S, t * _S, False)
+            if self._always:
+                yield from sync(t)
+            return t, 0, cpu_done
+        # Copies are queued or on the wire: pin what this layer needs until it is computed.
+        cache.pin([(layer, e) for e in experts])
+        if misses is not None:
+            self._wake_at(t)
+            t += self.miss_ticks * len(misses)  # the host's own work per on-demand load
+        # Resident experts first, in expert order; then the misses as they arrive.
+        for e, c in zip(experts, ticks, strict=True):
+            if misses is None or e not in misses:
+                t = yield from self._run_expert(step, layer, e, c, t, keep, False)
+        waited = 0
+        if misses is not None:
+            t, waited = yield from self._await_misses(step, layer, experts, ticks, misses, t, keep)
+        if self._always:
+            yield from sync(t)
+        return t, waited, cpu_done
+
+    def _run_expert(self, step: int, layer: int, expert: int, ticks: int, t: int, keep: bool, missed: bool):
+        """Compute one resident expert of the layer from `t`, then let its slot go; returns the time."""
+        stretch, peek, sync, cache = self._stretch_fn, self.env.peek, self._sync, self.cache
+        if stretch is not None and peek() <= t:
+            yield from sync(t)
+        t0 = t
+        t += ticks if stretch is None else stretch(t, ticks)
+        cache.unpin((layer, expert), t * _S)
+        if keep:
+            self.rec.event("compute", "expert", step, layer, expert, t0 * _S, t * _S, missed)
+        if self._always or cache.blocked:
+            yield from sync(t)
+            if cache.blocked:
+                self._notify()
+        return t
+
+    def _await_misses(self, step: int, layer: int, experts, ticks, misses, t: int, keep: bool):
+        """Compute the layer's missed experts as their copies land, waiting when none has; returns
+        (time, stall)."""
+        env, cache, peek, sync = self.env, self.cache, self.env.peek, self._sync
+        pending = list(misses)
+        stall = 0
+        while pending:
+            if self._always or peek() <= t:
+                yield from sync(t)
+            ready = [e for e in pending if (layer, e) in cache.resident]
+            if not ready:
+                # Wait for the first of the missing experts on the wire to land (its copy engine
+                # resumes first and marks it resident), else for any copy.
+                first = None
+                for e in pending:
+                    a = self._arriving.get((layer, e))
+                    if a is not None and (first is None or a[0] < first[0]):
+                        first = a
+                self._stalled = True
+                if first is not None:
+                    yield first[1]
+                else:
+                    self._loaded_waited = True
+                    yield self._loaded
+                    self._loaded_waited = False
+                self._stalled = False
+                stall += env.now - t
+                t = env.now
+                continue
+            for e in ready:
+                pending.remove(e)
+                t = yield from self._run_expert(step, layer, e, ticks[experts.index(e)], t, keep, True)
+        return t, stall
 
     # --- driver ----------------------------------------------------------------------------------
     def run(self) -> float:
