@@ -13,7 +13,6 @@ its copies out without SimPy (`_misses_inline`, in SimPy's order; `inline_misses
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import operator
 import sys
@@ -25,7 +24,6 @@ import simpy
 
 from finemoe.policies.base import (
     LayerRouting,
-    OracleView,
     Policy,
     PolicyContext,
     Prefetch,
@@ -37,14 +35,13 @@ from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
 from finemoe.sim.cpu_side import CpuTimer, record_cpu_layer, split_misses
 from finemoe.sim.memory import MemoryPlan
 from finemoe.sim.metrics import MetricsRecorder
+from finemoe.sim.plan_view import PlanView
 from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.schema import Trace
 
 _S = 1.0 / TICKS_PER_S
 COMPILED_MIN_LAYER_STEPS = 300_000  # `SimEngine._compiled_pays`
 _PLAIN = operator.itemgetter(1)  # of a `_sleeping` entry: the engine sleeps until work is handed to it
-_NONE = np.zeros(0, dtype=np.int64)
-_INF = float("inf")
 _LAST = 2  # SimPy priority below NORMAL: the compute clock syncs after every other event at that time
 
 
@@ -105,85 +102,6 @@ def step_work(infos: list[_IterInfo], num_layers: int, costs: CostModel):
         counts_l.append([c for _, c in items])
     dense = to_ticks(costs.dense_layer_s(tokens, context, pairs))
     return experts_l, counts_l, dense, tokens
-
-
-class _PlanOracle(OracleView):
-    """The future as the batcher would run it if no further requests arrived (exact for all-at-once
-    arrivals; re-planned whenever a request arrives otherwise)."""
-
-    def __init__(self, num_layers: int, num_experts: int) -> None:
-        self.L = self.num_layers = num_layers
-        self.J = num_experts
-        self._per_key: dict[tuple[int, int], list[int]] = {}
-        self._pos: list[int] = []
-        self._entries: list[tuple[int, int, int]] = []
-        self._prev = np.zeros(0, dtype=np.int64)  # per entry: the index of its expert's previous entry (-1: none)
-        self._pos_arr = self._key_arr = _NONE  # per entry: its position, its key (layer x experts + expert)
-        self.version = 0  # bumped on every re-plan, so policies can refresh derived state
-
-    def rebuild(self, base_step: int, steps: list[tuple[Sequence, ...]], info) -> None:
-        L = self.L
-        pos_list: list[int] = []
-        entries: list[tuple[int, int, int]] = []
-        per_key: dict[tuple[int, int], list[int]] = {}
-        prev: list[int] = []
-        last: dict[tuple[int, int], int] = {}
-        for i, seqs in enumerate(steps):
-            s = base_step + i
-            if len(seqs) == 1:
-                layer_sets = [[e for e, _ in layer] for layer in info(seqs[0]).layers]
-            else:
-                layer_sets = [sorted({e for q in seqs for e, _ in info(q).layers[layer]}) for layer in range(L)]
-            for layer, experts in enumerate(layer_sets):
-                p = s * L + layer
-                for e in experts:
-                    key = (layer, e)
-                    prev.append(last.get(key, -1))
-                    last[key] = len(entries)
-                    pos_list.append(p)
-                    entries.append((s, layer, e))
-                    per_key.setdefault(key, []).append(p)
-        self._pos, self._entries, self._per_key = pos_list, entries, per_key
-        self._prev = np.array(prev, dtype=np.int64)
-        self._pos_arr = np.array(pos_list, dtype=np.int64)
-        self._key_arr = np.array([layer * self.J + e for _, layer, e in entries], dtype=np.int64)
-        self.version += 1
-
-    def position(self, after: tuple[int, int]) -> int:
-        return after[0] * self.L + after[1]
-
-    def next_use(self, key, after):
-        arr = self._per_key.get(key)
-        if not arr:
-            return _INF
-        i = bisect.bisect_right(arr, after[0] * self.L + after[1])
-        return float(arr[i]) if i < len(arr) else _INF
-
-    def upcoming(self, after, limit):
-        i = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
-        return self._entries[i : i + limit]
-
-    def first_uses(self, after, limit):
-        """`OracleView.first_uses` without reading the window: an entry is its expert's first in a
-        window starting at entry i0 exactly when its expert's previous entry lies before i0."""
-        i0 = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
-        i1 = min(i0 + limit, len(self._entries))
-        if i1 <= i0:
-            return [], 0, -1
-        entries = self._entries
-        first = [entries[i] for i in (np.flatnonzero(self._prev[i0:i1] < i0) + i0).tolist()]
-        return first, i1 - i0, self._pos[i1 - 1]
-
-    def first_use_arrays(self, after, limit, num_experts):
-        """`OracleView.first_use_arrays` from the plan's own arrays (as `first_uses` finds them)."""
-        if num_experts != self.J:
-            return super().first_use_arrays(after, limit, num_experts)
-        i0 = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
-        i1 = min(i0 + limit, len(self._entries))
-        if i1 <= i0:
-            return _NONE, _NONE, 0, -1
-        idx = (self._prev[i0:i1] < i0).nonzero()[0] + i0
-        return self._pos_arr[idx], self._key_arr[idx], i1 - i0, self._pos[i1 - 1]
 
 
 class SimEngine:
@@ -264,7 +182,7 @@ class SimEngine:
         self._wire_free = 0
         self._releases = 0  # prefetches waiting for their `ready_s` (scheduled release events)
         self.step = 0
-        self.oracle = _PlanOracle(self.L, self.J) if policy.is_oracle else None
+        self.oracle = PlanView(self.L, self.J) if policy.is_oracle else None
         # An oracle may bring the steps the run will take (from an earlier run of the same
         # workload): then its view is that whole future, requests not yet arrived included.
         self._scripted = getattr(policy, "planned_steps", None) if policy.is_oracle else None
@@ -725,7 +643,7 @@ class SimEngine:
         known = self.batcher.arrived_count(now)
         if known != self._planned_known:
             self._planned_known = known
-            self.oracle.rebuild(self.step, self.batcher.plan(now), self.info)
+            self.oracle.rebuild(self.step, self.batcher.plan(now), self.info, self.trace.experts)
 
     # --- processes -------------------------------------------------------------------------------
     def _copier(self, index: int):
@@ -968,7 +886,7 @@ class SimEngine:
         env = self.env
         if self.oracle is not None:
             if self._scripted:
-                self.oracle.rebuild(0, list(self._scripted), self.info)
+                self.oracle.rebuild(0, list(self._scripted), self.info, self.trace.experts)
             self._replan(0)
         if self.memory.all_resident and not self._cpu_exec:  # (a placement on the CPU is the policy's choice)
             keys = [(layer, e) for layer in range(self.L) for e in range(self.J)]
