@@ -12,8 +12,6 @@ depend on its timing, so the bounds use each request's own accesses, which every
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -21,82 +19,12 @@ import pandas as pd
 
 from finemoe.policies.base import Sequence as Run
 from finemoe.results import latency_summary
+from finemoe.sim.belady import min_loads
 from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
 from finemoe.sim.engine import iter_info, step_work
 from finemoe.sim.workload import ContinuousBatcher
 
-INF = float("inf")
 _S = 1.0 / TICKS_PER_S
-
-
-def _next_positions(sets: Sequence[Sequence[Hashable]]) -> tuple[list[list[Hashable]], list[dict], dict]:
-    """Each position's distinct members; per position, each member's next position after it
-    (`inf`: never again); and each key's first position."""
-    later: dict = {}
-    members = [list(dict.fromkeys(s)) for s in sets]
-    after: list[dict] = [{} for _ in sets]
-    for p in range(len(sets) - 1, -1, -1):
-        for k in members[p]:
-            after[p][k] = later.get(k, INF)
-        for k in members[p]:
-            later[k] = p
-    return members, after, later
-
-
-def min_loads(sets: Sequence[Sequence[Hashable]], capacity: int, start: frozenset = frozenset()) -> list[int]:
-    """A lower bound on the loads of any schedule with `capacity` slots and `start` resident, once
-    position p is served, for every p: Belady's MIN with each position's set resident at once, on
-    `capacity + m - 1` slots (m: the largest set). A schedule may serve a set's members one at a
-    time and evict a served one for the next; holding the served ones until the set is done needs
-    at most m - 1 more slots and no more loads, so MIN on those slots is below every schedule
-    (docs/bounds.md). The prefix counts are MIN of each prefix."""
-    if capacity < 1:
-        raise ValueError(f"capacity must be at least one slot, got {capacity}")
-    if len(start) > capacity:
-        raise ValueError(f"{len(start)} experts resident at the start exceed {capacity} slots")
-    members, after, first = _next_positions(sets)
-    slots = capacity + max((len(m) for m in members), default=1) - 1
-    resident = set(start)
-    next_of = {k: first.get(k, INF) for k in resident}
-    # ties in next use are broken by push order: the keys tied are needed at the same position (or
-    # never), so which of them goes does not change the count
-    order = itertools.count()
-    heap = [(-v, next(order), k) for k, v in sorted(next_of.items(), key=lambda kv: repr(kv[0]))]
-    heapq.heapify(heap)
-    loads, out = 0, []
-
-    def touch(key, nxt):
-        next_of[key] = nxt
-        heapq.heappush(heap, (-nxt, next(order), key))
-
-    for p, mem in enumerate(members):
-        nu = after[p]
-        here = set(mem)
-        missing = [k for k in mem if k not in resident]
-        for k in mem:
-            if k in resident:
-                touch(k, nu[k])
-        for k in missing:
-            loads += 1
-            if len(resident) >= slots:
-                aside = []
-                while True:
-                    item = heapq.heappop(heap)
-                    victim = item[2]
-                    if victim not in resident or next_of[victim] != -item[0]:
-                        continue  # stale
-                    if victim in here:
-                        aside.append(item)  # the set is held at once
-                        continue
-                    break
-                for item in aside:
-                    heapq.heappush(heap, item)
-                resident.discard(victim)
-                del next_of[victim]
-            resident.add(k)
-            touch(k, nu[k])
-        out.append(loads)
-    return out
 
 
 def bound_slots(sets: Sequence[Sequence[Hashable]], capacity: int) -> int:
