@@ -240,3 +240,14 @@ def test_lane_times_back_to_back_copies_of_one_size():
     assert r["copies"] == 20 and r["bytes"] == 1 << 16
     assert 0 < r["copy_s"] < 0.1 and 0 <= r["gap_s"] < 0.1
     assert r["gbps"] == pytest.approx((1 << 16) / r["copy_s"] / 1e9)
+
+
+@pytest.mark.parametrize("enough_s, n, expected", [(float("inf"), 512, 512), (0.0, 512, 256), (0.0, 128, 128)])
+def test_peak_gemm_grows_only_while_a_gemm_is_short(monkeypatch, enough_s, n, expected):
+    """The square GEMM doubles from 256 towards the plan's size only while one GEMM is quicker than
+    the threshold: a dtype without fast hardware is measured small instead of for tens of seconds."""
+    import finemoe.replay.calibrate as cal
+
+    monkeypatch.setattr(cal, "PEAK_GEMM_ENOUGH_S", enough_s)
+    size, flops = cal.measure_peak_flops("cpu", "float32", n, 3)
+    assert size == expected and flops > 0

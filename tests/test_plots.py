@@ -71,9 +71,9 @@ def simulate_study(directory: Path) -> Path:
     """A real small study: the simulator over a synthetic trace (3 cache sizes x lru, finemoe,
     oracle; no-offload; FineMoE at d = 1, 2, 3) and two configurations replayed on this CPU with
     their simulated counterparts (calibrated profile). Returns the trace path."""
-    from finemoe.replay.calibrate import calibrate, profile_hardware
     from finemoe.replay.compare import attach_simulation, simulate_same
     from finemoe.replay.executor import ReplayOptions, replay
+    from finemoe.replay.run import calibrated_hardware
     from finemoe.sim.config import MemoryConfig, SimConfig
     from finemoe.sim.hardware import PRESETS
     from finemoe.sim.run import simulate
@@ -94,11 +94,13 @@ def simulate_study(directory: Path) -> Path:
     simulate(trace, config("no-offload", 32)).write(directory / "no-offload-32.parquet")
     for d in (1, 2):
         simulate(trace, config("finemoe", 16, distance=d)).write(directory / f"finemoe-16-d{d}.parquet")
-    hw = profile_hardware(calibrate("cpu"))
+    # calibrated as `finemoe validate` does: the trace's own expert GEMM in its dtype
+    options = ReplayOptions(device="cpu", threads=1)
+    hw, _ = calibrated_hardware(trace, options, slots=16)
     for policy in ("lru", "finemoe"):
         cfg = config(policy, 16, hw)
         sim_path = simulate_same(trace, cfg).write(directory / f"cpu-sim-{policy}-16.parquet")
-        replayed = replay(trace, cfg, ReplayOptions(device="cpu", threads=1))
+        replayed = replay(trace, cfg, options)
         attach_simulation(replayed, read_result(sim_path), str(sim_path)).write(
             directory / f"replay-{policy}-16.parquet")
     return trace_path

@@ -367,20 +367,36 @@ def measure_memory_bandwidth(device: str, nbytes: int, repeats: int) -> float:
     return 2 * nbytes / t / 1e9
 
 
-def measure_peak_flops(device: str, dtype: str, n: int, repeats: int) -> float:
-    """FLOP/s of a square n x n x n GEMM, the best this machine's matmul does."""
+PEAK_GEMM_ENOUGH_S = 0.05  # one GEMM this long is compute-bound: growing it further measures nothing new
+
+
+def measure_peak_flops(device: str, dtype: str, n: int, repeats: int) -> tuple[int, float]:
+    """(size, FLOP/s) of a square GEMM, the best this machine's matmul does.
+
+    The size doubles from 256 up to `n` while one GEMM takes under `PEAK_GEMM_ENOUGH_S`: where the
+    dtype has fast hardware that reaches `n` as before, and where it has none (bfloat16 on a CPU
+    without AVX-512 BF16 or AMX runs ~100x slower than float32) it stops while a GEMM is already
+    long enough to be compute-bound, instead of spending tens of seconds on one number.
+    """
     import torch
 
     tdt = torch_dtype(dtype)
-    a = torch.randn(n, n).to(dtype=tdt, device=device)
-    b = torch.randn(n, n).to(dtype=tdt, device=device)
+    size = min(256, n)
+    while True:
+        a = torch.randn(size, size).to(dtype=tdt, device=device)
+        b = torch.randn(size, size).to(dtype=tdt, device=device)
 
-    def one():
-        a @ b
-        synchronize(device)
+        def one(a=a, b=b):
+            a @ b
+            synchronize(device)
 
-    t = _median_time(one, max(3, repeats // 2))
-    return 2.0 * n**3 / t
+        one()  # first call: allocation and kernel selection, not timed
+        t = time.perf_counter()
+        one()
+        if size >= n or time.perf_counter() - t >= PEAK_GEMM_ENOUGH_S:
+            break
+        size = min(2 * size, n)
+    return size, 2.0 * size**3 / _median_time(one, max(3, repeats // 2))
 
 
 PROBE_HIDDEN = 16  # the probe model's experts are 16x16, like `measure_launch`'s: next to no arithmetic
@@ -572,7 +588,7 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
     experts = measure_expert(device, dtype, shape, plan.token_counts, plan.gemm_repeats, working_set)
     say("memory bandwidth and peak GEMM")
     stream_gbps = measure_memory_bandwidth(device, plan.stream_bytes, plan.gemm_repeats)
-    peak = measure_peak_flops(device, dtype, plan.square_gemm, plan.gemm_repeats)
+    peak_n, peak = measure_peak_flops(device, dtype, plan.square_gemm, plan.gemm_repeats)
 
     lane = None
     if not cuda:
@@ -628,7 +644,7 @@ def _calibrate(device: str, dtype: str, thorough: bool, shape: ExpertShape | Non
         "cpu_side": cpu_side,
         "copy_interference": interference,
         "memory_stream_gbps": stream_gbps,
-        "square_gemm": {"n": plan.square_gemm, "flops": peak},
+        "square_gemm": {"n": peak_n, "flops": peak},
         "fit": fit,
         "duration_s": time.perf_counter() - t0,
     }
