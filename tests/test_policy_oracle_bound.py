@@ -29,6 +29,17 @@ def _hit_rate(trace, policy: str, slots: int, batch: int, seed: int, online: boo
     return result.config["policy_info"].get("best_hit_rate", result.summary["hit_rate"])
 
 
+def _check_no_policy_beats_the_oracle(seed, slots, batch, online):
+    trace = synthetic_trace(tiny_geometry(num_layers=6, num_experts=8), num_requests=6,
+                            prompt_tokens=(2, 6), generated_tokens=(4, 10), seed=seed)
+    bound = _hit_rate(trace, "oracle", slots, batch, seed, online)
+    for policy in POLICIES:
+        got = _hit_rate(trace, policy, slots, batch, seed, online)
+        assert got <= bound + 1e-12, f"{policy} hit rate {got:.4f} above the oracle's {bound:.4f}"
+
+
+# The same six cases on every run (conftest.py's profile), so that CI does not fail on the day the random
+# draw meets an open counterexample; those found by random runs stay below.
 @pytest.mark.slow
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -38,12 +49,15 @@ def _hit_rate(trace, policy: str, slots: int, batch: int, seed: int, online: boo
     online=st.booleans(),
 )
 def test_no_policy_beats_the_oracle(seed, slots, batch, online):
-    trace = synthetic_trace(tiny_geometry(num_layers=6, num_experts=8), num_requests=6,
-                            prompt_tokens=(2, 6), generated_tokens=(4, 10), seed=seed)
-    bound = _hit_rate(trace, "oracle", slots, batch, seed, online)
-    for policy in POLICIES:
-        got = _hit_rate(trace, policy, slots, batch, seed, online)
-        assert got <= bound + 1e-12, f"{policy} hit rate {got:.4f} above the oracle's {bound:.4f}"
+    _check_no_policy_beats_the_oracle(seed, slots, batch, online)
+
+
+# Found by a random run of the test above (2026-12-06): ProMoE 86.60% hits against the best
+# candidate's 86.12% (6 layers x 8 experts, top-2, 39 slots, batches of 3, all arrive at once).
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open: promoe's hit rate above every oracle candidate's (docs/bounds.md)")
+def test_open_counterexample_promoe_on_a_large_cache():
+    _check_no_policy_beats_the_oracle(seed=188, slots=39, batch=3, online=False)
 
 
 @pytest.mark.shared

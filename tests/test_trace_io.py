@@ -21,6 +21,20 @@ def test_round_trip_keeps_every_array(tmp_path, small_trace):
     assert back.content_hash() == small_trace.content_hash()
 
 
+def test_content_hash_is_remembered_until_a_field_is_assigned_anew(small_trace):
+    import dataclasses
+    import pickle
+
+    t = dataclasses.replace(small_trace)
+    first = t.content_hash()
+    assert t.content_hash() == first == t._content_hash()
+    assert pickle.loads(pickle.dumps(t)).content_hash() == first
+    t.experts = t.experts[::-1].copy()  # routing changed: a new object, hashed again
+    assert t.content_hash() == t._content_hash() != first
+    t.requests = t.requests[:1]
+    assert t.content_hash() == t._content_hash()
+
+
 def test_not_parquet_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.parquet"
     bad.write_text("hello")

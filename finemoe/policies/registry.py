@@ -29,16 +29,23 @@ def policy_names() -> list[str]:
     return sorted(POLICIES)
 
 
+_builtin_loaded = False
+
+
 def _load_builtin() -> None:
-    # Imported here so that each policy file registers itself with @register on first use.
-    import importlib
-    import pkgutil
+    # Imported here so that each policy file registers itself with @register on first use; the
+    # package is scanned once per process (a sweep of small runs asks thousands of times).
+    global _builtin_loaded
+    if not _builtin_loaded:
+        import importlib
+        import pkgutil
 
-    import finemoe.policies as pkg
+        import finemoe.policies as pkg
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base", "registry", "caches"):
-            importlib.import_module(f"finemoe.policies.{mod.name}")
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if mod.name not in ("base", "registry", "caches"):
+                importlib.import_module(f"finemoe.policies.{mod.name}")
+        _builtin_loaded = True
     from finemoe.policies.user import load_external
 
     load_external()  # --policy-file files (also in pool workers) and installed entry points

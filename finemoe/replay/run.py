@@ -42,7 +42,7 @@ def prepare_trace(trace: Trace, *, model_profile: str | None, expert_scale: floa
         meta = dict(trace.metadata)
         meta["replay_scaled_from"] = trace.geometry.to_dict()
         meta["expert_scale"] = expert_scale
-        trace = Trace(**{**trace.__dict__, "geometry": g, "metadata": meta})
+        trace = replace(trace, geometry=g, metadata=meta)  # (not __dict__: it holds caches)
     return trace
 
 

@@ -184,7 +184,21 @@ class Trace:
         return replace(self, geometry=geometry, metadata=meta)  # (not __dict__: it holds cached properties)
 
     def content_hash(self) -> str:
-        """Stable short hash of geometry, requests and routing: identifies a trace in results."""
+        """Stable short hash of geometry, requests and routing: identifies a trace in results.
+
+        Remembered while the fields are the same objects (a sweep of small runs asks once per run
+        and per bound); a field assigned anew is hashed again. The arrays are never changed in place.
+        """
+        fields = (self.geometry, self.requests, self.request_id, self.iteration, self.position, self.experts,
+                  self.weights)
+        memo = self.__dict__.get("_content_hash_memo")
+        if memo is not None and all(a is b for a, b in zip(memo[0], fields, strict=True)):
+            return memo[1]
+        digest = self._content_hash()
+        self.__dict__["_content_hash_memo"] = (fields, digest)
+        return digest
+
+    def _content_hash(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(self.geometry.to_dict(), sort_keys=True).encode())
         h.update(json.dumps([r.to_dict() for r in self.requests], sort_keys=True).encode())
