@@ -27,6 +27,11 @@ def _check(capacity: int, start: frozenset) -> None:
         raise ValueError(f"{len(start)} experts resident at the start exceed {capacity} slots")
 
 
+def bound_slots(sets: Sequence[Sequence[Hashable]], capacity: int) -> int:
+    """The slots `min_loads` runs MIN on for `capacity` real ones (capacity + largest set - 1)."""
+    return capacity + max((len(set(s)) for s in sets), default=1) - 1
+
+
 def _next_positions(sets: Sequence[Sequence[Hashable]]) -> tuple[list[list[Hashable]], list[dict], dict]:
     """Each position's distinct members; per position, each member's next position after it
     (`inf`: never again); and each key's first position."""
@@ -46,7 +51,7 @@ def min_loads_reference(sets: Sequence[Sequence[Hashable]], capacity: int,
     """`min_loads` as plain Python over any hashable keys: the definition the compiled one follows."""
     _check(capacity, start)
     members, after, first = _next_positions(sets)
-    slots = capacity + max((len(m) for m in members), default=1) - 1
+    slots = bound_slots(members, capacity)
     resident = set(start)
     next_of = {k: first.get(k, INF) for k in resident}
     # ties in next use are broken by push order: the keys tied are needed at the same position (or

@@ -12,24 +12,18 @@ depend on its timing, so the bounds use each request's own accesses, which every
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
 from finemoe.policies.base import Sequence as Run
 from finemoe.results import latency_summary
-from finemoe.sim.belady import min_loads
+from finemoe.sim.belady import bound_slots, min_loads
 from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
 from finemoe.sim.engine import iter_info, step_work
 from finemoe.sim.workload import ContinuousBatcher
 
 _S = 1.0 / TICKS_PER_S
-
-
-def bound_slots(sets: Sequence[Sequence[Hashable]], capacity: int) -> int:
-    """The slots `min_loads` runs MIN on for `capacity` real ones (capacity + largest set - 1)."""
-    return capacity + max((len(set(s)) for s in sets), default=1) - 1
 
 
 @dataclass(frozen=True)

@@ -189,8 +189,7 @@ class Trace:
         Remembered while the fields are the same objects (a sweep of small runs asks once per run
         and per bound); a field assigned anew is hashed again. The arrays are never changed in place.
         """
-        fields = (self.geometry, self.requests, self.request_id, self.iteration, self.position, self.experts,
-                  self.weights)
+        fields = self._hashed_fields()
         memo = self.__dict__.get("_content_hash_memo")
         if memo is not None and all(a is b for a, b in zip(memo[0], fields, strict=True)):
             return memo[1]
@@ -198,10 +197,16 @@ class Trace:
         self.__dict__["_content_hash_memo"] = (fields, digest)
         return digest
 
+    def _hashed_fields(self) -> tuple:
+        return (self.geometry, self.requests, self.request_id, self.iteration, self.position, self.experts,
+                self.weights)
+
     def _content_hash(self) -> str:
+        """`content_hash` computed afresh."""
+        geometry, requests, *arrays = self._hashed_fields()
         h = hashlib.sha256()
-        h.update(json.dumps(self.geometry.to_dict(), sort_keys=True).encode())
-        h.update(json.dumps([r.to_dict() for r in self.requests], sort_keys=True).encode())
-        for a in (self.request_id, self.iteration, self.position, self.experts, self.weights):
+        h.update(json.dumps(geometry.to_dict(), sort_keys=True).encode())
+        h.update(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode())
+        for a in arrays:
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
