@@ -1,5 +1,6 @@
 """The oracle's shortcuts give its plain schedule: remembering the farthest victim between asks,
-not asking again for a prefetch still queued, and the view's first uses as arrays. Each candidate
+not asking again for a prefetch still queued or sent since the cache last could drop it, and the
+view's first uses as arrays. Each candidate
 runs with and without them on random workloads (hypothesis), and every result field agrees."""
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from finemoe.sim.run import simulate_policy
 class PlainOracle(OraclePolicy):
     """The same schedule read the plain way: every victim a fresh heap scan, every ask re-submitted
     (the engine's queue skips it), the first uses read access by access (`OracleView`'s own)."""
+
+    remembers_asks = False
 
     def bind(self, ctx) -> None:
         super().bind(dataclasses.replace(ctx, queued=None))

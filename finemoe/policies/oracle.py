@@ -51,6 +51,9 @@ PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first")
 class OraclePolicy(Policy):
     name = "oracle"
     is_oracle = True
+    # `_prefetches` skips the asks it sent before that the cache cannot have dropped since (the
+    # same list; False: the plain per-key check of the queue, kept as the reference the tests use).
+    remembers_asks = True
 
     def __init__(self, lookahead_layers: int | None = None, prefetch: str = "conservative",
                  min_ahead: int = 1) -> None:
@@ -87,6 +90,11 @@ class OraclePolicy(Policy):
         self._keys = [(layer, e) for layer in range(self.L) for e in range(self.J)]  # key index -> key
         self._epoch = 0  # bumped whenever a next use is set or a resident leaves: what the victim memo checks
         self._victim: tuple | None = None  # (epoch, evictable, victim, the pinned keys passed over)
+        # Per key, the ask last sent (-1: none, or the cache may have dropped it since): a sent ask
+        # stays queued, starts, or leaves the queue only when its layer passes (an ask for a later
+        # use differs), its victim is refused (`choose_victim`), or the plan changes (`_refresh`);
+        # an expert that landed is resident until `on_evicted`.
+        self._sent = np.full(self.L * self.J, -1, dtype=np.int64)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -98,6 +106,7 @@ class OraclePolicy(Policy):
         if self.view.version != self._version:
             self._version = self.view.version
             self._heap = []
+            self._sent[:] = -1
             self._epoch += 1
             for key in self.resident:
                 self._set_next(key)
@@ -127,12 +136,21 @@ class OraclePolicy(Policy):
         if hi <= lo:
             return []
         pos, keys = pos[lo:hi], keys[lo:hi]
-        absent = ~self._res[keys]
+        flag, boost = (1, BOOST) if boosted else (0, 0.0)
+        if self.remembers_asks:
+            # Only the asks not sent already since the cache last had a reason to drop them
+            # (`_sent`): the same list the loop below would give, without a dict lookup per key.
+            ids = (pos * J + keys % J) * 2 + flag
+            new = ~self._res[keys] & (self._sent[keys] != ids)
+            pos, keys = pos[new], keys[new]
+            self._sent[keys] = ids[new]
+        else:
+            absent = ~self._res[keys]
+            pos, keys = pos[absent], keys[absent]
         in_flight, asks, key_of = self.ctx.is_in_flight, self._asks, self._keys
         queued = self.ctx.queued or _NOTHING_QUEUED
-        flag, boost = (1, BOOST) if boosted else (0, 0.0)
         out = []
-        for p, k in zip(pos[absent].tolist(), keys[absent].tolist()):  # noqa: B905 (equal lengths)
+        for p, k in zip(pos.tolist(), keys.tolist()):  # noqa: B905 (equal lengths)
             key = key_of[k]
             if in_flight(key):
                 continue
@@ -195,9 +213,16 @@ class OraclePolicy(Policy):
         self.resident.discard(key)
         self._res[key[0] * self.J + key[1]] = False
         self.next_use.pop(key, None)
+        self._sent[key[0] * self.J + key[1]] = -1
         self._epoch += 1
 
     def choose_victim(self, evictable, for_prefetch, now_s):
+        victim = self._choose_victim(evictable, for_prefetch)
+        if victim is None and for_prefetch is not None:  # the cache drops it: it may be asked for again
+            self._sent[for_prefetch.layer * self.J + for_prefetch.expert] = -1
+        return victim
+
+    def _choose_victim(self, evictable, for_prefetch):
         self._refresh()
         victim = self._farthest(evictable)
         if victim is None:

@@ -79,6 +79,6 @@ def exact_min_loads(sets: Sequence[Sequence[Hashable]], capacity: int, start: fr
     cost[n_c : 2 * n_c] = 1.0
     res = milp(cost, constraints=LinearConstraint(A, lo, hi), integrality=np.ones(n),
                bounds=Bounds(0, 1), options={"time_limit": time_limit_s})
-    if res.x is None:
-        raise RuntimeError(f"the integer program found no solution ({res.message})")
+    if res.status != 0 or res.x is None:  # 1: the time limit stopped it before optimality was proven
+        raise RuntimeError(f"the integer program was not solved to optimality ({res.message})")
     return int(round(res.fun))

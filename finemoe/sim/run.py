@@ -16,7 +16,7 @@ from finemoe import __version__
 from finemoe.policies.registry import make_policy
 from finemoe.policies.support import check_support
 from finemoe.results import RunResult
-from finemoe.sim.bounds import lower_bounds, lower_bounds_at, steps_are_fixed
+from finemoe.sim.bounds import lower_bounds, lower_bounds_at, step_costs, steps_are_fixed
 from finemoe.sim.config import SimConfig
 from finemoe.sim.costs import TICKS_PER_S, CostModel
 from finemoe.sim.engine import SimEngine
@@ -100,6 +100,16 @@ def compute_bounds(trace: Trace, config: SimConfig, start: frozenset) -> dict:
     wl = config.workload
     return lower_bounds(trace, CostModel(config.hardware, trace.geometry), batcher, plan.expert_cache_slots,
                         start, steps_are_fixed(wl.arrival, wl.max_batch))
+
+
+def position_sets(trace: Trace, config: SimConfig) -> list[tuple]:
+    """The (layer, expert) keys each (step, layer) position of the configuration's planned steps
+    needs, in order: what the loads bound reads, and the input of the exact optimum (sim/exact.py).
+    These are the steps a run takes when they are fixed (`steps_are_fixed`)."""
+    _, _, _, batcher = _workload(trace, config)
+    arrival_of = {rid: int(a) for rid, a, _ in batcher.arrivals}
+    steps = step_costs(trace, CostModel(config.hardware, trace.geometry), batcher.plan(None), arrival_of)
+    return [keys for s in steps for keys in s.keys]
 
 
 def bounds_over(trace: Trace, configs: list[SimConfig], start: frozenset) -> list[dict]:
