@@ -45,9 +45,13 @@ def online_policies(trace) -> list[str]:
 
 
 def draw_case(rng: random.Random) -> dict:
-    L, J = rng.randint(1, 4), rng.randint(3, 6)
-    K = rng.randint(1, min(3, J - 1))
-    batch = rng.randint(1, 2)
+    """A small instance whose cache cannot hold every expert (a full one starts warm)."""
+    while True:
+        L, J = rng.randint(1, 4), rng.randint(3, 6)
+        K = rng.randint(1, min(3, J - 1))
+        batch = rng.randint(1, 2)
+        if K * batch < L * J:
+            break
     return {"L": L, "J": J, "K": K, "requests": rng.randint(2, 3), "trace_seed": rng.randint(0, 10_000),
             "slots": rng.randint(K * batch, max(K * batch, L * J - 1)), "batch": batch,
             "gbps": rng.choice([0.5, 4.0, 32.0]), "engines": rng.randint(1, 2)}
@@ -70,7 +74,7 @@ def run_case(case: dict) -> dict:
     t0 = time.perf_counter()
     exact = exact_min_loads(sets, case["slots"])
     best_policy = min(policies, key=policies.get)
-    return {"positions": len(sets), "bound": int(oracle.summary["bound_loads"]), "exact": exact,
+    return {"positions": len(sets), "roomy": case["slots"] > case["batch"] * case["K"], "bound": int(oracle.summary["bound_loads"]), "exact": exact,
             "exact_s": time.perf_counter() - t0, "oracle_best": int(oracle.config["policy_info"]["best_loads"]),
             "oracle_chosen": loads(oracle), "policy": policies[best_policy], "policy_name": best_policy,
             "crossed": [p for p, n in policies.items() if n < exact]
@@ -95,6 +99,7 @@ def main() -> None:
               f"{r['positions']:4d} {r['bound']:5d} {r['exact']:5d} {r['oracle_best']:6d} {r['oracle_chosen']:6d} "
               f"{r['policy']:6d}  {r['policy_name']}" + (f"  CROSSED by {r['crossed']}" if r["crossed"] else ""),
               flush=True)
+    roomy = [r for r in rows if r["roomy"]]
     excess = [(r["oracle_best"] - r["exact"]) / r["exact"] for r in rows if r["exact"]]
     chosen = [(r["oracle_chosen"] - r["exact"]) / r["exact"] for r in rows if r["exact"]]
     slack = [(r["exact"] - r["bound"]) / r["exact"] for r in rows if r["exact"]]
@@ -107,9 +112,16 @@ def main() -> None:
           f"{100 * statistics.mean(excess):.1f}% on average, {100 * max(excess):.1f}% at most")
     print(f"oracle's chosen schedule (lowest time per token): {100 * statistics.mean(chosen):.1f}% more loads "
           f"than the optimum on average, {100 * max(chosen):.1f}% at most")
+    if roomy:
+        gap = [(r["oracle_best"] - r["exact"]) / r["exact"] for r in roomy if r["exact"]] or [0.0]
+        print(f"  of these, where a layer-step's experts fit with a slot to spare (slots > batch x top-k): "
+              f"{sum(r['oracle_best'] == r['exact'] for r in roomy)}/{len(roomy)} at the optimum, "
+              f"{100 * statistics.mean(gap):.1f}% above on average, {100 * max(gap):.1f}% at most")
     print(f"best online policy at the optimum: {policy_opt}/{len(rows)}")
     print(f"the loads bound below the optimum by {100 * statistics.mean(slack):.1f}% on average, "
-          f"{100 * max(slack):.1f}% at most (its m - 1 extra slots)")
+          f"{100 * max(slack):.1f}% at most (a position's m_p - 1 extra slots)")
+    print("(the optimum is of the relaxed model, any service order within a layer-step; the engine serves "
+          "a layer's resident experts first, so on a cache of about top-k slots it may be out of reach)")
     print(f"runs below the exact optimum (a bug if any): {crossed}")
     sys.exit(1 if crossed else 0)
 

@@ -32,3 +32,5 @@ def test_compiled_min_by_hand():
     assert min_loads([["a", "b"], ["a"]], 2, frozenset({"a"})) == [1, 1]
     assert min_loads([["a", "b"], ["a"]], 1) == [2, 2]
     assert min_loads([], 3) == []
+    assert min_loads([["a", "b"], ["c"], ["a"]], 1) == [2, 3, 4]  # each position's own extra slots
+    assert min_loads([["a"], [], ["a"]], 1) == [1, 1, 1]  # a position needing nothing takes no slot away

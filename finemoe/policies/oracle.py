@@ -38,8 +38,10 @@ import heapq
 import numpy as np
 
 from finemoe.errors import ConfigError
+from finemoe.jit import jit, numba
 from finemoe.policies.base import Policy, Prefetch
 from finemoe.policies.registry import register
+from finemoe.sim.plan_view import PlanView
 
 INF = float("inf")
 BOOST = 1e15  # above every position's rank (-position): "later steps first" during a prefill
@@ -51,8 +53,9 @@ PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first")
 class OraclePolicy(Policy):
     name = "oracle"
     is_oracle = True
-    # `_prefetches` skips the asks it sent before that the cache cannot have dropped since (the
-    # same list; False: the plain per-key check of the queue, kept as the reference the tests use).
+    # `_prefetches` reads the plan's arrays in one compiled pass (`_new_asks`) and skips the asks it
+    # sent before that the cache cannot have dropped since; the same list as the plain way (False:
+    # every first use read with numpy, each one's queue checked), kept as the tests' reference.
     remembers_asks = True
 
     def __init__(self, lookahead_layers: int | None = None, prefetch: str = "conservative",
@@ -95,6 +98,10 @@ class OraclePolicy(Policy):
         # use differs), its victim is refused (`choose_victim`), or the plan changes (`_refresh`);
         # an expert that landed is resident until `on_evicted`.
         self._sent = np.full(self.L * self.J, -1, dtype=np.int64)
+        # (where numba imports and the view is the engine's plan)
+        self._compiled = self.remembers_asks and numba is not None and isinstance(self.view, PlanView)
+        self._out_pos = np.empty(self.L * self.J, dtype=np.int64)  # its output: at most one ask per key
+        self._out_key = np.empty(self.L * self.J, dtype=np.int64)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -131,22 +138,29 @@ class OraclePolicy(Policy):
         nearest = max(here + self.params["min_ahead"], (step + 1) * L if boosted else 0)
         # Looking far ahead, no more accesses are read than a few cache-fulls (the rest could not land).
         scan = min(self.lookahead * J, max(L * J, 4 * self.ctx.capacity_slots))
+        flag, boost = (1, BOOST) if boosted else (0, 0.0)
+        if self._compiled:
+            # Only the asks not sent already since the cache last had a reason to drop them (`_sent`):
+            # the same list as the plain way below gives, read in one compiled pass.
+            pos_a, prev, key_a = self.view.access_arrays
+            free = self.ctx.capacity_slots - len(self.resident)
+            n = _new_asks(pos_a, prev, key_a, here, scan, limit, nearest, free, self._res, self._sent, J, flag,
+                          self._out_pos, self._out_key)
+            if n == 0:
+                return []
+            pos, keys = self._out_pos[:n], self._out_key[:n]
+            return self._asks_for(pos, keys, flag, boost)
         pos, keys = self._first_uses(scan, limit)  # each expert asked for at its first use, in order
         lo, hi = int(pos.searchsorted(nearest)), int(pos.searchsorted(limit, "right"))
         if hi <= lo:
             return []
         pos, keys = pos[lo:hi], keys[lo:hi]
-        flag, boost = (1, BOOST) if boosted else (0, 0.0)
-        if self.remembers_asks:
-            # Only the asks not sent already since the cache last had a reason to drop them
-            # (`_sent`): the same list the loop below would give, without a dict lookup per key.
-            ids = (pos * J + keys % J) * 2 + flag
-            new = ~self._res[keys] & (self._sent[keys] != ids)
-            pos, keys = pos[new], keys[new]
-            self._sent[keys] = ids[new]
-        else:
-            absent = ~self._res[keys]
-            pos, keys = pos[absent], keys[absent]
+        absent = ~self._res[keys]
+        return self._asks_for(pos[absent], keys[absent], flag, boost)
+
+    def _asks_for(self, pos: np.ndarray, keys: np.ndarray, flag: int, boost: float) -> list[Prefetch]:
+        """The prefetches for these first uses (positions, keys), less those on the wire or queued."""
+        L, J = self.L, self.J
         in_flight, asks, key_of = self.ctx.is_in_flight, self._asks, self._keys
         queued = self.ctx.queued or _NOTHING_QUEUED
         out = []
@@ -268,3 +282,43 @@ class OraclePolicy(Policy):
             heapq.heappush(heap, item)
         self._victim = (self._epoch, evictable, victim, tuple(key for _, key in aside))
         return victim
+
+
+@jit
+def _new_asks(positions, previous, keys, here, scan, limit, nearest, free, resident, sent, num_experts, flag,
+              out_pos, out_key):
+    """`_first_uses` and the filter of `_prefetches` (remembering asks) in one pass over the plan's
+    access arrays (`PlanView.access_arrays`): the first use of each expert among the `scan`
+    accesses after position `here` (read on, doubling, while fewer than `free` of them are not
+    resident and the window ends within `limit`), those at positions in [nearest, limit] whose
+    expert is not resident and whose ask differs from `sent`, in order. Writes them to out_pos and
+    out_key, marks them sent and returns how many there are."""
+    total = positions.size
+    i0 = np.searchsorted(positions, here, side="right")
+    while True:
+        i1 = min(i0 + scan, total)
+        if free <= 0 or i1 - i0 != scan or positions[i1 - 1] > limit:
+            break
+        absent = 0
+        for i in range(i0, i1):
+            if previous[i] < i0 and not resident[keys[i]]:
+                absent += 1
+        if absent >= free:
+            break
+        scan *= 2
+    n = 0
+    for i in range(i0, i1):
+        p = positions[i]
+        if p > limit:
+            break
+        if previous[i] >= i0 or p < nearest:
+            continue
+        k = keys[i]
+        ask = (p * num_experts + k % num_experts) * 2 + flag
+        if resident[k] or sent[k] == ask:
+            continue
+        sent[k] = ask
+        out_pos[n] = p
+        out_key[n] = k
+        n += 1
+    return n

@@ -51,7 +51,6 @@ def min_loads_reference(sets: Sequence[Sequence[Hashable]], capacity: int,
     """`min_loads` as plain Python over any hashable keys: the definition the compiled one follows."""
     _check(capacity, start)
     members, after, first = _next_positions(sets)
-    slots = bound_slots(members, capacity)
     resident = set(start)
     next_of = {k: first.get(k, INF) for k in resident}
     # ties in next use are broken by push order: the keys tied are needed at the same position (or
@@ -65,9 +64,26 @@ def min_loads_reference(sets: Sequence[Sequence[Hashable]], capacity: int,
         next_of[key] = nxt
         heapq.heappush(heap, (-nxt, next(order), key))
 
+    def evict_farthest(here):
+        aside = []
+        while True:
+            item = heapq.heappop(heap)
+            victim = item[2]
+            if victim not in resident or next_of[victim] != -item[0]:
+                continue  # stale
+            if victim in here:
+                aside.append(item)  # the set is held at once
+                continue
+            break
+        for item in aside:
+            heapq.heappush(heap, item)
+        resident.discard(victim)
+        del next_of[victim]
+
     for p, mem in enumerate(members):
         nu = after[p]
         here = set(mem)
+        slots = capacity + max(len(mem), 1) - 1  # this position's slots (see `min_loads`; none extra if empty)
         missing = [k for k in mem if k not in resident]
         for k in mem:
             if k in resident:
@@ -75,22 +91,11 @@ def min_loads_reference(sets: Sequence[Sequence[Hashable]], capacity: int,
         for k in missing:
             loads += 1
             if len(resident) >= slots:
-                aside = []
-                while True:
-                    item = heapq.heappop(heap)
-                    victim = item[2]
-                    if victim not in resident or next_of[victim] != -item[0]:
-                        continue  # stale
-                    if victim in here:
-                        aside.append(item)  # the set is held at once
-                        continue
-                    break
-                for item in aside:
-                    heapq.heappush(heap, item)
-                resident.discard(victim)
-                del next_of[victim]
+                evict_farthest(here)
             resident.add(k)
             touch(k, nu[k])
+        while len(resident) > slots:  # fewer slots than the position before had
+            evict_farthest(here)
         out.append(loads)
     return out
 
@@ -98,10 +103,11 @@ def min_loads_reference(sets: Sequence[Sequence[Hashable]], capacity: int,
 def min_loads(sets: Sequence[Sequence[Hashable]], capacity: int, start: frozenset = frozenset()) -> list[int]:
     """A lower bound on the loads of any schedule with `capacity` slots and `start` resident, once
     position p is served, for every p: Belady's MIN with each position's set resident at once, on
-    `capacity + m - 1` slots (m: the largest set). A schedule may serve a set's members one at a
-    time and evict a served one for the next; holding the served ones until the set is done needs
-    at most m - 1 more slots and no more loads, so MIN on those slots is below every schedule
-    (docs/bounds.md). The prefix counts are MIN of each prefix."""
+    `capacity + m_p - 1` slots while position p is served (m_p: its set's size). A schedule may
+    serve a set's members one at a time and evict a served one for the next; holding the served
+    ones until the set is done needs at most m_p - 1 more slots there and no more loads, and
+    farthest-next-use eviction is optimal for slots that vary by position too, so this is below
+    every schedule (docs/bounds.md). The prefix counts are MIN of each prefix."""
     _check(capacity, start)
     ids: dict = {}
     flat = [ids.setdefault(k, len(ids)) for s in sets for k in s]
@@ -189,7 +195,6 @@ def _min_loads_kernel(offsets, keys, num_keys, capacity, start, out):
             after[i] = later[mem[i]]
         for i in range(moff[p], moff[p + 1]):
             later[mem[i]] = p
-    slots = capacity + widest - 1
     resident = np.zeros(num_keys, np.bool_)
     next_of = np.full(num_keys, np.inf)
     size = start.size + m + 1  # live entries: at most one push per start key and per member
@@ -226,32 +231,48 @@ def _min_loads_kernel(offsets, keys, num_keys, capacity, start, out):
                 next_of[k] = after[i]
                 hn = _push(h_neg, h_ord, h_key, hn, -after[i], order, k)
                 order += 1
+        slots = capacity + max(moff[p + 1] - moff[p], 1) - 1  # this position's slots (none extra if empty)
         for j in range(nm):
             k = missing[j]
             loads += 1
             if n_res >= slots:
-                na = 0
-                while True:
-                    if hn == 0:
-                        return False
-                    hn = _pop(h_neg, h_ord, h_key, hn)
-                    neg, o, victim = h_neg[hn], h_ord[hn], h_key[hn]
-                    if not resident[victim] or next_of[victim] != -neg:
-                        continue  # stale
-                    if here[victim] == p:
-                        a_neg[na], a_ord[na], a_key[na] = neg, o, victim  # the set is held at once
-                        na += 1
-                        continue
-                    break
-                for a in range(na):
-                    hn = _push(h_neg, h_ord, h_key, hn, a_neg[a], a_ord[a], a_key[a])
-                resident[victim] = False
+                hn = _evict_farthest(h_neg, h_ord, h_key, hn, resident, next_of, here, p, a_neg, a_ord, a_key)
+                if hn < 0:
+                    return False
                 n_res -= 1
-                next_of[victim] = np.inf
             resident[k] = True
             n_res += 1
             next_of[k] = missing_after[j]
             hn = _push(h_neg, h_ord, h_key, hn, -missing_after[j], order, k)
             order += 1
+        while n_res > slots:  # fewer slots than the position before had
+            hn = _evict_farthest(h_neg, h_ord, h_key, hn, resident, next_of, here, p, a_neg, a_ord, a_key)
+            if hn < 0:
+                return False
+            n_res -= 1
         out[p] = loads
     return True
+
+
+@jit
+def _evict_farthest(h_neg, h_ord, h_key, hn, resident, next_of, here, p, a_neg, a_ord, a_key):
+    """Evicts the resident key needed farthest ahead that position p's set does not hold; returns
+    the heap's new size (-1: no such key, the reference would raise)."""
+    na = 0
+    while True:
+        if hn == 0:
+            return -1
+        hn = _pop(h_neg, h_ord, h_key, hn)
+        neg, o, victim = h_neg[hn], h_ord[hn], h_key[hn]
+        if not resident[victim] or next_of[victim] != -neg:
+            continue  # stale
+        if here[victim] == p:
+            a_neg[na], a_ord[na], a_key[na] = neg, o, victim  # the set is held at once
+            na += 1
+            continue
+        break
+    for a in range(na):
+        hn = _push(h_neg, h_ord, h_key, hn, a_neg[a], a_ord[a], a_key[a])
+    resident[victim] = False
+    next_of[victim] = np.inf
+    return hn

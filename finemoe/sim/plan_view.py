@@ -126,6 +126,13 @@ class PlanView(OracleView):
         self._pos_arr, self._key_arr = pos, key
         self.version += 1
 
+    @property
+    def access_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per access, in order: its position (ascending), the index of its expert's previous
+        access (-1: none) and its key (int64 arrays, not to be written): what a compiled reader of
+        the first uses takes (policies/oracle.py)."""
+        return self._pos_arr, self._prev, self._key_arr
+
     def entries(self) -> list[tuple[int, int, int]]:
         """Every access as (step, layer, expert), in order."""
         if self._entries is None:
