@@ -12,6 +12,10 @@ sim/offline.py supplies) that view holds every request, arrived or not.
   brings, and unless its copy, starting now, lands in time (estimated with the shortest layer time
   seen so far): on a saturated link a late prefetch is a miss anyway, and its victim might have hit.
 - "aggressive": the same requests, refused only when the victim is needed no later.
+- "deadline": aggressive, but asking only for the experts whose copies can land before their use
+  when the link carries just the ones asked for before them (earliest use first, one expert load
+  each, the use estimated with the shortest layer time seen); the rest come by their demand loads.
+  A copy that will be late anyway only delays the ones behind it on the wire.
 - "decode-first": aggressive, but during a step that runs a prefill, only the experts first needed
   by later steps are asked for: time before a request's first token does not count in its time per
   output token, so loads moved into the prefill can shorten every decode step after it (an expert
@@ -46,7 +50,7 @@ from finemoe.sim.plan_view import PlanView
 INF = float("inf")
 BOOST = 1e15  # above every position's rank (-position): "later steps first" during a prefill
 _NOTHING_QUEUED = {}.get  # `PolicyContext.queued` of an engine without a prefetch queue
-PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first")
+PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first", "deadline")
 
 
 @register
@@ -99,7 +103,8 @@ class OraclePolicy(Policy):
         # an expert that landed is resident until `on_evicted`.
         self._sent = np.full(self.L * self.J, -1, dtype=np.int64)
         # (where numba imports and the view is the engine's plan)
-        self._compiled = self.remembers_asks and numba is not None and isinstance(self.view, PlanView)
+        self._compiled = (self.remembers_asks and numba is not None and isinstance(self.view, PlanView)
+                          and self.params["prefetch"] != "deadline")  # (it ranks every outstanding ask)
         self._out_pos = np.empty(self.L * self.J, dtype=np.int64)  # its output: at most one ask per key
         self._out_key = np.empty(self.L * self.J, dtype=np.int64)
 
@@ -156,7 +161,24 @@ class OraclePolicy(Policy):
             return []
         pos, keys = pos[lo:hi], keys[lo:hi]
         absent = ~self._res[keys]
-        return self._asks_for(pos[absent], keys[absent], flag, boost)
+        pos, keys = pos[absent], keys[absent]
+        if self.params["prefetch"] == "deadline" and self.layer_s:
+            pos, keys = self._on_time(pos, keys, here)
+        return self._asks_for(pos, keys, flag, boost)
+
+    def _on_time(self, pos: np.ndarray, keys: np.ndarray, here: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first uses (in order: earliest deadline first) whose copies can land in time if the link
+        carries only the ones kept before them, one expert load each, the use estimated with the
+        shortest layer time seen: a late copy would only delay the ones behind it on the wire, and
+        its expert comes by its demand load anyway (the rule that maximises on-time jobs of equal
+        length on one machine: earliest deadline first, late ones dropped)."""
+        load_s, layer_s = self.ctx.expert_load_s, self.layer_s
+        out, ahead = [], 0
+        for i, p in enumerate(pos.tolist()):
+            if (ahead + 1) * load_s <= (p - here) * layer_s:
+                out.append(i)
+                ahead += 1
+        return pos[out], keys[out]
 
     def _asks_for(self, pos: np.ndarray, keys: np.ndarray, flag: int, boost: float) -> list[Prefetch]:
         """The prefetches for these first uses (positions, keys), less those on the wire or queued."""

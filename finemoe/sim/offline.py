@@ -35,6 +35,7 @@ CANDIDATES: tuple[dict, ...] = (
     {"prefetch": "decode-first", "lookahead_layers": FAR},
     {"prefetch": "decode-first"},
     {"prefetch": "aggressive", "lookahead_layers": FAR, "min_ahead": 2},
+    {"prefetch": "deadline", "lookahead_layers": FAR},
 )
 ROUNDS = 3
 
