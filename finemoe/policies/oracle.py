@@ -103,8 +103,7 @@ class OraclePolicy(Policy):
         # an expert that landed is resident until `on_evicted`.
         self._sent = np.full(self.L * self.J, -1, dtype=np.int64)
         # (where numba imports and the view is the engine's plan)
-        self._compiled = (self.remembers_asks and numba is not None and isinstance(self.view, PlanView)
-                          and self.params["prefetch"] != "deadline")  # (it ranks every outstanding ask)
+        self._compiled = self.remembers_asks and numba is not None and isinstance(self.view, PlanView)
         self._out_pos = np.empty(self.L * self.J, dtype=np.int64)  # its output: at most one ask per key
         self._out_key = np.empty(self.L * self.J, dtype=np.int64)
 
@@ -149,8 +148,9 @@ class OraclePolicy(Policy):
             # the same list as the plain way below gives, read in one compiled pass.
             pos_a, prev, key_a = self.view.access_arrays
             free = self.ctx.capacity_slots - len(self.resident)
+            deadline_layer_s = (self.layer_s or 0.0) if self.params["prefetch"] == "deadline" else 0.0
             n = _new_asks(pos_a, prev, key_a, here, scan, limit, nearest, free, self._res, self._sent, J, flag,
-                          self._out_pos, self._out_key)
+                          self.ctx.expert_load_s, deadline_layer_s, self._out_pos, self._out_key)
             if n == 0:
                 return []
             pos, keys = self._out_pos[:n], self._out_key[:n]
@@ -308,13 +308,14 @@ class OraclePolicy(Policy):
 
 @jit
 def _new_asks(positions, previous, keys, here, scan, limit, nearest, free, resident, sent, num_experts, flag,
-              out_pos, out_key):
+              load_s, deadline_layer_s, out_pos, out_key):
     """`_first_uses` and the filter of `_prefetches` (remembering asks) in one pass over the plan's
     access arrays (`PlanView.access_arrays`): the first use of each expert among the `scan`
     accesses after position `here` (read on, doubling, while fewer than `free` of them are not
     resident and the window ends within `limit`), those at positions in [nearest, limit] whose
-    expert is not resident and whose ask differs from `sent`, in order. Writes them to out_pos and
-    out_key, marks them sent and returns how many there are."""
+    expert is not resident (with `deadline_layer_s` > 0, only those `_on_time` keeps), and whose
+    ask differs from `sent`, in order. Writes them to out_pos and out_key, marks them sent and
+    returns how many there are."""
     total = positions.size
     i0 = np.searchsorted(positions, here, side="right")
     while True:
@@ -329,6 +330,7 @@ def _new_asks(positions, previous, keys, here, scan, limit, nearest, free, resid
             break
         scan *= 2
     n = 0
+    ahead = 0
     for i in range(i0, i1):
         p = positions[i]
         if p > limit:
@@ -336,8 +338,14 @@ def _new_asks(positions, previous, keys, here, scan, limit, nearest, free, resid
         if previous[i] >= i0 or p < nearest:
             continue
         k = keys[i]
+        if resident[k]:
+            continue
+        if deadline_layer_s > 0.0:
+            if (ahead + 1) * load_s > (p - here) * deadline_layer_s:
+                continue  # late behind the ones kept before it
+            ahead += 1
         ask = (p * num_experts + k % num_experts) * 2 + flag
-        if resident[k] or sent[k] == ask:
+        if sent[k] == ask:
             continue
         sent[k] = ask
         out_pos[n] = p
