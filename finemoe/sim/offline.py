@@ -36,6 +36,7 @@ CANDIDATES: tuple[dict, ...] = (
     {"prefetch": "decode-first"},
     {"prefetch": "aggressive", "lookahead_layers": FAR, "min_ahead": 2},
     {"prefetch": "deadline", "lookahead_layers": FAR},
+    {"prefetch": "deadline", "lookahead_layers": FAR, "min_ahead": 2},
 )
 ROUNDS = 3
 
