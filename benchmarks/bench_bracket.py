@@ -81,7 +81,7 @@ def main() -> None:
         print(f"| {r.slots} | {r.bound_loads:.0f} | {r.oracle_loads:.0f} | {r.fewest_loads:.0f} ({r.fewest_policy}) "
               f"| {scale * r.bound_tpot_s:.1f} | {scale * r.oracle_tpot_s:.1f} "
               f"| {scale * r.fastest_tpot_s:.1f} ({r.fastest_policy}) "
-              f"| {scale * r.width_s:.1f} {unit} ({r.width_x:.2f}x) | {'yes' if r.holds else 'NO'} |")
+              f"| {max(scale * r.width_s, 0.0):.1f} {unit} ({r.width_x:.2f}x) | {'yes' if r.holds else 'NO'} |")
     sys.exit(0 if table.holds.all() else 1)
 
 

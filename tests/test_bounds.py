@@ -65,9 +65,10 @@ def test_step_end_bounds_by_hand():
 def test_window_bound_by_hand():
     link = Link(latency=5, wire=100, compute_factor=1.0)
     steps = [_step([[(0, e)]], [10]) for e in range(5)]  # five new experts, 1 slot
-    # MIN from cold loads 5; less 1 slot, less 1 on the wire: 3 copies after the window starts,
-    # then the last position's expert (1 tick): 301 > the compute of 50.
-    assert window_bound(steps, 1, link) == 301
+    # MIN from cold loads 5; less the 1 slot the cache may hold when the window starts (resident or
+    # on the wire): 4 copies start after it, the last lands at 5 + 4 x 100 at the earliest, then the
+    # last position's expert (1 tick): 406 > the compute of 50.
+    assert window_bound(steps, 1, link) == 406
     assert window_bound(steps, 10, link) == 50
 
 

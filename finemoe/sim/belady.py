@@ -27,11 +27,6 @@ def _check(capacity: int, start: frozenset) -> None:
         raise ValueError(f"{len(start)} experts resident at the start exceed {capacity} slots")
 
 
-def bound_slots(sets: Sequence[Sequence[Hashable]], capacity: int) -> int:
-    """The slots `min_loads` runs MIN on for `capacity` real ones (capacity + largest set - 1)."""
-    return capacity + max((len(set(s)) for s in sets), default=1) - 1
-
-
 def _next_positions(sets: Sequence[Sequence[Hashable]]) -> tuple[list[list[Hashable]], list[dict], dict]:
     """Each position's distinct members; per position, each member's next position after it
     (`inf`: never again); and each key's first position."""

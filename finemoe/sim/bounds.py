@@ -18,7 +18,7 @@ import pandas as pd
 
 from finemoe.policies.base import Sequence as Run
 from finemoe.results import latency_summary
-from finemoe.sim.belady import bound_slots, min_loads
+from finemoe.sim.belady import min_loads
 from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
 from finemoe.sim.engine import iter_info, step_work
 from finemoe.sim.workload import ContinuousBatcher
@@ -117,24 +117,22 @@ def step_end_bounds(steps: list[StepCost], capacity: int, start: frozenset, link
 
 def window_bound(steps: list[StepCost], capacity: int, link: Link) -> int:
     """A lower bound on the time (ticks) the steps `steps` take after the step before them ends:
-    their compute, and for each position the link time of the copies that must land after that
-    moment (MIN of the window from cold, less the `capacity` experts the cache may hold already,
-    less one copy already on the wire) plus the compute that follows."""
+    their compute, and for each position the link time of the copies that must start after that
+    moment (MIN of the window from cold, less the `capacity` experts the cache may hold then,
+    resident or on the wire) plus the compute that follows."""
     if not steps:
         return 0
     f = link.compute_factor
-    sets = [k for s in steps for k in s.keys]
-    cum = min_loads(sets, capacity)
-    capacity = bound_slots(sets, capacity)  # what the window may start with, on MIN's slots
+    cum = min_loads([k for s in steps for k in s.keys], capacity)
     ticks = [_scaled(t, f) for s in steps for t in s.layer_ticks]
     mins = [_scaled(m, f) for s in steps for m in s.min_expert_ticks]
     total = sum(ticks)
     best, after = total, total
     for p, t in enumerate(ticks):
         after -= t
-        n = cum[p] - capacity - 1
+        n = cum[p] - capacity
         if n > 0:
-            best = max(best, n * link.wire + mins[p] + after)
+            best = max(best, link.latency + n * link.wire + mins[p] + after)
     return best
 
 
