@@ -271,6 +271,8 @@ OPEN = {
     ((1, 5, 1, 3, 7990), 2, 1, 0.25, 3, "all", 7990): "TPOT (moe-infinity, 1% below) on 2 slots",
     ((3, 3, 1, 3, 3681), 6, 1, 0.25, 1, "all", 3681):
         "TPOT (finemoe-lru 32 us against 129): it loads the decode steps' experts during the prefill",
+    # Found by a 2,000-case random run with the 14 candidates (2026-12-06).
+    ((3, 3, 1, 4, 3908), 3, 2, 0.25, 2, "file", 3908): "TPOT under timing-dependent batching (lfu, arc, slru)",
 }
 
 
