@@ -23,25 +23,12 @@ import statistics
 import sys
 import time
 
-from finemoe.policies.registry import make_policy, policy_names
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.exact import exact_min_loads
 from finemoe.sim.hardware import PRESETS
-from finemoe.sim.offline import loads
+from finemoe.sim.offline import compared_policies, loads
 from finemoe.sim.run import position_sets, simulate
 from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
-
-
-def online_policies(trace) -> list[str]:
-    """The registered copy-on-miss policies the loads bound covers (the property tests' list)."""
-    out = []
-    for name in policy_names():
-        p = make_policy(name)
-        if name in ("oracle", "no-offload") or name.startswith("test-") or p.executes_on_cpu or p.lossy:
-            continue
-        if all(getattr(trace, f, None) is not None for f in p.needs):
-            out.append(name)
-    return out
 
 
 def draw_case(rng: random.Random) -> dict:
@@ -69,7 +56,7 @@ def run_case(case: dict) -> dict:
                          seed=case["trace_seed"], timeline_steps=0)
 
     oracle = simulate(trace, config("oracle"))
-    policies = {p: loads(simulate(trace, config(p))) for p in online_policies(trace)}
+    policies = {p: loads(simulate(trace, config(p))) for p in compared_policies(trace)}
     sets = position_sets(trace, config("oracle"))
     t0 = time.perf_counter()
     exact = exact_min_loads(sets, case["slots"])

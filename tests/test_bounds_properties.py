@@ -21,10 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finemoe.policies.registry import make_policy, policy_names
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
-from finemoe.sim.offline import loads
+from finemoe.sim.offline import compared_policies, loads
 from finemoe.sim.run import simulate
 from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
 
@@ -36,20 +35,6 @@ ORACLE_RTOL = 1e-6
 TIMES = ("ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "tpot_p50_s", "tpot_p99_s",
          "e2e_mean_s", "e2e_p50_s", "e2e_p99_s")
 _STAMPS = Path(tempfile.mkdtemp(prefix="finemoe-bounds-"))
-
-
-def online_policies(trace) -> list[str]:
-    """Every registered non-oracle copy-on-miss policy this trace has the fields for (no-offload only
-    fits a full cache). The bounds are of lossless copy-on-miss: a policy that computes misses on
-    the CPU, or copies some at a lower precision (hobbit), carries none, as it may beat them."""
-    out = []
-    for p in policy_names():
-        if p in ("oracle", "no-offload") or p.startswith("test-") or make_policy(p).executes_on_cpu \
-                or make_policy(p).lossy:
-            continue
-        if all(getattr(trace, f, None) is not None for f in make_policy(p).needs):
-            out.append(p)
-    return out
 
 
 def workload(arrival: str, batch: int, seed: int, n: int) -> WorkloadConfig:
@@ -81,7 +66,7 @@ def violations(trace, slots: int, batch: int, gbps: float, engines: int, arrival
     best_loads, best_hits = info["best_loads"], info["best_hit_rate"]
     if not b["bound_loads"] <= best_loads:
         bad.append(f"oracle loads {best_loads} below the bound {b['bound_loads']}")
-    for name, r in [("oracle", oracle)] + [(p, run(p)) for p in online_policies(trace)]:
+    for name, r in [("oracle", oracle)] + [(p, run(p)) for p in compared_policies(trace)]:
         s = r.summary  # its bounds are for the state it started from
         if loads(r) < s["bound_loads"] or s["bytes_h2d"] < s["bound_bytes_h2d"]:
             bad.append(f"{name} loads {loads(r)} below the bound {s['bound_loads']}")

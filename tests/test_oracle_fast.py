@@ -1,7 +1,7 @@
 """The oracle's shortcuts give its plain schedule: remembering the farthest victim between asks,
 not asking again for a prefetch still queued or sent since the cache last could drop it, and the
-view's first uses as arrays. Each candidate
-runs with and without them on random workloads (hypothesis), and every result field agrees."""
+view's first uses read by one compiled pass. Each candidate runs with and without them on random
+workloads (hypothesis), and every result field agrees."""
 
 from __future__ import annotations
 

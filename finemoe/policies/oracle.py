@@ -84,6 +84,7 @@ class OraclePolicy(Policy):
         self.L, self.J = g.num_layers, g.num_experts
         self.lookahead = self.params["lookahead_layers"] or self.L
         self._checks_time = self.params["prefetch"] == "conservative"  # a victim only if the copy lands in time
+        self._deadline = self.params["prefetch"] == "deadline"  # asks only for copies that land in time
         self.pos = (0, -1)
         self.resident: set = set()
         self.next_use: dict = {}
@@ -148,7 +149,7 @@ class OraclePolicy(Policy):
             # the same list as the plain way below gives, read in one compiled pass.
             pos_a, prev, key_a = self.view.access_arrays
             free = self.ctx.capacity_slots - len(self.resident)
-            deadline_layer_s = (self.layer_s or 0.0) if self.params["prefetch"] == "deadline" else 0.0
+            deadline_layer_s = (self.layer_s or 0.0) if self._deadline else 0.0
             n = _new_asks(pos_a, prev, key_a, here, scan, limit, nearest, free, self._res, self._sent, J, flag,
                           self.ctx.expert_load_s, deadline_layer_s, self._out_pos, self._out_key)
             if n == 0:
@@ -162,7 +163,7 @@ class OraclePolicy(Policy):
         pos, keys = pos[lo:hi], keys[lo:hi]
         absent = ~self._res[keys]
         pos, keys = pos[absent], keys[absent]
-        if self.params["prefetch"] == "deadline" and self.layer_s:
+        if self._deadline and self.layer_s:
             pos, keys = self._on_time(pos, keys, here)
         return self._asks_for(pos, keys, flag, boost)
 

@@ -156,6 +156,13 @@ def _request_bounds(steps: list[StepCost], capacity: int, start: frozenset, link
     return out, ends, loads
 
 
+def planned_step_costs(trace, costs: CostModel, batcher: ContinuousBatcher) -> tuple[list[StepCost], dict[int, int]]:
+    """`StepCost` of each step the batcher plans (the steps a run takes when they are fixed), and
+    each request's arrival tick."""
+    arrival_of = {rid: int(a) for rid, a, _ in batcher.arrivals}
+    return step_costs(trace, costs, batcher.plan(None), arrival_of), arrival_of
+
+
 def lower_bounds(trace, costs: CostModel, batcher: ContinuousBatcher, capacity: int, start: frozenset,
                  fixed_steps: bool) -> dict:
     """Every bound of one configuration, as `bound_*` summary fields (loads, bytes, seconds).
@@ -174,10 +181,8 @@ def lower_bounds_at(trace, costs: CostModel, batcher: ContinuousBatcher, capacit
     curve asks for several sizes of one workload)."""
     g = trace.geometry
     link = link_of(costs, g.bytes_per_expert)
-    arrival_of = {rid: int(a) for rid, a, its in batcher.arrivals}
+    all_steps, arrival_of = planned_step_costs(trace, costs, batcher)
     rids = [rid for rid, _, its in batcher.arrivals if its]
-    plan = batcher.plan(None)
-    all_steps = step_costs(trace, costs, plan, arrival_of)
     alone: dict = {}
     if not fixed_steps:
         by_req = trace.iterations_by_request

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from finemoe.policies.registry import make_policy
+from finemoe.policies.registry import make_policy, policy_names
 from finemoe.results import RunResult
 from finemoe.sim.config import SimConfig
 
@@ -39,6 +39,23 @@ CANDIDATES: tuple[dict, ...] = (
     {"prefetch": "deadline", "lookahead_layers": FAR, "min_ahead": 2},
 )
 ROUNDS = 3
+
+
+def compared_policies(trace) -> list[str]:
+    """Every registered online copy-on-miss policy this trace has the fields for: those the lower
+    bounds cover and the oracle is held to beat. Not no-offload (it only fits a full cache), not a
+    policy that computes misses on the CPU or copies some at a lower precision (it may beat the
+    bounds of lossless copy-on-miss, so its runs carry none), not the tests' own `test-` ones."""
+    out = []
+    for name in policy_names():
+        if name in ("oracle", "no-offload") or name.startswith("test-"):
+            continue
+        policy = make_policy(name)
+        if policy.executes_on_cpu or policy.lossy:
+            continue
+        if all(getattr(trace, f, None) is not None for f in policy.needs):
+            out.append(name)
+    return out
 
 
 def is_offline_schedule(config: SimConfig) -> bool:

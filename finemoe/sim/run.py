@@ -16,7 +16,7 @@ from finemoe import __version__
 from finemoe.policies.registry import make_policy
 from finemoe.policies.support import check_support
 from finemoe.results import RunResult
-from finemoe.sim.bounds import lower_bounds, lower_bounds_at, step_costs, steps_are_fixed
+from finemoe.sim.bounds import lower_bounds, lower_bounds_at, planned_step_costs, steps_are_fixed
 from finemoe.sim.config import SimConfig
 from finemoe.sim.costs import TICKS_PER_S, CostModel
 from finemoe.sim.engine import SimEngine
@@ -107,8 +107,7 @@ def position_sets(trace: Trace, config: SimConfig) -> list[tuple]:
     needs, in order: what the loads bound reads, and the input of the exact optimum (sim/exact.py).
     These are the steps a run takes when they are fixed (`steps_are_fixed`)."""
     _, _, _, batcher = _workload(trace, config)
-    arrival_of = {rid: int(a) for rid, a, _ in batcher.arrivals}
-    steps = step_costs(trace, CostModel(config.hardware, trace.geometry), batcher.plan(None), arrival_of)
+    steps, _ = planned_step_costs(trace, CostModel(config.hardware, trace.geometry), batcher)
     return [keys for s in steps for keys in s.keys]
 
 
