@@ -3,6 +3,9 @@ next layer (the first layer of the next step after the last); LRU eviction."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from finemoe.policies.asks import PlannedAsks
 from finemoe.policies.base import Prefetch
 from finemoe.policies.lru import LRUPolicy
 from finemoe.policies.registry import register
@@ -33,3 +36,15 @@ class LayerwisePolicy(LRUPolicy):
         if nxt < self.L:
             return self._layer(routing.step.step, nxt)
         return self._layer(routing.step.step + 1, 0)
+
+    def planned_asks(self, trace, steps, first_step: int) -> PlannedAsks:
+        """The hooks' asks for planned steps (`steps[s]` is engine step first_step + s): every one
+        asks for the whole next layer, so all share one slice."""
+        n, L = len(steps), self.L
+        number = first_step + np.arange(n, dtype=np.int64)[:, None]
+        hook = np.arange(L + 1, dtype=np.int64)[None, :]
+        step = np.where(hook < L, number, number + 1)  # after the last layer: the next step's first
+        layer = np.broadcast_to(np.where(hook < L, hook, 0), (n, L + 1))
+        zeros = np.zeros((n, L + 1), np.int64)
+        return PlannedAsks(zeros, zeros + self.J, np.ascontiguousarray(step), np.ascontiguousarray(layer),
+                           np.arange(self.J, dtype=np.int64), np.ones(self.J), wants_step=True)

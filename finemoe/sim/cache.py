@@ -113,6 +113,33 @@ class ExpertCache:
     def queued_prefetches(self) -> int:
         return len(self._queued)
 
+    def queued_entries(self) -> list[tuple[Prefetch, int]]:
+        """The queued prefetches with their queue numbers (ties by priority, step and layer go to
+        the lower), in no order: the live entries of the heap, superseded ones left out."""
+        queued = self._queued
+        return [(entry[4], entry[3]) for entry in self._heap if queued.get((entry[2], entry[4].expert)) is entry[4]]
+
+    @property
+    def queue_seq(self) -> int:
+        """The last queue number given out."""
+        return self._seq
+
+    @property
+    def unused_prefetches(self) -> set[ExpertKey]:
+        """Prefetched experts (in flight or resident) not yet used."""
+        return self._unused_prefetch
+
+    def pending_unpins(self) -> list[tuple[float, ExpertKey]]:
+        """Pin releases not yet applied: (time, key), in time order."""
+        return list(self._unpins)
+
+    def abandon_queues(self) -> None:
+        """Forget what is queued (a compiled engine path has taken it over): no copy starts from here."""
+        self._demand.clear()
+        self._demand_set.clear()
+        self._heap.clear()
+        self._queued.clear()
+
     # --- set-up -----------------------------------------------------------------------------------
     def preload(self, keys: Iterable[ExpertKey], now_s: float) -> None:
         for key in keys:

@@ -376,10 +376,14 @@ class CompiledSteps:
         self.state = np.zeros(5, np.int64)
         self.hits = np.zeros(L, np.int64)
         self.misses = np.zeros(L, np.int64)
-        self.lfu = POLICIES[type(engine.policy)] == 1
+        self.lfu = POLICIES.get(type(engine.policy)) == 1
         self._sorted: np.ndarray | None = None
         self._one_tick: np.ndarray | None = None
         self._dense: dict = {}
+
+    def can_take_over(self, t: int) -> bool:
+        """At this step boundary: nothing queued, on the wire or due (every step after is quiet)."""
+        return self.engine._link_idle()
 
     def _take_over(self) -> None:
         """The cache and the policy's order as the reference left them: resident keys, LRU's order
@@ -490,15 +494,16 @@ class CompiledSteps:
             rec.bytes_h2d += loads * cache.bytes_per_expert
             eng._wire_free = int(self.state[WIRE_FREE])
 
-    def _run_planned(self, t: int, stall: int, first_seen: set[int], args) -> tuple[int, int]:
-        """The rest of the run once the batcher's steps are fixed: planned, prepared, run at once."""
+    def _plan(self, t: int):
+        """The rest of the run once the batcher's steps are fixed, as the kernels take it: the steps
+        (each with the requests it finishes), per step its trace row (a one-token step) or its
+        index into the prepared multi-token steps, its dense ticks and tokens, and those steps."""
         eng, batcher = self.engine, self.engine.batcher
         steps = []
         while not batcher.done:
             seqs = batcher.next_step(t)  # every request has arrived: never empty
             steps.append((seqs, batcher.finish_step()))
         n = len(steps)
-        sorted_rows = self._rows()
         rows = np.full(n, -1, np.int64)
         multi = np.zeros(n, np.int64)
         dense = np.zeros(n, np.int64)
@@ -520,13 +525,22 @@ class CompiledSteps:
         shape = (eng.L, eng.J)
         multi_experts = np.stack(multi_experts) if multi_experts else np.full((1, *shape), -1, np.int64)
         multi_ticks = np.stack(multi_ticks) if multi_ticks else np.zeros((1, *shape), np.int64)
-        ends = np.zeros(n, np.int64)
-        t, waited, failed = run_steps(rows, multi, sorted_rows, self._one_tick, multi_experts, multi_ticks, dense,
-                                      t, ends, *args)
-        done = n if failed < 0 else failed
+        return steps, rows, multi, dense, tokens, multi_experts, multi_ticks
+
+    def _record(self, steps, tokens, ends, done: int, first_seen: set[int]) -> None:
+        """The first `done` planned steps, in the recorder, ended at `ends` (ticks)."""
+        eng = self.engine
         for s in range(done):
             eng.record_step(steps[s][0], int(tokens[s]), steps[s][1], int(ends[s]) * _S, first_seen)
         eng.step += done
+
+    def _run_planned(self, t: int, stall: int, first_seen: set[int], args) -> tuple[int, int]:
+        """The rest of the run once the batcher's steps are fixed: planned, prepared, run at once."""
+        steps, rows, multi, dense, tokens, multi_experts, multi_ticks = self._plan(t)
+        ends = np.zeros(len(steps), np.int64)
+        t, waited, failed = run_steps(rows, multi, self._rows(), self._one_tick, multi_experts, multi_ticks, dense,
+                                      t, ends, *args)
+        self._record(steps, tokens, ends, len(steps) if failed < 0 else failed, first_seen)
         if failed >= 0:
             self._raise()
         return t, stall + waited

@@ -698,8 +698,8 @@ class SimEngine:
         cpu_done = 0  # when the CPU's share of the current layer is back on the GPU (0: none)
         fast = self._compiled_steps()
         while not batcher.done:
-            if fast is not None and self.step >= self.rec.timeline_steps and self._link_idle():
-                # The rest of the run is quiet steps: the compiled path plays them with the same results.
+            if fast is not None and self.step >= self.rec.timeline_steps and fast.can_take_over(t):
+                # The compiled path plays the rest of the run with the same results.
                 t, stall = fast.run(t, stall, first_seen)
                 self.path = "compiled"
                 break
@@ -751,18 +751,25 @@ class SimEngine:
             self.step += 1
         self.rec.stall_s = stall * _S
         self.rec.cpu_wait_s = self._cpu_wait * _S
-        yield from sync(t)
+        if self.path == "reference":  # (the compiled path has played the copies due by `t` itself)
+            yield from sync(t)
         return t
 
     def _compiled_steps(self):
-        """sim/compiled.py's player for this run, where it applies and pays; else None."""
-        if self.compiled is False or not (self._hookless and self.inline_misses):
+        """A compiled player for the rest of this run, where one applies and pays; else None:
+        sim/compiled.py's for a policy without hooks, sim/compiled_prefetch.py's for a prefetching
+        policy whose asks it can plan."""
+        if self.compiled is False or not self.inline_misses:
             return None
         if not (self.compiled or self._compiled_pays()):
             return None
-        from finemoe.sim.compiled import CompiledSteps, supports
+        if self._hookless:
+            from finemoe.sim.compiled import CompiledSteps, supports
 
-        return CompiledSteps(self) if supports(self) else None
+            return CompiledSteps(self) if supports(self) else None
+        from finemoe.sim import compiled_prefetch
+
+        return compiled_prefetch.CompiledPrefetchSteps(self) if compiled_prefetch.supports(self) else None
 
     def _layer(self, step_info, step: int, layer: int, experts, counts, dense: int, tokens: int, keep: bool,
                inline_now: bool, t: int):

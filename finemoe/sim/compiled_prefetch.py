@@ -1,0 +1,617 @@
+"""The engine's compiled path for prefetching policies whose asks depend on the routing alone (the
+layer-wise prefetch of the next layer, Mixtral-Offloading's speculative gate), with LRU victims:
+the same times and counts as `SimEngine` (sim/engine.py), which stays the reference.
+
+Why this path exists: with a prefetch queue every layer's copies are SimPy events, and the
+reference spends its time in that machinery (a process resumption, a `Transfer`, dict and heap
+work per copy), not in the timing model: layer-wise prefetch ran at 0.02x on-demand LRU in the
+paper-size study. Its rules are still few, and `run_prefetch_steps` plays them over flat arrays in
+one numba call for the rest of a run:
+
+- the compute runs ahead of the copy engines and looks at them only where the reference syncs
+  SimPy's clock (`_sync`: every event due by the compute clock, in (time, order scheduled) order);
+- a copy engine that lands a copy makes the expert resident, wakes a compute waiting for any
+  landing (`_loaded`), then takes the next copy itself (on-demand loads first, then prefetches by
+  descending priority, dropping those whose layer has passed or that find no victim) and hands
+  more to sleeping engines (`_wake_at`);
+- the compute, per layer: dense work, a sync, the accesses (`ExpertCache.access_layer`), the
+  policy's asks queued (`add_prefetches`), the layer's experts pinned and computed, misses as they
+  land, stalling on the first one on the wire (or on any landing when none is).
+
+A policy joins by giving its asks for a list of planned steps as arrays (`planned_asks`, the
+`PlannedAsks` of policies/asks.py); a property test shows they are what its `on_layer_routed`
+returns, and tests/test_sim_compiled_prefetch.py that both engines give the same results, field
+by field. It takes over at a step boundary once every request has arrived and the timeline's steps
+are done, with the reference's queue, copies on the wire, pins and LRU order as its start state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from finemoe.jit import jit as _jit
+from finemoe.jit import numba
+from finemoe.sim.costs import TICKS_PER_S
+
+_S = 1.0 / TICKS_PER_S
+
+# Per-key fields of the int64 `keys` table (row = field, column = layer * J + expert).
+RES, STAMP, PIN, FLIGHT, LEND, LORD, UNUSED, QSEQ, QSTEP, QLAYER, DEMAND = range(11)
+N_KEY_FIELDS = 11
+# Scalars of the int64 `st` array.
+(N_RES, N_FLIGHT, N_QUEUED, WIRE_FREE, CLOCK, SLEEPING, ORDER, SEQ, POS_STEP, POS_LAYER, STALLED, WAITED_LOADED,
+ LOADED_PENDING, LOADED_END, LOADED_ORD, HEAP_N, UNPIN_HEAD, UNPIN_TAIL, DQ_HEAD, DQ_TAIL, NOW, ONDEMAND, ISSUED,
+ STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR) = range(29)
+N_STATE = 29
+# Parameters of the int64 `par` array.
+CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS = range(7)
+NO_VICTIM, DEADLOCK, BLOCKED = 1, 2, 3  # error codes: the reference raises (or would block) there
+LANDED, LOADED = 1, 2  # kinds of event `_next_event` handles
+
+
+@_jit
+def _heap_less(hf, hi, a, b):
+    """Entry a before entry b: (-priority, step, layer, seq), the cache's heap order."""
+    if hf[a] != hf[b]:
+        return hf[a] < hf[b]
+    for j in range(3):
+        if hi[a, j] != hi[b, j]:
+            return hi[a, j] < hi[b, j]
+    return False
+
+
+@_jit
+def _heap_swap(hf, hi, a, b):
+    hf[a], hf[b] = hf[b], hf[a]
+    for j in range(4):
+        hi[a, j], hi[b, j] = hi[b, j], hi[a, j]
+
+
+@_jit
+def _heap_up(hf, hi, i):
+    while i > 0:
+        parent = (i - 1) // 2
+        if not _heap_less(hf, hi, i, parent):
+            break
+        _heap_swap(hf, hi, i, parent)
+        i = parent
+
+
+@_jit
+def _heap_down(hf, hi, i, n):
+    while True:
+        small = i
+        left, right = 2 * i + 1, 2 * i + 2
+        if left < n and _heap_less(hf, hi, left, small):
+            small = left
+        if right < n and _heap_less(hf, hi, right, small):
+            small = right
+        if small == i:
+            return
+        _heap_swap(hf, hi, i, small)
+        i = small
+
+
+@_jit
+def _heap_push(hf, hi, keys, st, negprio, step, layer, seq, key):
+    """Push a prefetch; a full heap first drops its superseded entries (skipped when popped, so
+    dropping them changes nothing), which leaves at most one entry per expert."""
+    n = st[HEAP_N]
+    if n == hf.shape[0]:
+        m = 0
+        for i in range(n):
+            if keys[QSEQ, hi[i, 3]] == hi[i, 2]:
+                hf[m] = hf[i]
+                for j in range(4):
+                    hi[m, j] = hi[i, j]
+                m += 1
+        n = m
+        for i in range(n // 2 - 1, -1, -1):
+            _heap_down(hf, hi, i, n)
+    hf[n] = negprio
+    hi[n, 0], hi[n, 1], hi[n, 2], hi[n, 3] = step, layer, seq, key
+    _heap_up(hf, hi, n)
+    st[HEAP_N] = n + 1
+
+
+@_jit
+def _heap_pop(hf, hi, st):
+    """Remove the first entry, moved to index n (the old last slot), where the caller reads it."""
+    n = st[HEAP_N] - 1
+    _heap_swap(hf, hi, 0, n)
+    _heap_down(hf, hi, 0, n)
+    st[HEAP_N] = n
+    return n
+
+
+@_jit
+def _apply_unpins(u_t, u_k, keys, st, now_s):
+    """The pins due by `now_s` released (`ExpertCache._apply_unpins`)."""
+    h, tail = st[UNPIN_HEAD], st[UNPIN_TAIL]
+    while h < tail and u_t[h] <= now_s:
+        keys[PIN, u_k[h]] -= 1
+        h += 1
+    st[UNPIN_HEAD] = h
+
+
+@_jit
+def _evict(keys, st):
+    """LRU's victim among the unpinned residents, evicted (`_evict_for`); -1 when none."""
+    best = -1
+    for key in range(keys.shape[1]):
+        if keys[RES, key] and keys[PIN, key] == 0 and (best < 0 or keys[STAMP, key] < keys[STAMP, best]):
+            best = key
+    if best >= 0:
+        keys[RES, best] = 0
+        st[N_RES] -= 1
+        if keys[UNUSED, best]:
+            keys[UNUSED, best] = 0
+            st[UNUSED_EVICTED] += 1
+    return best
+
+
+@_jit
+def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now):
+    """`ExpertCache.next_transfer` at tick `now`: the key of the copy started (its slot made), or -1."""
+    _apply_unpins(u_t, u_k, keys, st, now * _S)
+    full = st[N_RES] + st[N_FLIGHT] >= par[CAPACITY]
+    if st[DQ_HEAD] < st[DQ_TAIL]:
+        if full and _evict(keys, st) < 0:
+            st[ERROR] = BLOCKED  # the reference's copy engine would wait for a pin's release
+            return -1
+        key = dq[st[DQ_HEAD]]
+        st[DQ_HEAD] += 1
+        keys[DEMAND, key] = 0
+        keys[FLIGHT, key] = 1
+        st[N_FLIGHT] += 1
+        st[ONDEMAND] += 1
+        return key
+    while st[HEAP_N] > 0:
+        i = _heap_pop(hf, hi, st)
+        step, layer, seq, key = hi[i, 0], hi[i, 1], hi[i, 2], hi[i, 3]
+        if keys[QSEQ, key] != seq:
+            continue  # superseded by a later entry for the same expert
+        keys[QSEQ, key] = -1
+        st[N_QUEUED] -= 1
+        if step < st[POS_STEP] or (step == st[POS_STEP] and layer <= st[POS_LAYER]):
+            st[DROPPED] += 1
+            continue
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st) < 0:
+            st[DROPPED] += 1
+            continue
+        keys[FLIGHT, key] = 1
+        st[N_FLIGHT] += 1
+        st[STARTED] += 1
+        keys[UNUSED, key] = 1
+        return key
+    return -1
+
+
+@_jit
+def _start(keys, fl, st, par, key, at, handed):
+    """`SimEngine._reserve` for the copy of `key` starting at `at`, and its landing scheduled."""
+    stalled = st[STALLED] != 0
+    latency = par[BUSY_LATENCY] if handed and not stalled else par[LATENCY]
+    wire_start = at + latency
+    if wire_start < st[WIRE_FREE]:
+        wire_start = st[WIRE_FREE]
+    end = wire_start + (par[WIRE] if stalled else par[BUSY_WIRE])
+    st[WIRE_FREE] = end
+    keys[LEND, key] = end
+    keys[LORD, key] = st[ORDER]
+    st[ORDER] += 1
+    fl[st[N_FLIGHT] - 1] = key  # `_next_transfer` counted it in flight
+
+
+@_jit
+def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t):
+    """Hand queued copies to sleeping copy engines at tick `t` (`SimEngine._wake_at`)."""
+    while st[SLEEPING] > 0 and (st[DQ_HEAD] < st[DQ_TAIL] or st[N_QUEUED] > 0):
+        key = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, t)
+        if key < 0:
+            return
+        st[SLEEPING] -= 1
+        _start(keys, fl, st, par, key, t, True)
+
+
+@_jit
+def _first_event(keys, fl, st):
+    """(time, order, index into fl or -1 for the `_loaded` event) of the next event; time -1: none."""
+    best_t, best_o, best_i = -1, -1, -1
+    for i in range(st[N_FLIGHT]):
+        key = fl[i]
+        end, order = keys[LEND, key], keys[LORD, key]
+        if best_t < 0 or end < best_t or (end == best_t and order < best_o):
+            best_t, best_o, best_i = end, order, i
+    if st[LOADED_PENDING]:
+        end, order = st[LOADED_END], st[LOADED_ORD]
+        if best_t < 0 or end < best_t or (end == best_t and order < best_o):
+            best_t, best_o, best_i = end, order, -1
+    return best_t, best_o, best_i
+
+
+@_jit
+def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par):
+    """Handle the next event as SimPy would; returns (kind, key landed or -1), kind 0: none due."""
+    now, _, i = _first_event(keys, fl, st)
+    if now < 0:
+        return 0, -1
+    st[NOW] = now
+    if i < 0:
+        st[LOADED_PENDING] = 0
+        return LOADED, -1
+    key = fl[i]
+    n = st[N_FLIGHT] - 1
+    fl[i] = fl[n]
+    st[N_FLIGHT] = n
+    keys[FLIGHT, key] = 0
+    keys[RES, key] = 1  # `complete`: resident, last in LRU order
+    st[N_RES] += 1
+    st[CLOCK] += 1
+    keys[STAMP, key] = st[CLOCK]
+    if st[WAITED_LOADED]:  # `_loaded.succeed()`: the first wakes the compute, later ones nobody
+        if not st[LOADED_PENDING]:
+            st[LOADED_PENDING] = 1
+            st[LOADED_END] = now
+            st[LOADED_ORD] = st[ORDER]
+        st[ORDER] += 1
+    nxt = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now)
+    if nxt < 0:
+        st[SLEEPING] += 1
+    else:
+        _start(keys, fl, st, par, nxt, now, False)
+        if st[SLEEPING] > 0 and (st[DQ_HEAD] < st[DQ_TAIL] or st[N_QUEUED] > 0):
+            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, now)
+    return LANDED, key
+
+
+@_jit
+def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t):
+    """`SimEngine._sync(t)`: every event due by tick `t` (those it schedules by then too)."""
+    while True:
+        first, _, _ = _first_event(keys, fl, st)
+        if first < 0 or first > t:
+            return
+        _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par)
+
+
+@_jit
+def _add_prefetches(keys, qprio, hf, hi, st, g_experts, g_prio, lo, hi_, step, layer, num_experts):
+    """`ExpertCache.add_prefetches` for the asks [lo, hi_) of one group; returns how many were new."""
+    accepted = 0
+    for a in range(lo, hi_):
+        key = layer * num_experts + g_experts[a]
+        if keys[RES, key] or keys[FLIGHT, key] or keys[DEMAND, key]:
+            continue
+        if step < st[POS_STEP] or (step == st[POS_STEP] and layer <= st[POS_LAYER]):
+            continue
+        p = g_prio[a]
+        if keys[QSEQ, key] >= 0:
+            qs, ql = keys[QSTEP, key], keys[QLAYER, key]
+            if (qs > st[POS_STEP] or (qs == st[POS_STEP] and ql > st[POS_LAYER])) and qprio[key] >= p:
+                continue
+        else:
+            accepted += 1
+            st[N_QUEUED] += 1
+        st[SEQ] += 1
+        keys[QSEQ, key] = st[SEQ]
+        keys[QSTEP, key] = step
+        keys[QLAYER, key] = layer
+        qprio[key] = p
+        _heap_push(hf, hi, keys, st, -p, step, layer, st[SEQ], key)
+    st[ISSUED] += accepted
+    return accepted
+
+
+@_jit
+def _grow_unpins(u_t, u_k, st):
+    """Room for one more queued release: the released ones dropped, else twice the room."""
+    h, tail = st[UNPIN_HEAD], st[UNPIN_TAIL]
+    if tail < u_t.shape[0]:
+        return u_t, u_k
+    n = tail - h
+    size = u_t.shape[0] if n < u_t.shape[0] // 2 else 2 * u_t.shape[0]
+    new_t = np.empty(size, np.float64)
+    new_k = np.empty(size, np.int64)
+    new_t[:n] = u_t[h:tail]
+    new_k[:n] = u_k[h:tail]
+    st[UNPIN_HEAD], st[UNPIN_TAIL] = 0, n
+    return new_t, new_k
+
+
+@_jit
+def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, multi_ticks, dense, first_step,
+                       wants_step, g_lo, g_hi, g_step, g_layer, g_experts, g_prio, t, ends, keys, qprio, hf, hi, fl,
+                       u_t, u_k, st, par, hits, misses):
+    """The reference's general path over a fixed sequence of steps: step s is trace row `rows[s]`
+    alone or, where rows[s] < 0, prepared step `multi[s]`; its asks at the step's start (hook 0)
+    and after layer l's routing (hook l + 1) are g_experts/g_prio[g_lo[s, h]:g_hi[s, h]] for layer
+    g_layer[s, h] of step g_step[s, h]. Each step's end clock goes to `ends[s]`. Returns (clock,
+    ticks stalled, the failing step or -1, the unpin arrays as grown)."""
+    num_layers = one_tick.shape[0]
+    J = par[NUM_EXPERTS]
+    room = max(J, one_tick.shape[1])
+    dq = np.empty(room, np.int64)
+    pending = np.empty(room, np.int64)
+    pend_ticks = np.empty(room, np.int64)
+    stall = 0
+    for s in range(rows.shape[0]):
+        step = first_step + s
+        if rows[s] >= 0:
+            experts, ticks = sorted_experts[rows[s]], one_tick
+        else:
+            experts, ticks = multi_experts[multi[s]], multi_ticks[multi[s]]
+        width = experts.shape[1]
+        st[POS_STEP], st[POS_LAYER] = step, -1
+        if wants_step:
+            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+            if g_hi[s, 0] > g_lo[s, 0] and _add_prefetches(keys, qprio, hf, hi, st, g_experts, g_prio, g_lo[s, 0],
+                                                           g_hi[s, 0], g_step[s, 0], g_layer[s, 0], J):
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+        for layer in range(num_layers):
+            t += dense[s]
+            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+            st[POS_LAYER] = layer
+            # The accesses (`access_layer`), in expert order; the misses queue as on-demand loads.
+            st[DQ_HEAD] = st[DQ_TAIL] = 0
+            n = k = 0
+            for i in range(width):
+                e = experts[layer, i]
+                if e < 0:
+                    continue
+                n += 1
+                key = layer * J + e
+                if keys[RES, key]:
+                    if keys[UNUSED, key]:
+                        keys[UNUSED, key] = 0
+                        st[IN_TIME] += 1
+                    st[CLOCK] += 1  # an LRU touch
+                    keys[STAMP, key] = st[CLOCK]
+                    continue
+                if keys[UNUSED, key]:  # on the wire: a late prefetch
+                    keys[UNUSED, key] = 0
+                    st[LATE] += 1
+                elif not keys[FLIGHT, key] and not keys[DEMAND, key]:
+                    if keys[QSEQ, key] >= 0:  # queued, never started: late too
+                        keys[QSEQ, key] = -1
+                        st[N_QUEUED] -= 1
+                        st[LATE] += 1
+                    dq[st[DQ_TAIL]] = key
+                    st[DQ_TAIL] += 1
+                    keys[DEMAND, key] = 1
+                pending[k] = key
+                pend_ticks[k] = ticks[layer, i]
+                k += 1
+            hits[layer] += n - k
+            misses[layer] += k
+            h = layer + 1
+            if g_hi[s, h] > g_lo[s, h] and _add_prefetches(keys, qprio, hf, hi, st, g_experts, g_prio, g_lo[s, h],
+                                                           g_hi[s, h], g_step[s, h], g_layer[s, h], J):
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+            if k == 0 and st[N_FLIGHT] == 0 and st[N_QUEUED] == 0:
+                for i in range(width):  # nothing can happen on the link: back to back, no pins
+                    if experts[layer, i] >= 0:
+                        t += ticks[layer, i]
+                continue
+            for i in range(width):  # pin what the layer needs until it is computed
+                if experts[layer, i] >= 0:
+                    keys[PIN, layer * J + experts[layer, i]] += 1
+            if k > 0:
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+                t += par[MISS_TICKS] * k
+            for i in range(width):  # resident experts first, in expert order
+                e = experts[layer, i]
+                if e < 0:
+                    continue
+                key = layer * J + e
+                missed = False
+                for m in range(k):
+                    if pending[m] == key:
+                        missed = True
+                if missed:
+                    continue
+                t += ticks[layer, i]
+                u_t, u_k = _grow_unpins(u_t, u_k, st)
+                u_t[st[UNPIN_TAIL]], u_k[st[UNPIN_TAIL]] = t * _S, key
+                st[UNPIN_TAIL] += 1
+            left = k  # `_await_misses`: pending[:left], in miss order
+            while left > 0:
+                _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+                if st[ERROR]:
+                    return t, stall, s, u_t, u_k
+                ready = 0
+                for m in range(left):
+                    if keys[RES, pending[m]]:
+                        ready += 1
+                if ready == 0:
+                    first = -1
+                    for m in range(left):
+                        key = pending[m]
+                        if keys[FLIGHT, key] and (first < 0 or keys[LEND, key] < keys[LEND, first]):
+                            first = key
+                    st[STALLED] = 1
+                    if first >= 0:  # until its copy lands (its engine handles the landing first)
+                        target = keys[LORD, first]
+                        while True:
+                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par)
+                            if kind == 0 or st[ERROR]:
+                                break
+                            if kind == LANDED and landed == first and keys[LORD, first] == target:
+                                break
+                    else:  # until any copy lands
+                        st[WAITED_LOADED] = 1
+                        while True:
+                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par)
+                            if kind == 0 or kind == LOADED or st[ERROR]:
+                                break
+                        st[WAITED_LOADED] = 0
+                    st[STALLED] = 0
+                    if kind == 0:
+                        st[ERROR] = DEADLOCK
+                    if st[ERROR]:
+                        return t, stall, s, u_t, u_k
+                    stall += st[NOW] - t
+                    t = st[NOW]
+                    continue
+                m2 = 0
+                for m in range(left):  # the ready ones in miss order; the rest stay pending
+                    key = pending[m]
+                    if keys[RES, key]:
+                        t += pend_ticks[m]
+                        u_t, u_k = _grow_unpins(u_t, u_k, st)
+                        u_t[st[UNPIN_TAIL]], u_k[st[UNPIN_TAIL]] = t * _S, key
+                        st[UNPIN_TAIL] += 1
+                    else:
+                        pending[m2] = key
+                        pend_ticks[m2] = pend_ticks[m]
+                        m2 += 1
+                left = m2
+        ends[s] = t
+    _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+    return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1), u_t, u_k
+
+
+def supports(engine) -> bool:
+    """Whether a `SimEngine` as built runs, once every request has arrived, only what
+    `run_prefetch_steps` reproduces: a policy of `POLICIES` (exactly; a subclass may change any
+    hook) with an LRU cache, no compute stretch, no CPU side, SSD tier or low precision, one shared
+    pool, and slots for a layer's experts next to the copies on the wire (so no on-demand load
+    ever waits for a pin's release, the one state the kernel does not play)."""
+    from finemoe.policies.layerwise import LayerwisePolicy
+    from finemoe.policies.mixtral_offloading import MixtralOffloading
+
+    policy, cache = engine.policy, engine.cache
+    if type(policy) is LayerwisePolicy:
+        lru = True
+    elif type(policy) is MixtralOffloading:
+        lru = policy.cache_order == "lru"
+    else:
+        return False
+    return (lru and engine.fast_path and engine.slowdown == 1.0 and not engine._cpu_exec
+            and cache.layer_capacity is None and cache.capacity >= engine.J + engine.copy_engines
+            and numba is not None)
+
+
+class CompiledPrefetchSteps:
+    """The rest of a `SimEngine._compute` run of a policy `supports` accepts, from a step boundary
+    once every request has arrived: the reference's cache, copies on the wire and the policy's LRU
+    order become the kernel's arrays, the planned steps and the policy's asks for them run in one
+    `run_prefetch_steps` call, and the recorder gets its counts."""
+
+    def __init__(self, engine) -> None:
+        from finemoe.sim.compiled import CompiledSteps
+
+        self.engine = engine
+        self.steps = CompiledSteps(engine)  # its step planning and preparation
+
+    def can_take_over(self, t: int) -> bool:
+        """At this step boundary (compute clock `t`): every request arrived, no prediction waiting
+        for its time, every engine awake or plainly asleep, and no copy on the wire that the
+        timeline still records."""
+        eng = self.engine
+        last = eng.batcher.last_arrival()
+        if (last is not None and last > t) or eng._releases or eng.cache.blocked or not all(w[1] for w in eng._sleeping):
+            return False
+        timeline = eng.rec.timeline_steps
+        return all(tr is None or tr.prefetch is None or tr.prefetch.step >= timeline
+                   for tr in eng.cache.in_flight.values())
+
+    def _state(self, t: int):
+        """The kernel's arrays from the reference's state at a step boundary."""
+        eng = self.engine
+        cache, J = eng.cache, eng.J
+        n = eng.L * J
+        keys = np.zeros((N_KEY_FIELDS, n), np.int64)
+        keys[QSEQ] = -1
+        qprio = np.zeros(n, np.float64)
+        st = np.zeros(N_STATE, np.int64)
+        policy = eng.policy
+        order = policy.order if hasattr(policy, "order") else policy._cache
+        for i, (layer, e) in enumerate(order.keys(), start=1):
+            keys[STAMP, layer * J + e] = i
+        st[CLOCK] = len(order)
+        for layer, e in cache.resident:
+            keys[RES, layer * J + e] = 1
+        st[N_RES] = len(cache.resident)
+        for (layer, e), count in cache.pinned.items():
+            keys[PIN, layer * J + e] = count
+        for layer, e in cache.unused_prefetches:
+            keys[UNUSED, layer * J + e] = 1
+        fl = np.zeros(eng.copy_engines, np.int64)
+        for i, ((layer, e), (end, _)) in enumerate(eng._arriving.items()):  # in the order SimPy scheduled them
+            key = layer * J + e
+            keys[FLIGHT, key], keys[LEND, key], keys[LORD, key] = 1, end, i
+            fl[i] = key
+        st[N_FLIGHT] = len(eng._arriving)
+        st[ORDER] = len(eng._arriving)
+        hf = np.zeros(2 * n + J + 8, np.float64)
+        hi = np.zeros((hf.shape[0], 4), np.int64)
+        entries = cache.queued_entries()
+        for i, (p, seq) in enumerate(entries):
+            key = p.layer * J + p.expert
+            keys[QSEQ, key], keys[QSTEP, key], keys[QLAYER, key] = seq, p.step, p.layer
+            qprio[key] = p.priority
+            hf[i] = -p.priority
+            hi[i] = (p.step, p.layer, seq, key)
+        st[HEAP_N] = len(entries)
+        for i in range(len(entries) // 2 - 1, -1, -1):
+            _heap_down(hf, hi, i, len(entries))
+        st[N_QUEUED] = len(entries)
+        st[SEQ] = cache.queue_seq
+        unpins = cache.pending_unpins()
+        u_t = np.zeros(max(1024, 2 * len(unpins)), np.float64)
+        u_k = np.zeros(u_t.shape[0], np.int64)
+        for i, (at_s, (layer, e)) in enumerate(unpins):
+            u_t[i], u_k[i] = at_s, layer * J + e
+        st[UNPIN_TAIL] = len(unpins)
+        st[WIRE_FREE] = eng._wire_free
+        st[SLEEPING] = len(eng._sleeping)
+        st[POS_STEP], st[POS_LAYER] = cache.position
+        par = np.array([cache.capacity, J, eng.busy_latency_ticks, eng.latency_ticks, eng.busy_wire_ticks,
+                        eng.wire_ticks, eng.miss_ticks], np.int64)
+        return keys, qprio, hf, hi, fl, u_t, u_k, st, par
+
+    def run(self, t: int, stall: int, first_seen: set[int]) -> tuple[int, int]:
+        """Every remaining step from compute clock `t`; returns the clock at the end and the stall
+        ticks so far, with the recorder's counts and the engine's step brought up to date. The
+        reference's queues are emptied: what was on them is the kernel's now."""
+        eng = self.engine
+        keys, qprio, hf, hi, fl, u_t, u_k, st, par = self._state(t)
+        eng.cache.abandon_queues()
+        player = self.steps
+        steps, rows, multi, dense, tokens, multi_experts, multi_ticks = player._plan(t)
+        asks = eng.policy.planned_asks(eng.trace, [seqs for seqs, _ in steps], eng.step)
+        rec = eng.rec
+        hits = np.array(rec.hits, np.int64)
+        misses = np.array(rec.misses, np.int64)
+        ends = np.zeros(len(steps), np.int64)
+        t, waited, failed, _, _ = run_prefetch_steps(
+            rows, multi, player._rows(), player._one_tick, multi_experts, multi_ticks, dense, eng.step,
+            asks.wants_step, asks.lo, asks.hi, asks.step, asks.layer, asks.experts, asks.priority, t, ends, keys,
+            qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses)
+        rec.hits = [int(h) for h in hits]
+        rec.misses = [int(m) for m in misses]
+        rec.ondemand_loads += int(st[ONDEMAND])
+        rec.prefetch_issued += int(st[ISSUED])
+        rec.prefetch_started += int(st[STARTED])
+        rec.prefetch_in_time += int(st[IN_TIME])
+        rec.prefetch_late += int(st[LATE])
+        rec.prefetch_unused_evicted += int(st[UNUSED_EVICTED])
+        rec.prefetch_dropped += int(st[DROPPED])
+        rec.bytes_h2d += int(st[ONDEMAND] + st[STARTED]) * eng.cache.bytes_per_expert
+        player._record(steps, tokens, ends, len(steps) if failed < 0 else failed, first_seen)
+        if failed >= 0:
+            self._raise(int(st[ERROR]))
+        return t, stall + waited
+
+    def _raise(self, error: int):
+        from finemoe.sim.cache import PolicyError
+        from finemoe.sim.engine import DeadlockError
+
+        name = self.engine.policy.name
+        if error == NO_VICTIM:
+            raise PolicyError(f"policy {name}: no slot for an on-demand load of the current layer")
+        if error == BLOCKED:
+            raise RuntimeError(f"policy {name}: an on-demand load waited for a pin's release on the compiled path, "
+                               "which its conditions exclude (a bug)")
+        raise DeadlockError(f"simulation stalled at step {self.engine.step}: an expert it waits for can never arrive")

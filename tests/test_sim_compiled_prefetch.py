@@ -1,0 +1,169 @@
+"""The compiled path for prefetching policies (sim/compiled_prefetch.py) gives the reference
+engine's results, field by field: on random workloads (hypothesis) and on the real Mixtral logs,
+for layer-wise prefetch and Mixtral-Offloading; and the policies' planned asks are what their
+hooks return."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
+from finemoe.policies.registry import make_policy
+from finemoe.sim import compiled_prefetch
+from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+from finemoe.sim.hardware import PRESETS
+from finemoe.sim.run import load_trace_for, simulate_policy
+from finemoe.sim.workload import ContinuousBatcher
+from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+from tests.test_sim_compiled import assert_same
+
+pytestmark = pytest.mark.skipif(compiled_prefetch.numba is None, reason="numba is not importable here")
+POLICIES = ["layerwise", "mixtral-offloading"]
+_STAMPS = Path(tempfile.mkdtemp(prefix="finemoe-compiled-prefetch-"))
+
+
+def _both(trace, config):
+    ref = simulate_policy(trace, config, make_policy(config.policy), compiled=False)
+    fast = simulate_policy(trace, config, make_policy(config.policy), compiled=True)
+    return ref, fast
+
+
+@st.composite
+def workloads(draw):
+    L, J = draw(st.integers(1, 4)), draw(st.integers(2, 8))
+    K = draw(st.integers(1, min(J, 3)))
+    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=K),
+                            num_requests=draw(st.integers(2, 6)), prompt_tokens=(1, 4), generated_tokens=(1, 8),
+                            seed=draw(st.integers(0, 10_000)))
+    engines = draw(st.integers(1, 3))
+    hw = PRESETS["rtx3090"].with_overrides(
+        pcie_gbps=draw(st.sampled_from([0.25, 4.0, 32.0, 1000.0])), copy_engines=engines,
+        miss_overhead_s=draw(st.sampled_from([0.0, 2e-6])), copy_start_delay_s=draw(st.sampled_from([0.0, 1e-6])),
+        compute_copy_slowdown=draw(st.sampled_from([1.0, 1.5])))
+    arrival = draw(st.sampled_from(["all", "poisson", "file"]))
+    batch = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 50))
+    if arrival == "file":
+        path = _STAMPS / f"stamps-{seed}.txt"
+        path.write_text("\n".join(f"{0.001 * i * (1 + seed % 3):.6f}" for i in range(len(trace.requests))) + "\n")
+        wl = WorkloadConfig(max_batch=batch, history_fraction=0.4, arrival="file", timestamps_path=str(path))
+    else:
+        wl = WorkloadConfig(max_batch=batch, history_fraction=0.4, arrival=arrival, rate_rps=300.0)
+    config = SimConfig("synthetic", draw(st.sampled_from(POLICIES)), hw,
+                       memory=MemoryConfig(expert_cache_slots=draw(st.integers(J + engines, max(J + engines, L * J + 2)))),
+                       workload=wl, seed=seed, timeline_steps=draw(st.sampled_from([0, 2, 8])))
+    return trace, config
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_compiled_prefetch_path_gives_the_reference_results_on_random_workloads(case):
+    trace, config = case
+    ref, fast = _both(trace, config)
+    assert_same(ref, fast)
+    g, hw = trace.geometry, config.hardware
+    slots = min(config.memory.expert_cache_slots, g.num_layers * g.num_experts)
+    if config.timeline_steps == 0 and config.workload.arrival == "all" and slots >= g.num_experts + hw.copy_engines:
+        assert fast.config["engine_path"] == "compiled"
+
+
+@st.composite
+def long_workloads(draw):
+    """Longer runs with a timeline or Poisson arrivals: the compiled path takes over mid-run, with
+    the reference's copies on the wire, queued prefetches and pending pin releases as its start."""
+    trace, config = draw(workloads())
+    trace = synthetic_trace(trace.geometry, num_requests=draw(st.integers(2, 6)), prompt_tokens=(1, 4),
+                            generated_tokens=(4, 16), seed=draw(st.integers(0, 10_000)))
+    wl = WorkloadConfig(max_batch=config.workload.max_batch, history_fraction=0.4,
+                        arrival=draw(st.sampled_from(["all", "poisson"])),
+                        rate_rps=draw(st.sampled_from([300.0, 3000.0])))
+    config = SimConfig("synthetic", config.policy, config.hardware, memory=config.memory, workload=wl,
+                       seed=config.seed, timeline_steps=draw(st.integers(1, 3)))
+    return trace, config
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(long_workloads())
+def test_taking_over_mid_run_gives_the_reference_results(case):
+    trace, config = case
+    ref, fast = _both(trace, config)
+    assert_same(ref, fast)
+
+
+def test_it_takes_over_with_copies_on_the_wire_and_prefetches_queued(monkeypatch):
+    """The start state the kernel gets is not always empty: a handover with work in flight happens."""
+    seen = []
+    take = compiled_prefetch.CompiledPrefetchSteps._state
+
+    def spy(self, t):
+        state = take(self, t)
+        seen.append((int(state[7][compiled_prefetch.N_FLIGHT]), int(state[7][compiled_prefetch.HEAP_N])))
+        return state
+
+    monkeypatch.setattr(compiled_prefetch.CompiledPrefetchSteps, "_state", spy)
+    trace = synthetic_trace(tiny_geometry(num_layers=4, num_experts=8, top_k=2), num_requests=3,
+                            prompt_tokens=(2, 4), generated_tokens=(12, 16), seed=5)
+    hw = PRESETS["rtx3090"].with_overrides(pcie_gbps=4.0, copy_engines=1)
+    for policy in POLICIES:
+        config = SimConfig("synthetic", policy, hw, memory=MemoryConfig(expert_cache_slots=12),
+                           workload=WorkloadConfig(history_fraction=0.0), timeline_steps=3)
+        ref, fast = _both(trace, config)
+        assert fast.config["engine_path"] == "compiled"
+        assert_same(ref, fast)
+    assert any(flight and queued for flight, queued in seen), seen
+
+
+def test_layerwise_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
+    from finemoe.sim.memory import parse_size
+
+    for gpu_mem in ("12G", "24G", "48G"):
+        for seed in (0, 3):
+            config = SimConfig(str(mixtral_trace_path), "layerwise", PRESETS["rtx3090"],
+                               memory=MemoryConfig(gpu_mem_bytes=parse_size(gpu_mem)), seed=seed,
+                               workload=WorkloadConfig(history_fraction=0.0))
+            ref, fast = _both(load_trace_for(config), config)
+            assert fast.config["engine_path"] == "compiled"
+            assert_same(ref, fast)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 8), st.integers(1, 3), st.integers(1, 4), st.integers(0, 10_000),
+       st.sampled_from(POLICIES))
+def test_planned_asks_are_what_the_hooks_return(L, J, K, batch, seed, policy_name):
+    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=min(K, J)), num_requests=4,
+                            prompt_tokens=(1, 4), generated_tokens=(1, 6), seed=seed)
+    by_req = trace.iterations_by_request
+    steps = ContinuousBatcher([(rid, 0.0, its) for rid, its in by_req.items()], batch).plan()
+    policy = make_policy(policy_name)
+    policy.bind(PolicyContext(geometry=trace.geometry, capacity_slots=J, seed=0, is_resident=lambda k: False,
+                              is_in_flight=lambda k: False, expert_load_s=1e-3))
+    first = 5
+    asks = policy.planned_asks(trace, steps, first)
+    assert asks.lo.shape == (len(steps), L + 1)
+    for s, seqs in enumerate(steps):
+        info = StepInfo(first + s, 0.0, seqs, trace)
+        hooks = [list(policy.on_step_start(info))] + [list(policy.on_layer_routed(LayerRouting(info, layer, 0.0, trace)))
+                                                      for layer in range(L)]
+        for h, want in enumerate(hooks):
+            assert asks.prefetches(s, h) == want  # priorities compared exactly
+    assert asks.wants_step == (policy_name == "layerwise")  # the one with a step hook
+
+
+def test_outside_its_rules_the_reference_runs():
+    trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=6, top_k=2), num_requests=3, seed=1)
+
+    def path(policy="layerwise", slots=12, **hw):
+        config = SimConfig("synthetic", policy, PRESETS["rtx3090"].with_overrides(**hw),
+                           memory=MemoryConfig(expert_cache_slots=slots), timeline_steps=0)
+        return simulate_policy(trace, config, make_policy(policy), compiled=True).config["engine_path"]
+
+    assert path() == "compiled"
+    assert path(policy="mixtral-offloading") == "compiled"
+    assert path(slots=7) == "reference"  # a layer's 6 experts beside 2 copies on the wire need 8 slots
+    assert path(policy="promoe") == "reference"  # asks the kernel cannot plan
+    assert path(copy_compute_slowdown=2.0) == "reference"  # copies stretch the compute
