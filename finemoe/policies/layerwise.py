@@ -38,13 +38,14 @@ class LayerwisePolicy(LRUPolicy):
         return self._layer(routing.step.step + 1, 0)
 
     def planned_asks(self, trace, steps, first_step: int) -> PlannedAsks:
-        """The hooks' asks for planned steps (`steps[s]` is engine step first_step + s): every one
-        asks for the whole next layer, so all share one slice."""
-        n, L = len(steps), self.L
+        """The hooks' asks for planned steps (`steps[s]` is engine step first_step + s): each asks
+        for the whole next layer, one slice per layer shared by every step."""
+        n, L, J = len(steps), self.L, self.J
         number = first_step + np.arange(n, dtype=np.int64)[:, None]
         hook = np.arange(L + 1, dtype=np.int64)[None, :]
         step = np.where(hook < L, number, number + 1)  # after the last layer: the next step's first
-        layer = np.broadcast_to(np.where(hook < L, hook, 0), (n, L + 1))
-        zeros = np.zeros((n, L + 1), np.int64)
-        return PlannedAsks(zeros, zeros + self.J, np.ascontiguousarray(step), np.ascontiguousarray(layer),
-                           np.arange(self.J, dtype=np.int64), np.ones(self.J), wants_step=True)
+        target = np.where(np.arange(L + 1) < L, np.arange(L + 1), 0)  # hook h asks for layer h (L: 0)
+        lo = np.broadcast_to((target * J)[None, :], (n, L + 1))
+        return PlannedAsks(np.ascontiguousarray(lo), np.ascontiguousarray(lo + J), np.ascontiguousarray(step),
+                           np.repeat(np.arange(L, dtype=np.int64), J), np.tile(np.arange(J, dtype=np.int64), L),
+                           np.ones(L * J), wants_step=True)

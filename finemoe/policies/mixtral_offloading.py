@@ -71,6 +71,5 @@ class MixtralOffloading(TrackedCachePolicy):
         hi = np.cumsum(per_group.ravel()).reshape(n, L + 1)
         lo = hi - per_group
         step = np.broadcast_to(first_step + np.arange(n, dtype=np.int64)[:, None], (n, L + 1))
-        layer = np.broadcast_to(np.arange(L + 1, dtype=np.int64)[None, :], (n, L + 1))
-        return PlannedAsks(lo, hi, np.ascontiguousarray(step), np.ascontiguousarray(layer), experts.astype(np.int64),
+        return PlannedAsks(lo, hi, np.ascontiguousarray(step), (l_idx + 1).astype(np.int64), experts.astype(np.int64),
                            priority.astype(np.float64), wants_step=False)

@@ -276,10 +276,11 @@ def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t):
 
 
 @_jit
-def _add_prefetches(keys, qprio, hf, hi, st, g_experts, g_prio, lo, hi_, step, layer, num_experts):
+def _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio, lo, hi_, step, num_experts):
     """`ExpertCache.add_prefetches` for the asks [lo, hi_) of one group; returns how many were new."""
     accepted = 0
     for a in range(lo, hi_):
+        layer = g_layers[a]
         key = layer * num_experts + g_experts[a]
         if keys[RES, key] or keys[FLIGHT, key] or keys[DEMAND, key]:
             continue
@@ -321,12 +322,12 @@ def _grow_unpins(u_t, u_k, st):
 
 @_jit
 def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, multi_ticks, dense, first_step,
-                       wants_step, g_lo, g_hi, g_step, g_layer, g_experts, g_prio, t, ends, keys, qprio, hf, hi, fl,
+                       wants_step, g_lo, g_hi, g_step, g_layers, g_experts, g_prio, t, ends, keys, qprio, hf, hi, fl,
                        u_t, u_k, st, par, hits, misses):
     """The reference's general path over a fixed sequence of steps: step s is trace row `rows[s]`
     alone or, where rows[s] < 0, prepared step `multi[s]`; its asks at the step's start (hook 0)
-    and after layer l's routing (hook l + 1) are g_experts/g_prio[g_lo[s, h]:g_hi[s, h]] for layer
-    g_layer[s, h] of step g_step[s, h]. Each step's end clock goes to `ends[s]`. Returns (clock,
+    and after layer l's routing (hook l + 1) are a in [g_lo[s, h], g_hi[s, h]): expert g_experts[a]
+    of layer g_layers[a] for step g_step[s, h], at priority g_prio[a]. Each step's end clock goes to `ends[s]`. Returns (clock,
     ticks stalled, the failing step or -1, the unpin arrays as grown)."""
     num_layers = one_tick.shape[0]
     J = par[NUM_EXPERTS]
@@ -345,8 +346,8 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
         st[POS_STEP], st[POS_LAYER] = step, -1
         if wants_step:
             _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
-            if g_hi[s, 0] > g_lo[s, 0] and _add_prefetches(keys, qprio, hf, hi, st, g_experts, g_prio, g_lo[s, 0],
-                                                           g_hi[s, 0], g_step[s, 0], g_layer[s, 0], J):
+            if g_hi[s, 0] > g_lo[s, 0] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
+                                                           g_lo[s, 0], g_hi[s, 0], g_step[s, 0], J):
                 _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
         for layer in range(num_layers):
             t += dense[s]
@@ -385,8 +386,8 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
             hits[layer] += n - k
             misses[layer] += k
             h = layer + 1
-            if g_hi[s, h] > g_lo[s, h] and _add_prefetches(keys, qprio, hf, hi, st, g_experts, g_prio, g_lo[s, h],
-                                                           g_hi[s, h], g_step[s, h], g_layer[s, h], J):
+            if g_hi[s, h] > g_lo[s, h] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
+                                                           g_lo[s, h], g_hi[s, h], g_step[s, h], J):
                 _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
             if k == 0 and st[N_FLIGHT] == 0 and st[N_QUEUED] == 0:
                 for i in range(width):  # nothing can happen on the link: back to back, no pins
@@ -587,7 +588,7 @@ class CompiledPrefetchSteps:
         ends = np.zeros(len(steps), np.int64)
         t, waited, failed, _, _ = run_prefetch_steps(
             rows, multi, player._rows(), player._one_tick, multi_experts, multi_ticks, dense, eng.step,
-            asks.wants_step, asks.lo, asks.hi, asks.step, asks.layer, asks.experts, asks.priority, t, ends, keys,
+            asks.wants_step, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, t, ends, keys,
             qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses)
         rec.hits = [int(h) for h in hits]
         rec.misses = [int(m) for m in misses]
