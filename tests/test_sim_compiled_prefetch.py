@@ -23,7 +23,7 @@ from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
 from tests.test_sim_compiled import assert_same
 
 pytestmark = pytest.mark.skipif(compiled_prefetch.numba is None, reason="numba is not importable here")
-POLICIES = ["layerwise", "mixtral-offloading"]
+POLICIES = ["layerwise", "mixtral-offloading", "promoe", "moe-infinity"]
 _STAMPS = Path(tempfile.mkdtemp(prefix="finemoe-compiled-prefetch-"))
 
 
@@ -131,27 +131,38 @@ def test_layerwise_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_
             assert_same(ref, fast)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.integers(1, 4), st.integers(2, 8), st.integers(1, 3), st.integers(1, 4), st.integers(0, 10_000),
        st.sampled_from(POLICIES))
 def test_planned_asks_are_what_the_hooks_return(L, J, K, batch, seed, policy_name):
-    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=min(K, J)), num_requests=4,
+    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=min(K, J)), num_requests=6,
                             prompt_tokens=(1, 4), generated_tokens=(1, 6), seed=seed)
     by_req = trace.iterations_by_request
-    steps = ContinuousBatcher([(rid, 0.0, its) for rid, its in by_req.items()], batch).plan()
-    policy = make_policy(policy_name)
-    policy.bind(PolicyContext(geometry=trace.geometry, capacity_slots=J, seed=0, is_resident=lambda k: False,
-                              is_in_flight=lambda k: False, expert_load_s=1e-3))
+    measure = [rid for rid in sorted(by_req) if rid >= 2]
+    steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in measure], batch).plan()
+    policy = make_policy(policy_name, **({"epochs": 5} if policy_name == "promoe" else {}))
+
+    def bound():
+        p = make_policy(policy_name, **({"epochs": 5} if policy_name == "promoe" else {}))
+        p.bind(PolicyContext(geometry=trace.geometry, capacity_slots=J, seed=0, is_resident=lambda k: False,
+                             is_in_flight=lambda k: False, expert_load_s=1e-3))
+        p.fit(trace.select_requests([0, 1]))
+        p.prepare(trace, measure)
+        return p
+
+    policy, hooked = bound(), bound()
+    assert policy.plans_asks()
     first = 5
     asks = policy.planned_asks(trace, steps, first)
     assert asks.lo.shape == (len(steps), L + 1)
     for s, seqs in enumerate(steps):
         info = StepInfo(first + s, 0.0, seqs, trace)
-        hooks = [list(policy.on_step_start(info))] + [list(policy.on_layer_routed(LayerRouting(info, layer, 0.0, trace)))
-                                                      for layer in range(L)]
+        hooks = [list(hooked.on_step_start(info))] + [
+            list(hooked.on_layer_routed(LayerRouting(info, layer, 0.0, trace))) for layer in range(L)]
         for h, want in enumerate(hooks):
             assert asks.prefetches(s, h) == want  # priorities compared exactly
-    assert asks.wants_step == (policy_name == "layerwise")  # the one with a step hook
+    assert asks.wants_step == (policy_name != "mixtral-offloading")  # the others have a step hook
+    assert policy.describe() == hooked.describe()  # the same counts of planned predictions
 
 
 def test_outside_its_rules_the_reference_runs():
@@ -165,5 +176,5 @@ def test_outside_its_rules_the_reference_runs():
     assert path() == "compiled"
     assert path(policy="mixtral-offloading") == "compiled"
     assert path(slots=7) == "reference"  # a layer's 6 experts beside 2 copies on the wire need 8 slots
-    assert path(policy="promoe") == "reference"  # asks the kernel cannot plan
+    assert path(policy="finemoe") == "reference"  # asks the kernel cannot plan (they wait for a search)
     assert path(copy_compute_slowdown=2.0) == "reference"  # copies stretch the compute

@@ -149,6 +149,11 @@ class TrackedCachePolicy(Policy):
             raise ValueError(f"unknown cache order {self.cache_order!r}")
         self._touch, self._loaded, self._evicted = self._cache.touch, self._cache.loaded, self._cache.evicted
 
+    @property
+    def ordering(self) -> LRUOrder | LFUCounts:
+        """The victim order (what a compiled engine path takes over)."""
+        return self._cache
+
     def on_access(self, layer: int, expert: int, hit: bool, now_s: float) -> None:
         self._touch((layer, expert))
 

@@ -37,6 +37,10 @@ class LayerwisePolicy(LRUPolicy):
             return self._layer(routing.step.step, nxt)
         return self._layer(routing.step.step + 1, 0)
 
+    def plans_asks(self) -> bool:
+        """Whether `planned_asks` can stand for the hooks in this run: always (routing alone)."""
+        return True
+
     def planned_asks(self, trace, steps, first_step: int) -> PlannedAsks:
         """The hooks' asks for planned steps (`steps[s]` is engine step first_step + s): each asks
         for the whole next layer, one slice per layer shared by every step."""

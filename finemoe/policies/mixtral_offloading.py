@@ -48,6 +48,10 @@ class MixtralOffloading(TrackedCachePolicy):
         return [Prefetch(c / total, routing.step.step, target, e) for e, c in sorted(votes.items())]
 
 
+    def plans_asks(self) -> bool:
+        """Whether `planned_asks` can stand for the hooks in this run: always (routing alone)."""
+        return True
+
     def planned_asks(self, trace, steps, first_step: int) -> PlannedAsks:
         """The hook's asks for planned steps (`steps[s]` is engine step first_step + s), from the
         votes of every step's tokens at once: per (step, layer) the experts voted for, ascending,

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from finemoe.policies.asks import AskBuilder, PlannedAsks, hook_asks
 from finemoe.policies.base import LayerRouting, PolicyContext, Prefetch, StepInfo, ranked_prefetches
 from finemoe.policies.caches import TrackedCachePolicy
 from finemoe.policies.memo import ContentMemo, digest
@@ -232,6 +233,43 @@ class MoEInfinity(TrackedCachePolicy):
             if layer + 1 < self.L:
                 self._predict(out, layer, self._match(partial))
         return ranked_prefetches(routing.step.step, out)
+
+    def plans_asks(self) -> bool:
+        """Whether `planned_asks` can stand for the hooks: `prepare` matched every measured call
+        against the stored EAMs in use (an offline run), or there are none (it predicts nothing)."""
+        return self._flat is None or (self._planned is not None and len(self.history) == self._planned_history)
+
+    def planned_asks(self, trace, steps, first_step: int) -> PlannedAsks:
+        """The hooks' asks for planned steps (`steps[s]` is engine step first_step + s): a step of
+        one sequence asks, at its start and after each layer, what its planned match predicts, one
+        ranked slice per (match, hook) shared by every step; any other step calls the hooks."""
+        L = self.L
+        b = AskBuilder(len(steps), L, first_step)
+        single, matches = [], []
+        for s, seqs in enumerate(steps):
+            row = self._planned_of(seqs[0]) if len(seqs) == 1 else None
+            if row is not None:
+                single.append(s)
+                matches.append(row)
+        chosen = set(single)
+        hook_asks(self, trace, steps, first_step, b, [s for s in range(len(steps)) if s not in chosen])
+        if single:
+            hooks = np.arange(L)  # hook h: after layer h - 1 (0: the step's start); after the last: none
+            pairs = np.asarray(matches, np.int64)[:, :L] * (L + 1) + hooks[None, :]
+            unique, inverse = np.unique(pairs, return_inverse=True)
+            lo = np.empty(unique.size, np.int64)
+            hi = np.empty(unique.size, np.int64)
+            for u, pair in enumerate(unique.tolist()):
+                match, h = divmod(pair, L + 1)
+                ranked = sorted(self._predictions_of(match, h - 1), reverse=True)
+                lo[u] = b.append([t for _, t, _ in ranked], [e for _, _, e in ranked], [p for p, _, _ in ranked])
+                hi[u] = lo[u] + len(ranked)
+            inverse = inverse.reshape(pairs.shape)
+            rows = np.array(single)[:, None]
+            b.lo[rows, hooks[None, :]] = lo[inverse]
+            b.hi[rows, hooks[None, :]] = hi[inverse]
+            self.matches_planned += len(single) * L
+        return b.build(wants_step=True)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from finemoe.policies.asks import AskBuilder, PlannedAsks, hook_asks
 from finemoe.policies.base import (
     ExpertKey,
     LayerRouting,
@@ -318,6 +319,42 @@ class ProMoE(TrackedCachePolicy):
         for e, prio in pairs:
             if (target, e) not in out or out[(target, e)] < prio:
                 out[(target, e)] = prio
+
+    def plans_asks(self) -> bool:
+        """Whether `planned_asks` can stand for the hooks: the run's predictions were computed by
+        `prepare` for the predictors in use (an offline run), or there are no predictors."""
+        return not self.models or (self._planned is not None and self.trainings == self._planned_trainings)
+
+    def planned_asks(self, trace, steps, first_step: int) -> PlannedAsks:
+        """The hooks' asks for planned steps (`steps[s]` is engine step first_step + s): a decode
+        step of one sequence reads `prepare`'s K experts per predicted layer, ranked as
+        `ranked_prefetches` ranks them, all such steps at once; any other step calls the hooks."""
+        planned, L, K = self._planned, self.L, self.K
+        b = AskBuilder(len(steps), L, first_step)
+        single, index = [], []
+        for s, seqs in enumerate(steps):
+            i = planned.index_of.get(seqs[0].start) if len(seqs) == 1 and planned is not None else None
+            if i is not None and i >= 0:
+                single.append(s)
+                index.append(i)
+        chosen = set(single)
+        hook_asks(self, trace, steps, first_step, b, [s for s in range(len(steps)) if s not in chosen])
+        layers = np.array(sorted(self.models), np.int64)
+        if single and layers.size:
+            experts = np.asarray(planned.experts, np.int64)[np.array(index)][:, layers]  # [m, layers, K]
+            prios = np.asarray(planned.prios, np.float64)[np.array(index)][:, layers]
+            order = np.lexsort((-experts, -prios), axis=-1)  # priority, then expert, descending
+            experts = np.take_along_axis(experts, order, axis=-1)
+            prios = np.take_along_axis(prios, order, axis=-1)
+            at = b.append(np.broadcast_to((layers + self.distance)[None, :, None], experts.shape).ravel(),
+                          experts.ravel(), prios.ravel())
+            m, n = len(single), layers.size
+            lo = at + (np.arange(m)[:, None] * n + np.arange(n)[None, :]) * K
+            rows = np.array(single)[:, None]
+            b.lo[rows, layers[None, :] + 1] = lo
+            b.hi[rows, layers[None, :] + 1] = lo + K
+            self.predictions_planned += m * n
+        return b.build(wants_step=True)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -31,20 +31,21 @@ import numpy as np
 
 from finemoe.jit import jit as _jit
 from finemoe.jit import numba
+from finemoe.policies.caches import LFUCounts
 from finemoe.sim.costs import TICKS_PER_S
 
 _S = 1.0 / TICKS_PER_S
 
 # Per-key fields of the int64 `keys` table (row = field, column = layer * J + expert).
-RES, STAMP, PIN, FLIGHT, LEND, LORD, UNUSED, QSEQ, QSTEP, QLAYER, DEMAND = range(11)
-N_KEY_FIELDS = 11
+RES, STAMP, PIN, FLIGHT, LEND, LORD, UNUSED, QSEQ, QSTEP, QLAYER, DEMAND, COUNT = range(12)
+N_KEY_FIELDS = 12
 # Scalars of the int64 `st` array.
 (N_RES, N_FLIGHT, N_QUEUED, WIRE_FREE, CLOCK, SLEEPING, ORDER, SEQ, POS_STEP, POS_LAYER, STALLED, WAITED_LOADED,
  LOADED_PENDING, LOADED_END, LOADED_ORD, HEAP_N, UNPIN_HEAD, UNPIN_TAIL, DQ_HEAD, DQ_TAIL, NOW, ONDEMAND, ISSUED,
  STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR) = range(29)
 N_STATE = 29
 # Parameters of the int64 `par` array.
-CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS = range(7)
+CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS, LFU = range(8)
 NO_VICTIM, DEADLOCK, BLOCKED = 1, 2, 3  # error codes: the reference raises (or would block) there
 LANDED, LOADED = 1, 2  # kinds of event `_next_event` handles
 
@@ -135,12 +136,19 @@ def _apply_unpins(u_t, u_k, keys, st, now_s):
 
 
 @_jit
-def _evict(keys, st):
-    """LRU's victim among the unpinned residents, evicted (`_evict_for`); -1 when none."""
+def _evict(keys, st, lfu):
+    """The victim among the unpinned residents, evicted (`_evict_for`): LRU's least recent, LFU's
+    least used (then least recent); -1 when none."""
     best = -1
     for key in range(keys.shape[1]):
-        if keys[RES, key] and keys[PIN, key] == 0 and (best < 0 or keys[STAMP, key] < keys[STAMP, best]):
-            best = key
+        if keys[RES, key] and keys[PIN, key] == 0:
+            if best < 0:
+                best = key
+            elif lfu and keys[COUNT, key] != keys[COUNT, best]:
+                if keys[COUNT, key] < keys[COUNT, best]:
+                    best = key
+            elif keys[STAMP, key] < keys[STAMP, best]:
+                best = key
     if best >= 0:
         keys[RES, best] = 0
         st[N_RES] -= 1
@@ -156,7 +164,7 @@ def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now):
     _apply_unpins(u_t, u_k, keys, st, now * _S)
     full = st[N_RES] + st[N_FLIGHT] >= par[CAPACITY]
     if st[DQ_HEAD] < st[DQ_TAIL]:
-        if full and _evict(keys, st) < 0:
+        if full and _evict(keys, st, par[LFU]) < 0:
             st[ERROR] = BLOCKED  # the reference's copy engine would wait for a pin's release
             return -1
         key = dq[st[DQ_HEAD]]
@@ -176,7 +184,7 @@ def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now):
         if step < st[POS_STEP] or (step == st[POS_STEP] and layer <= st[POS_LAYER]):
             st[DROPPED] += 1
             continue
-        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st) < 0:
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par[LFU]) < 0:
             st[DROPPED] += 1
             continue
         keys[FLIGHT, key] = 1
@@ -362,11 +370,13 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     continue
                 n += 1
                 key = layer * J + e
+                if par[LFU]:
+                    keys[COUNT, key] += 1  # every access counts, kept across evictions
                 if keys[RES, key]:
                     if keys[UNUSED, key]:
                         keys[UNUSED, key] = 0
                         st[IN_TIME] += 1
-                    st[CLOCK] += 1  # an LRU touch
+                    st[CLOCK] += 1  # a touch: last in LRU order (in LFU's, of its new count)
                     keys[STAMP, key] = st[CLOCK]
                     continue
                 if keys[UNUSED, key]:  # on the wire: a late prefetch
@@ -472,25 +482,36 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
     return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1), u_t, u_k
 
 
-def supports(engine) -> bool:
-    """Whether a `SimEngine` as built runs, once every request has arrived, only what
-    `run_prefetch_steps` reproduces: a policy of `POLICIES` (exactly; a subclass may change any
-    hook) with an LRU cache, no compute stretch, no CPU side, SSD tier or low precision, one shared
-    pool, and slots for a layer's experts next to the copies on the wire (so no on-demand load
-    ever waits for a pin's release, the one state the kernel does not play)."""
+def _policies() -> tuple[type, ...]:
+    """The policies whose asks `run_prefetch_steps` can plan (each has `planned_asks` and
+    `plans_asks`): matched exactly, as a subclass may change any hook."""
     from finemoe.policies.layerwise import LayerwisePolicy
     from finemoe.policies.mixtral_offloading import MixtralOffloading
+    from finemoe.policies.moe_infinity import MoEInfinity
+    from finemoe.policies.promoe import ProMoE
 
+    return (LayerwisePolicy, MixtralOffloading, ProMoE, MoEInfinity)
+
+
+def _ordering(policy):
+    """The policy's victim order: an `LRUOrder` or `LFUCounts` (policies/caches.py)."""
+    from finemoe.policies.lru import LRUPolicy
+
+    return policy.order if isinstance(policy, LRUPolicy) else policy.ordering
+
+
+def supports(engine) -> bool:
+    """Whether a `SimEngine` as built runs, once every request has arrived, only what
+    `run_prefetch_steps` reproduces: a policy of `_policies` that can plan its asks for this run
+    (offline: no finished request changes them), no compute stretch, no CPU side, SSD tier or low
+    precision, one shared pool, and slots for a layer's experts next to the copies on the wire (so
+    no on-demand load ever waits for a pin's release, the one state the kernel does not play)."""
     policy, cache = engine.policy, engine.cache
-    if type(policy) is LayerwisePolicy:
-        lru = True
-    elif type(policy) is MixtralOffloading:
-        lru = policy.cache_order == "lru"
-    else:
+    if type(policy) not in _policies() or numba is None:
         return False
-    return (lru and engine.fast_path and engine.slowdown == 1.0 and not engine._cpu_exec
-            and cache.layer_capacity is None and cache.capacity >= engine.J + engine.copy_engines
-            and numba is not None)
+    return (policy.plans_asks() and not (engine.online and engine._wants_finished) and engine.fast_path
+            and engine.slowdown == 1.0 and not engine._cpu_exec and cache.layer_capacity is None
+            and cache.capacity >= engine.J + engine.copy_engines)
 
 
 class CompiledPrefetchSteps:
@@ -527,10 +548,15 @@ class CompiledPrefetchSteps:
         qprio = np.zeros(n, np.float64)
         st = np.zeros(N_STATE, np.int64)
         policy = eng.policy
-        order = policy.order if hasattr(policy, "order") else policy._cache
-        for i, (layer, e) in enumerate(order.keys(), start=1):
+        order = _ordering(policy)
+        lfu = isinstance(order, LFUCounts)
+        if lfu:  # every use count; the residents' order among equal counts as stamps
+            for (layer, e), count in order.counts.items():
+                keys[COUNT, layer * J + e] = count
+        ordered = order.keys()
+        for i, (layer, e) in enumerate(ordered, start=1):
             keys[STAMP, layer * J + e] = i
-        st[CLOCK] = len(order)
+        st[CLOCK] = len(ordered)
         for layer, e in cache.resident:
             keys[RES, layer * J + e] = 1
         st[N_RES] = len(cache.resident)
@@ -569,7 +595,7 @@ class CompiledPrefetchSteps:
         st[SLEEPING] = len(eng._sleeping)
         st[POS_STEP], st[POS_LAYER] = cache.position
         par = np.array([cache.capacity, J, eng.busy_latency_ticks, eng.latency_ticks, eng.busy_wire_ticks,
-                        eng.wire_ticks, eng.miss_ticks], np.int64)
+                        eng.wire_ticks, eng.miss_ticks, lfu], np.int64)
         return keys, qprio, hf, hi, fl, u_t, u_k, st, par
 
     def run(self, t: int, stall: int, first_seen: set[int]) -> tuple[int, int]:
