@@ -131,7 +131,10 @@ def test_by_default_it_starts_where_it_pays(monkeypatch):
     def path():
         return simulate_policy(trace, config, make_policy("lru")).config["engine_path"]
 
+    from finemoe.sim import compiled_prefetch
+
     monkeypatch.setattr(compiled, "warm", False)
+    monkeypatch.setattr(compiled_prefetch, "warm", False)  # (either path's run loads numba for both)
     monkeypatch.setattr(engine, "COMPILED_MIN_LAYER_STEPS", layer_steps + 1)
     assert path() == "reference"
     monkeypatch.setattr(engine, "COMPILED_MIN_LAYER_STEPS", 1)

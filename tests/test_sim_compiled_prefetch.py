@@ -178,3 +178,25 @@ def test_outside_its_rules_the_reference_runs():
     assert path(slots=7) == "reference"  # a layer's 6 experts beside 2 copies on the wire need 8 slots
     assert path(policy="finemoe") == "reference"  # asks the kernel cannot plan (they wait for a search)
     assert path(copy_compute_slowdown=2.0) == "reference"  # copies stretch the compute
+
+
+def test_by_default_it_starts_where_it_pays(monkeypatch):
+    """Cold (numba not yet run in this process) only for a run of enough layer-steps; warm, always."""
+    from finemoe.sim import compiled, engine
+
+    trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=4, top_k=2), num_requests=3, seed=2)
+    config = SimConfig("synthetic", "layerwise", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=8),
+                       timeline_steps=0)
+    layer_steps = 2 * sum(len(its) for its in trace.iterations_by_request.values())
+
+    def path():
+        return simulate_policy(trace, config, make_policy("layerwise")).config["engine_path"]
+
+    monkeypatch.setattr(compiled, "warm", False)
+    monkeypatch.setattr(compiled_prefetch, "warm", False)
+    monkeypatch.setattr(engine, "COMPILED_PREFETCH_MIN_LAYER_STEPS", layer_steps + 1)
+    assert path() == "reference"
+    monkeypatch.setattr(engine, "COMPILED_PREFETCH_MIN_LAYER_STEPS", 1)
+    assert path() == "compiled" and compiled_prefetch.warm
+    monkeypatch.setattr(engine, "COMPILED_PREFETCH_MIN_LAYER_STEPS", layer_steps + 1)
+    assert path() == "compiled"  # warm now

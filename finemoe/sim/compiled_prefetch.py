@@ -35,6 +35,7 @@ from finemoe.policies.caches import LFUCounts
 from finemoe.sim.costs import TICKS_PER_S
 
 _S = 1.0 / TICKS_PER_S
+warm = False  # the kernel has run in this process: numba is imported and its machine code loaded
 
 # Per-key fields of the int64 `keys` table (row = field, column = layer * J + expert).
 RES, STAMP, PIN, FLIGHT, LEND, LORD, UNUSED, QSEQ, QSTEP, QLAYER, DEMAND, COUNT = range(12)
@@ -46,7 +47,7 @@ N_KEY_FIELDS = 12
 N_STATE = 29
 # Parameters of the int64 `par` array.
 CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS, LFU = range(8)
-NO_VICTIM, DEADLOCK, BLOCKED = 1, 2, 3  # error codes: the reference raises (or would block) there
+DEADLOCK, BLOCKED = 1, 2  # error codes: the reference raises there, or would wait for a pin's release
 LANDED, LOADED = 1, 2  # kinds of event `_next_event` handles
 
 
@@ -602,6 +603,8 @@ class CompiledPrefetchSteps:
         """Every remaining step from compute clock `t`; returns the clock at the end and the stall
         ticks so far, with the recorder's counts and the engine's step brought up to date. The
         reference's queues are emptied: what was on them is the kernel's now."""
+        global warm
+        warm = True
         eng = self.engine
         keys, qprio, hf, hi, fl, u_t, u_k, st, par = self._state(t)
         eng.cache.abandon_queues()
@@ -632,12 +635,9 @@ class CompiledPrefetchSteps:
         return t, stall + waited
 
     def _raise(self, error: int):
-        from finemoe.sim.cache import PolicyError
         from finemoe.sim.engine import DeadlockError
 
         name = self.engine.policy.name
-        if error == NO_VICTIM:
-            raise PolicyError(f"policy {name}: no slot for an on-demand load of the current layer")
         if error == BLOCKED:
             raise RuntimeError(f"policy {name}: an on-demand load waited for a pin's release on the compiled path, "
                                "which its conditions exclude (a bug)")

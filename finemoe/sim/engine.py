@@ -40,7 +40,8 @@ from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.schema import Trace
 
 _S = 1.0 / TICKS_PER_S
-COMPILED_MIN_LAYER_STEPS = 300_000  # `SimEngine._compiled_pays`
+COMPILED_MIN_LAYER_STEPS = 300_000  # `SimEngine._compiled_pays`, for a policy without hooks
+COMPILED_PREFETCH_MIN_LAYER_STEPS = 30_000  # for a prefetching one (its reference is about 10x slower)
 _PLAIN = operator.itemgetter(1)  # of a `_sleeping` entry: the engine sleeps until work is handed to it
 _LAST = 2  # SimPy priority below NORMAL: the compute clock syncs after every other event at that time
 
@@ -568,15 +569,17 @@ class SimEngine:
             del sleeping[:k]
         return t, waited
 
-    def _compiled_pays(self) -> bool:
-        """Whether the compiled path is worth starting: once it has run in this process, always;
-        before, only for a run of at least COMPILED_MIN_LAYER_STEPS layer-steps, as importing numba
-        and loading its cached machine code take about 0.7 s, what the reference needs for a few
-        hundred thousand layer-steps."""
-        loaded = sys.modules.get("finemoe.sim.compiled")
-        if loaded is not None and loaded.warm:
-            return True
-        return self.L * sum(len(its) for _, _, its in self.batcher.arrivals) >= COMPILED_MIN_LAYER_STEPS
+    def _compiled_pays(self, min_layer_steps: int) -> bool:
+        """Whether a compiled path is worth starting: once one has run in this process, always;
+        before, only for a run of at least `min_layer_steps` layer-steps, as importing numba and
+        loading its cached machine code take about 0.7 s, what the reference needs for a few
+        hundred thousand layer-steps of on-demand LRU, or a few tens of thousands of a prefetching
+        policy's."""
+        for name in ("finemoe.sim.compiled", "finemoe.sim.compiled_prefetch"):
+            loaded = sys.modules.get(name)
+            if loaded is not None and loaded.warm:
+                return True
+        return self.L * sum(len(its) for _, _, its in self.batcher.arrivals) >= min_layer_steps
 
     def _link_idle(self) -> bool:
         """Nothing queued, on the wire, due in SimPy or waiting for a pin: every engine asleep."""
@@ -761,12 +764,14 @@ class SimEngine:
         policy whose asks it can plan."""
         if self.compiled is False or not self.inline_misses:
             return None
-        if not (self.compiled or self._compiled_pays()):
-            return None
         if self._hookless:
+            if not (self.compiled or self._compiled_pays(COMPILED_MIN_LAYER_STEPS)):
+                return None
             from finemoe.sim.compiled import CompiledSteps, supports
 
             return CompiledSteps(self) if supports(self) else None
+        if not (self.compiled or self._compiled_pays(COMPILED_PREFETCH_MIN_LAYER_STEPS)):
+            return None
         from finemoe.sim import compiled_prefetch
 
         return compiled_prefetch.CompiledPrefetchSteps(self) if compiled_prefetch.supports(self) else None
