@@ -101,9 +101,11 @@ def _recording(policy, calls: list):
 
 def _runs(trace, config):
     asked, searched_asked = [], []
-    planned = simulate_policy(trace, config, _recording(make_policy(config.policy, **dict(config.policy_params)), asked))
+    # On the reference engine: the compiled path would read planned asks, not call the recorded hooks.
+    planned = simulate_policy(trace, config, _recording(make_policy(config.policy, **dict(config.policy_params)), asked),
+                              compiled=False)
     searched = simulate_policy(trace, config, _recording(
-        _incremental(make_policy(config.policy, **dict(config.policy_params))), searched_asked))
+        _incremental(make_policy(config.policy, **dict(config.policy_params))), searched_asked), compiled=False)
     assert asked == searched_asked
     return planned, searched
 

@@ -46,14 +46,17 @@ def assert_same(ref, fast) -> None:
 
 
 @st.composite
-def workloads(draw):
+def workloads(draw, policies=("lru", "lfu"), room_for_copies=False):
+    """A random workload of one of `policies`; `room_for_copies`: at least a layer's experts plus
+    one slot per copy engine (what sim/compiled_prefetch.py needs), else a layer's experts."""
     L, J = draw(st.integers(1, 4)), draw(st.integers(2, 8))
     K = draw(st.integers(1, min(J, 3)))
     trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=K),
                             num_requests=draw(st.integers(2, 6)), prompt_tokens=(1, 4), generated_tokens=(1, 6),
                             seed=draw(st.integers(0, 10_000)))
+    engines = draw(st.integers(1, 3))
     hw = PRESETS["rtx3090"].with_overrides(
-        pcie_gbps=draw(st.sampled_from([0.25, 4.0, 32.0, 1000.0])), copy_engines=draw(st.integers(1, 3)),
+        pcie_gbps=draw(st.sampled_from([0.25, 4.0, 32.0, 1000.0])), copy_engines=engines,
         miss_overhead_s=draw(st.sampled_from([0.0, 2e-6])), copy_start_delay_s=draw(st.sampled_from([0.0, 1e-6])),
         compute_copy_slowdown=draw(st.sampled_from([1.0, 1.5])))
     arrival = draw(st.sampled_from(["all", "poisson", "file"]))
@@ -66,9 +69,10 @@ def workloads(draw):
     else:
         wl = WorkloadConfig(max_batch=batch, history_fraction=0.4, arrival=arrival, rate_rps=300.0,
                             online=draw(st.booleans()))
-    config = SimConfig("synthetic", draw(st.sampled_from(["lru", "lfu"])), hw,
-                       memory=MemoryConfig(expert_cache_slots=draw(st.integers(J, L * J + 1))), workload=wl,
-                       seed=seed, timeline_steps=draw(st.sampled_from([0, 2, 8])))
+    least = J + engines if room_for_copies else J
+    config = SimConfig("synthetic", draw(st.sampled_from(policies)), hw,
+                       memory=MemoryConfig(expert_cache_slots=draw(st.integers(least, max(least, L * J + 1)))),
+                       workload=wl, seed=seed, timeline_steps=draw(st.sampled_from([0, 2, 8])))
     return trace, config
 
 
@@ -119,26 +123,26 @@ def test_without_numba_the_reference_runs(monkeypatch):
     assert simulate_policy(trace, config, make_policy("lfu"), compiled=True).config["engine_path"] == "reference"
 
 
-def test_by_default_it_starts_where_it_pays(monkeypatch):
-    """Cold (numba not yet run in this process) only for a run of enough layer-steps; warm, always."""
-    from finemoe.sim import engine
+@pytest.mark.parametrize("policy, threshold, slots", [("lru", "COMPILED_MIN_LAYER_STEPS", 6),
+                                                      ("layerwise", "COMPILED_PREFETCH_MIN_LAYER_STEPS", 8)])
+def test_by_default_it_starts_where_it_pays(monkeypatch, policy, threshold, slots):
+    """Cold (numba not yet run in this process) only for a run of enough layer-steps; warm, always.
+    (On-demand LRU's path here, sim/compiled_prefetch.py's for a prefetching policy.)"""
+    from finemoe.sim import compiled_prefetch, engine
 
     trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=4, top_k=2), num_requests=3, seed=2)
-    config = SimConfig("synthetic", "lru", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=6),
+    config = SimConfig("synthetic", policy, PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=slots),
                        timeline_steps=0)
     layer_steps = 2 * sum(len(its) for its in trace.iterations_by_request.values())
 
     def path():
-        return simulate_policy(trace, config, make_policy("lru")).config["engine_path"]
-
-    from finemoe.sim import compiled_prefetch
+        return simulate_policy(trace, config, make_policy(policy)).config["engine_path"]
 
     monkeypatch.setattr(compiled, "warm", False)
     monkeypatch.setattr(compiled_prefetch, "warm", False)  # (either path's run loads numba for both)
-    monkeypatch.setattr(engine, "COMPILED_MIN_LAYER_STEPS", layer_steps + 1)
+    monkeypatch.setattr(engine, threshold, layer_steps + 1)
     assert path() == "reference"
-    monkeypatch.setattr(engine, "COMPILED_MIN_LAYER_STEPS", 1)
-    assert path() == "compiled" and compiled.warm
-    monkeypatch.setattr(engine, "COMPILED_MIN_LAYER_STEPS", layer_steps + 1)
+    monkeypatch.setattr(engine, threshold, 1)
+    assert path() == "compiled" and (compiled.warm or compiled_prefetch.warm)
+    monkeypatch.setattr(engine, threshold, layer_steps + 1)
     assert path() == "compiled"  # warm now
-

@@ -5,9 +5,6 @@ hooks return."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,11 +17,10 @@ from finemoe.sim.hardware import PRESETS
 from finemoe.sim.run import load_trace_for, simulate_policy
 from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
-from tests.test_sim_compiled import assert_same
+from tests.test_sim_compiled import assert_same, workloads
 
 pytestmark = pytest.mark.skipif(compiled_prefetch.numba is None, reason="numba is not importable here")
 POLICIES = ["layerwise", "mixtral-offloading", "promoe", "moe-infinity"]
-_STAMPS = Path(tempfile.mkdtemp(prefix="finemoe-compiled-prefetch-"))
 
 
 def _both(trace, config):
@@ -33,42 +29,16 @@ def _both(trace, config):
     return ref, fast
 
 
-@st.composite
-def workloads(draw):
-    L, J = draw(st.integers(1, 4)), draw(st.integers(2, 8))
-    K = draw(st.integers(1, min(J, 3)))
-    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=K),
-                            num_requests=draw(st.integers(2, 6)), prompt_tokens=(1, 4), generated_tokens=(1, 8),
-                            seed=draw(st.integers(0, 10_000)))
-    engines = draw(st.integers(1, 3))
-    hw = PRESETS["rtx3090"].with_overrides(
-        pcie_gbps=draw(st.sampled_from([0.25, 4.0, 32.0, 1000.0])), copy_engines=engines,
-        miss_overhead_s=draw(st.sampled_from([0.0, 2e-6])), copy_start_delay_s=draw(st.sampled_from([0.0, 1e-6])),
-        compute_copy_slowdown=draw(st.sampled_from([1.0, 1.5])))
-    arrival = draw(st.sampled_from(["all", "poisson", "file"]))
-    batch = draw(st.integers(1, 4))
-    seed = draw(st.integers(0, 50))
-    if arrival == "file":
-        path = _STAMPS / f"stamps-{seed}.txt"
-        path.write_text("\n".join(f"{0.001 * i * (1 + seed % 3):.6f}" for i in range(len(trace.requests))) + "\n")
-        wl = WorkloadConfig(max_batch=batch, history_fraction=0.4, arrival="file", timestamps_path=str(path))
-    else:
-        wl = WorkloadConfig(max_batch=batch, history_fraction=0.4, arrival=arrival, rate_rps=300.0)
-    config = SimConfig("synthetic", draw(st.sampled_from(POLICIES)), hw,
-                       memory=MemoryConfig(expert_cache_slots=draw(st.integers(J + engines, max(J + engines, L * J + 2)))),
-                       workload=wl, seed=seed, timeline_steps=draw(st.sampled_from([0, 2, 8])))
-    return trace, config
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workloads())
+@given(workloads(POLICIES, room_for_copies=True))
 def test_compiled_prefetch_path_gives_the_reference_results_on_random_workloads(case):
     trace, config = case
     ref, fast = _both(trace, config)
     assert_same(ref, fast)
     g, hw = trace.geometry, config.hardware
     slots = min(config.memory.expert_cache_slots, g.num_layers * g.num_experts)
-    if config.timeline_steps == 0 and config.workload.arrival == "all" and slots >= g.num_experts + hw.copy_engines:
+    if (config.timeline_steps == 0 and config.workload.arrival == "all" and not config.workload.online
+            and slots >= g.num_experts + hw.copy_engines):
         assert fast.config["engine_path"] == "compiled"
 
 
@@ -76,7 +46,7 @@ def test_compiled_prefetch_path_gives_the_reference_results_on_random_workloads(
 def long_workloads(draw):
     """Longer runs with a timeline or Poisson arrivals: the compiled path takes over mid-run, with
     the reference's copies on the wire, queued prefetches and pending pin releases as its start."""
-    trace, config = draw(workloads())
+    trace, config = draw(workloads(POLICIES, room_for_copies=True))
     trace = synthetic_trace(trace.geometry, num_requests=draw(st.integers(2, 6)), prompt_tokens=(1, 4),
                             generated_tokens=(4, 16), seed=draw(st.integers(0, 10_000)))
     wl = WorkloadConfig(max_batch=config.workload.max_batch, history_fraction=0.4,
@@ -179,24 +149,3 @@ def test_outside_its_rules_the_reference_runs():
     assert path(policy="finemoe") == "reference"  # asks the kernel cannot plan (they wait for a search)
     assert path(copy_compute_slowdown=2.0) == "reference"  # copies stretch the compute
 
-
-def test_by_default_it_starts_where_it_pays(monkeypatch):
-    """Cold (numba not yet run in this process) only for a run of enough layer-steps; warm, always."""
-    from finemoe.sim import compiled, engine
-
-    trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=4, top_k=2), num_requests=3, seed=2)
-    config = SimConfig("synthetic", "layerwise", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=8),
-                       timeline_steps=0)
-    layer_steps = 2 * sum(len(its) for its in trace.iterations_by_request.values())
-
-    def path():
-        return simulate_policy(trace, config, make_policy("layerwise")).config["engine_path"]
-
-    monkeypatch.setattr(compiled, "warm", False)
-    monkeypatch.setattr(compiled_prefetch, "warm", False)
-    monkeypatch.setattr(engine, "COMPILED_PREFETCH_MIN_LAYER_STEPS", layer_steps + 1)
-    assert path() == "reference"
-    monkeypatch.setattr(engine, "COMPILED_PREFETCH_MIN_LAYER_STEPS", 1)
-    assert path() == "compiled" and compiled_prefetch.warm
-    monkeypatch.setattr(engine, "COMPILED_PREFETCH_MIN_LAYER_STEPS", layer_steps + 1)
-    assert path() == "compiled"  # warm now
