@@ -29,7 +29,7 @@ def _both(trace, config):
     return ref, fast
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(POLICIES, room_for_copies=True))
 def test_compiled_prefetch_path_gives_the_reference_results_on_random_workloads(case):
     trace, config = case
@@ -57,7 +57,7 @@ def long_workloads(draw):
     return trace, config
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(long_workloads())
 def test_taking_over_mid_run_gives_the_reference_results(case):
     trace, config = case
@@ -101,7 +101,7 @@ def test_layerwise_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_
             assert_same(ref, fast)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.integers(1, 4), st.integers(2, 8), st.integers(1, 3), st.integers(1, 4), st.integers(0, 10_000),
        st.sampled_from(POLICIES))
 def test_planned_asks_are_what_the_hooks_return(L, J, K, batch, seed, policy_name):
