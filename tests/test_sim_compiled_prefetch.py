@@ -17,16 +17,10 @@ from finemoe.sim.hardware import PRESETS
 from finemoe.sim.run import load_trace_for, simulate_policy
 from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
-from tests.test_sim_compiled import assert_same, workloads
+from tests.test_sim_compiled import _both, assert_same, workloads
 
 pytestmark = pytest.mark.skipif(compiled_prefetch.numba is None, reason="numba is not importable here")
 POLICIES = ["layerwise", "mixtral-offloading", "promoe", "moe-infinity"]
-
-
-def _both(trace, config):
-    ref = simulate_policy(trace, config, make_policy(config.policy), compiled=False)
-    fast = simulate_policy(trace, config, make_policy(config.policy), compiled=True)
-    return ref, fast
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

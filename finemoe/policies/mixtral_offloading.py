@@ -47,7 +47,6 @@ class MixtralOffloading(TrackedCachePolicy):
         # Priority: share of the batch's tokens whose speculative router picked the expert.
         return [Prefetch(c / total, routing.step.step, target, e) for e, c in sorted(votes.items())]
 
-
     def plans_asks(self) -> bool:
         """Whether `planned_asks` can stand for the hooks in this run: always (routing alone)."""
         return True
