@@ -23,6 +23,7 @@ import numpy as np
 
 from finemoe.jit import jit as _jit
 from finemoe.jit import numba
+from finemoe.policies.caches import LFUCounts
 from finemoe.policies.lfu import LFUPolicy
 from finemoe.policies.lru import LRUPolicy
 from finemoe.sim.costs import TICKS_PER_S, to_ticks
@@ -257,9 +258,9 @@ def _load(key, resident, stamp, state):
 
 
 @_jit
-def _evict(resident, stamp, count, pinned, lfu, state):
-    """Evict the policy's victim among unpinned residents: LRU's least recent, LFU's least used
-    (then least recent); returns its key, or -1 when none is evictable."""
+def victim(resident, stamp, count, pinned, lfu):
+    """The policy's victim among unpinned residents: LRU's least recent, LFU's least used (then
+    least recent); its key, or -1 when none is evictable. (Also sim/compiled_prefetch.py's.)"""
     best = -1
     for key in range(resident.shape[0]):
         if resident[key] and pinned[key] == 0:
@@ -270,6 +271,13 @@ def _evict(resident, stamp, count, pinned, lfu, state):
                     best = key
             elif stamp[key] < stamp[best]:
                 best = key
+    return best
+
+
+@_jit
+def _evict(resident, stamp, count, pinned, lfu, state):
+    """Evict the policy's victim (`victim`); returns its key, or -1 when none is evictable."""
+    best = victim(resident, stamp, count, pinned, lfu)
     if best >= 0:
         resident[best] = False
         state[N_RESIDENT] -= 1
@@ -277,13 +285,20 @@ def _evict(resident, stamp, count, pinned, lfu, state):
 
 
 @_jit
-def _reserve(start, handed, stalled, busy_latency, latency, busy_wire, wire, state):
-    """`SimEngine._reserve`: the copy crosses the shared link after its latency, in start order."""
+def wire_end(start, handed, stalled, wire_free, busy_latency, latency, busy_wire, wire):
+    """`SimEngine._reserve`: when the copy starting at `start` lands, crossing the shared link
+    (free from `wire_free`) after its latency, in start order. (Also sim/compiled_prefetch.py's.)"""
     lat = busy_latency if handed and not stalled else latency
     wire_start = start + lat
-    if wire_start < state[WIRE_FREE]:
-        wire_start = state[WIRE_FREE]
-    end = wire_start + (wire if stalled else busy_wire)
+    if wire_start < wire_free:
+        wire_start = wire_free
+    return wire_start + (wire if stalled else busy_wire)
+
+
+@_jit
+def _reserve(start, handed, stalled, busy_latency, latency, busy_wire, wire, state):
+    """`wire_end`, the link then busy until the copy lands."""
+    end = wire_end(start, handed, stalled, state[WIRE_FREE], busy_latency, latency, busy_wire, wire)
     state[WIRE_FREE] = end
     return end
 
@@ -361,62 +376,26 @@ def _land(until_end, until_ord, h_end, h_ord, h_miss, hn, arr_end, arr_ord, on_w
     return hn, head, sleeping, order, in_flight, uh, False
 
 
-class CompiledSteps:
-    """The rest of a `SimEngine._compute` run for a policy `supports` accepts, from a step boundary
-    where the link is idle: step by step in Python (the batcher, the recorder), layer by layer in
-    the kernel. The steps kept for the timeline run on the reference before it takes over."""
+class StepPlanner:
+    """A run's steps as the kernels take them: the trace's sorted routing, each step's experts,
+    compute and dense ticks, the steps planned once every request has arrived, and their ends in
+    the recorder. Shared by both compiled paths (this one and sim/compiled_prefetch.py)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        L, J = engine.L, engine.J
-        self.resident = np.zeros(L * J, np.bool_)
-        self.stamp = np.zeros(L * J, np.int64)
-        self.count = np.zeros(L * J, np.int64)
-        self.pinned = np.zeros(L * J, np.int64)
-        self.state = np.zeros(5, np.int64)
-        self.hits = np.zeros(L, np.int64)
-        self.misses = np.zeros(L, np.int64)
-        self.lfu = POLICIES.get(type(engine.policy)) == 1
         self._sorted: np.ndarray | None = None
-        self._one_tick: np.ndarray | None = None
+        self.one_tick: np.ndarray | None = None  # one token's compute ticks per (layer, rank), set by `rows`
         self._dense: dict = {}
 
-    def can_take_over(self, t: int) -> bool:
-        """At this step boundary: nothing queued, on the wire or due (every step after is quiet)."""
-        return self.engine._link_idle()
-
-    def _take_over(self) -> None:
-        """The cache and the policy's order as the reference left them: resident keys, LRU's order
-        or LFU's counts and per-count orders as stamps (only the order among equal counts matters:
-        a resident that changes count re-enters last). Every pin is due by now (a step's pins are
-        released by its end), so none is held."""
-        eng, J = self.engine, self.engine.J
-        for layer, e in eng.cache.resident:
-            self.resident[layer * J + e] = True
-        policy = eng.policy
-        if self.lfu:
-            for (layer, e), c in policy.lfu.counts.items():
-                self.count[layer * J + e] = c
-            ordered = policy.lfu.keys()
-        else:
-            ordered = policy.order.keys()
-        for i, (layer, e) in enumerate(ordered, start=1):
-            self.stamp[layer * J + e] = i
-        self.state[CLOCK] = len(ordered)
-        self.state[N_RESIDENT] = len(eng.cache.resident)
-        self.state[WIRE_FREE] = eng._wire_free
-        self.hits[:] = eng.rec.hits
-        self.misses[:] = eng.rec.misses
-
-    def _rows(self) -> np.ndarray:
+    def rows(self) -> np.ndarray:
         """The trace's routing sorted per (token, layer), int64 (-1 first where a record is missing)."""
         if self._sorted is None:
             eng = self.engine
             self._sorted = np.ascontiguousarray(np.sort(eng.trace.experts, axis=2), dtype=np.int64)
-            self._one_tick = np.full(self._sorted.shape[1:], eng.expert_ticks(1), np.int64)
+            self.one_tick = np.full(self._sorted.shape[1:], eng.expert_ticks(1), np.int64)
         return self._sorted
 
-    def _dense_of(self, tokens: int, context: int, pairs: int) -> int:
+    def dense_of(self, tokens: int, context: int, pairs: int) -> int:
         """The dense ticks per layer of a step (the reference's `step_work` and `_prepare`)."""
         key = (tokens, context, pairs)
         dense = self._dense.get(key)
@@ -424,18 +403,18 @@ class CompiledSteps:
             dense = self._dense[key] = to_ticks(self.engine.costs.dense_layer_s(tokens, context, pairs))
         return dense
 
-    def _prepare(self, seqs):
+    def prepare(self, seqs):
         """Per layer the routed experts (ascending, -1 elsewhere), their compute ticks, the dense
         ticks per layer and the step's token count: what the reference's `_prepare` and
         `step_work` give, as arrays. One sequence's one token is a view of its sorted row; any
         other step counts its tokens per (layer, expert) and keeps the experts in id order."""
         eng = self.engine
-        rows = self._rows()
+        rows = self.rows()
         position = eng.trace.position
         if one_token(seqs):
             row = seqs[0].start
             pos = int(position[row]) + 1
-            return rows[row], self._one_tick, self._dense_of(1, pos, pos), 1
+            return rows[row], self.one_tick, self.dense_of(1, pos, pos), 1
         L, J = eng.L, eng.J
         counts = np.zeros(L * J, np.int64)
         tokens = context = pairs = 0
@@ -454,7 +433,106 @@ class CompiledSteps:
         ticks = np.zeros((L, J), np.int64)
         for c in np.unique(counts[used]).tolist():
             ticks[counts == c] = eng.expert_ticks(c)
-        return experts, ticks, self._dense_of(tokens, context, pairs), tokens
+        return experts, ticks, self.dense_of(tokens, context, pairs), tokens
+
+    def plan(self, t: int):
+        """The rest of the run once the batcher's steps are fixed, as the kernels take it: the steps
+        (each with the requests it finishes), per step its trace row (a one-token step) or its
+        index into the prepared multi-token steps, its dense ticks and tokens, and those steps."""
+        eng, batcher = self.engine, self.engine.batcher
+        steps = []
+        while not batcher.done:
+            seqs = batcher.next_step(t)  # every request has arrived: never empty
+            steps.append((seqs, batcher.finish_step()))
+        n = len(steps)
+        rows = np.full(n, -1, np.int64)
+        multi = np.zeros(n, np.int64)
+        dense = np.zeros(n, np.int64)
+        tokens = np.ones(n, np.int64)
+        multi_experts, multi_ticks = [], []
+        for s, (seqs, _) in enumerate(steps):
+            if one_token(seqs):
+                rows[s] = seqs[0].start
+                continue
+            experts, ticks, dense[s], tokens[s] = self.prepare(seqs)
+            multi[s] = len(multi_experts)
+            multi_experts.append(experts)
+            multi_ticks.append(ticks)
+        single = rows >= 0
+        if single.any():
+            pos = eng.trace.position[rows[single]].astype(np.int64) + 1
+            dense_of = {p: self.dense_of(1, p, p) for p in np.unique(pos).tolist()}
+            dense[single] = [dense_of[p] for p in pos.tolist()]
+        shape = (eng.L, eng.J)
+        multi_experts = np.stack(multi_experts) if multi_experts else np.full((1, *shape), -1, np.int64)
+        multi_ticks = np.stack(multi_ticks) if multi_ticks else np.zeros((1, *shape), np.int64)
+        return steps, rows, multi, dense, tokens, multi_experts, multi_ticks
+
+    def record(self, steps, tokens, ends, done: int, first_seen: set[int]) -> None:
+        """The first `done` planned steps, in the recorder, ended at `ends` (ticks)."""
+        eng = self.engine
+        for s in range(done):
+            eng.record_step(steps[s][0], int(tokens[s]), steps[s][1], int(ends[s]) * _S, first_seen)
+        eng.step += done
+
+
+def victim_order(policy):
+    """The policy's victim order as the reference keeps it: an `LRUOrder` or `LFUCounts`."""
+    if isinstance(policy, LRUPolicy):
+        return policy.order
+    if isinstance(policy, LFUPolicy):
+        return policy.lfu
+    return policy.ordering  # a `TrackedCachePolicy`
+
+
+def load_order(order, num_experts: int, stamp: np.ndarray, count: np.ndarray) -> int:
+    """`order` as the kernels keep it, per key l x J + e: LFU's use counts (every key's) in `count`,
+    the residents' order as stamps 1, 2, ... in `stamp` (only the order among equal counts matters:
+    a resident that changes count re-enters last); returns the last stamp."""
+    if isinstance(order, LFUCounts):
+        for (layer, e), c in order.counts.items():
+            count[layer * num_experts + e] = c
+    ordered = order.keys()
+    for i, (layer, e) in enumerate(ordered, start=1):
+        stamp[layer * num_experts + e] = i
+    return len(ordered)
+
+
+class CompiledSteps:
+    """The rest of a `SimEngine._compute` run for a policy `supports` accepts, from a step boundary
+    where the link is idle: step by step in Python (the batcher, the recorder), layer by layer in
+    the kernel. The steps kept for the timeline run on the reference before it takes over."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        L, J = engine.L, engine.J
+        self.resident = np.zeros(L * J, np.bool_)
+        self.stamp = np.zeros(L * J, np.int64)
+        self.count = np.zeros(L * J, np.int64)
+        self.pinned = np.zeros(L * J, np.int64)
+        self.state = np.zeros(5, np.int64)
+        self.hits = np.zeros(L, np.int64)
+        self.misses = np.zeros(L, np.int64)
+        self.lfu = POLICIES[type(engine.policy)] == 1
+        self.planner = StepPlanner(engine)
+
+    def can_take_over(self, t: int) -> bool:
+        """At this step boundary: nothing queued, on the wire or due (every step after is quiet)."""
+        return self.engine._link_idle()
+
+    def _take_over(self) -> None:
+        """The cache and the policy's order as the reference left them: resident keys, LRU's order
+        or LFU's counts and per-count orders as stamps (only the order among equal counts matters:
+        a resident that changes count re-enters last). Every pin is due by now (a step's pins are
+        released by its end), so none is held."""
+        eng, J = self.engine, self.engine.J
+        for layer, e in eng.cache.resident:
+            self.resident[layer * J + e] = True
+        self.state[CLOCK] = load_order(victim_order(eng.policy), J, self.stamp, self.count)
+        self.state[N_RESIDENT] = len(eng.cache.resident)
+        self.state[WIRE_FREE] = eng._wire_free
+        self.hits[:] = eng.rec.hits
+        self.misses[:] = eng.rec.misses
 
     def run(self, t: int, stall: int, first_seen: set[int]) -> tuple[int, int]:
         """Every remaining step from compute clock `t`; returns the clock at the end and the stall
@@ -478,7 +556,7 @@ class CompiledSteps:
                 if not seqs:
                     t = max(t, int(batcher.next_arrival()))
                     continue
-                experts, ticks, dense, tokens = self._prepare(seqs)
+                experts, ticks, dense, tokens = self.planner.prepare(seqs)
                 t, waited = layer_step(experts, ticks, dense, t, *args)
                 if self.state[ERROR]:
                     self._raise()
@@ -494,53 +572,14 @@ class CompiledSteps:
             rec.bytes_h2d += loads * cache.bytes_per_expert
             eng._wire_free = int(self.state[WIRE_FREE])
 
-    def _plan(self, t: int):
-        """The rest of the run once the batcher's steps are fixed, as the kernels take it: the steps
-        (each with the requests it finishes), per step its trace row (a one-token step) or its
-        index into the prepared multi-token steps, its dense ticks and tokens, and those steps."""
-        eng, batcher = self.engine, self.engine.batcher
-        steps = []
-        while not batcher.done:
-            seqs = batcher.next_step(t)  # every request has arrived: never empty
-            steps.append((seqs, batcher.finish_step()))
-        n = len(steps)
-        rows = np.full(n, -1, np.int64)
-        multi = np.zeros(n, np.int64)
-        dense = np.zeros(n, np.int64)
-        tokens = np.ones(n, np.int64)
-        multi_experts, multi_ticks = [], []
-        for s, (seqs, _) in enumerate(steps):
-            if one_token(seqs):
-                rows[s] = seqs[0].start
-                continue
-            experts, ticks, dense[s], tokens[s] = self._prepare(seqs)
-            multi[s] = len(multi_experts)
-            multi_experts.append(experts)
-            multi_ticks.append(ticks)
-        single = rows >= 0
-        if single.any():
-            pos = eng.trace.position[rows[single]].astype(np.int64) + 1
-            dense_of = {p: self._dense_of(1, p, p) for p in np.unique(pos).tolist()}
-            dense[single] = [dense_of[p] for p in pos.tolist()]
-        shape = (eng.L, eng.J)
-        multi_experts = np.stack(multi_experts) if multi_experts else np.full((1, *shape), -1, np.int64)
-        multi_ticks = np.stack(multi_ticks) if multi_ticks else np.zeros((1, *shape), np.int64)
-        return steps, rows, multi, dense, tokens, multi_experts, multi_ticks
-
-    def _record(self, steps, tokens, ends, done: int, first_seen: set[int]) -> None:
-        """The first `done` planned steps, in the recorder, ended at `ends` (ticks)."""
-        eng = self.engine
-        for s in range(done):
-            eng.record_step(steps[s][0], int(tokens[s]), steps[s][1], int(ends[s]) * _S, first_seen)
-        eng.step += done
-
     def _run_planned(self, t: int, stall: int, first_seen: set[int], args) -> tuple[int, int]:
         """The rest of the run once the batcher's steps are fixed: planned, prepared, run at once."""
-        steps, rows, multi, dense, tokens, multi_experts, multi_ticks = self._plan(t)
+        planner = self.planner
+        steps, rows, multi, dense, tokens, multi_experts, multi_ticks = planner.plan(t)
         ends = np.zeros(len(steps), np.int64)
-        t, waited, failed = run_steps(rows, multi, self._rows(), self._one_tick, multi_experts, multi_ticks, dense,
-                                      t, ends, *args)
-        self._record(steps, tokens, ends, len(steps) if failed < 0 else failed, first_seen)
+        t, waited, failed = run_steps(rows, multi, planner.rows(), planner.one_tick, multi_experts, multi_ticks,
+                                      dense, t, ends, *args)
+        planner.record(steps, tokens, ends, len(steps) if failed < 0 else failed, first_seen)
         if failed >= 0:
             self._raise()
         return t, stall + waited

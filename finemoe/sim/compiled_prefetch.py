@@ -1,6 +1,6 @@
-"""The engine's compiled path for prefetching policies whose asks depend on the routing alone (the
-layer-wise prefetch of the next layer, Mixtral-Offloading's speculative gate), with LRU victims:
-the same times and counts as `SimEngine` (sim/engine.py), which stays the reference.
+"""The engine's compiled path for prefetching policies whose asks depend on the routing alone
+(layer-wise prefetch, Mixtral-Offloading, and ProMoE and MoE-Infinity in offline runs), with LRU or
+LFU victims: the same times and counts as `SimEngine` (sim/engine.py), which stays the reference.
 
 Why this path exists: with a prefetch queue every layer's copies are SimPy events, and the
 reference spends its time in that machinery (a process resumption, a `Transfer`, dict and heap
@@ -22,7 +22,7 @@ A policy joins by giving its asks for a list of planned steps as arrays (`planne
 `PlannedAsks` of policies/asks.py); a property test shows they are what its `on_layer_routed`
 returns, and tests/test_sim_compiled_prefetch.py that both engines give the same results, field
 by field. It takes over at a step boundary once every request has arrived and the timeline's steps
-are done, with the reference's queue, copies on the wire, pins and LRU order as its start state.
+are done, with the reference's queue, copies on the wire, pins and victim order as its start state.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 from finemoe.jit import jit as _jit
 from finemoe.jit import numba
 from finemoe.policies.caches import LFUCounts
+from finemoe.sim.compiled import StepPlanner, load_order, victim, victim_order, wire_end
 from finemoe.sim.costs import TICKS_PER_S
 
 _S = 1.0 / TICKS_PER_S
@@ -138,18 +139,8 @@ def _apply_unpins(u_t, u_k, keys, st, now_s):
 
 @_jit
 def _evict(keys, st, lfu):
-    """The victim among the unpinned residents, evicted (`_evict_for`): LRU's least recent, LFU's
-    least used (then least recent); -1 when none."""
-    best = -1
-    for key in range(keys.shape[1]):
-        if keys[RES, key] and keys[PIN, key] == 0:
-            if best < 0:
-                best = key
-            elif lfu and keys[COUNT, key] != keys[COUNT, best]:
-                if keys[COUNT, key] < keys[COUNT, best]:
-                    best = key
-            elif keys[STAMP, key] < keys[STAMP, best]:
-                best = key
+    """Evict the policy's victim (sim/compiled.py's `victim`, `_evict_for`); -1 when none."""
+    best = victim(keys[RES], keys[STAMP], keys[COUNT], keys[PIN], lfu)
     if best >= 0:
         keys[RES, best] = 0
         st[N_RES] -= 1
@@ -160,12 +151,17 @@ def _evict(keys, st, lfu):
 
 
 @_jit
+def _has_work(st):
+    """`ExpertCache.has_work`: an on-demand load or a prefetch is queued."""
+    return st[DQ_HEAD] < st[DQ_TAIL] or st[N_QUEUED] > 0
+
+
+@_jit
 def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now):
     """`ExpertCache.next_transfer` at tick `now`: the key of the copy started (its slot made), or -1."""
     _apply_unpins(u_t, u_k, keys, st, now * _S)
-    full = st[N_RES] + st[N_FLIGHT] >= par[CAPACITY]
     if st[DQ_HEAD] < st[DQ_TAIL]:
-        if full and _evict(keys, st, par[LFU]) < 0:
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par[LFU]) < 0:
             st[ERROR] = BLOCKED  # the reference's copy engine would wait for a pin's release
             return -1
         key = dq[st[DQ_HEAD]]
@@ -199,12 +195,8 @@ def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now):
 @_jit
 def _start(keys, fl, st, par, key, at, handed):
     """`SimEngine._reserve` for the copy of `key` starting at `at`, and its landing scheduled."""
-    stalled = st[STALLED] != 0
-    latency = par[BUSY_LATENCY] if handed and not stalled else par[LATENCY]
-    wire_start = at + latency
-    if wire_start < st[WIRE_FREE]:
-        wire_start = st[WIRE_FREE]
-    end = wire_start + (par[WIRE] if stalled else par[BUSY_WIRE])
+    end = wire_end(at, handed, st[STALLED] != 0, st[WIRE_FREE], par[BUSY_LATENCY], par[LATENCY], par[BUSY_WIRE],
+                   par[WIRE])
     st[WIRE_FREE] = end
     keys[LEND, key] = end
     keys[LORD, key] = st[ORDER]
@@ -215,7 +207,7 @@ def _start(keys, fl, st, par, key, at, handed):
 @_jit
 def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t):
     """Hand queued copies to sleeping copy engines at tick `t` (`SimEngine._wake_at`)."""
-    while st[SLEEPING] > 0 and (st[DQ_HEAD] < st[DQ_TAIL] or st[N_QUEUED] > 0):
+    while st[SLEEPING] > 0 and _has_work(st):
         key = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, t)
         if key < 0:
             return
@@ -269,7 +261,7 @@ def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par):
         st[SLEEPING] += 1
     else:
         _start(keys, fl, st, par, nxt, now, False)
-        if st[SLEEPING] > 0 and (st[DQ_HEAD] < st[DQ_TAIL] or st[N_QUEUED] > 0):
+        if st[SLEEPING] > 0 and _has_work(st):
             _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, now)
     return LANDED, key
 
@@ -314,19 +306,22 @@ def _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio, lo, hi
 
 
 @_jit
-def _grow_unpins(u_t, u_k, st):
-    """Room for one more queued release: the released ones dropped, else twice the room."""
+def _queue_unpin(u_t, u_k, st, at_s, key):
+    """`ExpertCache.unpin(key, at_s)`: the release queued; returns the queue's arrays, which make
+    room first when full (the released entries dropped, else twice the size)."""
     h, tail = st[UNPIN_HEAD], st[UNPIN_TAIL]
-    if tail < u_t.shape[0]:
-        return u_t, u_k
-    n = tail - h
-    size = u_t.shape[0] if n < u_t.shape[0] // 2 else 2 * u_t.shape[0]
-    new_t = np.empty(size, np.float64)
-    new_k = np.empty(size, np.int64)
-    new_t[:n] = u_t[h:tail]
-    new_k[:n] = u_k[h:tail]
-    st[UNPIN_HEAD], st[UNPIN_TAIL] = 0, n
-    return new_t, new_k
+    if tail == u_t.shape[0]:
+        n = tail - h
+        size = u_t.shape[0] if n < u_t.shape[0] // 2 else 2 * u_t.shape[0]
+        new_t = np.empty(size, np.float64)
+        new_k = np.empty(size, np.int64)
+        new_t[:n] = u_t[h:tail]
+        new_k[:n] = u_k[h:tail]
+        u_t, u_k, tail = new_t, new_k, n
+        st[UNPIN_HEAD] = 0
+    u_t[tail], u_k[tail] = at_s, key
+    st[UNPIN_TAIL] = tail + 1
+    return u_t, u_k
 
 
 @_jit
@@ -336,8 +331,8 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
     """The reference's general path over a fixed sequence of steps: step s is trace row `rows[s]`
     alone or, where rows[s] < 0, prepared step `multi[s]`; its asks at the step's start (hook 0)
     and after layer l's routing (hook l + 1) are a in [g_lo[s, h], g_hi[s, h]): expert g_experts[a]
-    of layer g_layers[a] for step g_step[s, h], at priority g_prio[a]. Each step's end clock goes to `ends[s]`. Returns (clock,
-    ticks stalled, the failing step or -1, the unpin arrays as grown)."""
+    of layer g_layers[a] for step g_step[s, h], at priority g_prio[a]. Each step's end clock goes to
+    `ends[s]`. Returns (clock, ticks stalled, the failing step or -1)."""
     num_layers = one_tick.shape[0]
     J = par[NUM_EXPERTS]
     room = max(J, one_tick.shape[1])
@@ -423,14 +418,12 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 if missed:
                     continue
                 t += ticks[layer, i]
-                u_t, u_k = _grow_unpins(u_t, u_k, st)
-                u_t[st[UNPIN_TAIL]], u_k[st[UNPIN_TAIL]] = t * _S, key
-                st[UNPIN_TAIL] += 1
+                u_t, u_k = _queue_unpin(u_t, u_k, st, t * _S, key)
             left = k  # `_await_misses`: pending[:left], in miss order
             while left > 0:
                 _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
                 if st[ERROR]:
-                    return t, stall, s, u_t, u_k
+                    return t, stall, s
                 ready = 0
                 for m in range(left):
                     if keys[RES, pending[m]]:
@@ -461,7 +454,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     if kind == 0:
                         st[ERROR] = DEADLOCK
                     if st[ERROR]:
-                        return t, stall, s, u_t, u_k
+                        return t, stall, s
                     stall += st[NOW] - t
                     t = st[NOW]
                     continue
@@ -470,9 +463,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     key = pending[m]
                     if keys[RES, key]:
                         t += pend_ticks[m]
-                        u_t, u_k = _grow_unpins(u_t, u_k, st)
-                        u_t[st[UNPIN_TAIL]], u_k[st[UNPIN_TAIL]] = t * _S, key
-                        st[UNPIN_TAIL] += 1
+                        u_t, u_k = _queue_unpin(u_t, u_k, st, t * _S, key)
                     else:
                         pending[m2] = key
                         pend_ticks[m2] = pend_ticks[m]
@@ -480,7 +471,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 left = m2
         ends[s] = t
     _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
-    return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1), u_t, u_k
+    return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1)
 
 
 def _policies() -> tuple[type, ...]:
@@ -492,13 +483,6 @@ def _policies() -> tuple[type, ...]:
     from finemoe.policies.promoe import ProMoE
 
     return (LayerwisePolicy, MixtralOffloading, ProMoE, MoEInfinity)
-
-
-def _ordering(policy):
-    """The policy's victim order: an `LRUOrder` or `LFUCounts` (policies/caches.py)."""
-    from finemoe.policies.lru import LRUPolicy
-
-    return policy.order if isinstance(policy, LRUPolicy) else policy.ordering
 
 
 def supports(engine) -> bool:
@@ -517,15 +501,13 @@ def supports(engine) -> bool:
 
 class CompiledPrefetchSteps:
     """The rest of a `SimEngine._compute` run of a policy `supports` accepts, from a step boundary
-    once every request has arrived: the reference's cache, copies on the wire and the policy's LRU
-    order become the kernel's arrays, the planned steps and the policy's asks for them run in one
+    once every request has arrived: the reference's cache, copies on the wire and the policy's
+    victim order become the kernel's arrays, the planned steps and the policy's asks for them run in one
     `run_prefetch_steps` call, and the recorder gets its counts."""
 
     def __init__(self, engine) -> None:
-        from finemoe.sim.compiled import CompiledSteps
-
         self.engine = engine
-        self.steps = CompiledSteps(engine)  # its step planning and preparation
+        self.planner = StepPlanner(engine)
 
     def can_take_over(self, t: int) -> bool:
         """At this step boundary (compute clock `t`): every request arrived, no prediction waiting
@@ -548,16 +530,9 @@ class CompiledPrefetchSteps:
         keys[QSEQ] = -1
         qprio = np.zeros(n, np.float64)
         st = np.zeros(N_STATE, np.int64)
-        policy = eng.policy
-        order = _ordering(policy)
+        order = victim_order(eng.policy)
         lfu = isinstance(order, LFUCounts)
-        if lfu:  # every use count; the residents' order among equal counts as stamps
-            for (layer, e), count in order.counts.items():
-                keys[COUNT, layer * J + e] = count
-        ordered = order.keys()
-        for i, (layer, e) in enumerate(ordered, start=1):
-            keys[STAMP, layer * J + e] = i
-        st[CLOCK] = len(ordered)
+        st[CLOCK] = load_order(order, J, keys[STAMP], keys[COUNT])
         for layer, e in cache.resident:
             keys[RES, layer * J + e] = 1
         st[N_RES] = len(cache.resident)
@@ -608,15 +583,15 @@ class CompiledPrefetchSteps:
         eng = self.engine
         keys, qprio, hf, hi, fl, u_t, u_k, st, par = self._state(t)
         eng.cache.abandon_queues()
-        player = self.steps
-        steps, rows, multi, dense, tokens, multi_experts, multi_ticks = player._plan(t)
+        planner = self.planner
+        steps, rows, multi, dense, tokens, multi_experts, multi_ticks = planner.plan(t)
         asks = eng.policy.planned_asks(eng.trace, [seqs for seqs, _ in steps], eng.step)
         rec = eng.rec
         hits = np.array(rec.hits, np.int64)
         misses = np.array(rec.misses, np.int64)
         ends = np.zeros(len(steps), np.int64)
-        t, waited, failed, _, _ = run_prefetch_steps(
-            rows, multi, player._rows(), player._one_tick, multi_experts, multi_ticks, dense, eng.step,
+        t, waited, failed = run_prefetch_steps(
+            rows, multi, planner.rows(), planner.one_tick, multi_experts, multi_ticks, dense, eng.step,
             asks.wants_step, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, t, ends, keys,
             qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses)
         rec.hits = [int(h) for h in hits]
@@ -629,7 +604,7 @@ class CompiledPrefetchSteps:
         rec.prefetch_unused_evicted += int(st[UNUSED_EVICTED])
         rec.prefetch_dropped += int(st[DROPPED])
         rec.bytes_h2d += int(st[ONDEMAND] + st[STARTED]) * eng.cache.bytes_per_expert
-        player._record(steps, tokens, ends, len(steps) if failed < 0 else failed, first_seen)
+        planner.record(steps, tokens, ends, len(steps) if failed < 0 else failed, first_seen)
         if failed >= 0:
             self._raise(int(st[ERROR]))
         return t, stall + waited
