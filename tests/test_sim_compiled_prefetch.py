@@ -1,7 +1,7 @@
 """The compiled path for prefetching policies (sim/compiled_prefetch.py) gives the reference
 engine's results, field by field: on random workloads (hypothesis) and on the real Mixtral logs,
-for layer-wise prefetch and Mixtral-Offloading; and the policies' planned asks are what their
-hooks return."""
+for the policies that plan their asks and for every candidate schedule of the oracle (the
+ensemble included); and the policies' planned asks are what their hooks return."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from finemoe.policies.registry import make_policy
 from finemoe.sim import compiled_prefetch
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
+from finemoe.sim.offline import CANDIDATES, offline_schedule
 from finemoe.sim.run import load_trace_for, simulate_policy
 from finemoe.sim.workload import ContinuousBatcher
 from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
@@ -36,11 +37,35 @@ def test_compiled_prefetch_path_gives_the_reference_results_on_random_workloads(
         assert fast.config["engine_path"] == "compiled"
 
 
+def _both_oracle(trace, config, params: dict, planned=None):
+    """(reference, compiled) results of one oracle schedule, given `planned` steps as its future
+    (a clairvoyant round), and the steps the runs took (the same in both, checked)."""
+    runs = []
+    for compiled in (False, True):
+        policy = make_policy("oracle", **params)
+        policy.planned_steps = planned
+        runs.append((simulate_policy(trace, config, policy, compiled=compiled), policy.observed_steps))
+    (ref, taken), (fast, fast_taken) = runs
+    assert fast_taken == taken
+    return ref, fast, taken
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(["oracle"], room_for_copies=True), st.sampled_from(CANDIDATES))
+def test_oracle_schedules_give_the_reference_results_on_random_workloads(case, params):
+    trace, config = case
+    ref, fast, taken = _both_oracle(trace, config, params)
+    assert_same(ref, fast)
+    if config.workload.arrival != "all":  # the next round: the steps it took as its whole future
+        ref, fast, _ = _both_oracle(trace, config, params, taken)
+        assert_same(ref, fast)
+
+
 @st.composite
-def long_workloads(draw):
+def long_workloads(draw, policies=tuple(POLICIES)):
     """Longer runs with a timeline or Poisson arrivals: the compiled path takes over mid-run, with
     the reference's copies on the wire, queued prefetches and pending pin releases as its start."""
-    trace, config = draw(workloads(POLICIES, room_for_copies=True))
+    trace, config = draw(workloads(policies, room_for_copies=True))
     trace = synthetic_trace(trace.geometry, num_requests=draw(st.integers(2, 6)), prompt_tokens=(1, 4),
                             generated_tokens=(4, 16), seed=draw(st.integers(0, 10_000)))
     wl = WorkloadConfig(max_batch=config.workload.max_batch, history_fraction=0.4,
@@ -59,6 +84,33 @@ def test_taking_over_mid_run_gives_the_reference_results(case):
     assert_same(ref, fast)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(long_workloads(["oracle"]), st.sampled_from(CANDIDATES))
+def test_an_oracle_schedule_taken_over_mid_run_gives_the_reference_results(case, params):
+    """With what the schedule learnt before (its next uses, asks sent, layer times) as its start."""
+    trace, config = case
+    ref, fast, _ = _both_oracle(trace, config, params)
+    assert_same(ref, fast)
+
+
+def test_the_offline_schedule_is_the_same_on_both_paths():
+    """The ensemble (every candidate, clairvoyant rounds) picks the same run with the same numbers."""
+    trace = synthetic_trace(tiny_geometry(num_layers=4, num_experts=8, top_k=2), num_requests=5,
+                            prompt_tokens=(2, 4), generated_tokens=(8, 14), seed=11)
+    hw = PRESETS["rtx3090"].with_overrides(pcie_gbps=4.0, copy_engines=2)
+    for arrival in ("all", "poisson"):
+        config = SimConfig("synthetic", "oracle", hw, memory=MemoryConfig(expert_cache_slots=14),
+                           workload=WorkloadConfig(history_fraction=0.0, arrival=arrival, rate_rps=2000.0),
+                           timeline_steps=2)
+        ref, fast = (offline_schedule(trace, config, lambda *a, c=c, **k: simulate_policy(*a, compiled=c, **k))
+                     for c in (False, True))
+        untimed = lambda info: [{k: v for k, v in c.items() if k != "wall_s"} for c in info["candidates"]]  # noqa: E731
+        assert untimed(fast.config["policy_info"]) == untimed(ref.config["policy_info"])
+        assert fast.config["policy_info"]["chosen"] == ref.config["policy_info"]["chosen"]
+        fast.config["policy_info"]["candidates"] = ref.config["policy_info"]["candidates"]
+        assert_same(ref, fast)
+
+
 def test_it_takes_over_with_copies_on_the_wire_and_prefetches_queued(monkeypatch):
     """The start state the kernel gets is not always empty: a handover with work in flight happens."""
     seen = []
@@ -73,13 +125,28 @@ def test_it_takes_over_with_copies_on_the_wire_and_prefetches_queued(monkeypatch
     trace = synthetic_trace(tiny_geometry(num_layers=4, num_experts=8, top_k=2), num_requests=3,
                             prompt_tokens=(2, 4), generated_tokens=(12, 16), seed=5)
     hw = PRESETS["rtx3090"].with_overrides(pcie_gbps=4.0, copy_engines=1)
-    for policy in POLICIES:
+    for policy in [*POLICIES, "oracle"]:
         config = SimConfig("synthetic", policy, hw, memory=MemoryConfig(expert_cache_slots=12),
-                           workload=WorkloadConfig(history_fraction=0.0), timeline_steps=3)
+                           workload=WorkloadConfig(history_fraction=0.0), timeline_steps=2 if policy == "oracle" else 3)
         ref, fast = _both(trace, config)
         assert fast.config["engine_path"] == "compiled"
         assert_same(ref, fast)
-    assert any(flight and queued for flight, queued in seen), seen
+    assert any(flight and queued for flight, queued in seen[:-1]), seen
+    assert all(seen[-1]), seen  # the oracle's (its default schedule, conservative)
+
+
+def test_oracle_schedules_give_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
+    from finemoe.sim.memory import parse_size
+
+    for gpu_mem in ("12G", "48G"):
+        config = SimConfig(str(mixtral_trace_path), "oracle", PRESETS["rtx3090"],
+                           memory=MemoryConfig(gpu_mem_bytes=parse_size(gpu_mem)),
+                           workload=WorkloadConfig(history_fraction=0.0))
+        trace = load_trace_for(config)
+        for params in CANDIDATES[::3]:
+            ref, fast, _ = _both_oracle(trace, config, params)
+            assert fast.config["engine_path"] == "compiled"
+            assert_same(ref, fast)
 
 
 def test_layerwise_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
@@ -141,5 +208,6 @@ def test_outside_its_rules_the_reference_runs():
     assert path(policy="mixtral-offloading") == "compiled"
     assert path(slots=7) == "reference"  # a layer's 6 experts beside 2 copies on the wire need 8 slots
     assert path(policy="finemoe") == "reference"  # asks the kernel cannot plan (they wait for a search)
+    assert path(policy="oracle") == "compiled"
     assert path(copy_compute_slowdown=2.0) == "reference"  # copies stretch the compute
 

@@ -38,6 +38,7 @@ reports the best (sim/offline.py, docs/bounds.md). The provable side is sim/boun
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,11 +54,27 @@ _NOTHING_QUEUED = {}.get  # `PolicyContext.queued` of an engine without a prefet
 PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first", "deadline")
 
 
+@dataclass(frozen=True)
+class ScheduleState:
+    """Where a candidate schedule stands, for a compiled engine path to go on from
+    (sim/compiled_prefetch.py): its parameters as numbers and what it has learnt of the run."""
+
+    mode: int  # index into PREFETCH_MODES
+    lookahead: int  # layers
+    min_ahead: int
+    scan: int  # accesses read ahead at first (`_prefetches`)
+    next_use: dict  # resident key -> its next use (a position; inf: none) as last set
+    sent: np.ndarray  # per key index, the ask last sent (-1: none)
+    stale: bool  # the view changed since the schedule last read it (`_refresh` is due)
+    layer_s: float | None
+    last_routed: tuple[int, float] | None
+
+
 @register
 class OraclePolicy(Policy):
     name = "oracle"
     is_oracle = True
-    # `_prefetches` reads the plan's arrays in one compiled pass (`_new_asks`) and skips the asks it
+    # `_prefetches` reads the plan's arrays in one compiled pass (`new_asks`) and skips the asks it
     # sent before that the cache cannot have dropped since; the same list as the plain way (False:
     # every first use read with numpy, each one's queue checked), kept as the tests' reference.
     remembers_asks = True
@@ -113,6 +130,16 @@ class OraclePolicy(Policy):
         d["bound"] = f"clairvoyant schedule: Belady eviction, {self.params['prefetch']} prefetch"
         return d
 
+    def state(self) -> ScheduleState:
+        """A snapshot of this schedule's parameters and what it has learnt so far."""
+        J = self.J
+        return ScheduleState(
+            mode=PREFETCH_MODES.index(self.params["prefetch"]), lookahead=self.lookahead,
+            min_ahead=self.params["min_ahead"],
+            scan=min(self.lookahead * J, max(self.L * J, 4 * self.ctx.capacity_slots)),
+            next_use=dict(self.next_use), sent=self._sent.copy(), stale=self.view.version != self._version,
+            layer_s=self.layer_s, last_routed=self._last_routed)
+
     # --- the future --------------------------------------------------------------------------------
     def _refresh(self) -> None:
         if self.view.version != self._version:
@@ -142,7 +169,7 @@ class OraclePolicy(Policy):
         boosted = self._prefill_step
         nearest = max(here + self.params["min_ahead"], (step + 1) * L if boosted else 0)
         # Looking far ahead, no more accesses are read than a few cache-fulls (the rest could not land).
-        scan = min(self.lookahead * J, max(L * J, 4 * self.ctx.capacity_slots))
+        scan = min(self.lookahead * J, max(L * J, 4 * self.ctx.capacity_slots))  # (`state` has it too)
         flag, boost = (1, BOOST) if boosted else (0, 0.0)
         if self._compiled:
             # Only the asks not sent already since the cache last had a reason to drop them (`_sent`):
@@ -150,7 +177,7 @@ class OraclePolicy(Policy):
             pos_a, prev, key_a = self.view.access_arrays
             free = self.ctx.capacity_slots - len(self.resident)
             deadline_layer_s = (self.layer_s or 0.0) if self._deadline else 0.0
-            n = _new_asks(pos_a, prev, key_a, here, scan, limit, nearest, free, self._res, self._sent, J, flag,
+            n = new_asks(pos_a, prev, key_a, here, scan, limit, nearest, free, self._res, self._sent, J, flag,
                           self.ctx.expert_load_s, deadline_layer_s, self._out_pos, self._out_key)
             if n == 0:
                 return []
@@ -308,7 +335,7 @@ class OraclePolicy(Policy):
 
 
 @jit
-def _new_asks(positions, previous, keys, here, scan, limit, nearest, free, resident, sent, num_experts, flag,
+def new_asks(positions, previous, keys, here, scan, limit, nearest, free, resident, sent, num_experts, flag,
               load_s, deadline_layer_s, out_pos, out_key):
     """`_first_uses` and the filter of `_prefetches` (remembering asks) in one pass over the plan's
     access arrays (`PlanView.access_arrays`): the first use of each expert among the `scan`

@@ -1,6 +1,8 @@
 """The engine's compiled path for prefetching policies whose asks depend on the routing alone
 (layer-wise prefetch, Mixtral-Offloading, and ProMoE and MoE-Infinity in offline runs), with LRU or
-LFU victims: the same times and counts as `SimEngine` (sim/engine.py), which stays the reference.
+LFU victims, and for the oracle's candidate schedules (policies/oracle.py: asks read from the plan
+as the cache stands, Belady's victims with its refusals): the same times and counts as `SimEngine`
+(sim/engine.py), which stays the reference.
 
 Why this path exists: with a prefetch queue every layer's copies are SimPy events, and the
 reference spends its time in that machinery (a process resumption, a `Transfer`, dict and heap
@@ -21,7 +23,11 @@ one numba call for the rest of a run:
 A policy joins by giving its asks for a list of planned steps as arrays (`planned_asks`, the
 `PlannedAsks` of policies/asks.py); a property test shows they are what its `on_layer_routed`
 returns, and tests/test_sim_compiled_prefetch.py that both engines give the same results, field
-by field. It takes over at a step boundary once every request has arrived and the timeline's steps
+by field. The oracle's asks depend on the cache, so the kernel plays its hooks itself: at each
+step start and routed layer `new_asks` (the function its Python side calls) over the plan's
+arrays, less those on the wire or queued as the same ask; at each hit and landing the expert's
+next use; at each eviction Belady's victim from a heap of next uses, refused for a prefetch as
+`OraclePolicy.choose_victim` refuses it. It takes over at a step boundary once every request has arrived and the timeline's steps
 are done, with the reference's queue, copies on the wire, pins and victim order as its start state.
 """
 
@@ -31,23 +37,33 @@ import numpy as np
 
 from finemoe.jit import jit as _jit
 from finemoe.jit import numba
+from finemoe.policies.asks import AskBuilder
 from finemoe.policies.caches import LFUCounts
+from finemoe.policies.oracle import BOOST, new_asks
 from finemoe.sim.compiled import StepPlanner, load_order, victim, victim_order, wire_end
 from finemoe.sim.costs import TICKS_PER_S
 
 _S = 1.0 / TICKS_PER_S
 warm = False  # the kernel has run in this process: numba is imported and its machine code loaded
 
-# Per-key fields of the int64 `keys` table (row = field, column = layer * J + expert).
-RES, STAMP, PIN, FLIGHT, LEND, LORD, UNUSED, QSEQ, QSTEP, QLAYER, DEMAND, COUNT = range(12)
-N_KEY_FIELDS = 12
+# Per-key fields of the int64 `keys` table (row = field, column = layer * J + expert); the last
+# three are the oracle's: the next use it last set, the ask it last sent, where `_next_use` reads.
+RES, STAMP, PIN, FLIGHT, LEND, LORD, UNUSED, QSEQ, QSTEP, QLAYER, DEMAND, COUNT, NEXT_USE, SENT, USE_AT = range(15)
+N_KEY_FIELDS = 15
 # Scalars of the int64 `st` array.
 (N_RES, N_FLIGHT, N_QUEUED, WIRE_FREE, CLOCK, SLEEPING, ORDER, SEQ, POS_STEP, POS_LAYER, STALLED, WAITED_LOADED,
  LOADED_PENDING, LOADED_END, LOADED_ORD, HEAP_N, UNPIN_HEAD, UNPIN_TAIL, DQ_HEAD, DQ_TAIL, NOW, ONDEMAND, ISSUED,
- STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR) = range(29)
-N_STATE = 29
-# Parameters of the int64 `par` array.
-CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS, LFU = range(8)
+ STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR, USES_N, STALE, LAST_HERE, HAS_LAYER_S) = range(33)
+N_STATE = 33
+# Parameters of the int64 `par` array (the last six: the oracle's, `ORACLE` 0 for any other policy).
+(CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS, LFU, ORACLE, MODE, LOOKAHEAD, MIN_AHEAD,
+ SCAN, NUM_LAYERS) = range(14)
+# The oracle's float64 `fpar`: a copy's load time, the shortest layer interval seen, the last routing's time.
+LOAD_S, LAYER_S, LAST_NOW = range(3)
+# `par[MODE]`: the index into policies/oracle.py's PREFETCH_MODES.
+NONE, CONSERVATIVE, AGGRESSIVE, DECODE_FIRST, DEADLINE = range(5)
+NEVER = 1 << 62  # a next use that never comes (the oracle's inf)
+NO_ROUTING = -(1 << 62)  # `LAST_HERE` before the first routing
 DEADLOCK, BLOCKED = 1, 2  # error codes: the reference raises there, or would wait for a pin's release
 LANDED, LOADED = 1, 2  # kinds of event `_next_event` handles
 
@@ -137,16 +153,198 @@ def _apply_unpins(u_t, u_k, keys, st, now_s):
     st[UNPIN_HEAD] = h
 
 
+# --- the oracle's schedules (policies/oracle.py's `OraclePolicy`) ---------------------------------
+# `orc` = (fpar, uses, starts, positions): its floats, its heap of residents by next use (rows 0-1:
+# next use and key; rows 2-3 room for the entries set aside while a victim is sought), and every
+# key's access positions in the plan (`PlanView.per_key_positions`).
+
+
 @_jit
-def _evict(keys, st, lfu):
-    """Evict the policy's victim (sim/compiled.py's `victim`, `_evict_for`); -1 when none."""
-    best = victim(keys[RES], keys[STAMP], keys[COUNT], keys[PIN], lfu)
+def _here(st, par):
+    """The position the schedule stands at: step x layers + layer."""
+    return st[POS_STEP] * par[NUM_LAYERS] + st[POS_LAYER]
+
+
+@_jit
+def _next_use(keys, orc, key, here):
+    """`PlanView.next_use`: the key's first access after `here` (NEVER: none). Positions only grow,
+    so each key's read point (`USE_AT`) only moves forward."""
+    starts, positions = orc[2], orc[3]
+    i, end = keys[USE_AT, key], starts[key + 1]
+    while i < end and positions[i] <= here:
+        i += 1
+    keys[USE_AT, key] = i
+    return positions[i] if i < end else NEVER
+
+
+@_jit
+def _uses_before(uses, a, b):
+    """Entry a before entry b: the later next use first, then the lower key (`(-next use, key)`)."""
+    return uses[0, a] > uses[0, b] or (uses[0, a] == uses[0, b] and uses[1, a] < uses[1, b])
+
+
+@_jit
+def _uses_swap(uses, a, b):
+    for r in range(2):
+        uses[r, a], uses[r, b] = uses[r, b], uses[r, a]
+
+
+@_jit
+def _uses_down(uses, i, n):
+    while True:
+        first, left, right = i, 2 * i + 1, 2 * i + 2
+        if left < n and _uses_before(uses, left, first):
+            first = left
+        if right < n and _uses_before(uses, right, first):
+            first = right
+        if first == i:
+            return
+        _uses_swap(uses, i, first)
+        i = first
+
+
+@_jit
+def _uses_push(keys, st, uses, use, key):
+    """Push (use, key); a full heap first keeps only its live entries (one per resident)."""
+    n = st[USES_N]
+    if n == uses.shape[1]:
+        seen = np.zeros(keys.shape[1], np.bool_)
+        m = 0
+        for i in range(n):
+            k = uses[1, i]
+            if keys[RES, k] and keys[NEXT_USE, k] == uses[0, i] and not seen[k]:
+                seen[k] = True
+                uses[0, m], uses[1, m] = uses[0, i], k
+                m += 1
+        n = m
+        for i in range(n // 2 - 1, -1, -1):
+            _uses_down(uses, i, n)
+    uses[0, n], uses[1, n] = use, key
+    st[USES_N] = n + 1
+    while n > 0:
+        parent = (n - 1) // 2
+        if not _uses_before(uses, n, parent):
+            break
+        _uses_swap(uses, n, parent)
+        n = parent
+
+
+@_jit
+def _uses_pop(uses, st):
+    n = st[USES_N] - 1
+    _uses_swap(uses, 0, n)
+    _uses_down(uses, 0, n)
+    st[USES_N] = n
+
+
+@_jit
+def _set_next(keys, st, par, orc, key):
+    """`OraclePolicy._set_next`: the key's next use after where the schedule stands."""
+    use = _next_use(keys, orc, key, _here(st, par))
+    keys[NEXT_USE, key] = use
+    _uses_push(keys, st, orc[1], use, key)
+
+
+@_jit
+def _refresh(keys, st, par, orc):
+    """`OraclePolicy._refresh`, where the view changed before the handover and the schedule has not
+    read it since: every ask forgotten, every resident's next use read anew."""
+    if st[STALE]:
+        st[STALE] = 0
+        keys[SENT, :] = -1
+        st[USES_N] = 0
+        for k in range(keys.shape[1]):
+            if keys[RES, k]:
+                _set_next(keys, st, par, orc, k)
+
+
+@_jit
+def _farthest(keys, st, orc):
+    """`OraclePolicy._scan_victim`: the unpinned resident needed farthest ahead (lowest key among
+    equals), or -1; stale entries leave the heap, pinned ones go back."""
+    uses = orc[1]
+    aside = 0
+    found = -1
+    while st[USES_N] > 0:
+        use, k = uses[0, 0], uses[1, 0]
+        live = keys[RES, k] and keys[NEXT_USE, k] == use
+        if live and keys[PIN, k] == 0:
+            found = k
+            break
+        _uses_pop(uses, st)
+        if live:
+            uses[2, aside], uses[3, aside] = use, k
+            aside += 1
+    for i in range(aside):
+        _uses_push(keys, st, uses, uses[2, i], uses[3, i])
+    return found
+
+
+@_jit
+def _oracle_victim(keys, st, par, orc, pf_key, pf_step, pf_layer):
+    """`OraclePolicy.choose_victim` for an on-demand load (pf_key -1) or a prefetch: Belady's victim;
+    for a prefetch none unless the victim is needed later than the expert it brings and, for the
+    conservative schedule, unless the copy lands in time at the shortest layer interval seen."""
+    _refresh(keys, st, par, orc)
+    found = _farthest(keys, st, orc)
+    if found >= 0 and pf_key >= 0:
+        here = _here(st, par)
+        if keys[NEXT_USE, found] <= _next_use(keys, orc, pf_key, here):
+            found = -1
+        elif par[MODE] == CONSERVATIVE:
+            layer_s = orc[0][LAYER_S] if st[HAS_LAYER_S] else 0.0
+            if orc[0][LOAD_S] > (pf_step * par[NUM_LAYERS] + pf_layer - here) * layer_s:
+                found = -1
+    if found < 0 and pf_key >= 0:
+        keys[SENT, pf_key] = -1  # the cache drops it: it may be asked for again
+    return found
+
+
+@_jit
+def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_pos, out_key, step, boosted):
+    """`OraclePolicy._prefetches` where the schedule stands (its compiled way, `new_asks`), less
+    those on the wire or queued as this very ask (`_asks_for`): written to out_pos/out_key, their
+    count returned."""
+    _refresh(keys, st, par, orc)
+    L, J = par[NUM_LAYERS], par[NUM_EXPERTS]
+    here = _here(st, par)
+    nearest = here + par[MIN_AHEAD]
+    if boosted and (step + 1) * L > nearest:
+        nearest = (step + 1) * L
+    flag, boost = (1, BOOST) if boosted else (0, 0.0)
+    layer_s = orc[0][LAYER_S] if st[HAS_LAYER_S] else 0.0
+    n = new_asks(view_pos, view_prev, view_key, here, par[SCAN], here + par[LOOKAHEAD], nearest,
+                 par[CAPACITY] - st[N_RES], keys[RES], keys[SENT], J, flag, orc[0][LOAD_S],
+                 layer_s if par[MODE] == DEADLINE else 0.0, out_pos, out_key)
+    m = 0
+    for i in range(n):
+        p, k = out_pos[i], out_key[i]
+        if keys[FLIGHT, k]:
+            continue
+        if (keys[QSEQ, k] >= 0 and keys[QSTEP, k] * L + keys[QLAYER, k] == p
+                and qprio[k] == float(-p) + boost):
+            continue  # still waiting in the queue
+        out_pos[m], out_key[m] = p, k
+        m += 1
+    return m
+
+
+@_jit
+def _evict(keys, st, par, orc, pf_key, pf_step, pf_layer):
+    """Evict the policy's victim for an on-demand load (pf_key -1) or a prefetch (sim/compiled.py's
+    `victim`, or the oracle's; `_evict_for`); -1 when none."""
+    if par[ORACLE]:
+        best = _oracle_victim(keys, st, par, orc, pf_key, pf_step, pf_layer)
+    else:
+        best = victim(keys[RES], keys[STAMP], keys[COUNT], keys[PIN], par[LFU])
     if best >= 0:
         keys[RES, best] = 0
         st[N_RES] -= 1
         if keys[UNUSED, best]:
             keys[UNUSED, best] = 0
             st[UNUSED_EVICTED] += 1
+        if par[ORACLE]:
+            keys[SENT, best] = -1  # `on_evicted`
     return best
 
 
@@ -157,11 +355,11 @@ def _has_work(st):
 
 
 @_jit
-def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now):
+def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, now):
     """`ExpertCache.next_transfer` at tick `now`: the key of the copy started (its slot made), or -1."""
     _apply_unpins(u_t, u_k, keys, st, now * _S)
     if st[DQ_HEAD] < st[DQ_TAIL]:
-        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par[LFU]) < 0:
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, -1, 0, 0) < 0:
             st[ERROR] = BLOCKED  # the reference's copy engine would wait for a pin's release
             return -1
         key = dq[st[DQ_HEAD]]
@@ -181,7 +379,7 @@ def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now):
         if step < st[POS_STEP] or (step == st[POS_STEP] and layer <= st[POS_LAYER]):
             st[DROPPED] += 1
             continue
-        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par[LFU]) < 0:
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, key, step, layer) < 0:
             st[DROPPED] += 1
             continue
         keys[FLIGHT, key] = 1
@@ -205,10 +403,10 @@ def _start(keys, fl, st, par, key, at, handed):
 
 
 @_jit
-def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t):
+def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t):
     """Hand queued copies to sleeping copy engines at tick `t` (`SimEngine._wake_at`)."""
     while st[SLEEPING] > 0 and _has_work(st):
-        key = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, t)
+        key = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, t)
         if key < 0:
             return
         st[SLEEPING] -= 1
@@ -232,7 +430,7 @@ def _first_event(keys, fl, st):
 
 
 @_jit
-def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par):
+def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc):
     """Handle the next event as SimPy would; returns (kind, key landed or -1), kind 0: none due."""
     now, _, i = _first_event(keys, fl, st)
     if now < 0:
@@ -250,30 +448,57 @@ def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par):
     st[N_RES] += 1
     st[CLOCK] += 1
     keys[STAMP, key] = st[CLOCK]
+    if par[ORACLE]:
+        _set_next(keys, st, par, orc, key)  # `on_loaded`
     if st[WAITED_LOADED]:  # `_loaded.succeed()`: the first wakes the compute, later ones nobody
         if not st[LOADED_PENDING]:
             st[LOADED_PENDING] = 1
             st[LOADED_END] = now
             st[LOADED_ORD] = st[ORDER]
         st[ORDER] += 1
-    nxt = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, now)
+    nxt = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, now)
     if nxt < 0:
         st[SLEEPING] += 1
     else:
         _start(keys, fl, st, par, nxt, now, False)
         if st[SLEEPING] > 0 and _has_work(st):
-            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, now)
+            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, now)
     return LANDED, key
 
 
 @_jit
-def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t):
+def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t):
     """`SimEngine._sync(t)`: every event due by tick `t` (those it schedules by then too)."""
     while True:
         first, _, _ = _first_event(keys, fl, st)
         if first < 0 or first > t:
             return
-        _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par)
+        _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc)
+
+
+@_jit
+def _add_prefetch(keys, qprio, hf, hi, st, step, layer, key, p):
+    """One ask of `ExpertCache.add_prefetches` (expert `key` by `layer` of `step`, priority `p`);
+    returns 1 when it is newly accepted, else 0. The caller adds its count to `ISSUED`."""
+    if keys[RES, key] or keys[FLIGHT, key] or keys[DEMAND, key]:
+        return 0
+    if step < st[POS_STEP] or (step == st[POS_STEP] and layer <= st[POS_LAYER]):
+        return 0
+    accepted = 0
+    if keys[QSEQ, key] >= 0:
+        qs, ql = keys[QSTEP, key], keys[QLAYER, key]
+        if (qs > st[POS_STEP] or (qs == st[POS_STEP] and ql > st[POS_LAYER])) and qprio[key] >= p:
+            return 0
+    else:
+        accepted = 1
+        st[N_QUEUED] += 1
+    st[SEQ] += 1
+    keys[QSEQ, key] = st[SEQ]
+    keys[QSTEP, key] = step
+    keys[QLAYER, key] = layer
+    qprio[key] = p
+    _heap_push(hf, hi, keys, st, -p, step, layer, st[SEQ], key)
+    return accepted
 
 
 @_jit
@@ -282,25 +507,20 @@ def _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio, lo, hi
     accepted = 0
     for a in range(lo, hi_):
         layer = g_layers[a]
-        key = layer * num_experts + g_experts[a]
-        if keys[RES, key] or keys[FLIGHT, key] or keys[DEMAND, key]:
-            continue
-        if step < st[POS_STEP] or (step == st[POS_STEP] and layer <= st[POS_LAYER]):
-            continue
-        p = g_prio[a]
-        if keys[QSEQ, key] >= 0:
-            qs, ql = keys[QSTEP, key], keys[QLAYER, key]
-            if (qs > st[POS_STEP] or (qs == st[POS_STEP] and ql > st[POS_LAYER])) and qprio[key] >= p:
-                continue
-        else:
-            accepted += 1
-            st[N_QUEUED] += 1
-        st[SEQ] += 1
-        keys[QSEQ, key] = st[SEQ]
-        keys[QSTEP, key] = step
-        keys[QLAYER, key] = layer
-        qprio[key] = p
-        _heap_push(hf, hi, keys, st, -p, step, layer, st[SEQ], key)
+        accepted += _add_prefetch(keys, qprio, hf, hi, st, step, layer, layer * num_experts + g_experts[a], g_prio[a])
+    st[ISSUED] += accepted
+    return accepted
+
+
+@_jit
+def _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n, boost):
+    """`ExpertCache.add_prefetches` for the oracle's n asks (`_oracle_asks`, priorities -position +
+    `boost`); returns how many were new."""
+    L, J = par[NUM_LAYERS], par[NUM_EXPERTS]
+    accepted = 0
+    for i in range(n):
+        p, k = out_pos[i], out_key[i]
+        accepted += _add_prefetch(keys, qprio, hf, hi, st, p // L, k // J, k, float(-p) + boost)
     st[ISSUED] += accepted
     return accepted
 
@@ -327,18 +547,25 @@ def _queue_unpin(u_t, u_k, st, at_s, key):
 @_jit
 def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, multi_ticks, dense, first_step,
                        wants_step, g_lo, g_hi, g_step, g_layers, g_experts, g_prio, t, ends, keys, qprio, hf, hi, fl,
-                       u_t, u_k, st, par, hits, misses):
+                       u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, prefill):
     """The reference's general path over a fixed sequence of steps: step s is trace row `rows[s]`
     alone or, where rows[s] < 0, prepared step `multi[s]`; its asks at the step's start (hook 0)
     and after layer l's routing (hook l + 1) are a in [g_lo[s, h], g_hi[s, h]): expert g_experts[a]
-    of layer g_layers[a] for step g_step[s, h], at priority g_prio[a]. Each step's end clock goes to
-    `ends[s]`. Returns (clock, ticks stalled, the failing step or -1)."""
+    of layer g_layers[a] for step g_step[s, h], at priority g_prio[a]. With `par[ORACLE]` the asks
+    and victims are instead the oracle's, from its plan (`orc`; view_* are `PlanView.access_arrays`;
+    `prefill[s]`: step s runs a prefill). Each step's end clock goes to `ends[s]`. Returns (clock,
+    ticks stalled, the failing step or -1)."""
     num_layers = one_tick.shape[0]
     J = par[NUM_EXPERTS]
     room = max(J, one_tick.shape[1])
     dq = np.empty(room, np.int64)
     pending = np.empty(room, np.int64)
     pend_ticks = np.empty(room, np.int64)
+    oracle = par[ORACLE] != 0
+    asks_oracle = oracle and par[MODE] != NONE
+    out_pos = np.empty(keys.shape[1], np.int64)  # the oracle's asks: at most one per key
+    out_key = np.empty(keys.shape[1], np.int64)
+    fpar = orc[0]
     stall = 0
     for s in range(rows.shape[0]):
         step = first_step + s
@@ -348,15 +575,36 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
             experts, ticks = multi_experts[multi[s]], multi_ticks[multi[s]]
         width = experts.shape[1]
         st[POS_STEP], st[POS_LAYER] = step, -1
+        boosted = par[MODE] == DECODE_FIRST and prefill[s] != 0
+        boost = BOOST if boosted else 0.0
         if wants_step:
-            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
-            if g_hi[s, 0] > g_lo[s, 0] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
-                                                           g_lo[s, 0], g_hi[s, 0], g_step[s, 0], J):
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+            if asks_oracle:
+                n_asks = _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_pos, out_key,
+                                      step, boosted)
+                if n_asks and _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n_asks, boost):
+                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+            elif g_hi[s, 0] > g_lo[s, 0] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
+                                                             g_lo[s, 0], g_hi[s, 0], g_step[s, 0], J):
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
         for layer in range(num_layers):
             t += dense[s]
-            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
             st[POS_LAYER] = layer
+            n_asks = 0
+            if oracle:  # `on_layer_routed`: the shortest layer interval, then the asks
+                here = step * num_layers + layer
+                now_s = t * _S
+                if st[LAST_HERE] == here - 1:
+                    dt = now_s - fpar[LAST_NOW]
+                    if not st[HAS_LAYER_S] or dt < fpar[LAYER_S]:
+                        fpar[LAYER_S] = dt
+                    st[HAS_LAYER_S] = 1
+                st[LAST_HERE] = here
+                fpar[LAST_NOW] = now_s
+                if asks_oracle:
+                    n_asks = _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_pos,
+                                          out_key, step, boosted)
             # The accesses (`access_layer`), in expert order; the misses queue as on-demand loads.
             st[DQ_HEAD] = st[DQ_TAIL] = 0
             n = k = 0
@@ -374,6 +622,8 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                         st[IN_TIME] += 1
                     st[CLOCK] += 1  # a touch: last in LRU order (in LFU's, of its new count)
                     keys[STAMP, key] = st[CLOCK]
+                    if oracle:
+                        _set_next(keys, st, par, orc, key)  # `on_access` of a resident
                     continue
                 if keys[UNUSED, key]:  # on the wire: a late prefetch
                     keys[UNUSED, key] = 0
@@ -392,9 +642,12 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
             hits[layer] += n - k
             misses[layer] += k
             h = layer + 1
-            if g_hi[s, h] > g_lo[s, h] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
-                                                           g_lo[s, h], g_hi[s, h], g_step[s, h], J):
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+            if asks_oracle:
+                if n_asks and _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n_asks, boost):
+                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+            elif g_hi[s, h] > g_lo[s, h] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
+                                                             g_lo[s, h], g_hi[s, h], g_step[s, h], J):
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
             if k == 0 and st[N_FLIGHT] == 0 and st[N_QUEUED] == 0:
                 for i in range(width):  # nothing can happen on the link: back to back, no pins
                     if experts[layer, i] >= 0:
@@ -404,7 +657,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 if experts[layer, i] >= 0:
                     keys[PIN, layer * J + experts[layer, i]] += 1
             if k > 0:
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
                 t += par[MISS_TICKS] * k
             for i in range(width):  # resident experts first, in expert order
                 e = experts[layer, i]
@@ -421,7 +674,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 u_t, u_k = _queue_unpin(u_t, u_k, st, t * _S, key)
             left = k  # `_await_misses`: pending[:left], in miss order
             while left > 0:
-                _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+                _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
                 if st[ERROR]:
                     return t, stall, s
                 ready = 0
@@ -438,7 +691,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     if first >= 0:  # until its copy lands (its engine handles the landing first)
                         target = keys[LORD, first]
                         while True:
-                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par)
+                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc)
                             if kind == 0 or st[ERROR]:
                                 break
                             if kind == LANDED and landed == first and keys[LORD, first] == target:
@@ -446,7 +699,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     else:  # until any copy lands
                         st[WAITED_LOADED] = 1
                         while True:
-                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par)
+                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc)
                             if kind == 0 or kind == LOADED or st[ERROR]:
                                 break
                         st[WAITED_LOADED] = 0
@@ -470,7 +723,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                         m2 += 1
                 left = m2
         ends[s] = t
-    _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, t)
+    _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
     return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1)
 
 
@@ -485,18 +738,32 @@ def _policies() -> tuple[type, ...]:
     return (LayerwisePolicy, MixtralOffloading, ProMoE, MoEInfinity)
 
 
+def _is_oracle(policy) -> bool:
+    """Whether `policy` is one of the oracle's candidate schedules reading the engine's plan the
+    compiled way (`OraclePolicy.remembers_asks`), which `run_prefetch_steps` plays itself."""
+    from finemoe.policies.oracle import OraclePolicy
+
+    return type(policy) is OraclePolicy and policy._compiled
+
+
 def supports(engine) -> bool:
     """Whether a `SimEngine` as built runs, once every request has arrived, only what
     `run_prefetch_steps` reproduces: a policy of `_policies` that can plan its asks for this run
-    (offline: no finished request changes them), no compute stretch, no CPU side, SSD tier or low
-    precision, one shared pool, and slots for a layer's experts next to the copies on the wire (so
-    no on-demand load ever waits for a pin's release, the one state the kernel does not play)."""
+    (offline: no finished request changes them) or an oracle schedule, no compute stretch, no CPU
+    side, SSD tier or low precision, one shared pool, and slots for a layer's experts next to the
+    copies on the wire (so no on-demand load ever waits for a pin's release, the one state the
+    kernel does not play)."""
     policy, cache = engine.policy, engine.cache
-    if type(policy) not in _policies() or numba is None:
+    if numba is None:
         return False
-    return (policy.plans_asks() and not (engine.online and engine._wants_finished) and engine.fast_path
-            and engine.slowdown == 1.0 and not engine._cpu_exec and cache.layer_capacity is None
-            and cache.capacity >= engine.J + engine.copy_engines)
+    if _is_oracle(policy):
+        planned = True
+    elif type(policy) in _policies():
+        planned = policy.plans_asks() and not (engine.online and engine._wants_finished)
+    else:
+        return False
+    return (planned and engine.fast_path and engine.slowdown == 1.0 and not engine._cpu_exec
+            and cache.layer_capacity is None and cache.capacity >= engine.J + engine.copy_engines)
 
 
 class CompiledPrefetchSteps:
@@ -508,6 +775,7 @@ class CompiledPrefetchSteps:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.planner = StepPlanner(engine)
+        self.oracle = _is_oracle(engine.policy)
 
     def can_take_over(self, t: int) -> bool:
         """At this step boundary (compute clock `t`): every request arrived, no prediction waiting
@@ -517,6 +785,8 @@ class CompiledPrefetchSteps:
         last = eng.batcher.last_arrival()
         if (last is not None and last > t) or eng._releases or eng.cache.blocked or not all(w[1] for w in eng._sleeping):
             return False
+        if self.oracle and not eng._scripted and eng.batcher.arrived_count(t) != eng._planned_known:
+            return False  # the oracle's plan is rebuilt at the next step's start, with the last arrivals
         timeline = eng.rec.timeline_steps
         return all(tr is None or tr.prefetch is None or tr.prefetch.step >= timeline
                    for tr in eng.cache.in_flight.values())
@@ -530,9 +800,11 @@ class CompiledPrefetchSteps:
         keys[QSEQ] = -1
         qprio = np.zeros(n, np.float64)
         st = np.zeros(N_STATE, np.int64)
-        order = victim_order(eng.policy)
-        lfu = isinstance(order, LFUCounts)
-        st[CLOCK] = load_order(order, J, keys[STAMP], keys[COUNT])
+        lfu = False
+        if not self.oracle:  # (the oracle's victims go by next use: `_oracle_state`)
+            order = victim_order(eng.policy)
+            lfu = isinstance(order, LFUCounts)
+            st[CLOCK] = load_order(order, J, keys[STAMP], keys[COUNT])
         for layer, e in cache.resident:
             keys[RES, layer * J + e] = 1
         st[N_RES] = len(cache.resident)
@@ -571,8 +843,38 @@ class CompiledPrefetchSteps:
         st[SLEEPING] = len(eng._sleeping)
         st[POS_STEP], st[POS_LAYER] = cache.position
         par = np.array([cache.capacity, J, eng.busy_latency_ticks, eng.latency_ticks, eng.busy_wire_ticks,
-                        eng.wire_ticks, eng.miss_ticks, lfu], np.int64)
-        return keys, qprio, hf, hi, fl, u_t, u_k, st, par
+                        eng.wire_ticks, eng.miss_ticks, lfu, 0, 0, 0, 0, 0, eng.L], np.int64)
+        orc = self._oracle_state(keys, st, par)
+        return keys, qprio, hf, hi, fl, u_t, u_k, st, par, orc
+
+    def _oracle_state(self, keys: np.ndarray, st: np.ndarray, par: np.ndarray):
+        """The oracle's part of the kernel's state (`orc`, its next uses, asks sent and what it saw
+        of the layer times, into keys/st/par): an empty stand-in for any other policy."""
+        eng = self.engine
+        fpar = np.zeros(3, np.float64)
+        if not self.oracle:
+            return fpar, np.zeros((4, 1), np.int64), np.zeros(keys.shape[1] + 1, np.int64), np.zeros(0, np.int64)
+        sched = eng.policy.state()
+        J = eng.J
+        par[ORACLE], par[MODE], par[LOOKAHEAD], par[MIN_AHEAD], par[SCAN] = (
+            1, sched.mode, sched.lookahead, sched.min_ahead, sched.scan)
+        fpar[LOAD_S] = eng.policy.ctx.expert_load_s
+        if sched.layer_s is not None:
+            fpar[LAYER_S], st[HAS_LAYER_S] = sched.layer_s, 1
+        st[LAST_HERE], fpar[LAST_NOW] = sched.last_routed if sched.last_routed is not None else (NO_ROUTING, 0.0)
+        st[STALE] = sched.stale
+        keys[SENT] = sched.sent
+        starts, positions = eng.oracle.per_key_positions()
+        keys[USE_AT] = starts[:-1]
+        uses = np.zeros((4, 2 * keys.shape[1] + 16), np.int64)
+        for (layer, e), use in sched.next_use.items():
+            key = layer * J + e
+            keys[NEXT_USE, key] = NEVER if use == float("inf") else int(use)
+            uses[0, st[USES_N]], uses[1, st[USES_N]] = keys[NEXT_USE, key], key
+            st[USES_N] += 1
+        for i in range(st[USES_N] // 2 - 1, -1, -1):
+            _uses_down(uses, i, st[USES_N])
+        return fpar, uses, starts, positions
 
     def run(self, t: int, stall: int, first_seen: set[int]) -> tuple[int, int]:
         """Every remaining step from compute clock `t`; returns the clock at the end and the stall
@@ -581,11 +883,19 @@ class CompiledPrefetchSteps:
         global warm
         warm = True
         eng = self.engine
-        keys, qprio, hf, hi, fl, u_t, u_k, st, par = self._state(t)
+        keys, qprio, hf, hi, fl, u_t, u_k, st, par, orc = self._state(t)
         eng.cache.abandon_queues()
         planner = self.planner
         steps, rows, multi, dense, tokens, multi_experts, multi_ticks = planner.plan(t)
-        asks = eng.policy.planned_asks(eng.trace, [seqs for seqs, _ in steps], eng.step)
+        seqs_of = [seqs for seqs, _ in steps]
+        if self.oracle:  # its asks come from its plan as the kernel goes
+            asks = AskBuilder(len(steps), eng.L, eng.step).build(wants_step=True)  # none planned
+            view_pos, view_prev, view_key = eng.oracle.access_arrays
+            eng.policy.observed_steps.extend(seqs_of)
+        else:
+            asks = eng.policy.planned_asks(eng.trace, seqs_of, eng.step)
+            view_pos = view_prev = view_key = np.zeros(0, np.int64)
+        prefill = np.array([any(q.is_prefill for q in seqs) for seqs in seqs_of], np.int64)
         rec = eng.rec
         hits = np.array(rec.hits, np.int64)
         misses = np.array(rec.misses, np.int64)
@@ -593,7 +903,7 @@ class CompiledPrefetchSteps:
         t, waited, failed = run_prefetch_steps(
             rows, multi, planner.rows(), planner.one_tick, multi_experts, multi_ticks, dense, eng.step,
             asks.wants_step, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, t, ends, keys,
-            qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses)
+            qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, prefill)
         rec.hits = [int(h) for h in hits]
         rec.misses = [int(m) for m in misses]
         rec.ondemand_loads += int(st[ONDEMAND])

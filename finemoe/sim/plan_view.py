@@ -133,6 +133,16 @@ class PlanView(OracleView):
         the first uses takes (policies/oracle.py)."""
         return self._pos_arr, self._prev, self._key_arr
 
+    def per_key_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every key's access positions, ascending, as one array with offsets: key k's are
+        positions[starts[k]:starts[k + 1]] (what `next_use` bisects, for a compiled reader)."""
+        n = self.L * self.J
+        order = np.argsort(self._key_arr, kind="stable")
+        counts = np.bincount(self._key_arr, minlength=n) if order.size else np.zeros(n, np.int64)
+        starts = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=starts[1:])
+        return starts, np.ascontiguousarray(self._pos_arr[order], dtype=np.int64)
+
     def entries(self) -> list[tuple[int, int, int]]:
         """Every access as (step, layer, expert), in order."""
         if self._entries is None:
