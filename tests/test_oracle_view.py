@@ -69,3 +69,39 @@ def test_the_gathered_plan_equals_the_plain_loop(L, J, batch, seed, base_step, m
                 for lay in range(L):
                     later = [s * L + x for s, x, y in entries if (x, y) == (lay, e) and s * L + x > here]
                     assert view.next_use((lay, e), (step, layer)) == (float(later[0]) if later else float("inf"))
+
+
+def test_a_shared_plan_answers_as_one_built_anew_and_a_changed_batcher_gets_its_own():
+    """`rebuild_shared`: the candidate runs of one workload share a plan (built once), and the
+    batcher's `plan_key` tells workloads apart (one step further, one batch size more)."""
+    L, J = 3, 5
+    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=2), num_requests=4,
+                            prompt_tokens=(1, 3), generated_tokens=(2, 5), seed=3)
+    ids = tuple(r.request_id for r in trace.requests)
+    info = lambda q: iter_info(trace, q.start, q.stop)  # noqa: E731
+    built = []
+
+    def shared(batcher, step=0):
+        view = PlanView(L, J)
+        view.rebuild_shared(("test", trace.content_hash(), batcher.plan_key()), step,
+                            lambda: built.append(1) or batcher.plan(), info, trace.experts)
+        return view
+
+    first, again = shared(build_batcher(trace, ids, [0] * 4, 2)), shared(build_batcher(trace, ids, [0] * 4, 2))
+    assert len(built) == 1 and again.version == 1
+    anew = PlanView(L, J)
+    anew.rebuild(0, build_batcher(trace, ids, [0] * 4, 2).plan(), info, trace.experts)
+    for view in (first, again):
+        assert all(a.tolist() == b.tolist() for a, b in zip(view.access_arrays, anew.access_arrays, strict=True))
+        assert all(a.tolist() == b.tolist()
+                   for a, b in zip(view.per_key_positions(), anew.per_key_positions(), strict=True))
+        assert view.entries() == anew.entries()
+        assert all(view.next_use((layer, e), (s, -1)) == anew.next_use((layer, e), (s, -1))
+                   for layer in range(L) for e in range(J) for s in range(6))
+    wider = build_batcher(trace, ids, [0] * 4, 3)
+    shared(wider)
+    later = build_batcher(trace, ids, [0] * 4, 2)
+    later.next_step(0)
+    later.finish_step()
+    shared(later, step=1)
+    assert len(built) == 3

@@ -354,6 +354,8 @@ def new_asks(positions, previous, keys, here, scan, limit, nearest, free, reside
         for i in range(i0, i1):
             if previous[i] < i0 and not resident[keys[i]]:
                 absent += 1
+                if absent >= free:
+                    break  # (enough to fill the free slots: the count need go no further)
         if absent >= free:
             break
         scan *= 2

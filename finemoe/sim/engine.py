@@ -646,7 +646,8 @@ class SimEngine:
         known = self.batcher.arrived_count(now)
         if known != self._planned_known:
             self._planned_known = known
-            self.oracle.rebuild(self.step, self.batcher.plan(now), self.info, self.trace.experts)
+            self.oracle.rebuild_shared((self.trace.content_hash(), self.batcher.plan_key(now)), self.step,
+                                       lambda: self.batcher.plan(now), self.info, self.trace.experts)
 
     # --- processes -------------------------------------------------------------------------------
     def _copier(self, index: int):

@@ -13,6 +13,7 @@ loop it must equal (tests/test_oracle_view.py).
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -80,30 +81,10 @@ def plan_accesses(base_step: int, steps: list[tuple[Sequence, ...]], info: Calla
     return tuple(np.concatenate([c[j] for c in chunks]) for j in range(3))
 
 
-class PlanView(OracleView):
-    """`OracleView` over the accesses of a plan (`rebuild`); `version` counts the rebuilds, so
-    policies can refresh what they derived from it."""
+class _Plan:
+    """One plan's accesses, built once and never changed (so candidate runs can share it)."""
 
-    def __init__(self, num_layers: int, num_experts: int) -> None:
-        self.L = self.num_layers = num_layers
-        self.J = num_experts
-        self._per_key: dict[tuple[int, int], list[int]] = {}  # key -> positions of its accesses, ascending
-        self._pos: list[int] = []  # per access: its position (what bisect reads)
-        self._steps = self._layers = self._experts = _NONE
-        self._entries: list[tuple[int, int, int]] | None = []  # (step, layer, expert) per access, made when asked
-        self._prev = _NONE  # per access: the index of its expert's previous access (-1: none)
-        self._pos_arr = self._key_arr = _NONE  # per access: its position, its key
-        self.version = 0
-
-    def rebuild(self, base_step: int, steps: list[tuple[Sequence, ...]], info: Callable,
-                experts: np.ndarray | None = None) -> None:
-        """The future is `steps`, the first of them step `base_step`; `info(seq)` gives a sequence's
-        iteration (sim/engine.py's `iter_info`), `experts` the trace's expert table, if given."""
-        L, J = self.L, self.J
-        if experts is None:
-            s, layer, e = plan_accesses_reference(base_step, steps, info, L)
-        else:
-            s, layer, e = plan_accesses(base_step, steps, info, L, experts)
+    def __init__(self, L: int, J: int, s: np.ndarray, layer: np.ndarray, e: np.ndarray) -> None:
         pos, key = s * L + layer, layer * J + e
         order = np.argsort(key, kind="stable")  # each key's accesses together, in plan order
         sorted_key = key[order]
@@ -114,73 +95,119 @@ class PlanView(OracleView):
         prev = np.empty_like(prev_sorted)
         prev[order] = prev_sorted
         per_key: dict[tuple[int, int], list[int]] = {}
-        sorted_pos = pos[order].tolist()
+        sorted_pos = pos[order]
+        sorted_list = sorted_pos.tolist()
         bounds = [0, *(np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1).tolist(), order.size]
         for a, b in zip(bounds[:-1], bounds[1:]):  # noqa: B905 (one longer by construction)
             if b > a:
                 k = int(sorted_key[a])
-                per_key[(k // J, k % J)] = sorted_pos[a:b]
-        self._steps, self._layers, self._experts = s, layer, e
-        self._entries = None
-        self._pos, self._per_key, self._prev = pos.tolist(), per_key, prev
-        self._pos_arr, self._key_arr = pos, key
+                per_key[(k // J, k % J)] = sorted_list[a:b]
+        starts = np.zeros(L * J + 1, np.int64)
+        np.cumsum(np.bincount(key, minlength=L * J), out=starts[1:])
+        self.steps, self.layers, self.experts = s, layer, e
+        self.pos, self.per_key, self.prev = pos.tolist(), per_key, prev
+        self.pos_arr, self.key_arr = pos, key
+        self.key_starts, self.key_positions = starts, np.ascontiguousarray(sorted_pos, dtype=np.int64)
+        self.entries: list[tuple[int, int, int]] | None = None  # (step, layer, expert) per access, made when asked
+
+
+SHARED_PLANS = 2  # plans a process keeps for reuse (`PlanView.rebuild_shared`): each is ~100 MB at paper size
+_SHARED: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+class PlanView(OracleView):
+    """`OracleView` over the accesses of a plan (`rebuild`); `version` counts the rebuilds, so
+    policies can refresh what they derived from it."""
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.L = self.num_layers = num_layers
+        self.J = num_experts
+        self._plan = _Plan(num_layers, num_experts, _NONE, _NONE, _NONE)
+        self.version = 0
+
+    def rebuild(self, base_step: int, steps: list[tuple[Sequence, ...]], info: Callable,
+                experts: np.ndarray | None = None) -> None:
+        """The future is `steps`, the first of them step `base_step`; `info(seq)` gives a sequence's
+        iteration (sim/engine.py's `iter_info`), `experts` the trace's expert table, if given."""
+        if experts is None:
+            s, layer, e = plan_accesses_reference(base_step, steps, info, self.L)
+        else:
+            s, layer, e = plan_accesses(base_step, steps, info, self.L, experts)
+        self._plan = _Plan(self.L, self.J, s, layer, e)
         self.version += 1
+
+    def rebuild_shared(self, key: tuple, base_step: int, steps: Callable[[], list], info: Callable,
+                       experts: np.ndarray) -> None:
+        """`rebuild` with the steps `steps()` gives, or the plan built under the same `key` before
+        in this process (whatever the plan depends on: the trace, the batcher's state, the base
+        step): an oracle's candidate runs each ask for the same future."""
+        key = (self.L, self.J, base_step, key)
+        plan = _SHARED.get(key)
+        if plan is None:
+            self.rebuild(base_step, steps(), info, experts)
+            _SHARED[key] = self._plan
+            while len(_SHARED) > SHARED_PLANS:
+                _SHARED.popitem(last=False)
+        else:
+            _SHARED.move_to_end(key)
+            self._plan = plan
+            self.version += 1
 
     @property
     def access_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per access, in order: its position (ascending), the index of its expert's previous
         access (-1: none) and its key (int64 arrays, not to be written): what a compiled reader of
         the first uses takes (policies/oracle.py)."""
-        return self._pos_arr, self._prev, self._key_arr
+        p = self._plan
+        return p.pos_arr, p.prev, p.key_arr
 
     def per_key_positions(self) -> tuple[np.ndarray, np.ndarray]:
         """Every key's access positions, ascending, as one array with offsets: key k's are
-        positions[starts[k]:starts[k + 1]] (what `next_use` bisects, for a compiled reader)."""
-        n = self.L * self.J
-        order = np.argsort(self._key_arr, kind="stable")
-        counts = np.bincount(self._key_arr, minlength=n) if order.size else np.zeros(n, np.int64)
-        starts = np.zeros(n + 1, np.int64)
-        np.cumsum(counts, out=starts[1:])
-        return starts, np.ascontiguousarray(self._pos_arr[order], dtype=np.int64)
+        positions[starts[k]:starts[k + 1]] (what `next_use` bisects, for a compiled reader; not to
+        be written)."""
+        return self._plan.key_starts, self._plan.key_positions
 
     def entries(self) -> list[tuple[int, int, int]]:
         """Every access as (step, layer, expert), in order."""
-        if self._entries is None:
-            self._entries = list(zip(self._steps.tolist(), self._layers.tolist(), self._experts.tolist()))  # noqa: B905
-        return self._entries
+        p = self._plan
+        if p.entries is None:
+            p.entries = list(zip(p.steps.tolist(), p.layers.tolist(), p.experts.tolist()))  # noqa: B905
+        return p.entries
 
     def position(self, after: tuple[int, int]) -> int:
         return after[0] * self.L + after[1]
 
     def next_use(self, key, after):
-        arr = self._per_key.get(key)
+        arr = self._plan.per_key.get(key)
         if not arr:
             return _INF
         i = bisect.bisect_right(arr, after[0] * self.L + after[1])
         return float(arr[i]) if i < len(arr) else _INF
 
     def upcoming(self, after, limit):
-        i = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
+        i = bisect.bisect_right(self._plan.pos, after[0] * self.L + after[1])
         return self.entries()[i : i + limit]
 
     def first_uses(self, after, limit):
         """`OracleView.first_uses` without reading the window: an entry is its expert's first in a
         window starting at entry i0 exactly when its expert's previous entry lies before i0."""
-        i0 = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
-        i1 = min(i0 + limit, len(self._pos))
+        p = self._plan
+        i0 = bisect.bisect_right(p.pos, after[0] * self.L + after[1])
+        i1 = min(i0 + limit, len(p.pos))
         if i1 <= i0:
             return [], 0, -1
         entries = self.entries()
-        first = [entries[i] for i in (np.flatnonzero(self._prev[i0:i1] < i0) + i0).tolist()]
-        return first, i1 - i0, self._pos[i1 - 1]
+        first = [entries[i] for i in (np.flatnonzero(p.prev[i0:i1] < i0) + i0).tolist()]
+        return first, i1 - i0, p.pos[i1 - 1]
 
     def first_use_arrays(self, after, limit, num_experts):
         """`OracleView.first_use_arrays` from the plan's own arrays (as `first_uses` finds them)."""
         if num_experts != self.J:
             return super().first_use_arrays(after, limit, num_experts)
-        i0 = bisect.bisect_right(self._pos, after[0] * self.L + after[1])
-        i1 = min(i0 + limit, len(self._pos))
+        p = self._plan
+        i0 = bisect.bisect_right(p.pos, after[0] * self.L + after[1])
+        i1 = min(i0 + limit, len(p.pos))
         if i1 <= i0:
             return _NONE, _NONE, 0, -1
-        idx = (self._prev[i0:i1] < i0).nonzero()[0] + i0
-        return self._pos_arr[idx], self._key_arr[idx], i1 - i0, self._pos[i1 - 1]
+        idx = (p.prev[i0:i1] < i0).nonzero()[0] + i0
+        return p.pos_arr[idx], p.key_arr[idx], i1 - i0, p.pos[i1 - 1]

@@ -182,6 +182,16 @@ class ContinuousBatcher:
         self._running = still
         return finished
 
+    def plan_key(self, now: float | None = None) -> tuple:
+        """What `plan(now)` depends on besides the trace, hashable: equal keys, equal plans."""
+
+        def its(iterations) -> tuple:
+            return (len(iterations), iterations[0].start, iterations[-1].stop) if iterations else (0,)
+
+        queued = tuple((rid, its(i)) for rid, t, i in self._queue if now is None or t <= now)
+        running = tuple((r.request_id, r.next_index, its(r.iterations)) for r in self._running)
+        return self.max_batch, self.admitted, queued, running
+
     def plan(self, now: float | None = None) -> list[tuple[Sequence, ...]]:
         """The steps that would follow if no further requests arrived after `now` (all queued
         requests count as arrived when `now` is None): used for oracle views of the future."""
