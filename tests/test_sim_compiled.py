@@ -146,3 +146,21 @@ def test_by_default_it_starts_where_it_pays(monkeypatch, policy, threshold, slot
     assert path() == "compiled" and (compiled.warm or compiled_prefetch.warm)
     monkeypatch.setattr(engine, threshold, layer_steps + 1)
     assert path() == "compiled"  # warm now
+
+
+def test_planned_steps_are_built_once_for_runs_of_one_workload(monkeypatch):
+    """The runs of a sweep share the planned steps (`StepPlanner.plan`), and their ticks come from
+    each run's own hardware: every run still gives the reference's results."""
+    built = []
+    steps = compiled.StepPlanner._steps
+    monkeypatch.setattr(compiled.StepPlanner, "_steps", lambda self, t: built.append(1) or steps(self, t))
+    monkeypatch.setattr(compiled, "_PLANS", type(compiled._PLANS)())
+    trace = synthetic_trace(tiny_geometry(num_layers=3, num_experts=6, top_k=2), num_requests=5,
+                            prompt_tokens=(2, 4), generated_tokens=(3, 8), seed=7)
+    for policy, slots, hw in (("lru", 6, "rtx3090"), ("lfu", 9, "rtx3090"), ("lru", 6, "a100-80gb"), ("layerwise", 9, "a100-80gb")):
+        config = SimConfig("synthetic", policy, PRESETS[hw], memory=MemoryConfig(expert_cache_slots=slots),
+                           workload=WorkloadConfig(max_batch=2, history_fraction=0.0), timeline_steps=0)
+        ref, fast = _both(trace, config)
+        assert fast.config["engine_path"] == "compiled"
+        assert_same(ref, fast)
+    assert len(built) == 1
