@@ -1,6 +1,6 @@
 """The compiled path for prefetching policies (sim/compiled_prefetch.py) gives the reference
 engine's results, field by field: on random workloads (hypothesis) and on the real Mixtral logs,
-for the policies that plan their asks and for every candidate schedule of the oracle (the
+for the policies that plan their asks, FineMoE, and every candidate schedule of the oracle (the
 ensemble included); and the policies' planned asks are what their hooks return."""
 
 from __future__ import annotations
@@ -135,6 +135,102 @@ def test_it_takes_over_with_copies_on_the_wire_and_prefetches_queued(monkeypatch
     assert all(seen[-1]), seen  # the oracle's (its default schedule, conservative)
 
 
+FINEMOE_PARAMS = [{}, {"distance": 1}, {"cache": "lru"}, {"cache": "lfu"}, {"search_s": 1e-3}, {"search_s": 0.0},
+                  {"search_charge": "none"}, {"delta": False}, {"semantic": False}, {"trajectory": False},
+                  {"search_s": 2e-5, "search_token_s": 1e-5}]
+
+
+@st.composite
+def finemoe_workloads(draw, long=False):
+    """A random workload of FineMoE with some of its parameters: a trace with semantic keys, at
+    least two layers (so a trajectory phase runs), maybe a timeline (a handover mid-run)."""
+    trace, config = draw(long_workloads(["layerwise"]) if long else workloads(["layerwise"], room_for_copies=True))
+    g = trace.geometry
+    g = tiny_geometry(num_layers=max(2, g.num_layers), num_experts=g.num_experts, top_k=g.top_k)
+    trace = synthetic_trace(g, num_requests=draw(st.integers(3, 7)), prompt_tokens=(1, 4),
+                            generated_tokens=(4, 16) if long else (1, 10), seed=draw(st.integers(0, 10_000)),
+                            semantic_dim=8)
+    slots = max(config.memory.expert_cache_slots, g.num_experts + config.hardware.copy_engines)
+    arrival = "poisson" if config.workload.arrival == "file" else config.workload.arrival  # (another trace)
+    wl = WorkloadConfig(max_batch=config.workload.max_batch, history_fraction=0.5, arrival=arrival,
+                        rate_rps=config.workload.rate_rps or 300.0)
+    return trace, SimConfig("synthetic", "finemoe", config.hardware, memory=MemoryConfig(expert_cache_slots=slots),
+                            workload=wl, seed=config.seed, timeline_steps=config.timeline_steps)
+
+
+def _both_finemoe(trace, config, params: dict):
+    return tuple(simulate_policy(trace, config, make_policy("finemoe", **params), compiled=c) for c in (False, True))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(finemoe_workloads(), st.sampled_from(FINEMOE_PARAMS))
+def test_finemoe_gives_the_reference_results_on_random_workloads(case, params):
+    """Its asks waiting for their search (release events), its p x freq (or LRU, LFU) victims with
+    the step's predictions protected, its search thread's stats: every field as the reference's."""
+    trace, config = case
+    ref, fast = _both_finemoe(trace, config, params)
+    assert_same(ref, fast)
+    wl = config.workload
+    if config.timeline_steps == 0 and wl.arrival == "all" and not wl.online:
+        assert fast.config["engine_path"] == "compiled"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(finemoe_workloads(long=True), st.sampled_from(FINEMOE_PARAMS))
+def test_finemoe_taken_over_mid_run_gives_the_reference_results(case, params):
+    trace, config = case
+    ref, fast = _both_finemoe(trace, config, params)
+    assert_same(ref, fast)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 5), st.integers(2, 8), st.integers(1, 3), st.integers(1, 3), st.integers(0, 10_000),
+       st.sampled_from(FINEMOE_PARAMS))
+def test_finemoe_planned_hooks_are_what_its_hooks_return(L, J, K, batch, seed, params):
+    """`planned_hooks` (the hooks called on a copy, remembered per step) gives the asks the live
+    hooks return, step by step, and the same count of searches answered from the table."""
+    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=min(K, J)), num_requests=7,
+                            prompt_tokens=(1, 4), generated_tokens=(1, 6), seed=seed, semantic_dim=8)
+    by_req = trace.iterations_by_request
+    measure = [rid for rid in sorted(by_req) if rid >= 3]
+    steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in measure], batch).plan()
+
+    def bound():
+        p = make_policy("finemoe", **params)
+        p.bind(PolicyContext(geometry=trace.geometry, capacity_slots=J, seed=0, is_resident=lambda k: False,
+                             is_in_flight=lambda k: False, expert_load_s=1e-3))
+        p.fit(trace.select_requests([0, 1, 2]))
+        p.prepare(trace, measure)
+        return p
+
+    policy, hooked = bound(), bound()
+    assert policy.plans_asks()
+    first = 3
+    planned = policy.planned_hooks(trace, steps, first)
+    for s, seqs in enumerate(steps):
+        info = StepInfo(first + s, 0.0, seqs, trace)
+        hooks = [list(hooked.on_step_start(info))] + [
+            list(hooked.on_layer_routed(LayerRouting(info, layer, 0.0, trace))) for layer in range(L)]
+        for h, want in enumerate(hooks):
+            assert planned.asks.prefetches(s, h) == want  # priorities compared exactly
+    assert planned.planned == hooked.searches_planned
+    assert int(planned.searches.sum()) == hooked.searches
+
+
+def test_finemoe_on_top_k_maps_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
+    from finemoe.sim.memory import parse_size
+
+    for gpu_mem in ("12G", "48G"):
+        config = SimConfig(str(mixtral_trace_path), "finemoe-topk", PRESETS["rtx3090"],
+                           memory=MemoryConfig(gpu_mem_bytes=parse_size(gpu_mem)),
+                           workload=WorkloadConfig(history_fraction=0.5))
+        trace = load_trace_for(config)
+        ref = simulate_policy(trace, config, make_policy("finemoe-topk"), compiled=False)
+        fast = simulate_policy(trace, config, make_policy("finemoe-topk"), compiled=True)
+        assert fast.config["engine_path"] == "compiled" and fast.summary["prefetch_issued"] > 0
+        assert_same(ref, fast)
+
+
 def test_oracle_schedules_give_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
     from finemoe.sim.memory import parse_size
 
@@ -207,7 +303,6 @@ def test_outside_its_rules_the_reference_runs():
     assert path() == "compiled"
     assert path(policy="mixtral-offloading") == "compiled"
     assert path(slots=7) == "reference"  # a layer's 6 experts beside 2 copies on the wire need 8 slots
-    assert path(policy="finemoe") == "reference"  # asks the kernel cannot plan (they wait for a search)
     assert path(policy="oracle") == "compiled"
     assert path(copy_compute_slowdown=2.0) == "reference"  # copies stretch the compute
 

@@ -14,10 +14,13 @@ FINEMOE.md).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
+from finemoe.policies.asks import AskBuilder, PlannedAsks
 from finemoe.policies.base import (
     ExpertKey,
     LayerRouting,
@@ -57,6 +60,40 @@ SEARCH_S_DEFAULT = 50e-6
 SEARCH_TOKEN_S_DEFAULT = 0.0
 
 CACHES = ("finemoe", "lru", "lfu")
+HOOKS_KEPT = 2  # policies' planned hooks a process keeps (`FineMoE.planned_hooks`)
+_HOOKS: OrderedDict[tuple, dict] = OrderedDict()
+
+
+class _HookMemo:
+    """`_HOOKS` as `get(key)`: the key's per-step table, made and kept (the last `HOOKS_KEPT`)."""
+
+    @staticmethod
+    def get(key: tuple) -> dict:
+        table = _HOOKS.get(key)
+        if table is None:
+            table = _HOOKS[key] = {}
+            while len(_HOOKS) > HOOKS_KEPT:
+                _HOOKS.popitem(last=False)
+        else:
+            _HOOKS.move_to_end(key)
+        return table
+
+
+@dataclass(frozen=True)
+class PlannedHooks:
+    """What a FineMoE's hooks do for a run of planned steps, apart from the clock (per step s and
+    hook h: 0 the step's start, l + 1 after layer l's routing): `asks`, the hook's search time and
+    count, and the p rows it records, rows[row_lo[s, h]:row_hi[s, h]] for layers
+    row_target[...]; `planned`: searches answered from `prepare`'s table, in all."""
+
+    asks: PlannedAsks
+    cost_s: np.ndarray  # float64 [steps, layers + 1]
+    searches: np.ndarray  # int64 [steps, layers + 1]
+    row_lo: np.ndarray
+    row_hi: np.ndarray
+    row_target: np.ndarray  # int64 [rows]
+    rows: np.ndarray  # float64 [rows, experts]
+    planned: int
 # Prefetch distance as the paper sets it per model (FINEMOE.md), by the geometry's model name;
 # DEFAULT_DISTANCE for any other model. An explicit `distance` always wins.
 PAPER_DISTANCES = (("mixtral", 3), ("qwen", 6), ("phi", 4))
@@ -131,6 +168,8 @@ class FineMoE(Policy):
         self.searches_planned = 0  # of them, answered from the matches `prepare` computed
         self._matches: MapMatches | None = None  # every measured iteration's matches (`prepare`)
         self._matches_inserted = -1  # the store's `inserted` when they were computed
+        self._rows_log: list | None = None  # (target, row) per `_remember_p`, while hooks are planned
+        self._last_search = (0.0, 0)  # the last `_searched` call's (seconds, searches)
 
     # --- life cycle ----------------------------------------------------------------------------
     def bind(self, ctx: PolicyContext) -> None:
@@ -279,6 +318,90 @@ class FineMoE(Policy):
         rows = planned.trajectory(seq.start) if planned is not None else None
         return rows if rows is not None else self.store.trajectory(1)
 
+    # --- hooks planned for the compiled path (sim/compiled_prefetch.py) ---------------------------
+    def plans_asks(self) -> bool:
+        """Whether `planned_hooks` applies: every search is answered from `prepare`'s matches and
+        the store does not change (an offline run), so what each hook predicts and asks for
+        depends on the step's sequences alone; only when its searches finish depends on the clock."""
+        return self._planned() is not None and not self._pending
+
+    def planned_hooks(self, trace, steps: list, first_step: int) -> PlannedHooks:
+        """For planned steps (the first is engine step `first_step`), what each hook does apart
+        from the clock: its asks (all for its own step), the p rows it records (`_remember_p`, in
+        order), its search time and count, and how many searches `prepare`'s table answered. Each
+        step's are the hooks' own, called on a copy of this policy (the reference, for any step),
+        and remembered per process for steps of the same sequences (a sweep's other budgets)."""
+        L = self.L
+        memo = _HookMemo.get(self._hooks_key(trace))
+        scratch = None
+        n = len(steps)
+        builder = AskBuilder(n, L, first_step)
+        cost = np.zeros((n, L + 1))
+        count = np.zeros((n, L + 1), np.int64)
+        row_lo = np.zeros((n, L + 1), np.int64)
+        row_hi = np.zeros((n, L + 1), np.int64)
+        targets: list[int] = []
+        rows: list[np.ndarray] = []
+        planned = 0
+        for s, seqs in enumerate(steps):
+            hooks = memo.get(seqs)
+            if hooks is None:
+                if scratch is None:
+                    scratch = self._scratch()
+                hooks = memo[seqs] = scratch._hooks_of(seqs, trace)
+            for h, (asks, hook_cost, hook_count, hook_rows, hook_planned) in enumerate(hooks):
+                if asks[0]:
+                    lo = builder.append(*asks[1:])
+                    builder.lo[s, h], builder.hi[s, h] = lo, lo + asks[0]
+                cost[s, h], count[s, h] = hook_cost, hook_count
+                row_lo[s, h] = len(targets)
+                for target, row in hook_rows:
+                    targets.append(target)
+                    rows.append(row)
+                row_hi[s, h] = len(targets)
+                planned += hook_planned
+        return PlannedHooks(builder.build(wants_step=True), cost, count, row_lo, row_hi,
+                            np.array(targets, np.int64),
+                            np.array(rows, np.float64).reshape(len(rows), self.J), planned)
+
+    def _hooks_key(self, trace) -> tuple:
+        return (type(self).__name__, tuple(sorted(self.params.items())), trace.content_hash(),
+                self._matches.store_digest, self.L, self.J, self.K)
+
+    def _scratch(self) -> FineMoE:
+        """A copy to call the hooks on: the same store and matches, its own per-run state."""
+        import copy
+
+        scratch = copy.copy(self)
+        scratch._p, scratch._p_step = self._p.copy(), self._p_step.copy()
+        scratch._prot_step = self._prot_step.copy()
+        scratch._searches = []
+        scratch.search_charge = "none"  # (when a search finishes is the kernel's to play)
+        return scratch
+
+    def _hooks_of(self, seqs, trace) -> list[tuple]:
+        """Per hook of one step (its start, then each layer's routing): (the asks as (count,
+        layers, experts, priorities), search seconds, searches, [(target, row)], searches
+        answered from the table)."""
+        info = StepInfo(0, 0.0, seqs, trace)
+        out = []
+        for h in range(self.L + 1):
+            self._rows_log, self._last_search, before = [], (0.0, 0), self.searches_planned
+            asks = self.on_step_start(info) if h == 0 else self.on_layer_routed(LayerRouting(info, h - 1, 0.0, trace))
+            asks = list(asks)
+            out.append(((len(asks), [p.layer for p in asks], [p.expert for p in asks], [p.priority for p in asks]),
+                        *self._last_search, [(t, np.asarray(r, np.float64).copy()) for t, r in self._rows_log],
+                        self.searches_planned - before))
+        self._rows_log = None
+        return out
+
+    def state(self) -> dict:
+        """What a compiled engine path needs to go on where this policy stands (sim/compiled_prefetch.py)."""
+        return dict(p=self._p, p_step=self._p_step, freq=self._freq, last=self._last, clock=self._clock,
+                    prot_step=self._prot_step, step=-1 if self._step is None else self._step.step, layer=self._layer,
+                    searches=list(self._searches), cache=CACHES.index(self.cache),
+                    charged=self.search_charge != "none")
+
     # --- search time -------------------------------------------------------------------------------
     def _abandon_unstarted(self, now_s: float) -> None:
         """A new step begins: the search thread drops the previous step's searches it has not
@@ -295,6 +418,7 @@ class FineMoE(Policy):
         the tokens of each sequence's search; one costs `search_s` plus `search_token_s` per further
         token."""
         cost_s = sum(self.search_s + max(0, tokens - 1) * self.search_token_s for tokens in searched)
+        self._last_search = (cost_s, len(searched))
         self.searches += len(searched)
         self.search_busy_s += cost_s
         ready = 0.0
@@ -322,6 +446,8 @@ class FineMoE(Policy):
 
     def _remember_p(self, step: int, target: int, row: np.ndarray) -> None:
         """The eviction score's p: the highest probability predicted for the target in this step."""
+        if self._rows_log is not None:
+            self._rows_log.append((target, row))
         if self._p_step[target] != step:
             self._p[target] = row
             self._p_step[target] = step
@@ -454,7 +580,11 @@ def _variant(name: str, doc: str, needs: tuple[str, ...] | None = None, maps_fro
     if needs is not None:
         attrs["needs"] = needs
     cls = type(f"FineMoE_{name.replace('-', '_')}", (FineMoE,), attrs)
+    VARIANTS.append(cls)
     return register(cls)
+
+
+VARIANTS: list[type] = [FineMoE]  # FineMoE and its registered variants: the same hooks, other defaults
 
 
 _variant("finemoe-semantic", "Ablation: semantic matching only (the step's semantic match serves every layer).",

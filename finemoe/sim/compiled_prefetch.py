@@ -49,15 +49,26 @@ warm = False  # the kernel has run in this process: numba is imported and its ma
 # Per-key fields of the int64 `keys` table (row = field, column = layer * J + expert); the last
 # three are the oracle's: the next use it last set, the ask it last sent, where `_next_use` reads.
 RES, STAMP, PIN, FLIGHT, LEND, LORD, UNUSED, QSEQ, QSTEP, QLAYER, DEMAND, COUNT, NEXT_USE, SENT, USE_AT = range(15)
-N_KEY_FIELDS = 15
+# ... and FineMoE's: its use count, last use (its own clock) and the step that last predicted the expert.
+FM_FREQ, FM_LAST, FM_PROT = range(15, 18)
+N_KEY_FIELDS = 18
 # Scalars of the int64 `st` array.
 (N_RES, N_FLIGHT, N_QUEUED, WIRE_FREE, CLOCK, SLEEPING, ORDER, SEQ, POS_STEP, POS_LAYER, STALLED, WAITED_LOADED,
  LOADED_PENDING, LOADED_END, LOADED_ORD, HEAP_N, UNPIN_HEAD, UNPIN_TAIL, DQ_HEAD, DQ_TAIL, NOW, ONDEMAND, ISSUED,
- STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR, USES_N, STALE, LAST_HERE, HAS_LAYER_S) = range(33)
-N_STATE = 33
+ STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR, USES_N, STALE, LAST_HERE, HAS_LAYER_S,
+ FM_CLOCK, FM_STEP, FM_LAYER, TH_N, REL_N, FM_SEARCHES, FM_ABANDONED) = range(40)
+N_STATE = 40
 # Parameters of the int64 `par` array (the last six: the oracle's, `ORACLE` 0 for any other policy).
 (CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS, LFU, ORACLE, MODE, LOOKAHEAD, MIN_AHEAD,
- SCAN, NUM_LAYERS) = range(14)
+ SCAN, NUM_LAYERS, FINEMOE, FM_CACHE, FM_CHARGE) = range(17)
+# `fmc`, FineMoE's arrays (`_finemoe_state`): its p per key, the step of each layer's p, its
+# floats (the search thread's busy seconds), the search thread's entries (start, end; searches),
+# the pending release events (tick, order, group s x (layers + 1) + h), and per group (s, h) its
+# search seconds and count and the p rows it records.
+(FM_P, FM_P_STEP, FM_F, TH_F, TH_I, REL, G_COST, G_COUNT, R_LO, R_HI, R_TARGET, R_ROWS, G_LO, G_HI, G_STEP, G_LAYERS,
+ G_EXPERTS, G_PRIO, QPRIO) = range(19)  # (and the queue's priorities, `qprio`, which a release needs)
+BUSY = 0  # in fmc[FM_F]
+SCORE_PXF, SCORE_LRU, SCORE_LFU = range(3)  # `par[FM_CACHE]`: policies/finemoe.py's CACHES
 # The oracle's float64 `fpar`: a copy's load time, the shortest layer interval seen, the last routing's time.
 LOAD_S, LAYER_S, LAST_NOW = range(3)
 # `par[MODE]`: the index into policies/oracle.py's PREFETCH_MODES.
@@ -65,7 +76,7 @@ NONE, CONSERVATIVE, AGGRESSIVE, DECODE_FIRST, DEADLINE = range(5)
 NEVER = 1 << 62  # a next use that never comes (the oracle's inf)
 NO_ROUTING = -(1 << 62)  # `LAST_HERE` before the first routing
 DEADLOCK, BLOCKED = 1, 2  # error codes: the reference raises there, or would wait for a pin's release
-LANDED, LOADED = 1, 2  # kinds of event `_next_event` handles
+LANDED, LOADED, RELEASED = 1, 2, 3  # kinds of event `_next_event` handles
 
 
 @_jit
@@ -330,11 +341,42 @@ def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_p
 
 
 @_jit
-def _evict(keys, st, par, orc, pf_key, pf_step, pf_layer):
+def _finemoe_victim(keys, st, par, fmc, for_prefetch):
+    """`FineMoE.choose_victim`: the evictable resident of lowest score (p x freq, last use or use
+    count), then oldest use, then lowest key, among those not predicted this step for a layer not
+    yet passed; for an on-demand load then among those too."""
+    p = fmc[FM_P]
+    best = -1
+    best_score, best_last = 0.0, 0
+    for protected in range(2):
+        if protected and (best >= 0 or for_prefetch):
+            break
+        for k in range(keys.shape[1]):
+            if not keys[RES, k] or keys[PIN, k]:
+                continue
+            is_protected = (st[FM_STEP] >= 0 and keys[FM_PROT, k] == st[FM_STEP]
+                            and k // par[NUM_EXPERTS] >= st[FM_LAYER])
+            if is_protected != (protected == 1):
+                continue
+            if par[FM_CACHE] == SCORE_PXF:
+                score = p[k] * float(keys[FM_FREQ, k])
+            elif par[FM_CACHE] == SCORE_LRU:
+                score = float(keys[FM_LAST, k])
+            else:
+                score = float(keys[FM_FREQ, k])
+            if best < 0 or score < best_score or (score == best_score and keys[FM_LAST, k] < best_last):
+                best, best_score, best_last = k, score, keys[FM_LAST, k]
+    return best
+
+
+@_jit
+def _evict(keys, st, par, orc, fmc, pf_key, pf_step, pf_layer):
     """Evict the policy's victim for an on-demand load (pf_key -1) or a prefetch (sim/compiled.py's
-    `victim`, or the oracle's; `_evict_for`); -1 when none."""
+    `victim`, the oracle's or FineMoE's; `_evict_for`); -1 when none."""
     if par[ORACLE]:
         best = _oracle_victim(keys, st, par, orc, pf_key, pf_step, pf_layer)
+    elif par[FINEMOE]:
+        best = _finemoe_victim(keys, st, par, fmc, pf_key >= 0)
     else:
         best = victim(keys[RES], keys[STAMP], keys[COUNT], keys[PIN], par[LFU])
     if best >= 0:
@@ -355,11 +397,11 @@ def _has_work(st):
 
 
 @_jit
-def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, now):
+def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, fmc, now):
     """`ExpertCache.next_transfer` at tick `now`: the key of the copy started (its slot made), or -1."""
     _apply_unpins(u_t, u_k, keys, st, now * _S)
     if st[DQ_HEAD] < st[DQ_TAIL]:
-        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, -1, 0, 0) < 0:
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, fmc, -1, 0, 0) < 0:
             st[ERROR] = BLOCKED  # the reference's copy engine would wait for a pin's release
             return -1
         key = dq[st[DQ_HEAD]]
@@ -379,7 +421,7 @@ def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, now):
         if step < st[POS_STEP] or (step == st[POS_STEP] and layer <= st[POS_LAYER]):
             st[DROPPED] += 1
             continue
-        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, key, step, layer) < 0:
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, fmc, key, step, layer) < 0:
             st[DROPPED] += 1
             continue
         keys[FLIGHT, key] = 1
@@ -403,10 +445,10 @@ def _start(keys, fl, st, par, key, at, handed):
 
 
 @_jit
-def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t):
+def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t):
     """Hand queued copies to sleeping copy engines at tick `t` (`SimEngine._wake_at`)."""
     while st[SLEEPING] > 0 and _has_work(st):
-        key = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, t)
+        key = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, fmc, t)
         if key < 0:
             return
         st[SLEEPING] -= 1
@@ -414,8 +456,9 @@ def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t):
 
 
 @_jit
-def _first_event(keys, fl, st):
-    """(time, order, index into fl or -1 for the `_loaded` event) of the next event; time -1: none."""
+def _first_event(keys, fl, st, fmc):
+    """(time, order, index into fl, -1 for the `_loaded` event or -2 - r for release r) of the next
+    event; time -1: none."""
     best_t, best_o, best_i = -1, -1, -1
     for i in range(st[N_FLIGHT]):
         key = fl[i]
@@ -426,16 +469,32 @@ def _first_event(keys, fl, st):
         end, order = st[LOADED_END], st[LOADED_ORD]
         if best_t < 0 or end < best_t or (end == best_t and order < best_o):
             best_t, best_o, best_i = end, order, -1
+    rel = fmc[REL]
+    for r in range(st[REL_N]):  # FineMoE's asks waiting for their search (`SimEngine._release`)
+        if best_t < 0 or rel[0, r] < best_t or (rel[0, r] == best_t and rel[1, r] < best_o):
+            best_t, best_o, best_i = rel[0, r], rel[1, r], -2 - r
     return best_t, best_o, best_i
 
 
 @_jit
-def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc):
+def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc):
     """Handle the next event as SimPy would; returns (kind, key landed or -1), kind 0: none due."""
-    now, _, i = _first_event(keys, fl, st)
+    now, _, i = _first_event(keys, fl, st, fmc)
     if now < 0:
         return 0, -1
     st[NOW] = now
+    if i <= -2:  # `_release`: the asks join the queue now (those whose layer has passed are dropped)
+        rel = fmc[REL]
+        r, n = -2 - i, st[REL_N] - 1
+        g = rel[2, r]
+        rel[0, r], rel[1, r], rel[2, r] = rel[0, n], rel[1, n], rel[2, n]
+        st[REL_N] = n
+        L1 = fmc[G_LO].shape[1]
+        s_, h_ = g // L1, g % L1
+        if _add_prefetches(keys, fmc[QPRIO], hf, hi, st, fmc[G_LAYERS], fmc[G_EXPERTS], fmc[G_PRIO],
+                           fmc[G_LO][s_, h_], fmc[G_HI][s_, h_], fmc[G_STEP][s_, h_], par[NUM_EXPERTS]):
+            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, now)
+        return RELEASED, -1
     if i < 0:
         st[LOADED_PENDING] = 0
         return LOADED, -1
@@ -450,30 +509,33 @@ def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc):
     keys[STAMP, key] = st[CLOCK]
     if par[ORACLE]:
         _set_next(keys, st, par, orc, key)  # `on_loaded`
+    elif par[FINEMOE]:
+        st[FM_CLOCK] += 1  # `on_loaded`
+        keys[FM_LAST, key] = st[FM_CLOCK]
     if st[WAITED_LOADED]:  # `_loaded.succeed()`: the first wakes the compute, later ones nobody
         if not st[LOADED_PENDING]:
             st[LOADED_PENDING] = 1
             st[LOADED_END] = now
             st[LOADED_ORD] = st[ORDER]
         st[ORDER] += 1
-    nxt = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, now)
+    nxt = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, fmc, now)
     if nxt < 0:
         st[SLEEPING] += 1
     else:
         _start(keys, fl, st, par, nxt, now, False)
         if st[SLEEPING] > 0 and _has_work(st):
-            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, now)
+            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, now)
     return LANDED, key
 
 
 @_jit
-def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t):
+def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t):
     """`SimEngine._sync(t)`: every event due by tick `t` (those it schedules by then too)."""
     while True:
-        first, _, _ = _first_event(keys, fl, st)
+        first, _, _ = _first_event(keys, fl, st, fmc)
         if first < 0 or first > t:
             return
-        _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc)
+        _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc)
 
 
 @_jit
@@ -545,15 +607,89 @@ def _queue_unpin(u_t, u_k, st, at_s, key):
 
 
 @_jit
+def _abandon_unstarted(st, fmc, now_s):
+    """`FineMoE._abandon_unstarted`: a step begins; the search thread drops the searches it has not
+    started and keeps the last one it has."""
+    th_f, th_i, busy = fmc[TH_F], fmc[TH_I], fmc[FM_F]
+    keep = -1
+    for i in range(st[TH_N]):
+        if th_f[0, i] >= now_s:
+            st[FM_ABANDONED] += th_i[i]
+            busy[BUSY] -= th_f[1, i] - th_f[0, i]
+        else:
+            keep = i
+    st[TH_N] = 0
+    if keep >= 0:
+        th_f[0, 0], th_f[1, 0], th_i[0] = th_f[0, keep], th_f[1, keep], th_i[keep]
+        st[TH_N] = 1
+
+
+@_jit
+def _finemoe_hook(keys, st, par, fmc, s, h, step, now_s):
+    """What `FineMoE.on_step_start` (h 0) or `on_layer_routed` (h = layer + 1) of planned step s
+    does apart from queueing its asks: its p rows recorded (`_remember_p`), the experts it asks
+    for protected in this step (`_offer`), its searches put on the search thread (`_searched`).
+    Returns the tick from which its asks may join the queue (0: at once)."""
+    J = par[NUM_EXPERTS]
+    p, p_step, rows, targets = fmc[FM_P], fmc[FM_P_STEP], fmc[R_ROWS], fmc[R_TARGET]
+    for r in range(fmc[R_LO][s, h], fmc[R_HI][s, h]):
+        target = targets[r]
+        if p_step[target] != step:
+            for e in range(J):
+                p[target * J + e] = rows[r, e]
+            p_step[target] = step
+        else:
+            for e in range(J):
+                if rows[r, e] > p[target * J + e]:
+                    p[target * J + e] = rows[r, e]
+    layers, experts = fmc[G_LAYERS], fmc[G_EXPERTS]
+    for a in range(fmc[G_LO][s, h], fmc[G_HI][s, h]):
+        keys[FM_PROT, layers[a] * J + experts[a]] = step
+    cost = fmc[G_COST][s, h]
+    st[FM_SEARCHES] += fmc[G_COUNT][s, h]
+    busy = fmc[FM_F]
+    busy[BUSY] += cost
+    if not par[FM_CHARGE] or cost <= 0.0:
+        return 0
+    th_f, th_i = fmc[TH_F], fmc[TH_I]
+    n = st[TH_N]
+    start = now_s
+    if n > 0 and th_f[1, n - 1] > start:
+        start = th_f[1, n - 1]
+    th_f[0, n], th_f[1, n], th_i[n] = start, start + cost, fmc[G_COUNT][s, h]
+    st[TH_N] = n + 1
+    return np.int64(np.rint((start + cost) * TICKS_PER_S))
+
+
+@_jit
+def _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, s, h, at, t):
+    """`SimEngine._submit` of a FineMoE hook's asks at compute tick t: queued now if their search
+    is done by then, else by a release event at tick `at`."""
+    lo, hi_ = fmc[G_LO][s, h], fmc[G_HI][s, h]
+    if hi_ <= lo:
+        return
+    if at <= t:
+        if _add_prefetches(keys, qprio, hf, hi, st, fmc[G_LAYERS], fmc[G_EXPERTS], fmc[G_PRIO], lo, hi_,
+                           fmc[G_STEP][s, h], par[NUM_EXPERTS]):
+            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+        return
+    rel, n = fmc[REL], st[REL_N]
+    rel[0, n], rel[1, n], rel[2, n] = at, st[ORDER], s * fmc[G_LO].shape[1] + h
+    st[ORDER] += 1
+    st[REL_N] = n + 1
+
+
+@_jit
 def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, multi_ticks, dense, first_step,
                        wants_step, g_lo, g_hi, g_step, g_layers, g_experts, g_prio, t, ends, keys, qprio, hf, hi, fl,
-                       u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, prefill):
+                       u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, prefill, fmc):
     """The reference's general path over a fixed sequence of steps: step s is trace row `rows[s]`
     alone or, where rows[s] < 0, prepared step `multi[s]`; its asks at the step's start (hook 0)
     and after layer l's routing (hook l + 1) are a in [g_lo[s, h], g_hi[s, h]): expert g_experts[a]
     of layer g_layers[a] for step g_step[s, h], at priority g_prio[a]. With `par[ORACLE]` the asks
     and victims are instead the oracle's, from its plan (`orc`; view_* are `PlanView.access_arrays`;
-    `prefill[s]`: step s runs a prefill). Each step's end clock goes to `ends[s]`. Returns (clock,
+    `prefill[s]`: step s runs a prefill); with `par[FINEMOE]` the victims are FineMoE's and its
+    asks wait for their search (`fmc`). Each step's end clock goes to `ends[s]`. Returns (clock,
     ticks stalled, the failing step or -1)."""
     num_layers = one_tick.shape[0]
     J = par[NUM_EXPERTS]
@@ -562,6 +698,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
     pending = np.empty(room, np.int64)
     pend_ticks = np.empty(room, np.int64)
     oracle = par[ORACLE] != 0
+    finemoe = par[FINEMOE] != 0
     asks_oracle = oracle and par[MODE] != NONE
     out_pos = np.empty(keys.shape[1], np.int64)  # the oracle's asks: at most one per key
     out_key = np.empty(keys.shape[1], np.int64)
@@ -578,20 +715,29 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
         boosted = par[MODE] == DECODE_FIRST and prefill[s] != 0
         boost = BOOST if boosted else 0.0
         if wants_step:
-            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
-            if asks_oracle:
+            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+            if finemoe:  # `on_step_start`
+                st[FM_STEP], st[FM_LAYER] = step, -1
+                _abandon_unstarted(st, fmc, t * _S)
+                at = _finemoe_hook(keys, st, par, fmc, s, 0, step, t * _S)
+                _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, s, 0, at, t)
+            elif asks_oracle:
                 n_asks = _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_pos, out_key,
                                       step, boosted)
                 if n_asks and _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n_asks, boost):
-                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
             elif g_hi[s, 0] > g_lo[s, 0] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
                                                              g_lo[s, 0], g_hi[s, 0], g_step[s, 0], J):
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
         for layer in range(num_layers):
             t += dense[s]
-            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
             st[POS_LAYER] = layer
             n_asks = 0
+            at = 0
+            if finemoe:  # `on_layer_routed`, but the asks join the queue after the accesses
+                st[FM_LAYER] = layer
+                at = _finemoe_hook(keys, st, par, fmc, s, layer + 1, step, t * _S)
             if oracle:  # `on_layer_routed`: the shortest layer interval, then the asks
                 here = step * num_layers + layer
                 now_s = t * _S
@@ -614,6 +760,12 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     continue
                 n += 1
                 key = layer * J + e
+                if finemoe:  # `on_access`, hit or miss
+                    if layer > st[FM_LAYER]:
+                        st[FM_LAYER] = layer
+                    keys[FM_FREQ, key] += 1
+                    st[FM_CLOCK] += 1
+                    keys[FM_LAST, key] = st[FM_CLOCK]
                 if par[LFU]:
                     keys[COUNT, key] += 1  # every access counts, kept across evictions
                 if keys[RES, key]:
@@ -642,13 +794,15 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
             hits[layer] += n - k
             misses[layer] += k
             h = layer + 1
-            if asks_oracle:
+            if finemoe:
+                _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, s, h, at, t)
+            elif asks_oracle:
                 if n_asks and _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n_asks, boost):
-                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
             elif g_hi[s, h] > g_lo[s, h] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
                                                              g_lo[s, h], g_hi[s, h], g_step[s, h], J):
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
-            if k == 0 and st[N_FLIGHT] == 0 and st[N_QUEUED] == 0:
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+            if k == 0 and st[N_FLIGHT] == 0 and st[N_QUEUED] == 0 and st[REL_N] == 0:
                 for i in range(width):  # nothing can happen on the link: back to back, no pins
                     if experts[layer, i] >= 0:
                         t += ticks[layer, i]
@@ -657,7 +811,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 if experts[layer, i] >= 0:
                     keys[PIN, layer * J + experts[layer, i]] += 1
             if k > 0:
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
                 t += par[MISS_TICKS] * k
             for i in range(width):  # resident experts first, in expert order
                 e = experts[layer, i]
@@ -674,7 +828,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 u_t, u_k = _queue_unpin(u_t, u_k, st, t * _S, key)
             left = k  # `_await_misses`: pending[:left], in miss order
             while left > 0:
-                _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+                _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
                 if st[ERROR]:
                     return t, stall, s
                 ready = 0
@@ -691,7 +845,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     if first >= 0:  # until its copy lands (its engine handles the landing first)
                         target = keys[LORD, first]
                         while True:
-                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc)
+                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc)
                             if kind == 0 or st[ERROR]:
                                 break
                             if kind == LANDED and landed == first and keys[LORD, first] == target:
@@ -699,7 +853,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     else:  # until any copy lands
                         st[WAITED_LOADED] = 1
                         while True:
-                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc)
+                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc)
                             if kind == 0 or kind == LOADED or st[ERROR]:
                                 break
                         st[WAITED_LOADED] = 0
@@ -723,7 +877,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                         m2 += 1
                 left = m2
         ends[s] = t
-    _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, t)
+    _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
     return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1)
 
 
@@ -746,10 +900,17 @@ def _is_oracle(policy) -> bool:
     return type(policy) is OraclePolicy and policy._compiled
 
 
+def _is_finemoe(policy) -> bool:
+    """Whether `policy` is FineMoE or one of its registered variants (the same hooks)."""
+    from finemoe.policies.finemoe import VARIANTS
+
+    return type(policy) in VARIANTS
+
+
 def supports(engine) -> bool:
     """Whether a `SimEngine` as built runs, once every request has arrived, only what
-    `run_prefetch_steps` reproduces: a policy of `_policies` that can plan its asks for this run
-    (offline: no finished request changes them) or an oracle schedule, no compute stretch, no CPU
+    `run_prefetch_steps` reproduces: a policy of `_policies` or FineMoE that can plan its asks for
+    this run (offline: no finished request changes them) or an oracle schedule, no compute stretch, no CPU
     side, SSD tier or low precision, one shared pool, and slots for a layer's experts next to the
     copies on the wire (so no on-demand load ever waits for a pin's release, the one state the
     kernel does not play)."""
@@ -758,7 +919,7 @@ def supports(engine) -> bool:
         return False
     if _is_oracle(policy):
         planned = True
-    elif type(policy) in _policies():
+    elif type(policy) in _policies() or _is_finemoe(policy):
         planned = policy.plans_asks() and not (engine.online and engine._wants_finished)
     else:
         return False
@@ -776,6 +937,7 @@ class CompiledPrefetchSteps:
         self.engine = engine
         self.planner = StepPlanner(engine)
         self.oracle = _is_oracle(engine.policy)
+        self.finemoe = _is_finemoe(engine.policy)
 
     def can_take_over(self, t: int) -> bool:
         """At this step boundary (compute clock `t`): every request arrived, no prediction waiting
@@ -801,7 +963,7 @@ class CompiledPrefetchSteps:
         qprio = np.zeros(n, np.float64)
         st = np.zeros(N_STATE, np.int64)
         lfu = False
-        if not self.oracle:  # (the oracle's victims go by next use: `_oracle_state`)
+        if not (self.oracle or self.finemoe):  # (theirs are their own: `_oracle_state`, `_finemoe_state`)
             order = victim_order(eng.policy)
             lfu = isinstance(order, LFUCounts)
             st[CLOCK] = load_order(order, J, keys[STAMP], keys[COUNT])
@@ -843,7 +1005,7 @@ class CompiledPrefetchSteps:
         st[SLEEPING] = len(eng._sleeping)
         st[POS_STEP], st[POS_LAYER] = cache.position
         par = np.array([cache.capacity, J, eng.busy_latency_ticks, eng.latency_ticks, eng.busy_wire_ticks,
-                        eng.wire_ticks, eng.miss_ticks, lfu, 0, 0, 0, 0, 0, eng.L], np.int64)
+                        eng.wire_ticks, eng.miss_ticks, lfu, 0, 0, 0, 0, 0, eng.L, 0, 0, 0], np.int64)
         orc = self._oracle_state(keys, st, par)
         return keys, qprio, hf, hi, fl, u_t, u_k, st, par, orc
 
@@ -876,6 +1038,36 @@ class CompiledPrefetchSteps:
             _uses_down(uses, i, st[USES_N])
         return fpar, uses, starts, positions
 
+    def _finemoe_state(self, keys: np.ndarray, st: np.ndarray, par: np.ndarray, qprio: np.ndarray, asks, hooks):
+        """FineMoE's part of the kernel's state (`fmc`; its counters into keys/st/par), from where
+        the policy stands and its planned hooks: a stand-in for any other policy."""
+        eng = self.engine
+        L1 = eng.L + 1
+        n = keys.shape[1]
+        if hooks is None:
+            one = np.zeros((1, L1), np.int64)
+            return (np.zeros(n), np.zeros(eng.L, np.int64), np.zeros(1), np.zeros((2, 1)), np.zeros(1, np.int64),
+                    np.zeros((3, 1), np.int64), np.zeros((1, L1)), one, one, one, np.zeros(0, np.int64),
+                    np.zeros((0, eng.J)), asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, qprio)
+        fm = eng.policy.state()
+        par[FINEMOE], par[FM_CACHE], par[FM_CHARGE] = 1, fm["cache"], fm["charged"]
+        keys[FM_FREQ] = fm["freq"].reshape(-1)  # (exact small integers, as floats there)
+        keys[FM_LAST] = fm["last"].reshape(-1)
+        keys[FM_PROT] = fm["prot_step"].reshape(-1)
+        st[FM_CLOCK], st[FM_STEP], st[FM_LAYER] = fm["clock"], fm["step"], fm["layer"]
+        searches = fm["searches"]
+        th_f = np.zeros((2, max(len(searches), 1) + L1))
+        th_i = np.zeros(th_f.shape[1], np.int64)
+        for i, (start, end, count) in enumerate(searches):
+            th_f[0, i], th_f[1, i], th_i[i] = start, end, count
+        st[TH_N] = len(searches)
+        busy = np.array([eng.policy.search_busy_s])
+        groups = asks.lo.shape[0] * L1
+        return (fm["p"].reshape(-1).astype(np.float64), fm["p_step"].astype(np.int64), busy, th_f, th_i,
+                np.zeros((3, groups + 1), np.int64), hooks.cost_s, hooks.searches, hooks.row_lo, hooks.row_hi,
+                hooks.row_target, hooks.rows, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority,
+                qprio)
+
     def run(self, t: int, stall: int, first_seen: set[int]) -> tuple[int, int]:
         """Every remaining step from compute clock `t`; returns the clock at the end and the stall
         ticks so far, with the recorder's counts and the engine's step brought up to date. The
@@ -888,13 +1080,18 @@ class CompiledPrefetchSteps:
         planner = self.planner
         steps, rows, multi, dense, tokens, multi_experts, multi_ticks = planner.plan(t)
         seqs_of = [seqs for seqs, _ in steps]
+        hooks = None
+        view_pos = view_prev = view_key = np.zeros(0, np.int64)
         if self.oracle:  # its asks come from its plan as the kernel goes
             asks = AskBuilder(len(steps), eng.L, eng.step).build(wants_step=True)  # none planned
             view_pos, view_prev, view_key = eng.oracle.access_arrays
             eng.policy.observed_steps.extend(seqs_of)
+        elif self.finemoe:  # its asks and p rows planned; when its searches end, the kernel's
+            hooks = eng.policy.planned_hooks(eng.trace, seqs_of, eng.step)
+            asks = hooks.asks
         else:
             asks = eng.policy.planned_asks(eng.trace, seqs_of, eng.step)
-            view_pos = view_prev = view_key = np.zeros(0, np.int64)
+        fmc = self._finemoe_state(keys, st, par, qprio, asks, hooks)
         prefill = np.array([any(q.is_prefill for q in seqs) for seqs in seqs_of], np.int64)
         rec = eng.rec
         hits = np.array(rec.hits, np.int64)
@@ -903,7 +1100,7 @@ class CompiledPrefetchSteps:
         t, waited, failed = run_prefetch_steps(
             rows, multi, planner.rows(), planner.one_tick, multi_experts, multi_ticks, dense, eng.step,
             asks.wants_step, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, t, ends, keys,
-            qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, prefill)
+            qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, prefill, fmc)
         rec.hits = [int(h) for h in hits]
         rec.misses = [int(m) for m in misses]
         rec.ondemand_loads += int(st[ONDEMAND])
@@ -915,6 +1112,12 @@ class CompiledPrefetchSteps:
         rec.prefetch_dropped += int(st[DROPPED])
         rec.bytes_h2d += int(st[ONDEMAND] + st[STARTED]) * eng.cache.bytes_per_expert
         planner.record(steps, tokens, ends, len(steps) if failed < 0 else failed, first_seen)
+        if hooks is not None:  # what FineMoE's stats count
+            pol = eng.policy
+            pol.searches += int(st[FM_SEARCHES])
+            pol.searches_abandoned += int(st[FM_ABANDONED])
+            pol.search_busy_s = float(fmc[FM_F][BUSY])
+            pol.searches_planned += hooks.planned
         if failed >= 0:
             self._raise(int(st[ERROR]))
         return t, stall + waited
