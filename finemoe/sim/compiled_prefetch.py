@@ -63,11 +63,14 @@ N_STATE = 40
  SCAN, NUM_LAYERS, FINEMOE, FM_CACHE, FM_CHARGE) = range(17)
 # `fmc`, FineMoE's arrays (`_finemoe_state`): its p per key, the step of each layer's p, its
 # floats (the search thread's busy seconds), the search thread's entries (start, end; searches),
-# the pending release events (tick, order, group s x (layers + 1) + h), and per group (s, h) its
+# the pending release events (`ev`'s), and per group (s, h) its
 # search seconds and count and the p rows it records.
 (FM_P, FM_P_STEP, FM_F, TH_F, TH_I, REL, G_COST, G_COUNT, R_LO, R_HI, R_TARGET, R_ROWS, G_LO, G_HI, G_STEP, G_LAYERS,
  G_EXPERTS, G_PRIO, QPRIO) = range(19)  # (and the queue's priorities, `qprio`, which a release needs)
 BUSY = 0  # in fmc[FM_F]
+# `ev`, what the event path reads of FineMoE: the pending releases (tick, order, and the asks'
+# slice lo, hi and step), its p per key, and the asks' arrays and the queue's priorities.
+EV_REL, EV_P, EV_LAYERS, EV_EXPERTS, EV_PRIO, EV_QPRIO = range(6)
 SCORE_PXF, SCORE_LRU, SCORE_LFU = range(3)  # `par[FM_CACHE]`: policies/finemoe.py's CACHES
 # The oracle's float64 `fpar`: a copy's load time, the shortest layer interval seen, the last routing's time.
 LOAD_S, LAYER_S, LAST_NOW = range(3)
@@ -341,11 +344,10 @@ def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_p
 
 
 @_jit
-def _finemoe_victim(keys, st, par, fmc, for_prefetch):
+def _finemoe_victim(keys, st, par, p, for_prefetch):
     """`FineMoE.choose_victim`: the evictable resident of lowest score (p x freq, last use or use
     count), then oldest use, then lowest key, among those not predicted this step for a layer not
     yet passed; for an on-demand load then among those too."""
-    p = fmc[FM_P]
     best = -1
     best_score, best_last = 0.0, 0
     for protected in range(2):
@@ -370,13 +372,13 @@ def _finemoe_victim(keys, st, par, fmc, for_prefetch):
 
 
 @_jit
-def _evict(keys, st, par, orc, fmc, pf_key, pf_step, pf_layer):
+def _evict(keys, st, par, orc, ev, pf_key, pf_step, pf_layer):
     """Evict the policy's victim for an on-demand load (pf_key -1) or a prefetch (sim/compiled.py's
     `victim`, the oracle's or FineMoE's; `_evict_for`); -1 when none."""
     if par[ORACLE]:
         best = _oracle_victim(keys, st, par, orc, pf_key, pf_step, pf_layer)
     elif par[FINEMOE]:
-        best = _finemoe_victim(keys, st, par, fmc, pf_key >= 0)
+        best = _finemoe_victim(keys, st, par, ev[EV_P], pf_key >= 0)
     else:
         best = victim(keys[RES], keys[STAMP], keys[COUNT], keys[PIN], par[LFU])
     if best >= 0:
@@ -397,11 +399,11 @@ def _has_work(st):
 
 
 @_jit
-def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, fmc, now):
+def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, ev, now):
     """`ExpertCache.next_transfer` at tick `now`: the key of the copy started (its slot made), or -1."""
     _apply_unpins(u_t, u_k, keys, st, now * _S)
     if st[DQ_HEAD] < st[DQ_TAIL]:
-        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, fmc, -1, 0, 0) < 0:
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, ev, -1, 0, 0) < 0:
             st[ERROR] = BLOCKED  # the reference's copy engine would wait for a pin's release
             return -1
         key = dq[st[DQ_HEAD]]
@@ -421,7 +423,7 @@ def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, fmc, now):
         if step < st[POS_STEP] or (step == st[POS_STEP] and layer <= st[POS_LAYER]):
             st[DROPPED] += 1
             continue
-        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, fmc, key, step, layer) < 0:
+        if st[N_RES] + st[N_FLIGHT] >= par[CAPACITY] and _evict(keys, st, par, orc, ev, key, step, layer) < 0:
             st[DROPPED] += 1
             continue
         keys[FLIGHT, key] = 1
@@ -445,10 +447,10 @@ def _start(keys, fl, st, par, key, at, handed):
 
 
 @_jit
-def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t):
+def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t):
     """Hand queued copies to sleeping copy engines at tick `t` (`SimEngine._wake_at`)."""
     while st[SLEEPING] > 0 and _has_work(st):
-        key = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, fmc, t)
+        key = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, ev, t)
         if key < 0:
             return
         st[SLEEPING] -= 1
@@ -456,7 +458,7 @@ def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t):
 
 
 @_jit
-def _first_event(keys, fl, st, fmc):
+def _first_event(keys, fl, st, rel):
     """(time, order, index into fl, -1 for the `_loaded` event or -2 - r for release r) of the next
     event; time -1: none."""
     best_t, best_o, best_i = -1, -1, -1
@@ -469,7 +471,6 @@ def _first_event(keys, fl, st, fmc):
         end, order = st[LOADED_END], st[LOADED_ORD]
         if best_t < 0 or end < best_t or (end == best_t and order < best_o):
             best_t, best_o, best_i = end, order, -1
-    rel = fmc[REL]
     for r in range(st[REL_N]):  # FineMoE's asks waiting for their search (`SimEngine._release`)
         if best_t < 0 or rel[0, r] < best_t or (rel[0, r] == best_t and rel[1, r] < best_o):
             best_t, best_o, best_i = rel[0, r], rel[1, r], -2 - r
@@ -477,23 +478,22 @@ def _first_event(keys, fl, st, fmc):
 
 
 @_jit
-def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc):
+def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev):
     """Handle the next event as SimPy would; returns (kind, key landed or -1), kind 0: none due."""
-    now, _, i = _first_event(keys, fl, st, fmc)
+    now, _, i = _first_event(keys, fl, st, ev[EV_REL])
     if now < 0:
         return 0, -1
     st[NOW] = now
     if i <= -2:  # `_release`: the asks join the queue now (those whose layer has passed are dropped)
-        rel = fmc[REL]
+        rel = ev[EV_REL]
         r, n = -2 - i, st[REL_N] - 1
-        g = rel[2, r]
-        rel[0, r], rel[1, r], rel[2, r] = rel[0, n], rel[1, n], rel[2, n]
+        lo, hi_, step = rel[2, r], rel[3, r], rel[4, r]
+        for j in range(5):
+            rel[j, r] = rel[j, n]
         st[REL_N] = n
-        L1 = fmc[G_LO].shape[1]
-        s_, h_ = g // L1, g % L1
-        if _add_prefetches(keys, fmc[QPRIO], hf, hi, st, fmc[G_LAYERS], fmc[G_EXPERTS], fmc[G_PRIO],
-                           fmc[G_LO][s_, h_], fmc[G_HI][s_, h_], fmc[G_STEP][s_, h_], par[NUM_EXPERTS]):
-            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, now)
+        if _add_prefetches(keys, ev[EV_QPRIO], hf, hi, st, ev[EV_LAYERS], ev[EV_EXPERTS], ev[EV_PRIO], lo, hi_, step,
+                           par[NUM_EXPERTS]):
+            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, now)
         return RELEASED, -1
     if i < 0:
         st[LOADED_PENDING] = 0
@@ -518,24 +518,24 @@ def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc):
             st[LOADED_END] = now
             st[LOADED_ORD] = st[ORDER]
         st[ORDER] += 1
-    nxt = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, fmc, now)
+    nxt = _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, ev, now)
     if nxt < 0:
         st[SLEEPING] += 1
     else:
         _start(keys, fl, st, par, nxt, now, False)
         if st[SLEEPING] > 0 and _has_work(st):
-            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, now)
+            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, now)
     return LANDED, key
 
 
 @_jit
-def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t):
+def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t):
     """`SimEngine._sync(t)`: every event due by tick `t` (those it schedules by then too)."""
     while True:
-        first, _, _ = _first_event(keys, fl, st, fmc)
+        first, _, _ = _first_event(keys, fl, st, ev[EV_REL])
         if first < 0 or first > t:
             return
-        _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc)
+        _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev)
 
 
 @_jit
@@ -662,7 +662,7 @@ def _finemoe_hook(keys, st, par, fmc, s, h, step, now_s):
 
 
 @_jit
-def _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, s, h, at, t):
+def _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, fmc, s, h, at, t):
     """`SimEngine._submit` of a FineMoE hook's asks at compute tick t: queued now if their search
     is done by then, else by a release event at tick `at`."""
     lo, hi_ = fmc[G_LO][s, h], fmc[G_HI][s, h]
@@ -671,10 +671,10 @@ def _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, s,
     if at <= t:
         if _add_prefetches(keys, qprio, hf, hi, st, fmc[G_LAYERS], fmc[G_EXPERTS], fmc[G_PRIO], lo, hi_,
                            fmc[G_STEP][s, h], par[NUM_EXPERTS]):
-            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+            _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
         return
-    rel, n = fmc[REL], st[REL_N]
-    rel[0, n], rel[1, n], rel[2, n] = at, st[ORDER], s * fmc[G_LO].shape[1] + h
+    rel, n = ev[EV_REL], st[REL_N]
+    rel[0, n], rel[1, n], rel[2, n], rel[3, n], rel[4, n] = at, st[ORDER], lo, hi_, fmc[G_STEP][s, h]
     st[ORDER] += 1
     st[REL_N] = n + 1
 
@@ -703,6 +703,8 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
     out_pos = np.empty(keys.shape[1], np.int64)  # the oracle's asks: at most one per key
     out_key = np.empty(keys.shape[1], np.int64)
     fpar = orc[0]
+    # What the event path reads of FineMoE (a release's asks, its p): a few arrays, not all of `fmc`.
+    ev = (fmc[REL], fmc[FM_P], g_layers, g_experts, g_prio, qprio)
     stall = 0
     for s in range(rows.shape[0]):
         step = first_step + s
@@ -715,23 +717,23 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
         boosted = par[MODE] == DECODE_FIRST and prefill[s] != 0
         boost = BOOST if boosted else 0.0
         if wants_step:
-            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
             if finemoe:  # `on_step_start`
                 st[FM_STEP], st[FM_LAYER] = step, -1
                 _abandon_unstarted(st, fmc, t * _S)
                 at = _finemoe_hook(keys, st, par, fmc, s, 0, step, t * _S)
-                _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, s, 0, at, t)
+                _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, fmc, s, 0, at, t)
             elif asks_oracle:
                 n_asks = _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_pos, out_key,
                                       step, boosted)
                 if n_asks and _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n_asks, boost):
-                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
             elif g_hi[s, 0] > g_lo[s, 0] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
                                                              g_lo[s, 0], g_hi[s, 0], g_step[s, 0], J):
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
         for layer in range(num_layers):
             t += dense[s]
-            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+            _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
             st[POS_LAYER] = layer
             n_asks = 0
             at = 0
@@ -795,13 +797,13 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
             misses[layer] += k
             h = layer + 1
             if finemoe:
-                _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, s, h, at, t)
+                _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, fmc, s, h, at, t)
             elif asks_oracle:
                 if n_asks and _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n_asks, boost):
-                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+                    _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
             elif g_hi[s, h] > g_lo[s, h] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
                                                              g_lo[s, h], g_hi[s, h], g_step[s, h], J):
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
             if k == 0 and st[N_FLIGHT] == 0 and st[N_QUEUED] == 0 and st[REL_N] == 0:
                 for i in range(width):  # nothing can happen on the link: back to back, no pins
                     if experts[layer, i] >= 0:
@@ -811,7 +813,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 if experts[layer, i] >= 0:
                     keys[PIN, layer * J + experts[layer, i]] += 1
             if k > 0:
-                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+                _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
                 t += par[MISS_TICKS] * k
             for i in range(width):  # resident experts first, in expert order
                 e = experts[layer, i]
@@ -828,7 +830,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 u_t, u_k = _queue_unpin(u_t, u_k, st, t * _S, key)
             left = k  # `_await_misses`: pending[:left], in miss order
             while left > 0:
-                _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+                _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
                 if st[ERROR]:
                     return t, stall, s
                 ready = 0
@@ -845,7 +847,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     if first >= 0:  # until its copy lands (its engine handles the landing first)
                         target = keys[LORD, first]
                         while True:
-                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc)
+                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev)
                             if kind == 0 or st[ERROR]:
                                 break
                             if kind == LANDED and landed == first and keys[LORD, first] == target:
@@ -853,7 +855,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     else:  # until any copy lands
                         st[WAITED_LOADED] = 1
                         while True:
-                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc)
+                            kind, landed = _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev)
                             if kind == 0 or kind == LOADED or st[ERROR]:
                                 break
                         st[WAITED_LOADED] = 0
@@ -877,7 +879,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                         m2 += 1
                 left = m2
         ends[s] = t
-    _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, fmc, t)
+    _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
     return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1)
 
 
@@ -1047,7 +1049,7 @@ class CompiledPrefetchSteps:
         if hooks is None:
             one = np.zeros((1, L1), np.int64)
             return (np.zeros(n), np.zeros(eng.L, np.int64), np.zeros(1), np.zeros((2, 1)), np.zeros(1, np.int64),
-                    np.zeros((3, 1), np.int64), np.zeros((1, L1)), one, one, one, np.zeros(0, np.int64),
+                    np.zeros((5, 1), np.int64), np.zeros((1, L1)), one, one, one, np.zeros(0, np.int64),
                     np.zeros((0, eng.J)), asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, qprio)
         fm = eng.policy.state()
         par[FINEMOE], par[FM_CACHE], par[FM_CHARGE] = 1, fm["cache"], fm["charged"]
@@ -1064,7 +1066,7 @@ class CompiledPrefetchSteps:
         busy = np.array([eng.policy.search_busy_s])
         groups = asks.lo.shape[0] * L1
         return (fm["p"].reshape(-1).astype(np.float64), fm["p_step"].astype(np.int64), busy, th_f, th_i,
-                np.zeros((3, groups + 1), np.int64), hooks.cost_s, hooks.searches, hooks.row_lo, hooks.row_hi,
+                np.zeros((5, groups + 1), np.int64), hooks.cost_s, hooks.searches, hooks.row_lo, hooks.row_hi,
                 hooks.row_target, hooks.rows, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority,
                 qprio)
 
