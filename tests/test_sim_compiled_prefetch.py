@@ -135,6 +135,23 @@ def test_it_takes_over_with_copies_on_the_wire_and_prefetches_queued(monkeypatch
     assert all(seen[-1]), seen  # the oracle's (its default schedule, conservative)
 
 
+def _bound_policy(name: str, params: dict, trace, history: list[int], measure: list[int]):
+    """A policy bound to a context without an engine, fitted on `history`, prepared for `measure`."""
+    policy = make_policy(name, **params)
+    policy.bind(PolicyContext(geometry=trace.geometry, capacity_slots=trace.geometry.num_experts, seed=0,
+                              is_resident=lambda k: False, is_in_flight=lambda k: False, expert_load_s=1e-3))
+    policy.fit(trace.select_requests(history))
+    policy.prepare(trace, measure)
+    return policy
+
+
+def _hook_lists(policy, trace, step: int, seqs) -> list[list]:
+    """What the policy's hooks return for one step: its start, then each layer's routing."""
+    info = StepInfo(step, 0.0, seqs, trace)
+    return [list(policy.on_step_start(info))] + [list(policy.on_layer_routed(LayerRouting(info, layer, 0.0, trace)))
+                                                 for layer in range(trace.geometry.num_layers)]
+
+
 FINEMOE_PARAMS = [{}, {"distance": 1}, {"cache": "lru"}, {"cache": "lfu"}, {"search_s": 1e-3}, {"search_s": 0.0},
                   {"search_charge": "none"}, {"delta": False}, {"semantic": False}, {"trajectory": False},
                   {"search_s": 2e-5, "search_token_s": 1e-5}]
@@ -195,36 +212,29 @@ def test_finemoe_planned_hooks_are_what_its_hooks_return(L, J, K, batch, seed, p
     measure = [rid for rid in sorted(by_req) if rid >= 3]
     steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in measure], batch).plan()
 
-    def bound():
-        p = make_policy("finemoe", **params)
-        p.bind(PolicyContext(geometry=trace.geometry, capacity_slots=J, seed=0, is_resident=lambda k: False,
-                             is_in_flight=lambda k: False, expert_load_s=1e-3))
-        p.fit(trace.select_requests([0, 1, 2]))
-        p.prepare(trace, measure)
-        return p
-
-    policy, hooked = bound(), bound()
+    policy, hooked = (_bound_policy("finemoe", params, trace, [0, 1, 2], measure) for _ in range(2))
     assert policy.plans_asks()
     first = 3
     planned = policy.planned_hooks(trace, steps, first)
     for s, seqs in enumerate(steps):
-        info = StepInfo(first + s, 0.0, seqs, trace)
-        hooks = [list(hooked.on_step_start(info))] + [
-            list(hooked.on_layer_routed(LayerRouting(info, layer, 0.0, trace))) for layer in range(L)]
-        for h, want in enumerate(hooks):
+        for h, want in enumerate(_hook_lists(hooked, trace, first + s, seqs)):
             assert planned.asks.prefetches(s, h) == want  # priorities compared exactly
     assert planned.planned == hooked.searches_planned
     assert int(planned.searches.sum()) == hooked.searches
 
 
-def test_finemoe_on_top_k_maps_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
+def _mixtral(path, policy: str, gpu_mem: str, history: float = 0.0, seed: int = 0):
+    """(trace, configuration) of the real Mixtral logs on the RTX 3090 preset at `gpu_mem`."""
     from finemoe.sim.memory import parse_size
 
+    config = SimConfig(str(path), policy, PRESETS["rtx3090"], memory=MemoryConfig(gpu_mem_bytes=parse_size(gpu_mem)),
+                       seed=seed, workload=WorkloadConfig(history_fraction=history))
+    return load_trace_for(config), config
+
+
+def test_finemoe_on_top_k_maps_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
     for gpu_mem in ("12G", "48G"):
-        config = SimConfig(str(mixtral_trace_path), "finemoe-topk", PRESETS["rtx3090"],
-                           memory=MemoryConfig(gpu_mem_bytes=parse_size(gpu_mem)),
-                           workload=WorkloadConfig(history_fraction=0.5))
-        trace = load_trace_for(config)
+        trace, config = _mixtral(mixtral_trace_path, "finemoe-topk", gpu_mem, history=0.5)
         ref = simulate_policy(trace, config, make_policy("finemoe-topk"), compiled=False)
         fast = simulate_policy(trace, config, make_policy("finemoe-topk"), compiled=True)
         assert fast.config["engine_path"] == "compiled" and fast.summary["prefetch_issued"] > 0
@@ -232,13 +242,8 @@ def test_finemoe_on_top_k_maps_gives_the_reference_results_on_the_real_mixtral_l
 
 
 def test_oracle_schedules_give_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
-    from finemoe.sim.memory import parse_size
-
     for gpu_mem in ("12G", "48G"):
-        config = SimConfig(str(mixtral_trace_path), "oracle", PRESETS["rtx3090"],
-                           memory=MemoryConfig(gpu_mem_bytes=parse_size(gpu_mem)),
-                           workload=WorkloadConfig(history_fraction=0.0))
-        trace = load_trace_for(config)
+        trace, config = _mixtral(mixtral_trace_path, "oracle", gpu_mem)
         for params in CANDIDATES[::3]:
             ref, fast, _ = _both_oracle(trace, config, params)
             assert fast.config["engine_path"] == "compiled"
@@ -246,14 +251,9 @@ def test_oracle_schedules_give_the_reference_results_on_the_real_mixtral_logs(mi
 
 
 def test_layerwise_gives_the_reference_results_on_the_real_mixtral_logs(mixtral_trace_path):
-    from finemoe.sim.memory import parse_size
-
     for gpu_mem in ("12G", "24G", "48G"):
         for seed in (0, 3):
-            config = SimConfig(str(mixtral_trace_path), "layerwise", PRESETS["rtx3090"],
-                               memory=MemoryConfig(gpu_mem_bytes=parse_size(gpu_mem)), seed=seed,
-                               workload=WorkloadConfig(history_fraction=0.0))
-            ref, fast = _both(load_trace_for(config), config)
+            ref, fast = _both(*_mixtral(mixtral_trace_path, "layerwise", gpu_mem, seed=seed))
             assert fast.config["engine_path"] == "compiled"
             assert_same(ref, fast)
 
@@ -267,26 +267,14 @@ def test_planned_asks_are_what_the_hooks_return(L, J, K, batch, seed, policy_nam
     by_req = trace.iterations_by_request
     measure = [rid for rid in sorted(by_req) if rid >= 2]
     steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in measure], batch).plan()
-    policy = make_policy(policy_name, **({"epochs": 5} if policy_name == "promoe" else {}))
-
-    def bound():
-        p = make_policy(policy_name, **({"epochs": 5} if policy_name == "promoe" else {}))
-        p.bind(PolicyContext(geometry=trace.geometry, capacity_slots=J, seed=0, is_resident=lambda k: False,
-                             is_in_flight=lambda k: False, expert_load_s=1e-3))
-        p.fit(trace.select_requests([0, 1]))
-        p.prepare(trace, measure)
-        return p
-
-    policy, hooked = bound(), bound()
+    params = {"epochs": 5} if policy_name == "promoe" else {}
+    policy, hooked = (_bound_policy(policy_name, params, trace, [0, 1], measure) for _ in range(2))
     assert policy.plans_asks()
     first = 5
     asks = policy.planned_asks(trace, steps, first)
     assert asks.lo.shape == (len(steps), L + 1)
     for s, seqs in enumerate(steps):
-        info = StepInfo(first + s, 0.0, seqs, trace)
-        hooks = [list(hooked.on_step_start(info))] + [
-            list(hooked.on_layer_routed(LayerRouting(info, layer, 0.0, trace))) for layer in range(L)]
-        for h, want in enumerate(hooks):
+        for h, want in enumerate(_hook_lists(hooked, trace, first + s, seqs)):
             assert asks.prefetches(s, h) == want  # priorities compared exactly
     assert asks.wants_step == (policy_name != "mixtral-offloading")  # the others have a step hook
     assert policy.describe() == hooked.describe()  # the same counts of planned predictions
