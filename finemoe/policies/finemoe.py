@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finemoe.policies.asks import AskBuilder, PlannedAsks
+from finemoe.policies.asks import PlannedAsks
 from finemoe.policies.base import (
     ExpertKey,
     LayerRouting,
@@ -77,6 +77,24 @@ class _HookMemo:
         else:
             _HOOKS.move_to_end(key)
         return table
+
+
+@dataclass(frozen=True)
+class _StepHooks:
+    """One step's hooks (`FineMoE._hooks_of`), per hook h: its asks' count and, one hook after
+    another, their layers, experts and priorities; its search seconds and count; its p rows'
+    count and, one after another, their layers and values; and the searches the table answered."""
+
+    asks: np.ndarray  # int64 [layers + 1]
+    layers: np.ndarray
+    experts: np.ndarray
+    priority: np.ndarray
+    cost_s: np.ndarray  # float64 [layers + 1]
+    searches: np.ndarray  # int64 [layers + 1]
+    rows: np.ndarray  # int64 [layers + 1]
+    row_target: np.ndarray
+    row_values: np.ndarray  # float64 [rows, experts]
+    planned: int
 
 
 @dataclass(frozen=True)
@@ -331,38 +349,37 @@ class FineMoE(Policy):
         order), its search time and count, and how many searches `prepare`'s table answered. Each
         step's are the hooks' own, called on a copy of this policy (the reference, for any step),
         and remembered per process for steps of the same sequences (a sweep's other budgets)."""
-        L = self.L
+        L1, J = self.L + 1, self.J
         memo = _HookMemo.get(self._hooks_key(trace))
         scratch = None
-        n = len(steps)
-        builder = AskBuilder(n, L, first_step)
-        cost = np.zeros((n, L + 1))
-        count = np.zeros((n, L + 1), np.int64)
-        row_lo = np.zeros((n, L + 1), np.int64)
-        row_hi = np.zeros((n, L + 1), np.int64)
-        targets: list[int] = []
-        rows: list[np.ndarray] = []
-        planned = 0
-        for s, seqs in enumerate(steps):
+        per_step = []
+        for seqs in steps:
             hooks = memo.get(seqs)
             if hooks is None:
                 if scratch is None:
                     scratch = self._scratch()
                 hooks = memo[seqs] = scratch._hooks_of(seqs, trace)
-            for h, (asks, hook_cost, hook_count, hook_rows, hook_planned) in enumerate(hooks):
-                if asks[0]:
-                    lo = builder.append(*asks[1:])
-                    builder.lo[s, h], builder.hi[s, h] = lo, lo + asks[0]
-                cost[s, h], count[s, h] = hook_cost, hook_count
-                row_lo[s, h] = len(targets)
-                for target, row in hook_rows:
-                    targets.append(target)
-                    rows.append(row)
-                row_hi[s, h] = len(targets)
-                planned += hook_planned
-        return PlannedHooks(builder.build(wants_step=True), cost, count, row_lo, row_hi,
-                            np.array(targets, np.int64),
-                            np.array(rows, np.float64).reshape(len(rows), self.J), planned)
+            per_step.append(hooks)
+        n = len(steps)
+        if n == 0:
+            none = np.zeros((0, L1), np.int64)
+            return PlannedHooks(PlannedAsks(none, none, none, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                            np.zeros(0), True), np.zeros((0, L1)), none, none, none,
+                                np.zeros(0, np.int64), np.zeros((0, J)), 0)
+        # One step's arrays after another: each hook's slice from the running counts.
+        asks_n = np.stack([h.asks for h in per_step]).reshape(-1)
+        rows_n = np.stack([h.rows for h in per_step]).reshape(-1)
+        hi = np.cumsum(asks_n).reshape(n, L1)
+        row_hi = np.cumsum(rows_n).reshape(n, L1)
+        step = np.broadcast_to(first_step + np.arange(n, dtype=np.int64)[:, None], (n, L1)).copy()
+        asks = PlannedAsks(hi - asks_n.reshape(n, L1), hi, step,
+                           np.concatenate([h.layers for h in per_step]), np.concatenate([h.experts for h in per_step]),
+                           np.concatenate([h.priority for h in per_step]), True)
+        return PlannedHooks(asks, np.stack([h.cost_s for h in per_step]), np.stack([h.searches for h in per_step]),
+                            row_hi - rows_n.reshape(n, L1), row_hi,
+                            np.concatenate([h.row_target for h in per_step]),
+                            np.concatenate([h.row_values for h in per_step]).reshape(-1, J),
+                            sum(h.planned for h in per_step))
 
     def _hooks_key(self, trace) -> tuple:
         return (type(self).__name__, tuple(sorted(self.params.items())), trace.content_hash(),
@@ -379,21 +396,36 @@ class FineMoE(Policy):
         scratch.search_charge = "none"  # (when a search finishes is the kernel's to play)
         return scratch
 
-    def _hooks_of(self, seqs, trace) -> list[tuple]:
-        """Per hook of one step (its start, then each layer's routing): (the asks as (count,
-        layers, experts, priorities), search seconds, searches, [(target, row)], searches
-        answered from the table)."""
+    def _hooks_of(self, seqs, trace) -> _StepHooks:
+        """What the hooks of one step (its start, then each layer's routing) do apart from the
+        clock, as arrays (`_StepHooks`)."""
         info = StepInfo(0, 0.0, seqs, trace)
-        out = []
-        for h in range(self.L + 1):
-            self._rows_log, self._last_search, before = [], (0.0, 0), self.searches_planned
+        L1 = self.L + 1
+        asks_n, rows_n = np.zeros(L1, np.int64), np.zeros(L1, np.int64)
+        cost, count = np.zeros(L1), np.zeros(L1, np.int64)
+        layers: list[int] = []
+        experts: list[int] = []
+        prios: list[float] = []
+        targets: list[int] = []
+        rows: list[np.ndarray] = []
+        before = self.searches_planned
+        for h in range(L1):
+            self._rows_log, self._last_search = [], (0.0, 0)
             asks = self.on_step_start(info) if h == 0 else self.on_layer_routed(LayerRouting(info, h - 1, 0.0, trace))
-            asks = list(asks)
-            out.append(((len(asks), [p.layer for p in asks], [p.expert for p in asks], [p.priority for p in asks]),
-                        *self._last_search, [(t, np.asarray(r, np.float64).copy()) for t, r in self._rows_log],
-                        self.searches_planned - before))
+            for p in asks:
+                layers.append(p.layer)
+                experts.append(p.expert)
+                prios.append(p.priority)
+                asks_n[h] += 1
+            cost[h], count[h] = self._last_search
+            for target, row in self._rows_log:
+                targets.append(target)
+                rows.append(np.asarray(row, np.float64))
+            rows_n[h] = len(self._rows_log)
         self._rows_log = None
-        return out
+        return _StepHooks(asks_n, np.array(layers, np.int64), np.array(experts, np.int64), np.array(prios, np.float64),
+                          cost, count, rows_n, np.array(targets, np.int64),
+                          np.array(rows, np.float64).reshape(len(rows), self.J), self.searches_planned - before)
 
     def state(self) -> dict:
         """What a compiled engine path needs to go on where this policy stands (sim/compiled_prefetch.py)."""
