@@ -61,6 +61,21 @@ def test_oracle_schedules_give_the_reference_results_on_random_workloads(case, p
         assert_same(ref, fast)
 
 
+@pytest.mark.parametrize("params", [CANDIDATES[0], CANDIDATES[3], CANDIDATES[8]], ids=str)
+def test_oracle_schedules_with_more_keys_than_a_victim_scan_reads(params):
+    """Past `SCANNED_KEYS` keys the kernel's Belady victim comes from its heap of next uses."""
+    g = tiny_geometry(num_layers=9, num_experts=128, top_k=4)
+    assert g.num_layers * g.num_experts > compiled_prefetch.SCANNED_KEYS
+    trace = synthetic_trace(g, num_requests=4, prompt_tokens=(2, 5), generated_tokens=(6, 12), seed=5)
+    hw = PRESETS["rtx3090"].with_overrides(pcie_gbps=4.0, copy_engines=2)
+    for slots in (140, 600):
+        config = SimConfig("synthetic", "oracle", hw, memory=MemoryConfig(expert_cache_slots=slots),
+                           workload=WorkloadConfig(history_fraction=0.0, max_batch=3), timeline_steps=0)
+        ref, fast, _ = _both_oracle(trace, config, params)
+        assert fast.config["engine_path"] == "compiled"
+        assert_same(ref, fast)
+
+
 @st.composite
 def long_workloads(draw, policies=tuple(POLICIES)):
     """Longer runs with a timeline or Poisson arrivals: the compiled path takes over mid-run, with

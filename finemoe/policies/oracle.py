@@ -335,17 +335,11 @@ class OraclePolicy(Policy):
 
 
 @jit
-def new_asks(positions, previous, keys, here, scan, limit, nearest, free, resident, sent, num_experts, flag,
-              load_s, deadline_layer_s, out_pos, out_key):
-    """`_first_uses` and the filter of `_prefetches` (remembering asks) in one pass over the plan's
-    access arrays (`PlanView.access_arrays`): the first use of each expert among the `scan`
-    accesses after position `here` (read on, doubling, while fewer than `free` of them are not
-    resident and the window ends within `limit`), those at positions in [nearest, limit] whose
-    expert is not resident (with `deadline_layer_s` > 0, only those `_on_time` keeps), and whose
-    ask differs from `sent`, in order. Writes them to out_pos and out_key, marks them sent and
-    returns how many there are."""
+def ask_window(positions, previous, keys, i0, scan, limit, free, resident):
+    """The end of the accesses `new_asks` reads, [i0, i1) of the plan's access arrays (i0: the
+    first after where the schedule stands): `scan` of them, doubled while fewer than `free` of
+    their first uses are not resident and the window ends within `limit` (`_first_uses`)."""
     total = positions.size
-    i0 = np.searchsorted(positions, here, side="right")
     while True:
         i1 = min(i0 + scan, total)
         if free <= 0 or i1 - i0 != scan or positions[i1 - 1] > limit:
@@ -359,6 +353,21 @@ def new_asks(positions, previous, keys, here, scan, limit, nearest, free, reside
         if absent >= free:
             break
         scan *= 2
+    return i1
+
+
+@jit
+def new_asks(positions, previous, keys, here, scan, limit, nearest, free, resident, sent, num_experts, flag,
+              load_s, deadline_layer_s, out_pos, out_key):
+    """`_first_uses` and the filter of `_prefetches` (remembering asks) in one pass over the plan's
+    access arrays (`PlanView.access_arrays`): the first use of each expert among the `scan`
+    accesses after position `here` (read on, doubling, while fewer than `free` of them are not
+    resident and the window ends within `limit`), those at positions in [nearest, limit] whose
+    expert is not resident (with `deadline_layer_s` > 0, only those `_on_time` keeps), and whose
+    ask differs from `sent`, in order. Writes them to out_pos and out_key, marks them sent and
+    returns how many there are."""
+    i0 = np.searchsorted(positions, here, side="right")
+    i1 = ask_window(positions, previous, keys, i0, scan, limit, free, resident)
     n = 0
     ahead = 0
     for i in range(i0, i1):

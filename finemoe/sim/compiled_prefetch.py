@@ -39,7 +39,7 @@ from finemoe.jit import jit as _jit
 from finemoe.jit import numba
 from finemoe.policies.asks import AskBuilder
 from finemoe.policies.caches import LFUCounts
-from finemoe.policies.oracle import BOOST, new_asks
+from finemoe.policies.oracle import BOOST, ask_window, new_asks
 from finemoe.sim.compiled import StepPlanner, load_order, victim, victim_order, wire_end
 from finemoe.sim.costs import TICKS_PER_S
 
@@ -51,13 +51,17 @@ warm = False  # the kernel has run in this process: numba is imported and its ma
 RES, STAMP, PIN, FLIGHT, LEND, LORD, UNUSED, QSEQ, QSTEP, QLAYER, DEMAND, COUNT, NEXT_USE, SENT, USE_AT = range(15)
 # ... and FineMoE's: its use count, last use (its own clock) and the step that last predicted the expert.
 FM_FREQ, FM_LAST, FM_PROT = range(15, 18)
-N_KEY_FIELDS = 18
+# ... and the oracle's again: which keys' asks may have changed since its last ones (a flag, and
+# the list of those flagged, `_mark_changed`).
+CHANGED, CHANGED_LIST = 18, 19
+N_KEY_FIELDS = 20
 # Scalars of the int64 `st` array.
 (N_RES, N_FLIGHT, N_QUEUED, WIRE_FREE, CLOCK, SLEEPING, ORDER, SEQ, POS_STEP, POS_LAYER, STALLED, WAITED_LOADED,
  LOADED_PENDING, LOADED_END, LOADED_ORD, HEAP_N, UNPIN_HEAD, UNPIN_TAIL, DQ_HEAD, DQ_TAIL, NOW, ONDEMAND, ISSUED,
  STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR, USES_N, STALE, LAST_HERE, HAS_LAYER_S,
- FM_CLOCK, FM_STEP, FM_LAYER, TH_N, REL_N, FM_SEARCHES, FM_ABANDONED) = range(40)
-N_STATE = 40
+ FM_CLOCK, FM_STEP, FM_LAYER, TH_N, REL_N, FM_SEARCHES, FM_ABANDONED,
+ ASKED, ASKED_I0, ASKED_END, ASKED_NEAREST, ASKED_FLAG, N_CHANGED, EPOCH, VICTIM_AT, VICTIM) = range(49)
+N_STATE = 49
 # Parameters of the int64 `par` array (the last six: the oracle's, `ORACLE` 0 for any other policy).
 (CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS, LFU, ORACLE, MODE, LOOKAHEAD, MIN_AHEAD,
  SCAN, NUM_LAYERS, FINEMOE, FM_CACHE, FM_CHARGE) = range(17)
@@ -77,6 +81,7 @@ LOAD_S, LAYER_S, LAST_NOW = range(3)
 # `par[MODE]`: the index into policies/oracle.py's PREFETCH_MODES.
 NONE, CONSERVATIVE, AGGRESSIVE, DECODE_FIRST, DEADLINE = range(5)
 NEVER = 1 << 62  # a next use that never comes (the oracle's inf)
+SCANNED_KEYS = 1024  # up to this many keys the oracle's victim is found by a scan, not a heap (`_farthest`)
 NO_ROUTING = -(1 << 62)  # `LAST_HERE` before the first routing
 DEADLOCK, BLOCKED = 1, 2  # error codes: the reference raises there, or would wait for a pin's release
 LANDED, LOADED, RELEASED = 1, 2, 3  # kinds of event `_next_event` handles
@@ -164,6 +169,7 @@ def _apply_unpins(u_t, u_k, keys, st, now_s):
     while h < tail and u_t[h] <= now_s:
         keys[PIN, u_k[h]] -= 1
         h += 1
+    st[EPOCH] += h - st[UNPIN_HEAD]  # (the oracle's victim may differ now)
     st[UNPIN_HEAD] = h
 
 
@@ -256,7 +262,9 @@ def _set_next(keys, st, par, orc, key):
     """`OraclePolicy._set_next`: the key's next use after where the schedule stands."""
     use = _next_use(keys, orc, key, _here(st, par))
     keys[NEXT_USE, key] = use
-    _uses_push(keys, st, orc[1], use, key)
+    st[EPOCH] += 1
+    if keys.shape[1] > SCANNED_KEYS:  # (`_farthest` reads the heap)
+        _uses_push(keys, st, orc[1], use, key)
 
 
 @_jit
@@ -265,8 +273,10 @@ def _refresh(keys, st, par, orc):
     read it since: every ask forgotten, every resident's next use read anew."""
     if st[STALE]:
         st[STALE] = 0
+        st[ASKED] = 0  # every ask forgotten: the next are read in full
         keys[SENT, :] = -1
         st[USES_N] = 0
+        st[EPOCH] += 1
         for k in range(keys.shape[1]):
             if keys[RES, k]:
                 _set_next(keys, st, par, orc, k)
@@ -274,11 +284,25 @@ def _refresh(keys, st, par, orc):
 
 @_jit
 def _farthest(keys, st, orc):
-    """`OraclePolicy._scan_victim`: the unpinned resident needed farthest ahead (lowest key among
-    equals), or -1; stale entries leave the heap, pinned ones go back."""
+    """`OraclePolicy._farthest`: the unpinned resident needed farthest ahead (lowest key among
+    equals), or -1. The answer depends on the residents, their next uses and pins alone, so it
+    is the last one's until one of those changes (`EPOCH`): a copy engine asks once per queued
+    prefetch, and the oracle's queue holds dozens. Up to `SCANNED_KEYS` keys it is read off the
+    keys table, else from the heap of next uses (stale entries leave it, pinned ones go back): a
+    scan of a few hundred keys costs less than the heap's pops and pushes of the pinned residents
+    it passes over (most of a small cache is the layer being computed)."""
+    if st[VICTIM_AT] == st[EPOCH]:
+        return st[VICTIM]
+    found = -1
+    if keys.shape[1] <= SCANNED_KEYS:
+        farthest = -1
+        for k in range(keys.shape[1]):
+            if keys[RES, k] and keys[PIN, k] == 0 and keys[NEXT_USE, k] > farthest:
+                farthest, found = keys[NEXT_USE, k], k
+        st[VICTIM_AT], st[VICTIM] = st[EPOCH], found
+        return found
     uses = orc[1]
     aside = 0
-    found = -1
     while st[USES_N] > 0:
         use, k = uses[0, 0], uses[1, 0]
         live = keys[RES, k] and keys[NEXT_USE, k] == use
@@ -291,6 +315,7 @@ def _farthest(keys, st, orc):
             aside += 1
     for i in range(aside):
         _uses_push(keys, st, uses, uses[2, i], uses[3, i])
+    st[VICTIM_AT], st[VICTIM] = st[EPOCH], found
     return found
 
 
@@ -300,23 +325,109 @@ def _oracle_victim(keys, st, par, orc, pf_key, pf_step, pf_layer):
     for a prefetch none unless the victim is needed later than the expert it brings and, for the
     conservative schedule, unless the copy lands in time at the shortest layer interval seen."""
     _refresh(keys, st, par, orc)
+    here = _here(st, par)
+    if pf_key >= 0 and par[MODE] == CONSERVATIVE:
+        # Too late to land: refused whatever the victim (so no victim is sought; the answer of
+        # `_farthest` depends on the residents alone, not on the heap's state it leaves).
+        layer_s = orc[0][LAYER_S] if st[HAS_LAYER_S] else 0.0
+        if orc[0][LOAD_S] > (pf_step * par[NUM_LAYERS] + pf_layer - here) * layer_s:
+            keys[SENT, pf_key] = -1
+            _mark_changed(keys, st, pf_key)
+            return -1
     found = _farthest(keys, st, orc)
-    if found >= 0 and pf_key >= 0:
-        here = _here(st, par)
-        if keys[NEXT_USE, found] <= _next_use(keys, orc, pf_key, here):
-            found = -1
-        elif par[MODE] == CONSERVATIVE:
-            layer_s = orc[0][LAYER_S] if st[HAS_LAYER_S] else 0.0
-            if orc[0][LOAD_S] > (pf_step * par[NUM_LAYERS] + pf_layer - here) * layer_s:
-                found = -1
+    if found >= 0 and pf_key >= 0 and keys[NEXT_USE, found] <= _next_use(keys, orc, pf_key, here):
+        found = -1
     if found < 0 and pf_key >= 0:
         keys[SENT, pf_key] = -1  # the cache drops it: it may be asked for again
+        _mark_changed(keys, st, pf_key)
     return found
 
 
 @_jit
-def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_pos, out_key, step, boosted):
-    """`OraclePolicy._prefetches` where the schedule stands (its compiled way, `new_asks`), less
+def _mark_changed(keys, st, key):
+    """The key's ask may differ from the one last sent (its ask was forgotten, its expert evicted,
+    or its next use passed): `_changed_asks` reads it again."""
+    if not keys[CHANGED, key]:
+        keys[CHANGED, key] = 1
+        keys[CHANGED_LIST, st[N_CHANGED]] = key
+        st[N_CHANGED] += 1
+
+
+@_jit
+def _ask_of(keys, st, positions, previous, key_a, i, i0, nearest, num_experts, flag, out_pos, out_key, n):
+    """`new_asks`'s test of access i (no deadline rule): its expert's first use after the window's
+    start, not nearer than `nearest`, not resident, an ask not sent already; marked sent and
+    written as out[n] if so. Returns the new count."""
+    p, k = positions[i], key_a[i]
+    if previous[i] >= i0 or p < nearest or keys[RES, k]:
+        return n
+    ask = (p * num_experts + k % num_experts) * 2 + flag
+    if keys[SENT, k] == ask:
+        return n
+    keys[SENT, k] = ask
+    out_pos[n], out_key[n] = p, k
+    return n + 1
+
+
+@_jit
+def _changed_asks(keys, st, orc, positions, previous, key_a, key_idx, here, scan, limit, nearest, free, num_experts,
+                  flag, out_pos, out_key, scratch):
+    """`new_asks` without the deadline rule, reading only the accesses whose answer can differ from
+    its last call's: those the window has newly reached, and the first uses of the keys marked
+    changed (`_mark_changed`; the keys accessed since are marked here). Every other access of
+    the window was read last time and nothing it is tested on has moved: a first use stays one,
+    `nearest` only grows (else the window is read in full), an expert becomes non-resident only
+    by an eviction, and an ask sent stays so until it is forgotten. The same asks in the same
+    order (tests/test_sim_compiled_prefetch.py against the reference engine)."""
+    if st[ASKED]:
+        i0 = st[ASKED_I0]
+        while i0 < positions.size and positions[i0] <= here:
+            _mark_changed(keys, st, key_a[i0])  # its next use has passed
+            i0 += 1
+    else:
+        i0 = np.searchsorted(positions, here, side="right")
+    i1 = ask_window(positions, previous, key_a, i0, scan, limit, free, keys[RES])
+    end = i1
+    if i1 > i0 and positions[i1 - 1] > limit:
+        end = i0 + np.searchsorted(positions[i0:i1], limit, side="right")
+    n = 0
+    lo = i0
+    if st[ASKED] and flag == st[ASKED_FLAG] and nearest >= st[ASKED_NEAREST]:
+        read_to = min(end, st[ASKED_END])
+        starts = orc[2]
+        m = 0
+        for c in range(st[N_CHANGED]):
+            k = keys[CHANGED_LIST, c]
+            _next_use(keys, orc, k, here)
+            slot = keys[USE_AT, k]
+            if slot < starts[k + 1] and key_idx[slot] < read_to:
+                scratch[m] = key_idx[slot]
+                m += 1
+        for a in range(1, m):  # (a few: an insertion sort)
+            v = scratch[a]
+            b = a - 1
+            while b >= 0 and scratch[b] > v:
+                scratch[b + 1] = scratch[b]
+                b -= 1
+            scratch[b + 1] = v
+        for c in range(m):
+            n = _ask_of(keys, st, positions, previous, key_a, scratch[c], i0, nearest, num_experts, flag,
+                        out_pos, out_key, n)
+        lo = max(i0, st[ASKED_END])
+    for c in range(st[N_CHANGED]):
+        keys[CHANGED, keys[CHANGED_LIST, c]] = 0
+    st[N_CHANGED] = 0
+    for i in range(lo, end):
+        n = _ask_of(keys, st, positions, previous, key_a, i, i0, nearest, num_experts, flag, out_pos, out_key, n)
+    st[ASKED], st[ASKED_I0], st[ASKED_END], st[ASKED_NEAREST], st[ASKED_FLAG] = 1, i0, end, nearest, flag
+    return n
+
+
+@_jit
+def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_idx, out_pos, out_key, scratch,
+                 step, boosted):
+    """`OraclePolicy._prefetches` where the schedule stands (`_changed_asks`; for the deadline rule,
+    whose every ask hangs on those before it, `new_asks`, the function its Python side calls), less
     those on the wire or queued as this very ask (`_asks_for`): written to out_pos/out_key, their
     count returned."""
     _refresh(keys, st, par, orc)
@@ -326,10 +437,14 @@ def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_p
     if boosted and (step + 1) * L > nearest:
         nearest = (step + 1) * L
     flag, boost = (1, BOOST) if boosted else (0, 0.0)
-    layer_s = orc[0][LAYER_S] if st[HAS_LAYER_S] else 0.0
-    n = new_asks(view_pos, view_prev, view_key, here, par[SCAN], here + par[LOOKAHEAD], nearest,
-                 par[CAPACITY] - st[N_RES], keys[RES], keys[SENT], J, flag, orc[0][LOAD_S],
-                 layer_s if par[MODE] == DEADLINE else 0.0, out_pos, out_key)
+    free = par[CAPACITY] - st[N_RES]
+    if par[MODE] == DEADLINE:
+        layer_s = orc[0][LAYER_S] if st[HAS_LAYER_S] else 0.0
+        n = new_asks(view_pos, view_prev, view_key, here, par[SCAN], here + par[LOOKAHEAD], nearest, free,
+                     keys[RES], keys[SENT], J, flag, orc[0][LOAD_S], layer_s, out_pos, out_key)
+    else:
+        n = _changed_asks(keys, st, orc, view_pos, view_prev, view_key, view_idx, here, par[SCAN],
+                          here + par[LOOKAHEAD], nearest, free, J, flag, out_pos, out_key, scratch)
     m = 0
     for i in range(n):
         p, k = out_pos[i], out_key[i]
@@ -384,11 +499,13 @@ def _evict(keys, st, par, orc, ev, pf_key, pf_step, pf_layer):
     if best >= 0:
         keys[RES, best] = 0
         st[N_RES] -= 1
+        st[EPOCH] += 1
         if keys[UNUSED, best]:
             keys[UNUSED, best] = 0
             st[UNUSED_EVICTED] += 1
         if par[ORACLE]:
             keys[SENT, best] = -1  # `on_evicted`
+            _mark_changed(keys, st, best)
     return best
 
 
@@ -682,13 +799,14 @@ def _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, fmc
 @_jit
 def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, multi_ticks, dense, first_step,
                        wants_step, g_lo, g_hi, g_step, g_layers, g_experts, g_prio, t, ends, keys, qprio, hf, hi, fl,
-                       u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, prefill, fmc):
+                       u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, view_idx, prefill,
+                       fmc):
     """The reference's general path over a fixed sequence of steps: step s is trace row `rows[s]`
     alone or, where rows[s] < 0, prepared step `multi[s]`; its asks at the step's start (hook 0)
     and after layer l's routing (hook l + 1) are a in [g_lo[s, h], g_hi[s, h]): expert g_experts[a]
     of layer g_layers[a] for step g_step[s, h], at priority g_prio[a]. With `par[ORACLE]` the asks
-    and victims are instead the oracle's, from its plan (`orc`; view_* are `PlanView.access_arrays`;
-    `prefill[s]`: step s runs a prefill); with `par[FINEMOE]` the victims are FineMoE's and its
+    and victims are instead the oracle's, from its plan (`orc`; view_* are `PlanView.access_arrays`
+    and `per_key_indices`; `prefill[s]`: step s runs a prefill); with `par[FINEMOE]` the victims are FineMoE's and its
     asks wait for their search (`fmc`). Each step's end clock goes to `ends[s]`. Returns (clock,
     ticks stalled, the failing step or -1)."""
     num_layers = one_tick.shape[0]
@@ -702,6 +820,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
     asks_oracle = oracle and par[MODE] != NONE
     out_pos = np.empty(keys.shape[1], np.int64)  # the oracle's asks: at most one per key
     out_key = np.empty(keys.shape[1], np.int64)
+    scratch = np.empty(keys.shape[1], np.int64)
     fpar = orc[0]
     # What the event path reads of FineMoE (a release's asks, its p): a few arrays, not all of `fmc`.
     ev = (fmc[REL], fmc[FM_P], g_layers, g_experts, g_prio, qprio)
@@ -724,8 +843,8 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 at = _finemoe_hook(keys, st, par, fmc, s, 0, step, t * _S)
                 _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, fmc, s, 0, at, t)
             elif asks_oracle:
-                n_asks = _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_pos, out_key,
-                                      step, boosted)
+                n_asks = _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_idx, out_pos,
+                                      out_key, scratch, step, boosted)
                 if n_asks and _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n_asks, boost):
                     _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
             elif g_hi[s, 0] > g_lo[s, 0] and _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio,
@@ -751,8 +870,8 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 st[LAST_HERE] = here
                 fpar[LAST_NOW] = now_s
                 if asks_oracle:
-                    n_asks = _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, out_pos,
-                                          out_key, step, boosted)
+                    n_asks = _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_idx,
+                                          out_pos, out_key, scratch, step, boosted)
             # The accesses (`access_layer`), in expert order; the misses queue as on-demand loads.
             st[DQ_HEAD] = st[DQ_TAIL] = 0
             n = k = 0
@@ -812,6 +931,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
             for i in range(width):  # pin what the layer needs until it is computed
                 if experts[layer, i] >= 0:
                     keys[PIN, layer * J + experts[layer, i]] += 1
+            st[EPOCH] += 1
             if k > 0:
                 _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
                 t += par[MISS_TICKS] * k
@@ -1027,6 +1147,7 @@ class CompiledPrefetchSteps:
             fpar[LAYER_S], st[HAS_LAYER_S] = sched.layer_s, 1
         st[LAST_HERE], fpar[LAST_NOW] = sched.last_routed if sched.last_routed is not None else (NO_ROUTING, 0.0)
         st[STALE] = sched.stale
+        st[EPOCH] = 1  # (no victim remembered yet)
         keys[SENT] = sched.sent
         starts, positions = eng.oracle.per_key_positions()
         keys[USE_AT] = starts[:-1]
@@ -1083,10 +1204,11 @@ class CompiledPrefetchSteps:
         steps, rows, multi, dense, tokens, multi_experts, multi_ticks = planner.plan(t)
         seqs_of = [seqs for seqs, _ in steps]
         hooks = None
-        view_pos = view_prev = view_key = np.zeros(0, np.int64)
+        view_pos = view_prev = view_key = view_idx = np.zeros(0, np.int64)
         if self.oracle:  # its asks come from its plan as the kernel goes
             asks = AskBuilder(len(steps), eng.L, eng.step).build(wants_step=True)  # none planned
             view_pos, view_prev, view_key = eng.oracle.access_arrays
+            view_idx = eng.oracle.per_key_indices()
             eng.policy.observed_steps.extend(seqs_of)
         elif self.finemoe:  # its asks and p rows planned; when its searches end, the kernel's
             hooks = eng.policy.planned_hooks(eng.trace, seqs_of, eng.step)
@@ -1102,7 +1224,8 @@ class CompiledPrefetchSteps:
         t, waited, failed = run_prefetch_steps(
             rows, multi, planner.rows(), planner.one_tick, multi_experts, multi_ticks, dense, eng.step,
             asks.wants_step, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, t, ends, keys,
-            qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, prefill, fmc)
+            qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, view_idx, prefill,
+            fmc)
         rec.hits = [int(h) for h in hits]
         rec.misses = [int(m) for m in misses]
         rec.ondemand_loads += int(st[ONDEMAND])

@@ -108,6 +108,7 @@ class _Plan:
         self.pos, self.per_key, self.prev = pos.tolist(), per_key, prev
         self.pos_arr, self.key_arr = pos, key
         self.key_starts, self.key_positions = starts, np.ascontiguousarray(sorted_pos, dtype=np.int64)
+        self.key_indices = order.astype(np.int64)
         self.entries: list[tuple[int, int, int]] | None = None  # (step, layer, expert) per access, made when asked
 
 
@@ -166,6 +167,10 @@ class PlanView(OracleView):
         positions[starts[k]:starts[k + 1]] (what `next_use` bisects, for a compiled reader; not to
         be written)."""
         return self._plan.key_starts, self._plan.key_positions
+
+    def per_key_indices(self) -> np.ndarray:
+        """Beside `per_key_positions`, each of those accesses' index in `access_arrays`."""
+        return self._plan.key_indices
 
     def entries(self) -> list[tuple[int, int, int]]:
         """Every access as (step, layer, expert), in order."""
