@@ -5,8 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from finemoe.sim.bounds import Link, StepCost, min_loads, step_end_bounds, window_bound
+from finemoe.sim import bounds
+from finemoe.sim.belady import min_loads
+from finemoe.sim.bounds import Link, StepCost, step_end_bounds, window_bound
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.exact import exact_min_loads
 from finemoe.sim.hardware import PRESETS
@@ -72,6 +76,37 @@ def test_window_bound_by_hand():
     assert window_bound(steps, 10, link) == 50
 
 
+@st.composite
+def _step_lists(draw):
+    layers = draw(st.integers(1, 3))
+    keys = [(layer, e) for layer in range(layers) for e in range(draw(st.integers(1, 4)))]
+    steps = []
+    for _ in range(draw(st.integers(1, 8))):
+        sets = [draw(st.lists(st.sampled_from([k for k in keys if k[0] == layer]), max_size=3, unique=True))
+                for layer in range(layers)]
+        ticks = [draw(st.integers(0, 50)) for _ in range(layers)]
+        mins = [min(t, draw(st.integers(0, 20))) for t in ticks]
+        steps.append(StepCost(tuple(tuple(s) for s in sets), tuple(ticks), tuple(mins), draw(st.integers(0, 300)),
+                              (0,)))
+    capacity = draw(st.integers(1, 6))
+    start = frozenset(draw(st.lists(st.sampled_from(keys), max_size=capacity, unique=True)))
+    link = Link(draw(st.integers(0, 20)), draw(st.integers(1, 60)), draw(st.sampled_from([1.0, 0.7])))
+    return steps, capacity, start, link
+
+
+@settings(max_examples=200, deadline=None)
+@given(_step_lists(), st.data())
+def test_the_array_bounds_are_the_plain_loops(case, data):
+    """What sweeps compute (`_step_ends`, `_window` over shared position arrays) is the plain loops'
+    `step_end_bounds` and `window_bound`, step list for step list."""
+    steps, capacity, start, link = case
+    pos = bounds._Positions.of(steps)
+    assert bounds._step_ends(steps, pos, capacity, start, link) == step_end_bounds(steps, capacity, start, link)
+    first = data.draw(st.integers(0, len(steps)))
+    stop = data.draw(st.integers(first, len(steps)))
+    assert bounds._window(pos, first, stop, capacity, link) == window_bound(steps[first:stop], capacity, link)
+
+
 def test_remembered_bounds_are_the_bounds_computed_afresh():
     """A sweep's policies share one budget's bounds (`bounds_for`): what it hands back, the first time
     and the next, equals a fresh computation, and a different budget or start state gets its own."""
@@ -120,3 +155,25 @@ def test_a_runs_positions_give_its_loads_bound_and_an_optimum_no_run_beats(seed)
     assert oracle.summary["bound_loads"] <= exact <= oracle.config["policy_info"]["best_loads"]
     for policy in ("lru", "lfu", "layerwise", "promoe", "moe-infinity", "finemoe"):
         assert loads(simulate(trace, config(policy))) >= exact, policy
+
+
+def test_planned_step_costs_are_computed_once_per_trace_hardware_and_batcher():
+    """A sweep's budgets share one costing of the planned steps (`planned_step_costs`): the list
+    handed back again is the first, equal to the steps costed afresh; other hardware gets its own."""
+    from finemoe.sim.costs import CostModel
+    from finemoe.sim.run import _workload
+
+    trace = synthetic_trace(tiny_geometry(num_layers=2, num_experts=4, top_k=2), num_requests=5,
+                            prompt_tokens=(1, 3), generated_tokens=(2, 5), seed=7)
+    config = SimConfig("synthetic", "lru", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=3),
+                       workload=WorkloadConfig(history_fraction=0.4, max_batch=2))
+    bounds._STEP_COSTS.clear()
+    costs = CostModel(config.hardware, trace.geometry)
+    first, arrival_of = bounds.planned_step_costs(trace, costs, _workload(trace, config)[3])
+    again, _ = bounds.planned_step_costs(trace, costs, _workload(trace, config)[3])
+    assert again is first
+    batcher = _workload(trace, config)[3]
+    assert list(first) == bounds.step_costs(trace, costs, batcher.plan(None), arrival_of)
+    other = CostModel(PRESETS["h100"], trace.geometry)
+    theirs, _ = bounds.planned_step_costs(trace, other, _workload(trace, config)[3])
+    assert theirs is not first and list(theirs) == bounds.step_costs(trace, other, batcher.plan(None), arrival_of)

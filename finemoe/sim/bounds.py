@@ -12,13 +12,15 @@ depend on its timing, so the bounds use each request's own accesses, which every
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from finemoe.policies.base import Sequence as Run
 from finemoe.results import latency_summary
-from finemoe.sim.belady import min_loads
+from finemoe.sim.belady import min_loads, min_loads_of_arrays
 from finemoe.sim.costs import TICKS_PER_S, CostModel, to_ticks
 from finemoe.sim.engine import iter_info, step_work
 from finemoe.sim.workload import ContinuousBatcher
@@ -85,6 +87,56 @@ def step_costs(trace, costs: CostModel, steps, arrival_of: dict[int, int]) -> li
     return out
 
 
+@dataclass(frozen=True)
+class _Positions:
+    """Steps as arrays over their (step, layer) positions, for the bounds' arithmetic: each
+    position's keys (integer ids by first appearance, `keys[offsets[p]:offsets[p + 1]]`), its
+    compute ticks and cheapest expert's ticks, and each step's first position (`starts`, one
+    longer). A window of steps is a slice of them (`window`)."""
+
+    offsets: np.ndarray
+    keys: np.ndarray
+    ticks: np.ndarray
+    mins: np.ndarray
+    starts: np.ndarray
+    ids: dict
+
+    @staticmethod
+    def of(steps: list[StepCost]) -> _Positions:
+        ids: dict = {}
+        flat = [ids.setdefault(k, len(ids)) for s in steps for lk in s.keys for k in lk]
+        sizes = [len(lk) for s in steps for lk in s.keys]
+        offsets = np.zeros(len(sizes) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        starts = np.zeros(len(steps) + 1, np.int64)
+        np.cumsum([len(s.keys) for s in steps], out=starts[1:])
+        return _Positions(offsets, np.array(flat, np.int64), np.array([t for s in steps for t in s.layer_ticks], np.int64),
+                          np.array([m for s in steps for m in s.min_expert_ticks], np.int64), starts, ids)
+
+    def min_loads(self, a: int, b: int, capacity: int, start: frozenset = frozenset()) -> np.ndarray:
+        """`min_loads` of positions [a, b) (the same counts: MIN's ids are only indices)."""
+        ids = dict(self.ids)
+        first = np.array([ids.setdefault(k, len(ids)) for k in sorted(start, key=repr)], np.int64)
+        offsets = self.offsets[a : b + 1]
+        return min_loads_of_arrays(offsets - offsets[0], self.keys[offsets[0] : offsets[-1]], len(ids), capacity,
+                                   first)
+
+
+class _Steps(list):
+    """A list of `StepCost` that remembers its positions (`_Positions`) once built: the planned
+    steps a process keeps (`planned_step_costs`), which every budget's bounds read."""
+
+    _positions: _Positions | None = None
+
+
+def _positions_of(steps: list[StepCost]) -> _Positions:
+    if not isinstance(steps, _Steps):
+        return _Positions.of(steps)
+    if steps._positions is None:
+        steps._positions = _Positions.of(steps)
+    return steps._positions
+
+
 def _scaled(ticks: int, f: float) -> int:
     return ticks if f >= 1.0 else int(ticks * f)
 
@@ -95,7 +147,8 @@ def step_end_bounds(steps: list[StepCost], capacity: int, start: frozenset, link
     Step s ends no earlier than (a) its compute after the previous step's end or its arrival,
     whichever is later, and (b) for each of its layers l, the link time of the MIN loads of the
     prefix through (s, l) (the k-th copy lands at latency + k wire times at the earliest) plus one
-    expert of l and the step's compute after l.
+    expert of l and the step's compute after l. (The plain loop, the definition: sweeps use
+    `_step_ends`, checked against it.)
     """
     f = link.compute_factor
     cum = min_loads([k for s in steps for k in s.keys], capacity, start)
@@ -119,7 +172,7 @@ def window_bound(steps: list[StepCost], capacity: int, link: Link) -> int:
     """A lower bound on the time (ticks) the steps `steps` take after the step before them ends:
     their compute, and for each position the link time of the copies that must start after that
     moment (MIN of the window from cold, less the `capacity` experts the cache may hold then,
-    resident or on the wire) plus the compute that follows."""
+    resident or on the wire) plus the compute that follows. (The plain loop: sweeps use `_window`.)"""
     if not steps:
         return 0
     f = link.compute_factor
@@ -136,10 +189,55 @@ def window_bound(steps: list[StepCost], capacity: int, link: Link) -> int:
     return best
 
 
+def _scaled_array(ticks: np.ndarray, f: float) -> np.ndarray:
+    """`_scaled` of each (int() truncates toward zero, as astype does)."""
+    return ticks if f >= 1.0 else (ticks * f).astype(np.int64)
+
+
+def _step_ends(steps: list[StepCost], pos: _Positions, capacity: int, start: frozenset,
+               link: Link) -> tuple[list[int], int]:
+    """`step_end_bounds` over the steps' positions (`pos`), its per-position part with numpy
+    (hundreds of thousands of positions per budget at paper size: 1.5 s in the plain loop); the
+    same ends (tests/test_bounds.py)."""
+    if not steps:
+        return [], 0
+    f = link.compute_factor
+    cum = pos.min_loads(0, pos.ticks.size, capacity, start)
+    ticks, mins = _scaled_array(pos.ticks, f), _scaled_array(pos.mins, f)
+    through = np.cumsum(ticks)  # compute through each position
+    step_last = pos.starts[1:] - 1
+    totals = through[step_last] - np.concatenate(([0], through[step_last[:-1]]))
+    after = np.repeat(through[step_last], np.diff(pos.starts)) - through  # the step's compute after p
+    copies = np.where(cum > 0, link.latency + cum * link.wire + mins + after, 0)
+    by_copies = np.maximum.reduceat(copies, pos.starts[:-1]).tolist()
+    ends, prev = [], 0
+    for s, total, floor in zip(steps, totals.tolist(), by_copies):  # noqa: B905 (one per step)
+        prev = max(max(prev, s.arrival) + total, floor)
+        ends.append(prev)
+    return ends, int(cum[-1])
+
+
+def _window(pos: _Positions, first: int, stop: int, capacity: int, link: Link) -> int:
+    """`window_bound` of steps [first, stop) of `pos` (a request's decode steps: a slice of the
+    arrays every request shares, not a list of its own), with numpy; the same bound."""
+    if stop <= first:
+        return 0
+    a, b = int(pos.starts[first]), int(pos.starts[stop])
+    f = link.compute_factor
+    cum = pos.min_loads(a, b, capacity)
+    ticks, mins = _scaled_array(pos.ticks[a:b], f), _scaled_array(pos.mins[a:b], f)
+    total = int(ticks.sum())
+    after = total - np.cumsum(ticks)
+    n = cum - capacity
+    copies = np.where(n > 0, link.latency + n * link.wire + mins + after, 0)
+    return max(total, int(copies.max()))
+
+
 def _request_bounds(steps: list[StepCost], capacity: int, start: frozenset, link: Link,
                     arrival_of: dict[int, int], rids) -> tuple[dict[int, dict], list[int], int]:
     """Per request of `rids` (each must appear in `steps`) its TTFT, TPOT and e2e bounds (s)."""
-    ends, loads = step_end_bounds(steps, capacity, start, link)
+    pos = _positions_of(steps)
+    ends, loads = _step_ends(steps, pos, capacity, start, link)
     where: dict[int, list[int]] = {}
     for i, s in enumerate(steps):
         for r in s.requests:
@@ -151,16 +249,30 @@ def _request_bounds(steps: list[StepCost], capacity: int, start: frozenset, link
         a = arrival_of[r]
         tpot = float("nan")
         if len(idx) > 1:
-            tpot = window_bound(steps[first + 1 : last + 1], capacity, link) * _S / (len(idx) - 1)
+            tpot = _window(pos, first + 1, last + 1, capacity, link) * _S / (len(idx) - 1)
         out[r] = {"ttft_s": (ends[first] - a) * _S, "tpot_s": tpot, "e2e_s": (ends[last] - a) * _S}
     return out, ends, loads
 
 
+STEP_COSTS_KEPT = 2  # planned step costs a process keeps (`planned_step_costs`)
+_STEP_COSTS: OrderedDict[tuple, list[StepCost]] = OrderedDict()
+
+
 def planned_step_costs(trace, costs: CostModel, batcher: ContinuousBatcher) -> tuple[list[StepCost], dict[int, int]]:
     """`StepCost` of each step the batcher plans (the steps a run takes when they are fixed), and
-    each request's arrival tick."""
+    each request's arrival tick. The costs do not depend on the cache, so a process computes them
+    once per trace, hardware and batcher (`_STEP_COSTS`; a sweep's budgets share them: 5 s of a
+    7.7 s bound at paper size). The list is shared: not to be changed."""
     arrival_of = {rid: int(a) for rid, a, _ in batcher.arrivals}
-    return step_costs(trace, costs, batcher.plan(None), arrival_of), arrival_of
+    key = (trace.content_hash(), costs, batcher.plan_key(), tuple(arrival_of.items()))
+    steps = _STEP_COSTS.get(key)
+    if steps is None:
+        steps = _STEP_COSTS[key] = _Steps(step_costs(trace, costs, batcher.plan(None), arrival_of))
+        while len(_STEP_COSTS) > STEP_COSTS_KEPT:
+            _STEP_COSTS.popitem(last=False)
+    else:
+        _STEP_COSTS.move_to_end(key)
+    return steps, arrival_of
 
 
 def lower_bounds(trace, costs: CostModel, batcher: ContinuousBatcher, capacity: int, start: frozenset,
