@@ -24,10 +24,10 @@ A policy joins by giving its asks for a list of planned steps as arrays (`planne
 `PlannedAsks` of policies/asks.py); a property test shows they are what its `on_layer_routed`
 returns, and tests/test_sim_compiled_prefetch.py that both engines give the same results, field
 by field. The oracle's asks depend on the cache, so the kernel plays its hooks itself: at each
-step start and routed layer `new_asks` (the function its Python side calls) over the plan's
-arrays, less those on the wire or queued as the same ask; at each hit and landing the expert's
-next use; at each eviction Belady's victim from a heap of next uses, refused for a prefetch as
-`OraclePolicy.choose_victim` refuses it. It takes over at a step boundary once every request has arrived and the timeline's steps
+step start and routed layer the asks of `new_asks` (the function its Python side calls) over the
+plan's arrays, read again only where they can have changed (`_changed_asks`), less those on the
+wire or queued as the same ask; at each hit and landing the expert's next use; at each eviction
+Belady's victim (`_farthest`), refused for a prefetch as `OraclePolicy.choose_victim` refuses it. It takes over at a step boundary once every request has arrived and the timeline's steps
 are done, with the reference's queue, copies on the wire, pins and victim order as its start state.
 """
 
@@ -55,7 +55,8 @@ FM_FREQ, FM_LAST, FM_PROT = range(15, 18)
 # the list of those flagged, `_mark_changed`).
 CHANGED, CHANGED_LIST = 18, 19
 N_KEY_FIELDS = 20
-# Scalars of the int64 `st` array.
+# Scalars of the int64 `st` array (the last nine the oracle's: where `_changed_asks` last read, its
+# window's start and end, `nearest` and flag, the keys marked changed; `_farthest`'s remembered victim).
 (N_RES, N_FLIGHT, N_QUEUED, WIRE_FREE, CLOCK, SLEEPING, ORDER, SEQ, POS_STEP, POS_LAYER, STALLED, WAITED_LOADED,
  LOADED_PENDING, LOADED_END, LOADED_ORD, HEAP_N, UNPIN_HEAD, UNPIN_TAIL, DQ_HEAD, DQ_TAIL, NOW, ONDEMAND, ISSUED,
  STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR, USES_N, STALE, LAST_HERE, HAS_LAYER_S,
