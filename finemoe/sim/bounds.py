@@ -254,7 +254,7 @@ def _request_bounds(steps: list[StepCost], capacity: int, start: frozenset, link
     return out, ends, loads
 
 
-STEP_COSTS_KEPT = 2  # planned step costs a process keeps (`planned_step_costs`)
+STEP_COSTS_KEPT = 2  # planned step costs a process keeps (`planned_step_costs`): up to ~200 MB each at paper size
 _STEP_COSTS: OrderedDict[tuple, list[StepCost]] = OrderedDict()
 
 
