@@ -92,7 +92,7 @@ class _Positions:
     """Steps as arrays over their (step, layer) positions, for the bounds' arithmetic: each
     position's keys (integer ids by first appearance, `keys[offsets[p]:offsets[p + 1]]`), its
     compute ticks and cheapest expert's ticks, and each step's first position (`starts`, one
-    longer). A window of steps is a slice of them (`window`)."""
+    longer). A window of steps is a slice of them (`min_loads(a, b)`, `_window`)."""
 
     offsets: np.ndarray
     keys: np.ndarray
@@ -115,7 +115,7 @@ class _Positions:
 
     def min_loads(self, a: int, b: int, capacity: int, start: frozenset = frozenset()) -> np.ndarray:
         """`min_loads` of positions [a, b) (the same counts: MIN's ids are only indices)."""
-        ids = dict(self.ids)
+        ids = dict(self.ids) if start else self.ids  # (a request's window starts cold: no copy)
         first = np.array([ids.setdefault(k, len(ids)) for k in sorted(start, key=repr)], np.int64)
         offsets = self.offsets[a : b + 1]
         return min_loads_of_arrays(offsets - offsets[0], self.keys[offsets[0] : offsets[-1]], len(ids), capacity,

@@ -332,16 +332,22 @@ def _oracle_victim(keys, st, par, orc, pf_key, pf_step, pf_layer):
         # `_farthest` depends on the residents alone, not on the heap's state it leaves).
         layer_s = orc[0][LAYER_S] if st[HAS_LAYER_S] else 0.0
         if orc[0][LOAD_S] > (pf_step * par[NUM_LAYERS] + pf_layer - here) * layer_s:
-            keys[SENT, pf_key] = -1
-            _mark_changed(keys, st, pf_key)
+            _forget_ask(keys, st, pf_key)
             return -1
     found = _farthest(keys, st, orc)
     if found >= 0 and pf_key >= 0 and keys[NEXT_USE, found] <= _next_use(keys, orc, pf_key, here):
         found = -1
     if found < 0 and pf_key >= 0:
-        keys[SENT, pf_key] = -1  # the cache drops it: it may be asked for again
-        _mark_changed(keys, st, pf_key)
+        _forget_ask(keys, st, pf_key)  # the cache drops it
     return found
+
+
+@_jit
+def _forget_ask(keys, st, key):
+    """The ask last sent for the key is forgotten (the cache dropped it, or evicted the expert): it
+    may be asked for again, so `_changed_asks` reads its first use again."""
+    keys[SENT, key] = -1
+    _mark_changed(keys, st, key)
 
 
 @_jit
@@ -355,7 +361,7 @@ def _mark_changed(keys, st, key):
 
 
 @_jit
-def _ask_of(keys, st, positions, previous, key_a, i, i0, nearest, num_experts, flag, out_pos, out_key, n):
+def _ask_of(keys, positions, previous, key_a, i, i0, nearest, num_experts, flag, out_pos, out_key, n):
     """`new_asks`'s test of access i (no deadline rule): its expert's first use after the window's
     start, not nearer than `nearest`, not resident, an ask not sent already; marked sent and
     written as out[n] if so. Returns the new count."""
@@ -412,14 +418,14 @@ def _changed_asks(keys, st, orc, positions, previous, key_a, key_idx, here, scan
                 b -= 1
             scratch[b + 1] = v
         for c in range(m):
-            n = _ask_of(keys, st, positions, previous, key_a, scratch[c], i0, nearest, num_experts, flag,
-                        out_pos, out_key, n)
+            n = _ask_of(keys, positions, previous, key_a, scratch[c], i0, nearest, num_experts, flag, out_pos,
+                        out_key, n)
         lo = max(i0, st[ASKED_END])
     for c in range(st[N_CHANGED]):
         keys[CHANGED, keys[CHANGED_LIST, c]] = 0
     st[N_CHANGED] = 0
     for i in range(lo, end):
-        n = _ask_of(keys, st, positions, previous, key_a, i, i0, nearest, num_experts, flag, out_pos, out_key, n)
+        n = _ask_of(keys, positions, previous, key_a, i, i0, nearest, num_experts, flag, out_pos, out_key, n)
     st[ASKED], st[ASKED_I0], st[ASKED_END], st[ASKED_NEAREST], st[ASKED_FLAG] = 1, i0, end, nearest, flag
     return n
 
@@ -505,8 +511,7 @@ def _evict(keys, st, par, orc, ev, pf_key, pf_step, pf_layer):
             keys[UNUSED, best] = 0
             st[UNUSED_EVICTED] += 1
         if par[ORACLE]:
-            keys[SENT, best] = -1  # `on_evicted`
-            _mark_changed(keys, st, best)
+            _forget_ask(keys, st, best)  # `on_evicted`
     return best
 
 
@@ -1152,12 +1157,14 @@ class CompiledPrefetchSteps:
         keys[SENT] = sched.sent
         starts, positions = eng.oracle.per_key_positions()
         keys[USE_AT] = starts[:-1]
-        uses = np.zeros((4, 2 * keys.shape[1] + 16), np.int64)
+        heap = keys.shape[1] > SCANNED_KEYS  # (kept only where `_farthest` reads it)
+        uses = np.zeros((4, 2 * keys.shape[1] + 16 if heap else 1), np.int64)
         for (layer, e), use in sched.next_use.items():
             key = layer * J + e
             keys[NEXT_USE, key] = NEVER if use == float("inf") else int(use)
-            uses[0, st[USES_N]], uses[1, st[USES_N]] = keys[NEXT_USE, key], key
-            st[USES_N] += 1
+            if heap:
+                uses[0, st[USES_N]], uses[1, st[USES_N]] = keys[NEXT_USE, key], key
+                st[USES_N] += 1
         for i in range(st[USES_N] // 2 - 1, -1, -1):
             _uses_down(uses, i, st[USES_N])
         return fpar, uses, starts, positions
