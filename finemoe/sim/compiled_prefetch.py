@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from finemoe.jit import jit as _jit
+from finemoe.jit import jit_borrowing as _borrowing
 from finemoe.jit import numba
 from finemoe.policies.asks import AskBuilder
 from finemoe.policies.caches import LFUCounts
@@ -88,7 +89,7 @@ DEADLOCK, BLOCKED = 1, 2  # error codes: the reference raises there, or would wa
 LANDED, LOADED, RELEASED = 1, 2, 3  # kinds of event `_next_event` handles
 
 
-@_jit
+@_borrowing
 def _heap_less(hf, hi, a, b):
     """Entry a before entry b: (-priority, step, layer, seq), the cache's heap order."""
     if hf[a] != hf[b]:
@@ -99,14 +100,14 @@ def _heap_less(hf, hi, a, b):
     return False
 
 
-@_jit
+@_borrowing
 def _heap_swap(hf, hi, a, b):
     hf[a], hf[b] = hf[b], hf[a]
     for j in range(4):
         hi[a, j], hi[b, j] = hi[b, j], hi[a, j]
 
 
-@_jit
+@_borrowing
 def _heap_up(hf, hi, i):
     while i > 0:
         parent = (i - 1) // 2
@@ -116,7 +117,7 @@ def _heap_up(hf, hi, i):
         i = parent
 
 
-@_jit
+@_borrowing
 def _heap_down(hf, hi, i, n):
     while True:
         small = i
@@ -131,7 +132,7 @@ def _heap_down(hf, hi, i, n):
         i = small
 
 
-@_jit
+@_borrowing
 def _heap_push(hf, hi, keys, st, negprio, step, layer, seq, key):
     """Push a prefetch; a full heap first drops its superseded entries (skipped when popped, so
     dropping them changes nothing), which leaves at most one entry per expert."""
@@ -153,7 +154,7 @@ def _heap_push(hf, hi, keys, st, negprio, step, layer, seq, key):
     st[HEAP_N] = n + 1
 
 
-@_jit
+@_borrowing
 def _heap_pop(hf, hi, st):
     """Remove the first entry, moved to index n (the old last slot), where the caller reads it."""
     n = st[HEAP_N] - 1
@@ -163,7 +164,7 @@ def _heap_pop(hf, hi, st):
     return n
 
 
-@_jit
+@_borrowing
 def _apply_unpins(u_t, u_k, keys, st, now_s):
     """The pins due by `now_s` released (`ExpertCache._apply_unpins`)."""
     h, tail = st[UNPIN_HEAD], st[UNPIN_TAIL]
@@ -176,17 +177,17 @@ def _apply_unpins(u_t, u_k, keys, st, now_s):
 
 # --- the oracle's schedules (policies/oracle.py's `OraclePolicy`) ---------------------------------
 # `orc` = (fpar, uses, starts, positions): its floats, its heap of residents by next use (rows 0-1:
-# next use and key; rows 2-3 room for the entries set aside while a victim is sought), and every
-# key's access positions in the plan (`PlanView.per_key_positions`).
+# next use and key; rows 2-3 room for the entries set aside while a victim is sought; row 4 a mark
+# per key for `_uses_push`'s compaction), and every key's access positions in the plan (`PlanView.per_key_positions`).
 
 
-@_jit
+@_borrowing
 def _here(st, par):
     """The position the schedule stands at: step x layers + layer."""
     return st[POS_STEP] * par[NUM_LAYERS] + st[POS_LAYER]
 
 
-@_jit
+@_borrowing
 def _next_use(keys, orc, key, here):
     """`PlanView.next_use`: the key's first access after `here` (NEVER: none). Positions only grow,
     so each key's read point (`USE_AT`) only moves forward."""
@@ -198,19 +199,19 @@ def _next_use(keys, orc, key, here):
     return positions[i] if i < end else NEVER
 
 
-@_jit
+@_borrowing
 def _uses_before(uses, a, b):
     """Entry a before entry b: the later next use first, then the lower key (`(-next use, key)`)."""
     return uses[0, a] > uses[0, b] or (uses[0, a] == uses[0, b] and uses[1, a] < uses[1, b])
 
 
-@_jit
+@_borrowing
 def _uses_swap(uses, a, b):
     for r in range(2):
         uses[r, a], uses[r, b] = uses[r, b], uses[r, a]
 
 
-@_jit
+@_borrowing
 def _uses_down(uses, i, n):
     while True:
         first, left, right = i, 2 * i + 1, 2 * i + 2
@@ -224,20 +225,22 @@ def _uses_down(uses, i, n):
         i = first
 
 
-@_jit
+@_borrowing
 def _uses_push(keys, st, uses, use, key):
-    """Push (use, key); a full heap first keeps only its live entries (one per resident)."""
+    """Push (use, key); a full heap first keeps only its live entries (one per resident; row 4
+    marks, per key, the ones kept, and is clear again after)."""
     n = st[USES_N]
     if n == uses.shape[1]:
-        seen = np.zeros(keys.shape[1], np.bool_)
         m = 0
         for i in range(n):
             k = uses[1, i]
-            if keys[RES, k] and keys[NEXT_USE, k] == uses[0, i] and not seen[k]:
-                seen[k] = True
+            if keys[RES, k] and keys[NEXT_USE, k] == uses[0, i] and not uses[4, k]:
+                uses[4, k] = 1
                 uses[0, m], uses[1, m] = uses[0, i], k
                 m += 1
         n = m
+        for i in range(n):
+            uses[4, uses[1, i]] = 0
         for i in range(n // 2 - 1, -1, -1):
             _uses_down(uses, i, n)
     uses[0, n], uses[1, n] = use, key
@@ -250,7 +253,7 @@ def _uses_push(keys, st, uses, use, key):
         n = parent
 
 
-@_jit
+@_borrowing
 def _uses_pop(uses, st):
     n = st[USES_N] - 1
     _uses_swap(uses, 0, n)
@@ -258,7 +261,7 @@ def _uses_pop(uses, st):
     st[USES_N] = n
 
 
-@_jit
+@_borrowing
 def _set_next(keys, st, par, orc, key):
     """`OraclePolicy._set_next`: the key's next use after where the schedule stands."""
     use = _next_use(keys, orc, key, _here(st, par))
@@ -268,7 +271,7 @@ def _set_next(keys, st, par, orc, key):
         _uses_push(keys, st, orc[1], use, key)
 
 
-@_jit
+@_borrowing
 def _refresh(keys, st, par, orc):
     """`OraclePolicy._refresh`, where the view changed before the handover and the schedule has not
     read it since: every ask forgotten, every resident's next use read anew."""
@@ -283,7 +286,7 @@ def _refresh(keys, st, par, orc):
                 _set_next(keys, st, par, orc, k)
 
 
-@_jit
+@_borrowing
 def _farthest(keys, st, orc):
     """`OraclePolicy._farthest`: the unpinned resident needed farthest ahead (lowest key among
     equals), or -1. The answer depends on the residents, their next uses and pins alone, so it
@@ -320,7 +323,7 @@ def _farthest(keys, st, orc):
     return found
 
 
-@_jit
+@_borrowing
 def _oracle_victim(keys, st, par, orc, pf_key, pf_step, pf_layer):
     """`OraclePolicy.choose_victim` for an on-demand load (pf_key -1) or a prefetch: Belady's victim;
     for a prefetch none unless the victim is needed later than the expert it brings and, for the
@@ -342,7 +345,7 @@ def _oracle_victim(keys, st, par, orc, pf_key, pf_step, pf_layer):
     return found
 
 
-@_jit
+@_borrowing
 def _forget_ask(keys, st, key):
     """The ask last sent for the key is forgotten (the cache dropped it, or evicted the expert): it
     may be asked for again, so `_changed_asks` reads its first use again."""
@@ -350,7 +353,7 @@ def _forget_ask(keys, st, key):
     _mark_changed(keys, st, key)
 
 
-@_jit
+@_borrowing
 def _mark_changed(keys, st, key):
     """The key's ask may differ from the one last sent (its ask was forgotten, its expert evicted,
     or its next use passed): `_changed_asks` reads it again."""
@@ -360,7 +363,7 @@ def _mark_changed(keys, st, key):
         st[N_CHANGED] += 1
 
 
-@_jit
+@_borrowing
 def _ask_of(keys, positions, previous, key_a, i, i0, nearest, num_experts, flag, out_pos, out_key, n):
     """`new_asks`'s test of access i (no deadline rule): its expert's first use after the window's
     start, not nearer than `nearest`, not resident, an ask not sent already; marked sent and
@@ -376,7 +379,7 @@ def _ask_of(keys, positions, previous, key_a, i, i0, nearest, num_experts, flag,
     return n + 1
 
 
-@_jit
+@_borrowing
 def _changed_asks(keys, st, orc, positions, previous, key_a, key_idx, here, scan, limit, nearest, free, num_experts,
                   flag, out_pos, out_key, scratch):
     """`new_asks` without the deadline rule, reading only the accesses whose answer can differ from
@@ -430,7 +433,7 @@ def _changed_asks(keys, st, orc, positions, previous, key_a, key_idx, here, scan
     return n
 
 
-@_jit
+@_borrowing
 def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_idx, out_pos, out_key, scratch,
                  step, boosted):
     """`OraclePolicy._prefetches` where the schedule stands (`_changed_asks`; for the deadline rule,
@@ -465,7 +468,7 @@ def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_
     return m
 
 
-@_jit
+@_borrowing
 def _finemoe_victim(keys, st, par, p, for_prefetch):
     """`FineMoE.choose_victim`: the evictable resident of lowest score (p x freq, last use or use
     count), then oldest use, then lowest key, among those not predicted this step for a layer not
@@ -493,7 +496,7 @@ def _finemoe_victim(keys, st, par, p, for_prefetch):
     return best
 
 
-@_jit
+@_borrowing
 def _evict(keys, st, par, orc, ev, pf_key, pf_step, pf_layer):
     """Evict the policy's victim for an on-demand load (pf_key -1) or a prefetch (sim/compiled.py's
     `victim`, the oracle's or FineMoE's; `_evict_for`); -1 when none."""
@@ -515,13 +518,13 @@ def _evict(keys, st, par, orc, ev, pf_key, pf_step, pf_layer):
     return best
 
 
-@_jit
+@_borrowing
 def _has_work(st):
     """`ExpertCache.has_work`: an on-demand load or a prefetch is queued."""
     return st[DQ_HEAD] < st[DQ_TAIL] or st[N_QUEUED] > 0
 
 
-@_jit
+@_borrowing
 def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, ev, now):
     """`ExpertCache.next_transfer` at tick `now`: the key of the copy started (its slot made), or -1."""
     _apply_unpins(u_t, u_k, keys, st, now * _S)
@@ -557,7 +560,7 @@ def _next_transfer(keys, hf, hi, dq, u_t, u_k, st, par, orc, ev, now):
     return -1
 
 
-@_jit
+@_borrowing
 def _start(keys, fl, st, par, key, at, handed):
     """`SimEngine._reserve` for the copy of `key` starting at `at`, and its landing scheduled."""
     end = wire_end(at, handed, st[STALLED] != 0, st[WIRE_FREE], par[BUSY_LATENCY], par[LATENCY], par[BUSY_WIRE],
@@ -569,7 +572,7 @@ def _start(keys, fl, st, par, key, at, handed):
     fl[st[N_FLIGHT] - 1] = key  # `_next_transfer` counted it in flight
 
 
-@_jit
+@_borrowing
 def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t):
     """Hand queued copies to sleeping copy engines at tick `t` (`SimEngine._wake_at`)."""
     while st[SLEEPING] > 0 and _has_work(st):
@@ -580,7 +583,7 @@ def _wake_at(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t):
         _start(keys, fl, st, par, key, t, True)
 
 
-@_jit
+@_borrowing
 def _first_event(keys, fl, st, rel):
     """(time, order, index into fl, -1 for the `_loaded` event or -2 - r for release r) of the next
     event; time -1: none."""
@@ -600,7 +603,7 @@ def _first_event(keys, fl, st, rel):
     return best_t, best_o, best_i
 
 
-@_jit
+@_borrowing
 def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev):
     """Handle the next event as SimPy would; returns (kind, key landed or -1), kind 0: none due."""
     now, _, i = _first_event(keys, fl, st, ev[EV_REL])
@@ -651,7 +654,7 @@ def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev):
     return LANDED, key
 
 
-@_jit
+@_borrowing
 def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t):
     """`SimEngine._sync(t)`: every event due by tick `t` (those it schedules by then too)."""
     while True:
@@ -661,7 +664,7 @@ def _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t):
         _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev)
 
 
-@_jit
+@_borrowing
 def _add_prefetch(keys, qprio, hf, hi, st, step, layer, key, p):
     """One ask of `ExpertCache.add_prefetches` (expert `key` by `layer` of `step`, priority `p`);
     returns 1 when it is newly accepted, else 0. The caller adds its count to `ISSUED`."""
@@ -686,7 +689,7 @@ def _add_prefetch(keys, qprio, hf, hi, st, step, layer, key, p):
     return accepted
 
 
-@_jit
+@_borrowing
 def _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio, lo, hi_, step, num_experts):
     """`ExpertCache.add_prefetches` for the asks [lo, hi_) of one group; returns how many were new."""
     accepted = 0
@@ -697,7 +700,7 @@ def _add_prefetches(keys, qprio, hf, hi, st, g_layers, g_experts, g_prio, lo, hi
     return accepted
 
 
-@_jit
+@_borrowing
 def _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n, boost):
     """`ExpertCache.add_prefetches` for the oracle's n asks (`_oracle_asks`, priorities -position +
     `boost`); returns how many were new."""
@@ -729,7 +732,7 @@ def _queue_unpin(u_t, u_k, st, at_s, key):
     return u_t, u_k
 
 
-@_jit
+@_borrowing
 def _abandon_unstarted(st, fmc, now_s):
     """`FineMoE._abandon_unstarted`: a step begins; the search thread drops the searches it has not
     started and keeps the last one it has."""
@@ -747,7 +750,7 @@ def _abandon_unstarted(st, fmc, now_s):
         st[TH_N] = 1
 
 
-@_jit
+@_borrowing
 def _finemoe_hook(keys, st, par, fmc, s, h, step, now_s):
     """What `FineMoE.on_step_start` (h 0) or `on_layer_routed` (h = layer + 1) of planned step s
     does apart from queueing its asks: its p rows recorded (`_remember_p`), the experts it asks
@@ -784,7 +787,7 @@ def _finemoe_hook(keys, st, par, fmc, s, h, step, now_s):
     return np.int64(np.rint((start + cost) * TICKS_PER_S))
 
 
-@_jit
+@_borrowing
 def _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, fmc, s, h, at, t):
     """`SimEngine._submit` of a FineMoE hook's asks at compute tick t: queued now if their search
     is done by then, else by a release event at tick `at`."""
@@ -1143,7 +1146,7 @@ class CompiledPrefetchSteps:
         eng = self.engine
         fpar = np.zeros(3, np.float64)
         if not self.oracle:
-            return fpar, np.zeros((4, 1), np.int64), np.zeros(keys.shape[1] + 1, np.int64), np.zeros(0, np.int64)
+            return fpar, np.zeros((5, 1), np.int64), np.zeros(keys.shape[1] + 1, np.int64), np.zeros(0, np.int64)
         sched = eng.policy.state()
         J = eng.J
         par[ORACLE], par[MODE], par[LOOKAHEAD], par[MIN_AHEAD], par[SCAN] = (
@@ -1158,7 +1161,7 @@ class CompiledPrefetchSteps:
         starts, positions = eng.oracle.per_key_positions()
         keys[USE_AT] = starts[:-1]
         heap = keys.shape[1] > SCANNED_KEYS  # (kept only where `_farthest` reads it)
-        uses = np.zeros((4, 2 * keys.shape[1] + 16 if heap else 1), np.int64)
+        uses = np.zeros((5, 2 * keys.shape[1] + 16 if heap else 1), np.int64)
         for (layer, e), use in sched.next_use.items():
             key = layer * J + e
             keys[NEXT_USE, key] = NEVER if use == float("inf") else int(use)
