@@ -15,7 +15,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from finemoe.jit import jit, numba
+from finemoe.jit import jit, jit_borrowing, numba
 
 INF = float("inf")
 
@@ -125,7 +125,7 @@ def min_loads_of_arrays(offsets: np.ndarray, keys: np.ndarray, num_keys: int, ca
     return out
 
 
-@jit
+@jit_borrowing
 def _push(h_neg, h_ord, h_key, hn, neg, order, key):
     i = hn
     h_neg[i], h_ord[i], h_key[i] = neg, order, key
@@ -140,7 +140,7 @@ def _push(h_neg, h_ord, h_key, hn, neg, order, key):
     return hn + 1
 
 
-@jit
+@jit_borrowing
 def _pop(h_neg, h_ord, h_key, hn):
     """Removes the heap's least (neg, order) entry (moved to index hn - 1); returns the new size."""
     hn -= 1
@@ -249,7 +249,7 @@ def _min_loads_kernel(offsets, keys, num_keys, capacity, start, out):
     return True
 
 
-@jit
+@jit_borrowing
 def _evict_farthest(h_neg, h_ord, h_key, hn, resident, next_of, here, p, a_neg, a_ord, a_key):
     """Evicts the resident key needed farthest ahead that position p's set does not hold; returns
     the heap's new size (-1: no such key, the reference would raise)."""

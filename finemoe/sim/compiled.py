@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finemoe.jit import jit as _jit
+from finemoe.jit import jit_borrowing as _borrowing
 from finemoe.jit import numba
 from finemoe.policies.caches import LFUCounts
 from finemoe.policies.lfu import LFUPolicy
@@ -251,7 +252,7 @@ def run_steps(rows, multi, sorted_experts, one_tick, multi_experts, multi_ticks,
     return t, waited, -1
 
 
-@_jit
+@_borrowing
 def _load(key, resident, stamp, state):
     """A copy landed: resident, entered last in its order (`on_loaded`; an LFU count stays)."""
     resident[key] = True
@@ -260,7 +261,7 @@ def _load(key, resident, stamp, state):
     stamp[key] = state[CLOCK]
 
 
-@_jit
+@_borrowing
 def victim(resident, stamp, count, pinned, lfu):
     """The policy's victim among unpinned residents: LRU's least recent, LFU's least used (then
     least recent); its key, or -1 when none is evictable. (Also sim/compiled_prefetch.py's.)"""
@@ -277,7 +278,7 @@ def victim(resident, stamp, count, pinned, lfu):
     return best
 
 
-@_jit
+@_borrowing
 def _evict(resident, stamp, count, pinned, lfu, state):
     """Evict the policy's victim (`victim`); returns its key, or -1 when none is evictable."""
     best = victim(resident, stamp, count, pinned, lfu)
@@ -287,7 +288,7 @@ def _evict(resident, stamp, count, pinned, lfu, state):
     return best
 
 
-@_jit
+@_borrowing
 def wire_end(start, handed, stalled, wire_free, busy_latency, latency, busy_wire, wire):
     """`SimEngine._reserve`: when the copy starting at `start` lands, crossing the shared link
     (free from `wire_free`) after its latency, in start order. (Also sim/compiled_prefetch.py's.)"""
@@ -298,7 +299,7 @@ def wire_end(start, handed, stalled, wire_free, busy_latency, latency, busy_wire
     return wire_start + (wire if stalled else busy_wire)
 
 
-@_jit
+@_borrowing
 def _reserve(start, handed, stalled, busy_latency, latency, busy_wire, wire, state):
     """`wire_end`, the link then busy until the copy lands."""
     end = wire_end(start, handed, stalled, state[WIRE_FREE], busy_latency, latency, busy_wire, wire)
@@ -306,7 +307,7 @@ def _reserve(start, handed, stalled, busy_latency, latency, busy_wire, wire, sta
     return end
 
 
-@_jit
+@_borrowing
 def _heap_min_end(h_end, hn):
     best = h_end[0]
     for i in range(1, hn):
@@ -315,7 +316,7 @@ def _heap_min_end(h_end, hn):
     return best
 
 
-@_jit
+@_borrowing
 def _apply_unpins(u_time, u_key, uh, un, now, pinned):
     while uh < un and u_time[uh] <= now:
         pinned[u_key[uh]] -= 1
@@ -323,7 +324,7 @@ def _apply_unpins(u_time, u_key, uh, un, now, pinned):
     return uh
 
 
-@_jit
+@_borrowing
 def _start_next(at, handed, stalled, u_time, u_key, uh, un, capacity, in_flight, lfu, resident, stamp, count, pinned,
                 state, busy_latency, latency, busy_wire, wire, h_end, h_ord, h_miss, hn, arr_end, arr_ord, on_wire,
                 head, order):
@@ -339,7 +340,7 @@ def _start_next(at, handed, stalled, u_time, u_key, uh, un, capacity, in_flight,
     return uh, in_flight + 1, hn + 1, head + 1, order + 1
 
 
-@_jit
+@_borrowing
 def _land(until_end, until_ord, h_end, h_ord, h_miss, hn, arr_end, arr_ord, on_wire, miss_keys, k, head, sleeping,
           order, in_flight, u_time, u_key, uh, un, stalled, capacity, busy_latency, latency, busy_wire, wire, lfu,
           resident, stamp, count, pinned, state):
