@@ -298,6 +298,44 @@ def test_online_maps_enter_the_store_between_steps():
     assert len(frozen.store) == 1
 
 
+def test_a_fitted_store_is_shared_until_a_run_adds_a_map_of_its_own():
+    a, step, measured = _bound_policy()
+    b, _, _ = _bound_policy()
+    assert a.store is b.store and a.fit_maps == b.fit_maps == 1  # the same history, the same store
+    other, _, _ = _bound_policy(capacity=3)
+    assert other.store is not a.store  # another store size: another store
+    a.on_request_finished(7, measured)
+    a.on_step_start(step)
+    assert a.store is not b.store and len(a.store) == 2 and len(b.store) == 1  # copied, then added to
+
+
+def test_runs_on_a_shared_fitted_store_equal_runs_on_a_fresh_one(monkeypatch):
+    from collections import OrderedDict
+
+    import finemoe.policies.finemoe as fm
+    from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
+    from finemoe.sim.hardware import PRESETS
+    from finemoe.sim.run import simulate
+
+    trace = synthetic_trace(tiny_geometry(num_layers=4, num_experts=6, top_k=2), num_requests=8,
+                            prompt_tokens=(2, 5), generated_tokens=(4, 8), seed=3, semantic_dim=8)
+
+    def run(slots):
+        return simulate(trace, SimConfig("t", "finemoe", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=slots),
+                                         workload=WorkloadConfig(history_fraction=0.5), timeline_steps=0)).summary
+
+    monkeypatch.setattr(fm, "_FITTED", OrderedDict())
+    shared = [run(slots) for slots in (8, 14, 8)]  # the second and third fit nothing
+    assert len(fm._FITTED) == 1
+    fresh = []
+    for slots in (8, 14):
+        monkeypatch.setattr(fm, "_FITTED", OrderedDict())
+        fresh.append(run(slots))
+    for got, want in zip(shared, fresh + fresh[:1], strict=True):
+        assert {k: v for k, v in got.items() if k != "wall_s" and "per_wall" not in k} == \
+            {k: v for k, v in want.items() if k != "wall_s" and "per_wall" not in k}
+
+
 def test_variants_registered_and_parameters_checked():
     names = set(policy_names())
     assert {"finemoe", "finemoe-semantic", "finemoe-trajectory", "finemoe-no-delta", "finemoe-lru",

@@ -14,6 +14,7 @@ FINEMOE.md).
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from finemoe.policies.expert_maps import (
     topk_map,
 )
 from finemoe.policies.map_matches import MapMatches, matches_for
+from finemoe.policies.memo import digest
 from finemoe.policies.registry import register
 
 # Modelled wall time of one map search: one sequence at one layer (the policy's whole call: the
@@ -62,6 +64,8 @@ SEARCH_TOKEN_S_DEFAULT = 0.0
 CACHES = ("finemoe", "lru", "lfu")
 HOOKS_KEPT = 2  # policies' planned hooks a process keeps (`FineMoE.planned_hooks`)
 _HOOKS: OrderedDict[tuple, dict] = OrderedDict()
+FITTED_KEPT = 4  # fitted stores a process keeps (`FineMoE.fit`): a sweep's variants on one history
+_FITTED: OrderedDict[str, ExpertMapStore] = OrderedDict()
 
 
 class _HookMemo:
@@ -177,6 +181,7 @@ class FineMoE(Policy):
             search_token_s=self.search_token_s, search_charge=self.search_charge, learn_online=self.learn_online, maps_from=self.maps_from,
         )
         self.store: ExpertMapStore | None = None
+        self._store_shared = False  # `store` is a fitted one that other runs share (`fit`)
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._searches: list[tuple[float, float, int]] = []  # this step's calls' (start s, end s, searches)
         self.fit_maps = 0
@@ -215,9 +220,38 @@ class FineMoE(Policy):
         self._searches = []
 
     def fit(self, history) -> None:
-        for expert_map, key in self._maps_of(history, np.arange(history.num_tokens)):
-            self._store_for(key).add(expert_map, key)
+        """The store of the history's maps. Every budget and hardware of a sweep fits the same one,
+        so a process keeps the last few by the content they were built from (the maps and keys
+        offered, the store's size and layers ahead), and a run shares it until it adds a map of its
+        own (`_own_store`)."""
+        maps = self._maps_of(history, np.arange(history.num_tokens))
+        if self.store is not None:  # (fitted before: the maps join it)
+            self._add_all(maps)
+            return
+        content = digest(self.L, self.J, self.capacity, self.distance, np.stack([m for m, _ in maps]) if maps else None,
+                         [k is None for _, k in maps], np.stack([k for _, k in maps if k is not None] or [np.zeros(0)]))
+        store = _FITTED.get(content)
+        if store is None:
+            self._add_all(maps)
+            if self.store is not None:
+                _FITTED[content] = self.store
+                while len(_FITTED) > FITTED_KEPT:
+                    _FITTED.popitem(last=False)
+        else:
+            _FITTED.move_to_end(content)
+            self.store, self.fit_maps = store, self.fit_maps + len(maps)
+        self._store_shared = self.store is not None
+
+    def _add_all(self, maps) -> None:
+        for expert_map, key in maps:
+            self._own_store(key).add(expert_map, key)
             self.fit_maps += 1
+
+    def _own_store(self, key: np.ndarray | None) -> ExpertMapStore:
+        """`_store_for`, copied first where it is a fitted store other runs share."""
+        if self._store_shared:
+            self.store, self._store_shared = copy.deepcopy(self.store), False
+        return self._store_for(key)
 
     def on_request_finished(self, request_id: int, trace) -> None:
         if not self.learn_online:
@@ -271,7 +305,7 @@ class FineMoE(Policy):
     # --- prediction ------------------------------------------------------------------------------
     def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
         for expert_map, key in self._pending:
-            self._store_for(key).add(expert_map, key)
+            self._own_store(key).add(expert_map, key)
         self._pending.clear()
         self._step, self._layer = step, -1
         n = len(step.sequences)
@@ -387,7 +421,6 @@ class FineMoE(Policy):
 
     def _scratch(self) -> FineMoE:
         """A copy to call the hooks on: the same store and matches, its own per-run state."""
-        import copy
 
         scratch = copy.copy(self)
         scratch._p, scratch._p_step = self._p.copy(), self._p_step.copy()

@@ -74,6 +74,10 @@ class ContentMemo(Generic[T]):
             self._values.popitem(last=False)
         return value
 
+    def held(self, key: str) -> T | None:
+        """The value kept in memory under `key`, or None (nothing computed or read)."""
+        return self._values.get(key)
+
     def _compute(self, compute: Callable[[], T]) -> T:
         self.computed += 1
         return compute()
