@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -68,6 +69,16 @@ class _Predictions:
     experts: list[list[list[int]]]
     prios: list[list[list[float]]]
     prefill: list[dict[int, dict[ExpertKey, float]]]
+
+    @cached_property
+    def expert_array(self) -> np.ndarray:
+        """`experts` as one int64 array [n, L, K], made once (every budget's `planned_asks` reads it)."""
+        return np.asarray(self.experts, np.int64)
+
+    @cached_property
+    def prio_array(self) -> np.ndarray:
+        """`prios` as one float64 array [n, L, K], made once."""
+        return np.asarray(self.prios, np.float64)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         n = len(self.experts)
@@ -341,8 +352,8 @@ class ProMoE(TrackedCachePolicy):
         hook_asks(self, trace, steps, first_step, b, [s for s in range(len(steps)) if s not in chosen])
         layers = np.array(sorted(self.models), np.int64)
         if single and layers.size:
-            experts = np.asarray(planned.experts, np.int64)[np.array(index)][:, layers]  # [m, layers, K]
-            prios = np.asarray(planned.prios, np.float64)[np.array(index)][:, layers]
+            experts = planned.expert_array[np.array(index)][:, layers]  # [m, layers, K]
+            prios = planned.prio_array[np.array(index)][:, layers]
             order = np.lexsort((-experts, -prios), axis=-1)  # priority, then expert, descending
             experts = np.take_along_axis(experts, order, axis=-1)
             prios = np.take_along_axis(prios, order, axis=-1)
