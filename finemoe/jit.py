@@ -23,4 +23,18 @@ def jit_borrowing(fn):
     the prefetch kernel's helpers take up to 19 arrays, and those atomic operations were 80% of
     its time (docs/timing-model.md, "Borrowed arrays"). numba refuses to compile an allocation in
     such a function, and returning an array from one would free it early: neither is done."""
-    return numba.njit(cache=True, nogil=True, _nrt=False)(fn) if numba is not None else fn
+    if not _CAN_BORROW:  # no numba, or one without the flag: counted as before, the same results
+        return jit(fn)
+    return numba.njit(cache=True, nogil=True, _nrt=False)(fn)
+
+
+def _has_nrt_flag() -> bool:
+    """Whether this numba has the flag (a private one, there since its runtime came in, 2015)."""
+    try:
+        from numba.core.options import DefaultOptions
+    except ImportError:  # pragma: no cover - numba's layout changed
+        return False
+    return hasattr(DefaultOptions, "_nrt")
+
+
+_CAN_BORROW = numba is not None and _has_nrt_flag()
