@@ -76,6 +76,21 @@ def test_oracle_schedules_with_more_keys_than_a_victim_scan_reads(params):
         assert_same(ref, fast)
 
 
+def test_oracle_schedule_long_enough_to_fill_its_heap_of_next_uses():
+    """A run with far more pushes than the heap holds (2 x keys + 16): `_uses_push` compacts it,
+    keeping one live entry per resident, and its marks are clear again for the next compaction."""
+    g = tiny_geometry(num_layers=9, num_experts=128, top_k=4)
+    trace = synthetic_trace(g, num_requests=6, prompt_tokens=(2, 5), generated_tokens=(40, 60), seed=7)
+    hw = PRESETS["rtx3090"].with_overrides(pcie_gbps=4.0, copy_engines=2)
+    config = SimConfig("synthetic", "oracle", hw, memory=MemoryConfig(expert_cache_slots=600),
+                       workload=WorkloadConfig(history_fraction=0.0, max_batch=3), timeline_steps=0)
+    ref, fast, taken = _both_oracle(trace, config, CANDIDATES[0])
+    assert fast.config["engine_path"] == "compiled"
+    # every step reads at least top_k next uses a layer (one per expert it runs)
+    assert len(taken) * g.num_layers * g.top_k > 2 * g.num_layers * g.num_experts + 16
+    assert_same(ref, fast)
+
+
 @st.composite
 def long_workloads(draw, policies=tuple(POLICIES)):
     """Longer runs with a timeline or Poisson arrivals: the compiled path takes over mid-run, with
