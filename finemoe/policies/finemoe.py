@@ -41,6 +41,7 @@ from finemoe.policies.expert_maps import (
     prefetch_priority,
     topk_map,
 )
+from finemoe.policies.finemoe_hooks import HookGeometry, step_hooks
 from finemoe.policies.map_matches import MapMatches, matches_for
 from finemoe.policies.memo import digest
 from finemoe.policies.registry import register
@@ -385,15 +386,15 @@ class FineMoE(Policy):
         and remembered per process for steps of the same sequences (a sweep's other budgets)."""
         L1, J = self.L + 1, self.J
         memo = _HookMemo.get(self._hooks_key(trace))
+        missing = list(dict.fromkeys(seqs for seqs in steps if seqs not in memo))
         scratch = None
-        per_step = []
-        for seqs in steps:
-            hooks = memo.get(seqs)
-            if hooks is None:
+        for seqs, hooks in zip(missing, self._vector_hooks(missing), strict=True):
+            if hooks is None:  # (a sequence the table lacks: its hooks search the store)
                 if scratch is None:
                     scratch = self._scratch()
-                hooks = memo[seqs] = scratch._hooks_of(seqs, trace)
-            per_step.append(hooks)
+                hooks = scratch._hooks_of(seqs, trace)
+            memo[seqs] = hooks
+        per_step = [memo[seqs] for seqs in steps]
         n = len(steps)
         if n == 0:
             none = np.zeros((0, L1), np.int64)
@@ -414,6 +415,19 @@ class FineMoE(Policy):
                             np.concatenate([h.row_target for h in per_step]),
                             np.concatenate([h.row_values for h in per_step]).reshape(-1, J),
                             sum(h.planned for h in per_step))
+
+    def _vector_hooks(self, steps: list) -> list[_StepHooks | None]:
+        """`_hooks_of` for every step at once (policies/finemoe_hooks.py), where the hooks are
+        FineMoE's own and every row of the maps is a probability (the delta rule's running sum only
+        grows); None for a step it leaves to `_hooks_of`."""
+        planned = self._planned()
+        store = self.store
+        if (not steps or planned is None or type(self) not in VARIANTS or store is None
+                or bool((store.maps[: store.size] < 0).any())):
+            return [None] * len(steps)
+        g = HookGeometry(self.L, self.J, self.K, self.distance, self.semantic, self.trajectory, self.delta,
+                         self.search_s, self.search_token_s)
+        return step_hooks(g, steps, planned.index_of, *planned.arrays, store.maps, _StepHooks)
 
     def _hooks_key(self, trace) -> tuple:
         return (type(self).__name__, tuple(sorted(self.params.items())), trace.content_hash(),

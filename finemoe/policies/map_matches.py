@@ -12,6 +12,7 @@ grows as requests finish) and the replayer keep the incremental path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -35,6 +36,13 @@ class MapMatches:
     def trajectory(self, first_row: int) -> tuple[list[int], list[float]] | None:
         i = self.index_of.get(first_row)
         return None if i is None else (self.best[i], self.cosine[i])
+
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(semantic match's map index, -1: none; its similarity; best [n, layers]; cosine
+        [n, layers]) as arrays, for the hooks planned all at once (policies/finemoe_hooks.py)."""
+        a = _to_arrays(self)
+        return a["semantic_index"], a["semantic_similarity"], a["best"], a["cosine"]
 
 
 def _to_arrays(m: MapMatches) -> dict[str, np.ndarray]:

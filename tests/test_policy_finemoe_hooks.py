@@ -1,0 +1,78 @@
+"""FineMoE's hooks planned all at once (policies/finemoe_hooks.py) are what its reference,
+`FineMoE._hooks_of` (the hooks themselves, called step by step), returns: every field, bit for bit,
+on random workloads with batches, every parameter set of the compiled-path tests and every variant."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from finemoe.policies.expert_maps import delta_prefix
+from finemoe.policies.finemoe_hooks import delta_prefix_rows
+from finemoe.sim.workload import ContinuousBatcher
+from finemoe.traces.synthetic import synthetic_trace, tiny_geometry
+from tests.test_sim_compiled_prefetch import FINEMOE_PARAMS, _bound_policy
+
+# Probabilities with ties and zeros (a top-k map's rows are mostly zero).
+_VALUES = st.sampled_from([0.0, 0.0, 0.125, 0.25, 0.5, 1.0 / 3.0, 0.1, 0.7]) | st.floats(0.0, 1.0, width=32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=9), elements=_VALUES),
+       st.lists(st.floats(-0.5, 1.5) | st.sampled_from([0.0, 1.0]), min_size=9, max_size=9), st.integers(1, 9))
+def test_delta_prefix_rows_selects_what_delta_prefix_selects(values, similarities, top_k):
+    sim = np.array(similarities[: len(values)])
+    order, count = delta_prefix_rows(values, sim, top_k)
+    for i, row in enumerate(values):
+        assert order[i, : count[i]].tolist() == delta_prefix(row.tolist(), float(sim[i]), top_k)
+
+
+def test_delta_prefix_rows_by_hand():
+    order, count = delta_prefix_rows(np.array([[0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.0, 0.0, 0.0]]),
+                                     np.array([0.5, 0.0, 1.0]), 1)
+    # delta 0.5: 0.6 reaches it; delta 1: all three; an all-zero row: top_k by id
+    assert [order[i, : count[i]].tolist() for i in range(3)] == [[1], [2, 0, 1], [0]]
+
+
+def _fields(hooks) -> list:
+    return [hooks.asks, hooks.layers, hooks.experts, hooks.priority, hooks.cost_s, hooks.searches, hooks.rows,
+            hooks.row_target, hooks.row_values, hooks.planned]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 6), st.integers(2, 9), st.integers(1, 3), st.integers(1, 4), st.integers(0, 10_000),
+       st.sampled_from(FINEMOE_PARAMS + [{"distance": 9}]),
+       st.sampled_from(["finemoe", "finemoe-topk", "finemoe-no-delta", "finemoe-semantic", "finemoe-trajectory"]))
+def test_hooks_planned_at_once_are_the_reference_hooks(L, J, K, batch, seed, params, name):
+    trace = synthetic_trace(tiny_geometry(num_layers=L, num_experts=J, top_k=min(K, J)), num_requests=8,
+                            prompt_tokens=(1, 4), generated_tokens=(1, 6), seed=seed, semantic_dim=8)
+    by_req = trace.iterations_by_request
+    measure = [rid for rid in sorted(by_req) if rid >= 3]
+    steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in measure], batch).plan()
+    if name in ("finemoe-semantic", "finemoe-trajectory"):
+        params = {k: v for k, v in params.items() if k not in ("semantic", "trajectory")}
+    policy = _bound_policy(name, params, trace, [0, 1, 2], measure)
+    fast = policy._vector_hooks(steps)
+    scratch = policy._scratch()
+    for seqs, got in zip(steps, fast, strict=True):
+        assert got is not None
+        want = scratch._hooks_of(seqs, trace)
+        for a, b in zip(_fields(got), _fields(want), strict=True):
+            if isinstance(b, np.ndarray):
+                assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+            else:
+                assert a == b
+
+
+def test_a_step_whose_sequence_the_table_lacks_is_left_to_the_reference():
+    trace = synthetic_trace(tiny_geometry(num_layers=3, num_experts=4, top_k=2), num_requests=5,
+                            prompt_tokens=(1, 3), generated_tokens=(1, 3), seed=1, semantic_dim=8)
+    by_req = trace.iterations_by_request
+    policy = _bound_policy("finemoe", {}, trace, [0, 1], [2, 3])  # request 4 is not prepared
+    steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in (2, 4)], 2).plan()
+    fast = policy._vector_hooks(steps)
+    assert any(h is None for h in fast)
+    planned = policy.planned_hooks(trace, steps, 0)  # the reference answers those steps
+    assert planned.searches.shape == (len(steps), 4)
