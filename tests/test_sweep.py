@@ -26,6 +26,7 @@ from finemoe.sim.sweep import (
     parse_policy_params,
     parse_size,
     parse_sizes,
+    predictions_first,
     read_manifest,
     result_filename,
     run_sweep,
@@ -143,6 +144,19 @@ def test_expansion_is_the_cartesian_product(trace_file):
     assert {c.hardware.copy_engines for c in configs} == {1}
     assert {c.hardware.name for c in configs} == {"rtx3090", "a100-80gb"}
     assert all(Path(c.trace_path).is_absolute() for c in configs)
+
+
+def test_parallel_workers_start_each_group_of_shared_predictions_once(trace_file):
+    """One configuration of each (policy, seed) group first, across memory and hardware, then
+    the rest in the sweep's order."""
+    configs = expand_sweep(spec(trace_file, policies=["lru", "lfu"], hardware=[PRESETS["rtx3090"], PRESETS["a100-80gb"]],
+                                gpu_mem_bytes=[16 * G, 24 * G], seeds=[0, 1]), KNOWN)
+    order = predictions_first(configs)
+    assert sorted(order) == list(range(len(configs)))
+    groups = [(configs[i].policy, configs[i].seed) for i in order[:4]]
+    assert sorted(groups) == [("lfu", 0), ("lfu", 1), ("lru", 0), ("lru", 1)]
+    assert order[:4] == sorted(order[:4]) and order[4:] == sorted(order[4:])
+    assert predictions_first(configs[:1]) == [0] and predictions_first([]) == []
 
 
 def test_policy_params_apply_to_their_policy_only(trace_file):

@@ -457,6 +457,21 @@ class SweepOutcome:
         return not self.failures
 
 
+def predictions_first(configs: Sequence[SimConfig]) -> list[int]:
+    """An order to hand configurations to parallel workers: first one of each group that shares what
+    its policy computes from content alone (the same configuration but for memory and hardware:
+    FineMoE's matches, ProMoE's predictors, in the sweep's predictions folder), then the rest in
+    their order. Two workers then never start a group together, one computing while the other
+    waits for it on the folder's lock; the rest of a group finds the predictions made."""
+    first: dict[str, int] = {}
+    for i, config in enumerate(configs):
+        d = config.to_dict()
+        del d["memory"], d["hardware"]
+        first.setdefault(json.dumps(d, sort_keys=True, default=str), i)
+    lead = set(first.values())
+    return sorted(first.values()) + [i for i in range(len(configs)) if i not in lead]
+
+
 def run_sweep(
     configs: Sequence[SimConfig],
     out_dir: str | os.PathLike,
@@ -485,6 +500,8 @@ def run_sweep(
     write_manifest(configs, out)
     paths = [out / result_filename(c) for c in configs]
     todo = [i for i, p in enumerate(paths) if not (resume and result_exists(p))]
+    if jobs > 1 or executor != "local":
+        todo = [todo[j] for j in predictions_first([configs[i] for i in todo])]
     skipped = len(configs) - len(todo)
     _clean_stale_temporaries(out, (paths[i].name for i in todo))
     failures: list[Failure] = []
