@@ -55,7 +55,10 @@ FM_FREQ, FM_LAST, FM_PROT = range(15, 18)
 # ... and the oracle's again: which keys' asks may have changed since its last ones (a flag, and
 # the list of those flagged, `_mark_changed`).
 CHANGED, CHANGED_LIST = 18, 19
-N_KEY_FIELDS = 20
+# ... and the residents as a list (the first N_RES entries of row RLIST, in no order; RPOS: a
+# resident's place in it), so a victim is sought among the residents, not every key.
+RLIST, RPOS = 20, 21
+N_KEY_FIELDS = 22
 # Scalars of the int64 `st` array (the last nine the oracle's: where `_changed_asks` last read, its
 # window's start and end, `nearest` and flag, the keys marked changed; `_farthest`'s remembered victim).
 (N_RES, N_FLIGHT, N_QUEUED, WIRE_FREE, CLOCK, SLEEPING, ORDER, SEQ, POS_STEP, POS_LAYER, STALLED, WAITED_LOADED,
@@ -300,8 +303,9 @@ def _farthest(keys, st, orc):
     found = -1
     if keys.shape[1] <= SCANNED_KEYS:
         farthest = -1
-        for k in range(keys.shape[1]):
-            if keys[RES, k] and keys[PIN, k] == 0 and keys[NEXT_USE, k] > farthest:
+        for r in range(st[N_RES]):
+            k = keys[RLIST, r]
+            if keys[PIN, k] == 0 and (keys[NEXT_USE, k] > farthest or (keys[NEXT_USE, k] == farthest and k < found)):
                 farthest, found = keys[NEXT_USE, k], k
         st[VICTIM_AT], st[VICTIM] = st[EPOCH], found
         return found
@@ -472,28 +476,48 @@ def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_
 def _finemoe_victim(keys, st, par, p, for_prefetch):
     """`FineMoE.choose_victim`: the evictable resident of lowest score (p x freq, last use or use
     count), then oldest use, then lowest key, among those not predicted this step for a layer not
-    yet passed; for an on-demand load then among those too."""
-    best = -1
-    best_score, best_last = 0.0, 0
-    for protected in range(2):
-        if protected and (best >= 0 or for_prefetch):
-            break
-        for k in range(keys.shape[1]):
-            if not keys[RES, k] or keys[PIN, k]:
-                continue
-            is_protected = (st[FM_STEP] >= 0 and keys[FM_PROT, k] == st[FM_STEP]
-                            and k // par[NUM_EXPERTS] >= st[FM_LAYER])
-            if is_protected != (protected == 1):
-                continue
-            if par[FM_CACHE] == SCORE_PXF:
-                score = p[k] * float(keys[FM_FREQ, k])
-            elif par[FM_CACHE] == SCORE_LRU:
-                score = float(keys[FM_LAST, k])
-            else:
-                score = float(keys[FM_FREQ, k])
-            if best < 0 or score < best_score or (score == best_score and keys[FM_LAST, k] < best_last):
-                best, best_score, best_last = k, score, keys[FM_LAST, k]
-    return best
+    yet passed; for an on-demand load then among those too. One pass over the residents keeps
+    the best of each kind."""
+    free_k, free_score, free_last = -1, 0.0, 0  # the best unprotected one
+    prot_k, prot_score, prot_last = -1, 0.0, 0  # the best protected one
+    watch = st[FM_STEP] >= 0
+    for r in range(st[N_RES]):
+        k = keys[RLIST, r]
+        if keys[PIN, k]:
+            continue
+        if par[FM_CACHE] == SCORE_PXF:
+            score = p[k] * float(keys[FM_FREQ, k])
+        elif par[FM_CACHE] == SCORE_LRU:
+            score = float(keys[FM_LAST, k])
+        else:
+            score = float(keys[FM_FREQ, k])
+        last = keys[FM_LAST, k]
+        if watch and keys[FM_PROT, k] == st[FM_STEP] and k // par[NUM_EXPERTS] >= st[FM_LAYER]:
+            if prot_k < 0 or score < prot_score or (score == prot_score and (
+                    last < prot_last or (last == prot_last and k < prot_k))):
+                prot_k, prot_score, prot_last = k, score, last
+        elif free_k < 0 or score < free_score or (score == free_score and (
+                last < free_last or (last == free_last and k < free_k))):
+            free_k, free_score, free_last = k, score, last
+    if free_k >= 0 or for_prefetch:
+        return free_k
+    return prot_k
+
+
+@_borrowing
+def _res_add(keys, st, key):
+    n = st[N_RES]
+    keys[RES, key], keys[RPOS, key], keys[RLIST, n] = 1, n, key
+    st[N_RES] = n + 1
+
+
+@_borrowing
+def _res_remove(keys, st, key):
+    n = st[N_RES] - 1
+    i, last = keys[RPOS, key], keys[RLIST, n]
+    keys[RLIST, i], keys[RPOS, last] = last, i
+    keys[RES, key] = 0
+    st[N_RES] = n
 
 
 @_borrowing
@@ -507,8 +531,7 @@ def _evict(keys, st, par, orc, ev, pf_key, pf_step, pf_layer):
     else:
         best = victim(keys[RES], keys[STAMP], keys[COUNT], keys[PIN], par[LFU])
     if best >= 0:
-        keys[RES, best] = 0
-        st[N_RES] -= 1
+        _res_remove(keys, st, best)
         st[EPOCH] += 1
         if keys[UNUSED, best]:
             keys[UNUSED, best] = 0
@@ -629,8 +652,7 @@ def _next_event(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev):
     fl[i] = fl[n]
     st[N_FLIGHT] = n
     keys[FLIGHT, key] = 0
-    keys[RES, key] = 1  # `complete`: resident, last in LRU order
-    st[N_RES] += 1
+    _res_add(keys, st, key)  # `complete`: resident, last in LRU order
     st[CLOCK] += 1
     keys[STAMP, key] = st[CLOCK]
     if par[ORACLE]:
@@ -1099,8 +1121,7 @@ class CompiledPrefetchSteps:
             lfu = isinstance(order, LFUCounts)
             st[CLOCK] = load_order(order, J, keys[STAMP], keys[COUNT])
         for layer, e in cache.resident:
-            keys[RES, layer * J + e] = 1
-        st[N_RES] = len(cache.resident)
+            _res_add(keys, st, layer * J + e)
         for (layer, e), count in cache.pinned.items():
             keys[PIN, layer * J + e] = count
         for layer, e in cache.unused_prefetches:
