@@ -500,7 +500,7 @@ def run_sweep(
     write_manifest(configs, out)
     paths = [out / result_filename(c) for c in configs]
     todo = [i for i, p in enumerate(paths) if not (resume and result_exists(p))]
-    if jobs > 1 or executor != "local":
+    if executor != "local" or (jobs or 1) > 1:
         todo = [todo[j] for j in predictions_first([configs[i] for i in todo])]
     skipped = len(configs) - len(todo)
     _clean_stale_temporaries(out, (paths[i].name for i in todo))
