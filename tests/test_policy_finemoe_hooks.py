@@ -76,3 +76,16 @@ def test_a_step_whose_sequence_the_table_lacks_is_left_to_the_reference():
     assert any(h is None for h in fast)
     planned = policy.planned_hooks(trace, steps, 0)  # the reference answers those steps
     assert planned.searches.shape == (len(steps), 4)
+
+
+def test_the_same_steps_get_the_answer_kept_and_other_steps_their_own():
+    trace = synthetic_trace(tiny_geometry(num_layers=3, num_experts=4, top_k=2), num_requests=6,
+                            prompt_tokens=(1, 3), generated_tokens=(1, 4), seed=2, semantic_dim=8)
+    by_req = trace.iterations_by_request
+    policy = _bound_policy("finemoe", {}, trace, [0, 1], [2, 3, 4, 5])
+    steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in (2, 3, 4, 5)], 2).plan()
+    first = policy.planned_hooks(trace, list(steps), 0)
+    assert policy.planned_hooks(trace, list(steps), 0) is first  # (an equal list, another object)
+    later = policy.planned_hooks(trace, steps[1:], 1)
+    assert later is not first and np.array_equal(later.asks.step[:, 0], np.arange(1, len(steps)))
+    assert np.array_equal(later.cost_s, first.cost_s[1:]) and np.array_equal(later.searches, first.searches[1:])

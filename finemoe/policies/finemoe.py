@@ -69,6 +69,9 @@ FITTED_KEPT = 4  # fitted stores a process keeps (`FineMoE.fit`): a sweep's vari
 _FITTED: OrderedDict[str, ExpertMapStore] = OrderedDict()
 
 
+_ASSEMBLED = "assembled"  # a hook table's entry for its last whole answer: ((steps, first step), PlannedHooks)
+
+
 class _HookMemo:
     """`_HOOKS` as `get(key)`: the key's per-step table, made and kept (the last `HOOKS_KEPT`)."""
 
@@ -382,10 +385,20 @@ class FineMoE(Policy):
         """For planned steps (the first is engine step `first_step`), what each hook does apart
         from the clock: its asks (all for its own step), the p rows it records (`_remember_p`, in
         order), its search time and count, and how many searches `prepare`'s table answered. Each
-        step's are the hooks' own, called on a copy of this policy (the reference, for any step),
-        and remembered per process for steps of the same sequences (a sweep's other budgets)."""
-        L1, J = self.L + 1, self.J
+        step's are those of `_vector_hooks` (or, for a step it leaves, the hooks' own, called on a
+        copy of this policy), remembered per process for steps of the same sequences, and the
+        whole answer for the same steps (a sweep's other budgets; the kernel only reads it)."""
         memo = _HookMemo.get(self._hooks_key(trace))
+        asked = (tuple(steps), first_step)
+        last = memo.get(_ASSEMBLED)
+        if last is not None and last[0] == asked:
+            return last[1]
+        planned = self._assembled(trace, memo, steps, first_step)
+        memo[_ASSEMBLED] = (asked, planned)
+        return planned
+
+    def _assembled(self, trace, memo: dict, steps: list, first_step: int) -> PlannedHooks:
+        L1, J = self.L + 1, self.J
         missing = list(dict.fromkeys(seqs for seqs in steps if seqs not in memo))
         scratch = None
         for seqs, hooks in zip(missing, self._vector_hooks(missing), strict=True):
