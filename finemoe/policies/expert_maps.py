@@ -16,6 +16,8 @@ from itertools import accumulate
 
 import numpy as np
 
+from finemoe.jit import jit
+
 _EPS = 1e-12
 _BATCH_ELEMENTS = 1 << 17  # query x map cosines per batch of `trajectory_matches` (1 MB: cache-sized)
 
@@ -195,7 +197,6 @@ class ExpertMapStore:
             part = np.asarray(rows[lo : lo + chunk], dtype=np.float64)
             dot = np.zeros((part.shape[0], s))
             q_norm2 = np.zeros(part.shape[0])
-            pick = np.arange(part.shape[0])
             for layer in range(layers):
                 r = part[:, layer]
                 # One [1, J] x [J, size] product per query, stacked: numpy's matmul runs each as the
@@ -203,11 +204,8 @@ class ExpertMapStore:
                 # product would sum in another order (for J > 8 its last bits differ).
                 dot += (r[:, None, :] @ self._layer_maps[layer, :s].astype(np.float64).T)[:, 0]
                 q_norm2 += (r**2).sum(axis=1)
-                cos = dot * self._inv_cum_norm[layer, :s]
-                cos *= _inverse_norms(q_norm2)[:, None]
-                idx = np.argmax(cos, axis=1)
-                best[lo : lo + chunk, layer] = idx
-                sims[lo : lo + chunk, layer] = cos[pick, idx]
+                _best_cosines(dot, self._inv_cum_norm[layer, :s], _inverse_norms(q_norm2),
+                              best[lo : lo + chunk, layer], sims[lo : lo + chunk, layer])
         return best, sims
 
     def digest(self) -> str:
@@ -269,6 +267,35 @@ class TrajectoryQuery:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
         idx = np.argmax(cos, axis=1)
         return idx, cos[np.arange(cos.shape[0]), idx]
+
+
+def _best_cosines_plain(dot, inv_map, inv_query, best, sims):
+    """Per query row i: the argmax (first of ties) over stored maps j of (dot[i, j] * inv_map[j])
+    * inv_query[i], the cosine `TrajectoryQuery.observe` computes, and that cosine; into best,
+    sims. The reference of `_best_cosines`, which computes the same products in one pass."""
+    cos = dot * inv_map
+    cos *= inv_query[:, None]
+    idx = np.argmax(cos, axis=1)
+    best[:] = idx
+    sims[:] = cos[np.arange(cos.shape[0]), idx]
+
+
+@jit
+def _best_cosines(dot, inv_map, inv_query, best, sims):
+    """`_best_cosines_plain` without its three passes over the [queries, maps] matrix (a NaN
+    wins, as in np.argmax)."""
+    for i in range(dot.shape[0]):
+        q = inv_query[i]
+        top, at = (dot[i, 0] * inv_map[0]) * q, 0
+        if top == top:
+            for j in range(1, dot.shape[1]):
+                c = (dot[i, j] * inv_map[j]) * q
+                if c > top:
+                    top, at = c, j
+                elif c != c:
+                    top, at = c, j
+                    break
+        best[i], sims[i] = at, top
 
 
 def _inverse_norms(norm2: np.ndarray) -> np.ndarray:
