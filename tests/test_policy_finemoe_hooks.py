@@ -106,3 +106,19 @@ def test_best_cosines_in_one_pass_are_the_plain_ones(dot, data):
     _best_cosines(dot, inv_map, inv_query, *got)
     _best_cosines_plain(dot, inv_map, inv_query, *want)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1], equal_nan=True)
+
+
+def test_rows_sorted_a_chunk_at_a_time_give_the_same_hooks(monkeypatch):
+    import finemoe.policies.finemoe_hooks as hooks_module
+
+    trace = synthetic_trace(tiny_geometry(num_layers=4, num_experts=6, top_k=2), num_requests=8,
+                            prompt_tokens=(1, 4), generated_tokens=(1, 6), seed=4, semantic_dim=8)
+    by_req = trace.iterations_by_request
+    measure = [rid for rid in sorted(by_req) if rid >= 3]
+    steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in measure], 3).plan()
+    policy = _bound_policy("finemoe", {"distance": 1}, trace, [0, 1, 2], measure)
+    whole = policy._vector_hooks(steps)
+    monkeypatch.setattr(hooks_module, "_CHUNK_ELEMENTS", 13)  # two rows of six experts a chunk
+    for a, b in zip(policy._vector_hooks(steps), whole, strict=True):
+        for x, y in zip(_fields(a), _fields(b), strict=True):
+            assert np.array_equal(x, y) if isinstance(y, np.ndarray) else x == y

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_CHUNK_ELEMENTS = 1 << 22  # predicted rows x experts sorted at a time (some 100 MB of temporaries)
+
 
 @dataclass(frozen=True)
 class HookGeometry:
@@ -97,10 +99,15 @@ def _asks(g: HookGeometry, rows: _Rows, values: np.ndarray):
     p / (target - current), one per expert at its highest priority, highest first (then the
     higher layer, then the higher expert)."""
     sim = rows.similarity if g.delta else np.ones_like(rows.similarity)
-    order, count = delta_prefix_rows(values, sim, g.top_k)
-    chosen = np.arange(g.experts)[None, :] < count[:, None]
-    which = np.nonzero(chosen)[0]
-    expert = order[chosen]
+    which_parts, expert_parts = [], []
+    chunk = max(1, _CHUNK_ELEMENTS // max(g.experts, 1))  # (a sort's temporaries, a chunk at a time)
+    for lo in range(0, len(values), chunk):
+        order, count = delta_prefix_rows(values[lo : lo + chunk], sim[lo : lo + chunk], g.top_k)
+        chosen = np.arange(g.experts)[None, :] < count[:, None]
+        which_parts.append(lo + np.nonzero(chosen)[0])
+        expert_parts.append(order[chosen])
+    which = np.concatenate(which_parts) if which_parts else np.zeros(0, np.int64)
+    expert = np.concatenate(expert_parts) if expert_parts else np.zeros(0, np.int64)
     prio = values[which, expert] / (rows.target - rows.current)[which]
     step, hook, layer = rows.step[which], rows.hook[which], rows.target[which]
     first = np.lexsort((-prio, expert, layer, hook, step))  # each key's highest priority first
