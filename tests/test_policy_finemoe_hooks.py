@@ -95,8 +95,8 @@ def test_the_same_steps_get_the_answer_kept_and_other_steps_their_own():
 @given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
                   elements=st.sampled_from([0.0, 0.5, 1.0, -0.25, np.nan]) | st.floats(-2.0, 2.0)),
        st.data())
-def test_best_cosines_in_one_pass_are_the_plain_ones(dot, data):
-    from finemoe.policies.expert_maps import _best_cosines, _best_cosines_plain
+def test_best_cosines_in_one_pass_are_what_observe_and_best_arrays_give(dot, data):
+    from finemoe.policies.expert_maps import _best_cosines
 
     n, s = dot.shape
     inv_map = data.draw(hnp.arrays(np.float64, s, elements=st.sampled_from([0.0, 1.0, 0.3]) | st.floats(0.0, 5.0)))
@@ -104,7 +104,10 @@ def test_best_cosines_in_one_pass_are_the_plain_ones(dot, data):
     got = (np.zeros(n, np.int64), np.zeros(n))
     want = (np.zeros(n, np.int64), np.zeros(n))
     _best_cosines(dot, inv_map, inv_query, *got)
-    _best_cosines_plain(dot, inv_map, inv_query, *want)
+    cos = dot * inv_map  # `TrajectoryQuery.observe`'s two scalings, then `best_arrays`' argmax
+    cos *= inv_query[:, None]
+    want[0][:] = np.argmax(cos, axis=1)
+    want[1][:] = cos[np.arange(n), want[0]]
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1], equal_nan=True)
 
 

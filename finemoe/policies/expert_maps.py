@@ -269,21 +269,12 @@ class TrajectoryQuery:
         return idx, cos[np.arange(cos.shape[0]), idx]
 
 
-def _best_cosines_plain(dot, inv_map, inv_query, best, sims):
-    """Per query row i: the argmax (first of ties) over stored maps j of (dot[i, j] * inv_map[j])
-    * inv_query[i], the cosine `TrajectoryQuery.observe` computes, and that cosine; into best,
-    sims. The reference of `_best_cosines`, which computes the same products in one pass."""
-    cos = dot * inv_map
-    cos *= inv_query[:, None]
-    idx = np.argmax(cos, axis=1)
-    best[:] = idx
-    sims[:] = cos[np.arange(cos.shape[0]), idx]
-
-
 @jit
 def _best_cosines(dot, inv_map, inv_query, best, sims):
-    """`_best_cosines_plain` without its three passes over the [queries, maps] matrix (a NaN
-    wins, as in np.argmax)."""
+    """Per query row i, into best and sims: the argmax (first of ties; a NaN wins, as in np.argmax)
+    over stored maps j of (dot[i, j] * inv_map[j]) * inv_query[i], the cosine `TrajectoryQuery.observe`
+    computes, and that cosine: what `observe` and `best_arrays` give, in one pass over the
+    [queries, maps] matrix instead of their three."""
     for i in range(dot.shape[0]):
         q = inv_query[i]
         top, at = (dot[i, 0] * inv_map[0]) * q, 0

@@ -144,7 +144,7 @@ def step_hooks(g: HookGeometry, steps: list, index_of: dict[int, int], sem_index
     step_a, pos_a = np.array(step_of, np.int64), np.array(position, np.int64)
     it, tok = np.array(iteration, np.int64), np.array(tokens, np.int64)
     si, ss = sem_index[it], sem_sim[it]
-    rows = _predicted_rows(g, step_a, pos_a, si, ss, best[it] if g.trajectory else best, cosine[it] if g.trajectory else cosine)
+    rows = _predicted_rows(g, step_a, pos_a, si, ss, best[it], cosine[it])
     values = maps[rows.map_index, rows.target].astype(np.float64)
     a_step, a_hook, a_layer, a_expert, a_prio = _asks(g, rows, values)
 
@@ -159,7 +159,7 @@ def step_hooks(g: HookGeometry, steps: list, index_of: dict[int, int], sem_index
         if g.semantic:
             sem = at & (si >= 0)
             cell = step_a[sem] * L1
-            cost[cell] += g.search_s + 0 * g.search_token_s
+            cost[cell] += g.search_s  # (one key searched: no further tokens to charge)
             count[cell] += 1
             planned += np.bincount(step_a[sem], minlength=n)
         if g.trajectory and nl:

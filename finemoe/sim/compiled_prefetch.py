@@ -473,6 +473,14 @@ def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_
 
 
 @_borrowing
+def _evicted_before(score, last, k, best_score, best_last, best_k):
+    """FineMoE's eviction order: (score, last use, key) below the best so far (none: best_k -1)."""
+    if best_k < 0 or score < best_score:
+        return True
+    return score == best_score and (last < best_last or (last == best_last and k < best_k))
+
+
+@_borrowing
 def _finemoe_victim(keys, st, par, p, for_prefetch):
     """`FineMoE.choose_victim`: the evictable resident of lowest score (p x freq, last use or use
     count), then oldest use, then lowest key, among those not predicted this step for a layer not
@@ -493,11 +501,9 @@ def _finemoe_victim(keys, st, par, p, for_prefetch):
             score = float(keys[FM_FREQ, k])
         last = keys[FM_LAST, k]
         if watch and keys[FM_PROT, k] == st[FM_STEP] and k // par[NUM_EXPERTS] >= st[FM_LAYER]:
-            if prot_k < 0 or score < prot_score or (score == prot_score and (
-                    last < prot_last or (last == prot_last and k < prot_k))):
+            if _evicted_before(score, last, k, prot_score, prot_last, prot_k):
                 prot_k, prot_score, prot_last = k, score, last
-        elif free_k < 0 or score < free_score or (score == free_score and (
-                last < free_last or (last == free_last and k < free_k))):
+        elif _evicted_before(score, last, k, free_score, free_last, free_k):
             free_k, free_score, free_last = k, score, last
     if free_k >= 0 or for_prefetch:
         return free_k
