@@ -309,10 +309,13 @@ def test_a_fitted_store_is_shared_until_a_run_adds_a_map_of_its_own():
     assert a.store is not b.store and len(a.store) == 2 and len(b.store) == 1  # copied, then added to
 
 
-def test_runs_on_a_shared_fitted_store_equal_runs_on_a_fresh_one(monkeypatch):
-    from collections import OrderedDict
+def _fresh_fitted(fm):
+    return fm.ContentMemo(fm.FITTED_KEPT, "finemoe-store", fm._fitted_arrays, fm._fitted_from)
 
+
+def test_runs_on_a_shared_fitted_store_equal_runs_on_a_fresh_one(monkeypatch, tmp_path):
     import finemoe.policies.finemoe as fm
+    from finemoe.policies.memo import stored_in
     from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
     from finemoe.sim.hardware import PRESETS
     from finemoe.sim.run import simulate
@@ -324,16 +327,44 @@ def test_runs_on_a_shared_fitted_store_equal_runs_on_a_fresh_one(monkeypatch):
         return simulate(trace, SimConfig("t", "finemoe", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=slots),
                                          workload=WorkloadConfig(history_fraction=0.5), timeline_steps=0)).summary
 
-    monkeypatch.setattr(fm, "_FITTED", OrderedDict())
+    def same(got, want):
+        return ({k: v for k, v in got.items() if k != "wall_s" and "per_wall" not in k} ==
+                {k: v for k, v in want.items() if k != "wall_s" and "per_wall" not in k})
+
+    monkeypatch.setattr(fm, "_FITTED", _fresh_fitted(fm))
     shared = [run(slots) for slots in (8, 14, 8)]  # the second and third fit nothing
-    assert len(fm._FITTED) == 1
+    assert fm._FITTED.computed == 1
     fresh = []
     for slots in (8, 14):
-        monkeypatch.setattr(fm, "_FITTED", OrderedDict())
+        monkeypatch.setattr(fm, "_FITTED", _fresh_fitted(fm))
         fresh.append(run(slots))
     for got, want in zip(shared, fresh + fresh[:1], strict=True):
-        assert {k: v for k, v in got.items() if k != "wall_s" and "per_wall" not in k} == \
-            {k: v for k, v in want.items() if k != "wall_s" and "per_wall" not in k}
+        assert same(got, want)
+    # A sweep's other worker reads the store the first one kept on disk, and runs the same.
+    with stored_in(tmp_path):
+        monkeypatch.setattr(fm, "_FITTED", _fresh_fitted(fm))
+        run(8)
+        monkeypatch.setattr(fm, "_FITTED", _fresh_fitted(fm))
+        again = run(14)
+    assert fm._FITTED.computed == 0 and len(list(tmp_path.glob("finemoe-store-*.npz"))) == 1
+    assert same(again, fresh[1])
+
+
+def test_a_fitted_store_read_back_is_the_same_store():
+    from finemoe.policies.expert_maps import ExpertMapStore
+
+    rng = np.random.default_rng(4)
+    for dim in (None, 5):
+        store = ExpertMapStore(3, 4, capacity=5, distance=1, semantic_dim=dim)
+        for _ in range(8):  # past its capacity: some maps replaced
+            store.add(rng.random((3, 4)), None if dim is None else rng.random(dim))
+        back = ExpertMapStore.from_arrays(store.to_arrays())
+        assert back.digest() == store.digest() and (back.size, back.inserted, back.replaced) == (5, 8, 3)
+        for name, a in store.to_arrays().items():
+            assert np.array_equal(back.to_arrays()[name], a), name
+        query = rng.random((2, 3, 4))
+        assert all(np.array_equal(x, y) for x, y in zip(back.trajectory_matches(query, 3),
+                                                         store.trajectory_matches(query, 3), strict=True))
 
 
 def test_variants_registered_and_parameters_checked():

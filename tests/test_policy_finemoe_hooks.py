@@ -91,6 +91,31 @@ def test_the_same_steps_get_the_answer_kept_and_other_steps_their_own():
     assert np.array_equal(later.cost_s, first.cost_s[1:]) and np.array_equal(later.searches, first.searches[1:])
 
 
+def test_a_sweeps_other_worker_reads_the_answer_kept_on_disk(monkeypatch, tmp_path):
+    import finemoe.policies.finemoe as fm
+    from finemoe.policies.memo import ContentMemo, stored_in
+
+    trace = synthetic_trace(tiny_geometry(num_layers=3, num_experts=4, top_k=2), num_requests=6,
+                            prompt_tokens=(1, 3), generated_tokens=(1, 4), seed=2, semantic_dim=8)
+    by_req = trace.iterations_by_request
+    steps = ContinuousBatcher([(rid, 0.0, by_req[rid]) for rid in (2, 3, 4, 5)], 2).plan()
+
+    def worker():  # a process of its own: nothing planned in memory yet
+        monkeypatch.setattr(fm, "_HOOKS", fm.OrderedDict())
+        monkeypatch.setattr(fm, "_PLANNED", ContentMemo(fm.PLANNED_KEPT, "finemoe-hooks", fm._planned_arrays,
+                                                        fm._planned_from))
+        return _bound_policy("finemoe", {}, trace, [0, 1], [2, 3, 4, 5]).planned_hooks(trace, steps, 0)
+
+    with stored_in(tmp_path):
+        first = worker()
+        assert fm._PLANNED.computed == 1
+        second = worker()
+    assert fm._PLANNED.computed == 0 and len(list(tmp_path.glob("finemoe-hooks-*.npz"))) == 1
+    assert second is not first
+    for a, b in zip(fm._planned_arrays(second).values(), fm._planned_arrays(first).values(), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
 @settings(max_examples=200, deadline=None)
 @given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
                   elements=st.sampled_from([0.0, 0.5, 1.0, -0.25, np.nan]) | st.floats(-2.0, 2.0)),

@@ -208,6 +208,32 @@ class ExpertMapStore:
                               best[lo : lo + chunk, layer], sims[lo : lo + chunk, layer])
         return best, sims
 
+    _ARRAYS = ("maps", "_layer_maps", "_unit_maps", "_cum_norm2", "_inv_cum_norm", "keys", "_unit_keys")
+    _NUMBERS = ("num_layers", "num_experts", "capacity", "distance", "size", "inserted", "replaced")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything the store holds, as plain arrays: a fitted store kept on disk (finemoe.py's
+        `fit`) is read back as the same store, bit for bit, without adding its maps again."""
+        out = {name: getattr(self, name) for name in self._ARRAYS if getattr(self, name) is not None}
+        out.update({name: np.int64(getattr(self, name)) for name in self._NUMBERS})
+        out["semantic_dim"] = np.int64(-1 if self.semantic_dim is None else self.semantic_dim)
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> ExpertMapStore:
+        """The store `to_arrays` gave."""
+        dim = int(a["semantic_dim"])
+        store = cls(int(a["num_layers"]), int(a["num_experts"]), int(a["capacity"]), int(a["distance"]),
+                    None if dim < 0 else dim)
+        for name in cls._ARRAYS:
+            if getattr(store, name) is not None:
+                have = getattr(store, name)
+                if a[name].shape != have.shape or a[name].dtype != have.dtype:
+                    raise ValueError(f"stored {name} is {a[name].dtype}{a[name].shape}, not {have.dtype}{have.shape}")
+                have[...] = a[name]
+        store.size, store.inserted, store.replaced = int(a["size"]), int(a["inserted"]), int(a["replaced"])
+        return store
+
     def digest(self) -> str:
         """A hash of what the store holds (maps and semantic keys): what its matches depend on."""
         h = hashlib.blake2b(digest_size=16)

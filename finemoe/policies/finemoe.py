@@ -43,7 +43,7 @@ from finemoe.policies.expert_maps import (
 )
 from finemoe.policies.finemoe_hooks import HookGeometry, step_hooks
 from finemoe.policies.map_matches import MapMatches, matches_for
-from finemoe.policies.memo import digest
+from finemoe.policies.memo import ContentMemo, digest
 from finemoe.policies.registry import register
 
 # Modelled wall time of one map search: one sequence at one layer (the policy's whole call: the
@@ -66,7 +66,26 @@ CACHES = ("finemoe", "lru", "lfu")
 HOOKS_KEPT = 2  # policies' planned hooks a process keeps (`FineMoE.planned_hooks`)
 _HOOKS: OrderedDict[tuple, dict] = OrderedDict()
 FITTED_KEPT = 4  # fitted stores a process keeps (`FineMoE.fit`): a sweep's variants on one history
-_FITTED: OrderedDict[str, ExpertMapStore] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """A history's store (None: no maps) and how many maps were offered to it."""
+
+    store: ExpertMapStore | None
+    maps: int
+
+
+def _fitted_arrays(f: _Fitted) -> dict[str, np.ndarray]:
+    arrays = {} if f.store is None else f.store.to_arrays()
+    return {**arrays, "offered": np.int64(f.maps)}
+
+
+def _fitted_from(a: dict[str, np.ndarray]) -> _Fitted:
+    return _Fitted(ExpertMapStore.from_arrays(a) if "maps" in a else None, int(a["offered"]))
+
+
+_FITTED: ContentMemo[_Fitted] = ContentMemo(FITTED_KEPT, "finemoe-store", _fitted_arrays, _fitted_from)
 
 
 _ASSEMBLED = "assembled"  # a hook table's entry for its last whole answer: ((steps, first step), PlannedHooks)
@@ -120,6 +139,32 @@ class PlannedHooks:
     row_target: np.ndarray  # int64 [rows]
     rows: np.ndarray  # float64 [rows, experts]
     planned: int
+_ASK_FIELDS = ("lo", "hi", "step", "layers", "experts", "priority")
+_HOOK_FIELDS = ("cost_s", "searches", "row_lo", "row_hi", "row_target", "rows")
+
+
+def _planned_arrays(p: PlannedHooks) -> dict[str, np.ndarray]:
+    out = {f"asks_{name}": getattr(p.asks, name) for name in _ASK_FIELDS}
+    out.update({name: getattr(p, name) for name in _HOOK_FIELDS})
+    return {**out, "wants_step": np.bool_(p.asks.wants_step), "planned": np.int64(p.planned)}
+
+
+def _planned_from(a: dict[str, np.ndarray]) -> PlannedHooks:
+    asks = PlannedAsks(*(a[f"asks_{name}"] for name in _ASK_FIELDS), bool(a["wants_step"]))
+    return PlannedHooks(asks, *(a[name] for name in _HOOK_FIELDS), int(a["planned"]))
+
+
+PLANNED_KEPT = 2  # whole answers of `FineMoE.planned_hooks` a process keeps
+_PLANNED: ContentMemo[PlannedHooks] = ContentMemo(PLANNED_KEPT, "finemoe-hooks", _planned_arrays, _planned_from)
+
+
+def _steps_digest(steps: list, first_step: int) -> str:
+    """A hash of planned steps: each step's sequences (their trace rows) and the first's number."""
+    sizes = np.array([len(seqs) for seqs in steps], dtype=np.int64)
+    rows = np.array([x for seqs in steps for q in seqs for x in (q.start, q.stop)], dtype=np.int64)
+    return digest(first_step, sizes, rows)
+
+
 # Prefetch distance as the paper sets it per model (FINEMOE.md), by the geometry's model name;
 # DEFAULT_DISTANCE for any other model. An explicit `distance` always wins.
 PAPER_DISTANCES = (("mixtral", 3), ("qwen", 6), ("phi", 4))
@@ -225,31 +270,34 @@ class FineMoE(Policy):
 
     def fit(self, history) -> None:
         """The store of the history's maps. Every budget and hardware of a sweep fits the same one,
-        so a process keeps the last few by the content they were built from (the maps and keys
-        offered, the store's size and layers ahead), and a run shares it until it adds a map of its
-        own (`_own_store`)."""
-        maps = self._maps_of(history, np.arange(history.num_tokens))
+        so it is kept by the content it is built from (the history's rows and the store's size and
+        layers ahead: policies/memo.py, on disk too for a sweep's workers), and a run shares it
+        until it adds a map of its own (`_own_store`)."""
         if self.store is not None:  # (fitted before: the maps join it)
-            self._add_all(maps)
+            for expert_map, key in self._maps_of(history, np.arange(history.num_tokens)):
+                self._own_store(key).add(expert_map, key)
+                self.fit_maps += 1
             return
-        content = digest(self.L, self.J, self.capacity, self.distance, np.stack([m for m, _ in maps]) if maps else None,
-                         [k is None for _, k in maps], np.stack([k for _, k in maps if k is not None] or [np.zeros(0)]))
-        store = _FITTED.get(content)
-        if store is None:
-            self._add_all(maps)
-            if self.store is not None:
-                _FITTED[content] = self.store
-                while len(_FITTED) > FITTED_KEPT:
-                    _FITTED.popitem(last=False)
-        else:
-            _FITTED.move_to_end(content)
-            self.store, self.fit_maps = store, self.fit_maps + len(maps)
+        fitted = _FITTED.get(self._fit_key(history), lambda: self._fitted(history))
+        self.store, self.fit_maps = fitted.store, self.fit_maps + fitted.maps
         self._store_shared = self.store is not None
 
-    def _add_all(self, maps) -> None:
+    def _fit_key(self, history) -> str:
+        """A hash of what `_fitted` reads."""
+        rows = (history.router_probs,) if self.maps_from == "probs" else (history.experts, history.weights)
+        return digest("fit", self.maps_from, self.L, self.J, self.capacity, self.distance, history.request_id,
+                      history.iteration, *rows, history.semantic_key)
+
+    def _fitted(self, history) -> _Fitted:
+        """`fit`'s store built afresh: the history's maps added one by one."""
+        maps = self._maps_of(history, np.arange(history.num_tokens))
+        store = None
         for expert_map, key in maps:
-            self._own_store(key).add(expert_map, key)
-            self.fit_maps += 1
+            if store is None:
+                store = ExpertMapStore(self.L, self.J, self.capacity, self.distance,
+                                       None if key is None else int(key.shape[0]))
+            store.add(expert_map, key)
+        return _Fitted(store, len(maps))
 
     def _own_store(self, key: np.ndarray | None) -> ExpertMapStore:
         """`_store_for`, copied first where it is a fitted store other runs share."""
@@ -387,13 +435,16 @@ class FineMoE(Policy):
         order), its search time and count, and how many searches `prepare`'s table answered. Each
         step's are those of `_vector_hooks` (or, for a step it leaves, the hooks' own, called on a
         copy of this policy), remembered per process for steps of the same sequences, and the
-        whole answer for the same steps (a sweep's other budgets; the kernel only reads it)."""
-        memo = _HookMemo.get(self._hooks_key(trace))
+        whole answer for the same steps (a sweep's other budgets; in its predictions folder, for
+        its other workers too: policies/memo.py; the kernel only reads it)."""
+        hooks_key = self._hooks_key(trace)
+        memo = _HookMemo.get(hooks_key)
         asked = (tuple(steps), first_step)
         last = memo.get(_ASSEMBLED)
         if last is not None and last[0] == asked:
             return last[1]
-        planned = self._assembled(trace, memo, steps, first_step)
+        planned = _PLANNED.get(digest("hooks", hooks_key, _steps_digest(steps, first_step)),
+                               lambda: self._assembled(trace, memo, steps, first_step))
         memo[_ASSEMBLED] = (asked, planned)
         return planned
 
