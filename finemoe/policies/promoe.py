@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -62,34 +61,21 @@ def train_logistic(
 @dataclass(frozen=True)
 class _Predictions:
     """Per measured iteration (by its first trace row; a prefill's index is -1 - i): a decode
-    token's K experts and priorities per source layer, a prefill's merged (target, expert) ->
-    priority per source layer (plain lists: read per call)."""
+    token's K experts and priorities per source layer ([n, L, K] arrays: the planned asks read
+    them whole), a prefill's merged (target, expert) -> priority per source layer."""
 
     index_of: dict[int, int]
-    experts: list[list[list[int]]]
-    prios: list[list[list[float]]]
+    expert_array: np.ndarray  # int64 [n, L, K]
+    prio_array: np.ndarray  # float64 [n, L, K]
     prefill: list[dict[int, dict[ExpertKey, float]]]
 
-    @cached_property
-    def expert_array(self) -> np.ndarray:
-        """`experts` as one int64 array [n, L, K], made once (every budget's `planned_asks` reads it)."""
-        return np.asarray(self.experts, np.int64)
-
-    @cached_property
-    def prio_array(self) -> np.ndarray:
-        """`prios` as one float64 array [n, L, K], made once."""
-        return np.asarray(self.prios, np.float64)
-
     def to_arrays(self) -> dict[str, np.ndarray]:
-        n = len(self.experts)
-        L, K = (len(self.experts[0]), len(self.experts[0][0])) if n else (0, 0)
         rows = [(i, layer, target, e) for i, layers in enumerate(self.prefill) for layer, out in layers.items()
                 for target, e in out]
         prios = [prio for layers in self.prefill for out in layers.values() for prio in out.values()]
         return {"starts": np.array(list(self.index_of), dtype=np.int64),
                 "indices": np.array(list(self.index_of.values()), dtype=np.int64),
-                "experts": np.array(self.experts, dtype=np.int64).reshape(n, L, K),
-                "prios": np.array(self.prios, dtype=np.float64).reshape(n, L, K),
+                "experts": self.expert_array, "prios": self.prio_array,
                 "prefills": np.array(len(self.prefill)),
                 "prefill_keys": np.array(rows, dtype=np.int64).reshape(len(rows), 4),
                 "prefill_prios": np.array(prios, dtype=np.float64)}
@@ -99,8 +85,8 @@ class _Predictions:
         prefill: list[dict[int, dict[ExpertKey, float]]] = [{} for _ in range(int(a["prefills"]))]
         for (i, layer, target, e), prio in zip(a["prefill_keys"].tolist(), a["prefill_prios"].tolist(), strict=True):
             prefill[i].setdefault(layer, {})[(target, e)] = prio
-        return cls(dict(zip(a["starts"].tolist(), a["indices"].tolist(), strict=True)), a["experts"].tolist(),
-                   a["prios"].tolist(), prefill)
+        return cls(dict(zip(a["starts"].tolist(), a["indices"].tolist(), strict=True)),
+                   a["experts"].astype(np.int64), a["prios"].astype(np.float64), prefill)
 
 
 def _models_to_arrays(value: tuple[dict, float]) -> dict[str, np.ndarray]:
@@ -276,7 +262,7 @@ class ProMoE(TrackedCachePolicy):
                 rows = self._maps(trace, np.arange(it.start, it.stop))
                 prob = _sigmoid(self._features(rows, layer) @ w + b)
                 out[layer] = self._ranked(prob, layer + self.distance, {})
-        return _Predictions(index_of, experts.tolist(), prios.tolist(), merged)
+        return _Predictions(index_of, experts, prios, merged)
 
     def _ranked(self, prob: np.ndarray, target: int, out: dict[ExpertKey, float]) -> dict[ExpertKey, float]:
         """Add each token's K likeliest experts of `prob` [tokens, J] to `out` (highest priority)."""
@@ -324,7 +310,8 @@ class ProMoE(TrackedCachePolicy):
     def _merge_planned(self, out: dict[ExpertKey, float], index: int, layer: int, target: int) -> None:
         planned = self._planned
         if index >= 0:  # a decode token: its K experts
-            pairs = zip(planned.experts[index][layer], planned.prios[index][layer], strict=True)
+            pairs = zip(planned.expert_array[index, layer].tolist(), planned.prio_array[index, layer].tolist(),
+                        strict=True)
         else:
             pairs = ((e, prio) for (_, e), prio in planned.prefill[-1 - index][layer].items())
         for e, prio in pairs:
