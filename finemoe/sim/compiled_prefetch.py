@@ -40,7 +40,7 @@ from finemoe.jit import jit_borrowing as _borrowing
 from finemoe.jit import numba
 from finemoe.policies.asks import AskBuilder
 from finemoe.policies.caches import LFUCounts
-from finemoe.policies.oracle import BOOST, ask_window, new_asks
+from finemoe.policies.oracle import BOOST, ask_window
 from finemoe.sim.compiled import StepPlanner, load_order, victim, victim_order, wire_end
 from finemoe.sim.costs import TICKS_PER_S
 
@@ -59,14 +59,16 @@ CHANGED, CHANGED_LIST = 18, 19
 # resident's place in it), so a victim is sought among the residents, not every key.
 RLIST, RPOS = 20, 21
 N_KEY_FIELDS = 22
-# Scalars of the int64 `st` array (the last nine the oracle's: where `_changed_asks` last read, its
-# window's start and end, `nearest` and flag, the keys marked changed; `_farthest`'s remembered victim).
+# Scalars of the int64 `st` array (the last eleven the oracle's: where `_changed_asks` last read, its
+# window's start and end, `nearest` and flag, the keys marked changed; `_farthest`'s remembered victim;
+# the window start `_first_uses_at` last brought its list to, -1 before the first, and the list's head).
 (N_RES, N_FLIGHT, N_QUEUED, WIRE_FREE, CLOCK, SLEEPING, ORDER, SEQ, POS_STEP, POS_LAYER, STALLED, WAITED_LOADED,
  LOADED_PENDING, LOADED_END, LOADED_ORD, HEAP_N, UNPIN_HEAD, UNPIN_TAIL, DQ_HEAD, DQ_TAIL, NOW, ONDEMAND, ISSUED,
  STARTED, IN_TIME, LATE, UNUSED_EVICTED, DROPPED, ERROR, USES_N, STALE, LAST_HERE, HAS_LAYER_S,
  FM_CLOCK, FM_STEP, FM_LAYER, TH_N, REL_N, FM_SEARCHES, FM_ABANDONED,
- ASKED, ASKED_I0, ASKED_END, ASKED_NEAREST, ASKED_FLAG, N_CHANGED, EPOCH, VICTIM_AT, VICTIM) = range(49)
-N_STATE = 49
+ ASKED, ASKED_I0, ASKED_END, ASKED_NEAREST, ASKED_FLAG, N_CHANGED, EPOCH, VICTIM_AT, VICTIM,
+ FU_I0, FU_HEAD) = range(51)
+N_STATE = 51
 # Parameters of the int64 `par` array (the last six: the oracle's, `ORACLE` 0 for any other policy).
 (CAPACITY, NUM_EXPERTS, BUSY_LATENCY, LATENCY, BUSY_WIRE, WIRE, MISS_TICKS, LFU, ORACLE, MODE, LOOKAHEAD, MIN_AHEAD,
  SCAN, NUM_LAYERS, FINEMOE, FM_CACHE, FM_CHARGE) = range(17)
@@ -179,9 +181,11 @@ def _apply_unpins(u_t, u_k, keys, st, now_s):
 
 
 # --- the oracle's schedules (policies/oracle.py's `OraclePolicy`) ---------------------------------
-# `orc` = (fpar, uses, starts, positions): its floats, its heap of residents by next use (rows 0-1:
+# `orc` = (fpar, uses, starts, positions, fu): its floats, its heap of residents by next use (rows 0-1:
 # next use and key; rows 2-3 room for the entries set aside while a victim is sought; row 4 a mark
-# per key for `_uses_push`'s compaction), and every key's access positions in the plan (`PlanView.per_key_positions`).
+# per key for `_uses_push`'s compaction), every key's access positions in the plan
+# (`PlanView.per_key_positions`), and for the deadline rule, per access of the plan, the next first
+# use in its list (row 0, -1: the last) and its key's next access (row 1, -1: none; `_first_uses_at`).
 
 
 @_borrowing
@@ -438,10 +442,87 @@ def _changed_asks(keys, st, orc, positions, previous, key_a, key_idx, here, scan
 
 
 @_borrowing
+def _first_uses_at(st, fu, previous, i0):
+    """Bring the list of first uses (the accesses x >= i0 whose key's previous access is before i0,
+    ascending, linked through fu[0] from st[FU_HEAD]) to window start i0. Moving the start past
+    access j takes j, the list's head, off it and puts its key's next access on (after the
+    nearest first use before it, found by reading back from there): so the deadline rule reads a
+    window's first uses, not every access in it. Built afresh by one pass where i0 is new or
+    behind the list's."""
+    if st[FU_I0] < 0 or i0 < st[FU_I0]:
+        head, last = -1, -1
+        for x in range(i0, previous.size):
+            if previous[x] < i0:
+                if last < 0:
+                    head = x
+                else:
+                    fu[0, last] = x
+                last = x
+        if last >= 0:
+            fu[0, last] = -1
+        st[FU_HEAD], st[FU_I0] = head, i0
+        return
+    head = st[FU_HEAD]
+    for j in range(st[FU_I0], i0):  # (j is the head: its previous access is before it)
+        head = fu[0, j]
+        nj = fu[1, j]
+        if nj >= 0:  # a first use from window start j + 1 on
+            pred = -1
+            x = nj - 1
+            while x > j:
+                if previous[x] <= j:
+                    pred = x
+                    break
+                x -= 1
+            if pred < 0:
+                fu[0, nj] = head
+                head = nj
+            else:
+                fu[0, nj] = fu[0, pred]
+                fu[0, pred] = nj
+    st[FU_HEAD], st[FU_I0] = head, i0
+
+
+@_borrowing
+def _deadline_asks(keys, st, fu, positions, previous, key_a, here, scan, limit, nearest, free, num_experts, flag,
+                   load_s, deadline_layer_s, out_pos, out_key):
+    """`new_asks` (with its deadline rule) reading the window's first uses from their list
+    (`_first_uses_at`) instead of every access in it: the same asks in the same order."""
+    i0 = np.searchsorted(positions, here, side="right")
+    i1 = ask_window(positions, previous, key_a, i0, scan, limit, free, keys[RES])
+    _first_uses_at(st, fu, previous, i0)
+    n = 0
+    ahead = 0
+    x = st[FU_HEAD]
+    while x >= 0 and x < i1:
+        p = positions[x]
+        if p > limit:
+            break
+        k = key_a[x]
+        if p >= nearest and not keys[RES, k]:
+            late = False
+            if deadline_layer_s > 0.0:
+                if (ahead + 1) * load_s > (p - here) * deadline_layer_s:
+                    late = True  # late behind the ones kept before it
+                else:
+                    ahead += 1
+            if not late:
+                ask = (p * num_experts + k % num_experts) * 2 + flag
+                if keys[SENT, k] != ask:
+                    keys[SENT, k] = ask
+                    out_pos[n] = p
+                    out_key[n] = k
+                    n += 1
+        x = fu[0, x]
+    return n
+
+
+@_borrowing
 def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_idx, out_pos, out_key, scratch,
                  step, boosted):
     """`OraclePolicy._prefetches` where the schedule stands (`_changed_asks`; for the deadline rule,
-    whose every ask hangs on those before it, `new_asks`, the function its Python side calls), less
+    whose every ask hangs on those before it, `_deadline_asks`: what `new_asks`, the function its
+    Python side calls, gives, read from the window's first uses), less
     those on the wire or queued as this very ask (`_asks_for`): written to out_pos/out_key, their
     count returned."""
     _refresh(keys, st, par, orc)
@@ -454,8 +535,8 @@ def _oracle_asks(keys, qprio, st, par, orc, view_pos, view_prev, view_key, view_
     free = par[CAPACITY] - st[N_RES]
     if par[MODE] == DEADLINE:
         layer_s = orc[0][LAYER_S] if st[HAS_LAYER_S] else 0.0
-        n = new_asks(view_pos, view_prev, view_key, here, par[SCAN], here + par[LOOKAHEAD], nearest, free,
-                     keys[RES], keys[SENT], J, flag, orc[0][LOAD_S], layer_s, out_pos, out_key)
+        n = _deadline_asks(keys, st, orc[4], view_pos, view_prev, view_key, here, par[SCAN], here + par[LOOKAHEAD],
+                           nearest, free, J, flag, orc[0][LOAD_S], layer_s, out_pos, out_key)
     else:
         n = _changed_asks(keys, st, orc, view_pos, view_prev, view_key, view_idx, here, par[SCAN],
                           here + par[LOOKAHEAD], nearest, free, J, flag, out_pos, out_key, scratch)
@@ -1173,7 +1254,8 @@ class CompiledPrefetchSteps:
         eng = self.engine
         fpar = np.zeros(3, np.float64)
         if not self.oracle:
-            return fpar, np.zeros((5, 1), np.int64), np.zeros(keys.shape[1] + 1, np.int64), np.zeros(0, np.int64)
+            return (fpar, np.zeros((5, 1), np.int64), np.zeros(keys.shape[1] + 1, np.int64), np.zeros(0, np.int64),
+                    np.zeros((2, 0), np.int64))
         sched = eng.policy.state()
         J = eng.J
         par[ORACLE], par[MODE], par[LOOKAHEAD], par[MIN_AHEAD], par[SCAN] = (
@@ -1197,7 +1279,15 @@ class CompiledPrefetchSteps:
                 st[USES_N] += 1
         for i in range(st[USES_N] // 2 - 1, -1, -1):
             _uses_down(uses, i, st[USES_N])
-        return fpar, uses, starts, positions
+        st[FU_I0] = -1
+        fu = np.zeros((2, 0), np.int64)
+        if sched.mode == DEADLINE:
+            _, previous, _ = eng.oracle.access_arrays
+            fu = np.empty((2, previous.size), np.int64)
+            fu[1] = -1
+            has = np.flatnonzero(previous >= 0)
+            fu[1, previous[has]] = has  # each access's key's next access
+        return fpar, uses, starts, positions, fu
 
     def _finemoe_state(self, keys: np.ndarray, st: np.ndarray, par: np.ndarray, qprio: np.ndarray, asks, hooks):
         """FineMoE's part of the kernel's state (`fmc`; its counters into keys/st/par), from where
