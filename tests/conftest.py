@@ -22,6 +22,20 @@ settings.register_profile("finemoe-fixed", derandomize=True, database=None)
 settings.register_profile("finemoe-explore")
 settings.load_profile("finemoe-explore" if os.environ.get("FINEMOE_EXPLORE") == "1" else "finemoe-fixed")
 
+
+
+def pytest_configure(config):
+    """The controller (or a run without workers) first compiles every kernel, or reads it from
+    numba's cache (sim/warm.py), so that the workers, the Ray workers and the sweeps' pools the
+    tests start read that cache instead of each compiling the same kernels at once (a fresh
+    clone's suite beside two busy loops spent minutes doing so)."""
+    if hasattr(config, "workerinput"):
+        return
+    from finemoe.sim.warm import warm_kernels
+
+    warm_kernels()
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("FINEMOE_SHARED", REPO_ROOT.parent / "shared"))
 MIXTRAL_LOGS = SHARED / "traces" / "mixtral-8x7b-instruct"

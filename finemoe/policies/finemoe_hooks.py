@@ -110,13 +110,17 @@ def _asks(g: HookGeometry, rows: _Rows, values: np.ndarray):
     expert = np.concatenate(expert_parts) if expert_parts else np.zeros(0, np.int64)
     prio = values[which, expert] / (rows.target - rows.current)[which]
     step, hook, layer = rows.step[which], rows.hook[which], rows.target[which]
-    first = np.lexsort((-prio, expert, layer, hook, step))  # each key's highest priority first
-    step, hook, layer, expert, prio = step[first], hook[first], layer[first], expert[first], prio[first]
-    keep = np.ones(step.size, bool)
-    keep[1:] = (np.diff(step) != 0) | (np.diff(hook) != 0) | (np.diff(layer) != 0) | (np.diff(expert) != 0)
-    step, hook, layer, expert, prio = step[keep], hook[keep], layer[keep], expert[keep], prio[keep]
-    ranked = np.lexsort((-expert, -layer, -prio, hook, step))
-    return step[ranked], hook[ranked], layer[ranked], expert[ranked], prio[ranked]
+    # (step, hook) and (layer, expert) as one number each, in the same order: fewer sort keys
+    group = step * (g.layers + 1) + hook
+    ask = layer * g.experts + expert
+    first = np.lexsort((-prio, group * (g.layers * g.experts) + ask))  # each ask's highest priority first
+    group, ask, prio = group[first], ask[first], prio[first]
+    keep = np.ones(group.size, bool)
+    keep[1:] = (np.diff(group) != 0) | (np.diff(ask) != 0)
+    group, ask, prio = group[keep], ask[keep], prio[keep]
+    ranked = np.lexsort((-ask, -prio, group))  # by priority, then the higher layer, then the higher expert
+    group, ask = group[ranked], ask[ranked]
+    return group // (g.layers + 1), group % (g.layers + 1), ask // g.experts, ask % g.experts, prio[ranked]
 
 
 def step_hooks(g: HookGeometry, steps: list, index_of: dict[int, int], sem_index: np.ndarray, sem_sim: np.ndarray,
