@@ -7,13 +7,14 @@ time, then per policy the worker seconds (sum of its runs' `wall_s`) and layer-s
 each as a ratio to on-demand LRU and to a bare Python LRU loop (bench_sim_throughput.py's: an
 OrderedDict over the same measured accesses, no timing model), both measured in the same run.
 
-    python3 benchmarks/bench_study.py                 # the full study (about 10 minutes on 2 cores)
+    python3 benchmarks/bench_study.py                 # the full study (about a minute on 2 cores)
     python3 benchmarks/bench_study.py --requests 20   # a smaller one
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,17 @@ def main() -> None:
     for name, row in per.sort_values("worker_s").iterrows():
         print(f"{name:20s} {row.worker_s:9.1f} {row.ls_per_s:14,.0f} {row.ls_per_s / base:7.3f} "
               f"{row.ls_per_s / bare:13.3f}")
+    oracle = df[df.policy == "oracle"]
+    if len(oracle):  # the ensemble's row counts every candidate; one candidate's own rate beside it
+        steps = seconds = 0.0
+        runs = 0
+        for ls, candidates in zip(oracle.layer_steps, oracle["policy_info.candidates"], strict=True):
+            candidates = json.loads(candidates)
+            runs += len(candidates)
+            steps += ls * len(candidates)
+            seconds += sum(c["wall_s"] for c in candidates)
+        print(f"oracle: {runs} candidate runs, one at {steps / seconds:,.0f} layer-steps/s on average "
+              f"({steps / seconds / base:.3f} x lru): its row above is all of them together")
 
 
 if __name__ == "__main__":

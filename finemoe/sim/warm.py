@@ -43,6 +43,12 @@ def warm_kernels() -> dict[str, str]:
                            timeline_steps=2 if name == "oracle" else 0)  # (the oracle's Python side first)
         result = simulate_policy(trace, config, make_policy(name, **params), bounds=True, compiled=True)
         paths[name + "".join(f" {k}={v}" for k, v in params.items())] = result.config["engine_path"]
+    from finemoe.policies.expert_maps import ExpertMapStore
+
+    store = ExpertMapStore(2, 3, capacity=2, distance=1, semantic_dim=None)
+    store.add(np.full((2, 3), 0.5))
+    for queries in (1, 2):  # (a single query's row slices are contiguous arrays to numba, more are not)
+        store.trajectory_matches(np.ones((queries, 2, 3)), 2)
     keys = np.array([0, 1, 0, 2, 1, 3], np.int64)
     lru_distances(keys)
     priority_distances(keys, np.arange(keys.size, dtype=np.float64))
