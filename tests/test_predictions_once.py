@@ -197,15 +197,21 @@ def test_promoe_ties_go_to_the_lower_id_either_way(monkeypatch):
 
 
 def _memos():
-    from finemoe.policies import moe_infinity, promoe
-    return [map_matches._MATCHES, promoe._MODELS, promoe._PREDICTIONS, moe_infinity._MATCHES]
+    from finemoe.policies import finemoe, moe_infinity, promoe
+    return [finemoe._FITTED, map_matches._MATCHES, finemoe._PLANNED, promoe._MODELS, promoe._PREDICTIONS,
+            moe_infinity._MATCHES]
 
 
-def test_a_sweep_keeps_its_predictions_beside_its_results_and_reads_them_again(tmp_path):
+def test_a_sweep_keeps_its_predictions_beside_its_results_and_reads_them_again(tmp_path, monkeypatch):
     """Each value is computed once for the sweep and kept in `predictions/`; a later sweep into the
     same folder (with nothing in memory) reads them and gets the same results; a corrupt file is
     computed again; a folder it cannot write to only costs the sharing."""
     from finemoe.results import read_result
+    from finemoe.sim import compiled_prefetch
+
+    # The compiled path whatever ran in this process before (it plans FineMoE's hooks; these runs
+    # are too small to start it cold: SimEngine._compiled_pays).
+    monkeypatch.setattr(compiled_prefetch, "warm", True)
     from finemoe.sim.sweep import PREDICTIONS_DIR, run_sweep
 
     trace_path = tmp_path / "t.parquet"
@@ -217,8 +223,11 @@ def test_a_sweep_keeps_its_predictions_beside_its_results_and_reads_them_again(t
                for p in ("finemoe", "promoe", "moe-infinity") for slots in (8, 16)]
 
     def sweep(out):
+        from finemoe.policies import finemoe
+
         for memo in _memos():
             memo.clear()
+        finemoe._HOOKS.clear()  # (the hooks' per-process table holds its last whole answer too)
         before = [m.computed for m in _memos()]
         done = run_sweep(configs, out, progress=False, resume=False)
         assert done.ok, done.failures
@@ -226,18 +235,19 @@ def test_a_sweep_keeps_its_predictions_beside_its_results_and_reads_them_again(t
             [read_result(p).summary["tpot_mean_s"] for p in done.paths]
 
     computed, first = sweep(tmp_path / "a")
-    assert computed == [1, 1, 1, 1]  # once each for the two budgets
-    kept = sorted(p.name.split("-")[0] for p in (tmp_path / "a" / PREDICTIONS_DIR).glob("*.npz"))
-    assert kept == ["finemoe", "moe", "promoe", "promoe"]
+    assert computed == [1] * 6  # once each for the two budgets
+    kept = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "a" / PREDICTIONS_DIR).glob("*.npz"))
+    assert kept == ["finemoe-hooks", "finemoe-matches", "finemoe-store", "moe-infinity-matches", "promoe-models",
+                    "promoe-predictions"]
     computed, again = sweep(tmp_path / "a")
-    assert computed == [0, 0, 0, 0] and again == first
+    assert computed == [0] * 6 and again == first
     for path in (tmp_path / "a" / PREDICTIONS_DIR).glob("*.npz"):
         path.write_bytes(b"not an npz")
     computed, again = sweep(tmp_path / "a")
-    assert computed == [1, 1, 1, 1] and again == first
+    assert computed == [1] * 6 and again == first
     computed, again = sweep(tmp_path / "a")
-    assert computed == [0, 0, 0, 0] and again == first  # the corrupt files were replaced
+    assert computed == [0] * 6 and again == first  # the corrupt files were replaced
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / PREDICTIONS_DIR).write_text("a file where the folder would go")
     computed, again = sweep(tmp_path / "b")
-    assert computed == [1, 1, 1, 1] and again == first  # shared in memory only
+    assert computed == [1] * 6 and again == first  # shared in memory only
