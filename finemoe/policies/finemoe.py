@@ -139,6 +139,9 @@ class PlannedHooks:
     row_target: np.ndarray  # int64 [rows]
     rows: np.ndarray  # float64 [rows, experts]
     planned: int
+
+
+# `PlannedHooks` as plain arrays, for a sweep's predictions folder (`_PLANNED`).
 _ASK_FIELDS = ("lo", "hi", "step", "layers", "experts", "priority")
 _HOOK_FIELDS = ("cost_s", "searches", "row_lo", "row_hi", "row_target", "rows")
 

@@ -4,7 +4,7 @@ kept in numba's on-disk cache) or read from that cache, by tiny runs through eac
 What a process that starts others does first (a sweep's fork server, sim/executors/preload.py; the
 test suite's controller, tests/conftest.py): its children then read the cache, or, forked from it,
 hold the code already, instead of each compiling the same kernels at the same time (on a fresh
-install a sweep's two workers spent some 40 s each doing so) or reading them in their first run.
+install some 30 s of one core each) or reading them in their first run.
 """
 
 from __future__ import annotations
