@@ -23,7 +23,6 @@ settings.register_profile("finemoe-explore")
 settings.load_profile("finemoe-explore" if os.environ.get("FINEMOE_EXPLORE") == "1" else "finemoe-fixed")
 
 
-
 def pytest_configure(config):
     """The controller (or a run without workers) first compiles every kernel, or reads it from
     numba's cache (sim/warm.py), so that the workers, the Ray workers and the sweeps' pools the

@@ -309,10 +309,6 @@ def test_a_fitted_store_is_shared_until_a_run_adds_a_map_of_its_own():
     assert a.store is not b.store and len(a.store) == 2 and len(b.store) == 1  # copied, then added to
 
 
-def _fresh_fitted(fm):
-    return fm.ContentMemo(fm.FITTED_KEPT, "finemoe-store", fm._fitted_arrays, fm._fitted_from)
-
-
 def test_runs_on_a_shared_fitted_store_equal_runs_on_a_fresh_one(monkeypatch, tmp_path):
     import finemoe.policies.finemoe as fm
     from finemoe.policies.memo import stored_in
@@ -331,20 +327,20 @@ def test_runs_on_a_shared_fitted_store_equal_runs_on_a_fresh_one(monkeypatch, tm
         return ({k: v for k, v in got.items() if k != "wall_s" and "per_wall" not in k} ==
                 {k: v for k, v in want.items() if k != "wall_s" and "per_wall" not in k})
 
-    monkeypatch.setattr(fm, "_FITTED", _fresh_fitted(fm))
+    monkeypatch.setattr(fm, "_FITTED", fm._FITTED.empty_like())
     shared = [run(slots) for slots in (8, 14, 8)]  # the second and third fit nothing
     assert fm._FITTED.computed == 1
     fresh = []
     for slots in (8, 14):
-        monkeypatch.setattr(fm, "_FITTED", _fresh_fitted(fm))
+        monkeypatch.setattr(fm, "_FITTED", fm._FITTED.empty_like())
         fresh.append(run(slots))
     for got, want in zip(shared, fresh + fresh[:1], strict=True):
         assert same(got, want)
     # A sweep's other worker reads the store the first one kept on disk, and runs the same.
     with stored_in(tmp_path):
-        monkeypatch.setattr(fm, "_FITTED", _fresh_fitted(fm))
+        monkeypatch.setattr(fm, "_FITTED", fm._FITTED.empty_like())
         run(8)
-        monkeypatch.setattr(fm, "_FITTED", _fresh_fitted(fm))
+        monkeypatch.setattr(fm, "_FITTED", fm._FITTED.empty_like())
         again = run(14)
     assert fm._FITTED.computed == 0 and len(list(tmp_path.glob("finemoe-store-*.npz"))) == 1
     assert same(again, fresh[1])

@@ -93,7 +93,7 @@ def test_the_same_steps_get_the_answer_kept_and_other_steps_their_own():
 
 def test_a_sweeps_other_worker_reads_the_answer_kept_on_disk(monkeypatch, tmp_path):
     import finemoe.policies.finemoe as fm
-    from finemoe.policies.memo import ContentMemo, stored_in
+    from finemoe.policies.memo import stored_in
 
     trace = synthetic_trace(tiny_geometry(num_layers=3, num_experts=4, top_k=2), num_requests=6,
                             prompt_tokens=(1, 3), generated_tokens=(1, 4), seed=2, semantic_dim=8)
@@ -102,8 +102,7 @@ def test_a_sweeps_other_worker_reads_the_answer_kept_on_disk(monkeypatch, tmp_pa
 
     def worker():  # a process of its own: nothing planned in memory yet
         monkeypatch.setattr(fm, "_HOOKS", fm.OrderedDict())
-        monkeypatch.setattr(fm, "_PLANNED", ContentMemo(fm.PLANNED_KEPT, "finemoe-hooks", fm._planned_arrays,
-                                                        fm._planned_from))
+        monkeypatch.setattr(fm, "_PLANNED", fm._PLANNED.empty_like())
         return _bound_policy("finemoe", {}, trace, [0, 1], [2, 3, 4, 5]).planned_hooks(trace, steps, 0)
 
     with stored_in(tmp_path):

@@ -186,8 +186,7 @@ def test_promoe_ties_go_to_the_lower_id_either_way(monkeypatch):
 
     monkeypatch.setattr(promoe, "train_logistic", two_valued)
     for memo in ("_MODELS", "_PREDICTIONS"):  # none of these predictors may reach another test
-        fresh = promoe.ContentMemo(2, "test", getattr(promoe, memo)._to_arrays, getattr(promoe, memo)._from_arrays)
-        monkeypatch.setattr(promoe, memo, fresh)
+        monkeypatch.setattr(promoe, memo, getattr(promoe, memo).empty_like())
     trace = synthetic_trace(tiny_geometry(num_layers=5, num_experts=40, top_k=2), num_requests=6, prompt_tokens=(1, 4),
                             generated_tokens=(2, 6), seed=4)
     config = SimConfig("t", "promoe", PRESETS["rtx3090"], memory=MemoryConfig(expert_cache_slots=60),
@@ -223,11 +222,8 @@ def test_a_sweep_keeps_its_predictions_beside_its_results_and_reads_them_again(t
                for p in ("finemoe", "promoe", "moe-infinity") for slots in (8, 16)]
 
     def sweep(out):
-        from finemoe.policies import finemoe
-
         for memo in _memos():
             memo.clear()
-        finemoe._HOOKS.clear()  # (the hooks' per-process table holds its last whole answer too)
         before = [m.computed for m in _memos()]
         done = run_sweep(configs, out, progress=False, resume=False)
         assert done.ok, done.failures

@@ -88,9 +88,6 @@ def _fitted_from(a: dict[str, np.ndarray]) -> _Fitted:
 _FITTED: ContentMemo[_Fitted] = ContentMemo(FITTED_KEPT, "finemoe-store", _fitted_arrays, _fitted_from)
 
 
-_ASSEMBLED = "assembled"  # a hook table's entry for its last whole answer: ((steps, first step), PlannedHooks)
-
-
 class _HookMemo:
     """`_HOOKS` as `get(key)`: the key's per-step table, made and kept (the last `HOOKS_KEPT`)."""
 
@@ -438,18 +435,11 @@ class FineMoE(Policy):
         order), its search time and count, and how many searches `prepare`'s table answered. Each
         step's are those of `_vector_hooks` (or, for a step it leaves, the hooks' own, called on a
         copy of this policy), remembered per process for steps of the same sequences, and the
-        whole answer for the same steps (a sweep's other budgets; in its predictions folder, for
-        its other workers too: policies/memo.py; the kernel only reads it)."""
+        whole answer for the same steps (`_PLANNED`: a sweep's other budgets, and in its predictions
+        folder its other workers too; the kernel only reads it)."""
         hooks_key = self._hooks_key(trace)
-        memo = _HookMemo.get(hooks_key)
-        asked = (tuple(steps), first_step)
-        last = memo.get(_ASSEMBLED)
-        if last is not None and last[0] == asked:
-            return last[1]
-        planned = _PLANNED.get(digest("hooks", hooks_key, _steps_digest(steps, first_step)),
-                               lambda: self._assembled(trace, memo, steps, first_step))
-        memo[_ASSEMBLED] = (asked, planned)
-        return planned
+        return _PLANNED.get(digest("hooks", hooks_key, _steps_digest(steps, first_step)),
+                            lambda: self._assembled(trace, _HookMemo.get(hooks_key), steps, first_step))
 
     def _assembled(self, trace, memo: dict, steps: list, first_step: int) -> PlannedHooks:
         L1, J = self.L + 1, self.J

@@ -110,14 +110,15 @@ def _asks(g: HookGeometry, rows: _Rows, values: np.ndarray):
     expert = np.concatenate(expert_parts) if expert_parts else np.zeros(0, np.int64)
     prio = values[which, expert] / (rows.target - rows.current)[which]
     step, hook, layer = rows.step[which], rows.hook[which], rows.target[which]
-    # (step, hook) and (layer, expert) as one number each, in the same order: fewer sort keys
-    group = step * (g.layers + 1) + hook
-    ask = layer * g.experts + expert
-    first = np.lexsort((-prio, group * (g.layers * g.experts) + ask))  # each ask's highest priority first
-    group, ask, prio = group[first], ask[first], prio[first]
-    keep = np.ones(group.size, bool)
-    keep[1:] = (np.diff(group) != 0) | (np.diff(ask) != 0)
-    group, ask, prio = group[keep], ask[keep], prio[keep]
+    # (step, hook, layer, expert) as one number, in the same order: fewer sort keys
+    per_group = g.layers * g.experts
+    key = (step * (g.layers + 1) + hook) * per_group + layer * g.experts + expert
+    first = np.lexsort((-prio, key))  # each ask's highest priority first
+    key, prio = key[first], prio[first]
+    keep = np.ones(key.size, bool)
+    keep[1:] = np.diff(key) != 0
+    key, prio = key[keep], prio[keep]
+    group, ask = key // per_group, key % per_group  # (step, hook) and (layer, expert)
     ranked = np.lexsort((-ask, -prio, group))  # by priority, then the higher layer, then the higher expert
     group, ask = group[ranked], ask[ranked]
     return group // (g.layers + 1), group % (g.layers + 1), ask // g.experts, ask % g.experts, prio[ranked]

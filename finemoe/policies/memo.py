@@ -110,6 +110,10 @@ class ContentMemo(Generic[T]):
             self._values.popitem(last=False)
         return value
 
+    def empty_like(self) -> ContentMemo[T]:
+        """A memo like this one with nothing in memory and nothing computed yet (a test's own)."""
+        return ContentMemo(self.kept, self.name, self._to_arrays, self._from_arrays)
+
     def held(self, key: str) -> T | None:
         """The value kept in memory under `key`, or None (nothing computed or read)."""
         return self._values.get(key)

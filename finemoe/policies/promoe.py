@@ -86,7 +86,7 @@ class _Predictions:
         for (i, layer, target, e), prio in zip(a["prefill_keys"].tolist(), a["prefill_prios"].tolist(), strict=True):
             prefill[i].setdefault(layer, {})[(target, e)] = prio
         return cls(dict(zip(a["starts"].tolist(), a["indices"].tolist(), strict=True)),
-                   a["experts"].astype(np.int64), a["prios"].astype(np.float64), prefill)
+                   np.asarray(a["experts"], np.int64), np.asarray(a["prios"], np.float64), prefill)
 
 
 def _models_to_arrays(value: tuple[dict, float]) -> dict[str, np.ndarray]:
