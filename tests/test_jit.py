@@ -15,9 +15,9 @@ def test_the_kernels_helpers_are_compiled_without_reference_counts():
 
     assert jitmod._CAN_BORROW  # the installed numba has the flag (pyproject's range)
     for helper in (compiled_prefetch._sync, compiled_prefetch._next_event, compiled_prefetch._farthest,
-                   compiled.victim, compiled._land):
+                   compiled_prefetch._queue_unpin, compiled_prefetch._compact_unpins, compiled.victim, compiled._land):
         assert helper.targetoptions.get("_nrt") is False, helper.py_func.__name__
-    for counted in (compiled_prefetch.run_prefetch_steps, compiled_prefetch._queue_unpin, compiled.layer_step):
+    for counted in (compiled_prefetch.run_prefetch_steps, compiled.layer_step):
         assert "_nrt" not in counted.targetoptions, counted.py_func.__name__  # they allocate
 
 

@@ -5,6 +5,8 @@ ensemble included); and the policies' planned asks are what their hooks return."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -324,3 +326,27 @@ def test_outside_its_rules_the_reference_runs():
     assert path(policy="oracle") == "compiled"
     assert path(copy_compute_slowdown=2.0) == "reference"  # copies stretch the compute
 
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(finemoe_workloads(long=True), st.sampled_from(FINEMOE_PARAMS), st.sampled_from(CANDIDATES))
+def test_a_kernel_resumed_for_a_roomier_unpin_queue_gives_the_reference_results(case, params, candidate):
+    """With a one-entry unpin queue the kernel returns at nearly every step for more room and is
+    called again from that step: FineMoE, an oracle candidate and a planned prefetcher still give
+    the reference's results, field by field."""
+    trace, config = case
+    grown = []
+    grow = compiled_prefetch.roomier_unpins
+
+    def spy(u_t, u_k, st_, room):
+        grown.append(room)
+        return grow(u_t, u_k, st_, room)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled_prefetch, "UNPIN_ROOM", 1)
+        mp.setattr(compiled_prefetch, "roomier_unpins", spy)
+        assert_same(*_both_finemoe(trace, config, params))
+        assert_same(*_both_oracle(trace, replace(config, policy="oracle"), candidate)[:2])
+        assert_same(*_both(trace, replace(config, policy="layerwise")))
+    if config.timeline_steps == 0 and config.workload.arrival == "all":
+        assert grown

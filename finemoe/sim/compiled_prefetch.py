@@ -45,6 +45,7 @@ from finemoe.sim.compiled import StepPlanner, load_order, victim, victim_order, 
 from finemoe.sim.costs import TICKS_PER_S
 
 _S = 1.0 / TICKS_PER_S
+UNPIN_ROOM = 1024  # the unpin queue's first size; it grows between steps (`roomier_unpins`)
 warm = False  # the kernel has run in this process: numba is imported and its machine code loaded
 
 # Per-key fields of the int64 `keys` table (row = field, column = layer * J + expert); the last
@@ -569,19 +570,24 @@ def _finemoe_victim(keys, st, par, p, for_prefetch):
     the best of each kind."""
     free_k, free_score, free_last = -1, 0.0, 0  # the best unprotected one
     prot_k, prot_score, prot_last = -1, 0.0, 0  # the best protected one
-    watch = st[FM_STEP] >= 0
+    # Read once, not per resident (this scan is half of a FineMoE run's kernel time): the score's
+    # kind, the step whose predictions protect, and the first key of a layer not yet passed
+    # (k // J >= layer, for keys k >= 0, without a division per resident).
+    mode, step = par[FM_CACHE], st[FM_STEP]
+    watch = step >= 0
+    first_ahead = st[FM_LAYER] * par[NUM_EXPERTS]
     for r in range(st[N_RES]):
         k = keys[RLIST, r]
         if keys[PIN, k]:
             continue
-        if par[FM_CACHE] == SCORE_PXF:
+        last = keys[FM_LAST, k]
+        if mode == SCORE_PXF:
             score = p[k] * float(keys[FM_FREQ, k])
-        elif par[FM_CACHE] == SCORE_LRU:
-            score = float(keys[FM_LAST, k])
+        elif mode == SCORE_LRU:
+            score = float(last)
         else:
             score = float(keys[FM_FREQ, k])
-        last = keys[FM_LAST, k]
-        if watch and keys[FM_PROT, k] == st[FM_STEP] and k // par[NUM_EXPERTS] >= st[FM_LAYER]:
+        if watch and keys[FM_PROT, k] == step and k >= first_ahead:
             if _evicted_before(score, last, k, prot_score, prot_last, prot_k):
                 prot_k, prot_score, prot_last = k, score, last
         elif _evicted_before(score, last, k, free_score, free_last, free_k):
@@ -822,23 +828,35 @@ def _add_oracle_asks(keys, qprio, hf, hi, st, par, out_pos, out_key, n, boost):
     return accepted
 
 
-@_jit
-def _queue_unpin(u_t, u_k, st, at_s, key):
-    """`ExpertCache.unpin(key, at_s)`: the release queued; returns the queue's arrays, which make
-    room first when full (the released entries dropped, else twice the size)."""
+@_borrowing
+def _compact_unpins(u_t, u_k, st):
+    """The unpin queue's unreleased entries moved to its front, in order."""
     h, tail = st[UNPIN_HEAD], st[UNPIN_TAIL]
-    if tail == u_t.shape[0]:
-        n = tail - h
-        size = u_t.shape[0] if n < u_t.shape[0] // 2 else 2 * u_t.shape[0]
-        new_t = np.empty(size, np.float64)
-        new_k = np.empty(size, np.int64)
-        new_t[:n] = u_t[h:tail]
-        new_k[:n] = u_k[h:tail]
-        u_t, u_k, tail = new_t, new_k, n
-        st[UNPIN_HEAD] = 0
+    for i in range(tail - h):
+        u_t[i], u_k[i] = u_t[h + i], u_k[h + i]
+    st[UNPIN_HEAD], st[UNPIN_TAIL] = 0, tail - h
+
+
+def roomier_unpins(u_t: np.ndarray, u_k: np.ndarray, st: np.ndarray, room: int) -> tuple[np.ndarray, np.ndarray]:
+    """The unpin queue in arrays with `room` free entries past its tail, its entries at the front.
+    The kernel returns to have them made (`run_prefetch_steps`' `resume`): an array it allocates
+    and reassigns in its loop is reference-counted at every use (two atomic operations per expert
+    computed, a tenth of a FineMoE run's time), and an array it is passed and never rebinds is not."""
+    h, tail = int(st[UNPIN_HEAD]), int(st[UNPIN_TAIL])
+    n = tail - h
+    size = max(2 * u_t.shape[0], n + room)
+    new_t, new_k = np.zeros(size, np.float64), np.zeros(size, np.int64)
+    new_t[:n], new_k[:n] = u_t[h:tail], u_k[h:tail]
+    st[UNPIN_HEAD], st[UNPIN_TAIL] = 0, n
+    return new_t, new_k
+
+
+@_borrowing
+def _queue_unpin(u_t, u_k, st, at_s, key):
+    """`ExpertCache.unpin(key, at_s)`: the release queued (the kernel made room for a step's)."""
+    tail = st[UNPIN_TAIL]
     u_t[tail], u_k[tail] = at_s, key
     st[UNPIN_TAIL] = tail + 1
-    return u_t, u_k
 
 
 @_borrowing
@@ -918,15 +936,16 @@ def _submit_finemoe(keys, qprio, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, fmc
 def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, multi_ticks, dense, first_step,
                        wants_step, g_lo, g_hi, g_step, g_layers, g_experts, g_prio, t, ends, keys, qprio, hf, hi, fl,
                        u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, view_idx, prefill,
-                       fmc):
+                       fmc, s0):
     """The reference's general path over a fixed sequence of steps: step s is trace row `rows[s]`
     alone or, where rows[s] < 0, prepared step `multi[s]`; its asks at the step's start (hook 0)
     and after layer l's routing (hook l + 1) are a in [g_lo[s, h], g_hi[s, h]): expert g_experts[a]
     of layer g_layers[a] for step g_step[s, h], at priority g_prio[a]. With `par[ORACLE]` the asks
     and victims are instead the oracle's, from its plan (`orc`; view_* are `PlanView.access_arrays`
     and `per_key_indices`; `prefill[s]`: step s runs a prefill); with `par[FINEMOE]` the victims are FineMoE's and its
-    asks wait for their search (`fmc`). Each step's end clock goes to `ends[s]`. Returns (clock,
-    ticks stalled, the failing step or -1)."""
+    asks wait for their search (`fmc`). Each step's end clock goes to `ends[s]`. Runs steps s0
+    onwards; returns (clock, ticks stalled, the failing step or -1, the step to resume at once the
+    unpin queue has room for a step's releases (`roomier_unpins`), or -1: done)."""
     num_layers = one_tick.shape[0]
     J = par[NUM_EXPERTS]
     room = max(J, one_tick.shape[1])
@@ -943,13 +962,17 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
     # What the event path reads of FineMoE (a release's asks, its p): a few arrays, not all of `fmc`.
     ev = (fmc[REL], fmc[FM_P], g_layers, g_experts, g_prio, qprio)
     stall = 0
-    for s in range(rows.shape[0]):
+    for s in range(s0, rows.shape[0]):
         step = first_step + s
         if rows[s] >= 0:
             experts, ticks = sorted_experts[rows[s]], one_tick
         else:
             experts, ticks = multi_experts[multi[s]], multi_ticks[multi[s]]
         width = experts.shape[1]
+        if st[UNPIN_TAIL] + num_layers * width > u_t.shape[0]:  # room for the step's releases
+            _compact_unpins(u_t, u_k, st)
+            if st[UNPIN_TAIL] + num_layers * width > u_t.shape[0]:
+                return t, stall, -1, s
         st[POS_STEP], st[POS_LAYER] = step, -1
         boosted = par[MODE] == DECODE_FIRST and prefill[s] != 0
         boost = BOOST if boosted else 0.0
@@ -1065,12 +1088,12 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 if missed:
                     continue
                 t += ticks[layer, i]
-                u_t, u_k = _queue_unpin(u_t, u_k, st, t * _S, key)
+                _queue_unpin(u_t, u_k, st, t * _S, key)
             left = k  # `_await_misses`: pending[:left], in miss order
             while left > 0:
                 _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
                 if st[ERROR]:
-                    return t, stall, s
+                    return t, stall, s, -1
                 ready = 0
                 for m in range(left):
                     if keys[RES, pending[m]]:
@@ -1101,7 +1124,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     if kind == 0:
                         st[ERROR] = DEADLOCK
                     if st[ERROR]:
-                        return t, stall, s
+                        return t, stall, s, -1
                     stall += st[NOW] - t
                     t = st[NOW]
                     continue
@@ -1110,7 +1133,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                     key = pending[m]
                     if keys[RES, key]:
                         t += pend_ticks[m]
-                        u_t, u_k = _queue_unpin(u_t, u_k, st, t * _S, key)
+                        _queue_unpin(u_t, u_k, st, t * _S, key)
                     else:
                         pending[m2] = key
                         pend_ticks[m2] = pend_ticks[m]
@@ -1118,7 +1141,7 @@ def run_prefetch_steps(rows, multi, sorted_experts, one_tick, multi_experts, mul
                 left = m2
         ends[s] = t
     _sync(keys, hf, hi, fl, dq, u_t, u_k, st, par, orc, ev, t)
-    return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1)
+    return t, stall, (rows.shape[0] - 1 if st[ERROR] else -1), -1
 
 
 def _policies() -> tuple[type, ...]:
@@ -1235,7 +1258,7 @@ class CompiledPrefetchSteps:
         st[N_QUEUED] = len(entries)
         st[SEQ] = cache.queue_seq
         unpins = cache.pending_unpins()
-        u_t = np.zeros(max(1024, 2 * len(unpins)), np.float64)
+        u_t = np.zeros(max(UNPIN_ROOM, 2 * len(unpins)), np.float64)
         u_k = np.zeros(u_t.shape[0], np.int64)
         for i, (at_s, (layer, e)) in enumerate(unpins):
             u_t[i], u_k[i] = at_s, layer * J + e
@@ -1349,11 +1372,16 @@ class CompiledPrefetchSteps:
         hits = np.array(rec.hits, np.int64)
         misses = np.array(rec.misses, np.int64)
         ends = np.zeros(len(steps), np.int64)
-        t, waited, failed = run_prefetch_steps(
-            rows, multi, planner.rows(), planner.one_tick, multi_experts, multi_ticks, dense, eng.step,
-            asks.wants_step, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, t, ends, keys,
-            qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key, view_idx, prefill,
-            fmc)
+        waited, resume = 0, 0
+        while resume >= 0:
+            t, more, failed, resume = run_prefetch_steps(
+                rows, multi, planner.rows(), planner.one_tick, multi_experts, multi_ticks, dense, eng.step,
+                asks.wants_step, asks.lo, asks.hi, asks.step, asks.layers, asks.experts, asks.priority, t, ends,
+                keys, qprio, hf, hi, fl, u_t, u_k, st, par, hits, misses, orc, view_pos, view_prev, view_key,
+                view_idx, prefill, fmc, resume)
+            waited += more
+            if resume >= 0:
+                u_t, u_k = roomier_unpins(u_t, u_k, st, eng.L * max(multi_experts.shape[2], planner.rows().shape[2]))
         rec.hits = [int(h) for h in hits]
         rec.misses = [int(m) for m in misses]
         rec.ondemand_loads += int(st[ONDEMAND])
