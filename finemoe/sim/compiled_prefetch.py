@@ -1367,7 +1367,7 @@ class CompiledPrefetchSteps:
         else:
             asks = eng.policy.planned_asks(eng.trace, seqs_of, eng.step)
         fmc = self._finemoe_state(keys, st, par, qprio, asks, hooks)
-        prefill = np.array([any(q.is_prefill for q in seqs) for seqs in seqs_of], np.int64)
+        prefill = planner.planned.prefill
         rec = eng.rec
         hits = np.array(rec.hits, np.int64)
         misses = np.array(rec.misses, np.int64)
