@@ -566,35 +566,42 @@ def _evicted_before(score, last, k, best_score, best_last, best_k):
 def _finemoe_victim(keys, st, par, p, for_prefetch):
     """`FineMoE.choose_victim`: the evictable resident of lowest score (p x freq, last use or use
     count), then oldest use, then lowest key, among those not predicted this step for a layer not
-    yet passed; for an on-demand load then among those too. One pass over the residents keeps
-    the best of each kind."""
-    free_k, free_score, free_last = -1, 0.0, 0  # the best unprotected one
-    prot_k, prot_score, prot_last = -1, 0.0, 0  # the best protected one
-    # Read once, not per resident (this scan is half of a FineMoE run's kernel time): the score's
-    # kind, the step whose predictions protect, and the first key of a layer not yet passed
-    # (k // J >= layer, for keys k >= 0, without a division per resident).
+    yet passed; for an on-demand load then among those too."""
+    # This scan is most of a FineMoE run's kernel time: the protected ones are sought only when
+    # no other will do, the score's kind, the protecting step and the first key of a layer not
+    # yet passed (k // J >= layer for keys k >= 0, without a division) are read once, and the
+    # keys table's rows are read as rows, so that the loop's values fit the registers.
+    found = _finemoe_best(keys, st, par, p, False)
+    if found >= 0 or for_prefetch:
+        return found
+    return _finemoe_best(keys, st, par, p, True)
+
+
+@_borrowing
+def _finemoe_best(keys, st, par, p, protected):
+    """`_finemoe_victim`'s scan: the evictable resident of the kind asked (protected or not) first
+    in FineMoE's eviction order (`_evicted_before`), or -1."""
     mode, step = par[FM_CACHE], st[FM_STEP]
     watch = step >= 0
     first_ahead = st[FM_LAYER] * par[NUM_EXPERTS]
+    rlist, pin, freq, used, prot = keys[RLIST], keys[PIN], keys[FM_FREQ], keys[FM_LAST], keys[FM_PROT]
+    best_k, best_score, best_last = -1, 0.0, 0
     for r in range(st[N_RES]):
-        k = keys[RLIST, r]
-        if keys[PIN, k]:
+        k = rlist[r]
+        if pin[k]:
             continue
-        last = keys[FM_LAST, k]
+        if (watch and prot[k] == step and k >= first_ahead) != protected:
+            continue
+        last = used[k]
         if mode == SCORE_PXF:
-            score = p[k] * float(keys[FM_FREQ, k])
+            score = p[k] * float(freq[k])
         elif mode == SCORE_LRU:
             score = float(last)
         else:
-            score = float(keys[FM_FREQ, k])
-        if watch and keys[FM_PROT, k] == step and k >= first_ahead:
-            if _evicted_before(score, last, k, prot_score, prot_last, prot_k):
-                prot_k, prot_score, prot_last = k, score, last
-        elif _evicted_before(score, last, k, free_score, free_last, free_k):
-            free_k, free_score, free_last = k, score, last
-    if free_k >= 0 or for_prefetch:
-        return free_k
-    return prot_k
+            score = float(freq[k])
+        if _evicted_before(score, last, k, best_score, best_last, best_k):
+            best_k, best_score, best_last = k, score, last
+    return best_k
 
 
 @_borrowing
