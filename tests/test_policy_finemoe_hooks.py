@@ -149,3 +149,34 @@ def test_rows_sorted_a_chunk_at_a_time_give_the_same_hooks(monkeypatch):
     for a, b in zip(policy._vector_hooks(steps), whole, strict=True):
         for x, y in zip(_fields(a), _fields(b), strict=True):
             assert np.array_equal(x, y) if isinstance(y, np.ndarray) else x == y
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 6), st.sampled_from([0.0, -0.0, 0.25, 0.5, 1.0]) |
+                          st.floats(0.0, 2.0)), max_size=40), st.booleans())
+def test_asks_ranked_within_their_groups_are_the_two_sorts_answer(entries, in_order):
+    """One per (group, ask) at its highest priority, then by group, priority and the higher ask:
+    the in-group pass gives the sorts' answer, with duplicates, ties and -0.0; groups out of order
+    fall back to the sorts."""
+    from finemoe.policies.finemoe_hooks import ranked_asks, ranked_asks_reference
+
+    if in_order:
+        entries = sorted(entries, key=lambda e: e[0])
+    group = np.array([e[0] for e in entries], np.int64)
+    ask = np.array([e[1] for e in entries], np.int64)
+    prio = np.array([e[2] for e in entries], np.float64)
+    fast, ref = ranked_asks(group, ask, prio), ranked_asks_reference(group, ask, prio)
+    assert group[fast].tolist() == group[ref].tolist()
+    assert ask[fast].tolist() == ask[ref].tolist()
+    assert prio[fast].tolist() == prio[ref].tolist()
+
+
+def test_asks_ranked_by_hand():
+    from finemoe.policies.finemoe_hooks import ranked_asks
+
+    # group 0: ask 5 twice (0.2 then 0.7: kept at 0.7), ask 3 at 0.7 (a tie: the higher ask first);
+    # group 1: ask 1 at 0.1 and ask 2 at 0.9
+    group = np.array([0, 0, 0, 1, 1], np.int64)
+    ask = np.array([5, 3, 5, 1, 2], np.int64)
+    prio = np.array([0.2, 0.7, 0.7, 0.1, 0.9])
+    assert ranked_asks(group, ask, prio).tolist() == [2, 1, 4, 3]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from finemoe.jit import jit
+
 _CHUNK_ELEMENTS = 1 << 22  # predicted rows x experts sorted at a time (some 100 MB of temporaries)
 
 
@@ -109,19 +111,67 @@ def _asks(g: HookGeometry, rows: _Rows, values: np.ndarray):
     which = np.concatenate(which_parts) if which_parts else np.zeros(0, np.int64)
     expert = np.concatenate(expert_parts) if expert_parts else np.zeros(0, np.int64)
     prio = values[which, expert] / (rows.target - rows.current)[which]
-    step, hook, layer = rows.step[which], rows.hook[which], rows.target[which]
-    # (step, hook, layer, expert) as one number, in the same order: fewer sort keys
-    per_group = g.layers * g.experts
-    key = (step * (g.layers + 1) + hook) * per_group + layer * g.experts + expert
+    group = rows.step[which] * (g.layers + 1) + rows.hook[which]  # (step, hook): rows are in its order
+    ask = rows.target[which] * g.experts + expert  # (layer, expert)
+    kept = ranked_asks(group, ask, prio)
+    group, ask, prio = group[kept], ask[kept], prio[kept]
+    return group // (g.layers + 1), group % (g.layers + 1), ask // g.experts, ask % g.experts, prio
+
+
+def ranked_asks_reference(group: np.ndarray, ask: np.ndarray, prio: np.ndarray) -> np.ndarray:
+    """The asks kept, as indices in their final order: one per (group, ask) at its highest
+    priority, then by group, priority (highest first), the higher ask. Two sorts of every ask."""
+    per_group = int(ask.max()) + 1 if ask.size else 1
+    key = group * per_group + ask
     first = np.lexsort((-prio, key))  # each ask's highest priority first
-    key, prio = key[first], prio[first]
     keep = np.ones(key.size, bool)
-    keep[1:] = np.diff(key) != 0
-    key, prio = key[keep], prio[keep]
-    group, ask = key // per_group, key % per_group  # (step, hook) and (layer, expert)
-    ranked = np.lexsort((-ask, -prio, group))  # by priority, then the higher layer, then the higher expert
-    group, ask = group[ranked], ask[ranked]
-    return group // (g.layers + 1), group % (g.layers + 1), ask // g.experts, ask % g.experts, prio[ranked]
+    keep[1:] = np.diff(key[first]) != 0
+    kept = first[keep]
+    return kept[np.lexsort((-ask[kept], -prio[kept], group[kept]))]
+
+
+def ranked_asks(group: np.ndarray, ask: np.ndarray, prio: np.ndarray) -> np.ndarray:
+    """`ranked_asks_reference` where the groups come in order (the rows' order): each group's few
+    asks deduplicated and ordered in place (`_ranked_in_groups`), not every ask sorted twice (0.24
+    of the paper-size hooks' 0.35 s). Equal priorities keep the same ask as the reference: the
+    first of identical entries, which then differ in nothing."""
+    if group.size and np.any(np.diff(group) < 0):
+        return ranked_asks_reference(group, ask, prio)
+    return _ranked_in_groups(np.ascontiguousarray(group, np.int64), np.ascontiguousarray(ask, np.int64),
+                             np.ascontiguousarray(prio, np.float64))
+
+
+@jit
+def _ranked_in_groups(group, ask, prio):
+    n = group.size
+    kept = np.empty(n, np.int64)
+    m = 0
+    lo = 0
+    while lo < n:
+        hi = lo + 1
+        while hi < n and group[hi] == group[lo]:
+            hi += 1
+        start = m
+        for i in range(lo, hi):  # one per ask, at its highest priority (the first of equals)
+            seen = False
+            for j in range(start, m):
+                if ask[kept[j]] == ask[i]:
+                    if prio[i] > prio[kept[j]]:
+                        kept[j] = i
+                    seen = True
+                    break
+            if not seen:
+                kept[m] = i
+                m += 1
+        for a in range(start + 1, m):  # by priority, then the higher ask (an insertion sort: a few)
+            v = kept[a]
+            b = a - 1
+            while b >= start and (prio[v] > prio[kept[b]] or (prio[v] == prio[kept[b]] and ask[v] > ask[kept[b]])):
+                kept[b + 1] = kept[b]
+                b -= 1
+            kept[b + 1] = v
+        lo = hi
+    return kept[:m]
 
 
 def step_hooks(g: HookGeometry, steps: list, index_of: dict[int, int], sem_index: np.ndarray, sem_sim: np.ndarray,
