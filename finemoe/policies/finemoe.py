@@ -294,8 +294,7 @@ class FineMoE(Policy):
         store = None
         for expert_map, key in maps:
             if store is None:
-                store = ExpertMapStore(self.L, self.J, self.capacity, self.distance,
-                                       None if key is None else int(key.shape[0]))
+                store = self._new_store(key)
             store.add(expert_map, key)
         return _Fitted(store, len(maps))
 
@@ -350,9 +349,12 @@ class FineMoE(Policy):
 
     def _store_for(self, key: np.ndarray | None) -> ExpertMapStore:
         if self.store is None:
-            dim = None if key is None else int(key.shape[0])
-            self.store = ExpertMapStore(self.L, self.J, self.capacity, self.distance, dim)
+            self.store = self._new_store(key)
         return self.store
+
+    def _new_store(self, key: np.ndarray | None) -> ExpertMapStore:
+        """An empty store of this policy's size, with room for semantic keys like `key` (None: none)."""
+        return ExpertMapStore(self.L, self.J, self.capacity, self.distance, None if key is None else int(key.shape[0]))
 
     # --- prediction ------------------------------------------------------------------------------
     def on_step_start(self, step: StepInfo) -> Iterable[Prefetch]:
