@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from finemoe.policies.base import LayerRouting, PolicyContext, StepInfo
 from finemoe.policies.registry import make_policy
-from finemoe.sim import compiled_prefetch
+from finemoe.sim import compiled_prefetch, search
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
 from finemoe.sim.offline import CANDIDATES, offline_schedule
@@ -125,8 +125,12 @@ def test_an_oracle_schedule_taken_over_mid_run_gives_the_reference_results(case,
     assert_same(ref, fast)
 
 
-def test_the_offline_schedule_is_the_same_on_both_paths():
-    """The ensemble (every candidate, clairvoyant rounds) picks the same run with the same numbers."""
+def test_the_offline_schedule_is_the_same_on_both_paths(monkeypatch):
+    """The ensemble (every candidate, clairvoyant rounds) picks the same run with the same numbers.
+    Without the local search: its runs, and the candidates' runs it starts from, which record their
+    decisions, are never the kernel's (`OraclePolicy.plays_in_kernel`), so both paths would be the
+    reference."""
+    monkeypatch.setattr(search, "MAX_LAYER_STEPS", 0)
     trace = synthetic_trace(tiny_geometry(num_layers=4, num_experts=8, top_k=2), num_requests=5,
                             prompt_tokens=(2, 4), generated_tokens=(8, 14), seed=11)
     hw = PRESETS["rtx3090"].with_overrides(pcie_gbps=4.0, copy_engines=2)

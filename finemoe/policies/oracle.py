@@ -31,6 +31,13 @@ decode, and when a few experts repeat, a count of accesses reaches only those.
 demand load. On a slow link such a copy lands late anyway (a miss either way), and on the wire it
 would push the copies of farther accesses, which could still land in time, later.
 
+Edits (`skip_asks`, `keep`), set before a run by the ensemble's local search (sim/search.py): asks
+not to send, each (position, key index): that expert comes by its demand load at that use; and
+experts not to evict at a position, each (position, key index), while another victim will do (an
+on-demand load always gets one). With `decisions` set to a `Decisions`, a run records the asks it
+sent and the victims it chose, the moves that search tries. Neither kind of run is handed to the
+compiled engine path (`plays_in_kernel`), which knows no edits and records nothing.
+
 Each candidate is a real schedule, not a bound; `oracle` as a policy name runs all of them and
 reports the best (sim/offline.py, docs/bounds.md). The provable side is sim/bounds.py.
 """
@@ -38,7 +45,7 @@ reports the best (sim/offline.py, docs/bounds.md). The provable side is sim/boun
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,9 +56,38 @@ from finemoe.policies.registry import register
 from finemoe.sim.plan_view import PlanView
 
 INF = float("inf")
+IN_TIME, LATE = 1, 2  # how an ask's copy stood when its layer came (`Decisions.settle`)
 BOOST = 1e15  # above every position's rank (-position): "later steps first" during a prefill
 _NOTHING_QUEUED = {}.get  # `PolicyContext.queued` of an engine without a prefetch queue
 PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first", "deadline")
+
+
+@dataclass
+class Decisions:
+    """What a run decided, in order: each ask whose copy started (position, key index), and each
+    victim it chose (position, key index); the local search's moves are to undo one (sim/search.py).
+    An ask whose expert was neither resident nor on the wire when its layer came is left out: it
+    never started a copy, and dropping it would change nothing. (One that was, was nearly always
+    brought by its copy; where a demand load for an earlier use brought it, the move is wasted.)"""
+
+    asks: list = field(default_factory=list)
+    late: list = field(default_factory=list)  # those still on the wire when their layer came
+    victims: list = field(default_factory=list)
+    pending: dict = field(default_factory=dict)  # position -> key indices asked for it, not settled yet
+
+    def asked(self, position: int, key: int) -> None:
+        keys = self.pending.setdefault(position, [])
+        if key not in keys:  # (asked again at every hook until it lands)
+            keys.append(key)
+
+    def settle(self, position: int, started) -> None:
+        """At the layer where the asks for `position` are used: keep those whose copy started, as
+        `started(key index)` says (IN_TIME: resident by then, LATE: still on the wire, 0: neither;
+        nothing else brings an expert in before its first use)."""
+        for k in self.pending.pop(position, ()):
+            state = started(k)
+            if state:
+                (self.late if state == LATE else self.asks).append((position, k))
 
 
 @dataclass(frozen=True)
@@ -91,6 +127,9 @@ class OraclePolicy(Policy):
         self.params = {"lookahead_layers": lookahead_layers, "prefetch": prefetch, "min_ahead": min_ahead}
         self.planned_steps: list | None = None  # the whole future, when an earlier run supplied it
         self.observed_steps: list = []  # the steps this run took (each a tuple of Sequences)
+        self.skip_asks: frozenset = frozenset()  # edits (module docstring): set before the run
+        self.keep: frozenset = frozenset()
+        self.decisions: Decisions | None = None  # set to record them
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
@@ -124,6 +163,12 @@ class OraclePolicy(Policy):
         self._compiled = self.remembers_asks and numba is not None and isinstance(self.view, PlanView)
         self._out_pos = np.empty(self.L * self.J, dtype=np.int64)  # its output: at most one ask per key
         self._out_key = np.empty(self.L * self.J, dtype=np.int64)
+
+    @property
+    def plays_in_kernel(self) -> bool:
+        """Whether sim/compiled_prefetch.py may play this run: it reads the plan the compiled way,
+        has no edits and records no decisions."""
+        return self._compiled and not (self.skip_asks or self.keep) and self.decisions is None
 
     def describe(self) -> dict:
         d = super().describe()
@@ -214,9 +259,10 @@ class OraclePolicy(Policy):
         in_flight, asks, key_of = self.ctx.is_in_flight, self._asks, self._keys
         queued = self.ctx.queued or _NOTHING_QUEUED
         out = []
+        skip, record = self.skip_asks, self.decisions
         for p, k in zip(pos.tolist(), keys.tolist()):  # noqa: B905 (equal lengths)
             key = key_of[k]
-            if in_flight(key):
+            if in_flight(key) or (p, k) in skip:
                 continue
             ask = (p * J + key[1]) * 2 + flag
             prefetch = asks.get(ask)
@@ -225,6 +271,8 @@ class OraclePolicy(Policy):
             elif queued(key) is prefetch:
                 continue  # still waiting in the queue: asking again would change nothing
             out.append(prefetch)
+            if record is not None:
+                record.asked(p, k)
         return out
 
     def _first_uses(self, scan: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,6 +309,9 @@ class OraclePolicy(Policy):
             dt = routing.now_s - self._last_routed[1]
             self.layer_s = dt if self.layer_s is None else min(self.layer_s, dt)
         self._last_routed = (here, routing.now_s)
+        if self.decisions is not None and here in self.decisions.pending:
+            res, keys, in_flight = self._res, self._keys, self.ctx.is_in_flight
+            self.decisions.settle(here, lambda k: IN_TIME if res[k] else LATE if in_flight(keys[k]) else 0)
         return self._prefetches()
 
     def on_access(self, layer, expert, hit, now_s) -> None:
@@ -281,10 +332,23 @@ class OraclePolicy(Policy):
         self._epoch += 1
 
     def choose_victim(self, evictable, for_prefetch, now_s):
-        victim = self._choose_victim(evictable, for_prefetch)
+        here = self.pos[0] * self.L + self.pos[1]
+        if self.keep:
+            victim = self._choose_victim(self._keeping(evictable, here), for_prefetch)
+            if victim is None and for_prefetch is None:
+                victim = self._choose_victim(evictable, None)  # an on-demand load needs one
+        else:
+            victim = self._choose_victim(evictable, for_prefetch)
         if victim is None and for_prefetch is not None:  # the cache drops it: it may be asked for again
             self._sent[for_prefetch.layer * self.J + for_prefetch.expert] = -1
+        if victim is not None and self.decisions is not None:
+            self.decisions.victims.append((here, victim[0] * self.J + victim[1]))
         return victim
+
+    def _keeping(self, evictable, here: int):
+        """`evictable`, less the experts an edit keeps at this position."""
+        keep, J = self.keep, self.J
+        return lambda key: evictable(key) and (here, key[0] * J + key[1]) not in keep
 
     def _choose_victim(self, evictable, for_prefetch):
         self._refresh()

@@ -1164,10 +1164,11 @@ def _policies() -> tuple[type, ...]:
 
 def _is_oracle(policy) -> bool:
     """Whether `policy` is one of the oracle's candidate schedules reading the engine's plan the
-    compiled way (`OraclePolicy.remembers_asks`), which `run_prefetch_steps` plays itself."""
+    compiled way (`OraclePolicy.remembers_asks`), unedited and recording nothing, which
+    `run_prefetch_steps` plays itself."""
     from finemoe.policies.oracle import OraclePolicy
 
-    return type(policy) is OraclePolicy and policy._compiled
+    return type(policy) is OraclePolicy and policy.plays_in_kernel
 
 
 def _is_finemoe(policy) -> bool:

@@ -4,22 +4,25 @@ run on the same engine, link and cold start as every policy (policies/oracle.py 
 Clairvoyant under every arrival mode: a candidate first runs with the engine's view (the requests
 arrived so far), then again with the steps that run took as its whole future, and again until the
 steps it is given are the steps it takes (at most `ROUNDS` runs; with all requests arriving at once
-the first view is exact already). Every run is a real schedule; the best is kept.
+the first view is exact already). On small instances a local search then edits the candidates'
+schedules one decision at a time (sim/search.py). Every run is a real schedule; the best is kept.
 
 "Best": the lowest mean time per output token, then the shortest makespan, then fewest loads. The
-result also records, per metric family, the best any candidate run reached (fewest loads, highest
+result also records, per metric family, the best any run reached (fewest loads, highest
 hit rate) and which candidate it was: these are what "at or better than every policy" claims.
 Not proven optimal (docs/bounds.md): the lower bounds of sim/bounds.py are the provable side.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
+from finemoe.policies.oracle import Decisions
 from finemoe.policies.registry import make_policy, policy_names
 from finemoe.results import RunResult
+from finemoe.sim import search
 from finemoe.sim.config import SimConfig
+from finemoe.sim.search import SearchCost, Start, improve, loads, time_rank
 
 FAR = 10**9  # layers: as far ahead as a few cache-fulls of accesses reach (policies/oracle.py)
 CANDIDATES: tuple[dict, ...] = (
@@ -63,18 +66,6 @@ def is_offline_schedule(config: SimConfig) -> bool:
     return config.policy == "oracle" and "prefetch" not in dict(config.policy_params)
 
 
-def loads(result: RunResult) -> int:
-    """Copies a run made: on-demand loads and prefetches started."""
-    s = result.summary
-    return int(s["ondemand_loads"]) + int(s["prefetch_started"])
-
-
-def _rank(result: RunResult) -> tuple:
-    s = result.summary
-    tpot = s["tpot_mean_s"]
-    return (math.inf if math.isnan(tpot) else tpot, s["makespan_s"], loads(result), -s["hit_rate"])
-
-
 def _label(params: dict, round_: int) -> str:
     """E.g. "conservative/2#1": prefetch mode, lookahead in layers ("step": a whole step), round."""
     mode = params["prefetch"]
@@ -94,35 +85,47 @@ def offline_schedule(trace, config: SimConfig, run_policy: Callable) -> RunResul
     """
     make_policy("oracle", **dict(config.policy_params))  # the parameters given are checked all the same
     runs: list[tuple[str, RunResult]] = []
+    starts: list[Start] = []  # each candidate's last round, with its decisions: where the search begins
+    # Whether the search runs: every iteration of the trace at every layer bounds the layer-steps run.
+    small = len(trace.iterations) * trace.geometry.num_layers <= search.MAX_LAYER_STEPS
     for params in CANDIDATES:
         planned = None
         for round_ in range(ROUNDS):
             policy = make_policy("oracle", **params)
             policy.planned_steps = planned
+            policy.decisions = Decisions() if small else None
             runs.append((_label(params, round_), run_policy(trace, config, policy, bounds=not runs)))
             taken = list(policy.observed_steps)
             if taken == planned or (planned is None and config.workload.arrival == "all"):
                 break  # the view it ran with was the future it met
             planned = taken
-    label, best = min(runs, key=lambda r: _rank(r[1]))
+        if small:
+            starts.append(Start(runs[-1][0], params, policy.planned_steps, runs[-1][1], policy.decisions))
+    found, cost = improve(trace, config, run_policy, starts, runs[0][1].summary) if small else ({}, SearchCost(0, 0.0))
+    # What the schedule cost to find: every run, the candidates' and the search's.
+    wall_s = sum(r.summary["wall_s"] for _, r in runs) + cost.wall_s
+    # The search's best per metric join the candidates (each a real run from the same start).
+    for label_run in found.values():
+        if all(label_run[1] is not r for _, r in runs):
+            runs.append(label_run)
+    label, best = min(runs, key=lambda r: time_rank(r[1]))
     best.summary.update({k: v for k, v in runs[0][1].summary.items() if k.startswith("bound_")})  # one start state
     few = min(runs, key=lambda r: loads(r[1]))
     hits = max(runs, key=lambda r: r[1].summary["hit_rate"])
     info = dict(best.config["policy_info"])
     info.update(
-        bound="best known schedule, not a proven optimum: the best of clairvoyant candidates "
-              "(the lower bounds are the bound_* summary fields)",
+        bound="best known schedule, not a proven optimum: the best of clairvoyant candidates and of "
+              "a local search from them (the lower bounds are the bound_* summary fields)",
         chosen=label,
         candidates=[{"candidate": lab, "loads": loads(r), "hit_rate": r.summary["hit_rate"],
                      "tpot_mean_s": r.summary["tpot_mean_s"], "makespan_s": r.summary["makespan_s"],
                      "wall_s": r.summary["wall_s"]}
                     for lab, r in runs],
+        search_runs=cost.runs, search_wall_s=cost.wall_s,
         best_loads=loads(few[1]), best_loads_candidate=few[0],
         best_hit_rate=hits[1].summary["hit_rate"], best_hit_rate_candidate=hits[0],
     )
     best.config["policy_info"] = info
-    # What the schedule cost to find: every candidate run, not only the chosen one's.
-    wall_s = sum(r.summary["wall_s"] for _, r in runs)
     best.summary["wall_s"] = wall_s
     best.summary["layer_steps_per_wall_s"] = best.summary["layer_steps"] / wall_s if wall_s > 0 else float("nan")
     best.config["policy_params"] = dict(config.policy_params)

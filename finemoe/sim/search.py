@@ -1,0 +1,150 @@
+"""The oracle's local search: undo one decision of a candidate schedule at a time, keep what helps.
+
+A candidate (policies/oracle.py) is a rule: Belady's victim, a prefetch for every first use within
+its lookahead. On small instances a policy's imperfect rule sometimes beats every candidate, and
+the way it does is nearly always one of two moves (docs/bounds.md, "Local search"):
+- it leaves a copy to its demand load that the candidate prefetches: on a slow link a late prefetch
+  only delays the copies behind it, or takes a slot whose expert would still have hit;
+- it keeps an expert that Belady's order evicts: while a layer's experts are served one by one
+  through too few slots, the farthest next use is not always the cheapest victim.
+So from each candidate's run this search tries, one at a time, to drop an ask it sent or to keep a
+victim it chose at that position, and hill-climbs (first improvement) on one metric at a time:
+time per output token, hit rate, fewest loads. Every run it makes is a real schedule on the same
+engine, start state and clairvoyant view as its candidate; the best per metric joins the
+candidates. A fixed budget of runs, no clock: the same instance gives the same schedules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from finemoe.policies.oracle import Decisions
+from finemoe.policies.registry import make_policy
+from finemoe.results import RunResult
+from finemoe.sim.config import SimConfig
+
+RUNS_PER_METRIC = 30  # engine runs the search may spend on each metric
+RUNS_PER_START = 10  # of which, on one candidate's schedule
+MAX_LAYER_STEPS = 2_000  # above, no search: a run costs too much to try dozens
+
+
+@dataclass(frozen=True)
+class SearchCost:
+    runs: int  # engine runs made
+    wall_s: float  # their wall time, summed
+
+
+@dataclass(frozen=True)
+class Start:
+    """A candidate's last (most clairvoyant) run: what the search starts from."""
+
+    label: str
+    params: dict
+    planned: list | None  # the steps it was given as its future (None: the engine's view)
+    result: RunResult
+    decisions: Decisions
+
+
+def loads(result: RunResult) -> int:
+    """Copies a run made: on-demand loads and prefetches started."""
+    s = result.summary
+    return int(s["ondemand_loads"]) + int(s["prefetch_started"])
+
+
+def time_rank(result: RunResult) -> tuple:
+    """The oracle's choice: lowest mean TPOT, then makespan, then fewest loads, then hit rate."""
+    s = result.summary
+    tpot = s["tpot_mean_s"]
+    return (math.inf if math.isnan(tpot) else tpot, s["makespan_s"], loads(result), -s["hit_rate"])
+
+
+METRICS: dict[str, Callable[[RunResult], tuple]] = {
+    "tpot": time_rank,
+    "hit_rate": lambda r: (-r.summary["hit_rate"], *time_rank(r)),
+    "loads": lambda r: (loads(r), *time_rank(r)),
+}
+
+
+def moves(decisions: Decisions) -> list[tuple]:
+    """The edits to try, each once: drop an ask whose copy started (first those that landed late:
+    they only held up the copies behind them), keep a chosen victim (in the run's order)."""
+    out = ([("skip", p, k) for p, k in decisions.late + decisions.asks]
+           + [("keep", p, k) for p, k in decisions.victims])
+    return list(dict.fromkeys(out))
+
+
+def run_edited(trace, config: SimConfig, run_policy: Callable, start: Start,
+               edits: frozenset) -> tuple[RunResult, Decisions]:
+    """One run of the start's candidate with `edits` applied, recording its decisions."""
+    policy = make_policy("oracle", **start.params)
+    policy.planned_steps = start.planned
+    policy.skip_asks = frozenset((p, k) for kind, p, k in edits if kind == "skip")
+    policy.keep = frozenset((p, k) for kind, p, k in edits if kind == "keep")
+    policy.decisions = Decisions()
+    return run_policy(trace, config, policy, bounds=False), policy.decisions
+
+
+def distinct(starts: list[Start]) -> list[Start]:
+    """The starts less those that made the same decisions as one before them (the candidates often
+    agree, aggressive prefetch with one layer's lookahead and two's, say): their neighbourhoods are
+    the same moves, and a budget spent twice on them is spent on nothing new."""
+    seen, out = set(), []
+    for s in starts:
+        key = (tuple(s.decisions.asks), tuple(s.decisions.victims))
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def at_bound(metric: str, result: RunResult, bounds: dict) -> bool:
+    """Whether `result` meets a lower bound no schedule crosses (sim/bounds.py; every access a hit
+    for the hit rate), so that searching on is pointless."""
+    s = result.summary
+    if metric == "tpot":
+        return s["tpot_mean_s"] <= bounds.get("bound_tpot_mean_s", -math.inf)
+    if metric == "loads":
+        return loads(result) <= bounds.get("bound_loads", -1)
+    return s["hit_rate"] >= 1.0
+
+
+def improve(trace, config: SimConfig, run_policy: Callable, starts: list[Start], bounds: dict,
+            runs_per_metric: int = RUNS_PER_METRIC,
+            runs_per_start: int = RUNS_PER_START) -> tuple[dict[str, tuple[str, RunResult]], SearchCost]:
+    """Per metric, the best (label, run) the search reached, and what it cost. Each run
+    counts for every metric, whichever one it was climbing for; a metric's climb starts from the
+    candidates in its own order, best first; none where a candidate meets its lower bound (`bounds`,
+    the bound_* summary fields of the start state)."""
+    best = {m: min(((s.label, s.result) for s in starts), key=lambda lr, m=m: METRICS[m](lr[1]))
+            for m in METRICS}
+    made, wall_s = 0, 0.0
+    for metric, rank in METRICS.items():
+        if at_bound(metric, best[metric][1], bounds):
+            continue  # no schedule does better
+        spent = 0
+        for start in distinct(sorted(starts, key=lambda s: rank(s.result))):
+            if spent >= runs_per_metric:
+                break
+            edits, current, decisions, here = frozenset(), start.result, start.decisions, 0
+            improved = True
+            while improved and here < runs_per_start and spent < runs_per_metric:
+                improved = False
+                for move in moves(decisions):
+                    if move in edits:
+                        continue
+                    tried = edits | {move}
+                    result, tried_decisions = run_edited(trace, config, run_policy, start, tried)
+                    made, spent, here = made + 1, spent + 1, here + 1
+                    wall_s += result.summary["wall_s"]
+                    label = f"{start.label}+{len(tried)} edits"
+                    for m, r in METRICS.items():
+                        if r(result) < r(best[m][1]):
+                            best[m] = (label, result)
+                    if rank(result) < rank(current):
+                        edits, current, decisions, improved = tried, result, tried_decisions, True
+                        break
+                    if here >= runs_per_start or spent >= runs_per_metric:
+                        break
+    return best, SearchCost(made, wall_s)
