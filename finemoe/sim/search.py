@@ -119,32 +119,44 @@ def improve(trace, config: SimConfig, run_policy: Callable, starts: list[Start],
     the bound_* summary fields of the start state)."""
     best = {m: min(((s.label, s.result) for s in starts), key=lambda lr, m=m: METRICS[m](lr[1]))
             for m in METRICS}
-    made, wall_s = 0, 0.0
+    cost = SearchCost(0, 0.0)
+
+    def run(start: Start, edits: frozenset) -> tuple[RunResult, Decisions]:
+        nonlocal cost
+        result, decisions = run_edited(trace, config, run_policy, start, edits)
+        cost = SearchCost(cost.runs + 1, cost.wall_s + result.summary["wall_s"])
+        for m, rank in METRICS.items():
+            if rank(result) < rank(best[m][1]):
+                best[m] = (f"{start.label}+{len(edits)} edits", result)
+        return result, decisions
+
     for metric, rank in METRICS.items():
         if at_bound(metric, best[metric][1], bounds):
             continue  # no schedule does better
-        spent = 0
+        left = runs_per_metric
         for start in distinct(sorted(starts, key=lambda s: rank(s.result))):
-            if spent >= runs_per_metric:
+            if left <= 0:
                 break
-            edits, current, decisions, here = frozenset(), start.result, start.decisions, 0
-            improved = True
-            while improved and here < runs_per_start and spent < runs_per_metric:
-                improved = False
-                for move in moves(decisions):
-                    if move in edits:
-                        continue
-                    tried = edits | {move}
-                    result, tried_decisions = run_edited(trace, config, run_policy, start, tried)
-                    made, spent, here = made + 1, spent + 1, here + 1
-                    wall_s += result.summary["wall_s"]
-                    label = f"{start.label}+{len(tried)} edits"
-                    for m, r in METRICS.items():
-                        if r(result) < r(best[m][1]):
-                            best[m] = (label, result)
-                    if rank(result) < rank(current):
-                        edits, current, decisions, improved = tried, result, tried_decisions, True
-                        break
-                    if here >= runs_per_start or spent >= runs_per_metric:
-                        break
-    return best, SearchCost(made, wall_s)
+            left -= climb(start, rank, min(runs_per_start, left), run)
+    return best, cost
+
+
+def climb(start: Start, rank: Callable[[RunResult], tuple], budget: int, run: Callable) -> int:
+    """First-improvement hill climb on `rank` from `start`, in at most `budget` runs of
+    `run(start, edits)`; returns the runs it made."""
+    edits, current, decisions, made = frozenset(), start.result, start.decisions, 0
+    improved = True
+    while improved and made < budget:
+        improved = False
+        for move in moves(decisions):
+            if move in edits:
+                continue
+            tried = edits | {move}
+            result, tried_decisions = run(start, tried)
+            made += 1
+            if rank(result) < rank(current):
+                edits, current, decisions, improved = tried, result, tried_decisions, True
+                break
+            if made >= budget:
+                break
+    return made
