@@ -304,7 +304,7 @@ class OraclePolicy(Policy):
 
     def on_layer_routed(self, routing):
         self.pos = (routing.step.step, routing.layer)
-        here = self.pos[0] * self.L + self.pos[1]
+        here = self._here()
         if self._last_routed is not None and self._last_routed[0] == here - 1:
             dt = routing.now_s - self._last_routed[1]
             self.layer_s = dt if self.layer_s is None else min(self.layer_s, dt)
@@ -332,9 +332,8 @@ class OraclePolicy(Policy):
         self._epoch += 1
 
     def choose_victim(self, evictable, for_prefetch, now_s):
-        here = self.pos[0] * self.L + self.pos[1]
         if self.keep:
-            victim = self._choose_victim(self._keeping(evictable, here), for_prefetch)
+            victim = self._choose_victim(self._keeping(evictable), for_prefetch)
             if victim is None and for_prefetch is None:
                 victim = self._choose_victim(evictable, None)  # an on-demand load needs one
         else:
@@ -342,12 +341,16 @@ class OraclePolicy(Policy):
         if victim is None and for_prefetch is not None:  # the cache drops it: it may be asked for again
             self._sent[for_prefetch.layer * self.J + for_prefetch.expert] = -1
         if victim is not None and self.decisions is not None:
-            self.decisions.victims.append((here, victim[0] * self.J + victim[1]))
+            self.decisions.victims.append((self._here(), victim[0] * self.J + victim[1]))
         return victim
 
-    def _keeping(self, evictable, here: int):
+    def _here(self) -> int:
+        """Where the schedule stands, as a position (step x layers + layer)."""
+        return self.pos[0] * self.L + self.pos[1]
+
+    def _keeping(self, evictable):
         """`evictable`, less the experts an edit keeps at this position."""
-        keep, J = self.keep, self.J
+        keep, J, here = self.keep, self.J, self._here()
         return lambda key: evictable(key) and (here, key[0] * J + key[1]) not in keep
 
     def _choose_victim(self, evictable, for_prefetch):
@@ -361,7 +364,7 @@ class OraclePolicy(Policy):
                 return None
             if not self._checks_time:
                 return victim
-            here = self.pos[0] * self.L + self.pos[1]
+            here = self._here()
             layers_ahead = for_prefetch.step * self.L + for_prefetch.layer - here
             time_left = layers_ahead * (self.layer_s or 0.0)
             if self.ctx.expert_load_s > time_left:
