@@ -131,6 +131,10 @@ def test_bound_oracle_policies_bracket_5000(case):
 
 # Counterexamples hypothesis found, kept: (recipe, slots, batch, GB/s, copy engines, arrival, seed).
 REGRESSIONS = [
+    # cost-aware-no-gate's TPOT 0.2% below every candidate's under Poisson batching (found before
+    # 2026-12-07): closed by the search's added ask (an expert asked for from its step's start
+    # instead of its demand load).
+    ((3, 2, 2, 2, 62), 3, 3, 32.0, 1, "poisson", 62),
     # MoE-Infinity prefetched a decode step's expert during the prefill (before its own demand
     # load) and so had a shorter time per output token than every oracle candidate then: time
     # before the first token does not count in TPOT. The "decode-first" candidate does the same.
@@ -244,7 +248,6 @@ OPEN = {
     ((3, 3, 2, 4, 79), 3, 2, 4.0, 2, "poisson", 79): "loads under timing-dependent batching (lfu)",
     ((3, 3, 2, 4, 79), 3, 2, 4.0, 3, "poisson", 79): "loads under timing-dependent batching (lfu)",
     ((3, 2, 2, 2, 1844), 4, 2, 32.0, 1, "file", 1844): "TPOT under timing-dependent batching (0.4% below)",
-    ((3, 2, 2, 2, 62), 3, 3, 32.0, 1, "poisson", 62): "TPOT under timing-dependent batching (0.2% below)",
     ((3, 3, 1, 4, 3908), 3, 2, 0.25, 2, "file", 3908): "TPOT under timing-dependent batching (lfu, arc, slru)",
     # Found by a 5,000-case random run (2026-12-06).
     ((1, 4, 2, 4, 222), 3, 1, 0.5, 2, "all", 222): "loads, hit rate and TPOT (finemoe) on 3 slots, top-2",

@@ -1,4 +1,4 @@
-"""The oracle's local search (sim/search.py): its two edits do what they say, it only ever adds
+"""The oracle's local search (sim/search.py): its three edits do what they say, it only ever adds
 real runs that are better, it finds what no candidate does, and it stays off large instances."""
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ def _case(L=3, J=2, K=1, requests=2, seed=0, slots=2, gbps=32.0, batch=1):
     return trace, config
 
 
-def _run(trace, config, skip=(), keep=(), **params):
+def _run(trace, config, skip=(), keep=(), add=(), **params):
     policy = make_policy("oracle", **(params or {"prefetch": "aggressive", "lookahead_layers": FAR}))
     policy.skip_asks, policy.keep, policy.decisions = frozenset(skip), frozenset(keep), Decisions()
+    policy.add_asks = frozenset(add)
     return simulate_policy(trace, config, policy), policy.decisions
 
 
@@ -44,6 +45,17 @@ def test_a_skipped_ask_is_not_sent_and_a_kept_expert_is_not_evicted_there():
     assert [skipped.summary[k] for k in timed] != [base.summary[k] for k in timed]  # a late copy, gone
     _, kept_decided = _run(trace, config, keep=[victim])
     assert victim not in kept_decided.victims
+
+
+def test_an_added_ask_brings_what_came_by_its_demand_load():
+    trace, config = _case(L=3, J=4, K=1, requests=3, slots=3, gbps=4.0)
+    base, decided = _run(trace, config, prefetch="none")
+    assert base.summary["prefetch_started"] == 0 and decided.demands
+    p, k = decided.demands[-1]  # a use after the first step's: its ask is sent from its step's start
+    added, added_decided = _run(trace, config, add=[(p, k)], prefetch="none")
+    assert added.summary["prefetch_started"] == 1
+    assert (p, k) in added_decided.asks + added_decided.late and (p, k) not in added_decided.demands
+    assert len(added_decided.demands) == len(decided.demands) - 1
 
 
 def test_decisions_keep_the_asks_whose_expert_was_in_or_coming_at_their_layer():
@@ -98,7 +110,8 @@ def test_edited_and_recording_runs_are_never_the_kernels():
     policy = make_policy("oracle", prefetch="aggressive", lookahead_layers=FAR)
     simulate_policy(trace, config, policy)
     assert policy.plays_in_kernel == policy._compiled
-    for edit in ({"skip_asks": frozenset({(1, 0)})}, {"keep": frozenset({(1, 0)})}, {"decisions": Decisions()}):
+    for edit in ({"skip_asks": frozenset({(1, 0)})}, {"keep": frozenset({(1, 0)})}, {"add_asks": frozenset({(1, 0)})},
+                 {"decisions": Decisions()}):
         policy = make_policy("oracle", prefetch="aggressive", lookahead_layers=FAR)
         for k, v in edit.items():
             setattr(policy, k, v)
@@ -106,6 +119,10 @@ def test_edited_and_recording_runs_are_never_the_kernels():
         assert not policy.plays_in_kernel
 
 
-def test_moves_put_late_asks_first_and_repeat_none():
-    d = Decisions(asks=[(3, 1), (4, 2)], late=[(5, 0)], victims=[(3, 7), (3, 7)])
-    assert search.moves(d) == [("skip", 5, 0), ("skip", 3, 1), ("skip", 4, 2), ("keep", 3, 7)]
+def test_moves_come_in_each_metrics_order_and_repeat_none(monkeypatch):
+    d = Decisions(asks=[(3, 1), (4, 2)], late=[(5, 0)], victims=[(3, 7), (3, 7)], demands=[(2, 4)])
+    monkeypatch.setitem(search.MOVE_ORDER, "tpot", ("late", "add", "asks", "keep"))
+    monkeypatch.setitem(search.MOVE_ORDER, "loads", ("keep", "asks"))
+    assert search.moves(d, "tpot") == [("skip", 5, 0), ("add", 2, 4), ("skip", 3, 1), ("skip", 4, 2), ("keep", 3, 7)]
+    assert search.moves(d, "loads") == [("keep", 3, 7), ("skip", 3, 1), ("skip", 4, 2)]
+    assert set(search.MOVE_ORDER) == set(search.METRICS)

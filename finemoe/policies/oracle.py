@@ -31,11 +31,13 @@ decode, and when a few experts repeat, a count of accesses reaches only those.
 demand load. On a slow link such a copy lands late anyway (a miss either way), and on the wire it
 would push the copies of farther accesses, which could still land in time, later.
 
-Edits (`skip_asks`, `keep`), set before a run by the ensemble's local search (sim/search.py): asks
-not to send, each (position, key index): that expert comes by its demand load at that use; and
-experts not to evict at a position, each (position, key index), while another victim will do (an
-on-demand load always gets one). With `decisions` set to a `Decisions`, a run records the asks it
-sent and the victims it chose, the moves that search tries. Neither kind of run is handed to the
+Edits (`skip_asks`, `keep`, `add_asks`), set before a run by the ensemble's local search
+(sim/search.py): asks not to send, each (position, key index): that expert comes by its demand load
+at that use; experts not to evict at a position, each (position, key index), while another victim
+will do (an on-demand load always gets one); and asks to send beside the rule's, each (position,
+key index), at every hook of that position's step before it, with no check of the copy's time.
+With `decisions` set to a `Decisions`, a run records the asks it sent, the victims it chose and
+its on-demand loads, the moves that search tries. Neither kind of run is handed to the
 compiled engine path (`plays_in_kernel`), which knows no edits and records nothing.
 
 Each candidate is a real schedule, not a bound; `oracle` as a policy name runs all of them and
@@ -73,6 +75,7 @@ class Decisions:
     asks: list = field(default_factory=list)
     late: list = field(default_factory=list)  # those still on the wire when their layer came
     victims: list = field(default_factory=list)
+    demands: list = field(default_factory=list)  # (position, key index) of each on-demand load
     pending: dict = field(default_factory=dict)  # position -> key indices asked for it, not settled yet
 
     def asked(self, position: int, key: int) -> None:
@@ -129,6 +132,7 @@ class OraclePolicy(Policy):
         self.observed_steps: list = []  # the steps this run took (each a tuple of Sequences)
         self.skip_asks: frozenset = frozenset()  # edits (module docstring): set before the run
         self.keep: frozenset = frozenset()
+        self.add_asks: frozenset = frozenset()
         self.decisions: Decisions | None = None  # set to record them
 
     def bind(self, ctx) -> None:
@@ -168,7 +172,7 @@ class OraclePolicy(Policy):
     def plays_in_kernel(self) -> bool:
         """Whether sim/compiled_prefetch.py may play this run: it reads the plan the compiled way,
         has no edits and records no decisions."""
-        return self._compiled and not (self.skip_asks or self.keep) and self.decisions is None
+        return self._compiled and not (self.skip_asks or self.keep or self.add_asks) and self.decisions is None
 
     def describe(self) -> dict:
         d = super().describe()
@@ -202,6 +206,29 @@ class OraclePolicy(Policy):
         self._epoch += 1
 
     def _prefetches(self) -> list[Prefetch]:
+        if self.add_asks:
+            return self._with_added(self._rule_asks())
+        return self._rule_asks()
+
+    def _with_added(self, asks: list[Prefetch]) -> list[Prefetch]:
+        """`asks` and the added ones (`add_asks`) whose use is in this step and still to come, whose
+        expert is neither resident nor on the wire, and that the rule did not ask for already."""
+        L, J = self.L, self.J
+        here, step = self._here(), self.pos[0]
+        pos, keys = [], []
+        asked = {(a.step * L + a.layer, a.layer * J + a.expert) for a in asks}
+        for p, k in sorted(self.add_asks):
+            if here < p < (step + 1) * L and not self._res[k] and (p, k) not in asked:
+                pos.append(p)
+                keys.append(k)
+        if not pos:
+            return asks
+        self._refresh()
+        flag, boost = (1, BOOST) if self._prefill_step else (0, 0.0)
+        return asks + self._asks_for(np.array(pos), np.array(keys), flag, boost)
+
+    def _rule_asks(self) -> list[Prefetch]:
+        """The candidate's own asks at this hook (its `prefetch` mode's rule, less `skip_asks`)."""
         if self.params["prefetch"] == "none":
             return []
         self._refresh()
@@ -318,6 +345,8 @@ class OraclePolicy(Policy):
         key = (layer, expert)
         if key in self.resident:
             self._set_next(key)
+        elif self.decisions is not None and not self.ctx.is_in_flight(key):  # its on-demand load
+            self.decisions.demands.append((self._here(), layer * self.J + expert))
 
     def on_loaded(self, key, now_s) -> None:
         self.resident.add(key)
@@ -362,8 +391,9 @@ class OraclePolicy(Policy):
             wanted = self.view.next_use(for_prefetch.key, self.pos)
             if self.next_use[victim] <= wanted:
                 return None
-            if not self._checks_time:
-                return victim
+            if not self._checks_time or (for_prefetch.step * self.L + for_prefetch.layer,
+                                         for_prefetch.layer * self.J + for_prefetch.expert) in self.add_asks:
+                return victim  # (an added ask is sent as the edit says: no check of its time)
             here = self._here()
             layers_ahead = for_prefetch.step * self.L + for_prefetch.layer - here
             time_left = layers_ahead * (self.layer_s or 0.0)

@@ -8,7 +8,9 @@ the way it does is nearly always one of two moves (docs/bounds.md, "Local search
 - it keeps an expert that Belady's order evicts: while a layer's experts are served one by one
   through too few slots, the farthest next use is not always the cheapest victim.
 So from each candidate's run this search tries, one at a time, to drop an ask it sent or to keep a
-victim it chose at that position, and hill-climbs (first improvement) on one metric at a time:
+victim it chose at that position (and, a third move, to ask early for an expert the run loaded on
+demand: a copy started at its step's start shortens the stall a demand load would have), and
+hill-climbs (first improvement) on one metric at a time:
 time per output token, hit rate, fewest loads. Every run it makes is a real schedule on the same
 engine, start state and clairvoyant view as its candidate; the best per metric joins the
 candidates. A fixed budget of runs, no clock: the same instance gives the same schedules.
@@ -67,12 +69,26 @@ METRICS: dict[str, Callable[[RunResult], tuple]] = {
 }
 
 
-def moves(decisions: Decisions) -> list[tuple]:
-    """The edits to try, each once: drop an ask whose copy started (first those that landed late:
-    they only held up the copies behind them), keep a chosen victim (in the run's order)."""
-    out = ([("skip", p, k) for p, k in decisions.late + decisions.asks]
-           + [("keep", p, k) for p, k in decisions.victims])
-    return list(dict.fromkeys(out))
+# The kinds of move each metric's climb tries, in order (`moves`).
+# Added asks come last where they come at all: tried earlier they took the budget of the other
+# moves (docs/bounds.md); an added copy rarely saves a load.
+MOVE_ORDER: dict[str, tuple[str, ...]] = {
+    "tpot": ("late", "asks", "keep", "add"),
+    "hit_rate": ("late", "asks", "keep", "add"),
+    "loads": ("keep", "asks", "late"),
+}
+
+
+def moves(decisions: Decisions, metric: str) -> list[tuple]:
+    """The edits to try for `metric`, each once, by kind in `MOVE_ORDER`'s order: "add", an ask for
+    an expert that came by its demand load, sent from its step's start; "late", drop an ask whose
+    copy landed late (it only held up the copies behind it); "asks", drop one that landed in time;
+    "keep", keep a chosen victim. Within a kind, in the run's order."""
+    kinds = {"add": [("add", p, k) for p, k in decisions.demands],
+             "late": [("skip", p, k) for p, k in decisions.late],
+             "asks": [("skip", p, k) for p, k in decisions.asks],
+             "keep": [("keep", p, k) for p, k in decisions.victims]}
+    return list(dict.fromkeys(m for kind in MOVE_ORDER[metric] for m in kinds[kind]))
 
 
 def run_edited(trace, config: SimConfig, run_policy: Callable, start: Start,
@@ -82,6 +98,7 @@ def run_edited(trace, config: SimConfig, run_policy: Callable, start: Start,
     policy.planned_steps = start.planned
     policy.skip_asks = frozenset((p, k) for kind, p, k in edits if kind == "skip")
     policy.keep = frozenset((p, k) for kind, p, k in edits if kind == "keep")
+    policy.add_asks = frozenset((p, k) for kind, p, k in edits if kind == "add")
     policy.decisions = Decisions()
     return run_policy(trace, config, policy, bounds=False), policy.decisions
 
@@ -137,18 +154,19 @@ def improve(trace, config: SimConfig, run_policy: Callable, starts: list[Start],
         for start in distinct(sorted(starts, key=lambda s: rank(s.result))):
             if left <= 0:
                 break
-            left -= climb(start, rank, min(runs_per_start, left), run)
+            left -= climb(start, metric, min(runs_per_start, left), run)
     return best, cost
 
 
-def climb(start: Start, rank: Callable[[RunResult], tuple], budget: int, run: Callable) -> int:
-    """First-improvement hill climb on `rank` from `start`, in at most `budget` runs of
+def climb(start: Start, metric: str, budget: int, run: Callable) -> int:
+    """First-improvement hill climb on `metric` from `start`, in at most `budget` runs of
     `run(start, edits)`; returns the runs it made."""
+    rank = METRICS[metric]
     edits, current, decisions, made = frozenset(), start.result, start.decisions, 0
     improved = True
     while improved and made < budget:
         improved = False
-        for move in moves(decisions):
+        for move in moves(decisions, metric):
             if move in edits:
                 continue
             tried = edits | {move}
