@@ -213,17 +213,16 @@ class OraclePolicy(Policy):
     def _with_added(self, asks: list[Prefetch]) -> list[Prefetch]:
         """`asks` and the added ones (`add_asks`) whose use is in this step and still to come, whose
         expert is neither resident nor on the wire, and that the rule did not ask for already."""
-        L, J = self.L, self.J
+        L = self.L
         here, step = self._here(), self.pos[0]
         pos, keys = [], []
-        asked = {(a.step * L + a.layer, a.layer * J + a.expert) for a in asks}
+        asked = {self._use_of(a) for a in asks}
         for p, k in sorted(self.add_asks):
             if here < p < (step + 1) * L and not self._res[k] and (p, k) not in asked:
                 pos.append(p)
                 keys.append(k)
         if not pos:
             return asks
-        self._refresh()
         flag, boost = (1, BOOST) if self._prefill_step else (0, 0.0)
         return asks + self._asks_for(np.array(pos), np.array(keys), flag, boost)
 
@@ -377,6 +376,10 @@ class OraclePolicy(Policy):
         """Where the schedule stands, as a position (step x layers + layer)."""
         return self.pos[0] * self.L + self.pos[1]
 
+    def _use_of(self, prefetch: Prefetch) -> tuple[int, int]:
+        """The use an ask is for: (position, key index), as the edits name it."""
+        return prefetch.step * self.L + prefetch.layer, prefetch.layer * self.J + prefetch.expert
+
     def _keeping(self, evictable):
         """`evictable`, less the experts an edit keeps at this position."""
         keep, J, here = self.keep, self.J, self._here()
@@ -391,8 +394,7 @@ class OraclePolicy(Policy):
             wanted = self.view.next_use(for_prefetch.key, self.pos)
             if self.next_use[victim] <= wanted:
                 return None
-            if not self._checks_time or (for_prefetch.step * self.L + for_prefetch.layer,
-                                         for_prefetch.layer * self.J + for_prefetch.expert) in self.add_asks:
+            if not self._checks_time or self._use_of(for_prefetch) in self.add_asks:
                 return victim  # (an added ask is sent as the edit says: no check of its time)
             here = self._here()
             layers_ahead = for_prefetch.step * self.L + for_prefetch.layer - here
