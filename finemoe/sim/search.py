@@ -1,4 +1,4 @@
-"""The oracle's local search: undo one decision of a candidate schedule at a time, keep what helps.
+"""The oracle's local search: change one decision of a candidate schedule at a time, keep what helps.
 
 A candidate (policies/oracle.py) is a rule: Belady's victim, a prefetch for every first use within
 its lookahead. On small instances a policy's imperfect rule sometimes beats every candidate, and
