@@ -227,6 +227,14 @@ REGRESSIONS = [
     ((3, 4, 2, 3, 4461), 11, 1, 4.0, 3, "file", 4461),
     ((1, 5, 1, 3, 7990), 2, 1, 0.25, 3, "all", 7990),
     ((3, 3, 1, 3, 3681), 6, 1, 0.25, 1, "all", 3681),
+    # Lost in the 5,000-case run of 2026-12-07 (not named before: the slow test failed on them),
+    # closed when the hit-rate climb took its kinds of move in turn (sim/search.py, `IN_TURN`):
+    # the cost-aware family 3-8 points of hit rate above (on the last, 2.8 against every
+    # candidate's 0%, a cache of top-k slots), and MoE-Infinity's TPOT 1 ns below.
+    ((3, 4, 3, 2, 386), 4, 1, 0.5, 2, "poisson", 386),
+    ((3, 3, 1, 3, 3), 2, 3, 0.5, 3, "file", 3),
+    ((3, 4, 3, 3, 283), 3, 2, 32.0, 3, "all", 283),
+    ((2, 5, 3, 2, 2), 3, 2, 0.25, 2, "file", 2),
 ]
 
 

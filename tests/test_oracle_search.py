@@ -121,8 +121,13 @@ def test_edited_and_recording_runs_are_never_the_kernels():
 
 def test_moves_come_in_each_metrics_order_and_repeat_none(monkeypatch):
     d = Decisions(asks=[(3, 1), (4, 2)], late=[(5, 0)], victims=[(3, 7), (3, 7)], demands=[(2, 4)])
+    monkeypatch.setattr(search, "IN_TURN", frozenset({"hit_rate"}))
     monkeypatch.setitem(search.MOVE_ORDER, "tpot", ("late", "add", "asks", "keep"))
     monkeypatch.setitem(search.MOVE_ORDER, "loads", ("keep", "asks"))
     assert search.moves(d, "tpot") == [("skip", 5, 0), ("add", 2, 4), ("skip", 3, 1), ("skip", 4, 2), ("keep", 3, 7)]
     assert search.moves(d, "loads") == [("keep", 3, 7), ("skip", 3, 1), ("skip", 4, 2)]
+    monkeypatch.setitem(search.MOVE_ORDER, "hit_rate", ("asks", "add", "late", "keep"))
+    # one of each kind in turn: asks, add, late, keep, then the second ask
+    assert search.moves(d, "hit_rate") == [("skip", 3, 1), ("add", 2, 4), ("skip", 5, 0), ("keep", 3, 7),
+                                           ("skip", 4, 2)]
     assert set(search.MOVE_ORDER) == set(search.METRICS)
