@@ -9,6 +9,7 @@ half-written result; `result_exists` is how sweeps resume.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +59,29 @@ class RunResult:
 
     config: dict
     summary: dict
-    requests: pd.DataFrame
+    requests: pd.DataFrame  # given as a frame, or as `requests_frame`'s rows: built when first read
     per_layer_hit_rate: list[float] = field(default_factory=list)
     timeline: list[dict] = field(default_factory=list)
 
     def write(self, path: str | os.PathLike) -> Path:
         return write_result(self, path)
+
+
+def _get_requests(result: RunResult) -> pd.DataFrame:
+    if result._request_rows is not None:
+        result._requests, result._request_rows = requests_frame(result._request_rows), None
+    return result._requests
+
+
+def _set_requests(result: RunResult, value) -> None:
+    """A list of rows is kept as it is until the frame is read: the oracle's candidates and its local
+    search make dozens of runs per instance and read the summaries of all but one (a frame costs a
+    third of a tiny run's results)."""
+    rows = value if isinstance(value, list) else None
+    result._requests, result._request_rows = (None, rows) if rows is not None else (value, None)
+
+
+RunResult.requests = property(_get_requests, _set_requests)  # (the dataclass's `__init__` sets it)
 
 
 def latency_summary(requests: pd.DataFrame) -> dict[str, float]:
@@ -77,10 +95,27 @@ def latency_stats(times: dict[str, np.ndarray]) -> dict[str, float]:
     for metric in ("ttft", "tpot", "e2e"):
         values = times[metric]
         values = values[~np.isnan(values)]
-        quantiles = np.percentile(values, (50, 90, 99)) if values.size else (float("nan"),) * 3
+        quantiles = percentiles(values.tolist(), (50, 90, 99)) if values.size else (float("nan"),) * 3
         for q, v in zip((50, 90, 99), quantiles, strict=True):
             out[f"{metric}_p{q}_s"] = float(v)
         out[f"{metric}_mean_s"] = float(values.mean()) if values.size else float("nan")
+    return out
+
+
+def percentiles(values: list[float], qs: tuple[int, ...]) -> list[float]:
+    """`np.percentile(values, qs)` (its default, linear method) to the last bit, for the few values
+    of one run: numpy's call costs a tenth of a millisecond each, and the oracle's local search
+    summarises hundreds of runs per instance (tests/test_results.py holds it to numpy's)."""
+    s = sorted(values)
+    last = len(s) - 1
+    out = []
+    for q in qs:
+        at = last * (q / 100)  # numpy's virtual index, (n - 1) x q
+        lo = int(math.floor(at))
+        a, b = s[lo], s[min(lo + 1, last)]
+        gamma = at - lo
+        d = b - a
+        out.append(b - d * (1 - gamma) if gamma >= 0.5 else a + d * gamma)  # numpy's `_lerp`
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finemoe.results import TIMELINE_FIELDS, RunResult, latency_stats, request_times, requests_frame
+from finemoe.results import TIMELINE_FIELDS, RunResult, latency_stats, request_times
 
 
 @dataclass
@@ -129,11 +129,10 @@ class MetricsRecorder:
         return out
 
     def to_result(self, config: dict, *, wall_s: float, makespan_s: float) -> RunResult:
-        frame = requests_frame(sorted(self.requests.values(), key=lambda r: r["request_id"]))
         return RunResult(
             config=config,
             summary=self.summary(wall_s, makespan_s),
-            requests=frame,
+            requests=sorted(self.requests.values(), key=lambda r: r["request_id"]),  # (the frame's rows)
             per_layer_hit_rate=self.per_layer_hit_rate(),
             timeline=list(self.timeline),
         )
