@@ -28,8 +28,8 @@ from finemoe.policies.registry import make_policy
 from finemoe.results import RunResult
 from finemoe.sim.config import SimConfig
 
-RUNS_PER_METRIC = 30  # engine runs the search may spend on each metric
-RUNS_PER_START = 10  # of which, on one candidate's schedule
+RUNS_PER_METRIC = 60  # engine runs the search may spend on each metric
+RUNS_PER_START = 20  # of which, on one candidate's schedule
 MAX_LAYER_STEPS = 2_000  # above, no search: a run costs too much to try dozens
 
 
