@@ -259,6 +259,26 @@ REGRESSIONS = [
     ((2, 4, 3, 4, 4), 3, 3, 0.5, 2, "poisson", 4),
     ((2, 4, 3, 4, 4), 3, 2, 0.5, 2, "poisson", 4),
     ((1, 5, 2, 3, 8189), 3, 3, 0.25, 3, "poisson", 8189),
+    # ... and 16 of the 55 left, closed by hit rate's sideways climbs with added asks free to evict
+    # an expert needed as soon (2026-12-08): 14 on a cache of top-k slots (the cost-aware family's
+    # and layerwise's hit rates 1-12 points above, most against every candidate's 0%, and
+    # cost-aware-lru's TPOT 31% below on 2 slots with file arrivals), 2 on 5 slots at top-3.
+    ((1, 4, 2, 4, 37), 2, 1, 4.0, 1, "file", 37),
+    ((1, 4, 2, 4, 37), 2, 1, 4.0, 2, "file", 37),
+    ((2, 4, 3, 2, 3), 3, 1, 32.0, 2, "all", 3),
+    ((2, 4, 3, 2, 602), 3, 2, 1000.0, 2, "all", 602),
+    ((2, 4, 3, 4, 430), 3, 3, 0.5, 2, "poisson", 430),
+    ((2, 5, 3, 2, 2), 3, 1, 32.0, 2, "file", 2),
+    ((2, 5, 3, 2, 2), 3, 3, 32.0, 2, "file", 2),
+    ((2, 5, 3, 4, 1118), 3, 1, 4.0, 2, "all", 1118),
+    ((3, 3, 3, 2, 1), 3, 1, 0.25, 1, "poisson", 1),
+    ((3, 3, 3, 3, 3), 3, 3, 0.25, 1, "all", 3),
+    ((3, 3, 3, 4, 3), 3, 3, 0.25, 1, "file", 3),
+    ((3, 4, 3, 3, 124), 3, 1, 0.25, 1, "all", 124),
+    ((3, 4, 3, 3, 2547), 5, 3, 0.25, 1, "all", 2547),
+    ((3, 4, 3, 3, 313), 3, 1, 4.0, 1, "all", 313),
+    ((3, 4, 3, 3, 3919), 5, 1, 32.0, 1, "poisson", 3919),
+    ((3, 4, 3, 4, 3), 3, 3, 0.25, 1, "file", 3),
 ]
 
 

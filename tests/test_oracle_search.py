@@ -7,9 +7,11 @@ from dataclasses import replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_bounds_properties import small_trace, workload
 
 from finemoe.policies.oracle import IN_TIME, LATE, Decisions
 from finemoe.policies.registry import make_policy
+from finemoe.results import RunResult
 from finemoe.sim import search
 from finemoe.sim.config import MemoryConfig, SimConfig, WorkloadConfig
 from finemoe.sim.hardware import PRESETS
@@ -56,6 +58,57 @@ def test_an_added_ask_brings_what_came_by_its_demand_load():
     assert added.summary["prefetch_started"] == 1
     assert (p, k) in added_decided.asks + added_decided.late and (p, k) not in added_decided.demands
     assert len(added_decided.demands) == len(decided.demands) - 1
+
+
+def test_an_added_ask_may_evict_an_expert_needed_as_soon():
+    """2 layers x 3 experts, top-2, 2 slots, batches of 2, 0.5 GB/s, file arrivals: cost-aware hits
+    8.1% by prefetching the second layer's expert at a step's start, where every candidate hits 0%.
+    Added for the second step's second layer (position 3, key 3), with the first layer's ask for
+    expert 0 dropped, the ask evicts the second layer's expert 1, needed at that same layer (which
+    Belady's rule refuses a prefetch), and the run hits."""
+    trace = small_trace(2, 3, 2, 3, 438)
+    hw = PRESETS["rtx3090"].with_overrides(pcie_gbps=0.5, copy_engines=3)
+    config = SimConfig("synthetic", "oracle", hw, memory=MemoryConfig(expert_cache_slots=2),
+                       workload=workload("file", 2, 438, len(trace.requests)), seed=438, timeline_steps=0)
+    params = {"prefetch": "aggressive", "lookahead_layers": 1}
+    planned = None
+    for _ in range(3):  # the clairvoyant rounds (sim/offline.py)
+        policy = make_policy("oracle", **params)
+        policy.planned_steps, policy.decisions = planned, Decisions()
+        base = simulate_policy(trace, config, policy)
+        if policy.observed_steps == planned:
+            break
+        planned = list(policy.observed_steps)
+    start = search.Start("aggressive/1", params, planned, base, policy.decisions)
+    assert base.summary["hit_rate"] == 0.0 and (3, 3) in policy.decisions.demands
+    edited, _ = search.run_edited(trace, config, simulate_policy, start, frozenset({("add", 3, 3), ("skip", 2, 0)}))
+    assert edited.summary["hit_rate"] > 0.0 and edited.summary["tpot_mean_s"] < base.summary["tpot_mean_s"]
+
+
+def _ranked(hit_rate: float) -> RunResult:
+    return RunResult({}, {"hit_rate": hit_rate, "tpot_mean_s": 1.0, "makespan_s": 2.0, "ondemand_loads": 3,
+                          "prefetch_started": 1}, None)
+
+
+def test_a_sideways_climb_keeps_an_edit_that_makes_room_for_the_next():
+    """Neither edit alone gains a hit, both together do: a sideways climb reaches it, a plain one
+    does not. The search's passes run hit rate's plain climbs before its sideways ones."""
+    decisions = Decisions(asks=[(2, 0)], demands=[(3, 3)])
+    both = frozenset({("add", 3, 3), ("skip", 2, 0)})
+    tried = []
+
+    def run(start, edits):
+        tried.append(edits)
+        return _ranked(0.05 if edits == both else 0.0), decisions
+
+    start = search.Start("c", {}, None, _ranked(0.0), decisions)
+    assert search.climb(start, "hit_rate", 10, run, sideways=True) == 2 and tried[-1] == both
+    tried.clear()
+    search.climb(start, "hit_rate", 10, run)
+    assert both not in tried and len(tried) == 2  # each edit once, neither kept
+    kinds = [(p.metric, p.sideways) for p in search.PASSES]
+    assert kinds.index(("hit_rate", False)) < kinds.index(("hit_rate", True))
+    assert {p.metric for p in search.PASSES} == set(search.METRICS)
 
 
 def test_decisions_keep_the_asks_whose_expert_was_in_or_coming_at_their_layer():

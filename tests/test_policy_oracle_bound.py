@@ -54,9 +54,9 @@ def test_no_policy_beats_the_oracle(seed, slots, batch, online):
 
 # Found by a random run of the test above (2026-12-06): ProMoE 86.60% hits against the best
 # candidate's 86.12% (6 layers x 8 experts, top-2, 39 slots, batches of 3, all arrive at once).
+# Open until the search's sideways hit-rate climbs (2026-12-08).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open: promoe's hit rate above every oracle candidate's (docs/bounds.md)")
-def test_open_counterexample_promoe_on_a_large_cache():
+def test_regression_promoe_on_a_large_cache():
     _check_no_policy_beats_the_oracle(seed=188, slots=39, batch=3, online=False)
 
 

@@ -35,7 +35,8 @@ Edits (`skip_asks`, `keep`, `add_asks`), set before a run by the ensemble's loca
 (sim/search.py): asks not to send, each (position, key index): that expert comes by its demand load
 at that use; experts not to evict at a position, each (position, key index), while another victim
 will do (an on-demand load always gets one); and asks to send beside the rule's, each (position,
-key index), at every hook of that position's step before it, with no check of the copy's time.
+key index), at every hook of that position's step before it, with no check of the copy's time or of
+its victim (Belady's, even one needed as soon).
 With `decisions` set to a `Decisions`, a run records the asks it sent, the victims it chose and
 its on-demand loads, the moves that search tries. Neither kind of run is handed to the
 compiled engine path (`plays_in_kernel`), which knows no edits and records nothing.
@@ -391,11 +392,13 @@ class OraclePolicy(Policy):
         if victim is None:
             return None
         if for_prefetch is not None:
+            if self.add_asks and self._use_of(for_prefetch) in self.add_asks:
+                return victim  # an added ask is sent as the edit says: no check of its victim or time
             wanted = self.view.next_use(for_prefetch.key, self.pos)
             if self.next_use[victim] <= wanted:
                 return None
-            if not self._checks_time or self._use_of(for_prefetch) in self.add_asks:
-                return victim  # (an added ask is sent as the edit says: no check of its time)
+            if not self._checks_time:
+                return victim
             here = self._here()
             layers_ahead = for_prefetch.step * self.L + for_prefetch.layer - here
             time_left = layers_ahead * (self.layer_s or 0.0)
