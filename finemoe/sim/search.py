@@ -101,7 +101,7 @@ class Pass:
 
 # Hit rate's sideways climbs come after its plain ones, with their own runs: taking sideways moves
 # from the first, the climbs spent their budget elsewhere and lost a case the plain ones close
-# (docs/bounds.md). The plain passes are what the search was before, so the oracle only gains.
+# (docs/bounds.md). Coming after them, a sideways pass only adds runs to what the plain ones find.
 PASSES = (
     Pass("tpot", False, RUNS_PER_METRIC, RUNS_PER_START),
     Pass("hit_rate", False, RUNS_PER_METRIC, RUNS_PER_START),
