@@ -77,8 +77,10 @@ def _set_requests(result: RunResult, value) -> None:
     """A list of rows is kept as it is until the frame is read: the oracle's candidates and its local
     search make dozens of runs per instance and read the summaries of all but one (a frame costs a
     third of a tiny run's results)."""
-    rows = value if isinstance(value, list) else None
-    result._requests, result._request_rows = (None, rows) if rows is not None else (value, None)
+    if isinstance(value, list):
+        result._requests, result._request_rows = None, value
+    else:
+        result._requests, result._request_rows = value, None
 
 
 RunResult.requests = property(_get_requests, _set_requests)  # (the dataclass's `__init__` sets it)

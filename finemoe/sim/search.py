@@ -197,7 +197,7 @@ def climb(start: Start, metric: str, budget: int, run: Callable, sideways: bool 
     """First-improvement hill climb on `metric` from `start` (taking sideways moves too, with
     `sideways`), in at most `budget` runs of `run(start, edits)`; returns the runs it made."""
     rank = METRICS[metric]
-    edits, current, decisions, made = frozenset(), start.result, start.decisions, 0
+    edits, current, decisions, made = frozenset(), rank(start.result), start.decisions, 0
     moved = True
     while moved and made < budget:
         moved = False
@@ -207,8 +207,9 @@ def climb(start: Start, metric: str, budget: int, run: Callable, sideways: bool 
             tried = edits | {move}
             result, tried_decisions = run(start, tried)
             made += 1
-            if rank(result) < rank(current) or (sideways and rank(result) == rank(current)):
-                edits, current, decisions, moved = tried, result, tried_decisions, True
+            ranked = rank(result)
+            if ranked < current or (sideways and ranked == current):
+                edits, current, decisions, moved = tried, ranked, tried_decisions, True
                 break
             if made >= budget:
                 break
