@@ -27,6 +27,13 @@ the cache has free slots, on until it has seen enough experts not resident to fi
 later request's decode needs is best loaded before this request's first token, not during that
 decode, and when a few experts repeat, a count of accesses reaches only those.
 
+`victims`: "belady" (default) evicts the expert needed farthest ahead; "tpot" (with prefetch
+"none" only) keeps what a weighted paging program (sim/weighted_min.py) keeps, the demand schedule
+whose loads cost the least time per output token: a load in a step weighs what that step adds to
+the mean (for each request decoding in it, one over its decode steps), a prefill's loads nearly
+nothing, so an expert the decode needs stays and the prefill's come and go. Belady keeps those with
+the nearest next use, whatever step it lies in. It runs on the reference engine path only.
+
 `min_ahead` (default 1): no prefetch for an access nearer than this many layers; it is left to its
 demand load. On a slow link such a copy lands late anyway (a miss either way), and on the wire it
 would push the copies of farther accesses, which could still land in time, later.
@@ -63,6 +70,8 @@ IN_TIME, LATE = 1, 2  # how an ask's copy stood when its layer came (`Decisions.
 BOOST = 1e15  # above every position's rank (-position): "later steps first" during a prefill
 _NOTHING_QUEUED = {}.get  # `PolicyContext.queued` of an engine without a prefetch queue
 PREFETCH_MODES = ("none", "conservative", "aggressive", "decode-first", "deadline")
+VICTIM_RULES = ("belady", "tpot")
+UNKEPT = 1e15  # added to an expert's next use where the "tpot" schedule lets it go: evicted first
 
 
 @dataclass
@@ -120,7 +129,7 @@ class OraclePolicy(Policy):
     remembers_asks = True
 
     def __init__(self, lookahead_layers: int | None = None, prefetch: str = "conservative",
-                 min_ahead: int = 1) -> None:
+                 min_ahead: int = 1, victims: str = "belady") -> None:
         super().__init__()
         if lookahead_layers is not None and lookahead_layers < 1:
             raise ConfigError(f"oracle lookahead_layers must be at least 1, got {lookahead_layers}")
@@ -128,7 +137,16 @@ class OraclePolicy(Policy):
             raise ConfigError(f"oracle prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
         if min_ahead < 1:
             raise ConfigError(f"oracle min_ahead must be at least 1, got {min_ahead}")
+        if victims not in VICTIM_RULES:
+            raise ConfigError(f"oracle victims must be one of {', '.join(VICTIM_RULES)}, got {victims!r}")
+        if victims != "belady" and prefetch != "none":
+            raise ConfigError(f"oracle victims={victims} goes with prefetch=none, got prefetch={prefetch!r}")
         self.params = {"lookahead_layers": lookahead_layers, "prefetch": prefetch, "min_ahead": min_ahead}
+        if victims != "belady":  # (only when set: the recorded parameters of other runs stay as they were)
+            self.params["victims"] = victims
+        self._weighted = victims == "tpot"
+        self._kept: tuple[int, np.ndarray] | None = None  # (view version, per access: kept from the previous)
+        self._decodes: dict[int, int] = {}  # request id -> decode steps (its iterations less the first)
         self.planned_steps: list | None = None  # the whole future, when an earlier run supplied it
         self.observed_steps: list = []  # the steps this run took (each a tuple of Sequences)
         self.skip_asks: frozenset = frozenset()  # edits (module docstring): set before the run
@@ -173,11 +191,12 @@ class OraclePolicy(Policy):
     def plays_in_kernel(self) -> bool:
         """Whether sim/compiled_prefetch.py may play this run: it reads the plan the compiled way,
         has no edits and records no decisions."""
-        return self._compiled and not (self.skip_asks or self.keep or self.add_asks) and self.decisions is None
+        return self._compiled and not self._weighted and not (self.skip_asks or self.keep or self.add_asks) and self.decisions is None
 
     def describe(self) -> dict:
         d = super().describe()
-        d["bound"] = f"clairvoyant schedule: Belady eviction, {self.params['prefetch']} prefetch"
+        evict = "time-per-token-weighted paging" if self._weighted else "Belady eviction"
+        d["bound"] = f"clairvoyant schedule: {evict}, {self.params['prefetch']} prefetch"
         return d
 
     def state(self) -> ScheduleState:
@@ -200,11 +219,47 @@ class OraclePolicy(Policy):
             for key in self.resident:
                 self._set_next(key)
 
+    def prepare(self, trace, measure) -> None:
+        by_req = trace.iterations_by_request
+        self._decodes = {rid: len(by_req.get(rid, ())) - 1 for rid in measure}
+
     def _set_next(self, key) -> None:
         nu = self.view.next_use(key, self.pos)
+        if self._weighted and nu != INF and not self._kept_at(key, nu):
+            nu += UNKEPT
         self.next_use[key] = nu
         heapq.heappush(self._heap, (-nu, key))
         self._epoch += 1
+
+    def _kept_at(self, key, position: float) -> bool:
+        """Whether the "tpot" schedule keeps `key` resident until its use at `position`."""
+        view = self.view
+        if self._kept is None or self._kept[0] != view.version:
+            self._kept = (view.version, self._weighted_schedule())
+        k = key[0] * self.J + key[1]
+        starts, positions = view.per_key_positions()
+        lo, hi = int(starts[k]), int(starts[k + 1])
+        j = lo + int(np.searchsorted(positions[lo:hi], position))
+        return bool(self._kept[1][view.per_key_indices()[j]])
+
+    def _weighted_schedule(self) -> np.ndarray:
+        """Per access of the view, whether the least-cost demand schedule keeps its expert from its
+        previous access (sim/weighted_min.py), each load weighted by what its step adds to the mean
+        time per output token, plus a little, so that of two schedules of equal cost the one with
+        fewer loads wins."""
+        from finemoe.sim.weighted_min import kept_intervals
+
+        pos, prev, _ = self.view.access_arrays
+        decodes = self._decodes
+        per_step: dict[int, float] = {}
+        for step in np.unique(pos // self.L).tolist():
+            seqs = self.view.step_sequences(step)
+            per_step[step] = sum(1.0 / decodes[q.request_id] for q in seqs
+                                 if q.iteration > 0 and decodes.get(q.request_id, 0) > 0)
+        w = np.array([per_step[s] for s in (pos // self.L).tolist()], dtype=float)
+        positive = w[w > 0]
+        w += (positive.min() if positive.size else 1.0) / (10.0 * (w.size + 1))
+        return kept_intervals(pos, prev, w, self.ctx.capacity_slots)
 
     def _prefetches(self) -> list[Prefetch]:
         if self.add_asks:

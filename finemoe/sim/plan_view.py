@@ -110,6 +110,8 @@ class _Plan:
         self.key_starts, self.key_positions = starts, np.ascontiguousarray(sorted_pos, dtype=np.int64)
         self.key_indices = order.astype(np.int64)
         self.entries: list[tuple[int, int, int]] | None = None  # (step, layer, expert) per access, made when asked
+        self.base_step = 0  # the plan's steps, the first of them step `base_step` (`PlanView.step_sequences`)
+        self.sequences: list[tuple[Sequence, ...]] = []
 
 
 SHARED_PLANS = 2  # plans a process keeps for reuse (`PlanView.rebuild_shared`): each is ~100 MB at paper size
@@ -135,6 +137,7 @@ class PlanView(OracleView):
         else:
             s, layer, e = plan_accesses(base_step, steps, info, self.L, experts)
         self._plan = _Plan(self.L, self.J, s, layer, e)
+        self._plan.base_step, self._plan.sequences = base_step, steps
         self.version += 1
 
     def rebuild_shared(self, key: tuple, base_step: int, steps: Callable[[], list], info: Callable,
@@ -171,6 +174,12 @@ class PlanView(OracleView):
     def per_key_indices(self) -> np.ndarray:
         """Beside `per_key_positions`, each of those accesses' index in `access_arrays`."""
         return self._plan.key_indices
+
+    def step_sequences(self, step: int) -> tuple[Sequence, ...]:
+        """The sequences the plan runs at engine step `step` (empty outside it)."""
+        p = self._plan
+        i = step - p.base_step
+        return p.sequences[i] if 0 <= i < len(p.sequences) else ()
 
     def entries(self) -> list[tuple[int, int, int]]:
         """Every access as (step, layer, expert), in order."""

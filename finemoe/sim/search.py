@@ -50,6 +50,7 @@ class Start:
     planned: list | None  # the steps it was given as its future (None: the engine's view)
     result: RunResult
     decisions: Decisions
+    climbs: frozenset | None = None  # the metrics whose climbs may start from it (None: every one)
 
 
 def loads(result: RunResult) -> int:
@@ -186,7 +187,8 @@ def improve(trace, config: SimConfig, run_policy: Callable, starts: list[Start],
         if at_bound(p.metric, best[p.metric][1], bounds):
             continue  # no schedule does better
         rank, left = METRICS[p.metric], p.runs
-        for start in distinct(sorted(starts, key=lambda s: rank(s.result))):
+        mine = [s for s in starts if s.climbs is None or p.metric in s.climbs]
+        for start in distinct(sorted(mine, key=lambda s: rank(s.result))):
             if left <= 0:
                 break
             left -= climb(start, p.metric, min(p.per_start, left), run, p.sideways)
