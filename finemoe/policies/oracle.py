@@ -34,6 +34,14 @@ the mean (for each request decoding in it, one over its decode steps), a prefill
 nothing, so an expert the decode needs stays and the prefill's come and go. Belady keeps those with
 the nearest next use, whatever step it lies in. It runs on the reference engine path only.
 
+`ration` (default none): at most this many asks newly made at a hook, nearest use first; one passed
+over is not made again for that use (its expert comes by its demand load) unless the cache evicts or
+drops that expert or the view changes. On a cache of few slots and a slow link every ask made at
+once queues the copies of the coming layer behind each other and takes the slots their demand loads
+need; rationed, one copy for the next layer lands between the current layer's demand loads, in a
+slot its expert has just left, and hits (docs/bounds.md). The rule reads the asks it remembers
+(`new_asks`), with numba or without.
+
 `min_ahead` (default 1): no prefetch for an access nearer than this many layers; it is left to its
 demand load. On a slow link such a copy lands late anyway (a miss either way), and on the wire it
 would push the copies of farther accesses, which could still land in time, later.
@@ -129,7 +137,7 @@ class OraclePolicy(Policy):
     remembers_asks = True
 
     def __init__(self, lookahead_layers: int | None = None, prefetch: str = "conservative",
-                 min_ahead: int = 1, victims: str = "belady") -> None:
+                 min_ahead: int = 1, victims: str = "belady", ration: int | None = None) -> None:
         super().__init__()
         if lookahead_layers is not None and lookahead_layers < 1:
             raise ConfigError(f"oracle lookahead_layers must be at least 1, got {lookahead_layers}")
@@ -142,8 +150,13 @@ class OraclePolicy(Policy):
         if victims != "belady" and prefetch != "none":
             raise ConfigError(f"oracle victims={victims} goes with prefetch=none, got prefetch={prefetch!r}")
         self.params = {"lookahead_layers": lookahead_layers, "prefetch": prefetch, "min_ahead": min_ahead}
+        if ration is not None and ration < 1:
+            raise ConfigError(f"oracle ration must be at least 1, got {ration}")
         if victims != "belady":  # (only when set: the recorded parameters of other runs stay as they were)
             self.params["victims"] = victims
+        if ration is not None:
+            self.params["ration"] = ration
+        self._ration = ration
         self._weighted = victims == "tpot"
         self._kept: tuple[int, np.ndarray] | None = None  # (view version, per access: kept from the previous)
         self._decodes: dict[int, int] = {}  # request id -> decode steps (its iterations less the first)
@@ -183,7 +196,8 @@ class OraclePolicy(Policy):
         # an expert that landed is resident until `on_evicted`.
         self._sent = np.full(self.L * self.J, -1, dtype=np.int64)
         # (where numba imports and the view is the engine's plan)
-        self._compiled = self.remembers_asks and numba is not None and isinstance(self.view, PlanView)
+        self._compiled = isinstance(self.view, PlanView) and (
+            (self.remembers_asks and numba is not None) or self._ration is not None)
         self._out_pos = np.empty(self.L * self.J, dtype=np.int64)  # its output: at most one ask per key
         self._out_key = np.empty(self.L * self.J, dtype=np.int64)
 
@@ -191,7 +205,8 @@ class OraclePolicy(Policy):
     def plays_in_kernel(self) -> bool:
         """Whether sim/compiled_prefetch.py may play this run: it reads the plan the compiled way,
         has no edits and records no decisions."""
-        return self._compiled and not self._weighted and not (self.skip_asks or self.keep or self.add_asks) and self.decisions is None
+        return (self._compiled and not self._weighted and self._ration is None and not (self.skip_asks or self.keep or self.add_asks)
+                and self.decisions is None)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -308,6 +323,8 @@ class OraclePolicy(Policy):
                           self.ctx.expert_load_s, deadline_layer_s, self._out_pos, self._out_key)
             if n == 0:
                 return []
+            if self._ration is not None:
+                n = min(n, self._ration)  # the rest stay marked sent: passed over for these uses
             pos, keys = self._out_pos[:n], self._out_key[:n]
             return self._asks_for(pos, keys, flag, boost)
         pos, keys = self._first_uses(scan, limit)  # each expert asked for at its first use, in order
