@@ -1,5 +1,5 @@
 """The oracle's rationed candidates (`ration`): at most that many new asks a hook, and their place in
-the ensemble (small instances only, no climbs from them); by a lost case of the 5,000-example run."""
+the ensemble (small instances only, climbed from in their own pass); by a lost case of the 5,000-example run."""
 
 from __future__ import annotations
 
@@ -60,10 +60,10 @@ def test_the_ensemble_beats_cost_aware_on_hit_rate_here():
     assert "-ask" in oracle.config["policy_info"]["best_hit_rate_candidate"]
 
 
-def test_rationed_candidates_join_only_small_instances_and_start_no_climbs():
+def test_rationed_candidates_join_only_small_instances_and_climb_in_their_own_pass():
     rationed = [c for c in SMALL_CANDIDATES if c.get("ration")]
     assert rationed and not any(c.get("ration") for c in CANDIDATES)
-    assert all(_climbs(c) == frozenset() for c in rationed)
+    assert all(_climbs(c) == (None, "rationed") for c in rationed)
     assert _label(rationed[0], 0) == "aggressive/1/1-ask#0"
     with pytest.raises(ConfigError, match="ration must be at least 1"):
         make_policy("oracle", prefetch="aggressive", ration=0)

@@ -58,16 +58,17 @@ SMALL_CANDIDATES: tuple[dict, ...] = (
 )
 
 
-def _climbs(params: dict) -> frozenset | None:
-    """The metrics whose local-search climbs may start from this candidate (None: every one). From
-    the "tpot" one on time per token alone: its schedule aims at nothing else, and started from on
-    hit rate too it took the runs of climbs that close two regression cases. From the rationed ones
-    none: their own runs count as they are."""
+def _climbs(params: dict) -> tuple[frozenset | None, str]:
+    """Which local-search climbs may start from this candidate: the metrics (None: every one) and
+    the group of passes (sim/search.py, `PASSES`). From the "tpot" one, time per token's alone: its
+    schedule aims at nothing else, and started from on hit rate too it took the runs of climbs that
+    close two regression cases. From the rationed ones, hit rate's own pass after all the others:
+    in the passes of the rest they took the runs that close two regression cases too."""
     if params.get("victims") == "tpot":
-        return frozenset({"tpot"})
+        return frozenset({"tpot"}), ""
     if params.get("ration") is not None:
-        return frozenset()
-    return None
+        return None, "rationed"
+    return None, ""
 
 
 ROUNDS = 3
@@ -134,7 +135,7 @@ def offline_schedule(trace, config: SimConfig, run_policy: Callable) -> RunResul
             planned = taken
         if small:
             starts.append(Start(runs[-1][0], params, policy.planned_steps, runs[-1][1], policy.decisions,
-                                _climbs(params)))
+                                *_climbs(params)))
     found, cost = improve(trace, config, run_policy, starts, runs[0][1].summary) if small else ({}, SearchCost(0, 0.0))
     # What the schedule cost to find: every run, the candidates' and the search's.
     wall_s = sum(r.summary["wall_s"] for _, r in runs) + cost.wall_s

@@ -32,6 +32,7 @@ RUNS_PER_METRIC = 60  # engine runs the search may spend on each metric's climbs
 RUNS_PER_START = 20  # of which, on one candidate's schedule
 SIDEWAYS_RUNS = 30  # and on hit rate's sideways climbs, after its plain ones (`PASSES`)
 SIDEWAYS_PER_START = 20
+RATIONED_RUNS = 30  # and on hit rate's climbs from the rationed candidates, after all the others
 MAX_LAYER_STEPS = 2_000  # above, no search: a run costs too much to try dozens
 
 
@@ -51,6 +52,7 @@ class Start:
     result: RunResult
     decisions: Decisions
     climbs: frozenset | None = None  # the metrics whose climbs may start from it (None: every one)
+    group: str = ""  # the passes that climb from it are those of its group (`Pass.group`)
 
 
 def loads(result: RunResult) -> int:
@@ -98,6 +100,7 @@ class Pass:
     sideways: bool
     runs: int
     per_start: int
+    group: str = ""  # it climbs from the starts of this group only (`Start.group`)
 
 
 # Hit rate's sideways climbs come after its plain ones, with their own runs: taking sideways moves
@@ -108,6 +111,7 @@ PASSES = (
     Pass("hit_rate", False, RUNS_PER_METRIC, RUNS_PER_START),
     Pass("hit_rate", True, SIDEWAYS_RUNS, SIDEWAYS_PER_START),
     Pass("loads", False, RUNS_PER_METRIC, RUNS_PER_START),
+    Pass("hit_rate", False, RATIONED_RUNS, RUNS_PER_START, group="rationed"),
 )
 
 
@@ -187,7 +191,7 @@ def improve(trace, config: SimConfig, run_policy: Callable, starts: list[Start],
         if at_bound(p.metric, best[p.metric][1], bounds):
             continue  # no schedule does better
         rank, left = METRICS[p.metric], p.runs
-        mine = [s for s in starts if s.climbs is None or p.metric in s.climbs]
+        mine = [s for s in starts if s.group == p.group and (s.climbs is None or p.metric in s.climbs)]
         for start in distinct(sorted(mine, key=lambda s: rank(s.result))):
             if left <= 0:
                 break
