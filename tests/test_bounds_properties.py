@@ -336,6 +336,18 @@ OPEN = {
     ((3, 3, 2, 4, 79), 3, 2, 4.0, 2, "poisson", 79): "loads under timing-dependent batching (lfu)",
     ((3, 3, 2, 4, 79), 3, 2, 4.0, 3, "poisson", 79): "loads under timing-dependent batching (lfu)",
     ((3, 2, 2, 2, 1844), 4, 2, 32.0, 1, "file", 1844): "TPOT under timing-dependent batching (0.4% below)",
+    # The 10 cases of the 5,000-example run's draws the oracle still lost on 2026-12-08 (1 of the
+    # first 1,000, 9 of the other 4,000; 4 of them not checked before), all on 2-4 slots.
+    ((3, 3, 2, 3, 296), 2, 3, 32.0, 3, "all", 296): "TPOT (prev-token, 0.7 ns of 97 us below)",
+    ((3, 3, 2, 2, 2), 2, 3, 0.25, 2, "poisson", 2): "hit rate on a cache of top-k slots (cost-aware-no-gate)",
+    ((3, 3, 2, 2, 2), 2, 2, 4.0, 2, "all", 2): "hit rate on a cache of top-k slots (cost-aware-no-gate)",
+    ((2, 3, 2, 2, 5159), 2, 1, 4.0, 2, "file", 5159): "hit rate on a cache of top-k slots (cost-aware-no-history)",
+    ((2, 3, 2, 3, 2), 2, 1, 0.5, 2, "poisson", 2): "hit rate on a cache of top-k slots (cost-aware-lru)",
+    ((2, 3, 2, 4, 1177), 2, 3, 0.5, 2, "file", 1177): "hit rate on a cache of top-k slots (cost-aware-lru)",
+    ((2, 4, 2, 3, 130), 2, 1, 0.25, 2, "poisson", 130): "hit rate on a cache of top-k slots (cost-aware-lru)",
+    ((3, 2, 1, 4, 27), 2, 1, 32.0, 1, "poisson", 27): "TPOT (the cost-aware family, 1.6% below)",
+    ((3, 3, 2, 2, 5021), 2, 2, 4.0, 2, "file", 5021): "TPOT on a cache of top-k slots (cost-aware-no-history, 8.6% below)",
+    ((3, 2, 2, 4, 660), 4, 2, 32.0, 1, "poisson", 660): "TPOT under Poisson batching (the cost-aware family, 2.0% below)",
 }
 
 

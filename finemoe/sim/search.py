@@ -106,6 +106,8 @@ class Pass:
 # Hit rate's sideways climbs come after its plain ones, with their own runs: taking sideways moves
 # from the first, the climbs spent their budget elsewhere and lost a case the plain ones close
 # (docs/bounds.md). Coming after them, a sideways pass only adds runs to what the plain ones find.
+# The rationed candidates (sim/offline.py) are climbed from in a pass of their own, last, for the
+# same reason: among the others' starts they took the runs that close two regression cases.
 PASSES = (
     Pass("tpot", False, RUNS_PER_METRIC, RUNS_PER_START),
     Pass("hit_rate", False, RUNS_PER_METRIC, RUNS_PER_START),
