@@ -13,9 +13,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # A bug re-raised, not turned into an `error:` line: tests of faults must not pass on a bug.
 os.environ.setdefault("FINEMOE_DEBUG", "1")
 
-# Property tests draw the same examples on every run (and write no example database), so a CI run
-# cannot fail on the day a random draw meets an open counterexample; FINEMOE_EXPLORE=1 draws new
-# ones (counterexamples it finds go into the tests as named cases).
+# Property tests draw the same examples on every run of the same code (and write no example
+# database), so a CI run cannot fail on the day a random draw meets an open counterexample;
+# FINEMOE_EXPLORE=1 draws new ones (counterexamples it finds go into the tests as named cases).
+# Hypothesis also draws, now and then, constants from the source of the project's modules a
+# process has imported, so a change of code can change the draws (docs/bounds.md).
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("finemoe-fixed", derandomize=True, database=None)
