@@ -152,6 +152,9 @@ def offline_schedule(trace, config: SimConfig, run_policy: Callable) -> RunResul
         bound="best known schedule, not a proven optimum: the best of clairvoyant candidates and of "
               "a local search from them (the lower bounds are the bound_* summary fields)",
         chosen=label,
+        # The ensemble's own parameters, not its chosen candidate's (those are `chosen_params`):
+        # runs of one sweep that chose different candidates are one series, not several.
+        params=dict(config.policy_params), chosen_params=dict(info.get("params") or {}),
         candidates=[{"candidate": lab, "loads": loads(r), "hit_rate": r.summary["hit_rate"],
                      "tpot_mean_s": r.summary["tpot_mean_s"], "makespan_s": r.summary["makespan_s"],
                      "wall_s": r.summary["wall_s"]}
