@@ -67,3 +67,24 @@ def test_rationed_candidates_join_only_small_instances_and_climb_in_their_own_pa
     assert _label(rationed[0], 0) == "aggressive/1/1-ask#0"
     with pytest.raises(ConfigError, match="ration must be at least 1"):
         make_policy("oracle", prefetch="aggressive", ration=0)
+
+
+def test_a_spread_candidate_asks_once_per_use_position_a_hook():
+    trace, config = _config(((3, 3, 2, 2, 2), 2, 2, 4.0, 2, "all", 2))
+    policy = make_policy("oracle", prefetch="aggressive", lookahead_layers=2, spread=True)
+    positions_per_hook = []
+    for hook in ("on_step_start", "on_layer_routed"):
+        plain = getattr(policy, hook)
+
+        def recorded(arg, plain=plain):
+            asks = list(plain(arg))
+            positions_per_hook.append([(a.step, a.layer) for a in asks])
+            return asks
+
+        setattr(policy, hook, recorded)
+    spread = simulate_policy(trace, config, policy)
+    assert any(len(p) > 1 for p in positions_per_hook)  # asks for several layers at one hook
+    assert all(len(p) == len(set(p)) for p in positions_per_hook)  # never two for one layer
+    plain = simulate_policy(trace, config, make_policy("oracle", prefetch="aggressive", lookahead_layers=2))
+    assert spread.summary["hit_rate"] > plain.summary["hit_rate"]
+    assert _label({"prefetch": "aggressive", "lookahead_layers": 2, "spread": True}, 0) == "aggressive/2/spread#0"

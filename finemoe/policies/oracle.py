@@ -42,6 +42,12 @@ need; rationed, one copy for the next layer lands between the current layer's de
 slot its expert has just left, and hits (docs/bounds.md). The rule reads the asks it remembers
 (`new_asks`), with numba or without.
 
+`spread` (default off): at a hook, one ask per use position (a layer of a step), its nearest use
+first; the others are passed over for those uses, as `ration`'s are. On a cache of top-k slots an
+ask for each of the coming layers' first experts, not for all of the nearest layer's, leaves the
+nearest layer's other experts to come one at a time through the slot of the one that has run, and
+the next layer's first expert hits (docs/bounds.md).
+
 `min_ahead` (default 1): no prefetch for an access nearer than this many layers; it is left to its
 demand load. On a slow link such a copy lands late anyway (a miss either way), and on the wire it
 would push the copies of farther accesses, which could still land in time, later.
@@ -137,7 +143,8 @@ class OraclePolicy(Policy):
     remembers_asks = True
 
     def __init__(self, lookahead_layers: int | None = None, prefetch: str = "conservative",
-                 min_ahead: int = 1, victims: str = "belady", ration: int | None = None) -> None:
+                 min_ahead: int = 1, victims: str = "belady", ration: int | None = None,
+                 spread: bool = False) -> None:
         super().__init__()
         if lookahead_layers is not None and lookahead_layers < 1:
             raise ConfigError(f"oracle lookahead_layers must be at least 1, got {lookahead_layers}")
@@ -156,7 +163,9 @@ class OraclePolicy(Policy):
             self.params["victims"] = victims
         if ration is not None:
             self.params["ration"] = ration
-        self._ration = ration
+        if spread:
+            self.params["spread"] = True
+        self._ration, self._spread = ration, bool(spread)
         self._weighted = victims == "tpot"
         self._kept: tuple[int, np.ndarray] | None = None  # (view version, per access: kept from the previous)
         self._decodes: dict[int, int] = {}  # request id -> decode steps (its iterations less the first)
@@ -197,7 +206,7 @@ class OraclePolicy(Policy):
         self._sent = np.full(self.L * self.J, -1, dtype=np.int64)
         # (where numba imports and the view is the engine's plan)
         self._compiled = isinstance(self.view, PlanView) and (
-            (self.remembers_asks and numba is not None) or self._ration is not None)
+            (self.remembers_asks and numba is not None) or self._ration is not None or self._spread)
         self._out_pos = np.empty(self.L * self.J, dtype=np.int64)  # its output: at most one ask per key
         self._out_key = np.empty(self.L * self.J, dtype=np.int64)
 
@@ -205,7 +214,7 @@ class OraclePolicy(Policy):
     def plays_in_kernel(self) -> bool:
         """Whether sim/compiled_prefetch.py may play this run: it reads the plan the compiled way,
         has no edits and records no decisions."""
-        return (self._compiled and not self._weighted and self._ration is None and not (self.skip_asks or self.keep or self.add_asks)
+        return (self._compiled and not self._weighted and self._ration is None and not self._spread and not (self.skip_asks or self.keep or self.add_asks)
                 and self.decisions is None)
 
     def describe(self) -> dict:
@@ -326,6 +335,9 @@ class OraclePolicy(Policy):
             if self._ration is not None:
                 n = min(n, self._ration)  # the rest stay marked sent: passed over for these uses
             pos, keys = self._out_pos[:n], self._out_key[:n]
+            if self._spread and n > 1:  # (likewise)
+                first = np.concatenate(([True], pos[1:] != pos[:-1]))  # positions ascend
+                pos, keys = pos[first], keys[first]
             return self._asks_for(pos, keys, flag, boost)
         pos, keys = self._first_uses(scan, limit)  # each expert asked for at its first use, in order
         lo, hi = int(pos.searchsorted(nearest)), int(pos.searchsorted(limit, "right"))
