@@ -26,28 +26,28 @@ def _config(case):
                             workload=workload(arrival, batch, seed, len(trace.requests)), seed=seed, timeline_steps=0)
 
 
-def _counted(policy):
-    """The policy, with the number of asks each hook returned recorded in `policy.sent_per_hook`."""
-    policy.sent_per_hook = []
+def _recorded(policy):
+    """The policy, with the (step, layer) of each ask each hook returned in `policy.asks_per_hook`."""
+    policy.asks_per_hook = []
     for hook in ("on_step_start", "on_layer_routed"):
         plain = getattr(policy, hook)
 
-        def counted(arg, plain=plain):
+        def recorded(arg, plain=plain):
             asks = list(plain(arg))
-            policy.sent_per_hook.append(len(asks))
+            policy.asks_per_hook.append([(a.step, a.layer) for a in asks])
             return asks
 
-        setattr(policy, hook, counted)
+        setattr(policy, hook, recorded)
     return policy
 
 
 def test_a_rationed_candidate_makes_at_most_its_ration_of_new_asks_a_hook():
     trace, config = _config(CASE)
-    free = _counted(make_policy("oracle", prefetch="aggressive", lookahead_layers=2))
-    one = _counted(make_policy("oracle", prefetch="aggressive", lookahead_layers=2, ration=1))
+    free = _recorded(make_policy("oracle", prefetch="aggressive", lookahead_layers=2))
+    one = _recorded(make_policy("oracle", prefetch="aggressive", lookahead_layers=2, ration=1))
     r_free, r_one = simulate_policy(trace, config, free), simulate_policy(trace, config, one)
-    assert max(free.sent_per_hook) > 1
-    assert max(one.sent_per_hook) == 1
+    assert max(map(len, free.asks_per_hook)) > 1
+    assert max(map(len, one.asks_per_hook)) == 1
     # On this cache the rationed copies land between the current layer's demand loads and hit.
     assert r_one.summary["hit_rate"] > r_free.summary["hit_rate"]
 
@@ -71,20 +71,10 @@ def test_rationed_candidates_join_only_small_instances_and_climb_in_their_own_pa
 
 def test_a_spread_candidate_asks_once_per_use_position_a_hook():
     trace, config = _config(((3, 3, 2, 2, 2), 2, 2, 4.0, 2, "all", 2))
-    policy = make_policy("oracle", prefetch="aggressive", lookahead_layers=2, spread=True)
-    positions_per_hook = []
-    for hook in ("on_step_start", "on_layer_routed"):
-        plain = getattr(policy, hook)
-
-        def recorded(arg, plain=plain):
-            asks = list(plain(arg))
-            positions_per_hook.append([(a.step, a.layer) for a in asks])
-            return asks
-
-        setattr(policy, hook, recorded)
+    policy = _recorded(make_policy("oracle", prefetch="aggressive", lookahead_layers=2, spread=True))
     spread = simulate_policy(trace, config, policy)
-    assert any(len(p) > 1 for p in positions_per_hook)  # asks for several layers at one hook
-    assert all(len(p) == len(set(p)) for p in positions_per_hook)  # never two for one layer
+    assert any(len(p) > 1 for p in policy.asks_per_hook)  # asks for several layers at one hook
+    assert all(len(p) == len(set(p)) for p in policy.asks_per_hook)  # never two for one layer
     plain = simulate_policy(trace, config, make_policy("oracle", prefetch="aggressive", lookahead_layers=2))
     assert spread.summary["hit_rate"] > plain.summary["hit_rate"]
     assert _label({"prefetch": "aggressive", "lookahead_layers": 2, "spread": True}, 0) == "aggressive/2/spread#0"

@@ -167,6 +167,8 @@ class OraclePolicy(Policy):
             self.params["spread"] = True
         self._ration, self._spread = ration, bool(spread)
         self._weighted = victims == "tpot"
+        # The compiled engine path plays Belady's victims and the unrationed asks only.
+        self._kernel_rule = not (self._weighted or ration is not None or spread)
         self._kept: tuple[int, np.ndarray] | None = None  # (view version, per access: kept from the previous)
         self._decodes: dict[int, int] = {}  # request id -> decode steps (its iterations less the first)
         self.planned_steps: list | None = None  # the whole future, when an earlier run supplied it
@@ -204,7 +206,8 @@ class OraclePolicy(Policy):
         # use differs), its victim is refused (`choose_victim`), or the plan changes (`_refresh`);
         # an expert that landed is resident until `on_evicted`.
         self._sent = np.full(self.L * self.J, -1, dtype=np.int64)
-        # (where numba imports and the view is the engine's plan)
+        # Where the view is the engine's plan, and numba imports (`ration` and `spread` are rules of
+        # the remembered asks, which `new_asks` keeps without numba too)
         self._compiled = isinstance(self.view, PlanView) and (
             (self.remembers_asks and numba is not None) or self._ration is not None or self._spread)
         self._out_pos = np.empty(self.L * self.J, dtype=np.int64)  # its output: at most one ask per key
@@ -214,7 +217,7 @@ class OraclePolicy(Policy):
     def plays_in_kernel(self) -> bool:
         """Whether sim/compiled_prefetch.py may play this run: it reads the plan the compiled way,
         has no edits and records no decisions."""
-        return (self._compiled and not self._weighted and self._ration is None and not self._spread and not (self.skip_asks or self.keep or self.add_asks)
+        return (self._compiled and self._kernel_rule and not (self.skip_asks or self.keep or self.add_asks)
                 and self.decisions is None)
 
     def describe(self) -> dict:
@@ -275,12 +278,11 @@ class OraclePolicy(Policy):
 
         pos, prev, _ = self.view.access_arrays
         decodes = self._decodes
-        per_step: dict[int, float] = {}
-        for step in np.unique(pos // self.L).tolist():
-            seqs = self.view.step_sequences(step)
-            per_step[step] = sum(1.0 / decodes[q.request_id] for q in seqs
+        steps, of_step = np.unique(pos // self.L, return_inverse=True)
+        per_step = np.array([sum(1.0 / decodes[q.request_id] for q in self.view.step_sequences(step)
                                  if q.iteration > 0 and decodes.get(q.request_id, 0) > 0)
-        w = np.array([per_step[s] for s in (pos // self.L).tolist()], dtype=float)
+                             for step in steps.tolist()], dtype=float)
+        w = per_step[of_step]
         positive = w[w > 0]
         w += (positive.min() if positive.size else 1.0) / (10.0 * (w.size + 1))
         return kept_intervals(pos, prev, w, self.ctx.capacity_slots)

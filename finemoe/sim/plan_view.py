@@ -84,7 +84,8 @@ def plan_accesses(base_step: int, steps: list[tuple[Sequence, ...]], info: Calla
 class _Plan:
     """One plan's accesses, built once and never changed (so candidate runs can share it)."""
 
-    def __init__(self, L: int, J: int, s: np.ndarray, layer: np.ndarray, e: np.ndarray) -> None:
+    def __init__(self, L: int, J: int, s: np.ndarray, layer: np.ndarray, e: np.ndarray, base_step: int = 0,
+                 sequences: list[tuple[Sequence, ...]] | None = None) -> None:
         pos, key = s * L + layer, layer * J + e
         order = np.argsort(key, kind="stable")  # each key's accesses together, in plan order
         sorted_key = key[order]
@@ -110,8 +111,8 @@ class _Plan:
         self.key_starts, self.key_positions = starts, np.ascontiguousarray(sorted_pos, dtype=np.int64)
         self.key_indices = order.astype(np.int64)
         self.entries: list[tuple[int, int, int]] | None = None  # (step, layer, expert) per access, made when asked
-        self.base_step = 0  # the plan's steps, the first of them step `base_step` (`PlanView.step_sequences`)
-        self.sequences: list[tuple[Sequence, ...]] = []
+        self.base_step = base_step  # the plan's steps, the first of them step `base_step` (`step_sequences`)
+        self.sequences = sequences or []
 
 
 SHARED_PLANS = 2  # plans a process keeps for reuse (`PlanView.rebuild_shared`): each is ~100 MB at paper size
@@ -136,8 +137,7 @@ class PlanView(OracleView):
             s, layer, e = plan_accesses_reference(base_step, steps, info, self.L)
         else:
             s, layer, e = plan_accesses(base_step, steps, info, self.L, experts)
-        self._plan = _Plan(self.L, self.J, s, layer, e)
-        self._plan.base_step, self._plan.sequences = base_step, steps
+        self._plan = _Plan(self.L, self.J, s, layer, e, base_step, steps)
         self.version += 1
 
     def rebuild_shared(self, key: tuple, base_step: int, steps: Callable[[], list], info: Callable,
