@@ -43,8 +43,8 @@ CANDIDATES: tuple[dict, ...] = (
 )
 # Where the local search runs too: demand loads kept by the time-per-token-weighted paging program
 # (policies/oracle.py, "tpot" victims). It runs on the reference engine path and solves a linear
-# program per plan, seconds at the real Mixtral logs' size, where it lost to the prefetching
-# candidates at every budget measured (their prefill is not recorded, so every load weighs alike).
+# program per plan, seconds at the real Mixtral logs' size, where it did no better than Belady's
+# demand-only candidate at any budget measured (their prefill is not recorded: every load weighs alike).
 SMALL_CANDIDATES: tuple[dict, ...] = (
     {"prefetch": "none", "victims": "tpot"},
     # One new ask a hook (policies/oracle.py, `ration`): on a cache of few slots and a slow link,
